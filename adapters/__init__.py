@@ -1,0 +1,1 @@
+"""LLM backends: ``base`` (the protocol), ``transformers`` (local, white-box), ``litellm``."""

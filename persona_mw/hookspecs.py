@@ -1,0 +1,218 @@
+"""Every hook persona-mw calls: the table of contents of the system.
+
+Each spec says when it runs, what it receives, what it returns (and what ``None`` means), how
+results from several plugins combine, and whether it may raise. Hooks take keyword arguments
+only and a plugin declares just the ones it needs, so specs can grow without breaking plugins.
+
+Per-turn stages are not called through pluggy's own loop: the pipeline walks the
+implementations in YAML order, passes each only the arguments it declares, awaits coroutines,
+and applies the stage's combine rule (see ``persona_mw.pipeline``). So ``async def``
+implementations work everywhere, and an async firstresult implementation that returns ``None``
+passes the turn on to the next plugin as a sync one would.
+
+Combine rules:
+  collect      every implementation runs; the non-None results are gathered in order
+  chain        every implementation runs; each receives the previous one's result and may
+               return a replacement (None = unchanged)
+  firstresult  implementations run in order until one returns non-None
+
+Failure policy: a plugin that raises fails the turn with ``PluginError`` naming it
+(``on_error: fail``, the default), or is skipped with the error recorded in the trace and the
+log (``on_error: skip``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    import argparse
+
+    from persona_mw.types import (
+        Candidate,
+        ChatResponse,
+        ContextItem,
+        Decoding,
+        Feedback,
+        Message,
+        Scope,
+        Turn,
+    )
+
+hookspec = pluggy.HookspecMarker("persona_mw")
+
+# The per-turn stages in pipeline order, with their combine rule.
+TURN_STAGES: dict[str, str] = {
+    "persona_resolve_scope": "firstresult",
+    "persona_gather": "collect",
+    "persona_rewrite": "chain",
+    "persona_decoding": "collect",
+    "persona_generate": "firstresult",
+    "persona_score": "collect",
+    "persona_select": "firstresult",
+    "persona_correct": "chain",
+    "persona_after_turn": "collect",
+}
+LEARNING_STAGES: dict[str, str] = {"persona_feedback": "collect"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Startup: called once when a Middleware is built (or the CLI starts), in registration order.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def persona_register_plugins(register: Callable[[str, type], None]) -> None:
+    """Make plugin classes available to the YAML ``pipeline:`` list.
+
+    When: once per Middleware, before the pipeline is built from the config.
+    ``register(name, cls)``: ``name`` is what ``use:`` refers to; ``cls`` is a class whose
+    nested ``Config`` pydantic model validates its YAML section and whose ``__init__`` takes
+    ``(config, name)``. Registering a name twice is an error naming both classes.
+    Returns: nothing (collect). May raise: only for programming errors.
+    """
+
+
+@hookspec
+def persona_register_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Make backend types available to the config's ``backend: {type: ...}``.
+
+    When: once per Middleware, before any backend is built.
+    ``register(type_name, factory)``: ``factory(**settings)`` returns a ``Backend``
+    (``persona_mw.adapters.base.Backend``); settings are the config section minus ``type``.
+    Returns: nothing (collect).
+    """
+
+
+@hookspec
+def persona_register_rewards(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Make reward functions available by name to scoring plugins.
+
+    When: once per Middleware. ``register(name, fn)``: ``fn(turn=..., candidates=...)``
+    returns one float per candidate (higher is better), sync or async.
+    Returns: nothing (collect).
+    """
+
+
+@hookspec
+def persona_register_commands(cli: argparse._SubParsersAction[Any]) -> None:
+    """Add subcommands to the ``persona-mw`` CLI.
+
+    When: once, when the CLI builds its parser. ``cli`` is the argparse subparsers object:
+    ``p = cli.add_parser("mycmd", help=...)`` then ``p.set_defaults(func=callable)``; the
+    callable receives the parsed ``argparse.Namespace`` and returns an exit code.
+    Returns: nothing (collect).
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Per turn, in this order. Every hook receives ``turn`` (persona_mw.types.Turn) if declared.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def persona_resolve_scope(turn: Turn, graph: Any) -> Scope | None:
+    """Decide which graph nodes apply to this request and with what weight.
+
+    When: first, before anything is gathered. ``graph`` is the ``PreferenceGraph``.
+    Returns: a ``Scope``, or None to let the next plugin (finally the built-in hierarchical
+    shrinkage of ``persona_mw.graph``) decide. Combine: firstresult.
+    May raise: yes (policy applies). Must not mutate ``turn``.
+    """
+
+
+@hookspec
+def persona_gather(turn: Turn, store: Any) -> list[ContextItem] | None:
+    """Contribute context items: stated preferences, memories, persona, profile facts.
+
+    When: after the scope is resolved (``turn.scope``, ``turn.profiles`` are set).
+    Returns: a list of ``ContextItem`` (appended to ``turn.items`` in YAML order) or None.
+    Combine: collect. Must only use nodes in ``turn.scope``: never another user's data.
+    """
+
+
+@hookspec
+def persona_rewrite(turn: Turn, messages: list[Message]) -> list[Message] | None:
+    """Edit the prompt: assemble gathered items within a token budget, optimize, rewrite.
+
+    When: after gather, in YAML order. ``messages`` is the previous plugin's output (the
+    request's messages for the first plugin). Returns: the full replacement list, or None for
+    unchanged. Combine: chain. Must not mutate ``messages`` in place (return a new list).
+    """
+
+
+@hookspec
+def persona_decoding(turn: Turn, backend: Any) -> Decoding | None:
+    """Contribute logits processors or activation edits (white-box backends only).
+
+    When: after rewrite, before generate. ``backend`` exposes ``capabilities``; a plugin that
+    needs a white-box backend should raise ``PluginError`` when it gets a black-box one.
+    Returns: a ``Decoding`` or None. Combine: collect (all contributions are applied).
+    """
+
+
+@hookspec(firstresult=True)
+def persona_generate(
+    turn: Turn, backend: Any, messages: list[Message], n: int, decoding: list[Decoding]
+) -> list[Candidate] | None:
+    """Produce candidates; a plugin may own decoding (e.g. reward-guided search).
+
+    When: after decoding. Returns: a list of ``n`` candidates, or None to let the next plugin
+    (finally the backend itself, as one batch) generate. Combine: firstresult.
+    """
+
+
+@hookspec
+def persona_score(turn: Turn, candidates: list[Candidate]) -> dict[str, list[float]] | None:
+    """Score candidates with reward functions.
+
+    When: after generate, only when there is more than one candidate.
+    Returns: ``{reward_name: [one float per candidate]}`` or None. Combine: collect (merged
+    into ``turn.scores``; a later plugin reusing a name overrides it).
+    """
+
+
+@hookspec(firstresult=True)
+def persona_select(turn: Turn, candidates: list[Candidate], scores: dict[str, list[float]]) -> int | None:
+    """Pick the candidate to serve.
+
+    When: after score. Returns: the index into ``candidates`` or None (next plugin; finally
+    the mean of the scores, or the first candidate when nothing scored). Combine: firstresult.
+    """
+
+
+@hookspec
+def persona_correct(turn: Turn, candidate: Candidate) -> Candidate | None:
+    """Edit the selected answer (Aligner-style residual correction).
+
+    When: after select, in YAML order. Returns: a replacement ``Candidate`` or None for
+    unchanged. Combine: chain. A corrector should only return an edit it judged better.
+    """
+
+
+@hookspec
+def persona_after_turn(turn: Turn, response: ChatResponse, store: Any) -> None:
+    """Learn from the finished turn: extract memories, log, update statistics.
+
+    When: after the response is returned (after the last streamed chunk too), off the request
+    path, in the background. Returns: nothing. Combine: collect. Failures are logged and
+    recorded in the stored trace, never raised to the caller.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def persona_feedback(event: Feedback, store: Any, graph: Any) -> None:
+    """React to a feedback event (choice, rating, edit, stated).
+
+    When: after the event has been appended to the store (so it is never lost), in YAML
+    order. Plugins update profiles, graph evidence, prompts or memories from it.
+    Returns: nothing. Combine: collect. Failures follow the plugin's policy; the stored
+    event stays either way, so profiles can be rebuilt.
+    """
