@@ -10,12 +10,12 @@ import time
 import uuid
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 # Node ids in the preference graph / store: "global", "user:ana", "group:acme",
 # "context:coding", "user:ana@context:coding".
 NodeId = str
-ID_PATTERN = r"^[A-Za-z0-9_.:@\-+]{1,128}$"
+ID_PATTERN = r"^[A-Za-z0-9_.@\-+]{1,128}$"  # no ":" so "user:X@context:Y" stays unambiguous
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 Polarity = Literal["like", "avoid"]
@@ -379,6 +379,19 @@ class Turn(BaseModel):
     selected: int = 0
     trace: Trace = Field(default_factory=Trace)
     stash: Stash = Field(default_factory=Stash, exclude=True)
+
+    _notes: list[str] = PrivateAttr(default_factory=list)
+    _counter: Any = PrivateAttr(default=None)
+
+    def note(self, text: str) -> None:
+        """Say what the current plugin did; the pipeline puts it in the trace step's summary."""
+        self._notes.append(text)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for this turn's backend (an estimate when it has no tokenizer)."""
+        if self._counter is not None:
+            return int(self._counter(text))
+        return max(1, (len(text) + 3) // 4) if text else 0
 
     @property
     def user(self) -> str:

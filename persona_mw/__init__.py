@@ -1,0 +1,90 @@
+"""persona-mw: middleware that personalizes any LLM through a pipeline of pluggy hooks.
+
+The public API: ``Middleware``, the ``hookimpl`` marker for plugins, the shared types and
+``load_config``. Importing this package loads neither torch nor litellm and opens no socket.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from persona_mw.config import Config, load_config, parse_config
+from persona_mw.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+    ModelNotFound,
+    PersonaError,
+    PluginError,
+    RequestError,
+    StoreError,
+    UnknownUserError,
+)
+from persona_mw.manager import hookimpl
+from persona_mw.middleware import Middleware
+from persona_mw.types import (
+    Candidate,
+    ChatRequest,
+    ChatResponse,
+    ChoiceFeedback,
+    ContextItem,
+    Decoding,
+    EditFeedback,
+    Feedback,
+    GenerationParams,
+    Memory,
+    Message,
+    Profile,
+    RatingFeedback,
+    Scope,
+    ScopeNode,
+    StashKey,
+    StatedFeedback,
+    StatedPreference,
+    StreamChunk,
+    Trace,
+    TraceStep,
+    Turn,
+)
+
+__all__ = [
+    "__version__",
+    "BackendError",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "Candidate",
+    "ChatRequest",
+    "ChatResponse",
+    "ChoiceFeedback",
+    "Config",
+    "ConfigError",
+    "ContextItem",
+    "Decoding",
+    "EditFeedback",
+    "Feedback",
+    "GenerationParams",
+    "Memory",
+    "Message",
+    "Middleware",
+    "ModelNotFound",
+    "PersonaError",
+    "PluginError",
+    "Profile",
+    "RatingFeedback",
+    "RequestError",
+    "Scope",
+    "ScopeNode",
+    "StashKey",
+    "StatedFeedback",
+    "StatedPreference",
+    "StoreError",
+    "StreamChunk",
+    "Trace",
+    "TraceStep",
+    "Turn",
+    "UnknownUserError",
+    "hookimpl",
+    "load_config",
+    "parse_config",
+]

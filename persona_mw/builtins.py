@@ -1,0 +1,41 @@
+"""Registers the built-in plugin classes and backends, exactly as a third-party plugin would."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from persona_mw.manager import hookimpl
+
+# YAML name -> "module:Class" of the built-in plugins (imported only when registered).
+BUILTIN_PLUGINS: dict[str, str] = {
+    "stated": "persona_mw.plugins.stated:StatedPreferences",
+}
+
+# Backend type -> module whose ``create(**settings)`` builds it (imported on first use, so
+# neither torch nor litellm loads unless that backend is configured).
+BUILTIN_BACKENDS: dict[str, str] = {
+    "transformers": "persona_mw.adapters.transformers",
+    "litellm": "persona_mw.adapters.litellm",
+}
+
+
+def _lazy_factory(module: str) -> Callable[..., Any]:
+    def create(**settings: Any) -> Any:
+        return importlib.import_module(module).create(**settings)
+
+    create.__qualname__ = f"create[{module}]"
+    return create
+
+
+@hookimpl
+def persona_register_plugins(register: Callable[[str, type], None]) -> None:
+    for name, target in BUILTIN_PLUGINS.items():
+        modname, _, clsname = target.partition(":")
+        register(name, getattr(importlib.import_module(modname), clsname))
+
+
+@hookimpl
+def persona_register_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    for name, module in BUILTIN_BACKENDS.items():
+        register(name, _lazy_factory(module))

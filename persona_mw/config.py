@@ -1,0 +1,245 @@
+"""YAML -> strict pydantic configuration, with errors that name the file, line and field.
+
+Secrets are written ``{$env: NAME}`` and resolved from the environment at load time. Each
+``pipeline:`` entry is validated later by its plugin's own ``Config`` model (see
+``persona_mw.manager``), through ``ConfigSource.error`` so those errors carry lines as well.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from persona_mw.errors import ConfigError
+from persona_mw.types import ID_PATTERN, Polarity
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def default_data_dir() -> Path:
+    """Where the embedded store lives unless the config says otherwise."""
+    if os.environ.get("PERSONA_MW_HOME"):
+        return Path(os.environ["PERSONA_MW_HOME"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(base).expanduser() / "persona-mw"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackendConfig(BaseModel):
+    """``type`` picks a registered backend; the other keys go to its factory."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "transformers"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class StoreConfig(_Strict):
+    path: str = Field(default_factory=lambda: str(default_data_dir() / "persona.db"))
+
+
+class StatedItem(_Strict):
+    text: str = Field(min_length=1)
+    polarity: Polarity = "like"
+
+
+class GroupConfig(_Strict):
+    """A declared group (an org, team or cohort) with preferences every member inherits."""
+
+    stated: list[StatedItem | str] = Field(default_factory=list)
+    members: list[str] = Field(default_factory=list)
+
+
+class GraphConfig(_Strict):
+    prior_strength: float = Field(
+        default=5.0, gt=0, description="k in (n*own + k*parent)/(n+k): evidence a node needs to outweigh its parents"
+    )
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    contexts: dict[str, GroupConfig] = Field(default_factory=dict)
+    global_: GroupConfig = Field(default_factory=GroupConfig, alias="global")
+
+    @field_validator("groups", "contexts")
+    @classmethod
+    def _ids(cls, v: dict[str, GroupConfig]) -> dict[str, GroupConfig]:
+        import re
+
+        for key in v:
+            if not re.match(ID_PATTERN, key):
+                raise ValueError(f"invalid id {key!r}: use letters, digits and _.:@-+")
+        return v
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class PluginEntry(BaseModel):
+    """One ``pipeline:`` entry: ``use`` names the plugin type; other keys are its settings."""
+
+    model_config = ConfigDict(extra="allow")
+    use: str
+    name: str | None = None
+    on_error: Literal["fail", "skip"] = "fail"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def instance_name(self) -> str:
+        return self.name or self.use
+
+
+class TraceConfig(_Strict):
+    store: bool = Field(default=True, description="keep each turn's trace in the store")
+
+
+class Config(_Strict):
+    backend: BackendConfig = Field(default_factory=lambda: BackendConfig(type="transformers", model=DEFAULT_MODEL))
+    roles: dict[str, BackendConfig] = Field(default_factory=dict)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    pipeline: list[PluginEntry] = Field(default_factory=list)
+    graph: GraphConfig = Field(default_factory=GraphConfig)
+    trace: TraceConfig = Field(default_factory=TraceConfig)
+    autoload_plugins: bool = True
+
+    # Where this config came from, for error messages about plugin sections.
+    _source: ConfigSource | None = None
+
+    @property
+    def source(self) -> ConfigSource:
+        return self._source or ConfigSource("<config>", None)
+
+
+class ConfigSource:
+    """The YAML file and its node tree, to turn a field path into ``file:line``."""
+
+    def __init__(self, filename: str, root: yaml.Node | None) -> None:
+        self.filename = filename
+        self.root = root
+
+    def line_of(self, loc: tuple[Any, ...]) -> int | None:
+        node = self.root
+        line = node.start_mark.line + 1 if node is not None else None
+        for key in loc:
+            if isinstance(node, yaml.MappingNode):
+                nxt = next((v for k, v in node.value if getattr(k, "value", None) == str(key)), None)
+                if nxt is None:
+                    # An unknown key: point at the key itself.
+                    knode = next((k for k, _ in node.value if getattr(k, "value", None) == str(key)), None)
+                    return knode.start_mark.line + 1 if knode is not None else line
+                node = nxt
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+                node = node.value[key]
+            else:
+                break
+            line = node.start_mark.line + 1
+        return line
+
+    def where(self, loc: tuple[Any, ...]) -> str:
+        line = self.line_of(loc)
+        return f"{self.filename}:{line}" if line else self.filename
+
+    def error(self, exc: ValidationError, prefix: tuple[Any, ...] = (), model: type[BaseModel] | None = None) -> ConfigError:
+        """A ConfigError listing every problem in ``exc`` as ``file:line: field: message``."""
+        lines = []
+        hint = None
+        for err in exc.errors():
+            loc = prefix + tuple(err["loc"])
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden" and model is not None:
+                owner = _model_at(model, tuple(err["loc"])[:-1])
+                if owner is not None:
+                    allowed = sorted(owner.model_fields)
+                    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else f"allowed fields: {', '.join(allowed)}"
+                    msg = f"unknown field ({hint})"
+            lines.append(f"{self.where(loc)}: {field}: {msg}")
+        return ConfigError("invalid configuration:\n  " + "\n  ".join(lines), hint=hint)
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The nested model class at ``loc`` (best effort, for 'did you mean' suggestions)."""
+    current: Any = model
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        candidates = [ann, *args]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            for a in args:
+                inner = getattr(a, "__args__", ())
+                nxt = next((c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)), None)
+                if nxt:
+                    break
+        if nxt is None:
+            return None
+        current = nxt
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def resolve_env(value: Any, source: ConfigSource, loc: tuple[Any, ...] = ()) -> Any:
+    """Replace ``{$env: NAME}`` mappings with the environment variable's value."""
+    if isinstance(value, dict):
+        if set(value) == {"$env"}:
+            name = value["$env"]
+            if name not in os.environ:
+                raise ConfigError(
+                    f"{source.where(loc)}: {'.'.join(map(str, loc))}: environment variable {name!r} is not set",
+                    hint=f"export {name}=... before starting",
+                )
+            return os.environ[name]
+        return {k: resolve_env(v, source, loc + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_env(v, source, loc + (i,)) for i, v in enumerate(value)]
+    return value
+
+
+def parse_config(text: str, filename: str = "<string>") -> Config:
+    """Parse YAML text into a validated ``Config``."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{filename}:{mark.line + 1}" if mark else filename
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: malformed YAML: {problem}", hint="check indentation and quoting") from None
+    source = ConfigSource(filename, root)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{filename}:1: the top level must be a mapping, got {type(data).__name__}")
+    data = resolve_env(data, source)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise source.error(exc, model=Config) from None
+    config._source = source
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from None
+    return parse_config(text, str(p))

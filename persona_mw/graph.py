@@ -1,0 +1,163 @@
+"""The preference graph of users, groups and contexts, and per-request scope resolution.
+
+Nodes: ``global``, ``group:<id>``, ``context:<id>``, ``user:<id>`` and ``user:<id>@context:<id>``.
+Resolution is hierarchical shrinkage: a node keeps the share ``n / (n + k)`` of the weight
+(``n`` its evidence, ``k`` the prior strength) and passes the rest to its parents, split by
+membership weight; a node without parents passes it to ``global``. A new user therefore
+speaks through their groups and context, and a user with rich feedback speaks for themselves.
+The graph lives in the store; the networkx view is built per user, on demand.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import networkx as nx
+
+from persona_mw.store import Edge, Store
+from persona_mw.types import ChatRequest, NodeId, Profile, Scope, ScopeNode
+
+GLOBAL = "global"
+
+
+def user_node(user: str) -> NodeId:
+    return f"user:{user}"
+
+
+def user_context_node(user: str, context: str) -> NodeId:
+    return f"user:{user}@context:{context}"
+
+
+def _kind(node: NodeId) -> str:
+    if node == GLOBAL:
+        return "global"
+    if "@context:" in node:
+        return "user_context"
+    return node.split(":", 1)[0]
+
+
+_GRANULARITY = {"user_context": "user+context", "user": "user", "group": "group", "context": "context", "global": "global"}
+# Ties in carried weight go to the more specific node.
+_SPECIFICITY = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
+
+
+class PreferenceGraph:
+    """Scope resolution over the store's nodes and edges, with a small cache of known users."""
+
+    def __init__(self, store: Store, prior_strength: float = 5.0, cache_size: int = 10000) -> None:
+        self.store = store
+        self.k = prior_strength
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._cache_size = cache_size
+
+    # -- structure ---------------------------------------------------------------------------
+
+    def ensure_user(self, request: ChatRequest) -> None:
+        """Create the user's node and the edges the request declares (groups, context), once."""
+        key = f"{request.user}|{request.context}|{','.join(sorted(request.groups))}"
+        if key in self._known:
+            self._known.move_to_end(key)
+            return
+        u = user_node(request.user)
+        self.store.ensure_node(u)
+        have = {e.dst for e in self.store.edges_from(u)}
+        for g in request.groups:
+            if f"group:{g}" not in have:
+                self.store.add_edge(Edge(src=u, dst=f"group:{g}", kind="member"))
+        if request.context:
+            self.store.ensure_node(f"context:{request.context}")
+        self._known[key] = None
+        if len(self._known) > self._cache_size:
+            self._known.popitem(last=False)
+
+    def forget_cached(self, user: str) -> None:
+        for key in [k for k in self._known if k.split("|", 1)[0] == user]:
+            del self._known[key]
+
+    def neighbourhood(self, user: str, context: str | None = None) -> nx.DiGraph:
+        """The user's nodes and their ancestors as a networkx graph (edges child -> parent)."""
+        g = nx.DiGraph()
+        u = user_node(user)
+        g.add_node(GLOBAL, kind="global")
+        g.add_node(u, kind="user")
+        frontier = [u]
+        if context:
+            uc = user_context_node(user, context)
+            c = f"context:{context}"
+            g.add_node(uc, kind="user_context")
+            g.add_node(c, kind="context")
+            g.add_edge(uc, u, weight=1.0, kind="specializes")
+            g.add_edge(uc, c, weight=1.0, kind="in_context")
+            frontier.append(c)
+        seen = set(frontier)
+        while frontier:
+            node = frontier.pop()
+            for e in self.store.edges_from(node):
+                if e.dst == node:
+                    continue
+                g.add_node(e.dst, kind=_kind(e.dst))
+                g.add_edge(node, e.dst, weight=e.weight, kind=e.kind)
+                if e.dst not in seen:
+                    seen.add(e.dst)
+                    frontier.append(e.dst)
+        for node in list(g.nodes):
+            if node != GLOBAL and g.out_degree(node) == 0:
+                g.add_edge(node, GLOBAL, weight=1.0, kind="parent")
+        return g
+
+    # -- resolution --------------------------------------------------------------------------
+
+    def resolve(self, request: ChatRequest) -> tuple[Scope, dict[NodeId, Profile]]:
+        """The scope of a request and the profiles of its nodes (empty ones for new nodes)."""
+        g = self.neighbourhood(request.user, request.context)
+        ids = list(g.nodes)
+        profiles = self.store.get_profiles(ids)
+        for node in ids:
+            profiles.setdefault(node, Profile(node=node))
+        evidence = {node: profiles[node].evidence for node in ids}
+        start = user_context_node(request.user, request.context) if request.context else user_node(request.user)
+        weights = self._shrink(g, start, evidence)
+        nodes = [
+            ScopeNode(id=n, kind=_kind(n), weight=w, evidence=evidence[n])  # type: ignore[arg-type]
+            for n, w in sorted(weights.items(), key=lambda kv: (_SPECIFICITY[_kind(kv[0])], kv[0]))
+        ]
+        top = max(nodes, key=lambda sn: (sn.weight, -_SPECIFICITY[sn.kind]))
+        scope = Scope(
+            user=request.user,
+            nodes=nodes,
+            granularity=_GRANULARITY[top.kind],  # type: ignore[arg-type]
+            evidence={n.id: n.evidence for n in nodes},
+        )
+        return scope, {n.id: profiles[n.id] for n in nodes}
+
+    def _shrink(self, g: nx.DiGraph, start: NodeId, evidence: dict[NodeId, int]) -> dict[NodeId, float]:
+        """Push mass 1 from ``start`` toward the root, each node keeping n/(n+k) of what reaches it."""
+        mass: dict[NodeId, float] = {start: 1.0}
+        kept: dict[NodeId, float] = {}
+        # Children before parents, so each node has received all its mass when processed.
+        for node in nx.topological_sort(g.subgraph(nx.descendants(g, start) | {start})):
+            m = mass.get(node, 0.0)
+            if m == 0.0:
+                continue
+            parents = list(g.successors(node))
+            n = evidence.get(node, 0)
+            share = 1.0 if not parents else n / (n + self.k)
+            kept[node] = kept.get(node, 0.0) + m * share
+            rest = m * (1.0 - share)
+            if parents and rest > 0:
+                total = sum(max(g.edges[node, p].get("weight", 1.0), 0.0) for p in parents) or 1.0
+                for p in parents:
+                    mass[p] = mass.get(p, 0.0) + rest * max(g.edges[node, p].get("weight", 1.0), 0.0) / total
+        # Every node on the way stays in scope, even with weight 0: its stated preferences still apply.
+        return {n: kept.get(n, 0.0) for n in nx.descendants(g, start) | {start}}
+
+    def describe(self, user: str, context: str | None = None) -> dict[str, Any]:
+        """The user's neighbourhood as plain data (for `persona-mw graph show`)."""
+        g = self.neighbourhood(user, context)
+        profiles = self.store.get_profiles(list(g.nodes))
+        return {
+            "nodes": [{"id": n, "kind": g.nodes[n].get("kind"), "evidence": profiles[n].evidence if n in profiles else 0}
+                      for n in g.nodes],
+            "edges": [{"src": a, "dst": b, **d} for a, b, d in g.edges(data=True)],
+        }

@@ -1,0 +1,418 @@
+"""``Middleware``: the public entry point that ties config, plugins, store, graph and backend.
+
+Async first (``achat``, ``astream``, ``afeedback``); the sync methods run the same coroutines
+on a private event loop in a daemon thread, which also hosts the background jobs
+(``persona_after_turn``) so that they outlive the call that scheduled them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Coroutine, Iterator, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
+
+from persona_mw.config import Config, StatedItem, load_config, parse_config
+from persona_mw.errors import ConfigError, PersonaError, RequestError, UnknownUserError
+from persona_mw.graph import GLOBAL, PreferenceGraph, user_context_node, user_node
+from persona_mw.pipeline import Pipeline
+from persona_mw.manager import PluginHost
+from persona_mw.store import Edge, Store, open_store
+from persona_mw.types import (
+    ChatRequest,
+    ChatResponse,
+    Feedback,
+    Message,
+    Profile,
+    StatedFeedback,
+    StatedPreference,
+    StreamChunk,
+    TraceStep,
+    Turn,
+)
+
+log = logging.getLogger("persona_mw")
+T = TypeVar("T")
+_feedback_adapter: TypeAdapter[Any] = TypeAdapter(Feedback)
+
+
+class _Loop:
+    """A private event loop in a daemon thread: sync API calls and background jobs run here."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="persona-mw-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("sync persona-mw API called from its own event loop; use the async API")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+class Middleware:
+    """Personalizes chat requests for known users through the configured pipeline.
+
+    ``Middleware()`` uses the embedded defaults (the local SmolLM2 model, a SQLite file under
+    the user data dir, no plugins). Pass ``store=`` / ``backend=`` objects to override the
+    config's; ``Middleware.from_yaml(path)`` reads a pipeline file.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: Store | str | None = None,
+        backend: Any = None,
+        autoload: bool | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload)
+        if isinstance(store, str):
+            store = open_store(store)
+        self.store: Store = store or open_store(self.config.store.path)
+        self.backend = backend if backend is not None else self.make_backend("backend")
+        self.graph = PreferenceGraph(self.store, prior_strength=self.config.graph.prior_strength)
+        self.host.build_pipeline(self.config)
+        self.pipeline = Pipeline(self.host)
+        self._apply_declared_graph()
+        self._loop: _Loop | None = None
+        self._jobs: set[concurrent.futures.Future[Any]] = set()
+        self._jobs_lock = threading.Lock()
+        self._profile_locks: dict[str, threading.Lock] = {}
+        self._closed = False
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> Middleware:
+        return cls(load_config(path), **overrides)
+
+    @classmethod
+    def from_yaml_string(cls, text: str, **overrides: Any) -> Middleware:
+        return cls(parse_config(text), **overrides)
+
+    def make_backend(self, role: str = "backend") -> Any:
+        """Build the backend of a role (``backend`` is the main one; other roles default to it)."""
+        section = self.config.backend if role == "backend" else self.config.roles.get(role)
+        if section is None:
+            return self.backend
+        factory = self.host.backend_types.get(section.type)
+        where = self.config.source.where((role,) if role == "backend" else ("roles", role))
+        if factory is None:
+            known = ", ".join(sorted(self.host.backend_types))
+            raise ConfigError(f"{where}: unknown backend type {section.type!r} (known: {known})")
+        try:
+            return factory(**section.settings)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: invalid settings for backend {section.type!r}: {exc}") from None
+
+    def _apply_declared_graph(self) -> None:
+        """Write the config's declared groups/contexts/global preferences into the store."""
+        g = self.config.graph
+        for kind, table in (("group", g.groups), ("context", g.contexts)):
+            for gid, gc in table.items():
+                self._set_declared(f"{kind}:{gid}", gc.stated)
+                for member in gc.members:
+                    self.store.ensure_node(user_node(member))
+                    self.store.add_edge(Edge(src=user_node(member), dst=f"{kind}:{gid}", kind="member"))
+        if g.global_.stated:
+            self._set_declared(GLOBAL, g.global_.stated)
+
+    def _set_declared(self, node: str, stated: list[StatedItem | str]) -> None:
+        items = [StatedItem(text=s) if isinstance(s, str) else s for s in stated]
+        self.store.ensure_node(node)
+        prof = self.store.get_profile(node) or Profile(node=node)
+        kept = [p for p in prof.stated if p.source_event != "config"]
+        prof.stated = kept + [StatedPreference(text=i.text, polarity=i.polarity, source_event="config") for i in items]
+        # Declared preferences are evidence about the node, as a member's stated one is.
+        prof.evidence = max(prof.evidence, len(prof.stated))
+        self.store.put_profile(prof)
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.backend, "name", "persona-mw"))
+
+    # -- chat --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _request(request: ChatRequest | dict[str, Any] | None, kwargs: dict[str, Any]) -> ChatRequest:
+        if isinstance(request, ChatRequest) and not kwargs:
+            return request
+        data = dict(request.model_dump() if isinstance(request, ChatRequest) else (request or {}))
+        data.update(kwargs)
+        msgs = data.get("messages")
+        if isinstance(msgs, str):
+            data["messages"] = [{"role": "user", "content": msgs}]
+        try:
+            return ChatRequest.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise RequestError(f"invalid chat request: {field}: {first['msg']}", field=field) from None
+
+    def _new_turn(self, req: ChatRequest) -> Turn:
+        turn = Turn(request=req, messages=list(req.messages))
+        turn.trace.user = req.user
+        turn._counter = getattr(self.backend, "count_tokens", None)
+        return turn
+
+    async def achat(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> ChatResponse:
+        """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...)."""
+        req = self._request(request, kwargs)
+        t0 = time.perf_counter()
+        turn = self._new_turn(req)
+        decoding = await self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend)
+        await self.pipeline.generate(turn, self.backend, decoding)
+        response = self.pipeline.response(turn, self.backend)
+        turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+        self._finish(turn, response)
+        return response
+
+    def chat(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> ChatResponse:
+        return self._portal().run(self.achat(request, **kwargs))
+
+    async def astream(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> AsyncIterator[StreamChunk]:
+        """Run one turn, yielding the answer in pieces; the last chunk carries the trace."""
+        req = self._request(request, kwargs)
+        t0 = time.perf_counter()
+        turn = self._new_turn(req)
+        decoding = await self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend)
+        async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding):
+            yield chunk
+        response = self.pipeline.response(turn, self.backend)
+        turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+        self._finish(turn, response)
+        yield StreamChunk(done=True, finish_reason=response.choices[0].finish_reason, trace=turn.trace)
+
+    def stream(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> Iterator[StreamChunk]:
+        """Sync streaming: iterate over chunks as they arrive."""
+        portal = self._portal()
+        agen = self.astream(request, **kwargs)
+        try:
+            while True:
+                try:
+                    yield portal.run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            portal.run(agen.aclose())
+
+    def _finish(self, turn: Turn, response: ChatResponse) -> None:
+        """Store the trace and schedule ``persona_after_turn`` off the request path."""
+        if self.config.trace.store:
+            self.store.save_trace(turn.trace)
+        if self.pipeline.has_impls("persona_after_turn"):
+            self._background(self._after_turn(turn, response))
+
+    async def _after_turn(self, turn: Turn, response: ChatResponse) -> None:
+        before = len(turn.trace.steps)
+        t = time.perf_counter()
+        try:
+            await self.pipeline.collect("persona_after_turn", turn, response=response, store=self.store)
+        except PersonaError as exc:
+            # 'fail' policy off the request path: the caller has its answer; record and log.
+            log.error("after-turn job failed for trace %s: %s", turn.trace.id, exc)
+            turn.trace.flags.append(f"after_turn_failed: {exc}")
+        turn.trace.timings_ms["after_turn"] = (time.perf_counter() - t) * 1000
+        if self.config.trace.store and len(turn.trace.steps) > before:
+            self.store.save_trace(turn.trace)
+
+    # -- background jobs ---------------------------------------------------------------------
+
+    def _portal(self) -> _Loop:
+        if self._closed:
+            raise PersonaError("this Middleware is closed")
+        if self._loop is None:
+            self._loop = _Loop()
+        return self._loop
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        fut = self._portal().submit(coro)
+        with self._jobs_lock:
+            self._jobs.add(fut)
+        fut.add_done_callback(self._job_done)
+
+    def _job_done(self, fut: concurrent.futures.Future[Any]) -> None:
+        with self._jobs_lock:
+            self._jobs.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("background job failed: %s", fut.exception())
+
+    def drain(self, timeout: float | None = 30.0) -> None:
+        """Wait for background jobs (memory extraction, refits) scheduled so far."""
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        concurrent.futures.wait(jobs, timeout=timeout)
+
+    async def adrain(self, timeout: float | None = 30.0) -> None:
+        await asyncio.to_thread(self.drain, timeout)
+
+    # -- feedback ----------------------------------------------------------------------------
+
+    @staticmethod
+    def parse_feedback(event: Feedback | dict[str, Any]) -> Feedback:
+        if not isinstance(event, dict):
+            return event
+        try:
+            return _feedback_adapter.validate_python(event)  # type: ignore[no-any-return]
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = [str(p) for p in first["loc"] if str(p) not in ("choice", "rating", "edit", "stated")]
+            field = ".".join(loc) or "kind"
+            raise RequestError(f"invalid feedback: {field}: {first['msg']}", field=field) from None
+
+    async def afeedback(self, event: Feedback | dict[str, Any] | None = None, /, **kwargs: Any) -> str:
+        """Record a feedback event (append-only), update the profile, run ``persona_feedback``.
+
+        Returns the event id. Raises ``RequestError`` naming the field for a malformed event,
+        in which case nothing is stored.
+        """
+        if event is None or kwargs:
+            data = dict(event.model_dump() if event is not None and not isinstance(event, dict) else (event or {}))
+            data.update(kwargs)
+            event = data
+        ev = self.parse_feedback(event)
+        self.store.ensure_node(user_node(ev.user))
+        self.store.append_feedback(ev)
+        self._apply_to_profile(ev)
+        steps = await self.pipeline.feedback(ev, store=self.store, graph=self.graph)
+        for s in steps:
+            if s.error:
+                log.warning("feedback plugin %s: %s", s.plugin, s.error)
+        return ev.id
+
+    def feedback(self, event: Feedback | dict[str, Any] | None = None, /, **kwargs: Any) -> str:
+        return self._portal().run(self.afeedback(event, **kwargs))
+
+    def state(self, text: str, polarity: str = "like", *, user: str | None = None,
+              group: str | None = None, context: str | None = None) -> str | None:
+        """State a preference for a user (recorded as feedback) or for a whole group."""
+        if (user is None) == (group is None):
+            raise RequestError("give exactly one of user= or group=", field="user")
+        if user is not None:
+            return self.feedback(StatedFeedback(user=user, context=context, text=text, polarity=polarity))  # type: ignore[arg-type]
+        node = f"group:{group}"
+        self.store.ensure_node(node)
+        with self._lock_for(node):
+            prof = self.store.get_profile(node) or Profile(node=node)
+            prof.stated.append(StatedPreference(text=text, polarity=polarity))  # type: ignore[arg-type]
+            prof.evidence += 1
+            prof.updated_at = time.time()
+            self.store.put_profile(prof)
+        return None
+
+    def _lock_for(self, node: str) -> threading.Lock:
+        with self._jobs_lock:
+            return self._profile_locks.setdefault(node, threading.Lock())
+
+    def _apply_to_profile(self, ev: Feedback) -> None:
+        """The core's own reading of an event: evidence counts and stated preferences."""
+        node = user_context_node(ev.user, ev.context) if ev.context else user_node(ev.user)
+        if ev.context:
+            self.store.ensure_node(node)
+        with self._lock_for(node):
+            prof = self.store.get_profile(node) or Profile(node=node)
+            prof.evidence += 1
+            if isinstance(ev, StatedFeedback):
+                prof.stated = [p for p in prof.stated if p.text.strip().lower() != ev.text.strip().lower()]
+                prof.stated.append(StatedPreference(text=ev.text, polarity=ev.polarity, source_event=ev.id,
+                                                    created_at=ev.created_at))
+            prof.updated_at = time.time()
+            self.store.put_profile(prof)
+
+    async def arebuild(self, user: str) -> dict[str, Any]:
+        """Rebuild a user's profiles from their append-only events."""
+        self._require_user(user)
+        nodes = [n.id for n in self.store.list_nodes("user_context", limit=100000) if n.id.startswith(f"user:{user}@")]
+        for node in [user_node(user), *nodes]:
+            with self._lock_for(node):
+                old = self.store.get_profile(node)
+                self.store.put_profile(Profile(node=node, prompt=old.prompt if old else None))
+        events = self.store.list_feedback(user=user)
+        for ev in events:
+            self._apply_to_profile(ev)
+            await self.pipeline.feedback(ev, store=self.store, graph=self.graph)
+        return {"user": user, "events": len(events)}
+
+    def rebuild(self, user: str) -> dict[str, Any]:
+        return self._portal().run(self.arebuild(user))
+
+    # -- profiles, export, forget ------------------------------------------------------------
+
+    def _require_user(self, user: str) -> None:
+        if not self.store.has_user(user):
+            raise UnknownUserError(f"unknown user {user!r}", field="user",
+                                   hint="the user appears after their first chat or feedback")
+
+    def profile(self, user: str, context: str | None = None) -> dict[str, Any]:
+        """The user's profile, the groups they inherit from and the resolved scope."""
+        self._require_user(user)
+        req = ChatRequest(user=user, context=context, messages=[Message(role="user", content="-")])
+        scope, profiles = self.graph.resolve(req)
+        return {
+            "user": user,
+            "scope": scope.model_dump(),
+            "profiles": {n: p.model_dump() for n, p in profiles.items()},
+        }
+
+    def export_user(self, user: str) -> dict[str, Any]:
+        self._require_user(user)
+        return self.store.export_user(user)
+
+    def forget(self, user: str) -> dict[str, int]:
+        """Delete everything stored about and derived from ``user``."""
+        self._require_user(user)
+        self.drain()
+        counts = self.store.forget_user(user)
+        self.graph.forget_cached(user)
+        return counts
+
+    def trace(self, trace_id: str) -> dict[str, Any] | None:
+        t = self.store.get_trace(trace_id)
+        return t.model_dump() if t else None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self.adrain()
+        closer = getattr(self.backend, "aclose", None)
+        if closer is not None:
+            await closer()
+        self._shutdown()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.drain()
+        closer = getattr(self.backend, "aclose", None)
+        if closer is not None:
+            self._portal().run(closer())
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        if self._loop is not None:
+            self._loop.stop()
+        self.store.close()
+
+    def __enter__(self) -> Middleware:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Middleware", "TraceStep"]

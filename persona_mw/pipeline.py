@@ -1,0 +1,271 @@
+"""Runs one turn (or one feedback event) through the hooks, in YAML order.
+
+pluggy's own call loop is synchronous and an ``async def`` firstresult implementation would
+end the chain with a coroutine, so per-turn stages are walked here: implementations in YAML
+order, each given only the arguments it declares, awaitables awaited, the stage's combine rule
+applied, and every call timed and recorded in the turn's trace. Failures follow each plugin's
+policy: ``fail`` raises ``PluginError`` naming it; ``skip`` records the error and goes on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+from pydantic import TypeAdapter, ValidationError
+
+from persona_mw.errors import PersonaError, PluginError
+from persona_mw.hookspecs import LEARNING_STAGES, TURN_STAGES
+from persona_mw.manager import PluginHost
+from persona_mw.types import (
+    Candidate,
+    ChatResponse,
+    ContextItem,
+    Decoding,
+    Feedback,
+    Message,
+    Scope,
+    StreamChunk,
+    TraceStep,
+    Turn,
+    Usage,
+)
+
+log = logging.getLogger("persona_mw.pipeline")
+
+_messages_adapter = TypeAdapter(list[Message])
+
+# What a hook result must be, per stage, so a plugin returning garbage is caught at the boundary.
+_RESULT_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "persona_resolve_scope": lambda r: Scope.model_validate(r),
+    "persona_gather": lambda r: [ContextItem.model_validate(i) for i in r],
+    "persona_rewrite": lambda r: _messages_adapter.validate_python(r),
+    "persona_decoding": lambda r: Decoding.model_validate(r),
+    "persona_generate": lambda r: [Candidate.model_validate(c) for c in r],
+    "persona_score": lambda r: {str(k): [float(x) for x in v] for k, v in dict(r).items()},
+    "persona_select": lambda r: int(r),
+    "persona_correct": lambda r: Candidate.model_validate(r),
+}
+
+
+class Pipeline:
+    """The per-turn stages over one PluginHost. ``Middleware`` owns one."""
+
+    def __init__(self, host: PluginHost) -> None:
+        self.host = host
+
+    # -- calling hooks ---------------------------------------------------------------------
+
+    def impls(self, stage: str) -> list[Any]:
+        """Implementations of ``stage`` in YAML order (pluggy lists them registration-ordered)."""
+        return list(reversed(getattr(self.host.pm.hook, stage).get_hookimpls()))
+
+    def has_impls(self, stage: str) -> bool:
+        return bool(getattr(self.host.pm.hook, stage).get_hookimpls())
+
+    async def _call(self, stage: str, impl: Any, turn: Turn | None, available: dict[str, Any]) -> tuple[bool, Any]:
+        """Call one implementation. Returns (ok, result); ok is False when skipped on error."""
+        name = impl.plugin_name
+        kwargs = {a: available[a] for a in impl.argnames if a in available}
+        t0 = time.perf_counter()
+        if turn is not None:
+            turn._notes.clear()
+        try:
+            result = impl.function(**kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None and stage in _RESULT_CHECKS:
+                try:
+                    result = _RESULT_CHECKS[stage](result)
+                except (ValidationError, TypeError, ValueError) as exc:
+                    raise PluginError(
+                        f"plugin {name!r} returned an invalid result from {stage}: {exc}", plugin=name, hook=stage
+                    ) from None
+        except Exception as exc:
+            ms = (time.perf_counter() - t0) * 1000
+            policy = self.host.policy_of(name)
+            err = f"{type(exc).__name__}: {exc}"
+            if turn is not None:
+                turn.trace.steps.append(
+                    TraceStep(plugin=name, hook=stage, ms=ms, error=err, skipped=policy == "skip")
+                )
+            if policy == "skip":
+                log.warning("plugin %r failed in %s and was skipped: %s", name, stage, err)
+                return False, None
+            if isinstance(exc, PluginError):
+                raise
+            raise PluginError(f"plugin {name!r} failed in {stage}: {err}", plugin=name, hook=stage) from exc
+        if turn is not None:
+            ms = (time.perf_counter() - t0) * 1000
+            summary = "; ".join(turn._notes) if turn._notes else _summarize(stage, result)
+            turn.trace.steps.append(
+                TraceStep(plugin=name, hook=stage, ms=ms, changed=result not in (None, [], {}), summary=summary)
+            )
+        return True, result
+
+    async def collect(self, stage: str, turn: Turn | None, **available: Any) -> list[Any]:
+        out = []
+        for impl in self.impls(stage):
+            ok, res = await self._call(stage, impl, turn, {"turn": turn, **available})
+            if ok and res is not None:
+                out.append(res)
+        return out
+
+    async def firstresult(self, stage: str, turn: Turn | None, **available: Any) -> Any:
+        for impl in self.impls(stage):
+            ok, res = await self._call(stage, impl, turn, {"turn": turn, **available})
+            if ok and res is not None:
+                return res
+        return None
+
+    async def chain(self, stage: str, turn: Turn, key: str, value: Any, **available: Any) -> Any:
+        for impl in self.impls(stage):
+            ok, res = await self._call(stage, impl, turn, {"turn": turn, key: value, **available})
+            if ok and res is not None:
+                value = res
+        return value
+
+    # -- one turn --------------------------------------------------------------------------
+
+    async def prepare(self, turn: Turn, *, graph: Any, store: Any, backend: Any) -> list[Decoding]:
+        """Stages up to generation: scope, gather, rewrite, decoding."""
+        t = time.perf_counter()
+        scope = await self.firstresult("persona_resolve_scope", turn, graph=graph)
+        graph.ensure_user(turn.request)
+        default_scope, profiles = graph.resolve(turn.request)
+        if scope is None:
+            scope = default_scope
+        else:
+            profiles = graph.store.get_profiles(scope.node_ids) | {
+                n: p for n, p in profiles.items() if n in scope.node_ids
+            }
+        turn.scope = scope
+        turn.profiles = profiles
+        turn.trace.granularity = scope.granularity
+        turn.trace.evidence = dict(scope.evidence)
+        turn.trace.timings_ms["scope"] = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        for items in await self.collect("persona_gather", turn, store=store):
+            turn.items.extend(items)
+        turn.trace.timings_ms["gather"] = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        turn.messages = await self.chain("persona_rewrite", turn, "messages", list(turn.messages))
+        turn.trace.timings_ms["rewrite"] = (time.perf_counter() - t) * 1000
+
+        return await self.collect("persona_decoding", turn, backend=backend)
+
+    async def generate(self, turn: Turn, backend: Any, decoding: list[Decoding]) -> None:
+        """Stages from generation to correction; fills ``turn.candidates`` and ``turn.selected``."""
+        req = turn.request
+        t = time.perf_counter()
+        cands = await self.firstresult(
+            "persona_generate", turn, backend=backend, messages=turn.messages, n=req.n, decoding=decoding
+        )
+        if cands is None:
+            cands = await backend.generate(turn.messages, n=req.n, params=req.params, decoding=decoding)
+        if not cands:
+            raise PersonaError("the backend returned no candidates")
+        turn.candidates = list(cands)
+        turn.trace.timings_ms["generate"] = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        if len(turn.candidates) > 1:
+            for scores in await self.collect("persona_score", turn, candidates=turn.candidates):
+                turn.scores.update(scores)
+        picked = await self.firstresult("persona_select", turn, candidates=turn.candidates, scores=turn.scores)
+        if picked is None:
+            picked = _default_select(turn.scores, len(turn.candidates))
+        if not 0 <= picked < len(turn.candidates):
+            raise PluginError(f"persona_select returned index {picked} for {len(turn.candidates)} candidates",
+                              plugin="persona_select", hook="persona_select")
+        turn.selected = picked
+        best = await self.chain("persona_correct", turn, "candidate", turn.candidates[picked])
+        turn.candidates[picked] = best
+        turn.trace.timings_ms["select"] = (time.perf_counter() - t) * 1000
+
+    def needs_full_answer(self, turn: Turn) -> bool:
+        """Whether the turn must see whole candidates (so streaming cannot pass tokens through)."""
+        return turn.request.n > 1 or any(
+            self.has_impls(s) for s in ("persona_generate", "persona_score", "persona_select", "persona_correct")
+        )
+
+    def response(self, turn: Turn, backend: Any) -> ChatResponse:
+        chosen = turn.candidates[turn.selected]
+        others = [c for i, c in enumerate(turn.candidates) if i != turn.selected]
+        choices = [chosen] + (others if turn.request.n > 1 else [])
+        choices = [c.model_copy(update={"index": i}) for i, c in enumerate(choices)]
+        prompt_tokens = sum(backend.count_tokens(m.text) for m in turn.messages)
+        completion = sum(c.tokens or backend.count_tokens(c.text) for c in choices)
+        return ChatResponse(
+            model=turn.request.model or getattr(backend, "name", ""),
+            choices=choices,
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                        total_tokens=prompt_tokens + completion),
+            trace=turn.trace,
+            messages=turn.messages,
+        )
+
+    async def stream_candidate(self, turn: Turn, backend: Any, decoding: list[Decoding]) -> AsyncIterator[StreamChunk]:
+        """Stream the answer: token pieces straight from the backend, or the finished answer."""
+        t = time.perf_counter()
+        if self.needs_full_answer(turn):
+            await self.generate(turn, backend, decoding)
+            text = turn.candidates[turn.selected].text
+            # Whole words, so clients render progressively even though the answer is complete.
+            pieces = text.split(" ")
+            for i, piece in enumerate(pieces):
+                yield StreamChunk(delta=piece if i == 0 else " " + piece)
+            return
+        parts: list[str] = []
+        async for piece in backend.stream(turn.messages, params=turn.request.params, decoding=decoding):
+            parts.append(piece)
+            yield StreamChunk(delta=piece)
+        turn.candidates = [Candidate(text="".join(parts))]
+        turn.selected = 0
+        turn.trace.timings_ms["generate"] = (time.perf_counter() - t) * 1000
+
+    async def feedback(self, event: Feedback, *, store: Any, graph: Any) -> list[TraceStep]:
+        """Run ``persona_feedback``; returns the steps (errors of skipped plugins included)."""
+        holder = Turn.model_construct()  # a bare trace holder for policy bookkeeping
+        from persona_mw.types import Trace
+
+        holder.trace = Trace()
+        object.__setattr__(holder, "_notes", [])
+        for stage in LEARNING_STAGES:
+            for impl in self.impls(stage):
+                await self._call(stage, impl, holder, {"event": event, "store": store, "graph": graph})
+        return holder.trace.steps
+
+
+def _default_select(scores: dict[str, list[float]], n: int) -> int:
+    if not scores:
+        return 0
+    totals = [sum(v[i] for v in scores.values() if i < len(v)) / len(scores) for i in range(n)]
+    return max(range(n), key=lambda i: totals[i])
+
+
+def _summarize(stage: str, result: Any) -> str:
+    if result is None:
+        return ""
+    if stage == "persona_gather":
+        return f"added {len(result)} item(s)"
+    if stage == "persona_rewrite":
+        return f"{len(result)} message(s)"
+    if stage == "persona_generate":
+        return f"{len(result)} candidate(s)"
+    if stage == "persona_score":
+        return "scored: " + ", ".join(result)
+    if stage == "persona_select":
+        return f"picked {result}"
+    if stage == "persona_correct":
+        return "edited the answer"
+    if stage == "persona_resolve_scope":
+        return f"granularity {result.granularity}"
+    return ""
+
+
+__all__ = ["Pipeline", "TURN_STAGES"]

@@ -1,0 +1,108 @@
+"""Stated preferences: what users (and their groups) said they like or avoid, in the prompt.
+
+Gathers the stated preferences of every node in the request's scope (user in context, user,
+groups, context, global), most specific first, and writes them into the prompt within a token
+budget. Placement is a setting because it matters: the 135M local model largely ignores style
+instructions in a system message but follows them in the user turn.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from persona_mw import hookimpl
+from persona_mw.types import ContextItem, Message, Turn
+
+_ORDER = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
+
+
+def _clean(text: str, limit: int = 400) -> str:
+    """One line, bounded: a stated preference is data to quote, not a block of instructions."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class StatedPreferences:
+    """Inject stated preferences (with polarity) into the prompt."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        placement: Literal["user_suffix", "user_prefix", "system"] = Field(
+            default="user_suffix",
+            description="where the preferences go: after/before the last user message, or a system message",
+        )
+        budget_tokens: int = Field(default=200, ge=16, le=8000, description="token budget for the block")
+        include_inherited: bool = Field(default=True, description="also use group/context/global preferences")
+        header: str = "Answer following these preferences of mine:"
+
+    def __init__(self, config: Config | None = None, name: str = "stated") -> None:
+        self.config = config or self.Config()
+        self.name = name
+
+    @hookimpl
+    def persona_gather(self, turn: Turn) -> list[ContextItem] | None:
+        if turn.scope is None:
+            return None
+        items: list[ContextItem] = []
+        seen: set[str] = set()
+        for node in sorted(turn.scope.nodes, key=lambda n: (_ORDER[n.kind], -n.weight)):
+            if not self.config.include_inherited and node.kind not in ("user", "user_context"):
+                continue
+            prof = turn.profiles.get(node.id)
+            if prof is None:
+                continue
+            for pref in sorted(prof.stated, key=lambda p: -p.created_at):
+                key = pref.text.strip().lower()
+                if key in seen:  # the more specific node already said it
+                    continue
+                seen.add(key)
+                items.append(ContextItem(
+                    kind="stated", text=_clean(pref.text), source=self.name, node=node.id,
+                    polarity=pref.polarity, weight=node.weight,
+                    provenance=[pref.source_event] if pref.source_event else [],
+                ))
+        return items or None
+
+    def _block(self, turn: Turn) -> tuple[str, list[ContextItem]]:
+        items = [i for i in turn.items if i.kind == "stated"]
+        lines: list[str] = []
+        used: list[ContextItem] = []
+        budget = self.config.budget_tokens - turn.count_tokens(self.config.header)
+        for item in items:  # already most specific first
+            line = f"- {'Avoid: ' if item.polarity == 'avoid' else ''}{item.text}"
+            cost = turn.count_tokens(line)
+            if cost > budget:
+                continue
+            budget -= cost
+            lines.append(line)
+            used.append(item)
+        if not lines:
+            return "", []
+        return self.config.header + "\n" + "\n".join(lines), used
+
+    @hookimpl
+    def persona_rewrite(self, turn: Turn, messages: list[Message]) -> list[Message] | None:
+        block, used = self._block(turn)
+        if not block:
+            return None
+        dropped = len([i for i in turn.items if i.kind == "stated"]) - len(used)
+        turn.note(f"{len(used)} preference(s) in {self.config.placement}"
+                  + (f", {dropped} over budget" if dropped else ""))
+        for item in used:
+            turn.trace.items_used.append({"source": self.name, "kind": "stated", "node": item.node,
+                                          "polarity": item.polarity, "text": item.text,
+                                          "provenance": item.provenance})
+        out = list(messages)
+        if self.config.placement == "system":
+            sys_idx = next((i for i, m in enumerate(out) if m.role == "system"), None)
+            if sys_idx is None:
+                return [Message(role="system", content=block), *out]
+            out[sys_idx] = out[sys_idx].with_text(out[sys_idx].text + "\n\n" + block)
+            return out
+        last = max(i for i, m in enumerate(out) if m.role == "user")
+        text = out[last].text
+        new = f"{text}\n\n({block})" if self.config.placement == "user_suffix" else f"({block})\n\n{text}"
+        out[last] = out[last].with_text(new)
+        return out
