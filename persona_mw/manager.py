@@ -46,7 +46,7 @@ class PipelinePlugin:
 class PluginHost:
     """A fresh pluggy PluginManager plus the registries filled by the startup hooks."""
 
-    def __init__(self, autoload: bool = True) -> None:
+    def __init__(self, autoload: bool = True, plugin_types: dict[str, type] | None = None) -> None:
         self.pm = pluggy.PluginManager("persona_mw")
         self.pm.add_hookspecs(hookspecs)
         for modname in DEFAULT_PLUGINS:
@@ -60,6 +60,9 @@ class PluginHost:
         self.backend_types: dict[str, Callable[..., Any]] = {}
         self.reward_fns: dict[str, Callable[..., Any]] = {}
         self.pm.hook.persona_register_plugins(register=self._registrar(self.plugin_types, "plugin"))
+        register = self._registrar(self.plugin_types, "plugin")
+        for name, cls in (plugin_types or {}).items():
+            register(name, cls)
         self.pm.hook.persona_register_backends(register=self._registrar(self.backend_types, "backend"))
         self.pm.hook.persona_register_rewards(register=self._registrar(self.reward_fns, "reward"))
         self.pipeline: list[PipelinePlugin] = []

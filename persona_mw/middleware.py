@@ -67,7 +67,8 @@ class Middleware:
 
     ``Middleware()`` uses the embedded defaults (the local SmolLM2 model, a SQLite file under
     the user data dir, no plugins). Pass ``store=`` / ``backend=`` objects to override the
-    config's; ``Middleware.from_yaml(path)`` reads a pipeline file.
+    config's, and ``plugins={"name": PluginClass}`` to make your own plugin classes usable in
+    the ``pipeline:`` list without an entry point; ``Middleware.from_yaml(path)`` reads a file.
     """
 
     def __init__(
@@ -77,9 +78,11 @@ class Middleware:
         store: Store | str | None = None,
         backend: Any = None,
         autoload: bool | None = None,
+        plugins: dict[str, type] | None = None,
     ) -> None:
         self.config = config or Config()
-        self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload)
+        self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload,
+                               plugin_types=plugins)
         if isinstance(store, str):
             store = open_store(store)
         self.store: Store = store or open_store(self.config.store.path)

@@ -1,0 +1,322 @@
+"""The ``persona-mw`` command line: demo, chat, serve, feedback, profile, graph, plugins, config, models.
+
+Every command reports a bad input as one ``error: ...`` line on stderr with exit status 2
+(1 for a backend or plugin failure) — never a traceback. ``PERSONA_MW_DEBUG=1`` shows one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from persona_mw.config import Config, load_config, parse_config
+from persona_mw.errors import BackendError, PersonaError, PluginError
+
+DEMO_QUESTION = "How does a refrigerator keep food cold?"
+DEMO_USERS = {
+    "ana": "Answer in one short sentence.",
+    "ben": "Explain step by step in detail, for a complete beginner, with an everyday example.",
+}
+
+
+def default_config_text() -> str:
+    return resources.files("persona_mw").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = getattr(args, "config", None) or os.environ.get("PERSONA_MW_CONFIG")
+    cfg = load_config(path) if path else parse_config(default_config_text(), "<embedded default>")
+    store = getattr(args, "store", None)
+    if store:
+        cfg.store.path = store
+    return cfg
+
+
+def _middleware(args: argparse.Namespace) -> Any:
+    from persona_mw.middleware import Middleware
+
+    return Middleware(_config(args))
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Two users state different preferences; the same question gets two personalized answers."""
+    from persona_mw.middleware import Middleware
+
+    cfg = parse_config(default_config_text(), "<embedded default>")
+    with tempfile.TemporaryDirectory(prefix="persona-mw-demo-") as tmp:
+        cfg.store.path = str(Path(tmp) / "demo.db")
+        print("persona-mw demo: local model SmolLM2-135M-Instruct, store", cfg.store.path, file=sys.stderr)
+        with Middleware(cfg) as mw:
+            question = args.question or DEMO_QUESTION
+            for user, pref in DEMO_USERS.items():
+                mw.feedback(kind="stated", user=user, text=pref)
+            for user, pref in DEMO_USERS.items():
+                r = mw.chat(user=user, messages=[{"role": "user", "content": question}])
+                print(f"\n=== user {user!r} stated: {pref!r}")
+                print(f"Q: {question}")
+                print(f"A: {r.text}")
+                print(r.trace.render())
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    with _middleware(args) as mw:
+        messages = [{"role": "user", "content": args.message}]
+        kwargs: dict[str, Any] = {"user": args.user, "messages": messages, "context": args.context,
+                                  "groups": args.group or []}
+        if args.stream:
+            for chunk in mw.stream(**kwargs):
+                if chunk.done:
+                    print()
+                    if args.trace and chunk.trace:
+                        print(chunk.trace.render(), file=sys.stderr)
+                else:
+                    print(chunk.delta, end="", flush=True)
+        else:
+            r = mw.chat(**kwargs)
+            print(r.text)
+            if args.trace:
+                print(r.trace.render(), file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from persona_mw.server import serve
+
+    mw = _middleware(args)
+    try:
+        print(f"persona-mw serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        serve(mw, host=args.host, port=args.port)
+    finally:
+        mw.close()
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    event: dict[str, Any] = {"user": args.user, "context": args.context}
+    if args.stated:
+        event |= {"kind": "stated", "text": args.stated, "polarity": "like"}
+    elif args.avoid:
+        event |= {"kind": "stated", "text": args.avoid, "polarity": "avoid"}
+    elif args.json:
+        try:
+            extra = json.loads(args.json)
+        except json.JSONDecodeError as exc:
+            raise PersonaError(f"--json is not valid JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise PersonaError("--json must be a JSON object")
+        event |= extra
+    else:
+        raise PersonaError("give one of --stated TEXT, --avoid TEXT or --json EVENT")
+    with _middleware(args) as mw:
+        print(mw.feedback(event))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    with _middleware(args) as mw:
+        if args.action == "show":
+            _print_json(mw.profile(args.user, context=args.context))
+        elif args.action == "export":
+            data = mw.export_user(args.user)
+            if args.out:
+                Path(args.out).write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+                print(f"wrote {args.out}", file=sys.stderr)
+            else:
+                _print_json(data)
+        elif args.action == "forget":
+            _print_json({"forgotten": args.user, "deleted": mw.forget(args.user)})
+        elif args.action == "rebuild":
+            _print_json(mw.rebuild(args.user))
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    with _middleware(args) as mw:
+        if args.action == "show":
+            if not mw.store.has_user(args.user):
+                from persona_mw.errors import UnknownUserError
+
+                raise UnknownUserError(f"unknown user {args.user!r}")
+            _print_json(mw.graph.describe(args.user, args.context))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from persona_mw.manager import PluginHost
+
+    host = PluginHost(autoload=True)
+    rows = []
+    for name, cls in sorted(host.plugin_types.items()):
+        hooks = sorted(a for a in dir(cls) if a.startswith("persona_") and hasattr(getattr(cls, a), "persona_mw_impl"))
+        mod = sys.modules.get(cls.__module__)
+        rows.append({"name": name, "kind": "plugin", "class": f"{cls.__module__}.{cls.__qualname__}",
+                     "version": getattr(mod, "__version__", None) or _dist_version(cls.__module__), "hooks": hooks})
+    for name in sorted(host.backend_types):
+        rows.append({"name": name, "kind": "backend", "hooks": []})
+    for row in host.describe():
+        rows.append({"name": row["name"], "kind": "module", "version": row["version"], "hooks": row["hooks"],
+                     "source": row["source"]})
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['kind']:<8} {r['name']:<24} {r.get('version') or '':<8} {', '.join(r['hooks'])}")
+    if args.hooks:
+        from persona_mw.hookspecs import LEARNING_STAGES, TURN_STAGES
+
+        print("\nhooks (per turn, in order):")
+        for stage, rule in {**TURN_STAGES, **LEARNING_STAGES}.items():
+            print(f"  {stage:<24} {rule}")
+    return 0
+
+
+def _dist_version(module: str) -> str | None:
+    from persona_mw import __version__
+
+    return __version__ if module.startswith("persona_mw") else None
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from persona_mw.manager import PluginHost
+
+    cfg = load_config(args.file)
+    host = PluginHost(autoload=cfg.autoload_plugins)
+    host.build_pipeline(cfg)  # validates every plugin section with its own model
+    if cfg.backend.type not in host.backend_types:
+        raise PersonaError(f"{cfg.source.where(('backend', 'type'))}: unknown backend type {cfg.backend.type!r}")
+    print(f"{args.file}: ok ({len(cfg.pipeline)} plugin(s): {', '.join(p.instance_name for p in cfg.pipeline)})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from persona_mw import models
+
+    if args.action == "list":
+        for spec in models.list_models():
+            print(f"{spec['name']:<26} {'cached' if spec.get('cached') else 'not cached':<11} {spec.get('description', '')}")
+    elif args.action == "pull":
+        path = models.resolve(args.name)
+        print(path)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persona-mw", description="Middleware that personalizes any LLM.")
+    parser.add_argument("--version", action="version", version=f"persona-mw {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if config:
+            p.add_argument("--config", help="pipeline YAML (default: $PERSONA_MW_CONFIG or the embedded default)")
+            p.add_argument("--store", help="SQLite store path (overrides the config)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("demo", cmd_demo, "two users, two stated preferences, two answers from the local model", config=False)
+    p.add_argument("--question", help="the question both users ask")
+
+    p = add("chat", cmd_chat, "send one message as a user")
+    p.add_argument("--user", "-u", required=True)
+    p.add_argument("--context", "-c")
+    p.add_argument("--group", "-g", action="append", help="a group the user belongs to (repeatable)")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--trace", action="store_true", help="print the trace to stderr")
+    p.add_argument("message")
+
+    p = add("serve", cmd_serve, "OpenAI-compatible HTTP server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8700)
+
+    p = add("feedback", cmd_feedback, "record feedback for a user")
+    p.add_argument("--user", "-u", required=True)
+    p.add_argument("--context", "-c")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--stated", help="a preference the user likes, in words")
+    g.add_argument("--avoid", help="something the user wants avoided, in words")
+    g.add_argument("--json", help='a feedback event as JSON, e.g. {"kind": "choice", ...}')
+
+    p = add("profile", cmd_profile, "show, export, forget or rebuild a user's profile")
+    p.add_argument("action", choices=["show", "export", "forget", "rebuild"])
+    p.add_argument("user")
+    p.add_argument("--context", "-c")
+    p.add_argument("--out", help="with export: write JSON here")
+
+    p = add("graph", cmd_graph, "the preference graph around a user")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("user")
+    p.add_argument("--context", "-c")
+
+    p = add("plugins", cmd_plugins, "list plugins, backends and their hooks", config=False)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--hooks", action="store_true", help="also list every hook and its combine rule")
+
+    p = add("config", cmd_config, "validate a pipeline YAML", config=False)
+    p.add_argument("action", choices=["validate"])
+    p.add_argument("file")
+
+    p = add("models", cmd_models, "local models: list, or pull (fetch and cache) one", config=False)
+    p.add_argument("action", choices=["list", "pull"])
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+
+    _plugin_commands(sub)
+    return parser
+
+
+def _plugin_commands(sub: Any) -> None:
+    """Let plugins add subcommands (``persona_register_commands``)."""
+    from persona_mw.manager import PluginHost
+
+    try:
+        PluginHost(autoload=True).pm.hook.persona_register_commands(cli=sub)
+    except PersonaError as exc:
+        print(f"warning: plugin commands unavailable: {exc}", file=sys.stderr)
+
+
+def _version() -> str:
+    from persona_mw import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (BackendError, PluginError) as exc:
+        if os.environ.get("PERSONA_MW_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PersonaError as exc:
+        if os.environ.get("PERSONA_MW_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
