@@ -1,0 +1,1 @@
+"""Integrations with agent frameworks and gateways (litellm callback, OpenAI wrapper, LangChain)."""
