@@ -30,6 +30,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 
 ENTRY_POINT_GROUP = "persona_mw"
 AUTOLOAD_ENV = "PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD"
+PIPELINE_PREFIX = "pipeline:"
+
+
+def display_name(pluggy_name: str) -> str:
+    """The name a user knows a plugin by (its YAML name for pipeline instances)."""
+    return pluggy_name[len(PIPELINE_PREFIX):] if pluggy_name.startswith(PIPELINE_PREFIX) else pluggy_name
 
 
 @dataclass
@@ -122,7 +128,8 @@ class PluginHost:
         # loop (and ours, walking reversed(get_hookimpls())) follow the YAML order.
         for p in reversed(built):
             try:
-                self.pm.register(p.instance, name=p.name)
+                # Namespaced, so an instance never collides with an entry-point module's name.
+                self.pm.register(p.instance, name=PIPELINE_PREFIX + p.name)
             except ValueError as exc:
                 raise ConfigError(f"{source.where(('pipeline', p.index))}: cannot register {p.name!r}: {exc}") from None
             except pluggy.PluginValidationError as exc:

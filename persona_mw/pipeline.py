@@ -18,7 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from persona_mw.errors import PersonaError, PluginError
 from persona_mw.hookspecs import LEARNING_STAGES, TURN_STAGES
-from persona_mw.manager import PluginHost
+from persona_mw.manager import PluginHost, display_name
 from persona_mw.types import (
     Candidate,
     ChatResponse,
@@ -67,7 +67,7 @@ class Pipeline:
 
     async def _call(self, stage: str, impl: Any, turn: Turn | None, available: dict[str, Any]) -> tuple[bool, Any]:
         """Call one implementation. Returns (ok, result); ok is False when skipped on error."""
-        name = impl.plugin_name
+        name = display_name(impl.plugin_name)
         kwargs = {a: available[a] for a in impl.argnames if a in available}
         t0 = time.perf_counter()
         if turn is not None:
