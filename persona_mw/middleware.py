@@ -119,6 +119,8 @@ class Middleware:
             raise ConfigError(f"{where}: unknown backend type {section.type!r} (known: {known})")
         try:
             return factory(**section.settings)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: backend {section.type!r}: {exc.message}", hint=exc.hint) from None
         except TypeError as exc:
             raise ConfigError(f"{where}: invalid settings for backend {section.type!r}: {exc}") from None
 
@@ -194,11 +196,13 @@ class Middleware:
         turn = self._new_turn(req)
         decoding = await self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend)
         async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding):
+            chunk.trace_id = turn.trace.id
             yield chunk
         response = self.pipeline.response(turn, self.backend)
         turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
         self._finish(turn, response)
-        yield StreamChunk(done=True, finish_reason=response.choices[0].finish_reason, trace=turn.trace)
+        yield StreamChunk(done=True, finish_reason=response.choices[0].finish_reason, trace=turn.trace,
+                          trace_id=turn.trace.id)
 
     def stream(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> Iterator[StreamChunk]:
         """Sync streaming: iterate over chunks as they arrive."""

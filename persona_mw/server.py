@@ -46,6 +46,7 @@ USER_HEADER = "X-Persona-User"
 CONTEXT_HEADER = "X-Persona-Context"
 TRACE_HEADER = "X-Persona-Trace-Id"
 _ID_RE = re.compile(ID_PATTERN)
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|bytes|none|.*\[.*\])$")
 # How much of an oversize body is read (and dropped) before answering 413: a client that is still
 # sending when the server answers and closes often sees a reset instead of the 413.
 _DRAIN_FACTOR = 16
@@ -112,21 +113,26 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def _validation_error(exc: ValidationError, *, prefix: tuple[str, ...] = (), drop_tag: bool = False) -> HTTPError:
+def _validation_error(exc: ValidationError, *, drop_tag: bool = False) -> HTTPError:
     """400 naming the field(s); ``drop_tag`` strips the discriminator value pydantic puts first."""
-    parts: list[str] = []
-    first_param: str | None = None
+    problems: dict[str, list[str]] = {}
     for err in exc.errors(include_url=False):
         loc = tuple(err.get("loc", ()))
         if drop_tag and loc and loc[0] in _FEEDBACK_KINDS:
             loc = loc[1:]
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if not loc and str(err.get("type", "")).startswith("union_tag"):
             loc = ("kind",)
-        loc = prefix + loc
-        name = _loc(loc) or "body"
-        first_param = first_param or name
-        parts.append(f"{name}: {err.get('msg', 'invalid')}")
-    return HTTPError(400, "invalid request: " + "; ".join(parts), param=first_param, code="invalid_value")
+            if err.get("type") == "union_tag_not_found":
+                msg = f"Field required (one of {', '.join(map(repr, _FEEDBACK_KINDS))})"
+        # A union reports each member it tried ("stop.str", "stop.list[str]"): name the field only.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
+        msgs = problems.setdefault(_loc(loc) or "body", [])
+        if msg not in msgs:
+            msgs.append(msg)
+    text = "; ".join(f"{name}: {', or '.join(msgs)}" for name, msgs in problems.items())
+    param = next((name for name in problems if name != "body"), None)
+    return HTTPError(400, f"invalid request: {text}", param=param, code="invalid_value")
 
 
 def error_for(exc: BaseException) -> HTTPError:
@@ -280,9 +286,10 @@ async def _sse_events(
                 extra = {"persona_trace": c.trace.model_dump(mode="json")} if c.trace is not None else {}
                 yield chunk(c.index, {}, c.finish_reason or "stop", **extra)
                 finished.add(c.index)
-        for index in sorted(started - finished) if started else [0]:
-            if not started:
-                yield chunk(index, {"role": "assistant", "content": ""})
+        if not started:  # nothing was generated: still a well-formed (empty) answer
+            started.add(0)
+            yield chunk(0, {"role": "assistant", "content": ""})
+        for index in sorted(started - finished):
             yield chunk(index, {}, "stop")
         yield "data: [DONE]\n\n"
     except Exception as exc:
@@ -381,8 +388,9 @@ def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_o
             await _aclose_shielded(iterator)
             raise
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        if first is not None and first.trace is not None:
-            headers[TRACE_HEADER] = first.trace.id
+        trace_id = first.trace_id or (first.trace.id if first.trace is not None else None) if first else None
+        if trace_id:
+            headers[TRACE_HEADER] = trace_id
         events = _sse_events(first, iterator, completion_id=new_id("chatcmpl"), model=model)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
@@ -448,20 +456,10 @@ def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_o
         return JSONResponse(HTTPError(status, str(detail), type=kind).body(), status_code=status,
                             headers=getattr(exc, "headers", None))
 
-    async def validation_exception(request: Request, exc: Exception) -> Response:
-        errors = getattr(exc, "errors", lambda: [])()
-        loc = [p for p in (errors[0].get("loc", ()) if errors else ()) if p != "body"]
-        msg = errors[0].get("msg", "invalid request") if errors else "invalid request"
-        return JSONResponse(HTTPError(400, f"{_loc(tuple(loc)) or 'body'}: {msg}", param=_loc(tuple(loc)) or None).body(),
-                            status_code=400)
-
     async def unhandled(request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
-    from fastapi.exceptions import RequestValidationError
-
     app.add_exception_handler(StarletteHTTPException, http_exception)
-    app.add_exception_handler(RequestValidationError, validation_exception)
     app.add_exception_handler(Exception, unhandled)
     app.state.middleware = mw
     return app

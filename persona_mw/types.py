@@ -171,6 +171,7 @@ class StreamChunk(BaseModel):
 
     delta: str = ""
     index: int = 0
+    trace_id: str | None = None
     done: bool = False
     finish_reason: str | None = None
     trace: Trace | None = None
