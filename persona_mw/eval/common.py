@@ -1,0 +1,78 @@
+"""Shared pieces of the benchmarks: the frozen config, a middleware for simulated users, output."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+# Frozen on the dev slices; the same settings run on held-out slices. {} = the plugin defaults.
+PROFILE_SETTINGS: dict[str, Any] = {}
+
+
+class _NoBackend:
+    """The benchmarks never generate text: feedback and scoring only."""
+
+    name = "none"
+    capabilities = None
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // 4)
+
+    async def generate(self, *a: Any, **k: Any) -> Any:  # pragma: no cover - never called
+        raise RuntimeError("the eval harness does not generate")
+
+
+@contextmanager
+def eval_middleware(**overrides: Any) -> Iterator[tuple[Any, Any]]:
+    """A Middleware with only the profile plugin, on a throwaway SQLite store; yields (mw, plugin)."""
+    from persona_mw.config import parse_config
+    from persona_mw.middleware import Middleware
+
+    settings = {**PROFILE_SETTINGS, **overrides}
+    with tempfile.TemporaryDirectory(prefix="persona-mw-eval-") as tmp:
+        cfg = parse_config(json.dumps({"pipeline": [{"use": "profile", **settings}]}), "<eval>")
+        cfg.store.path = str(Path(tmp) / "eval.db")
+        cfg.trace.store = False
+        mw = Middleware(cfg, backend=_NoBackend(), autoload=False)
+        try:
+            plugin = next(p.instance for p in mw.host.pipeline if p.name == "profile")
+            yield mw, plugin
+        finally:
+            mw.close()
+
+
+def resolve(mw: Any, user: str, groups: list[str] | None = None) -> tuple[Any, Any]:
+    from persona_mw.types import ChatRequest, Message
+
+    req = ChatRequest(user=user, groups=groups or [], messages=[Message(role="user", content="-")])
+    mw.graph.ensure_user(req)
+    return mw.graph.resolve(req)
+
+
+def print_table(benchmark: str, metrics: dict[str, float], file: Any = None) -> None:
+    file = file or sys.stdout
+    rows: dict[str, dict[str, float]] = {}
+    for name, v in metrics.items():
+        base, _, variant = name.partition(":")
+        rows.setdefault(base, {})[variant or "persona-mw"] = v
+    cols: list[str] = []
+    for r in rows.values():
+        cols += [c for c in r if c not in cols]
+    print(f"{benchmark}: " + "  ".join(f"{c:>12}" for c in cols), file=file)
+    for base, r in rows.items():
+        print(f"{base:>{len(benchmark) + 1}} " + "  ".join(
+            f"{r[c]:>12.3f}" if c in r else f"{'-':>12}" for c in cols), file=file)
+
+
+def write_result(path: str | None, benchmark: str, data: str, config: dict[str, Any],
+                 metrics: dict[str, float]) -> dict[str, Any]:
+    result = {"benchmark": benchmark, "data": str(data), "config": config,
+              "metrics": {k: round(float(v), 4) for k, v in metrics.items()}}
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result

@@ -1,0 +1,170 @@
+"""``persona-mw eval traits``: pluralistic simulated users over Anthropic persona statements.
+
+Recipe (fixed seeds). Traits are the ``*.jsonl.gz`` / ``*.jsonl`` files present; each trait's
+statements are split into an observation pool (60%) and a test pool (40%) of Yes / No
+statements (``answer_matching_behavior``), at most ``per_trait`` of each kind. A stance
+combination is 2–3 traits, each "for" or "against". Latent groups come in mirrored pairs (a
+combination and its exact opposite), so every trait has as many users for as against it and
+no global model can beat chance. A choice is between a Yes and a No statement of one of the
+user's traits (prompt "Which statement would you say?"): a user for the trait picks the Yes
+statement, a user against it the No one.
+
+Population: ``groups`` latent groups x ``users_per_group`` users, 20 observed choices each,
+every one declared a member of its cohort group (as an app passes an org or cohort). Test
+users arrive with k in {0, 5, 20} observed choices: at k = 0 with their cohort id declared,
+at k > 0 without one (groups must be discovered). Each is tested on ``test_choices`` choices
+built from test-pool statements. One refit (group discovery included) covers everyone.
+Metrics: ``acc@k{0,5,20}`` (the middleware: graph + profile plugin), ``:user_only`` (the same
+model with ``hierarchy: false``), ``:global`` (the global node alone), and ``:novel`` for
+test users whose exact stance combination no population user has (their declared cohort is
+new and empty).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from persona_mw.errors import PersonaError
+from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, resolve
+
+KS = (0, 5, 20)
+PROMPT = "Which statement would you say?"
+
+
+def load(data: str | Path, per_trait: int, rng: np.random.Generator) -> dict[str, dict[str, list[list[str]]]]:
+    root = Path(data)
+    files = sorted(root.rglob("*.jsonl.gz")) + sorted(root.rglob("*.jsonl"))
+    traits: dict[str, dict[str, list[list[str]]]] = {}
+    for f in files:
+        opener = gzip.open if f.suffix == ".gz" else open
+        yes, no = [], []
+        with opener(f, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+            for line in fh:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                st = row.get("statement")
+                ans = str(row.get("answer_matching_behavior", "")).strip().lower()
+                if st and ans in ("yes", "no"):
+                    (yes if ans == "yes" else no).append(st)
+        if len(yes) < 4 or len(no) < 4:
+            continue
+        name = f.name.split(".")[0]
+        split: dict[str, list[list[str]]] = {}
+        for label, pool in (("yes", yes), ("no", no)):
+            pool = [pool[i] for i in rng.permutation(len(pool))[:per_trait]]
+            cut = max(2, int(round(len(pool) * 0.6)))
+            split[label] = [pool[:cut], pool[cut:]]
+        traits[name] = split
+    if len(traits) < 2:
+        raise PersonaError(f"need at least two trait files with Yes and No statements under {data!r}")
+    return traits
+
+
+def _combos(names: list[str], n_pairs: int, rng: np.random.Generator, taken: set[Any]) -> list[tuple[tuple[str, int], ...]]:
+    out: list[tuple[tuple[str, int], ...]] = []
+    for _ in range(n_pairs * 50):
+        if len(out) >= 2 * n_pairs:
+            break
+        size = int(rng.integers(2, min(3, len(names)) + 1))
+        ts = sorted(rng.choice(len(names), size=size, replace=False).tolist())
+        combo = tuple((names[t], int(rng.integers(2)) * 2 - 1) for t in ts)
+        mirror = tuple((t, -s) for t, s in combo)
+        if combo in taken or mirror in taken:
+            continue
+        taken.update({combo, mirror})
+        out += [combo, mirror]
+    return out
+
+
+def _choice(traits: dict[str, Any], combo: tuple[tuple[str, int], ...], fold: int,
+            rng: np.random.Generator) -> tuple[str, str]:
+    t, stance = combo[int(rng.integers(len(combo)))]
+    yes = traits[t]["yes"][fold]
+    no = traits[t]["no"][fold]
+    y, n = yes[int(rng.integers(len(yes)))], no[int(rng.integers(len(no)))]
+    return (y, n) if stance > 0 else (n, y)
+
+
+def run(data: str | Path, *, groups: int = 8, users_per_group: int = 8, test_users: int = 3,
+        novel_groups: int = 2, test_choices: int = 20, per_trait: int = 120, seed: int = 0) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    traits = load(data, per_trait, rng)
+    names = sorted(traits)
+    taken: set[Any] = set()
+    known = _combos(names, max(1, groups // 2), rng, taken)
+    novel = _combos(names, max(1, novel_groups // 2), rng, taken) if novel_groups else []
+    events: list[dict[str, Any]] = []
+    declared: dict[str, list[str]] = {}
+    for gi, combo in enumerate(known):
+        for i in range(users_per_group):
+            u = f"pop-g{gi}-u{i}"
+            declared[u] = [f"cohort-{gi}"]
+            for _ in range(20):
+                c, r = _choice(traits, combo, 0, rng)
+                events.append({"kind": "choice", "user": u, "prompt": PROMPT, "chosen": c, "rejected": [r]})
+    tests: list[tuple[str, int, bool, list[tuple[str, str]]]] = []  # user, k, novel, test pairs
+    for kind, combos, offset in (("t", known, 0), ("n", novel, len(known))):
+        for gi, combo in enumerate(combos):
+            for k in KS:
+                for i in range(test_users):
+                    u = f"{kind}-g{gi}-k{k}-u{i}"
+                    declared[u] = [f"cohort-{gi + offset}"] if k == 0 else []
+                    for _ in range(k):
+                        c, r = _choice(traits, combo, 0, rng)
+                        events.append({"kind": "choice", "user": u, "prompt": PROMPT, "chosen": c, "rejected": [r]})
+                    tests.append((u, k, kind == "n", [_choice(traits, combo, 1, rng) for _ in range(test_choices)]))
+    metrics: dict[str, float] = {}
+    for variant, overrides in (("", {}), (":user_only", {"hierarchy": False, "discover_groups": False})):
+        acc, acc_global = _run_variant(overrides, events, declared, tests)
+        for (k, nov), v in acc.items():
+            metrics[f"acc@k{k}{variant}{':novel' if nov else ''}"] = v
+        if not variant:
+            for (k, nov), v in acc_global.items():
+                if not nov:
+                    metrics[f"acc@k{k}:global"] = v
+    return dict(sorted(metrics.items(), key=lambda kv: (int(kv[0].split("@k")[1].split(":")[0]), kv[0])))
+
+
+def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], declared: dict[str, list[str]],
+                 tests: list[tuple[str, int, bool, list[tuple[str, str]]]]) -> tuple[dict[Any, float], dict[Any, float]]:
+    from persona_mw.plugins.profile import score_texts
+
+    acc: dict[Any, list[float]] = {}
+    acc_g: dict[Any, list[float]] = {}
+    with eval_middleware(**overrides) as (mw, plugin):
+        for u, gs in declared.items():  # declared cohorts, as the app's requests carry them
+            if gs and u.startswith("pop-") or (gs and "-k0-" in u):
+                resolve(mw, u, gs)
+        for ev in events:
+            mw.feedback(ev)
+        plugin.refit(mw.store, mw.graph)
+        for u, k, nov, pairs in tests:
+            if k == 0 and not plugin.config.hierarchy:
+                scope, profiles = resolve(mw, u)
+            else:
+                scope, profiles = resolve(mw, u, declared[u])
+            flat = [t for p in pairs for t in p]
+            if not plugin.config.hierarchy:
+                scope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == f"user:{u}" else 0.0})
+                                                           for n in scope.nodes]})
+            s = np.asarray(score_texts(scope, profiles, PROMPT, flat, spec=plugin.spec)).reshape(-1, 2)
+            acc.setdefault((k, nov), []).append(float(np.mean(np.where(s[:, 0] > s[:, 1], 1.0,
+                                                                        np.where(s[:, 0] == s[:, 1], 0.5, 0.0)))))
+            if plugin.config.hierarchy:
+                gscope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == "global" else 0.0})
+                                                            for n in scope.nodes]})
+                gs = np.asarray(score_texts(gscope, profiles, PROMPT, flat, spec=plugin.spec)).reshape(-1, 2)
+                acc_g.setdefault((k, nov), []).append(float(np.mean(np.where(gs[:, 0] > gs[:, 1], 1.0,
+                                                                              np.where(gs[:, 0] == gs[:, 1], 0.5, 0.0)))))
+    return ({k: float(np.mean(v)) for k, v in acc.items()}, {k: float(np.mean(v)) for k, v in acc_g.items()})
+
+
+def config() -> dict[str, Any]:
+    return {"profile": PROFILE_SETTINGS or "defaults", "groups": 8, "users_per_group": 8, "test_users": 3,
+            "novel_groups": 2, "test_choices": 20, "per_trait": 120, "seed": 0, "ks": list(KS)}

@@ -1,0 +1,293 @@
+"""Response features for preference models: interpretable style metrics and hashed n-grams.
+
+Everything here is offline and numpy-only (no textstat, no NLTK downloads):
+
+- ``style_features(text)``: named, interpretable metrics — length, reading level (a
+  Flesch-Kincaid grade from our own syllable heuristic), formality cues, structure (lists,
+  code, headings, paragraphs). ``STYLE_NAMES`` lists them in order; each is squashed to a
+  small range by a fixed transform, so no corpus statistics are needed.
+- ``NgramHasher``: signed feature hashing of word uni/bi-grams and character n-grams with
+  sublinear term frequency and L2 normalization — a TF-IDF-like lexical/style view without a
+  fitted vocabulary, so a profile's weight vector keeps its meaning across processes.
+- ``Featurizer``: the concatenation ``[style | n-grams | embedding]`` the profile plugin uses,
+  described by a ``FeatureSpec`` (stored with each fitted profile so scores stay consistent).
+
+Embeddings come from ``persona_mw.embeddings`` and are only loaded when the spec asks for them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+_WORD = re.compile(r"[A-Za-z\u00C0-\u024F']+|\d+")
+_SENT_END = re.compile(r"[.!?]+(?:\s|$)")
+_VOWELS = "aeiouy"
+_CONTRACTION = re.compile(r"\b\w+'(?:s|re|ve|ll|d|m|t)\b", re.IGNORECASE)
+_FIRST_SECOND = re.compile(r"\b(?:i|me|my|we|us|our|you|your|yours)\b", re.IGNORECASE)
+_HEDGES = re.compile(r"\b(?:maybe|perhaps|kind of|sort of|pretty|really|super|awesome|cool|totally)\b", re.IGNORECASE)
+_FORMAL = re.compile(r"\b(?:therefore|furthermore|moreover|however|consequently|thus|hence|additionally|"
+                     r"nevertheless|accordingly|whereas)\b", re.IGNORECASE)
+_BULLET = re.compile(r"^\s*(?:[-*\u2022+])\s+", re.MULTILINE)
+_NUMBERED = re.compile(r"^\s*\d+[.)]\s+", re.MULTILINE)
+_HEADING = re.compile(r"^\s*(?:#{1,6}\s+\S|\*\*[^*\n]{2,80}\*\*\s*:?\s*$|[A-Z][^\n.!?]{2,60}:\s*$)", re.MULTILINE)
+_CODE_FENCE = re.compile(r"```")
+_INLINE_CODE = re.compile(r"`[^`\n]+`")
+_EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
+
+STYLE_NAMES: tuple[str, ...] = (
+    "log_words",            # length
+    "log_chars_per_word",
+    "log_sentences",
+    "words_per_sentence",
+    "fk_grade",             # reading level (Flesch-Kincaid grade, own syllable heuristic)
+    "long_word_ratio",      # words of 3+ syllables
+    "contraction_rate",     # formality cues (informal +)
+    "first_second_person_rate",
+    "exclamation_rate",
+    "question_rate",
+    "casual_word_rate",
+    "formal_connective_rate",
+    "emoji_rate",
+    "bullet_lines",         # structure
+    "numbered_lines",
+    "headings",
+    "code_blocks",
+    "inline_code",
+    "paragraphs",
+)
+
+
+def count_syllables(word: str) -> int:
+    """Syllables of an English word by a vowel-group heuristic (silent e, -le, -ed handled)."""
+    w = word.lower().strip("'")
+    if not w:
+        return 0
+    if len(w) <= 3:
+        return 1
+    if w.endswith("e") and not w.endswith(("le", "ee", "ye")):
+        w = w[:-1]
+    elif w.endswith("ed") and not w.endswith(("ted", "ded")):
+        w = w[:-2]
+    groups = 0
+    prev = False
+    for ch in w:
+        v = ch in _VOWELS
+        if v and not prev:
+            groups += 1
+        prev = v
+    return max(1, groups)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def flesch_kincaid_grade(text: str) -> float:
+    """Flesch-Kincaid grade level: 0.39 * words/sentence + 11.8 * syllables/word - 15.59."""
+    ws = [w for w in words(text) if not w.isdigit()]
+    if not ws:
+        return 0.0
+    sentences = max(1, len(_SENT_END.findall(text)))
+    syl = sum(count_syllables(w) for w in ws)
+    return 0.39 * len(ws) / sentences + 11.8 * syl / len(ws) - 15.59
+
+
+def style_features(text: str) -> dict[str, float]:
+    """The interpretable style metrics of ``text`` (raw values, see ``style_vector`` for scaled)."""
+    ws = words(text)
+    n = len(ws)
+    nz = max(n, 1)
+    sentences = max(1, len(_SENT_END.findall(text))) if n else 0
+    syl = [count_syllables(w) for w in ws if not w.isdigit()]
+    return {
+        "log_words": math.log1p(n),
+        "log_chars_per_word": math.log1p(sum(len(w) for w in ws) / nz),
+        "log_sentences": math.log1p(sentences),
+        "words_per_sentence": n / max(sentences, 1),
+        "fk_grade": flesch_kincaid_grade(text),
+        "long_word_ratio": sum(1 for s in syl if s >= 3) / max(len(syl), 1),
+        "contraction_rate": len(_CONTRACTION.findall(text)) / nz,
+        "first_second_person_rate": len(_FIRST_SECOND.findall(text)) / nz,
+        "exclamation_rate": text.count("!") / max(sentences, 1),
+        "question_rate": text.count("?") / max(sentences, 1),
+        "casual_word_rate": len(_HEDGES.findall(text)) / nz,
+        "formal_connective_rate": len(_FORMAL.findall(text)) / nz,
+        "emoji_rate": len(_EMOJI.findall(text)) / max(sentences, 1),
+        "bullet_lines": float(len(_BULLET.findall(text))),
+        "numbered_lines": float(len(_NUMBERED.findall(text))),
+        "headings": float(len(_HEADING.findall(text))),
+        "code_blocks": len(_CODE_FENCE.findall(text)) / 2.0,
+        "inline_code": float(len(_INLINE_CODE.findall(text))),
+        "paragraphs": float(len([p for p in re.split(r"\n\s*\n", text) if p.strip()])),
+    }
+
+
+# Fixed squashing per metric: (centre, scale) then tanh, so every value lands in (-1, 1).
+_STYLE_SCALE: dict[str, tuple[float, float]] = {
+    "log_words": (4.0, 1.5), "log_chars_per_word": (1.7, 0.3), "log_sentences": (1.5, 1.0),
+    "words_per_sentence": (18.0, 10.0), "fk_grade": (10.0, 6.0), "long_word_ratio": (0.15, 0.15),
+    "contraction_rate": (0.0, 0.03), "first_second_person_rate": (0.0, 0.05),
+    "exclamation_rate": (0.0, 0.5), "question_rate": (0.0, 0.5), "casual_word_rate": (0.0, 0.02),
+    "formal_connective_rate": (0.0, 0.02), "emoji_rate": (0.0, 0.5), "bullet_lines": (0.0, 4.0),
+    "numbered_lines": (0.0, 4.0), "headings": (0.0, 2.0), "code_blocks": (0.0, 1.0),
+    "inline_code": (0.0, 3.0), "paragraphs": (1.0, 3.0),
+}
+
+
+def style_vector(text: str) -> np.ndarray:
+    """``style_features`` squashed to (-1, 1) in ``STYLE_NAMES`` order (float32)."""
+    raw = style_features(text)
+    out = np.empty(len(STYLE_NAMES), dtype=np.float32)
+    for i, name in enumerate(STYLE_NAMES):
+        c, s = _STYLE_SCALE[name]
+        out[i] = math.tanh((raw[name] - c) / s)
+    return out
+
+
+def _h(token: str) -> int:
+    return zlib.crc32(token.encode("utf-8"))
+
+
+class NgramHasher:
+    """Signed hashing of word n-grams and character n-grams into ``dim`` buckets.
+
+    Counts are sublinear (1 + log tf), each family is L2-normalized separately and the two are
+    averaged, so long and short texts are comparable. Deterministic across processes (crc32).
+    """
+
+    def __init__(self, dim: int = 4096, word_ngrams: tuple[int, int] = (1, 2),
+                 char_ngrams: tuple[int, int] | None = (3, 5), lowercase: bool = True) -> None:
+        if dim < 16:
+            raise ValueError("NgramHasher.dim must be at least 16")
+        self.dim = dim
+        self.word_ngrams = word_ngrams
+        self.char_ngrams = char_ngrams
+        self.lowercase = lowercase
+
+    def _bag(self, tokens: Sequence[str], out: np.ndarray) -> None:
+        counts: dict[int, int] = {}
+        for t in tokens:
+            h = _h(t)
+            counts[h] = counts.get(h, 0) + 1
+        if not counts:
+            return
+        vec = np.zeros(self.dim, dtype=np.float32)
+        for h, c in counts.items():
+            vec[h % self.dim] += (1.0 + math.log(c)) * (1.0 if (h >> 31) & 1 else -1.0)
+        norm = float(np.linalg.norm(vec))
+        if norm > 0:
+            out += vec / norm
+
+    def transform_one(self, text: str) -> np.ndarray:
+        t = text.lower() if self.lowercase else text
+        out = np.zeros(self.dim, dtype=np.float32)
+        ws = _WORD.findall(t)
+        lo, hi = self.word_ngrams
+        toks: list[str] = []
+        for n in range(lo, hi + 1):
+            toks.extend("w" + " ".join(ws[i:i + n]) for i in range(len(ws) - n + 1))
+        self._bag(toks, out)
+        families = 1
+        if self.char_ngrams:
+            lo, hi = self.char_ngrams
+            s = " ".join(t.split())
+            ctoks = [s[i:i + n] for n in range(lo, hi + 1) for i in range(len(s) - n + 1)]
+            self._bag(ctoks, out)
+            families = 2
+        return out / math.sqrt(families)
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self.transform_one(t) for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+
+class FeatureSpec(BaseModel):
+    """Which feature blocks a profile model uses, and how each is scaled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    style: bool = Field(default=True, description="interpretable style metrics (STYLE_NAMES)")
+    style_scale: float = Field(default=0.5, ge=0.0)
+    ngram_dim: int = Field(default=4096, ge=0, le=1 << 18, description="hashed n-gram buckets (0 = off)")
+    word_ngrams: tuple[int, int] = (1, 2)
+    char_ngrams: tuple[int, int] | None = (3, 5)
+    ngram_scale: float = Field(default=1.0, ge=0.0)
+    embedding: bool = Field(default=True, description="sentence embeddings from the embedder")
+    embedding_scale: float = Field(default=1.0, ge=0.0)
+
+    def key(self) -> str:
+        """A short fingerprint stored with fitted profiles (weights are only valid for one spec)."""
+        return f"{zlib.crc32(self.model_dump_json().encode()):08x}"
+
+
+class Featurizer:
+    """Texts -> feature matrix ``[style | n-grams | embedding]`` with an in-process LRU cache."""
+
+    def __init__(self, spec: FeatureSpec | None = None, embedder: Any = None, cache_size: int = 20000) -> None:
+        self.spec = spec or FeatureSpec()
+        self._embedder = embedder
+        self.hasher = (NgramHasher(self.spec.ngram_dim, self.spec.word_ngrams, self.spec.char_ngrams)
+                       if self.spec.ngram_dim else None)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None and self.spec.embedding:
+            from persona_mw.embeddings import default_embedder
+
+            self._embedder = default_embedder()
+        return self._embedder
+
+    @property
+    def dim(self) -> int:
+        d = len(STYLE_NAMES) if self.spec.style else 0
+        d += self.spec.ngram_dim
+        if self.spec.embedding:
+            d += int(self.embedder.dim)
+        return d
+
+    def _lexical(self, text: str) -> np.ndarray:
+        parts = []
+        if self.spec.style:
+            parts.append(style_vector(text) * self.spec.style_scale)
+        if self.hasher is not None:
+            parts.append(self.hasher.transform_one(text) * self.spec.ngram_scale)
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """One row per text (float32). Repeated texts are served from the cache."""
+        texts = list(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            lex = [self._lexical(t) for t in missing]
+            if self.spec.embedding:
+                emb = np.asarray(self.embedder.embed(missing), dtype=np.float32) * self.spec.embedding_scale
+                rows = [np.concatenate([a, b]) for a, b in zip(lex, emb)]
+            else:
+                rows = lex
+            for t, r in zip(missing, rows):
+                self._cache[t] = r.astype(np.float32, copy=False)
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        for t in texts:
+            row = self._cache.get(t)
+            if row is None:  # evicted between fill and read (tiny cache): recompute
+                row = self.transform([t])[0]
+            else:
+                self._cache.move_to_end(t)
+            out.append(row)
+        return np.stack(out)
+
+
+__all__ = ["FeatureSpec", "Featurizer", "NgramHasher", "STYLE_NAMES", "count_syllables",
+           "flesch_kincaid_grade", "style_features", "style_vector"]
