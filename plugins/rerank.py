@@ -1,0 +1,200 @@
+"""Best-of-n reranking: n candidates in one backend call, scored by named rewards, argmax served.
+
+``rewards: {name: weight}`` names functions from the reward registry (``persona_register_rewards``;
+built-ins in ``persona_mw.plugins.rewards``); an unknown name fails at startup naming it. A reward
+evaluated per graph node (``{node: scores}``) is combined with the scope's node weights, so a
+new user's group preferences count until their own evidence outweighs them. The weighted total
+picks the answer; every reward's scores, the total and the choice go into the trace. A failing
+reward fails the turn (``on_error: fail``) or is dropped and named in the trace (``skip``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import statistics
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from persona_mw import hookimpl
+from persona_mw.errors import ConfigError, PluginError
+from persona_mw.types import Candidate, Message, StashKey, Turn
+
+_TOTAL: StashKey[dict[str, list[float]]] = StashKey("rerank.total")
+
+
+class Rerank:
+    """Generate n candidates, score them with weighted rewards, serve the best."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        n: int = Field(default=4, ge=2, le=16, description="candidates generated in one call")
+        rewards: dict[str, float] = Field(
+            default_factory=lambda: {"style": 1.0, "stated": 1.0},
+            description="reward name -> weight (names from the reward registry)",
+        )
+        options: dict[str, dict[str, Any]] = Field(
+            default_factory=dict, description="per-reward settings, e.g. {judge: {mode: pairwise}}"
+        )
+        temperature: float | None = Field(
+            default=None, ge=0.0, le=2.0,
+            description="sampling temperature of the candidates (None: the request's, else the backend's)",
+        )
+        normalize: Literal["none", "minmax", "zscore"] = Field(
+            default="none", description="rescale each reward across the candidates before weighting"
+        )
+
+        @field_validator("rewards")
+        @classmethod
+        def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+            if not v:
+                raise ValueError("name at least one reward")
+            if not all(math.isfinite(w) for w in v.values()) or not any(v.values()):
+                raise ValueError("weights must be finite and not all zero")
+            return v
+
+    def __init__(self, config: Config | None = None, name: str = "rerank") -> None:
+        self.config = config or self.Config()
+        self.name = name
+        self._fns: dict[str, Callable[..., Any]] | None = None
+        self._policy = "fail"
+        self._middleware: Any = None
+        self._role_backends: dict[str, Any] = {}
+        self._key: StashKey[dict[str, list[float]]] = StashKey(f"rerank.{name}")
+
+    # -- startup ------------------------------------------------------------------------------
+
+    @hookimpl
+    def persona_startup(self, middleware: Any) -> None:
+        host = middleware.host
+        entry = next((p for p in host.pipeline if p.instance is self), None)
+        loc: tuple[Any, ...] = ("pipeline", entry.index) if entry else ("pipeline",)
+        known = host.reward_fns
+        for reward in self.config.rewards:
+            if reward not in known:
+                close = difflib.get_close_matches(reward, list(known), n=1)
+                raise ConfigError(
+                    f"{middleware.config.source.where(loc + ('rewards', reward))}: pipeline[{loc[-1]}].rewards: "
+                    f"unknown reward {reward!r} in plugin {self.name!r} (known: {', '.join(sorted(known)) or 'none'})",
+                    hint=f"did you mean {close[0]!r}?" if close else "rewards come from persona_register_rewards",
+                )
+        extra = set(self.config.options) - set(self.config.rewards)
+        if extra:
+            raise ConfigError(
+                f"{middleware.config.source.where(loc + ('options',))}: pipeline[{loc[-1]}].options: "
+                f"settings for reward(s) not in rewards: {', '.join(sorted(extra))}"
+            )
+        self._fns = {r: known[r] for r in self.config.rewards}
+        self._policy = host.policy_of(self.name)
+        self._middleware = middleware
+
+    def backend_for(self, role: str) -> Any:
+        """The backend of a ``roles:`` entry (the main one when the role is not configured), cached."""
+        if role not in self._role_backends:
+            self._role_backends[role] = self._middleware.make_backend(role)
+        return self._role_backends[role]
+
+    # -- generate -----------------------------------------------------------------------------
+
+    @hookimpl
+    async def persona_generate(self, turn: Turn, backend: Any, messages: list[Message], n: int,
+                               decoding: list[Any]) -> list[Candidate] | None:
+        want = max(self.config.n, n)
+        params = turn.request.params
+        if self.config.temperature is not None and params.temperature is None:
+            params = params.model_copy(update={"temperature": self.config.temperature})
+        cands = await backend.generate(messages, n=want, params=params, decoding=decoding)
+        turn.note(f"{len(cands)} candidate(s) from one call to {getattr(backend, 'name', 'the backend')}")
+        return [c.model_copy(update={"index": i}) for i, c in enumerate(cands)]
+
+    # -- score --------------------------------------------------------------------------------
+
+    def _combine_nodes(self, turn: Turn, per_node: dict[str, list[float]], n: int) -> list[float]:
+        weights = {node: (turn.scope.weight_of(node) if turn.scope else 1.0) for node in per_node}
+        total = sum(weights.values())
+        if total <= 0:  # nodes outside the scope's weights: plain mean
+            weights = {node: 1.0 for node in per_node}
+            total = float(len(per_node))
+        return [sum(weights[nd] * scores[i] for nd, scores in per_node.items()) / total for i in range(n)]
+
+    def _normalize(self, xs: list[float]) -> list[float]:
+        if self.config.normalize == "none" or len(xs) < 2:
+            return xs
+        if self.config.normalize == "minmax":
+            lo, hi = min(xs), max(xs)
+            return [0.0 if hi == lo else (x - lo) / (hi - lo) for x in xs]
+        mu, sd = statistics.fmean(xs), statistics.pstdev(xs)
+        return [0.0 if sd == 0 else (x - mu) / sd for x in xs]
+
+    async def _one(self, reward: str, fn: Callable[..., Any], turn: Turn, candidates: list[Candidate]) -> list[float]:
+        available = {"turn": turn, "candidates": candidates, "backend_for": self.backend_for,
+                     "options": dict(self.config.options.get(reward, {}))}
+        params = inspect.signature(fn).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in available.items() if takes_all or k in params}
+        result = fn(**kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        n = len(candidates)
+        if isinstance(result, dict):
+            per_node = {str(k): [float(x) for x in v] for k, v in result.items()}
+            if any(len(v) != n for v in per_node.values()):
+                raise ValueError(f"returned per-node scores that are not one per candidate ({n})")
+            scores = self._combine_nodes(turn, per_node, n) if per_node else [0.0] * n
+            if len(per_node) > 1:
+                turn.note(f"{reward} by node: " + ", ".join(
+                    f"{nd}(w={turn.scope.weight_of(nd) if turn.scope else 1:.2f})" for nd in per_node))
+        else:
+            scores = [float(x) for x in result]
+            if len(scores) != n:
+                raise ValueError(f"returned {len(scores)} score(s) for {n} candidates")
+        if not all(math.isfinite(x) for x in scores):
+            raise ValueError(f"returned a non-finite score: {scores}")
+        return [round(x, 4) for x in scores]
+
+    @hookimpl
+    async def persona_score(self, turn: Turn, candidates: list[Candidate]) -> dict[str, list[float]] | None:
+        if self._fns is None:
+            raise PluginError(f"plugin {self.name!r} was not started (persona_startup did not run)",
+                              plugin=self.name, hook="persona_score")
+        scores: dict[str, list[float]] = {}
+        for reward, fn in self._fns.items():
+            try:
+                scores[reward] = await self._one(reward, fn, turn, candidates)
+            except Exception as exc:
+                if self._policy != "skip":
+                    raise PluginError(f"plugin {self.name!r}: reward {reward!r} failed: {type(exc).__name__}: {exc}",
+                                      plugin=self.name, hook="persona_score") from exc
+                turn.note(f"reward {reward!r} failed and was dropped: {type(exc).__name__}: {exc}")
+                turn.trace.flags.append(f"{self.name}: reward {reward} failed: {type(exc).__name__}")
+        if not scores:
+            return None
+        weights = {r: self.config.rewards[r] for r in scores}
+        norm = sum(abs(w) for w in weights.values()) or 1.0
+        n = len(candidates)
+        scaled = {r: self._normalize(v) for r, v in scores.items()}
+        total = [round(sum(weights[r] * scaled[r][i] for r in scores) / norm, 4) for i in range(n)]
+        out = dict(scores)
+        out[f"{self.name}:total"] = total
+        turn.stash[self._key] = {"total": total}
+        for i, c in enumerate(candidates):
+            c.meta["scores"] = {r: v[i] for r, v in out.items()}
+        turn.note("; ".join(f"{r}={v}" for r, v in out.items()))
+        return out
+
+    # -- select -------------------------------------------------------------------------------
+
+    @hookimpl
+    def persona_select(self, turn: Turn, candidates: list[Candidate]) -> int | None:
+        got = turn.stash.get(self._key, {})
+        total = got.get("total")
+        if not total or len(total) != len(candidates):
+            return None
+        best = max(range(len(total)), key=lambda i: (total[i], -i))
+        turn.note(f"picked {best} of {len(total)} (total {total[best]})")
+        return best
+
+
+__all__ = ["Rerank"]
