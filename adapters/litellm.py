@@ -177,6 +177,12 @@ class LiteLLMBackend:
             for choice in choices[:want]:
                 message = getattr(choice, "message", None)
                 text = getattr(message, "content", None) or ""
+                meta: dict[str, Any] = {"response_id": getattr(response, "id", None),
+                                        "model": getattr(response, "model", None)}
+                tool_calls = getattr(message, "tool_calls", None)
+                if tool_calls:  # handed back untouched, as OpenAI dicts
+                    meta["tool_calls"] = [tc.model_dump() if hasattr(tc, "model_dump") else dict(tc)
+                                          for tc in tool_calls]
                 candidates.append(
                     Candidate(
                         text=text,
@@ -184,7 +190,7 @@ class LiteLLMBackend:
                         finish_reason=getattr(choice, "finish_reason", None) or "stop",
                         # Per-choice counts are not reported; the total is exact only for one choice.
                         tokens=completion_tokens if len(choices) == 1 else None,
-                        meta={"response_id": getattr(response, "id", None), "model": getattr(response, "model", None)},
+                        meta=meta,
                     )
                 )
         return candidates

@@ -87,4 +87,14 @@ __all__ = [
     "hookimpl",
     "load_config",
     "parse_config",
+    "wrap",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ``wrap`` lives with the integrations; imported on first use so ``import persona_mw`` stays light.
+    if name == "wrap":
+        from persona_mw.integrations.openai import wrap
+
+        return wrap
+    raise AttributeError(f"module 'persona_mw' has no attribute {name!r}")

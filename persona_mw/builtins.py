@@ -10,6 +10,9 @@ from persona_mw.manager import hookimpl
 # YAML name -> "module:Class" of the built-in plugins (imported only when registered).
 BUILTIN_PLUGINS: dict[str, str] = {
     "stated": "persona_mw.plugins.stated:StatedPreferences",
+    "rerank": "persona_mw.plugins.rerank:Rerank",
+    "persona": "persona_mw.plugins.persona:PersonaInference",
+    "profile": "persona_mw.plugins.profile:ProfilePlugin",
 }
 
 # Backend type -> module whose ``create(**settings)`` builds it (imported on first use, so
@@ -39,3 +42,11 @@ def persona_register_plugins(register: Callable[[str, type], None]) -> None:
 def persona_register_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
     for name, module in BUILTIN_BACKENDS.items():
         register(name, _lazy_factory(module))
+
+
+@hookimpl
+def persona_register_rewards(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    # The latent profile score (persona_mw.plugins.profile.profile_reward).
+    from persona_mw.plugins.profile import profile_reward
+
+    register("profile", profile_reward)

@@ -96,9 +96,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from persona_mw.server import serve
 
-    mw = _middleware(args)
+    cfg = _config(args)
+    if args.max_body_bytes:
+        cfg.server.max_body_bytes = args.max_body_bytes
+    for spec in args.api_key or []:
+        tenant, sep, key = spec.partition("=")
+        if not sep or not tenant or not key:
+            raise PersonaError(f"--api-key expects TENANT=KEY, got {spec!r}")
+        from pydantic import ValidationError
+
+        from persona_mw.config import ServerConfig
+
+        try:
+            added = ServerConfig(api_keys={tenant: [key]}).api_keys[tenant]
+        except ValidationError as exc:
+            raise PersonaError(f"--api-key {tenant}=...: {exc.errors()[0]['msg']}") from None
+        cfg.server.api_keys.setdefault(tenant, []).extend(added)
+    from persona_mw.middleware import Middleware
+
+    mw = Middleware(cfg)
     try:
-        print(f"persona-mw serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        auth = f"{len(cfg.server.api_keys)} tenant(s)" if cfg.server.api_keys else "open: no API keys configured"
+        print(f"persona-mw serving on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr, flush=True)
         serve(mw, host=args.host, port=args.port)
     finally:
         mw.close()
@@ -147,11 +166,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     with _middleware(args) as mw:
         if args.action == "show":
+            if not args.user:
+                raise PersonaError("graph show needs a user: persona-mw graph show USER")
             if not mw.store.has_user(args.user):
                 from persona_mw.errors import UnknownUserError
 
                 raise UnknownUserError(f"unknown user {args.user!r}")
             _print_json(mw.graph.describe(args.user, args.context))
+        elif args.action == "export":
+            import networkx as nx
+
+            g = mw.graph.export_graph()
+            out = args.out or "persona-graph.graphml"
+            nx.write_graphml(g, out)
+            print(f"wrote {out}: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges", file=sys.stderr)
     return 0
 
 
@@ -202,6 +230,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from persona_mw.eval.cli import run_eval
+
+    return run_eval(args.benchmark, args.data, args.out)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from persona_mw import models
 
@@ -244,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "OpenAI-compatible HTTP server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default: config, 1 MiB)")
+    p.add_argument("--api-key", action="append", metavar="TENANT=KEY",
+                   help="require this key for TENANT (repeatable; adds to the config's server.api_keys)")
 
     p = add("feedback", cmd_feedback, "record feedback for a user")
     p.add_argument("--user", "-u", required=True)
@@ -259,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", "-c")
     p.add_argument("--out", help="with export: write JSON here")
 
-    p = add("graph", cmd_graph, "the preference graph around a user")
-    p.add_argument("action", choices=["show"])
-    p.add_argument("user")
+    p = add("graph", cmd_graph, "the preference graph: show a user's neighbourhood, or export it all as GraphML")
+    p.add_argument("action", choices=["show", "export"])
+    p.add_argument("user", nargs="?", help="with show: the user")
     p.add_argument("--context", "-c")
+    p.add_argument("--out", help="with export: the GraphML file (default persona-graph.graphml)")
 
     p = add("plugins", cmd_plugins, "list plugins, backends and their hooks", config=False)
     p.add_argument("--json", action="store_true")
@@ -275,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("models", cmd_models, "local models: list, or pull (fetch and cache) one", config=False)
     p.add_argument("action", choices=["list", "pull"])
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+
+    p = add("eval", cmd_eval, "benchmarks: profiles from choices (dsp) and pluralistic users (traits)", config=False)
+    p.add_argument("benchmark", choices=["dsp", "traits"])
+    p.add_argument("--data", required=True, help="folder in the benchmark's layout")
+    p.add_argument("--out", help="write the result JSON here")
 
     _plugin_commands(sub)
     return parser

@@ -102,6 +102,41 @@ class TraceConfig(_Strict):
     store: bool = Field(default=True, description="keep each turn's trace in the store")
 
 
+class ServerConfig(_Strict):
+    """``persona-mw serve`` settings. ``api_keys`` maps a tenant to its keys; none configured = open.
+
+    A key is the secret itself (better ``{$env: NAME}``) or ``sha256:<hex>`` of it, so the file need
+    not hold it; either way only the SHA-256 is kept once the config is loaded.
+    """
+
+    api_keys: dict[str, list[str]] = Field(default_factory=dict)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hash_keys(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        import hashlib
+        import re
+
+        out: dict[str, list[str]] = {}
+        for tenant, keys in v.items():
+            if not re.match(ID_PATTERN, tenant):
+                raise ValueError(f"invalid tenant name {tenant!r}: use letters, digits and _.@-+")
+            hashed = []
+            for key in keys:
+                if key.startswith("sha256:"):
+                    digest = key[len("sha256:"):].lower()
+                    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                        raise ValueError(f"tenant {tenant!r}: 'sha256:' must be followed by 64 hex digits")
+                elif len(key) < 8:
+                    raise ValueError(f"tenant {tenant!r}: an API key must have at least 8 characters")
+                else:
+                    digest = hashlib.sha256(key.encode()).hexdigest()
+                hashed.append("sha256:" + digest)
+            out[tenant] = hashed
+        return out
+
+
 class Config(_Strict):
     backend: BackendConfig = Field(default_factory=lambda: BackendConfig(type="transformers", model=DEFAULT_MODEL))
     roles: dict[str, BackendConfig] = Field(default_factory=dict)
@@ -109,6 +144,7 @@ class Config(_Strict):
     pipeline: list[PluginEntry] = Field(default_factory=list)
     graph: GraphConfig = Field(default_factory=GraphConfig)
     trace: TraceConfig = Field(default_factory=TraceConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     autoload_plugins: bool = True
 
     # Where this config came from, for error messages about plugin sections.

@@ -152,6 +152,33 @@ class PreferenceGraph:
         # Every node on the way stays in scope, even with weight 0: its stated preferences still apply.
         return {n: kept.get(n, 0.0) for n in nx.descendants(g, start) | {start}}
 
+    def export_graph(self, kinds: tuple[str, ...] = ("global", "group", "context", "user", "user_context"),
+                     page: int = 5000) -> nx.DiGraph:
+        """The whole stored graph (nodes with kind and evidence, member edges) for GraphML export.
+
+        Read page by page from the store, so the export never holds more than the graph itself.
+        """
+        g = nx.DiGraph()
+        for kind in kinds:
+            offset = 0
+            while True:
+                nodes = self.store.list_nodes(kind, limit=page, offset=offset)
+                if not nodes:
+                    break
+                profiles = self.store.get_profiles([n.id for n in nodes])
+                for n in nodes:
+                    prof = profiles.get(n.id)
+                    g.add_node(n.id, kind=kind, evidence=prof.evidence if prof else 0,
+                               stated=len(prof.stated) if prof else 0)
+                    for e in self.store.edges_from(n.id):
+                        g.add_edge(e.src, e.dst, kind=e.kind, weight=e.weight)
+                offset += len(nodes)
+        for node, data in g.nodes(data=True):  # endpoints of edges whose node row is missing
+            data.setdefault("kind", _kind(node))
+            data.setdefault("evidence", 0)
+            data.setdefault("stated", 0)
+        return g
+
     def describe(self, user: str, context: str | None = None) -> dict[str, Any]:
         """The user's neighbourhood as plain data (for `persona-mw graph show`)."""
         g = self.neighbourhood(user, context)

@@ -88,11 +88,31 @@ def persona_register_backends(register: Callable[[str, Callable[..., Any]], None
 
 @hookspec
 def persona_register_rewards(register: Callable[[str, Callable[..., Any]], None]) -> None:
-    """Make reward functions available by name to scoring plugins.
+    """Make reward functions available by name to scoring plugins (e.g. ``rerank``).
 
-    When: once per Middleware. ``register(name, fn)``: ``fn(turn=..., candidates=...)``
-    returns one float per candidate (higher is better), sync or async.
-    Returns: nothing (collect).
+    When: once per Middleware, before the pipeline is built, so only modules (built-ins and
+    entry points) register rewards, not pipeline instances. ``register(name, fn)``: ``fn`` is
+    sync or async and declares the keyword arguments it needs from ``turn``, ``candidates``,
+    ``backend_for`` (``backend_for(role)`` -> the backend of a ``roles:`` entry, defaulting to
+    the main one) and ``options`` (its settings from the scoring plugin's config, a dict).
+    Returns (from ``fn``): one float per candidate, higher is better, ideally in [0, 1] or
+    [-1, 1]; or ``{node_id: [one float per candidate]}`` for a reward evaluated per graph node,
+    which the scoring plugin combines with the scope's node weights. ``fn`` may raise; the
+    scoring plugin's ``on_error`` decides. This hook returns nothing (collect).
+    """
+
+
+@hookspec
+def persona_startup(middleware: Any) -> None:
+    """Let plugins reach what the Middleware owns: registries, role backends, background jobs.
+
+    When: once per Middleware, after the pipeline is built and before the first turn; pipeline
+    instances in YAML order, then modules. ``middleware`` is the ``Middleware``: read
+    ``middleware.host.reward_fns``, ``middleware.host.policy_of(name)``, build a role's backend
+    with ``middleware.make_backend(role)``, schedule off-path work with ``middleware.schedule``.
+    Keep it cheap (no model loading). Sync only.
+    Returns: nothing (collect). May raise ``ConfigError`` (e.g. an unknown reward name), which
+    fails construction with that message.
     """
 
 

@@ -26,6 +26,7 @@ hookimpl = pluggy.HookimplMarker("persona_mw")
 # Modules whose module-level hookimpls register the built-in plugin classes and backends.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "persona_mw.builtins",
+    "persona_mw.plugins.rewards",
 )
 
 ENTRY_POINT_GROUP = "persona_mw"

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Coroutine, Iterator, TypeVar
+from typing import Any, AsyncIterator, Callable, Coroutine, Iterator, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -24,6 +24,7 @@ from persona_mw.pipeline import Pipeline
 from persona_mw.manager import PluginHost
 from persona_mw.store import Edge, Store, open_store
 from persona_mw.types import (
+    Candidate,
     ChatRequest,
     ChatResponse,
     Feedback,
@@ -31,6 +32,7 @@ from persona_mw.types import (
     Profile,
     StatedFeedback,
     StatedPreference,
+    StashKey,
     StreamChunk,
     TraceStep,
     Turn,
@@ -39,6 +41,7 @@ from persona_mw.types import (
 log = logging.getLogger("persona_mw")
 T = TypeVar("T")
 _feedback_adapter: TypeAdapter[Any] = TypeAdapter(Feedback)
+_STARTED: StashKey[float] = StashKey("persona_mw.started")
 
 
 class _Loop:
@@ -96,6 +99,11 @@ class Middleware:
         self._jobs_lock = threading.Lock()
         self._profile_locks: dict[str, threading.Lock] = {}
         self._closed = False
+        try:
+            self.host.pm.hook.persona_startup(middleware=self)
+        except BaseException:
+            self._shutdown()
+            raise
 
     # -- construction ------------------------------------------------------------------------
 
@@ -217,6 +225,35 @@ class Middleware:
         finally:
             portal.run(agen.aclose())
 
+    # -- split turns, for integrations whose LLM call happens elsewhere (litellm, openai, langchain)
+
+    async def aprepare(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> Turn:
+        """Run the pre-call stages (scope, gather, rewrite); ``turn.messages`` is the prompt to send.
+
+        The caller makes the LLM call itself, then hands the answer to ``acomplete`` so the
+        post-call stages run. Decoding contributions are not collected: the LLM is remote.
+        """
+        turn = self._new_turn(self._request(request, kwargs))
+        turn.stash[_STARTED] = time.perf_counter()
+        await self.pipeline.prepare_messages(turn, graph=self.graph, store=self.store)
+        return turn
+
+    async def acomplete(self, turn: Turn, text: str | list[str], *, finish_reason: str | None = "stop") -> ChatResponse:
+        """Finish a turn from ``aprepare`` with the answer(s) the LLM gave: trace saved, after-turn scheduled."""
+        texts = [text] if isinstance(text, str) else list(text) or [""]
+        turn.candidates = [Candidate(text=t, index=i, finish_reason=finish_reason) for i, t in enumerate(texts)]
+        turn.selected = 0
+        response = self.pipeline.response(turn, self.backend)
+        turn.trace.timings_ms["total"] = (time.perf_counter() - turn.stash.get(_STARTED, time.perf_counter())) * 1000
+        self._finish(turn, response)
+        return response
+
+    def prepare(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> Turn:
+        return self._portal().run(self.aprepare(request, **kwargs))
+
+    def complete(self, turn: Turn, text: str | list[str], *, finish_reason: str | None = "stop") -> ChatResponse:
+        return self._portal().run(self.acomplete(turn, text, finish_reason=finish_reason))
+
     def _finish(self, turn: Turn, response: ChatResponse) -> None:
         """Store the trace and schedule ``persona_after_turn`` off the request path."""
         if self.config.trace.store:
@@ -243,7 +280,9 @@ class Middleware:
         if self._closed:
             raise PersonaError("this Middleware is closed")
         if self._loop is None:
-            self._loop = _Loop()
+            with self._jobs_lock:  # threads racing on the first sync call must share one loop
+                if self._loop is None:
+                    self._loop = _Loop()
         return self._loop
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -251,6 +290,13 @@ class Middleware:
         with self._jobs_lock:
             self._jobs.add(fut)
         fut.add_done_callback(self._job_done)
+
+    def schedule(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` off the request path, on the background loop; ``drain()`` waits for it.
+
+        For plugins (profile refits, persona inference): the coroutine logs its own failures.
+        """
+        self._background(coro)
 
     def _job_done(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._jobs_lock:
@@ -277,7 +323,9 @@ class Middleware:
             return _feedback_adapter.validate_python(event)  # type: ignore[no-any-return]
         except ValidationError as exc:
             first = exc.errors()[0]
-            loc = [str(p) for p in first["loc"] if str(p) not in ("choice", "rating", "edit", "stated")]
+            loc = [str(p) for p in first["loc"]]
+            if loc and loc[0] in ("choice", "rating", "edit", "stated"):  # the union's tag, not a field
+                loc = loc[1:]
             field = ".".join(loc) or "kind"
             raise RequestError(f"invalid feedback: {field}: {first['msg']}", field=field) from None
 
@@ -320,6 +368,16 @@ class Middleware:
             prof.updated_at = time.time()
             self.store.put_profile(prof)
         return None
+
+    def update_profile(self, node: str, change: Callable[[Profile], None]) -> Profile:
+        """Read-modify-write one node's profile under its lock (created if missing); for plugins."""
+        self.store.ensure_node(node)
+        with self._lock_for(node):
+            prof = self.store.get_profile(node) or Profile(node=node)
+            change(prof)
+            prof.updated_at = time.time()
+            self.store.put_profile(prof)
+        return prof
 
     def _lock_for(self, node: str) -> threading.Lock:
         with self._jobs_lock:

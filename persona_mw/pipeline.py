@@ -131,6 +131,11 @@ class Pipeline:
 
     async def prepare(self, turn: Turn, *, graph: Any, store: Any, backend: Any) -> list[Decoding]:
         """Stages up to generation: scope, gather, rewrite, decoding."""
+        await self.prepare_messages(turn, graph=graph, store=store)
+        return await self.collect("persona_decoding", turn, backend=backend)
+
+    async def prepare_messages(self, turn: Turn, *, graph: Any, store: Any) -> None:
+        """The stages that shape the prompt: scope, gather, rewrite (``turn.messages`` is the result)."""
         t = time.perf_counter()
         scope = await self.firstresult("persona_resolve_scope", turn, graph=graph)
         graph.ensure_user(turn.request)
@@ -155,8 +160,6 @@ class Pipeline:
         t = time.perf_counter()
         turn.messages = await self.chain("persona_rewrite", turn, "messages", list(turn.messages))
         turn.trace.timings_ms["rewrite"] = (time.perf_counter() - t) * 1000
-
-        return await self.collect("persona_decoding", turn, backend=backend)
 
     async def generate(self, turn: Turn, backend: Any, decoding: list[Decoding]) -> None:
         """Stages from generation to correction; fills ``turn.candidates`` and ``turn.selected``."""
@@ -183,6 +186,9 @@ class Pipeline:
             raise PluginError(f"persona_select returned index {picked} for {len(turn.candidates)} candidates",
                               plugin="persona_select", hook="persona_select")
         turn.selected = picked
+        if len(turn.candidates) > 1:
+            turn.trace.scores = {k: list(v) for k, v in turn.scores.items()}
+            turn.trace.selected = picked
         best = await self.chain("persona_correct", turn, "candidate", turn.candidates[picked])
         turn.candidates[picked] = best
         turn.trace.timings_ms["select"] = (time.perf_counter() - t) * 1000

@@ -1,14 +1,20 @@
 """The OpenAI-compatible HTTP API over a ``Middleware`` (``persona-mw serve``), plus helpers to run it.
 
 fastapi and uvicorn are the optional extra ``[server]`` and are imported only when an app is built
-or served, so importing this module (let alone ``persona_mw``) never requires them.
+or served, so importing this module (let alone ``persona_mw``) never requires them. The wire format
+(bodies, errors, SSE) lives in ``persona_mw.openai_wire``, the OpenAPI document in ``persona_mw.openapi``.
+
+Routes: ``POST /v1/chat/completions`` (``n`` choices, SSE streaming, ``tools``/``tool_choice`` passed
+to backends that take them), ``POST /v1/feedback``, ``GET|DELETE /v1/users/{id}``,
+``GET /v1/users/{id}/profile``, ``GET /v1/traces/{id}``, ``GET /v1/models``, ``GET /healthz``,
+``GET /openapi.json``. With ``server.api_keys`` configured every ``/v1`` route needs
+``Authorization: Bearer <key>`` and sees only the key's tenant (``persona_mw.tenancy``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import re
 import socket
@@ -16,21 +22,26 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
-from persona_mw.errors import (
-    BackendError,
-    BackendTimeout,
-    BackendUnavailable,
-    ConfigError,
-    PersonaError,
-    PluginError,
-    RequestError,
-    StoreError,
-    UnknownUserError,
+from persona_mw.errors import RequestError, StoreError
+from persona_mw.openai_wire import (
+    CONTEXT_HEADER,
+    TRACE_HEADER,
+    USER_HEADER,
+    HTTPError,
+    _aclose_shielded,
+    _read_json_object,
+    _sse,
+    _sse_events,
+    _validation_error,
+    _FEEDBACK,
+    completion_json,
+    error_for,
+    to_chat_request,
 )
-from persona_mw.types import ID_PATTERN, ChatRequest, Feedback, GenerationParams, Message, StreamChunk, new_id
+from persona_mw.tenancy import ApiKeys, Tenants
+from persona_mw.types import ID_PATTERN, ChatRequest, StreamChunk, new_id
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -39,17 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "serve", "serve_in_thread"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "explain_trace", "serve", "serve_in_thread", "to_chat_request"]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-USER_HEADER = "X-Persona-User"
-CONTEXT_HEADER = "X-Persona-Context"
-TRACE_HEADER = "X-Persona-Trace-Id"
 _ID_RE = re.compile(ID_PATTERN)
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|bytes|none|.*\[.*\])$")
-# How much of an oversize body is read (and dropped) before answering 413: a client that is still
-# sending when the server answers and closes often sees a reset instead of the 413.
-_DRAIN_FACTOR = 16
 
 
 def _import_server_deps() -> None:
@@ -60,260 +64,6 @@ def _import_server_deps() -> None:
         raise ImportError(
             f"the HTTP server needs fastapi and uvicorn ({exc.name} is missing): pip install 'persona-mw[server]'"
         ) from exc
-
-
-# --------------------------------------------------------------------------- request bodies
-
-
-class ChatCompletionBody(BaseModel):
-    """The part of an OpenAI chat-completions body we use; other OpenAI fields are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    messages: list[Message]
-    user: str | None = None
-    n: int | None = None
-    stream: bool | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    # persona-mw extras
-    context: str | None = None
-    groups: list[str] | None = None
-    metadata: dict[str, Any] | None = None
-
-
-_FEEDBACK: TypeAdapter[Any] = TypeAdapter(Feedback)
-_FEEDBACK_KINDS = ("choice", "rating", "edit", "stated")
-
-
-class HTTPError(Exception):
-    """An error answered as OpenAI-shaped JSON: ``{"error": {message, type, param, code}}``."""
-
-    def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error",
-        param: str | None = None, code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc)
-
-
-def _validation_error(exc: ValidationError, *, drop_tag: bool = False) -> HTTPError:
-    """400 naming the field(s); ``drop_tag`` strips the discriminator value pydantic puts first."""
-    problems: dict[str, list[str]] = {}
-    for err in exc.errors(include_url=False):
-        loc = tuple(err.get("loc", ()))
-        if drop_tag and loc and loc[0] in _FEEDBACK_KINDS:
-            loc = loc[1:]
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        if not loc and str(err.get("type", "")).startswith("union_tag"):
-            loc = ("kind",)
-            if err.get("type") == "union_tag_not_found":
-                msg = f"Field required (one of {', '.join(map(repr, _FEEDBACK_KINDS))})"
-        # A union reports each member it tried ("stop.str", "stop.list[str]"): name the field only.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
-        msgs = problems.setdefault(_loc(loc) or "body", [])
-        if msg not in msgs:
-            msgs.append(msg)
-    text = "; ".join(f"{name}: {', or '.join(msgs)}" for name, msgs in problems.items())
-    param = next((name for name in problems if name != "body"), None)
-    return HTTPError(400, f"invalid request: {text}", param=param, code="invalid_value")
-
-
-def error_for(exc: BaseException) -> HTTPError:
-    """Map any exception onto the HTTP error answered for it (500s are logged by the caller)."""
-    if isinstance(exc, HTTPError):
-        return exc
-    if isinstance(exc, ValidationError):
-        return _validation_error(exc)
-    if isinstance(exc, UnknownUserError):
-        return HTTPError(404, str(exc), type="not_found_error", param=exc.field, code="unknown_user")
-    if isinstance(exc, RequestError):
-        return HTTPError(400, str(exc), param=exc.field, code="invalid_value")
-    if isinstance(exc, PluginError):
-        where = f" in {exc.hook}" if exc.hook else ""
-        return HTTPError(502, f"plugin {exc.plugin!r} failed{where}: {exc}", type="plugin_error", code=exc.plugin)
-    if isinstance(exc, BackendTimeout):
-        return HTTPError(504, str(exc), type="backend_timeout", code="timeout")
-    if isinstance(exc, BackendUnavailable):
-        return HTTPError(502, str(exc), type="backend_unavailable", code="unavailable")
-    if isinstance(exc, BackendError):
-        return HTTPError(502, str(exc), type="backend_error")
-    if isinstance(exc, StoreError):
-        return HTTPError(503, str(exc), type="store_error")
-    if isinstance(exc, ConfigError):
-        return HTTPError(500, str(exc), type="config_error")
-    if isinstance(exc, PersonaError):
-        return HTTPError(500, str(exc), type="server_error")
-    return HTTPError(500, "internal server error (see the server log)", type="server_error")
-
-
-async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, or an HTTPError: wrong content type, too large, malformed, not an object."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
-        raise HTTPError(400, f"expected a JSON body (Content-Type: application/json), got {media_type!r}",
-                        code="invalid_content_type")
-    body = bytearray()
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            body += chunk
-        elif size > limit * _DRAIN_FACTOR:
-            break
-    if size > limit:
-        raise HTTPError(413, f"request body is larger than the limit of {limit} bytes",
-                        code="request_too_large")
-    if not body.strip():
-        raise HTTPError(400, "request body is empty: expected a JSON object", code="invalid_json")
-    try:
-        data = json.loads(bytes(body))
-    except (ValueError, RecursionError) as exc:
-        raise HTTPError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise HTTPError(400, f"expected a JSON object, got {type(data).__name__}", code="invalid_json")
-    return data
-
-
-def to_chat_request(data: dict[str, Any], headers: Any) -> ChatRequest:
-    """Convert an OpenAI chat-completions body (+ persona headers) into a ``ChatRequest``."""
-    try:
-        body = ChatCompletionBody.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from exc
-    user = body.user or headers.get(USER_HEADER)
-    if not user:
-        raise RequestError(
-            f"missing user: set the 'user' field or the {USER_HEADER} header", field="user",
-            hint="personalization needs to know whom it serves",
-        )
-    tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    try:
-        params = GenerationParams(
-            max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
-            temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-            stop=[body.stop] if isinstance(body.stop, str) else body.stop,
-        )
-    except ValidationError as exc:
-        err = _validation_error(exc)
-        if err.param == "max_tokens" and tokens_field != "max_tokens":
-            err = HTTPError(400, err.message.replace("max_tokens", tokens_field, 1), param=tokens_field,
-                            code=err.code)
-        raise err from exc
-    try:
-        return ChatRequest(
-            user=user, messages=body.messages, context=body.context or headers.get(CONTEXT_HEADER) or None,
-            groups=body.groups or [], model=body.model, n=body.n if body.n is not None else 1,
-            stream=bool(body.stream), params=params, metadata=body.metadata or {},
-        )
-    except ValidationError as exc:
-        raise _validation_error(exc) from exc
-
-
-# --------------------------------------------------------------------------- responses
-
-
-def completion_json(resp: Any, model: str) -> dict[str, Any]:
-    """A ``ChatResponse`` as an OpenAI ``chat.completion`` object plus ``persona_trace``."""
-    return {
-        "id": resp.id,
-        "object": "chat.completion",
-        "created": resp.created,
-        "model": resp.model or model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason or "stop",
-                "logprobs": None,
-            }
-            for i, c in enumerate(resp.choices)
-        ],
-        "usage": resp.usage.model_dump(mode="json"),
-        "persona_trace": resp.trace.model_dump(mode="json"),
-    }
-
-
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def _sse_events(
-    first: StreamChunk | None, rest: AsyncIterator[StreamChunk], *, completion_id: str, model: str
-) -> AsyncIterator[str]:
-    """StreamChunks as ``chat.completion.chunk`` SSE events; an error mid-stream becomes an error event."""
-    created = int(time.time())
-
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        return _sse({
-            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra,
-        })
-
-    started: set[int] = set()
-    finished: set[int] = set()
-
-    async def chunks() -> AsyncIterator[StreamChunk]:
-        if first is not None:
-            yield first
-            async for c in rest:
-                yield c
-
-    try:
-        async for c in chunks():
-            if c.index not in started:
-                started.add(c.index)
-                yield chunk(c.index, {"role": "assistant", "content": ""})
-            if c.delta:
-                yield chunk(c.index, {"content": c.delta})
-            if c.done or c.finish_reason:
-                extra = {"persona_trace": c.trace.model_dump(mode="json")} if c.trace is not None else {}
-                yield chunk(c.index, {}, c.finish_reason or "stop", **extra)
-                finished.add(c.index)
-        if not started:  # nothing was generated: still a well-formed (empty) answer
-            started.add(0)
-            yield chunk(0, {"role": "assistant", "content": ""})
-        for index in sorted(started - finished):
-            yield chunk(index, {}, "stop")
-        yield "data: [DONE]\n\n"
-    except Exception as exc:
-        err = error_for(exc)
-        if err.status >= 500:
-            log.error("chat stream %s failed mid-stream: %s", completion_id, exc, exc_info=exc)
-        yield _sse(err.body())
-    finally:
-        await _aclose_shielded(rest)
-
-
-async def _aclose_shielded(iterator: Any) -> None:
-    closer = getattr(iterator, "aclose", None)
-    if closer is None:
-        return
-    import anyio
-
-    # On client disconnect the response task is cancelled; shield so the pipeline's generator
-    # still runs its cleanup (trace, after-turn work) instead of being abandoned.
-    with anyio.CancelScope(shield=True):
-        try:
-            await closer()
-        except Exception:
-            log.exception("closing the chat stream failed")
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -330,15 +80,57 @@ async def _call_mw(mw: Any, name: str, *args: Any) -> Any:
     return await _maybe_await(await run_in_threadpool(getattr(mw, name), *args))
 
 
+def explain_trace(trace: dict[str, Any]) -> dict[str, Any]:
+    """A stored trace as an explanation: granularity, what was used, which plugins changed what."""
+    steps = trace.get("steps") or []
+    return {
+        "id": trace.get("id"), "object": "persona.trace", "user": trace.get("user"),
+        "granularity": trace.get("granularity"), "evidence": trace.get("evidence") or {},
+        "items_used": trace.get("items_used") or [],
+        "changed_by": [{"plugin": s["plugin"], "hook": s["hook"], "summary": s.get("summary", "")}
+                       for s in steps if s.get("changed")],
+        "errors": [{"plugin": s["plugin"], "hook": s["hook"], "error": s["error"], "skipped": s.get("skipped")}
+                   for s in steps if s.get("error")],
+        "steps": steps, "timings_ms": trace.get("timings_ms") or {}, "flags": trace.get("flags") or [],
+    }
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("x-api-key") or None
+
+
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_on_shutdown: bool = False) -> FastAPI:
-    """Build the FastAPI app serving ``mw``. ``close_on_shutdown`` awaits ``mw.aclose()`` at shutdown."""
+def create_app(
+    mw: Any, *, max_body_bytes: int | None = None, api_keys: dict[str, list[str]] | None = None,
+    close_on_shutdown: bool = False,
+) -> FastAPI:
+    """Build the FastAPI app serving ``mw``.
+
+    ``max_body_bytes`` and ``api_keys`` (``{tenant: [key or "sha256:<hex>"]}``) default to the
+    config's ``server:`` section. No keys: the API is open and serves ``mw`` itself. With keys:
+    each tenant gets its own store (see ``persona_mw.tenancy``). ``close_on_shutdown`` awaits
+    ``mw.aclose()`` at shutdown.
+    """
     _import_server_deps()
     from fastapi import FastAPI
+    from fastapi.openapi.utils import get_openapi
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import Request as StarletteRequest
     from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import Response as StarletteResponse
+
+    from persona_mw import openapi
+
+    server_cfg = getattr(getattr(mw, "config", None), "server", None)
+    limit = max_body_bytes or getattr(server_cfg, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES
+    keys = ApiKeys(api_keys if api_keys is not None else getattr(server_cfg, "api_keys", None) or {})
+    tenants = Tenants(mw, keys) if keys else None
 
     def model_name() -> str:
         return str(getattr(mw, "model_name", None) or "persona-mw")
@@ -349,7 +141,21 @@ def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_o
             log.error("request failed: %s", exc, exc_info=exc)
         elif err.status >= 500:
             log.warning("request failed (%s): %s", err.type, exc)
-        return JSONResponse(err.body(), status_code=err.status)
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    def tenant_mw(request: Request) -> Any:
+        """The middleware this request may see: ``mw`` when open, else its key's tenant's."""
+        if tenants is None:
+            return mw
+        key = _bearer(request)
+        if key is None:
+            raise HTTPError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                            type="authentication_error", code="missing_api_key")
+        tenant = keys.tenant_of(key)
+        if tenant is None:
+            raise HTTPError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
+        return tenants.middleware(tenant)
 
     def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -359,6 +165,9 @@ def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_o
                 return error_response(exc)
 
         endpoint.__name__ = handler.__name__
+        # Resolved here, not from the postponed annotation: FastAPI must see the Request class to
+        # hand over the raw request instead of treating "request" as a query parameter.
+        endpoint.__annotations__ = {"request": StarletteRequest, "return": StarletteResponse}
         return endpoint
 
     def path_user(request: Request) -> str:
@@ -368,15 +177,37 @@ def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_o
         return user
 
     async def chat_completions(request: Request) -> Response:
-        chat_request = to_chat_request(await _read_json_object(request, max_body_bytes), request.headers)
+        m = tenant_mw(request)
+        chat_request = to_chat_request(await _read_json_object(request, limit), request.headers)
         model = chat_request.model or model_name()
+        if chat_request.stream and chat_request.n > 1:
+            return await stream_choices(m, chat_request, model)
         if chat_request.stream:
-            return await stream_completion(chat_request, model)
-        resp = await mw.achat(chat_request)
+            return await stream_completion(m, chat_request, model)
+        resp = await m.achat(chat_request)
         return JSONResponse(completion_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
 
-    async def stream_completion(chat_request: ChatRequest, model: str) -> Response:
-        stream = await _maybe_await(mw.astream(chat_request))
+    async def stream_choices(m: Any, chat_request: ChatRequest, model: str) -> Response:
+        # n > 1 needs every candidate before one is picked: generate them all, then stream each.
+        resp = await m.achat(chat_request.model_copy(update={"stream": False}))
+        body = completion_json(resp, model)
+        created = int(time.time())
+
+        async def events() -> AsyncIterator[str]:
+            for choice in body["choices"]:
+                base = {"id": resp.id, "object": "chat.completion.chunk", "created": created, "model": model}
+                i, text = choice["index"], choice["message"]["content"] or ""
+                for delta in ({"role": "assistant", "content": ""}, {"content": text}):
+                    yield _sse({**base, "choices": [{"index": i, "delta": delta, "finish_reason": None}]})
+                yield _sse({**base, "choices": [{"index": i, "delta": {}, "finish_reason": choice["finish_reason"]}],
+                            **({"persona_trace": body["persona_trace"]} if i == len(body["choices"]) - 1 else {})})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", TRACE_HEADER: resp.trace.id})
+
+    async def stream_completion(m: Any, chat_request: ChatRequest, model: str) -> Response:
+        stream = await _maybe_await(m.astream(chat_request))
         iterator = stream.__aiter__()
         # Wait for the first chunk before answering, so that a request the pipeline rejects
         # (bad input, unknown user, backend down) gets its real status instead of a 200 stream.
@@ -395,35 +226,57 @@ def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_o
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def feedback(request: Request) -> Response:
-        data = await _read_json_object(request, max_body_bytes)
+        m = tenant_mw(request)
+        data = await _read_json_object(request, limit)
         if not data.get("user"):
             if not request.headers.get(USER_HEADER):
                 raise RequestError(f"missing user: set the 'user' field or the {USER_HEADER} header", field="user")
             data["user"] = request.headers[USER_HEADER]
         if data.get("context") is None and request.headers.get(CONTEXT_HEADER):
             data["context"] = request.headers[CONTEXT_HEADER]
+        from pydantic import ValidationError
+
         try:
             event = _FEEDBACK.validate_python(data)
         except ValidationError as exc:
             raise _validation_error(exc, drop_tag=True) from exc
-        event_id = await mw.afeedback(event)
+        try:
+            event_id = await m.afeedback(event)
+        except StoreError as exc:
+            # A client-chosen id that is already stored is the client's conflict, not a store outage.
+            if "id" in data and str(exc).startswith("duplicate feedback event id"):
+                raise HTTPError(409, str(exc), param="id", code="duplicate_id") from exc
+            raise
         return JSONResponse({"id": event_id or event.id, "status": "recorded"}, status_code=201)
 
     async def profile(request: Request) -> Response:
-        return JSONResponse(to_jsonable_python(await _call_mw(mw, "profile", path_user(request))))
+        m = tenant_mw(request)
+        return JSONResponse(to_jsonable_python(await _call_mw(m, "profile", path_user(request))))
 
     async def export_user(request: Request) -> Response:
-        return JSONResponse(to_jsonable_python(await _call_mw(mw, "export_user", path_user(request))))
+        m = tenant_mw(request)
+        return JSONResponse(to_jsonable_python(await _call_mw(m, "export_user", path_user(request))))
 
     async def forget(request: Request) -> Response:
+        m = tenant_mw(request)
         user = path_user(request)
-        result = await _call_mw(mw, "forget", user)
+        result = await _call_mw(m, "forget", user)
         return JSONResponse({"id": user, "object": "user", "deleted": True, "details": to_jsonable_python(result)})
+
+    async def trace(request: Request) -> Response:
+        m = tenant_mw(request)
+        trace_id = str(request.path_params["trace_id"])
+        found = await _call_mw(m, "trace", trace_id) if len(trace_id) <= 128 else None
+        if not found:
+            raise HTTPError(404, f"unknown trace {trace_id!r}", type="not_found_error", param="trace_id",
+                            code="unknown_trace")
+        return JSONResponse(to_jsonable_python(explain_trace(found)))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def models(request: Request) -> Response:
+        tenant_mw(request)
         card = {"id": model_name(), "object": "model", "created": 0, "owned_by": "persona-mw"}
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -432,22 +285,42 @@ def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_o
         try:
             yield
         finally:
+            if tenants is not None:
+                await tenants.aclose()
             if close_on_shutdown:
                 await _maybe_await(mw.aclose())
 
-    app = FastAPI(title="persona-mw", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    # Plain Starlette routes: bodies are parsed here (size limit, 400s naming fields) rather than
-    # by FastAPI's dependency injection, whose 422s are not OpenAI-shaped.
-    for path, handler, methods in (
-        ("/v1/chat/completions", chat_completions, ["POST"]),
-        ("/v1/feedback", feedback, ["POST"]),
-        ("/v1/users/{user}/profile", profile, ["GET"]),
-        ("/v1/users/{user}", export_user, ["GET"]),
-        ("/v1/users/{user}", forget, ["DELETE"]),
-        ("/healthz", healthz, ["GET"]),
-        ("/v1/models", models, ["GET"]),
+    app = FastAPI(title="persona-mw", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible chat completions, personalized per user.")
+    docs, components = openapi.route_docs()
+    # Handlers take the raw Request: bodies are parsed here (size limit, 400s naming fields) rather
+    # than by FastAPI's dependency injection, whose 422s are not OpenAI-shaped. The schema of each
+    # route is declared in persona_mw.openapi instead of inferred.
+    for path, handler, method in (
+        ("/v1/chat/completions", chat_completions, "POST"),
+        ("/v1/feedback", feedback, "POST"),
+        ("/v1/users/{user}/profile", profile, "GET"),
+        ("/v1/users/{user}", export_user, "GET"),
+        ("/v1/users/{user}", forget, "DELETE"),
+        ("/v1/traces/{trace_id}", trace, "GET"),
+        ("/healthz", healthz, "GET"),
+        ("/v1/models", models, "GET"),
     ):
-        app.add_route(path, guarded(handler), methods=methods)
+        extra = dict(docs[f"{method} {path}"])
+        app.add_api_route(path, guarded(handler), methods=[method], summary=extra.pop("summary"),
+                          openapi_extra=extra, response_model=None)
+
+    def custom_openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for ops in doc.get("paths", {}).values():
+                for op in ops.values():  # drop FastAPI's generic 422 (we answer 400s)
+                    op.get("responses", {}).pop("422", None)
+                    op.get("responses", {}).pop("default", None)
+            app.openapi_schema = openapi.finish(doc, components, keys=bool(keys))
+        return app.openapi_schema
+
+    app.openapi = custom_openapi  # type: ignore[method-assign]
 
     async def http_exception(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
@@ -462,13 +335,14 @@ def create_app(mw: Any, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, close_o
     app.add_exception_handler(StarletteHTTPException, http_exception)
     app.add_exception_handler(Exception, unhandled)
     app.state.middleware = mw
+    app.state.tenants = tenants
     return app
 
 
 # --------------------------------------------------------------------------- running it
 
 
-def serve(mw: Any, host: str = "127.0.0.1", port: int = 8000, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+def serve(mw: Any, host: str = "127.0.0.1", port: int = 8000, *, max_body_bytes: int | None = None) -> None:
     """Serve ``mw`` with uvicorn until interrupted; closes the middleware on shutdown."""
     _import_server_deps()
     import uvicorn

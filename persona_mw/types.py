@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 # Node ids in the preference graph / store: "global", "user:ana", "group:acme",
 # "context:coding", "user:ana@context:coding".
 NodeId = str
-ID_PATTERN = r"^[A-Za-z0-9_.@\-+]{1,128}$"  # no ":" so "user:X@context:Y" stays unambiguous
+# No ":" so "user:X@context:Y" stays unambiguous, and no leading "@" (the store refuses "user:@...").
+ID_PATTERN = r"^[A-Za-z0-9_.\-+][A-Za-z0-9_.@\-+]{0,127}$"
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 Polarity = Literal["like", "avoid"]
@@ -65,6 +66,9 @@ class GenerationParams(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: list[str] | None = None
+    # OpenAI tool calling, passed untouched to backends that support it (litellm); others ignore it.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class ChatRequest(BaseModel):
@@ -132,6 +136,8 @@ class Trace(BaseModel):
     items_used: list[dict[str, Any]] = Field(default_factory=list)
     timings_ms: dict[str, float] = Field(default_factory=dict)
     flags: list[str] = Field(default_factory=list)
+    scores: dict[str, list[float]] = Field(default_factory=dict, description="reward -> one score per candidate")
+    selected: int | None = Field(default=None, description="index of the served candidate when several were scored")
 
     @property
     def errors(self) -> list[TraceStep]:
@@ -145,6 +151,10 @@ class Trace(BaseModel):
             lines.append(f"  {s.hook:<22} {s.plugin:<18} {s.ms:8.2f} ms  {mark}  {s.summary}".rstrip())
         if self.timings_ms:
             lines.append("  timings: " + ", ".join(f"{k}={v:.1f}ms" for k, v in self.timings_ms.items()))
+        if self.scores:
+            lines.append("  scores: " + "; ".join(f"{k}=[{', '.join(f'{x:.3g}' for x in v)}]"
+                                                  for k, v in self.scores.items())
+                         + f"  selected={self.selected}")
         if self.flags:
             lines.append("  flags: " + ", ".join(self.flags))
         return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Gathers the stated preferences of every node in the request's scope (user in context, user,
 groups, context, global), most specific first, and writes them into the prompt within a token
-budget. Placement is a setting because it matters: the 135M local model largely ignores style
+budget; persona statements gathered by the ``persona`` plugin follow them (``include_persona``).
+Placement is a setting because it matters: the 135M local model largely ignores style
 instructions in a system message but follows them in the user turn.
 """
 
@@ -36,6 +37,9 @@ class StatedPreferences:
         budget_tokens: int = Field(default=200, ge=16, le=8000, description="token budget for the block")
         include_inherited: bool = Field(default=True, description="also use group/context/global preferences")
         header: str = "Answer following these preferences of mine:"
+        include_persona: bool = Field(
+            default=True, description="also list persona statements gathered by the persona plugin (after stated ones)"
+        )
 
     def __init__(self, config: Config | None = None, name: str = "stated") -> None:
         self.config = config or self.Config()
@@ -65,8 +69,12 @@ class StatedPreferences:
                 ))
         return items or None
 
+    def _kinds(self) -> tuple[str, ...]:
+        return ("stated", "persona") if self.config.include_persona else ("stated",)
+
     def _block(self, turn: Turn) -> tuple[str, list[ContextItem]]:
-        items = [i for i in turn.items if i.kind == "stated"]
+        # Stated preferences first (explicit), then inferred persona statements.
+        items = sorted((i for i in turn.items if i.kind in self._kinds()), key=lambda i: i.kind != "stated")
         lines: list[str] = []
         used: list[ContextItem] = []
         budget = self.config.budget_tokens - turn.count_tokens(self.config.header)
@@ -87,11 +95,11 @@ class StatedPreferences:
         block, used = self._block(turn)
         if not block:
             return None
-        dropped = len([i for i in turn.items if i.kind == "stated"]) - len(used)
+        dropped = len([i for i in turn.items if i.kind in self._kinds()]) - len(used)
         turn.note(f"{len(used)} preference(s) in {self.config.placement}"
                   + (f", {dropped} over budget" if dropped else ""))
         for item in used:
-            turn.trace.items_used.append({"source": self.name, "kind": "stated", "node": item.node,
+            turn.trace.items_used.append({"source": self.name, "kind": item.kind, "node": item.node,
                                           "polarity": item.polarity, "text": item.text,
                                           "provenance": item.provenance})
         out = list(messages)

@@ -99,3 +99,22 @@ def test_chat_with_local_model(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "persona_rewrite" in r.stderr and "granularity=" in r.stderr
+
+
+def test_graph_show_and_graphml_export(tmp_path, capsys):
+    import networkx as nx
+
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("graph:\n  groups:\n    acme: {stated: ['Be formal.'], members: [ana, bob]}\n")
+    db = str(tmp_path / "s.db")
+    assert main(["feedback", "--config", str(cfg), "--store", db, "--user", "ana", "--stated", "Be brief."]) == 0
+    capsys.readouterr()
+    assert main(["graph", "show", "ana", "--config", str(cfg), "--store", db]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert {"user:ana", "group:acme", "global"} <= {n["id"] for n in shown["nodes"]}
+    out = tmp_path / "g.graphml"
+    assert main(["graph", "export", "--config", str(cfg), "--store", db, "--out", str(out)]) == 0
+    g = nx.read_graphml(out)
+    assert g.has_edge("user:ana", "group:acme") and g.has_edge("user:bob", "group:acme")
+    assert g.nodes["user:ana"]["evidence"] == 1 and g.nodes["group:acme"]["kind"] == "group"
+    assert main(["graph", "show", "--store", db]) == 2

@@ -1,0 +1,83 @@
+"""API keys -> tenants, and one store per tenant, for ``persona-mw serve``.
+
+Isolation is structural: each tenant gets its own ``Middleware`` over its own SQLite file
+(``persona.db`` -> ``persona.tenant-acme.db``) sharing the backend, so no query, trace lookup,
+export or forget can reach another tenant's users: the rows are not in the file it opened.
+(Prefixing user ids instead would leave isolation to every query in every plugin.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ApiKeys", "Tenants", "hash_key", "tenant_store_path"]
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeys:
+    """Hashed keys (``{tenant: ["sha256:<hex>", ...]}``) checked in constant time."""
+
+    def __init__(self, keys: dict[str, list[str]]) -> None:
+        self._hashes = [(h if h.startswith("sha256:") else hash_key(h), tenant)
+                        for tenant, hs in keys.items() for h in hs]
+
+    def __bool__(self) -> bool:
+        return bool(self._hashes)
+
+    def tenant_of(self, key: str) -> str | None:
+        """The tenant owning ``key``, or None; compares against every hash so timing says nothing."""
+        digest = hash_key(key)
+        found = None
+        for stored, tenant in self._hashes:
+            if hmac.compare_digest(stored, digest):
+                found = tenant
+        return found
+
+
+def tenant_store_path(base: str, tenant: str) -> str:
+    """The tenant's SQLite file beside the base one; ``:memory:`` stays in memory (one per open)."""
+    if base == ":memory:":
+        return base
+    p = Path(base)
+    return str(p.with_name(f"{p.stem}.tenant-{tenant}{p.suffix or '.db'}"))
+
+
+class Tenants:
+    """Builds (lazily) and owns one ``Middleware`` per tenant, all sharing ``base``'s backend."""
+
+    def __init__(self, base: Any, keys: ApiKeys) -> None:
+        self.base = base
+        self.keys = keys
+        self._made: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def middleware(self, tenant: str) -> Any:
+        with self._lock:
+            mw = self._made.get(tenant)
+            if mw is None:
+                mw = self._made[tenant] = self._build(tenant)
+            return mw
+
+    def _build(self, tenant: str) -> Any:
+        base = self.base
+        cfg = base.config.model_copy(deep=True)
+        cfg._source = base.config._source
+        path = getattr(base.store, "path", None) or cfg.store.path
+        cfg.store.path = tenant_store_path(str(path), tenant)
+        return type(base)(cfg, backend=base.backend, autoload=base.host.autoloaded,
+                          plugins=dict(base.host.plugin_types))
+
+    async def aclose(self) -> None:
+        """Close the tenants' stores and loops (the shared backend is the base's to close)."""
+        with self._lock:
+            made, self._made = list(self._made.values()), {}
+        for mw in made:
+            await mw.adrain()
+            mw._shutdown()
