@@ -133,8 +133,12 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_after": _loadavg(),
     }
+
+
+def _loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
+    load_before = _loadavg()
+    if load_before and load_before[0] > 1.0:
+        print(f"warning: load average {load_before[0]:.1f} before starting: other processes compete for the "
+              "CPU and torch slows down badly when oversubscribed; the numbers will be low", file=sys.stderr)
     load = measure_cold_load(args.model)
     decoding = asyncio.run(measure_decoding(args.model, args.threads))
     result = {
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": NEW_TOKENS,
         "repeats": REPEATS,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        "machine": {**machine(), "load_average_before": load_before},
         "load": load,
         **decoding,
     }

@@ -379,6 +379,10 @@ class Middleware:
             self.store.put_profile(prof)
         return prof
 
+    def profile_lock(self, node: str) -> threading.Lock:
+        """The lock every read-modify-write of ``node``'s profile holds (core and plugins alike)."""
+        return self._lock_for(node)
+
     def _lock_for(self, node: str) -> threading.Lock:
         with self._jobs_lock:
             return self._profile_locks.setdefault(node, threading.Lock())

@@ -368,7 +368,16 @@ class ProfilePlugin:
     def featurizer(self) -> Featurizer:
         return get_featurizer(self.spec)
 
+    @hookimpl
+    def persona_startup(self, middleware: Any) -> None:
+        # Share the Middleware's per-node locks: the core bumps evidence and stated preferences in
+        # the same profile row, so separate locks would let one writer drop the other's update.
+        self._shared_lock = middleware.profile_lock
+
     def _lock(self, node: str) -> threading.Lock:
+        shared = getattr(self, "_shared_lock", None)
+        if shared is not None:
+            return shared(node)  # type: ignore[no-any-return]
         with self._locks_guard:
             return self._locks[node]
 
@@ -376,8 +385,9 @@ class ProfilePlugin:
         return {"key": self.key, "spec": self.spec.model_dump(mode="json"), "pairs": pairs, "fit": fit}
 
     def _write(self, store: Any, node: str, w: np.ndarray, var: np.ndarray, pairs: int, fit: str,
-               evidence: int | None = None) -> None:
-        prof = store.get_profile(node) or Profile(node=node)
+               evidence: int | None = None, current: Profile | None = None) -> None:
+        # ``current``: the row the caller just read under the node's lock (saves a second parse).
+        prof = current or store.get_profile(node) or Profile(node=node)
         prof.weights = _compact(w)
         prof.uncertainty = _compact(var)
         prof.extra = {**prof.extra, EXTRA_KEY: self._meta(pairs, fit)}
@@ -416,7 +426,7 @@ class ProfilePlugin:
                 w0, var0 = st
                 done = int((prof.extra.get(EXTRA_KEY) or {}).get("pairs", 0)) if prof else 0
             w, var = online_update(w0, var0, D, sw, steps=self.config.online_steps)
-            self._write(store, node, w, var, done + len(pairs), "online")
+            self._write(store, node, w, var, done + len(pairs), "online", current=prof)
 
     # -- batch refit ---------------------------------------------------------------------
 
