@@ -99,6 +99,7 @@ class Middleware:
         self._jobs_lock = threading.Lock()
         self._profile_locks: dict[str, threading.Lock] = {}
         self._closed = False
+        self._ready = False
         try:
             self.host.pm.hook.persona_startup(middleware=self)
         except BaseException:
@@ -176,6 +177,21 @@ class Middleware:
             field = ".".join(str(p) for p in first["loc"])
             raise RequestError(f"invalid chat request: {field}: {first['msg']}", field=field) from None
 
+    async def _backend_ready(self, turn: Turn) -> None:
+        """Load a lazy backend once, off the event loop, before any plugin counts tokens with it.
+
+        Otherwise the first turn would load the model inside whichever plugin first asked the
+        tokenizer (blocking the loop, and charging the load to that plugin in the trace).
+        """
+        if self._ready:
+            return
+        loader = getattr(self.backend, "load", None)
+        if loader is not None:
+            t = time.perf_counter()
+            await loader()
+            turn.trace.timings_ms["backend_load"] = (time.perf_counter() - t) * 1000
+        self._ready = True
+
     def _new_turn(self, req: ChatRequest) -> Turn:
         turn = Turn(request=req, messages=list(req.messages))
         turn.trace.user = req.user
@@ -187,6 +203,7 @@ class Middleware:
         req = self._request(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
+        await self._backend_ready(turn)
         decoding = await self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend)
         await self.pipeline.generate(turn, self.backend, decoding)
         response = self.pipeline.response(turn, self.backend)
@@ -202,6 +219,7 @@ class Middleware:
         req = self._request(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
+        await self._backend_ready(turn)
         decoding = await self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend)
         async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding):
             chunk.trace_id = turn.trace.id
@@ -235,6 +253,7 @@ class Middleware:
         """
         turn = self._new_turn(self._request(request, kwargs))
         turn.stash[_STARTED] = time.perf_counter()
+        await self._backend_ready(turn)
         await self.pipeline.prepare_messages(turn, graph=self.graph, store=self.store)
         return turn
 
