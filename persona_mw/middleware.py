@@ -84,6 +84,7 @@ class Middleware:
         plugins: dict[str, type] | None = None,
     ) -> None:
         self.config = config or Config()
+        self._role_backends: dict[str, Any] = {}
         self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload,
                                plugin_types=plugins)
         if isinstance(store, str):
@@ -117,10 +118,21 @@ class Middleware:
         return cls(parse_config(text), **overrides)
 
     def make_backend(self, role: str = "backend") -> Any:
-        """Build the backend of a role (``backend`` is the main one; other roles default to it)."""
+        """The backend of a role (``backend`` is the main one; other roles default to it).
+
+        A role's backend is built once and shared by every plugin asking for it; ``close()``
+        closes it with the main one.
+        """
         section = self.config.backend if role == "backend" else self.config.roles.get(role)
         if section is None:
             return self.backend
+        if role != "backend":
+            if role not in self._role_backends:
+                self._role_backends[role] = self._build_backend(role, section)
+            return self._role_backends[role]
+        return self._build_backend(role, section)
+
+    def _build_backend(self, role: str, section: Any) -> Any:
         factory = self.host.backend_types.get(section.type)
         where = self.config.source.where((role,) if role == "backend" else ("roles", role))
         if factory is None:
@@ -474,20 +486,30 @@ class Middleware:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def _backends(self) -> list[Any]:
+        """The main backend and every role backend built, each once."""
+        out: list[Any] = []
+        for b in [self.backend, *self._role_backends.values()]:
+            if all(b is not o for o in out):
+                out.append(b)
+        return out
+
     async def aclose(self) -> None:
         await self.adrain()
-        closer = getattr(self.backend, "aclose", None)
-        if closer is not None:
-            await closer()
+        for backend in self._backends():
+            closer = getattr(backend, "aclose", None)
+            if closer is not None:
+                await closer()
         self._shutdown()
 
     def close(self) -> None:
         if self._closed:
             return
         self.drain()
-        closer = getattr(self.backend, "aclose", None)
-        if closer is not None:
-            self._portal().run(closer())
+        for backend in self._backends():
+            closer = getattr(backend, "aclose", None)
+            if closer is not None:
+                self._portal().run(closer())
         self._shutdown()
 
     def _shutdown(self) -> None:

@@ -292,3 +292,29 @@ def test_public_api_is_complete():
     missing = set(public_models) - set(persona_mw.__all__) - {"Usage", "Stash"}
     assert not missing, f"types not exported from persona_mw: {missing}"
     assert Message(role="user", content=[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]).text == "a\nb"
+
+
+def test_role_backends_are_shared_and_closed(make_mw, monkeypatch):
+    from persona_mw.testing import ScriptedBackend
+
+    built = []
+
+    def factory(**settings):
+        b = ScriptedBackend(name=settings.get("label", "judge"))
+        closed = []
+
+        async def aclose():
+            closed.append(True)
+
+        b.aclose = aclose
+        b.closed = closed
+        built.append(b)
+        return b
+
+    mw = make_mw("roles:\n  judge: {type: fake, label: j}\n")
+    mw.host.backend_types["fake"] = factory
+    first, second = mw.make_backend("judge"), mw.make_backend("judge")
+    assert first is second and len(built) == 1 and first.name == "j"
+    assert mw.make_backend("persona") is mw.backend  # an unconfigured role falls back to the main backend
+    mw.close()
+    assert first.closed == [True]
