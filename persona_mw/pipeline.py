@@ -26,6 +26,7 @@ from persona_mw.types import (
     Decoding,
     Feedback,
     Message,
+    Profile,
     Scope,
     StreamChunk,
     TraceStep,
@@ -139,13 +140,12 @@ class Pipeline:
         t = time.perf_counter()
         scope = await self.firstresult("persona_resolve_scope", turn, graph=graph)
         graph.ensure_user(turn.request)
-        default_scope, profiles = graph.resolve(turn.request)
         if scope is None:
-            scope = default_scope
+            scope, profiles = graph.resolve(turn.request)
         else:
-            profiles = graph.store.get_profiles(scope.node_ids) | {
-                n: p for n, p in profiles.items() if n in scope.node_ids
-            }
+            # A plugin chose the nodes: load just their profiles (empty ones for nodes not stored yet).
+            stored = graph.store.get_profiles(scope.node_ids)
+            profiles = {n: stored.get(n) or Profile(node=n) for n in scope.node_ids}
         turn.scope = scope
         turn.profiles = profiles
         turn.trace.granularity = scope.granularity

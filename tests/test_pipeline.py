@@ -318,3 +318,18 @@ def test_role_backends_are_shared_and_closed(make_mw, monkeypatch):
     assert mw.make_backend("persona") is mw.backend  # an unconfigured role falls back to the main backend
     mw.close()
     assert first.closed == [True]
+
+
+def test_plugin_scope_loads_the_profiles_of_its_nodes(make_mw):
+    class OnlyUser:
+        @hookimpl
+        def persona_resolve_scope(self, turn):
+            return Scope(user=turn.user, nodes=[ScopeNode(id=turn.user_node, kind="user", weight=1.0)],
+                         granularity="user")
+
+    mw = make_mw("pipeline: [{use: stated}]\ngraph:\n  groups:\n    g: {stated: ['group pref'], members: [ana]}\n")
+    mw.feedback(kind="stated", user="ana", text="Be brief.")
+    with registered(mw, OnlyUser(), "only_user"):
+        r = mw.chat(user="ana", messages="hi")
+    assert "Be brief." in r.text and "group pref" not in r.text  # only the plugin's nodes apply
+    assert mw.chat(user="ana", messages="hi").text.count("group pref") == 1  # default scope includes the group
