@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench soak clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
+
+# The reliability suite at scale (not in CI, ~12 min on 2 cores): isolation probes, concurrent
+# writers, SIGKILL crash cycles, fuzzed inputs; last line = JSON summary (also benchmarks/results/soak.json).
+soak: $(STAMP)
+	HF_HUB_OFFLINE=1 PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD= $(BIN)/python -m tests.reliability.soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info

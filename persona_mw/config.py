@@ -137,6 +137,78 @@ class ServerConfig(_Strict):
         return out
 
 
+class PrivacyRules(_Strict):
+    redact: list[str] = Field(
+        default_factory=list,
+        description="PII kinds replaced by [KIND] before anything is stored: email, phone, card, address, iban "
+                    "(or a detector a plugin registers)")
+
+
+class PrivacyConfig(PrivacyRules):
+    """``privacy:`` redaction before storage; ``tenants:`` overrides the list per server tenant."""
+
+    tenants: dict[str, PrivacyRules] = Field(default_factory=dict)
+    patterns: dict[str, str] = Field(default_factory=dict,
+                                     description="extra PII kinds as regular expressions, usable in redact lists")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for kind, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {kind!r} is not a valid regular expression: {exc}") from None
+        return v
+
+    def for_tenant(self, tenant: str) -> PrivacyConfig:
+        rules = self.tenants.get(tenant)
+        if rules is None:
+            return self
+        return PrivacyConfig(redact=list(rules.redact), tenants=self.tenants, patterns=self.patterns)
+
+
+class LimitsConfig(_Strict):
+    """``limits:`` bounds on what one request or one user may make persona-mw hold or send."""
+
+    max_messages: int = Field(default=256, ge=1, description="messages in one chat request (more: 400)")
+    max_message_chars: int = Field(default=100_000, ge=1, description="characters in one message (more: 400)")
+    max_request_chars: int = Field(default=400_000, ge=1, description="characters in all messages (more: 400)")
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=16,
+        description="personalized prompt bound: oldest turns are dropped (trace flag 'trimmed'); null = off")
+    max_stated_per_user: int = Field(default=200, ge=1, description="stated preferences a profile keeps (newest)")
+    max_memories_per_user: int = Field(default=1000, ge=1, description="memories a user node may hold")
+    aux_calls_per_request: int = Field(default=4, ge=0, description="auxiliary LLM calls one request may make")
+    aux_seconds_per_request: float | None = Field(default=20.0, gt=0)
+    job_attempts: int = Field(default=3, ge=1, le=20, description="tries of a background after-turn job")
+
+
+class BackendPolicy(_Strict):
+    """What happens when a role's backend fails (``resilience: {<role>: ...}``; ``backend`` = the main one)."""
+
+    timeout_s: float = Field(default=120.0, gt=0, description="hard bound on one call, whatever the backend")
+    retries: int = Field(default=2, ge=0, le=10, description="extra tries after a timeout, 5xx or 429")
+    backoff_s: float = Field(default=0.5, ge=0, description="first wait; doubles each retry")
+    max_backoff_s: float = Field(default=8.0, ge=0, description="cap on one wait (Retry-After included)")
+    fallback: list[str] = Field(default_factory=list, description="roles tried in order when this one fails")
+    on_failure: Literal["error", "unpersonalized"] = Field(
+        default="error",
+        description="after retries and fallbacks: fail (502/503/504), or send the request unpersonalized once")
+
+
+class BudgetConfig(_Strict):
+    """``budget:`` auxiliary LLM calls (optimizer, rewriter, corrector, judge) a request or a job may make."""
+
+    aux_calls_per_request: int = Field(default=4, ge=0, le=64, description="auxiliary calls one request may make")
+    aux_seconds_per_request: float | None = Field(
+        default=20.0, gt=0, description="wall-clock seconds of auxiliary calls per request (null = no limit)")
+    aux_calls_per_job: int = Field(default=16, ge=0, le=1024,
+                                   description="auxiliary calls one background job (ingestion, optimization) may make")
+
+
 class Config(_Strict):
     backend: BackendConfig = Field(default_factory=lambda: BackendConfig(type="transformers", model=DEFAULT_MODEL))
     roles: dict[str, BackendConfig] = Field(default_factory=dict)
@@ -145,6 +217,10 @@ class Config(_Strict):
     graph: GraphConfig = Field(default_factory=GraphConfig)
     trace: TraceConfig = Field(default_factory=TraceConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    resilience: dict[str, BackendPolicy] = Field(default_factory=dict)
     autoload_plugins: bool = True
 
     # Where this config came from, for error messages about plugin sections.

@@ -103,6 +103,17 @@ def persona_register_rewards(register: Callable[[str, Callable[..., Any]], None]
 
 
 @hookspec
+def persona_register_detectors(register: Callable[[str, Callable[[str], Any]], None]) -> None:
+    """Make PII detectors available to the config's ``privacy: {redact: [...]}``.
+
+    When: once per Middleware, before the pipeline is built. ``register(kind, fn)``: ``fn(text)``
+    returns the ``(start, end)`` spans of that kind of PII in ``text``; matches are replaced by
+    ``[KIND]`` before feedback, traces and jobs are stored. Built-ins: email, phone, card, address, iban.
+    Returns: nothing (collect). Registering a kind twice is an error naming both.
+    """
+
+
+@hookspec
 def persona_startup(middleware: Any) -> None:
     """Let plugins reach what the Middleware owns: registries, role backends, background jobs.
 
@@ -169,6 +180,9 @@ def persona_decoding(turn: Turn, backend: Any) -> Decoding | None:
 
     When: after rewrite, before generate. ``backend`` exposes ``capabilities``; a plugin that
     needs a white-box backend should raise ``PluginError`` when it gets a black-box one.
+    A ``Decoding`` may also carry extra prompt ``streams`` with a ``combine`` function, or a
+    ``token_reward`` (reward-guided search): the transformers backend then runs its steering loop
+    (all streams in one batch, each with its own KV cache; README "White-box steering").
     Returns: a ``Decoding`` or None. Combine: collect (all contributions are applied).
     """
 
@@ -235,4 +249,17 @@ def persona_feedback(event: Feedback, store: Any, graph: Any) -> None:
     order. Plugins update profiles, graph evidence, prompts or memories from it.
     Returns: nothing. Combine: collect. Failures follow the plugin's policy; the stored
     event stays either way, so profiles can be rebuilt.
+    """
+
+
+@hookspec
+def persona_forget(user: str, nodes: list[str], store: Any, graph: Any) -> None:
+    """Remove what a plugin derived from a user who was just forgotten.
+
+    When: inside ``Middleware.forget(user)``, after the store deleted the user's rows (events,
+    memories, profiles, nodes, edges, traces, jobs). ``nodes`` are the nodes the user was linked
+    to (groups, contexts) before deletion: plugins that pool members into those nodes (group
+    statistics) recompute them without the user; plugins keeping data outside the store delete it.
+    Returns: nothing (collect). May raise: the error fails ``forget`` after the store rows are gone,
+    so a retry of ``forget`` is safe.
     """

@@ -27,6 +27,7 @@ hookimpl = pluggy.HookimplMarker("persona_mw")
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "persona_mw.builtins",
     "persona_mw.plugins.rewards",
+    "persona_mw.plugins.preference_fit",
 )
 
 ENTRY_POINT_GROUP = "persona_mw"
@@ -72,6 +73,8 @@ class PluginHost:
             register(name, cls)
         self.pm.hook.persona_register_backends(register=self._registrar(self.backend_types, "backend"))
         self.pm.hook.persona_register_rewards(register=self._registrar(self.reward_fns, "reward"))
+        self.detectors: dict[str, Callable[..., Any]] = {}
+        self.pm.hook.persona_register_detectors(register=self._registrar(self.detectors, "PII detector"))
         self.pipeline: list[PipelinePlugin] = []
 
     # -- registries -------------------------------------------------------------------------

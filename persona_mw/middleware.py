@@ -18,8 +18,10 @@ from typing import Any, AsyncIterator, Callable, Coroutine, Iterator, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from persona_mw.config import Config, StatedItem, load_config, parse_config
-from persona_mw.errors import ConfigError, PersonaError, RequestError, UnknownUserError
+from persona_mw.errors import BackendError, ConfigError, PersonaError, RequestError, UnknownUserError
 from persona_mw.graph import GLOBAL, PreferenceGraph, user_context_node, user_node
+from persona_mw.limits import check_request, trim_prompt
+from persona_mw.privacy import Redactor
 from persona_mw.pipeline import Pipeline
 from persona_mw.manager import PluginHost
 from persona_mw.store import Edge, Store, open_store
@@ -90,7 +92,15 @@ class Middleware:
         if isinstance(store, str):
             store = open_store(store)
         self.store: Store = store or open_store(self.config.store.path)
+        if hasattr(self.store, "max_memories_per_owner"):
+            self.store.max_memories_per_owner = self.config.limits.max_memories_per_user
+        self.redactor = Redactor.from_config(self.config.privacy, self.host.detectors,
+                                             where=self.config.source.where(("privacy", "redact")))
+        if self.redactor and hasattr(self.store, "redact_text"):
+            self.store.redact_text = self.redactor.redact  # memories written by any plugin
         self.backend = backend if backend is not None else self.make_backend("backend")
+        if "backend" in self.config.resilience and not hasattr(self.backend, "policy"):  # tenants share a wrapped one
+            self.backend = self._resilient("backend", self.backend)
         self.graph = PreferenceGraph(self.store, prior_strength=self.config.graph.prior_strength)
         self.host.build_pipeline(self.config)
         self.pipeline = Pipeline(self.host)
@@ -101,11 +111,15 @@ class Middleware:
         self._profile_locks: dict[str, threading.Lock] = {}
         self._closed = False
         self._ready = False
+        self._memory: Any = None  # persona_mw.memory.MemoryManager, created on first use
         try:
             self.host.pm.hook.persona_startup(middleware=self)
         except BaseException:
             self._shutdown()
             raise
+        # After-turn jobs a crashed process left behind (claimed longer ago than any live job runs).
+        if self.pipeline.has_impls("persona_after_turn") and getattr(self.store, "claim_jobs", None):
+            self._background(self.aresume_jobs(stale_after_s=300.0))
 
     # -- construction ------------------------------------------------------------------------
 
@@ -128,9 +142,24 @@ class Middleware:
             return self.backend
         if role != "backend":
             if role not in self._role_backends:
-                self._role_backends[role] = self._build_backend(role, section)
+                built = self._build_backend(role, section)
+                self._role_backends[role] = self._resilient(role, built) if role in self.config.resilience else built
             return self._role_backends[role]
         return self._build_backend(role, section)
+
+    def _resilient(self, role: str, backend: Any) -> Any:
+        """``backend`` under the role's ``resilience:`` policy, its fallback roles built as well."""
+        from persona_mw.resilience import ResilientBackend
+
+        policy = self.config.resilience[role]
+        fallbacks = []
+        for fb in policy.fallback:
+            if fb == role or (fb != "backend" and fb not in self.config.roles):
+                raise ConfigError(f"{self.config.source.where(('resilience', role))}: resilience.{role}.fallback: "
+                                  f"{fb!r} is not another role (roles: {', '.join(sorted(self.config.roles)) or 'none'})")
+            fb_backend = self.backend if fb == "backend" else self.make_backend(fb)
+            fallbacks.append((fb, getattr(fb_backend, "inner", fb_backend)))
+        return ResilientBackend(backend, policy, role=role, fallbacks=fallbacks)
 
     def _build_backend(self, role: str, section: Any) -> Any:
         factory = self.host.backend_types.get(section.type)
@@ -189,6 +218,11 @@ class Middleware:
             field = ".".join(str(p) for p in first["loc"])
             raise RequestError(f"invalid chat request: {field}: {first['msg']}", field=field) from None
 
+    def _checked(self, request: ChatRequest | dict[str, Any] | None, kwargs: dict[str, Any]) -> ChatRequest:
+        req = self._request(request, kwargs)
+        check_request(req, self.config.limits)
+        return req
+
     async def _backend_ready(self, turn: Turn) -> None:
         """Load a lazy backend once, off the event loop, before any plugin counts tokens with it.
 
@@ -208,16 +242,65 @@ class Middleware:
         turn = Turn(request=req, messages=list(req.messages))
         turn.trace.user = req.user
         turn._counter = getattr(self.backend, "count_tokens", None)
+        from persona_mw.budget import BUDGET_LIMITS_KEY
+
+        # ``budget:`` is the auxiliary-call section; ``limits.aux_*`` apply when it is not written.
+        lim: Any = self.config.budget if self.config.budget.model_fields_set else self.config.limits
+        turn.stash[BUDGET_LIMITS_KEY] = (lim.aux_calls_per_request, lim.aux_seconds_per_request)
         return turn
+
+    def job_budget(self) -> Any:
+        """A fresh budget for one background job (``budget.aux_calls_per_job``), for plugins."""
+        from persona_mw.budget import job_budget
+
+        return job_budget(self.config.budget.aux_calls_per_job)
+
+    def _policy(self) -> Any:
+        return self.config.resilience.get("backend")
+
+    async def _prepare_guarded(self, turn: Turn, run: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
+        """Run the pre-call stages; with ``on_failure: unpersonalized`` a failure there (store,
+        plugin, auxiliary backend) serves the request as sent, flagged in the trace."""
+        try:
+            return await run()
+        except PersonaError as exc:
+            policy = self._policy()
+            # A bad request stays the caller's problem; only a failure of ours is degraded.
+            if isinstance(exc, RequestError) or policy is None or policy.on_failure != "unpersonalized":
+                raise
+            log.warning("personalization failed, serving unpersonalized: %s", exc)
+            turn.messages = list(turn.request.messages)
+            turn.items = []
+            turn.trace.flags.append(f"degraded: unpersonalized ({type(exc).__name__}: {exc})")
+            return None
+
+    async def _generate_guarded(self, turn: Turn, decoding: Any) -> None:
+        from persona_mw.resilience import collect_notes
+
+        with collect_notes() as notes:
+            try:
+                await self.pipeline.generate(turn, self.backend, decoding)
+            except BackendError as exc:
+                policy = self._policy()
+                original = list(turn.request.messages)
+                if policy is None or policy.on_failure != "unpersonalized" or turn.messages == original:
+                    raise
+                turn.trace.flags.append(f"degraded: unpersonalized ({type(exc).__name__}: {exc.message})")
+                turn.messages = original
+                await self.pipeline.generate(turn, self.backend, [])
+            finally:
+                turn.trace.flags.extend(n for n in notes if n not in turn.trace.flags)
 
     async def achat(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> ChatResponse:
         """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...)."""
-        req = self._request(request, kwargs)
+        req = self._checked(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
         await self._backend_ready(turn)
-        decoding = await self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend)
-        await self.pipeline.generate(turn, self.backend, decoding)
+        decoding = await self._prepare_guarded(
+            turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
+        trim_prompt(turn, self.config.limits)
+        await self._generate_guarded(turn, decoding or [])
         response = self.pipeline.response(turn, self.backend)
         turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
         self._finish(turn, response)
@@ -228,12 +311,14 @@ class Middleware:
 
     async def astream(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> AsyncIterator[StreamChunk]:
         """Run one turn, yielding the answer in pieces; the last chunk carries the trace."""
-        req = self._request(request, kwargs)
+        req = self._checked(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
         await self._backend_ready(turn)
-        decoding = await self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend)
-        async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding):
+        decoding = await self._prepare_guarded(
+            turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
+        trim_prompt(turn, self.config.limits)
+        async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding or []):
             chunk.trace_id = turn.trace.id
             yield chunk
         response = self.pipeline.response(turn, self.backend)
@@ -263,10 +348,12 @@ class Middleware:
         The caller makes the LLM call itself, then hands the answer to ``acomplete`` so the
         post-call stages run. Decoding contributions are not collected: the LLM is remote.
         """
-        turn = self._new_turn(self._request(request, kwargs))
+        turn = self._new_turn(self._checked(request, kwargs))
         turn.stash[_STARTED] = time.perf_counter()
         await self._backend_ready(turn)
-        await self.pipeline.prepare_messages(turn, graph=self.graph, store=self.store)
+        await self._prepare_guarded(turn, lambda: self.pipeline.prepare_messages(turn, graph=self.graph,
+                                                                                 store=self.store))
+        trim_prompt(turn, self.config.limits)
         return turn
 
     async def acomplete(self, turn: Turn, text: str | list[str], *, finish_reason: str | None = "stop") -> ChatResponse:
@@ -285,25 +372,98 @@ class Middleware:
     def complete(self, turn: Turn, text: str | list[str], *, finish_reason: str | None = "stop") -> ChatResponse:
         return self._portal().run(self.acomplete(turn, text, finish_reason=finish_reason))
 
-    def _finish(self, turn: Turn, response: ChatResponse) -> None:
-        """Store the trace and schedule ``persona_after_turn`` off the request path."""
+    def _save_trace(self, trace: Any) -> None:
         if self.config.trace.store:
-            self.store.save_trace(turn.trace)
-        if self.pipeline.has_impls("persona_after_turn"):
-            self._background(self._after_turn(turn, response))
+            self.store.save_trace(self.redactor.redact_model(trace))
 
-    async def _after_turn(self, turn: Turn, response: ChatResponse) -> None:
+    def _finish(self, turn: Turn, response: ChatResponse) -> None:
+        """Store the trace and schedule ``persona_after_turn`` off the request path.
+
+        The job is first recorded in the store (``jobs`` table, when the store has one), so a crash
+        before it finishes leaves it for ``resume_jobs``; it is deleted once it succeeded.
+        """
+        from persona_mw.budget import BUDGET_KEY
+
+        if BUDGET_KEY in turn.stash:  # the request's auxiliary calls, for the user to see
+            turn.trace.aux_calls = turn.stash[BUDGET_KEY].as_list()
+        self._save_trace(turn.trace)
+        if self.pipeline.has_impls("persona_after_turn"):
+            job_id = self._record_job(turn, response)
+            self._background(self._after_turn(turn, response, job_id))
+
+    def _record_job(self, turn: Turn, response: ChatResponse) -> str | None:
+        add_job = getattr(self.store, "add_job", None)
+        if add_job is None:
+            return None
+        request = turn.request.model_dump(mode="json")
+        request["messages"] = self.redactor.redact_data(request["messages"])
+        payload = {
+            "request": request,
+            "answers": self.redactor.redact_data([c.text for c in turn.candidates]),
+            "selected": turn.selected,
+            "finish_reason": response.choices[0].finish_reason if response.choices else "stop",
+            "trace_id": turn.trace.id,
+        }
+        job_id = f"job-{turn.trace.id}"
+        add_job(job_id, turn.request.user, "after_turn", payload)
+        return job_id
+
+    async def _after_turn(self, turn: Turn, response: ChatResponse, job_id: str | None = None) -> None:
         before = len(turn.trace.steps)
         t = time.perf_counter()
+        failed: str | None = None
         try:
             await self.pipeline.collect("persona_after_turn", turn, response=response, store=self.store)
         except PersonaError as exc:
             # 'fail' policy off the request path: the caller has its answer; record and log.
             log.error("after-turn job failed for trace %s: %s", turn.trace.id, exc)
             turn.trace.flags.append(f"after_turn_failed: {exc}")
+            failed = str(exc)
+        except Exception as exc:
+            failed = f"{type(exc).__name__}: {exc}"
+            log.error("after-turn job crashed for trace %s: %s", turn.trace.id, failed)
+            turn.trace.flags.append(f"after_turn_failed: {failed}")
         turn.trace.timings_ms["after_turn"] = (time.perf_counter() - t) * 1000
-        if self.config.trace.store and len(turn.trace.steps) > before:
-            self.store.save_trace(turn.trace)
+        if job_id is not None:
+            if failed is None:
+                self.store.finish_job(job_id)  # type: ignore[attr-defined]
+            else:
+                attempts = self.store.fail_job(job_id, failed)  # type: ignore[attr-defined]
+                if attempts < self.config.limits.job_attempts:
+                    turn.trace.flags.append(f"after_turn_retry_pending: attempt {attempts} failed")
+        if len(turn.trace.steps) > before or failed:
+            self._save_trace(turn.trace)
+
+    async def aresume_jobs(self, stale_after_s: float = 60.0) -> int:
+        """Re-run pending after-turn jobs (left by a crash, or failed fewer than ``limits.job_attempts``
+        times) whose claim is older than ``stale_after_s``; returns how many were started."""
+        claim = getattr(self.store, "claim_jobs", None)
+        if claim is None or not self.pipeline.has_impls("persona_after_turn"):
+            return 0
+        jobs = claim(stale_after_s, self.config.limits.job_attempts)
+        started = 0
+        for job in jobs:
+            try:
+                p = job["payload"]
+                req = ChatRequest.model_validate(p["request"])
+                turn = self._new_turn(req)
+                turn.scope, turn.profiles = self.graph.resolve(req)
+                turn.candidates = [Candidate(text=t, index=i, finish_reason=p.get("finish_reason") or "stop")
+                                   for i, t in enumerate(p["answers"] or [""])]
+                turn.selected = int(p.get("selected") or 0)
+                turn.trace = self.store.get_trace(p["trace_id"]) or turn.trace
+                turn.trace.flags.append(f"after_turn_resumed: attempt {job['attempts'] + 1}")
+                response = self.pipeline.response(turn, self.backend)
+            except Exception as exc:  # a record that cannot be replayed is kept with its error, not lost
+                log.error("after-turn job %s cannot be resumed: %s", job["id"], exc)
+                self.store.fail_job(job["id"], f"cannot resume: {type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+                continue
+            self._background(self._after_turn(turn, response, job["id"]))
+            started += 1
+        return started
+
+    def resume_jobs(self, stale_after_s: float = 60.0) -> int:
+        return self._portal().run(self.aresume_jobs(stale_after_s))
 
     # -- background jobs ---------------------------------------------------------------------
 
@@ -370,7 +530,7 @@ class Middleware:
             data = dict(event.model_dump() if event is not None and not isinstance(event, dict) else (event or {}))
             data.update(kwargs)
             event = data
-        ev = self.parse_feedback(event)
+        ev = self.redactor.redact_model(self.parse_feedback(event))
         self.store.ensure_node(user_node(ev.user))
         self.store.append_feedback(ev)
         self._apply_to_profile(ev)
@@ -430,6 +590,9 @@ class Middleware:
                 prof.stated = [p for p in prof.stated if p.text.strip().lower() != ev.text.strip().lower()]
                 prof.stated.append(StatedPreference(text=ev.text, polarity=ev.polarity, source_event=ev.id,
                                                     created_at=ev.created_at))
+                cap = self.config.limits.max_stated_per_user
+                if len(prof.stated) > cap:  # the newest are kept; the events stay in the log
+                    prof.stated = sorted(prof.stated, key=lambda p: p.created_at)[-cap:]
             prof.updated_at = time.time()
             self.store.put_profile(prof)
 
@@ -473,12 +636,40 @@ class Middleware:
         return self.store.export_user(user)
 
     def forget(self, user: str) -> dict[str, int]:
-        """Delete everything stored about and derived from ``user``."""
+        """Delete everything stored about and derived from ``user``.
+
+        Rows go in one store transaction (events, memories, profiles, nodes, edges, traces, jobs);
+        then ``persona_forget`` lets plugins recompute what they pooled from the user (the groups
+        they belonged to) and drop anything they keep elsewhere.
+        """
         self._require_user(user)
         self.drain()
+        own = [user_node(user)] + [n.id for n in self.store.list_nodes("user_context", limit=100000)
+                                   if n.id.startswith(f"user:{user}@")]
+        linked = sorted({e.dst for n in own for e in self.store.edges_from(n)} - set(own))
         counts = self.store.forget_user(user)
         self.graph.forget_cached(user)
+        if self._memory is not None:  # the in-memory index holds vectors of the rows just deleted
+            self._memory.drop_user(user)
+        self.host.pm.hook.persona_forget(user=user, nodes=linked, store=self.store, graph=self.graph)
         return counts
+
+    @property
+    def memory(self) -> Any:
+        """Long-term memory (``persona_mw.memory.MemoryManager``): ingest, search, pinned, list, forget.
+
+        The ``memory`` plugin configures it at startup; without the plugin it is created on first use
+        with the defaults (packaged MiniLM when installed, BM25 otherwise).
+        """
+        if self._memory is None:
+            from persona_mw.memory import MemoryManager
+
+            self._memory = MemoryManager(self.store, graph=self.graph)
+        return self._memory
+
+    @memory.setter
+    def memory(self, manager: Any) -> None:
+        self._memory = manager
 
     def trace(self, trace_id: str) -> dict[str, Any] | None:
         t = self.store.get_trace(trace_id)

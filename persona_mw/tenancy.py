@@ -71,6 +71,7 @@ class Tenants:
         cfg._source = base.config._source
         path = getattr(base.store, "path", None) or cfg.store.path
         cfg.store.path = tenant_store_path(str(path), tenant)
+        cfg.privacy = cfg.privacy.for_tenant(tenant)  # privacy.tenants.<tenant> overrides the redaction list
         return type(base)(cfg, backend=base.backend, autoload=base.host.autoloaded,
                           plugins=dict(base.host.plugin_types))
 

@@ -138,6 +138,8 @@ class Trace(BaseModel):
     flags: list[str] = Field(default_factory=list)
     scores: dict[str, list[float]] = Field(default_factory=dict, description="reward -> one score per candidate")
     selected: int | None = Field(default=None, description="index of the served candidate when several were scored")
+    aux_calls: list[dict[str, Any]] = Field(
+        default_factory=list, description="auxiliary LLM calls of this turn: role, plugin, seconds, ok, error")
 
     @property
     def errors(self) -> list[TraceStep]:
@@ -155,6 +157,10 @@ class Trace(BaseModel):
             lines.append("  scores: " + "; ".join(f"{k}=[{', '.join(f'{x:.3g}' for x in v)}]"
                                                   for k, v in self.scores.items())
                          + f"  selected={self.selected}")
+        if self.aux_calls:
+            lines.append("  aux calls: " + "; ".join(
+                f"{c.get('plugin')}/{c.get('role')} {float(c.get('seconds') or 0):.2f}s "
+                + ("ok" if c.get("ok") else f"FAILED {c.get('error') or ''}".rstrip()) for c in self.aux_calls))
         if self.flags:
             lines.append("  flags: " + ", ".join(self.flags))
         return "\n".join(lines)
@@ -422,3 +428,15 @@ class Decoding(BaseModel):
     logits_processors: list[Any] = Field(default_factory=list)
     activation_hooks: list[Any] = Field(default_factory=list)
     meta: dict[str, Any] = Field(default_factory=dict)
+    # Steering (white-box backends; see persona_mw.adapters.transformers, "Steering"):
+    # extra prompts decoded in the same batch as the answer, each with its own KV cache, fed the
+    # answer's tokens; ``combine(main, streams) -> main`` sees the answer's next-token scores
+    # ``[n, V]`` and those of this Decoding's streams ``[n, S, V]`` at every step.
+    streams: list[list[Message]] = Field(default_factory=list)
+    combine: Any = None
+    # Reward-guided decoding (ARGS-style): ``token_reward(hidden [k, d]) -> [k]`` scores the
+    # top-``reward_top_k`` next tokens from the policy's last hidden state after each candidate;
+    # the token maximizing ``logit + reward_weight * reward`` is chosen.
+    token_reward: Any = None
+    reward_top_k: int = Field(default=10, ge=1, le=256)
+    reward_weight: float = 1.0

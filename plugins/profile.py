@@ -428,6 +428,26 @@ class ProfilePlugin:
             w, var = online_update(w0, var0, D, sw, steps=self.config.online_steps)
             self._write(store, node, w, var, done + len(pairs), "online", current=prof)
 
+    @hookimpl
+    def persona_forget(self, user: str, nodes: list[str], store: Any, graph: Any) -> None:
+        """Recompute the pooled statistics the forgotten user contributed to (global and their groups).
+
+        A group left with no member holding comparisons loses its learned weights (its stated
+        preferences, which are the group's own, stay)."""
+        summary = self.refit(store, graph)
+        for gid in nodes:
+            prof = store.get_profile(gid) if gid.startswith("group:") else None
+            if prof is None or EXTRA_KEY not in prof.extra:
+                continue
+            if gid not in summary.get("refit_groups", []):
+                with self._lock(gid):
+                    prof = store.get_profile(gid) or prof
+                    prof.weights, prof.uncertainty = [], []
+                    prof.extra = {k: v for k, v in prof.extra.items() if k != EXTRA_KEY}
+                    prof.evidence = len(prof.stated)
+                    prof.updated_at = time.time()
+                    store.put_profile(prof)
+
     # -- batch refit ---------------------------------------------------------------------
 
     def refit(self, store: Any, graph: Any = None) -> dict[str, Any]:
@@ -476,6 +496,7 @@ class ProfilePlugin:
             stated = len(prof.stated) if prof else 0
             self._write(store, gid, w, var, len(sw), "batch", evidence=stated + int(round(sw.sum())))
             group_state[gid] = w
+        summary["refit_groups"] = sorted(group_state)
         # users (then users in context), centred on their parents' combined state
         for n in sorted(mats, key=lambda x: ("@context:" in x, x)):
             user, _, ctx = n[len("user:"):].partition("@context:")

@@ -91,7 +91,7 @@ graph:
     acme: {stated: ["Use British spelling", {text: "jargon", polarity: avoid}], members: [zoe]}
 """)
     r = mw.chat(user="zoe", messages="hello")
-    assert "Use British spelling" in r.text and "Avoid: jargon" in r.text
+    assert '"Use British spelling"' in r.text and 'Avoid: "jargon"' in r.text
     assert any(n.startswith("group:acme") for n in r.trace.evidence)
     # a request may declare the group too
     r2 = mw.chat(user="yan", groups=["acme"], messages="hello")

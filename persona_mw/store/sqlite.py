@@ -50,6 +50,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                created_at REAL NOT NULL)""",
         "CREATE INDEX traces_user ON traces(user)",
     ),
+    (
+        # Durable background jobs (after-turn work): written before the job is scheduled, deleted
+        # when it succeeds, so a crash leaves the pending ones for ``Middleware.resume_jobs``.
+        """CREATE TABLE jobs (id TEXT PRIMARY KEY, user TEXT NOT NULL, kind TEXT NOT NULL,
+               payload TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+               claimed_at REAL, created_at REAL NOT NULL)""",
+        "CREATE INDEX jobs_user ON jobs(user)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -98,6 +106,9 @@ class SQLiteStore:
             file.parent.mkdir(parents=True, exist_ok=True)
             self.path = str(file)
         self._lock = threading.RLock()
+        self.max_memories_per_owner: int | None = None  # set by the Middleware from limits.max_memories_per_user
+        # set by the Middleware from privacy.redact: memory text is redacted before it is written
+        self.redact_text: Any = None
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so writes take the lock up front.
             conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
@@ -111,6 +122,8 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
+            # Deleted rows are overwritten, so a forgotten user's text is not left in free pages.
+            conn.execute("PRAGMA secure_delete = ON")
             self._migrate()
         except BaseException:
             self.close()
@@ -233,15 +246,31 @@ class SQLiteStore:
                         (profile.node, profile.model_dump_json(), profile.updated_at))
 
     # memories ------------------------------------------------------------------------------
+    def _redacted(self, memory: Memory) -> Memory:
+        if self.redact_text is None:
+            return memory
+        text = self.redact_text(memory.text)
+        return memory if text == memory.text else memory.model_copy(update={"text": text})
+
     def add_memory(self, memory: Memory) -> None:
+        memory = self._redacted(memory)
         with self._tx() as cur:
             self._insert_node(cur, memory.owner)
             if cur.execute("SELECT 1 FROM memories WHERE id = ?", (memory.id,)).fetchone():
                 raise StoreError(f"memory {memory.id!r} already exists", hint="use update_memory")
             cur.execute(f"INSERT INTO memories ({_MEMORY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         _memory_row(memory))
+            cap = self.max_memories_per_owner
+            if cap is not None:
+                # Over the cap the oldest go, facts and episodes before preferences (limits.max_memories_per_user).
+                n = cur.execute("SELECT COUNT(*) FROM memories WHERE owner = ?", (memory.owner,)).fetchone()[0]
+                if n > cap:
+                    cur.execute("DELETE FROM memories WHERE id IN (SELECT id FROM memories WHERE owner = ? AND id != ? "
+                                "ORDER BY kind = 'preference', created_at, id LIMIT ?)",
+                                (memory.owner, memory.id, n - cap))
 
     def update_memory(self, memory: Memory) -> None:
+        memory = self._redacted(memory)
         with self._tx() as cur:
             self._insert_node(cur, memory.owner)
             row = _memory_row(memory)
@@ -309,6 +338,43 @@ class SQLiteStore:
         rows = self._query("SELECT data FROM traces WHERE id = ?", (trace_id,))
         return Trace.model_validate_json(rows[0]["data"]) if rows else None
 
+    # durable background jobs -----------------------------------------------------------------
+    def add_job(self, job_id: str, user: str, kind: str, payload: dict[str, Any]) -> None:
+        """Record a job as pending and claimed by this process (``claimed_at`` = now)."""
+        now = time.time()
+        with self._tx() as cur:
+            cur.execute("INSERT INTO jobs (id, user, kind, payload, attempts, claimed_at, created_at) "
+                        "VALUES (?, ?, ?, ?, 0, ?, ?)", (job_id, user, kind, json.dumps(payload), now, now))
+
+    def finish_job(self, job_id: str) -> None:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def fail_job(self, job_id: str, error: str) -> int:
+        """Count a failed attempt and release the claim; returns the attempts so far."""
+        with self._tx() as cur:
+            cur.execute("UPDATE jobs SET attempts = attempts + 1, last_error = ?, claimed_at = NULL WHERE id = ?",
+                        (error[:2000], job_id))
+            row = cur.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def claim_jobs(self, stale_after_s: float, max_attempts: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """Claim pending jobs nobody holds (or whose claim is older than ``stale_after_s``)."""
+        now = time.time()
+        with self._tx() as cur:
+            rows = cur.execute(
+                "SELECT id, user, kind, payload, attempts FROM jobs WHERE attempts < ? AND "
+                "(claimed_at IS NULL OR claimed_at <= ?) ORDER BY created_at LIMIT ?",
+                (max_attempts, now - stale_after_s, limit)).fetchall()
+            cur.executemany("UPDATE jobs SET claimed_at = ? WHERE id = ?", [(now, r["id"]) for r in rows])
+        return [{"id": r["id"], "user": r["user"], "kind": r["kind"], "payload": json.loads(r["payload"]),
+                 "attempts": r["attempts"]} for r in rows]
+
+    def list_jobs(self, user: str | None = None) -> list[dict[str, Any]]:
+        rows = self._query("SELECT id, user, kind, payload, attempts, last_error, claimed_at, created_at FROM jobs "
+                           "WHERE ?1 IS NULL OR user = ?1 ORDER BY created_at, id", (user,))
+        return [{**dict(r), "payload": json.loads(r["payload"])} for r in rows]
+
     # per-user export and delete ------------------------------------------------------------
     @staticmethod
     def _user_nodes_sql() -> str:
@@ -338,6 +404,7 @@ class SQLiteStore:
                                    "ORDER BY created_at, id", p)
             feedback = self._query("SELECT payload FROM feedback WHERE user = ? ORDER BY seq", (user,))
             traces = self._query("SELECT data FROM traces WHERE user = ? ORDER BY created_at, id", (user,))
+            jobs = self.list_jobs(user)
         return {
             "user": user,
             "nodes": [_node(r).model_dump(mode="json") for r in nodes],
@@ -346,6 +413,7 @@ class SQLiteStore:
             "memories": [_memory(r).model_dump(mode="json") for r in memories],
             "feedback": [json.loads(r["payload"]) for r in feedback],
             "traces": [json.loads(r["data"]) for r in traces],
+            "jobs": jobs,
         }
 
     def forget_user(self, user: str) -> dict[str, int]:
@@ -362,10 +430,22 @@ class SQLiteStore:
                 ("nodes", f"id IN ({sub})", p),
                 ("feedback", "user = ?1", (user,)),
                 ("traces", "user = ?1", (user,)),
+                ("jobs", "user = ?1", (user,)),
             ):
                 cur.execute(f"DELETE FROM {table} WHERE {where}", params)
                 counts[table] = cur.rowcount
+        self.checkpoint()
         return counts
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it (deleted rows leave no copy in the log)."""
+        if self.path == ":memory:":
+            return
+        with self._lock:
+            try:
+                self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"checkpoint of {self.path!r} failed: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:

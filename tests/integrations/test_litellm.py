@@ -10,7 +10,7 @@ import pytest
 from persona_mw.adapters.litellm import import_litellm
 from persona_mw.integrations.litellm import MARK, PersonaCallback
 
-from .conftest import PREF, last_prompt
+from .conftest import SYSTEM_BLOCK, last_prompt
 
 litellm = import_litellm()
 HI = [{"role": "user", "content": "hi there"}]
@@ -51,7 +51,7 @@ def check(upstream: Any, personal: Any, cb: PersonaCallback, n: int, answer: str
     mw, rec = personal
     settle(mw, cb, n)
     prompt = last_prompt(upstream[1])
-    assert prompt[0] == ("system", f"Answer following these preferences of mine:\n- {PREF}"), prompt
+    assert prompt[0] == ("system", SYSTEM_BLOCK), prompt
     assert prompt[-1] == ("user", "hi there")
     assert cb.completed == n and not cb._pending
     assert rec.seen[-1][:2] == ("ana", answer)  # the post-call stage saw the real (unredacted) answer

@@ -9,10 +9,10 @@ import openai
 
 import persona_mw
 
-from .conftest import PREF, last_prompt
+from .conftest import SYSTEM_BLOCK, last_prompt
 
 HI = [{"role": "user", "content": "hi there"}]
-SYSTEM = ("system", f"Answer following these preferences of mine:\n- {PREF}")
+SYSTEM = ("system", SYSTEM_BLOCK)
 
 
 def test_wrap_is_lazy_and_exported() -> None:

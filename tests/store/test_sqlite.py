@@ -321,15 +321,15 @@ def test_forget_removes_user_and_spares_lookalikes(store: SQLiteStore, db_path: 
     for u in users:
         _populate(store, u)
     before_other = {u: store.export_user(u) for u in users if u != "ana"}
-    nothing = {"edges": 0, "profiles": 0, "memories": 0, "nodes": 0, "feedback": 0, "traces": 0}
+    nothing = {"edges": 0, "profiles": 0, "memories": 0, "nodes": 0, "feedback": 0, "traces": 0, "jobs": 0}
     for pattern in ["an%", "an", "a*", "an?", "ana[_]", "%"]:  # wildcards match nothing but themselves
         assert store.forget_user(pattern) == nothing, pattern
 
     counts = store.forget_user("ana")
-    assert counts == {"edges": 3, "profiles": 2, "memories": 2, "nodes": 2, "feedback": 2, "traces": 1}
+    assert counts == {"edges": 3, "profiles": 2, "memories": 2, "nodes": 2, "feedback": 2, "traces": 1, "jobs": 0}
     assert not store.has_user("ana")
     assert store.export_user("ana") == {"user": "ana", "nodes": [], "edges": [], "profiles": [],
-                                        "memories": [], "feedback": [], "traces": []}
+                                        "memories": [], "feedback": [], "traces": [], "jobs": []}
     for u, exported in before_other.items():
         assert store.export_user(u) == exported, u
     assert store.get_node("group:acme") is not None  # shared nodes stay

@@ -1,0 +1,64 @@
+"""Resource limits (``limits:`` in the config): what one request may carry and one user may hold.
+
+Requests over ``max_messages`` / ``max_message_chars`` / ``max_request_chars`` are refused with a
+``RequestError`` naming the limit (HTTP 400). A personalized prompt over ``max_prompt_tokens`` is
+trimmed, oldest turns first (system messages and the last user turn are kept), and the trace gets
+a ``trimmed: ...`` flag; if even that does not fit, the request is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from persona_mw.config import LimitsConfig
+from persona_mw.errors import RequestError
+from persona_mw.types import ChatRequest, Turn
+
+__all__ = ["check_request", "trim_prompt"]
+
+
+def check_request(req: ChatRequest, limits: LimitsConfig) -> None:
+    if len(req.messages) > limits.max_messages:
+        raise RequestError(f"too many messages: {len(req.messages)} (limit {limits.max_messages})",
+                           field="messages", hint="raise limits.max_messages or send fewer turns")
+    total = 0
+    for i, m in enumerate(req.messages):
+        n = len(m.text)
+        if n > limits.max_message_chars:
+            raise RequestError(f"message {i} has {n} characters (limit {limits.max_message_chars})",
+                               field=f"messages.{i}.content", hint="raise limits.max_message_chars")
+        total += n
+    if total > limits.max_request_chars:
+        raise RequestError(f"the messages have {total} characters in all (limit {limits.max_request_chars})",
+                           field="messages", hint="raise limits.max_request_chars")
+
+
+def _tokens(turn: Turn, messages: list[Any]) -> int:
+    return sum(turn.count_tokens(m.text) + 4 for m in messages)
+
+
+def trim_prompt(turn: Turn, limits: LimitsConfig) -> None:
+    """Drop the oldest non-system turns until ``turn.messages`` fits ``max_prompt_tokens``."""
+    cap = limits.max_prompt_tokens
+    if cap is None:
+        return
+    msgs = list(turn.messages)
+    before = _tokens(turn, msgs)
+    if before <= cap:
+        return
+    last_user = max((i for i, m in enumerate(msgs) if m.role == "user"), default=len(msgs) - 1)
+    dropped = 0
+    i = 0
+    while _tokens(turn, msgs) > cap and i < len(msgs):
+        if msgs[i].role == "system" or msgs[i] is turn.messages[last_user]:
+            i += 1
+            continue
+        del msgs[i]
+        dropped += 1
+    after = _tokens(turn, msgs)
+    if after > cap:
+        raise RequestError(f"the personalized prompt needs {after} tokens even without earlier turns "
+                           f"(limit {cap})", field="messages", hint="raise limits.max_prompt_tokens")
+    turn.messages = msgs
+    turn.trace.flags.append(f"trimmed: dropped {dropped} oldest message(s), {before} -> {after} tokens "
+                            f"(limits.max_prompt_tokens={cap})")

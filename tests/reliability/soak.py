@@ -1,0 +1,106 @@
+"""``make soak``: the reliability probes at scale (not in CI). Prints a JSON summary as its last line
+and writes it to benchmarks/results/soak.json.
+
+    python -m tests.reliability.soak [--probes 10000] [--writers 200] [--cycles 20] [--fuzz 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--probes", type=int, default=10_000, help="isolation probes")
+    ap.add_argument("--writers", type=int, default=200, help="concurrent writer threads")
+    ap.add_argument("--cycles", type=int, default=20, help="SIGKILL crash-recovery cycles")
+    ap.add_argument("--fuzz", type=int, default=10_000, help="bad inputs (HTTP and Python API, 70/30)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "soak.json"))
+    args = ap.parse_args()
+
+    import httpx
+
+    from persona_mw import Middleware, parse_config
+    from persona_mw.server import create_app, serve_in_thread
+    from persona_mw.testing import ScriptedBackend
+
+    from .crash import crash_cycle
+    from .fuzz import fuzz_http, fuzz_python
+    from .probes import run_probes
+    from .writers import concurrent_writers
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="persona-soak-") as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        (root / "iso").mkdir()
+        iso = run_probes(root / "iso", n=args.probes, users=24, seed=args.seed)
+        seconds["isolation"] = time.perf_counter() - t
+        print(f"isolation: {iso['probes']} probes, {len(iso['leaks'])} leaks", file=sys.stderr, flush=True)
+
+        t = time.perf_counter()
+        w = concurrent_writers(root / "writers.db", writers=args.writers, each=10)
+        seconds["concurrency"] = time.perf_counter() - t
+        print(f"writers: {w['written']} written, {w['events_lost']} lost", file=sys.stderr, flush=True)
+
+        t = time.perf_counter()
+        cycles = []
+        for c in range(args.cycles):
+            cycles.append(crash_cycle(root / "crash.db", seed=args.seed + c, kill_after=40 + 7 * (c % 5)))
+        seconds["crash"] = time.perf_counter() - t
+        print(f"crash: {len(cycles)} cycles", file=sys.stderr, flush=True)
+
+        t = time.perf_counter()
+        cfg = parse_config("pipeline: [{use: stated}]\nprivacy: {redact: [email, phone, card]}\n")
+        cfg.store.path = str(root / "fuzz.db")
+        mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
+        mw.feedback(kind="stated", user="ana", text="Be brief.")
+        rng = random.Random(args.seed)
+        n_http = args.fuzz * 7 // 10
+        with serve_in_thread(create_app(mw, max_body_bytes=16 * 1024)) as url, httpx.Client(timeout=30) as client:
+            fh = fuzz_http(client, url, rng, n_http)
+        fp = fuzz_python(mw, rng, args.fuzz - n_http)
+        mw.close()
+        seconds["fuzz"] = time.perf_counter() - t
+
+    problems = iso["leaks"][:5] + iso["controls_failed"][:5] + w["errors"][:5] + fh["bad"][:5] + fp["bad"][:5]
+    summary = {
+        "isolation_probes": iso["probes"], "leaks": len(iso["leaks"]),
+        "isolation_controls_failed": len(iso["controls_failed"]),
+        "events_written_concurrently": w["written"], "concurrent_writers": args.writers,
+        "events_lost": w["events_lost"] + w["traces_lost"], "writer_errors": len(w["errors"]),
+        "profile_drift_before_rebuild": w["profile_drift_before_rebuild"],
+        "crash_cycles": len(cycles),
+        "corrupted_databases": sum(c["integrity"] != "ok" for c in cycles),
+        "acked_writes_lost_in_crashes": sum(c["lost_events"] for c in cycles),
+        "acked_writes_in_crashes": sum(c["acked_events"] + c["acked_turns"] for c in cycles),
+        "jobs_pending_at_kill": sum(c["pending_jobs"] for c in cycles),
+        "jobs_resumed": sum(c["resumed_jobs"] for c in cycles),
+        "after_turn_effects_missing": sum(c["missing_after_turn"] for c in cycles),
+        "rebuild_failures": sum(not c["rebuilt_ok"] for c in cycles),
+        "fuzzed_inputs": fh["tried"] + fp["tried"], "fuzzed_http": fh["tried"], "fuzzed_python": fp["tried"],
+        "server_5xx_or_tracebacks": len(fh["bad"]), "python_api_crashes": len(fp["bad"]),
+        "seconds": {k: round(v, 1) for k, v in {**seconds, "total": time.perf_counter() - t0}.items()},
+        "examples_of_problems": problems,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    ok = not (summary["leaks"] or summary["events_lost"] or summary["corrupted_databases"]
+              or summary["server_5xx_or_tracebacks"] or summary["python_api_crashes"]
+              or summary["acked_writes_lost_in_crashes"] or summary["after_turn_effects_missing"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
