@@ -1,0 +1,50 @@
+"""``persona-mw eval locomo|prefeval``: argument parsing and output for the memory evaluations."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from persona_mw.errors import PersonaError
+from persona_mw.eval.common import print_table, write_result
+
+
+def _csv(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    return items or None
+
+
+def run_memory_eval(benchmark: str, data: str, out: str | None = None, **options: Any) -> int:
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if benchmark == "locomo":
+        from persona_mw.eval import locomo
+
+        convs = _csv(options.get("conversations"))
+        metrics = locomo.run(data, conversations=convs, log=log)
+        cfg = {**locomo.config(), "conversations": convs or "all"}
+    else:
+        from persona_mw.eval import prefeval
+
+        try:
+            turns = [int(t) for t in (_csv(options.get("turns")) or [str(n) for n in prefeval.TURNS])]
+        except ValueError as exc:
+            raise PersonaError(f"--turns: expected comma-separated integers, got {options.get('turns')!r}") from exc
+        forms = _csv(options.get("forms")) or list(prefeval.FORMS)
+        limit = options.get("limit")
+        if limit is not None and limit < 1:
+            raise PersonaError("--limit: expected a positive number of items per topic")
+        topics = _csv(options.get("topics"))
+        seed = int(options.get("seed") or 0)
+        metrics = prefeval.run(data, topics=topics, turns=turns, forms=forms, limit=limit, seed=seed,
+                               backend=options.get("backend"), log=log)
+        cfg = prefeval.config(topics=topics or "all", turns=turns, forms=forms, limit=limit, seed=seed,
+                              backend=options.get("backend"))
+    print_table(benchmark, metrics)
+    write_result(out, benchmark, data, cfg, metrics)
+    if out:
+        log(f"wrote {out}")
+    return 0

