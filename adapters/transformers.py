@@ -19,6 +19,16 @@ Decoding:
   ``hook(model) -> handle | list[handle] | None`` (it registers torch hooks and returns their
   handles) or a ``(submodule_name, forward_hook)`` pair; every handle is removed afterwards.
 
+Steering: when a ``Decoding`` carries extra prompt ``streams`` with a ``combine`` function, or a
+``token_reward``, generation runs the backend's own loop (``_steer``) instead of ``model.generate``:
+the answer row and every stream row of every request form ONE left-padded batch with one KV cache
+(each row its own keys and values); each step ``combine(main [n, V], streams [n, S, V])`` gives the
+answer's scores, logits processors run, the token is chosen and fed to all rows of its group. With a
+``token_reward`` the top-k candidates are fed as k rows on the prefix cache (one forward gives their
+rewards and their next-token logits), then the cache is reordered to the chosen row.
+``steering_cache = False`` re-runs the full forward each step: the naive reference for tests.
+``generate_steered`` batches requests that each carry their own decodings.
+
 torch runs off the event loop, on ONE dedicated worker thread per process (``TORCH_THREAD``,
 used like ``asyncio.to_thread``) while holding a per-backend lock: on a few CPU cores one
 generation at a time is fastest. The thread is always the same one because each OS thread that
@@ -49,7 +59,7 @@ from persona_mw.adapters.base import Capabilities
 from persona_mw.errors import BackendError, ConfigError, PersonaError
 from persona_mw.types import Candidate, Decoding, GenerationParams, Message
 
-__all__ = ["DIVERSE_TEMPERATURE", "PLAIN_STOP", "TORCH_THREAD", "TransformersBackend", "create"]
+__all__ = ["DIVERSE_TEMPERATURE", "PLAIN_STOP", "TORCH_THREAD", "TransformersBackend", "create", "top_p_mask"]
 
 # All torch work of every backend in this process runs here (see the module docstring).
 TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persona-mw-torch")
@@ -102,6 +112,9 @@ class TransformersBackend:
         self._tokenizer: Any = None
         self._load_lock = threading.Lock()
         self._lock = threading.Lock()  # one generation at a time
+        # Steering keeps one KV cache per stream; False re-encodes everything each step (the
+        # naive reference that tests compare against; never faster).
+        self.steering_cache = True
 
     # ----------------------------------------------------------------- model access
 
@@ -214,6 +227,40 @@ class TransformersBackend:
             return []
         return await _on_torch_thread(self._run, batch, 1, params or GenerationParams(), decoding or [])
 
+    async def generate_steered(
+        self,
+        requests: list[tuple[list[Message], list[Decoding]]],
+        params: GenerationParams | None = None,
+        n: int = 1,
+    ) -> list[Candidate]:
+        """Steered answers for several requests, each with its own decoding contributions, as
+        ONE batch (``index = request * n + i``). Activation hooks act on the whole batch, so
+        requests that carry any must all carry the same ones."""
+        if not requests:
+            return []
+        hooks = [tuple(id(h) for d in dec for h in d.activation_hooks) for _, dec in requests]
+        if len(set(hooks)) > 1:
+            raise BackendError("requests in one steered batch carry different activation hooks",
+                               hint="batch requests with the same activation edits together")
+        params = params or GenerationParams()
+
+        def job() -> list[Candidate]:
+            self._prepare()
+            with self._lock:
+                handles = self._attach_hooks(requests[0][1])
+                try:
+                    return self._steer(requests, n, params, use_cache=self.steering_cache)
+                finally:
+                    for h in handles:
+                        h.remove()
+
+        try:
+            return await _on_torch_thread(job)
+        except (PersonaError, ImportError):
+            raise
+        except Exception as exc:
+            raise BackendError(f"{self.name} failed to generate: {type(exc).__name__}: {exc}") from exc
+
     def _settings(self, params: GenerationParams, n: int) -> dict[str, Any]:
         temperature = self.temperature if params.temperature is None else params.temperature
         top_p = self.top_p if params.top_p is None else params.top_p
@@ -315,6 +362,15 @@ class TransformersBackend:
             self._prepare()
             import torch
 
+            if self._steers(decoding):
+                with self._lock:
+                    handles = self._attach_hooks(decoding)
+                    try:
+                        return self._steer([(m, decoding) for m in batch], n, params,
+                                           use_cache=self.steering_cache)
+                    finally:
+                        for h in handles:
+                            h.remove()
             prompts = [self.format_prompt(m) for m in batch]
             s = self._settings(params, n)
             with self._lock:
@@ -369,6 +425,273 @@ class TransformersBackend:
                 )
             )
         return result
+
+    # ----------------------------------------------------------------- steering
+
+    @staticmethod
+    def _steers(decoding: list[Decoding]) -> bool:
+        return any(d.streams or d.combine is not None or d.token_reward is not None for d in decoding)
+
+    def _steer(
+        self,
+        requests: list[tuple[list[Message], list[Decoding]]],
+        n: int,
+        params: GenerationParams,
+        use_cache: bool = True,
+        on_token: Callable[[int, int], bool] | None = None,
+    ) -> list[Candidate]:
+        """Blocking, lock held: the steering loop (streams, combine functions, reward-guided search).
+
+        Each request (its prompt and its own decoding contributions) gets ``n`` groups of rows:
+        the answer row, then each of its Decodings' extra streams. All rows of all requests are
+        ONE left-padded batch with one KV cache (each row its own keys and values); every step
+        feeds each group's chosen token to all its rows, so nothing is re-encoded.
+        ``use_cache=False`` re-runs the full forward each step instead: the naive reference the
+        tests compare against. Candidates come back request-major (``index = request * n + i``).
+        """
+        import torch
+
+        s = self._settings(params, n)
+        rewarded = [any(d.token_reward is not None for d in dec) for _, dec in requests]
+        if any(rewarded):
+            if not all(rewarded):
+                raise BackendError("a batch mixes reward-guided and other requests; send them separately")
+            for _, dec in requests:
+                rds = [d for d in dec if d.token_reward is not None]
+                if len(rds) > 1:
+                    raise BackendError("only one plugin may contribute a token reward (reward-guided decoding)")
+                if any(d.streams for d in dec):
+                    raise BackendError(
+                        f"reward-guided decoding ({rds[0].source or 'a plugin'}) cannot be combined "
+                        "with extra prompt streams in one request",
+                        hint="configure either the contrast/experts plugins or args, not both",
+                    )
+            return self._reward_guided(requests, n, s, use_cache, on_token)
+
+        # Row layout: for each request, n groups of [answer, stream_1, ..., stream_S].
+        prompts: list[str] = []
+        layout: list[tuple[int, list[tuple[Decoding, int, int]], list[Any]]] = []  # (first row, spans, procs)
+        group_prompt: list[int] = []
+        for r_i, (messages, dec) in enumerate(requests):
+            texts = [self.format_prompt(messages)]
+            spans: list[tuple[Decoding, int, int]] = []
+            for d in dec:
+                spans.append((d, len(texts), len(texts) + len(d.streams)))
+                texts += [self.format_prompt(m) for m in d.streams]
+            procs = [p for d in dec for p in d.logits_processors]
+            for _ in range(n):
+                layout.append((len(prompts), spans, procs))
+                group_prompt.append(r_i)
+                prompts.extend(texts)
+        enc = self._encode(prompts)
+        groups = len(layout)
+        rows = len(prompts)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        prompt_len = ids.shape[1]
+        max_new = s["max_new_tokens"]
+        limit = self.capabilities.max_context
+        if limit is not None:
+            max_new = min(max_new, limit - prompt_len)
+        main_rows = torch.tensor([first for first, _, _ in layout], dtype=torch.long)
+        # Which group each row belongs to (to feed it the group's token).
+        owner = torch.zeros(rows, dtype=torch.long)
+        for g, (first, _, _) in enumerate(layout):
+            end = layout[g + 1][0] if g + 1 < groups else rows
+            owner[first:end] = g
+        eos = self._eos_ids()
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(eos)
+        stops = s["stops"]
+        window = (max(len(x) for x in stops) + 8) if stops else 0
+        if s["seed"] is not None:
+            torch.manual_seed(s["seed"])
+
+        cache = self._new_cache() if use_cache else None
+        gen = torch.empty((groups, 0), dtype=torch.long)
+        done = torch.zeros(groups, dtype=torch.bool)
+        full_ids, full_mask = ids, mask
+        step_ids = ids
+        with torch.inference_mode():
+            for t in range(max_new):
+                logits = self._forward_last(step_ids, full_mask, cache)  # [rows, V]
+                main = logits[main_rows]
+                if any(spans or procs for _, spans, procs in layout):
+                    main_ids = torch.cat([ids[main_rows], gen], dim=1)
+                    parts = []
+                    for g, (first, spans, procs) in enumerate(layout):
+                        row = main[g : g + 1]
+                        for d, a, b in spans:
+                            if d.combine is not None:
+                                row = d.combine(row, logits[first + a : first + b][None])
+                        for proc in procs:
+                            row = proc(main_ids[g : g + 1], row)
+                        parts.append(row)
+                    main = torch.cat(parts, dim=0)
+                token = self._choose(main, s)
+                token = torch.where(done, torch.full_like(token, pad), token)
+                gen = torch.cat([gen, token[:, None]], dim=1)
+                for g in range(groups):
+                    if done[g]:
+                        continue
+                    tok_id = int(token[g])
+                    if tok_id in eos or (on_token is not None and on_token(g, tok_id)):
+                        done[g] = True
+                    elif stops:
+                        tail = self._tokenizer.decode(gen[g, -window:].tolist(), skip_special_tokens=True)
+                        if any(x in tail for x in stops):
+                            done[g] = True
+                if bool(done.all()):
+                    break
+                row_tokens = token[owner][:, None]
+                full_mask = torch.cat([full_mask, torch.ones((rows, 1), dtype=full_mask.dtype)], dim=1)
+                if use_cache:
+                    step_ids = row_tokens
+                else:
+                    full_ids = torch.cat([full_ids, row_tokens], dim=1)
+                    step_ids = full_ids
+        prompt_tokens = mask[main_rows].sum(dim=1).tolist()
+        per_prompt = [int(prompt_tokens[i * n]) for i in range(len(requests))]
+        cands = self._candidates(gen, 0, per_prompt, n, s, max_new)
+        for c in cands:
+            dec = requests[group_prompt[c.index]][1]
+            c.meta["steered"] = [d.source for d in dec if d.streams or d.combine is not None]
+            c.meta["streams"] = sum(len(d.streams) for d in dec)
+        return cands
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self._model.config)
+
+    def _forward_last(self, step_ids: Any, full_mask: Any, cache: Any, hidden: bool = False) -> Any:
+        """Next-token logits ``[rows, V]`` (float32) for left-padded rows; with ``hidden``, also the
+        last hidden state ``[rows, d]``. ``cache`` None: ``step_ids`` is the whole sequence."""
+        import torch
+
+        positions = (full_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        out = self._model(
+            input_ids=step_ids,
+            attention_mask=full_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=cache is not None,
+            logits_to_keep=1,
+            output_hidden_states=hidden,
+        )
+        logits = out.logits[:, -1, :].to(torch.float32)
+        if hidden:
+            return logits, out.hidden_states[-1][:, -1, :].to(torch.float32)
+        return logits
+
+    @staticmethod
+    def _choose(scores: Any, s: dict[str, Any]) -> Any:
+        import torch
+
+        if not s["sample"]:
+            return scores.argmax(dim=-1)
+        logits = scores / s["temperature"]
+        if s["top_p"] is not None and s["top_p"] < 1:
+            logits = logits.masked_fill(~top_p_mask(logits, s["top_p"]), float("-inf"))
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1)[:, 0]
+
+    def _reward_guided(
+        self,
+        requests: list[tuple[list[Message], list[Decoding]]],
+        n: int,
+        s: dict[str, Any],
+        use_cache: bool,
+        on_token: Callable[[int, int], bool] | None,
+    ) -> list[Candidate]:
+        """ARGS with a reward on the policy's own hidden states, one batched forward per token.
+
+        Each step the ``k`` top next tokens of every answer are fed as ``k`` rows sharing that
+        answer's prefix cache; that one forward gives each candidate's hidden state (its reward)
+        AND its next-token logits, so the chosen row's logits are the next step's and no further
+        policy forward is needed. The cache is then reordered to ``k`` copies of the chosen row.
+        """
+        import torch
+
+        prompts = [self.format_prompt(m) for m, _ in requests for _ in range(n)]
+        group_dec = [dec for _, dec in requests for _ in range(n)]
+        rewarders = [next(d for d in dec if d.token_reward is not None) for dec in group_dec]
+        procs = [[p for d in dec for p in d.logits_processors] for dec in group_dec]
+        enc = self._encode(prompts)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        groups = ids.shape[0]
+        prompt_len = ids.shape[1]
+        max_new = s["max_new_tokens"]
+        limit = self.capabilities.max_context
+        if limit is not None:
+            max_new = min(max_new, limit - prompt_len)
+        eos = self._eos_ids()
+        pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else min(eos)
+        stops = s["stops"]
+        window = (max(len(x) for x in stops) + 8) if stops else 0
+        k = min(rewarders[0].reward_top_k, self._model.config.vocab_size)
+        if any(min(rd.reward_top_k, self._model.config.vocab_size) != k for rd in rewarders):
+            raise BackendError("reward-guided requests in one batch must use the same top-k")
+        w = torch.tensor([[float(rd.reward_weight)] for rd in rewarders])
+        if s["seed"] is not None:
+            torch.manual_seed(s["seed"])
+        cache = self._new_cache() if use_cache else None
+        gen = torch.empty((groups, 0), dtype=torch.long)
+        done = torch.zeros(groups, dtype=torch.bool)
+        rows_mask = mask.repeat_interleave(k, dim=0)
+        arange = torch.arange(groups)
+        with torch.inference_mode():
+            logits = self._forward_last(ids, mask, cache)  # [G, V]
+            if use_cache:
+                cache.batch_repeat_interleave(k)
+            for t in range(max_new):
+                scores = logits
+                if any(procs):
+                    cur = torch.cat([ids, gen], dim=1)
+                    scores = torch.cat([_apply(procs[g], cur[g : g + 1], scores[g : g + 1])
+                                        for g in range(groups)], dim=0)
+                top, cand = scores.topk(k, dim=-1)  # [G, k]
+                rows_mask = torch.cat([rows_mask, torch.ones((groups * k, 1), dtype=rows_mask.dtype)], dim=1)
+                if use_cache:
+                    step = cand.reshape(-1, 1)
+                else:
+                    prefix = torch.cat([ids, gen], dim=1).repeat_interleave(k, dim=0)
+                    step = torch.cat([prefix, cand.reshape(-1, 1)], dim=1)
+                cand_logits, hid = self._forward_last(step, rows_mask, cache, hidden=True)
+                hid = hid.view(groups, k, -1)
+                if all(rd.token_reward is rewarders[0].token_reward for rd in rewarders):
+                    reward = torch.as_tensor(rewarders[0].token_reward(hid.reshape(groups * k, -1)),
+                                             dtype=torch.float32).reshape(groups, k)
+                else:
+                    reward = torch.stack([torch.as_tensor(rd.token_reward(hid[g]), dtype=torch.float32).reshape(k)
+                                          for g, rd in enumerate(rewarders)])
+                total = top + w * reward
+                if s["sample"]:
+                    pick = torch.multinomial(torch.softmax(total / s["temperature"], dim=-1), 1)[:, 0]
+                else:
+                    pick = total.argmax(dim=-1)
+                token = cand[arange, pick]
+                token = torch.where(done, torch.full_like(token, pad), token)
+                gen = torch.cat([gen, token[:, None]], dim=1)
+                for g in range(groups):
+                    if done[g]:
+                        continue
+                    tok_id = int(token[g])
+                    if tok_id in eos or (on_token is not None and on_token(g, tok_id)):
+                        done[g] = True
+                    elif stops:
+                        tail = self._tokenizer.decode(gen[g, -window:].tolist(), skip_special_tokens=True)
+                        if any(x in tail for x in stops):
+                            done[g] = True
+                if bool(done.all()):
+                    break
+                chosen = arange * k + pick
+                logits = cand_logits[chosen]
+                if use_cache:
+                    cache.reorder_cache(chosen.repeat_interleave(k))
+        per_prompt = [int(x) for x in mask.sum(dim=1).tolist()[::n]]
+        cands = self._candidates(gen, 0, per_prompt, n, s, max_new)
+        for c in cands:
+            c.meta["steered"] = [rewarders[c.index].source]
+            c.meta["reward_top_k"] = k
+        return cands
 
     # ----------------------------------------------------------------- streaming
 
@@ -456,6 +779,19 @@ class TransformersBackend:
                     return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
 
             streamer = _Pipe(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
+            if self._steers(decoding):
+                with self._lock:
+                    if cancelled.is_set():
+                        return
+                    handles = self._attach_hooks(decoding)
+                    try:
+                        self._steer([(messages, decoding)], 1, params, use_cache=self.steering_cache,
+                                    on_token=_token_pipe(self._tokenizer, send, cancelled))
+                    finally:
+                        for h in handles:
+                            h.remove()
+                send("end")
+                return
             with self._lock:
                 if cancelled.is_set():
                     return
@@ -478,6 +814,43 @@ class TransformersBackend:
             err = BackendError(f"{self.name} failed to stream: {type(exc).__name__}: {exc}")
             err.__cause__ = exc
             send("error", err)
+
+
+def _apply(procs: list[Any], ids: Any, scores: Any) -> Any:
+    for proc in procs:
+        scores = proc(ids, scores)
+    return scores
+
+
+def top_p_mask(scores: Any, top_p: float) -> Any:
+    """Boolean mask of the smallest set of tokens whose probability reaches ``top_p`` (per row;
+    the most likely token is always kept)."""
+    import torch
+
+    probs = torch.softmax(scores.to(torch.float32), dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the tokens ranked above each one
+    keep_sorted = before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def _token_pipe(tokenizer: Any, send: Callable[[str, Any], None], cancelled: threading.Event) -> Callable[[int, int], bool]:
+    """An ``on_token`` callback for the steering loop that streams decoded text; True = stop."""
+    ids: list[int] = []
+    sent = [0]
+
+    def on_token(group: int, token: int) -> bool:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return cancelled.is_set()
+        if len(text) > sent[0]:
+            send("text", text[sent[0]:])
+            sent[0] = len(text)
+        return cancelled.is_set()
+
+    return on_token
 
 
 def _stop_on_text(tokenizer: Any, stops: list[str], prompt_len: int) -> Any:
