@@ -13,6 +13,14 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "rerank": "persona_mw.plugins.rerank:Rerank",
     "persona": "persona_mw.plugins.persona:PersonaInference",
     "profile": "persona_mw.plugins.profile:ProfilePlugin",
+    "contrast": "persona_mw.plugins.contrast:Contrast",
+    "experts": "persona_mw.plugins.experts:Experts",
+    "args": "persona_mw.plugins.args:RewardGuided",
+    "vectors": "persona_mw.plugins.vectors:SteeringVectors",
+    "fermi": "persona_mw.plugins.fermi:Fermi",
+    "bpo": "persona_mw.plugins.bpo:BPO",
+    "corrector": "persona_mw.plugins.corrector:Corrector",
+    "memory": "persona_mw.plugins.memory:MemoryPlugin",
 }
 
 # Backend type -> module whose ``create(**settings)`` builds it (imported on first use, so

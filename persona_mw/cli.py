@@ -148,7 +148,11 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     with _middleware(args) as mw:
         if args.action == "show":
-            _print_json(mw.profile(args.user, context=args.context))
+            from persona_mw.plugins.fermi import prompt_reports
+
+            data = mw.profile(args.user, context=args.context)
+            prompts = prompt_reports(mw, data["profiles"])
+            _print_json({**data, "prompts": prompts} if prompts else data)
         elif args.action == "export":
             data = mw.export_user(args.user)
             if args.out:
@@ -160,6 +164,54 @@ def cmd_profile(args: argparse.Namespace) -> int:
             _print_json({"forgotten": args.user, "deleted": mw.forget(args.user)})
         elif args.action == "rebuild":
             _print_json(mw.rebuild(args.user))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """Pending after-turn jobs (a crash or a failure left them): list them, or run them again now."""
+    with _middleware(args) as mw:
+        if args.action == "list":
+            _print_json(mw.store.list_jobs(args.user) if hasattr(mw.store, "list_jobs") else [])
+        else:
+            started = mw.resume_jobs(stale_after_s=args.stale_after)
+            mw.drain()
+            _print_json({"resumed": started, "still_pending": len(mw.store.list_jobs())})
+    return 0
+
+
+def cmd_redact(args: argparse.Namespace) -> int:
+    """Show what ``privacy.redact`` would store for a text (the config's kinds, or --kinds)."""
+    from persona_mw.privacy import BUILTIN_DETECTORS, Redactor
+
+    cfg = _config(args)
+    if args.kinds:
+        cfg.privacy.redact = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    elif not cfg.privacy.redact:
+        cfg.privacy.redact = list(BUILTIN_DETECTORS)
+    r = Redactor.from_config(cfg.privacy)
+    print(r.redact(args.text))
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Long-term memory of one user: list, search, forget (one memory with --id, or all)."""
+    from persona_mw.errors import RequestError
+
+    with _middleware(args) as mw:
+        mem = mw.memory
+        mem.require_user(args.user)
+        if args.action == "list":
+            rows = mem.list(args.user, include_superseded=args.history, context=args.context)
+            _print_json([m.model_dump(mode="json", exclude={"embedding"}) for m in rows])
+        elif args.action == "search":
+            query = args.query or args.query_opt
+            if not query:
+                raise RequestError("memory search needs a query: persona-mw memory search --user U --query 'QUERY'")
+            hits = mem.search(args.user, query, k=args.k, context=args.context, mode=args.mode)
+            _print_json([h.as_dict() for h in hits])
+        elif args.action == "forget":
+            n = mem.forget(args.user, memory_id=args.id)
+            _print_json({"user": args.user, "memory": args.id, "deleted": n})
     return 0
 
 
@@ -233,6 +285,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from persona_mw.eval.cli import run_eval
 
+    if args.benchmark == "style":
+        return run_eval(args.benchmark, args.data, args.out, prompts=args.prompts, users=args.users,
+                        methods=args.methods, backend=args.backend, config=args.config, seed=args.seed,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if args.benchmark == "fermi":
+        return run_eval(args.benchmark, args.data, args.out, history=args.history, test=args.test)
+    if args.benchmark in ("locomo", "prefeval"):
+        return run_eval(args.benchmark, args.data, args.out, conversations=args.conversations, topics=args.topics,
+                        turns=args.turns, forms=args.forms, limit=args.limit, seed=args.seed, backend=args.backend)
     return run_eval(args.benchmark, args.data, args.out)
 
 
@@ -296,6 +357,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", "-c")
     p.add_argument("--out", help="with export: write JSON here")
 
+    p = add("jobs", cmd_jobs, "pending background (after-turn) jobs: list, or resume them now")
+    p.add_argument("action", choices=["list", "resume"])
+    p.add_argument("--user", "-u", help="with list: only this user's")
+    p.add_argument("--stale-after", type=float, default=0.0,
+                   help="with resume: only jobs claimed longer ago than this many seconds (default 0: all)")
+
+    p = add("redact", cmd_redact, "show a text as privacy.redact would store it")
+    p.add_argument("text")
+    p.add_argument("--kinds", help="comma-separated PII kinds (default: the config's, else all built-in)")
+
+    p = add("memory", cmd_memory, "a user's long-term memories: list, search, forget")
+    p.add_argument("action", choices=["list", "search", "forget"])
+    p.add_argument("query", nargs="?", help="with search: what to look for (or --query)")
+    p.add_argument("--query", "-q", dest="query_opt", help="with search: what to look for")
+    p.add_argument("--user", "-u", required=True)
+    p.add_argument("--context", "-c")
+    p.add_argument("--k", type=int, default=10, help="with search: results (default 10)")
+    p.add_argument("--mode", choices=["fused", "hybrid", "bm25", "dense"], default="fused", help="with search: retriever")
+    p.add_argument("--history", action="store_true", help="with list: include superseded memories")
+    p.add_argument("--id", help="with forget: only this memory (and its history); default: all of the user's")
+
     p = add("graph", cmd_graph, "the preference graph: show a user's neighbourhood, or export it all as GraphML")
     p.add_argument("action", choices=["show", "export"])
     p.add_argument("user", nargs="?", help="with show: the user")
@@ -314,10 +396,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "pull"])
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
 
-    p = add("eval", cmd_eval, "benchmarks: profiles from choices (dsp) and pluralistic users (traits)", config=False)
-    p.add_argument("benchmark", choices=["dsp", "traits"])
+    p = add("eval", cmd_eval, "benchmarks: profiles from choices (dsp), pluralistic users (traits), "
+            "style following (style)", config=False)
+    p.add_argument("benchmark", choices=["dsp", "traits", "style", "fermi", "locomo", "prefeval"])
     p.add_argument("--data", required=True, help="folder in the benchmark's layout")
     p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--prompts", type=int, default=24, help="style: prompts (the folder's queries, in file order)")
+    p.add_argument("--users", type=int, default=6, help="style: simulated users (fixed seed)")
+    p.add_argument("--methods", help="style: comma-separated methods (default: all registered)")
+    p.add_argument("--backend", help="style: a local model name/path or a litellm model (default: the local model); "
+                   "prefeval: a litellm model that judges the options (default: local scorers)")
+    p.add_argument("--config", help="style: the pipeline YAML the 'pipeline' method runs (default: the embedded one)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="style: seed of users and decoding; prefeval: seed of the option shuffle")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="style: answer length cap in tokens")
+    p.add_argument("--batch-size", type=int, default=32, help="style: sequences decoded together")
+    p.add_argument("--history", type=int, default=20, help="fermi: choices observed per user")
+    p.add_argument("--test", type=int, default=6, help="fermi: held-out queries scored per user")
+    p.add_argument("--conversations", help="locomo: comma-separated sample_ids (default: all)")
+    p.add_argument("--topics", help="prefeval: comma-separated topics (default: all)")
+    p.add_argument("--turns", default="0,10,100,300", help="prefeval: distractor turns N, comma-separated")
+    p.add_argument("--forms", default="explicit,choice,persona", help="prefeval: preference forms, comma-separated")
+    p.add_argument("--limit", type=int, help="prefeval: items per topic (default: all)")
 
     _plugin_commands(sub)
     return parser

@@ -5,21 +5,49 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from persona_mw.errors import PersonaError
 from persona_mw.eval.common import print_table, write_result
 
 
-def run_eval(benchmark: str, data: str, out: str | None = None) -> int:
+def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) -> int:
     if not Path(data).exists():
         raise PersonaError(f"--data: no such folder {data!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if benchmark == "style":
+        from persona_mw.eval.style import run_style
+
+        methods = options.pop("methods", None)
+        if isinstance(methods, str):
+            methods = [m.strip() for m in methods.split(",") if m.strip()]
+        result = run_style(data, methods=methods, out=out, log=lambda m: print(m, file=sys.stderr, flush=True),
+                           **{k: v for k, v in options.items() if v is not None})
+        print_table(benchmark, result["metrics"])
+        if out:
+            print(f"wrote {out}", file=sys.stderr)
+        return 0
+    if benchmark == "fermi":
+        from persona_mw.eval import fermi as fermi_mod
+
+        history, test = options.get("history") or 20, options.get("test") or 6
+        metrics = fermi_mod.run(data, history=history, test=test,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+        print_table(benchmark, metrics)
+        write_result(out, benchmark, data, fermi_mod.config(history, test), metrics)
+        if out:
+            print(f"wrote {out}", file=sys.stderr)
+        return 0
+    if benchmark in ("locomo", "prefeval"):
+        from persona_mw.eval.memory_cli import run_memory_eval
+
+        return run_memory_eval(benchmark, data, out, **options)
     if benchmark == "dsp":
         from persona_mw.eval import dsp as mod
     elif benchmark == "traits":
         from persona_mw.eval import traits as mod  # type: ignore[no-redef]
     else:
-        raise PersonaError(f"unknown benchmark {benchmark!r} (known: dsp, traits)")
+        raise PersonaError(f"unknown benchmark {benchmark!r} (known: dsp, traits, style, fermi, locomo, prefeval)")
     metrics = mod.run(data)
     print_table(benchmark, metrics)
     write_result(out, benchmark, data, mod.config(), metrics)
