@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
@@ -100,10 +101,18 @@ class MemoryPlugin:
         mgr = self._mgr(store)
         query = next((m.text for m in reversed(turn.request.messages) if m.role == "user"), "")
         qv = None
+        fut = None
         if mgr.embedder is not None and query.strip() and (self.config.top_k or self.config.pinned_budget_tokens):
             from persona_mw.memory.extract import sanitize
 
-            qv = (await mgr.aembed([sanitize(query, 2000)]))[0]  # once, for pinned order and retrieval; off the loop
+            fut = mgr.start_embed([sanitize(query, 2000)])  # once, for pinned order and retrieval; off the loop
+        pre = None
+        if self.config.top_k and query.strip() and self.config.mode == "fused":
+            pre = mgr.prescore(turn.user, query, scope=turn.scope)  # BM25 while the query is being embedded
+        if fut is not None:
+            import asyncio
+
+            qv = np.asarray((await asyncio.wrap_future(fut)), dtype=np.float32)[0]
         items: list[ContextItem] = []
         why: dict[int, dict[str, Any]] = {}
         if self.config.pinned_budget_tokens:
@@ -115,7 +124,7 @@ class MemoryPlugin:
             kinds = ("fact", "episode")
             mode = self.config.mode if (self.config.mode != "dense" or mgr.embedder is not None) else "bm25"
             for h in mgr.search(turn.user, query, self.config.top_k, scope=turn.scope, mode=mode, kinds=kinds,
-                                query_vector=qv):
+                                query_vector=qv, prescored=pre):
                 why[len(items)] = {"pinned": False, "score": round(h.score, 5), **h.why}
                 items.append(ContextItem(kind="memory", text=self._render(h.memory), source=self.name,
                                          node=h.memory.owner, weight=h.score, provenance=list(h.memory.provenance)))

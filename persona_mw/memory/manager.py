@@ -179,6 +179,13 @@ class MemoryManager:
         return np.asarray(_embed_pool().submit(_embed_one_thread, self.embedder, list(texts)).result(),
                           dtype=np.float32)
 
+    def start_embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Any] | None:
+        """Start embedding ``texts`` on the embedding thread and return at once (None: no embedder), so
+        the request path can score BM25 (``prescore``) while the query is embedded."""
+        if self.embedder is None or not texts:
+            return None
+        return _embed_pool().submit(_embed_one_thread, self.embedder, list(texts))
+
     async def aembed(self, texts: Sequence[str]) -> np.ndarray | None:
         """``_embed`` without blocking the event loop (the request path embeds its query here)."""
         if self.embedder is None or not texts:
@@ -680,7 +687,7 @@ class MemoryManager:
 
     def search(self, user: str, query: str, k: int = 10, *, context: str | None = None, mode: Mode = "fused",
                scope: Scope | None = None, kinds: Iterable[str] | None = None,
-               query_vector: np.ndarray | None = None) -> list[MemoryHit]:
+               query_vector: np.ndarray | None = None, prescored: dict[str, Any] | None = None) -> list[MemoryHit]:
         """The ``k`` best active memories of the user's scope for ``query``, each with why it ranked.
 
         ``mode``: ``fused`` (default: BM25 and dense over each memory *and* over each raw turn with its
@@ -706,7 +713,8 @@ class MemoryManager:
         if qv is None and mode != "bm25" and self.embedder is not None:
             qv = self._embed([query])[0]  # type: ignore[index]
         if mode == "fused":
-            return self._search_fused(nodes, query, qv, k, kindset)
+            pre = prescored if prescored is not None and prescored.get("query") == query else None
+            return self._search_fused(nodes, query, qv, k, kindset, pre)
         n_cand = max(self.candidates, 4 * k)
         max_w = max((w for _, w in nodes), default=1.0) or 1.0
         dense: list[tuple[float, str, str]] = []
@@ -766,8 +774,23 @@ class MemoryManager:
         out.sort(key=lambda h: -h.score)
         return out[:k]
 
+    def prescore(self, user: str, query: str, *, context: str | None = None,
+                 scope: Scope | None = None) -> dict[str, Any]:
+        """The BM25 half of a ``fused`` search (both granularities, every scope node), for ``search(...,
+        prescored=)``: the request path runs it while ``start_embed`` embeds the query."""
+        query = sanitize(query, 2000)
+        out: dict[str, Any] = {"query": query, "scores": {}}
+        if not query:
+            return out
+        for node, _ in self.scope_nodes(user, context, scope):
+            self._load(node)
+            for name, ix in (("bm25_turn", self.bm25), ("bm25_window", self.bm25_window)):
+                if ix is not None:
+                    out["scores"][(name, node)] = ix.scores(node, query)
+        return out
+
     def _search_fused(self, nodes: Sequence[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
-                      kindset: set[str] | None) -> list[MemoryHit]:
+                      kindset: set[str] | None, pre: dict[str, Any] | None = None) -> list[MemoryHit]:
         """Score fusion over both granularities (see ``search``); only the scope's nodes are read.
 
         Each signal is scored for every memory of the scope with numpy (BM25 postings, one matrix-vector
@@ -791,7 +814,10 @@ class MemoryManager:
                 continue
             prior = float(np.log(_KIND_PRIOR.get(_node_kind(node), 0.7) * (0.75 + 0.25 * w / max_w)))
             for name, ix, q in signals:
-                r = ix.scores(node, q) if ix is not None else None
+                if pre is not None and (name, node) in pre["scores"]:
+                    r = pre["scores"][(name, node)]
+                else:
+                    r = ix.scores(node, q) if ix is not None else None
                 got[(name, node)] = r
                 if r is None:
                     continue

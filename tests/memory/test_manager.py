@@ -220,3 +220,25 @@ def test_turn_window_indexes_the_question_with_its_answer(store):
     assert second.text == "Lisbon, it was lovely." and second.provenance == ["t2"]
     assert second.meta["index_text"] == "Ana: Where did you go on holiday? Ben: Lisbon, it was lovely."
     assert mm.search("c", "Where did Ben go on holiday?", k=1, mode="bm25")[0].memory.provenance == ["t2"]
+
+
+def test_prescored_bm25_with_a_concurrent_embedding_gives_the_same_hits(store, minilm):
+    """The request path scores BM25 while the query is embedded; the hits must not change."""
+    mm = MemoryManager(store, embedder=minilm)
+    turns = [{"role": "user", "content": t, "id": f"d{i}"} for i, t in enumerate([
+        "We went hiking in the Alps last June.", "My sister Lena lives in Porto.",
+        "The dog is called Biscuit.", "I started learning the cello in March.",
+        "Lena visited us for the hiking trip.", "Work has been busy with the Porto project."])]
+    mm.add_raw("ana", turns, session_date="2024-06-10")
+    query = "Who came on the hiking trip?"
+    fut = mm.start_embed([query])
+    pre = mm.prescore("ana", query)
+    qv = fut.result()[0]
+    a = mm.search("ana", query, 4, query_vector=qv, prescored=pre)
+    b = mm.search("ana", query, 4)
+    assert [(h.memory.id, round(h.score, 6)) for h in a] == [(h.memory.id, round(h.score, 6)) for h in b]
+    assert len(a) == 4
+    # a prescore for another query is ignored, not mixed in
+    other = mm.prescore("ana", "cello lessons")
+    c = mm.search("ana", query, 4, query_vector=qv, prescored=other)
+    assert [h.memory.id for h in c] == [h.memory.id for h in b]
