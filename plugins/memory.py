@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.plugins._placement import place_block
 from persona_mw.types import ChatResponse, ContextItem, Feedback, Message, StashKey, Turn
 
 log = logging.getLogger("persona_mw.memory")
@@ -174,18 +175,7 @@ class MemoryPlugin:
                                           "polarity": it.polarity, "text": it.text, "provenance": it.provenance,
                                           "pinned": it.pinned, "why": why.get(i - first, {})})
         turn.note(f"{len(used)} memorie(s) in {self.config.placement}" + (f", {dropped} over budget" if dropped else ""))
-        out = list(messages)
-        if self.config.placement == "system":
-            sys_idx = next((i for i, m in enumerate(out) if m.role == "system"), None)
-            if sys_idx is None:
-                return [Message(role="system", content=block), *out]
-            out[sys_idx] = out[sys_idx].with_text(out[sys_idx].text + "\n\n" + block)
-            return out
-        last = max(i for i, m in enumerate(out) if m.role == "user")
-        text = out[last].text
-        new = f"{text}\n\n({block})" if self.config.placement == "user_suffix" else f"({block})\n\n{text}"
-        out[last] = out[last].with_text(new)
-        return out
+        return place_block(messages, block, self.config.placement)
 
     # -- off the request path ----------------------------------------------------------------
 

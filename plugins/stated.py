@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.privacy import quote_data
+from persona_mw.plugins._placement import place_block
 from persona_mw.types import ContextItem, Message, Turn
 
 _SYSTEM_NOTE = ("(The quoted lines are what the user stated they like or avoid: follow them as preferences; "
@@ -106,16 +107,4 @@ class StatedPreferences:
             turn.trace.items_used.append({"source": self.name, "kind": item.kind, "node": item.node,
                                           "polarity": item.polarity, "text": item.text,
                                           "provenance": item.provenance})
-        out = list(messages)
-        if self.config.placement == "system":
-            block = block + "\n" + _SYSTEM_NOTE
-            sys_idx = next((i for i, m in enumerate(out) if m.role == "system"), None)
-            if sys_idx is None:
-                return [Message(role="system", content=block), *out]
-            out[sys_idx] = out[sys_idx].with_text(out[sys_idx].text + "\n\n" + block)
-            return out
-        last = max(i for i, m in enumerate(out) if m.role == "user")
-        text = out[last].text
-        new = f"{text}\n\n({block})" if self.config.placement == "user_suffix" else f"({block})\n\n{text}"
-        out[last] = out[last].with_text(new)
-        return out
+        return place_block(messages, block, self.config.placement, system_note=_SYSTEM_NOTE)

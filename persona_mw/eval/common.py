@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from persona_mw.errors import PersonaError
+
 # Frozen on the dev slices; the same settings run on held-out slices. {} = the plugin defaults.
 PROFILE_SETTINGS: dict[str, Any] = {}
 
@@ -76,3 +78,15 @@ def write_result(path: str | None, benchmark: str, data: str, config: dict[str, 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
+
+
+def read_json(path: Path) -> Any:
+    """A benchmark file, plain or gzip-compressed JSON; a clear error names the file otherwise."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise PersonaError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from exc

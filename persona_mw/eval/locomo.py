@@ -14,7 +14,6 @@ single memories), ``:bm25``, ``:dense``.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from persona_mw.errors import PersonaError
+from persona_mw.eval.common import read_json
 
 KS = (5, 10, 25)
 MODES = ("fused", "hybrid", "bm25", "dense")  # the first is the headline (no suffix): the product's default
@@ -29,13 +29,6 @@ MODES = ("fused", "hybrid", "bm25", "dense")  # the first is the headline (no su
 CATEGORIES = {4: "single-hop", 1: "multi-hop", 2: "temporal", 3: "open-domain", 5: "adversarial"}
 
 
-def _read_json(path: Path) -> Any:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-            return json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise PersonaError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from exc
 
 
 def load(data: str | Path, conversations: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -44,7 +37,7 @@ def load(data: str | Path, conversations: Sequence[str] | None = None) -> list[d
     files = (sorted(root.glob("*.json.gz")) + sorted(root.glob("*.json"))) if root.is_dir() else [root]
     convs: list[dict[str, Any]] = []
     for f in files:
-        raw = _read_json(f)
+        raw = read_json(f)
         if isinstance(raw, dict):
             raw = [raw]
         if isinstance(raw, list):

@@ -21,7 +21,6 @@ or the ``judge`` reward on ``--backend`` (any litellm model).
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import tempfile
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from persona_mw import hookimpl
 from persona_mw.errors import PersonaError
+from persona_mw.eval.common import read_json
 from persona_mw.types import Candidate, Turn
 
 FORMS = ("explicit", "choice", "persona")
@@ -43,13 +43,6 @@ _FOLDERS = {"explicit": "explicit_preference", "choice": "implicit_preference/ch
 # ----------------------------------------------------------------------------------- data
 
 
-def _read(path: Path) -> Any:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-            return json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise PersonaError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from exc
 
 
 def _root(data: str | Path) -> Path:
@@ -85,13 +78,13 @@ def load(data: str | Path, topics: Sequence[str] | None = None, forms: Sequence[
     items: list[dict[str, Any]] = []
     for topic in known:
         mcq_file = _topic_file(root / "mcq_options", topic)
-        mcq = _read(mcq_file) if mcq_file else []
+        mcq = read_json(mcq_file) if mcq_file else []
         per_form: dict[str, list[Any]] = {}
         for form in forms:
             f = _topic_file(root / _FOLDERS[form], topic)
             if f is None:
                 raise PersonaError(f"{root / _FOLDERS[form]}: no file for topic {topic!r}")
-            per_form[form] = _read(f)
+            per_form[form] = read_json(f)
         for i, m in enumerate(mcq[: limit or None]):
             opts = m.get("classification_task_options") if isinstance(m, dict) else None
             if not (isinstance(opts, list) and len(opts) >= 2 and all(isinstance(o, str) and o for o in opts)):
@@ -120,7 +113,7 @@ def distractors(data: str | Path, n: int) -> list[dict[str, Any]]:
     if f is None:
         raise PersonaError(f"{root}: no filtered_inter_turns.json(.gz) for the distractor turns")
     pairs: list[tuple[str, str]] = []
-    for conv in _read(f):
+    for conv in read_json(f):
         msgs = conv.get("conversation", []) if isinstance(conv, dict) else []
         for a, b in zip(msgs[::2], msgs[1::2]):
             if a.get("role") == "user" and b.get("role") == "assistant":
