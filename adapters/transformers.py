@@ -529,16 +529,7 @@ class TransformersBackend:
                 token = self._choose(main, s)
                 token = torch.where(done, torch.full_like(token, pad), token)
                 gen = torch.cat([gen, token[:, None]], dim=1)
-                for g in range(groups):
-                    if done[g]:
-                        continue
-                    tok_id = int(token[g])
-                    if tok_id in eos or (on_token is not None and on_token(g, tok_id)):
-                        done[g] = True
-                    elif stops:
-                        tail = self._tokenizer.decode(gen[g, -window:].tolist(), skip_special_tokens=True)
-                        if any(x in tail for x in stops):
-                            done[g] = True
+                self._mark_done(token, done, gen, eos, on_token, stops, window)
                 if bool(done.all()):
                     break
                 row_tokens = token[owner][:, None]
@@ -581,6 +572,20 @@ class TransformersBackend:
         if hidden:
             return logits, out.hidden_states[-1][:, -1, :].to(torch.float32)
         return logits
+
+    def _mark_done(self, token: Any, done: Any, gen: Any, eos: Any, on_token: Any, stops: Any, window: int) -> None:
+        """After a step of a steered loop: mark each stream finished on EOS, when ``on_token`` says
+        stop (a streaming consumer went away), or when a stop string appears in its recent tokens."""
+        for g in range(len(done)):
+            if done[g]:
+                continue
+            tok_id = int(token[g])
+            if tok_id in eos or (on_token is not None and on_token(g, tok_id)):
+                done[g] = True
+            elif stops:
+                tail = self._tokenizer.decode(gen[g, -window:].tolist(), skip_special_tokens=True)
+                if any(x in tail for x in stops):
+                    done[g] = True
 
     @staticmethod
     def _choose(scores: Any, s: dict[str, Any]) -> Any:
@@ -670,16 +675,7 @@ class TransformersBackend:
                 token = cand[arange, pick]
                 token = torch.where(done, torch.full_like(token, pad), token)
                 gen = torch.cat([gen, token[:, None]], dim=1)
-                for g in range(groups):
-                    if done[g]:
-                        continue
-                    tok_id = int(token[g])
-                    if tok_id in eos or (on_token is not None and on_token(g, tok_id)):
-                        done[g] = True
-                    elif stops:
-                        tail = self._tokenizer.decode(gen[g, -window:].tolist(), skip_special_tokens=True)
-                        if any(x in tail for x in stops):
-                            done[g] = True
+                self._mark_done(token, done, gen, eos, on_token, stops, window)
                 if bool(done.all()):
                     break
                 chosen = arange * k + pick
