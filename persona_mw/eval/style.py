@@ -16,7 +16,11 @@ user's direction by at least the margin in ``MARGINS``:
 ``satisfaction:<method>`` is the mean over users x prompts x dimensions (``satisfaction_<dim>:``
 per dimension); ``against:<method>`` counts moves of the margin the other way, the chance level
 of any change (a method that only perturbs answers scores about as high on both). Quality guard: ``ppl:<method>`` (perplexity of the answer under the base model
-given the plain prompt, geometric mean over answers) and ``repetition:<method>`` (the share of
+given the plain prompt, geometric mean over answers: an answer that does change its style to suit the
+user is itself less likely under the plain prompt, so this counts the personalization as surprise too),
+``ppl_personal:<method>`` (the same given the request as this user would send it, the prompt followed by
+their statements: every method's answers for a user under the same context, a fluency measure that
+does not penalise the style change itself) and ``repetition:<method>`` (the share of
 word 3-grams that repeat an earlier one in the same answer). Cost: ``seconds_per_answer:`` and
 ``tokens_per_second:`` (answer tokens over the method's wall time).
 
@@ -561,6 +565,11 @@ def satisfaction(users: Sequence[SimUser], answers: list[list[str]], baseline: l
     return out
 
 
+def personal_prompt(u: SimUser, prompt: str) -> str:
+    """The request as this user would send it: the prompt, then their statements (``ppl_personal``)."""
+    return prompt + "\n\n" + " ".join(u.statements())
+
+
 def _chat_prefix(tok: Any, prompt: str) -> str:
     if getattr(tok, "chat_template", None):
         return str(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -699,11 +708,14 @@ def _quality(run: StyleRun, name: str, got: list[list[str]], base: list[str],
     if ppl is not None:
         pairs = [(run.prompts[pi], got[ui][pi]) for ui in range(len(run.users)) for pi in range(len(run.prompts))]
         out[f"ppl:{name}"] = ppl.ppl(pairs)
+        personal = [(personal_prompt(u, run.prompts[pi]), got[ui][pi])
+                    for ui, u in enumerate(run.users) for pi in range(len(run.prompts))]
+        out[f"ppl_personal:{name}"] = ppl.ppl(personal)
     return out
 
 
 def _ordered(metrics: dict[str, float]) -> dict[str, float]:
-    rank = ["satisfaction", *[f"satisfaction_{d}" for d in DIMENSIONS], "against", "ppl", "repetition", "words",
+    rank = ["satisfaction", *[f"satisfaction_{d}" for d in DIMENSIONS], "against", "ppl", "ppl_personal", "repetition", "words",
             "empty_rate", "seconds_per_answer", "tokens_per_second"]
     return dict(sorted(metrics.items(), key=lambda kv: (rank.index(kv[0].split(":")[0])
                                                         if kv[0].split(":")[0] in rank else 99)))

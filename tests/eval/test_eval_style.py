@@ -149,10 +149,13 @@ def test_real_model_run_reports_every_metric(dsp_dir, local_backend, tmp_path):
         run.close()
     for m in ("none", "stated", "pipeline"):
         for base in ("satisfaction", "satisfaction_reading", "satisfaction_length", "satisfaction_tone", "ppl",
-                     "against", "repetition", "seconds_per_answer", "tokens_per_second"):
+                     "ppl_personal", "against", "repetition", "seconds_per_answer", "tokens_per_second"):
             assert f"{base}:{m}" in metrics, f"{base}:{m}"
         assert all(a.strip() for row in answers[m] for a in row)
         assert 1.0 < metrics[f"ppl:{m}"] < 1000 and math.isfinite(metrics[f"ppl:{m}"])
+        assert 1.0 < metrics[f"ppl_personal:{m}"] < 1000
+    # Same answers, another context: the two perplexities differ.
+    assert metrics["ppl_personal:none"] != metrics["ppl:none"]
     assert metrics["satisfaction:none"] == 0.0  # the baseline never moves away from itself
     assert answers["none"][0] == answers["none"][1]  # computed once per prompt
     # The pipeline went through the Middleware: the user's stated preferences reached the prompt.
