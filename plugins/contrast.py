@@ -1,7 +1,8 @@
 """Contrastive logit steering: Linear Alignment and Amulet (ALGORITHMS.md §7.5, §7.6).
 
 The answer is decoded from the prompt WITH the user's stated preferences (placed by this
-plugin, a system message by default) while a second stream, the same prompt WITHOUT them,
+plugin: after the user's message by default, where the 135M local model heeds them; or a system
+message) while a second stream, the same prompt WITHOUT them,
 runs in the same batch with its own KV cache. Each step:
 
 - ``mode: linear`` (Linear Alignment): ``z = s_with + r (s_with - s_without)``, restricted to the
@@ -13,6 +14,12 @@ runs in the same batch with its own KV cache. Each step:
 ``r`` comes from the scope: ``Profile.extra["contrast"]["strength"]`` of each node in scope,
 weighted by the scope's weights, the config ``strength`` for nodes without one. ``r = 0``
 decodes exactly the prompt with preferences (greedy: token for token).
+
+Defaults (``strength: 1``, ``placement: user_suffix``, ``top_p: 0.8``) were chosen on our own training
+prompts (``persona_mw.eval.style_steering.TRAIN_PROMPTS``, never the eval's), six simulated users, 64
+tokens: satisfaction / ``ppl_personal`` relative to plain decoding were 0.44 / 1.18x for system
+placement at r=2, and 0.57 / 1.21x, 0.58 / 1.32x, 0.62 / 1.70x for the user turn at r=0.5, 1, 2
+(top-p 0.5 lowered satisfaction: 0.52 / 0.51 at r=0.5 / 1).
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ class Contrast:
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         mode: Literal["linear", "amulet"] = Field(default="linear", description="linear (Linear Alignment) | amulet")
-        strength: float = Field(default=2.0, ge=0.0, le=20.0,
+        strength: float = Field(default=1.0, ge=0.0, le=20.0,
                                 description="r (alpha for amulet) where no node in scope sets its own")
         top_p: float = Field(default=0.8, gt=0.0, le=1.0, description="plausibility mask over s_with (linear)")
         amulet_iterations: int = Field(default=60, ge=1, le=500)
@@ -99,7 +106,8 @@ class Contrast:
         amulet_lambda: float = Field(default=2.0, gt=0.0)
         amulet_top_p: float = Field(default=0.95, gt=0.0, le=1.0)
         placement: Literal["system", "user_suffix"] = Field(
-            default="system", description="where the preferences go in the 'with' prompt")
+            default="user_suffix",
+            description="where the preferences go in the 'with' prompt (the 135M local model heeds the user turn)")
         header: str = "The user's preferences:"
         include_inherited: bool = Field(default=True, description="also group/context/global preferences")
 
@@ -122,6 +130,7 @@ class Contrast:
         out = list(messages)
         if self.config.placement == "system":
             idx = next((i for i, m in enumerate(out) if m.role == "system"), None)
+            turn.note("preferences in system")
             if idx is None:
                 return [Message(role="system", content=block), *out]
             out[idx] = out[idx].with_text(out[idx].text + "\n\n" + block)

@@ -63,6 +63,26 @@ _LINK = re.compile(r"https?://\S+|www\.\S+|\b[\w.+-]+@[\w-]+\.[\w.]+\b")
 _ENDS = (".", "!", "?", "\"", "'", ")", "]", "`", "*", ":", "…")
 
 
+_WRAPPED = re.compile(r"^\s*(?:(?:rewritten |edited |revised )?answer\s*:\s*)?<<<(?P<body>.*?)>>>\s*$",
+                      re.IGNORECASE | re.DOTALL)
+
+
+def unwrap(edit: str) -> str:
+    """The edit without our own quoting echoed around it: small models often answer
+    ``<<<rewritten text>>>`` or ``Answer: <<<...>>>`` after seeing the prompt's delimiters. Only
+    one wrapping pair around the whole edit is removed; delimiters anywhere else stay (and are
+    refused as injection-like by ``refuse_reason``)."""
+    m = _WRAPPED.match(edit)
+    if m is None or "<<<" in m.group("body") or ">>>" in m.group("body"):
+        return edit
+    return m.group("body").strip()
+
+
+def edit_token_cap(original: str) -> int:
+    """Default length cap of an edit: room for twice the original (words x 1.5 tokens) plus 64."""
+    return min(2048, int(len(original.split()) * 1.5 * 2) + 64)
+
+
 def key_terms(text: str, k: int = 12) -> list[str]:
     """The answer's ``k`` most frequent content terms (stemmed), ties by first appearance."""
     toks = [_text._stem(w.lower()) for w in _text.words(text)
@@ -118,7 +138,8 @@ class Corrector:
                                    description="share of the answer's key terms the edit must keep")
         timeout_s: float = Field(default=20.0, gt=0, description="bound on the corrector call")
         max_tokens: int | None = Field(default=None, ge=8, le=8192,
-                                       description="length cap of the edit (default: the backend's)")
+                                       description="length cap of the edit (default: twice the answer's "
+                                                   "length plus 64 tokens)")
         max_answer_chars: int = Field(default=4000, ge=100, description="longer answers are not sent for correction")
 
     def __init__(self, config: Config | None = None, name: str = "corrector") -> None:
@@ -196,7 +217,7 @@ class Corrector:
             return None
         question = next((m.text for m in reversed(turn.request.messages) if m.role == "user"), "")
         backend = self.backend_for(self.config.role)
-        params = GenerationParams(temperature=0.0, max_tokens=self.config.max_tokens)
+        params = GenerationParams(temperature=0.0, max_tokens=self.config.max_tokens or edit_token_cap(original))
         msgs = self.prompt(about, question, original)
         info: dict[str, Any] = {"original": original}
         turn.stash[CORRECTION] = info
@@ -212,7 +233,7 @@ class Corrector:
             info["verdict"] = f"corrector failed: {type(exc).__name__}: {exc}"
             turn.note(f"original served: corrector failed: {type(exc).__name__}: {exc}")
             return None
-        edit = (got[0].text if got else "").strip()
+        edit = unwrap((got[0].text if got else "").strip())
         finish = got[0].finish_reason if got else None
         info["edit"] = edit
         why = refuse_reason(question, original, edit, finish_reason=finish, min_content=self.config.min_content)
@@ -235,4 +256,4 @@ class Corrector:
         return candidate.model_copy(update={"text": edit, "meta": meta, "tokens": None})
 
 
-__all__ = ["Corrector", "CORRECTION", "key_terms", "refuse_reason"]
+__all__ = ["Corrector", "CORRECTION", "edit_token_cap", "key_terms", "refuse_reason", "unwrap"]

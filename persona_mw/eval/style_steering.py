@@ -1,9 +1,12 @@
 """White-box steering methods for ``persona-mw eval style`` (imported by ``persona_mw.eval.style``).
 
-- ``contrast`` / ``amulet``: the ``stated`` method's prompt (the preferences as a system message)
-  decoded against the same prompt without it (Linear Alignment r = ``STRENGTH``, top-p 0.8; Amulet
-  alpha = ``STRENGTH`` with its paper defaults), every (user, prompt) request its own pair of
-  streams, all in batches of ``run.batch_size`` requests.
+- ``contrast`` / ``amulet``: the prompt with the user's preferences placed as the ``contrast``
+  plugin places them by default (after the user's message), decoded against the same prompt
+  without them, with the plugin's defaults (Linear Alignment r = 1, top-p 0.8; Amulet alpha = 1
+  with its paper defaults), every (user, prompt) request its own pair of streams, all in batches
+  of ``run.batch_size`` requests. The defaults were chosen on ``TRAIN_PROMPTS``, not eval items
+  (see ``persona_mw.plugins.contrast``). The ``stated`` baseline is the same preference text as a
+  system message.
 - ``vectors`` / ``args``: the same system-message prompt plus a per-user CAA vector / reward head.
   Simulated users have no choices, so their training pairs are built honestly and away from the
   eval prompts: for each of ``TRAIN_PROMPTS`` (written for this file, not from the eval data) the
@@ -21,7 +24,6 @@ from persona_mw.errors import PersonaError
 from persona_mw.eval.style import DIMENSIONS, UP_SIDE, SimUser, StyleRun, metric, method
 from persona_mw.types import Decoding, Message
 
-STRENGTH = 2.0
 TRAIN_PROMPTS = [
     "What is the best way to learn a new language?",
     "How do vaccines work?",
@@ -55,9 +57,18 @@ def _steered(run: StyleRun, requests: list[tuple[list[Message], list[Decoding]]]
     return out
 
 
+def _contrast_with(u: SimUser, p: str) -> list[Message]:
+    """The 'with' prompt as the contrast plugin builds it by default (or a system message)."""
+    from persona_mw.plugins.contrast import Contrast
+
+    if Contrast.Config().placement == "system":
+        return _with(u, p)
+    return [Message(role="user", content=p + "\n\n" + _system(u))]
+
+
 def _contrast(run: StyleRun, combine: Any) -> list[list[str]]:
-    reqs = [(_with(u, p), [Decoding(source="contrast", streams=[[Message(role="user", content=p)]],
-                                    combine=combine)]) for u in run.users for p in run.prompts]
+    reqs = [(_contrast_with(u, p), [Decoding(source="contrast", streams=[[Message(role="user", content=p)]],
+                                             combine=combine)]) for u in run.users for p in run.prompts]
     flat = _steered(run, reqs)
     n = len(run.prompts)
     return [flat[i * n:(i + 1) * n] for i in range(len(run.users))]
@@ -65,18 +76,21 @@ def _contrast(run: StyleRun, combine: Any) -> list[list[str]]:
 
 @method("contrast", white_box=True)
 def _contrast_linear(run: StyleRun) -> list[list[str]]:
-    """Linear Alignment: s_with + r (s_with - s_without), top-p 0.8 plausibility mask."""
-    from persona_mw.plugins.contrast import linear_combine
+    """Linear Alignment: s_with + r (s_with - s_without) under the top-p plausibility mask (plugin defaults)."""
+    from persona_mw.plugins.contrast import Contrast, linear_combine
 
-    return _contrast(run, linear_combine(STRENGTH, 0.8))
+    c = Contrast.Config()
+    return _contrast(run, linear_combine(c.strength, c.top_p))
 
 
 @method("amulet", white_box=True)
 def _amulet(run: StyleRun) -> list[list[str]]:
     """Amulet: 60 FTRL iterations per token between the with/without distributions."""
-    from persona_mw.plugins.contrast import amulet_combine
+    from persona_mw.plugins.contrast import Contrast, amulet_combine
 
-    return _contrast(run, amulet_combine(STRENGTH))
+    c = Contrast.Config()
+    return _contrast(run, amulet_combine(c.strength, c.amulet_iterations, c.amulet_eta, c.amulet_lambda,
+                                         c.amulet_top_p))
 
 
 def _label(u: SimUser, a: str, b: str) -> int:

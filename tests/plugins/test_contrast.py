@@ -18,12 +18,16 @@ def plain_answer(backend: Any, messages: list[Message]) -> str:
     return asyncio.run(backend.generate(messages, params=GenerationParams(**P)))[0].text
 
 
-@pytest.mark.parametrize("mode", ["linear", "amulet"])
-def test_strength_zero_reproduces_plain_greedy(make_mw: Any, local_backend: Any, mode: str) -> None:
-    mw = make_mw(f"pipeline: [{{use: contrast, mode: {mode}, strength: 0}}]\n", backend=local_backend)
+@pytest.mark.parametrize("mode,placement", [("linear", "user_suffix"), ("amulet", "user_suffix"),
+                                            ("linear", "system")])
+def test_strength_zero_reproduces_plain_greedy(make_mw: Any, local_backend: Any, mode: str, placement: str) -> None:
+    mw = make_mw(f"pipeline: [{{use: contrast, mode: {mode}, strength: 0, placement: {placement}}}]\n",
+                 backend=local_backend)
     mw.state("Keep your answers short and concise.", user="ana")
     reply = mw.chat(user="ana", messages="How do fridges work?", params=P)
-    assert reply.messages[0].role == "system" and "short and concise" in reply.messages[0].text
+    holder = reply.messages[0] if placement == "system" else reply.messages[-1]
+    assert holder.role == ("system" if placement == "system" else "user")
+    assert "short and concise" in holder.text and "How do fridges work?" in reply.messages[-1].text
     assert reply.text == plain_answer(local_backend, reply.messages)
     step = next(s for s in reply.trace.steps if s.hook == "persona_decoding")
     assert step.changed and f"{mode}, r=0" in step.summary
