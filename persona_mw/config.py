@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from persona_mw.errors import ConfigError
 from persona_mw.types import ID_PATTERN, Polarity
@@ -181,8 +181,11 @@ class LimitsConfig(_Strict):
         description="personalized prompt bound: oldest turns are dropped (trace flag 'trimmed'); null = off")
     max_stated_per_user: int = Field(default=200, ge=1, description="stated preferences a profile keeps (newest)")
     max_memories_per_user: int = Field(default=1000, ge=1, description="memories a user node may hold")
-    aux_calls_per_request: int = Field(default=4, ge=0, description="auxiliary LLM calls one request may make")
-    aux_seconds_per_request: float | None = Field(default=20.0, gt=0)
+    # Accepted here for configs written before ``budget:`` existed; ``budget:`` is their one home
+    # (``Config`` moves them there and refuses both places at once).
+    aux_calls_per_request: int = Field(default=4, ge=0, le=64, description="alias of budget.aux_calls_per_request")
+    aux_seconds_per_request: float | None = Field(default=20.0, gt=0,
+                                                  description="alias of budget.aux_seconds_per_request")
     job_attempts: int = Field(default=3, ge=1, le=20, description="tries of a background after-turn job")
 
 
@@ -225,6 +228,19 @@ class Config(_Strict):
 
     # Where this config came from, for error messages about plugin sections.
     _source: ConfigSource | None = None
+
+    @model_validator(mode="after")
+    def _one_home_for_aux_limits(self) -> Config:
+        """``budget:`` holds the auxiliary-call limits; ``limits.aux_*`` (older configs) move there."""
+        old = {f for f in ("aux_calls_per_request", "aux_seconds_per_request") if f in self.limits.model_fields_set}
+        if not old:
+            return self
+        clash = old & self.budget.model_fields_set
+        if clash:
+            raise ValueError(f"{', '.join(sorted(clash))} is set in both budget: and limits:; keep it in budget:")
+        for f in old:
+            setattr(self.budget, f, getattr(self.limits, f))
+        return self
 
     @property
     def source(self) -> ConfigSource:

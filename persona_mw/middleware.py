@@ -244,8 +244,8 @@ class Middleware:
         turn._counter = getattr(self.backend, "count_tokens", None)
         from persona_mw.budget import BUDGET_LIMITS_KEY
 
-        # ``budget:`` is the auxiliary-call section; ``limits.aux_*`` apply when it is not written.
-        lim: Any = self.config.budget if self.config.budget.model_fields_set else self.config.limits
+        # ``budget:`` is the one home of these (``limits.aux_*`` of older configs were moved there).
+        lim = self.config.budget
         turn.stash[BUDGET_LIMITS_KEY] = (lim.aux_calls_per_request, lim.aux_seconds_per_request)
         return turn
 

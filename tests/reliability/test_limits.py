@@ -96,3 +96,16 @@ def test_aux_call_budget_comes_from_limits(make_mw: Any) -> None:
     with registered(mw, TwoCalls(), "twocalls"):
         mw.chat(user="ana", messages="hi")
     assert seen[0] == "ok" and "auxiliary call budget spent (1 calls)" in seen[1]
+
+
+def test_budget_is_the_one_home_of_aux_limits() -> None:
+    """``limits.aux_*`` (older configs) move to ``budget:``; both at once is a clear config error."""
+    from persona_mw.config import parse_config
+    from persona_mw.errors import ConfigError
+
+    cfg = parse_config("limits: {aux_calls_per_request: 2, aux_seconds_per_request: 3}\n", "old.yaml")
+    assert (cfg.budget.aux_calls_per_request, cfg.budget.aux_seconds_per_request) == (2, 3)
+    cfg = parse_config("budget: {aux_calls_per_request: 5}\nlimits: {aux_seconds_per_request: 7}\n", "mixed.yaml")
+    assert (cfg.budget.aux_calls_per_request, cfg.budget.aux_seconds_per_request) == (5, 7)
+    with pytest.raises(ConfigError, match="both budget: and limits:"):
+        parse_config("budget: {aux_calls_per_request: 5}\nlimits: {aux_calls_per_request: 1}\n", "clash.yaml")
