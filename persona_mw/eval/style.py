@@ -489,7 +489,10 @@ def run_middleware(run: StyleRun, mw: Any) -> list[list[str]]:
             if step.hook in ("persona_rewrite", "persona_correct") and (step.summary or step.error):
                 text = step.error or step.summary
                 head = "original served: " if text.startswith("original served: ") else ""
-                what = head + re.split(r"[:;(']", text[len(head):])[0].strip()
+                rest = re.split(r"[;(']", text[len(head):])[0]
+                parts = [x.strip() for x in rest.split(":")]
+                # "corrector failed: TimeoutError: ..." keeps the error type; others their first clause
+                what = head + (": ".join(parts[:2]) if parts[0].endswith("failed") else parts[0])
                 key = f"{step.plugin}: {re.sub(r'[0-9.]+', 'N', what)[:70]}"
                 outcomes[key] = outcomes.get(key, 0) + 1
         return str(resp.text)
