@@ -79,8 +79,10 @@ def unwrap(edit: str) -> str:
 
 
 def edit_token_cap(original: str) -> int:
-    """Default length cap of an edit: room for twice the original (words x 1.5 tokens) plus 64."""
-    return min(2048, int(len(original.split()) * 1.5 * 2) + 64)
+    """Default length cap of an edit: room for twice the original (words x 1.5 tokens) plus 64,
+    rounded up to a multiple of 64 (so corrections of similar answers can share a batch)."""
+    raw = int(len(original.split()) * 1.5 * 2) + 64
+    return min(2048, -(-raw // 64) * 64)
 
 
 def key_terms(text: str, k: int = 12) -> list[str]:

@@ -29,6 +29,7 @@ def corrector_says(edit: str, finish_reason: str = "stop", delay: float = 0.0, f
             text = messages[0].text if messages else ""
             if text == CORRECTOR_SYSTEM or text.startswith("BEGINNING OF CONVERSATION"):
                 self.calls.append(list(messages))
+                self.corrector_params = params
                 if delay:
                     await asyncio.sleep(delay)
                 if fail is not None:
@@ -87,7 +88,9 @@ def test_edit_length_cap_follows_the_answer(make_mw):
     assert backend.calls  # the corrector was called ...
     from persona_mw.plugins.corrector import edit_token_cap
 
-    assert edit_token_cap(ANSWER) == int(len(ANSWER.split()) * 3) + 64  # ... with room for twice the answer
+    cap = edit_token_cap(ANSWER)  # ... with room for twice the answer, in steps of 64
+    assert cap % 64 == 0 and int(len(ANSWER.split()) * 3) + 64 <= cap < int(len(ANSWER.split()) * 3) + 128
+    assert backend.corrector_params.max_tokens == cap
     assert edit_token_cap("x " * 5000) == 2048
 
 
