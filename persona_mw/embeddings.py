@@ -144,10 +144,8 @@ class MiniLMEmbedder(CachedEmbedder):
                 hidden = self._run_traced(model, batch)
             if hidden is None:
                 hidden = model[0].auto_model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            vecs = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            vecs = torch.nn.functional.normalize(vecs, dim=-1)
-        return vecs.float().numpy().astype(np.float32)
+            vecs = _mean_pooled_normalized(hidden, batch["attention_mask"])
+        return vecs.numpy().astype(np.float32)
 
     def _run_traced(self, model: Any, batch: Any) -> Any:
         """The encoder's hidden states (float32) through a trace, or None to use the eager model.
@@ -176,11 +174,7 @@ class MiniLMEmbedder(CachedEmbedder):
         import torch
 
         eager = model[0].auto_model
-
-        def pooled(hidden: Any, m: Any) -> Any:
-            m = m.unsqueeze(-1).to(torch.float32)
-            return torch.nn.functional.normalize((hidden.float() * m).sum(1) / m.sum(1), dim=-1)
-
+        pooled = _mean_pooled_normalized
         lengths = sorted({ids.shape[1], max(1, ids.shape[1] // 2)})  # no length baked in
         refs = {n: pooled(eager(input_ids=ids[:, :n], attention_mask=mask[:, :n]).last_hidden_state,
                           mask[:, :n]) for n in lengths}
@@ -211,6 +205,15 @@ class MiniLMEmbedder(CachedEmbedder):
             if sorted(spent)[2] < best_s:
                 best, best_s = traced, sorted(spent)[2]
         return best
+
+
+def _mean_pooled_normalized(hidden: Any, mask: Any) -> Any:
+    """sentence-transformers' mean pooling over the unpadded tokens, L2-normalized, in float32."""
+    import torch
+
+    m = mask.unsqueeze(-1).to(torch.float32)
+    vecs = (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(vecs, dim=-1)
 
 
 _default: MiniLMEmbedder | None = None
