@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from persona_mw.errors import PersonaError
-from persona_mw.eval.style import DIMENSIONS, UP_SIDE, SimUser, StyleRun, metric, method
+from persona_mw.eval.style import DIMENSIONS, UP_SIDE, SimUser, StyleRun, method, metric, personal_prompt
 from persona_mw.types import Decoding, Message
 
 TRAIN_PROMPTS = [
@@ -109,7 +109,7 @@ def training_pairs(run: StyleRun) -> dict[str, list[tuple[str, str, str]]]:
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     plain = run.generate([[Message(role="user", content=p)] for p in TRAIN_PROMPTS])
-    stated = run.generate([[Message(role="user", content=p + "\n\n" + " ".join(u.statements()))]
+    stated = run.generate([[Message(role="user", content=personal_prompt(u, p))]
                            for u in run.users for p in TRAIN_PROMPTS])
     pairs: dict[str, list[tuple[str, str, str]]] = {}
     n = len(TRAIN_PROMPTS)
