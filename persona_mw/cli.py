@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=96, help="style: answer length cap in tokens")
     p.add_argument("--batch-size", type=int, default=32, help="style: sequences decoded together")
     p.add_argument("--history", type=int, default=20, help="fermi: choices observed per user")
-    p.add_argument("--test", type=int, default=6, help="fermi: held-out queries scored per user")
+    p.add_argument("--test", type=int, default=24, help="fermi: held-out queries scored per user")
     p.add_argument("--conversations", help="locomo: comma-separated sample_ids (default: all)")
     p.add_argument("--topics", help="prefeval: comma-separated topics (default: all)")
     p.add_argument("--turns", default="0,10,100,300", help="prefeval: distractor turns N, comma-separated")

@@ -192,6 +192,11 @@ def _stem(w: str) -> str:
     return w
 
 
+def content_stem(word: str) -> str:
+    """The stem ``content_terms`` uses for one lower-case word."""
+    return _stem(word)
+
+
 def content_terms(text: str) -> set[str]:
     return {_stem(w.lower()) for w in words(text) if w.lower() not in _STOP and not w.isdigit() and len(w) > 1}
 

@@ -63,6 +63,26 @@ _OPT_SYSTEM = ("You write short instructions that tell an assistant how to answe
 _LEFTOVER = re.compile(r"<<<|>>>|<\|[^>]*\|>|\[/?INST\]|```|https?://|ignore (?:all |the )?(?:previous|above)|"
                        r"\[score|\baccuracy \d|\bno instruction\b|"
                        r"^\s*(?:system|assistant|user)\s*:", re.IGNORECASE | re.MULTILINE)
+# Generic style instructions scored as candidates (``styles`` in the config replaces them): the
+# common axes along which people's preferences differ (length, reading level, tone, register,
+# framing, format). The scorer keeps the ones the user's own choices support.
+STYLE_LIBRARY: tuple[str, ...] = (
+    "I like short, concise answers.",
+    "I like detailed, thorough answers.",
+    "I like plain, simple words, as if explained to a beginner.",
+    "I like expert-level, technical answers.",
+    "I like a warm, friendly tone.",
+    "I like playful, humorous, fun answers.",
+    "I like a formal, professional tone.",
+    "I like scholarly, academic answers that explain the evidence.",
+    "I like practical, business-minded answers focused on results.",
+    "I like poetic, vivid, descriptive language.",
+    "I like answers told as a story.",
+    "I like step-by-step answers with lists.",
+    "I like neutral, objective, balanced answers.",
+    "I like enthusiastic, energetic answers.",
+    "I like answers with concrete examples.",
+)
 _LABEL = re.compile(r"^\s*(?:improved |new |better )?(?:instruction|prompt|answer|output)s?\s*:\s*", re.IGNORECASE)
 
 
@@ -116,6 +136,16 @@ def _terms(text: str) -> list[str]:
     return [w for w in (t for t in _text.content_terms(text)) if w.isalpha() and len(w) > 2]
 
 
+def _surface_forms(texts: list[str]) -> dict[str, str]:
+    """Stem -> its most frequent lower-case word in ``texts`` (prompts show words, not stems like "manag")."""
+    seen: dict[str, Counter[str]] = {}
+    for text in texts:
+        for w in _text.words(text):
+            lw = w.lower()
+            seen.setdefault(_text.content_stem(lw), Counter())[lw] += 1
+    return {stem: c.most_common(1)[0][0] for stem, c in seen.items()}
+
+
 def _vec(text: str) -> dict[str, float]:
     c = Counter(_terms(text))
     norm = math.sqrt(sum(v * v for v in c.values())) or 1.0
@@ -161,7 +191,8 @@ def distinctive_terms(examples: list[Example], k: int = 8, min_support: int = 2)
     avoids = sorted((w for w in rejected_df if rejected_df[w] >= min_support), key=lambda w: (odds(w), w))
     likes = [w for w in likes if odds(w) > 0.3][:k]
     avoids = [w for w in avoids if odds(w) < -0.3][:k]
-    return likes, avoids
+    shown = _surface_forms([t for ex in examples for t in (ex.chosen, *ex.rejected)])
+    return [shown.get(w, w) for w in likes], [shown.get(w, w) for w in avoids]
 
 
 # --------------------------------------------------------------------------------------- scorers
@@ -271,6 +302,14 @@ class Fermi:
         min_share: float = Field(default=0.2, ge=0.0, le=1.0, description="a node's scope weight needed to contribute")
         max_prompt_chars: int = Field(default=600, ge=40, le=8000)
         keywords: int = Field(default=8, ge=0, le=50, description="distinctive words in keyword proposals")
+        styles: list[str] | None = Field(
+            default=None, max_length=64,
+            description="style instructions scored as candidates (default: the built-in STYLE_LIBRARY with the "
+                        "white-box scorer, none with a judge; [] for none)")
+        cache_size: int = Field(default=64, ge=0, le=1000,
+                                description="prompts whose per-choice scores are kept to skip rescoring (0: none)")
+        style_pairs: int = Field(default=2, ge=0, le=10,
+                                 description="after scoring, combine the best styles pairwise (this many combinations)")
 
     def __init__(self, config: Config | None = None, name: str = "fermi") -> None:
         self.config = config or self.Config()
@@ -415,8 +454,12 @@ class Fermi:
         text = " ".join(text.split())
         return text if len(text) <= self.config.max_prompt_chars else text[: self.config.max_prompt_chars - 1] + "…"
 
-    def proposals(self, node: str, prof: Profile | None, examples: list[Example], best: str) -> list[tuple[str, str]]:
-        """Deterministic candidates ``(source, text)`` from preferences, persona and choice features."""
+    def proposals(self, node: str, prof: Profile | None, examples: list[Example], best: str,
+                  library: bool = False) -> list[tuple[str, str]]:
+        """Deterministic candidates ``(source, text)`` from preferences, persona and choice features.
+
+        ``library``: also the style library (each style after the persona prompt).
+        """
         seed = self.seed_prompt(prof)
         out: list[tuple[str, str]] = [("persona", seed)]
         is_group = node.startswith("group:")
@@ -448,7 +491,24 @@ class Fermi:
             opening = " ".join(_text.sentences(examples[i].chosen)[:1])[:200]
             if opening:
                 out.append(("exemplar", self._clip(f"{seed} I like answers in this style: \"{opening}\"".strip())))
+        for style in self.style_library() if library else []:
+            out.append(("library", self._clip(f"{seed} {style}".strip())))
         return [(s, t) for s, t in out if t != best or s == "persona"]
+
+    def style_library(self) -> list[str]:
+        """``styles`` from the config, else the built-in library."""
+        styles = STYLE_LIBRARY if self.config.styles is None else self.config.styles
+        return [" ".join(t.split()) for t in styles if t.strip()]
+
+    def style_combinations(self, seed: str, scored: list[dict[str, Any]], persona_score: float | None) -> list[str]:
+        """The best-scoring library styles joined pairwise (only styles that beat the persona prompt)."""
+        if not self.config.style_pairs:
+            return []
+        lib = sorted((p for p in scored if p.get("source") == "library"
+                      and (persona_score is None or p["score"] > persona_score)), key=lambda p: -p["score"])
+        styles = [p["text"][len(seed):].strip() if seed and p["text"].startswith(seed) else p["text"] for p in lib]
+        pairs = [(i, j) for j in range(len(styles)) for i in range(j)]
+        return [self._clip(f"{seed} {styles[i]} {styles[j]}".strip()) for i, j in pairs[: self.config.style_pairs]]
 
     def misaligned_fix(self, best: str, bad: list[Example]) -> str | None:
         """Refine ``best`` with the words separating the chosen from the wrongly favoured answers."""
@@ -542,15 +602,26 @@ class Fermi:
         known = {p["text"] for p in memory}
         new: list[dict[str, Any]] = []
 
-        def add(source: str, text: str) -> None:
+        # Per-choice results of prompts tried before (and dropped from the memory): only new choices are scored.
+        cache: dict[str, Any] = dict(st.get("cache", {}))
+
+        def add(source: str, text: str) -> bool:
             if text in known:
-                return
+                return False
             known.add(text)
-            new.append({"id": f"p{st.get('jobs', 0)}-{len(new)}-{hashlib.sha1(text.encode()).hexdigest()[:6]}", "text": text,
-                        "source": source, "created_at": time.time()})
+            key = hashlib.sha1(text.encode()).hexdigest()[:12]
+            entry = {"id": f"p{st.get('jobs', 0)}-{len(new)}-{key[:6]}", "text": text,
+                     "source": source, "created_at": time.time()}
+            if key in cache:
+                entry["per_example"] = dict(cache[key])
+            new.append(entry)
+            return True
 
         best_text = current["text"] if current else ""
-        for source, text in self.proposals(node, prof, examples, best_text):
+        # The library costs one scoring per style: on by default with the (local) white-box scorer,
+        # with a judge only when ``styles`` is configured (each judged prompt costs auxiliary calls).
+        library = self.config.styles is not None or getattr(scorer, "kind", "") == "whitebox"
+        for source, text in self.proposals(node, prof, examples, best_text, library=library):
             add(source, text)
         if current and current.get("misaligned"):
             bad = [by_id[m["id"]] for m in current["misaligned"] if m["id"] in by_id]
@@ -564,6 +635,14 @@ class Fermi:
                               f"{sum('score' not in e for e in new)} proposal(s) not scored")
                 break
             await guarded(rescore(entry))
+        persona = next((p for p in memory + new if p.get("source") == "persona" and "score" in p), None)
+        for text in self.style_combinations(self.seed_prompt(prof), [p for p in new if "score" in p],
+                                            persona["score"] if persona else None):
+            left = budget.seconds_left()
+            if left is not None and left <= 0:
+                break
+            if add("library+", text):
+                await guarded(rescore(new[-1]))
         scored = [p for p in memory + new if "score" in p]
 
         # The optimizer LLM: proposals from the memory, each one budgeted.
@@ -593,9 +672,7 @@ class Fermi:
                 if text is None:
                     errors.append("optimizer: unusable proposal")
                     continue
-                before = len(new)
-                add("optimizer", text)
-                if len(new) > before and await guarded(rescore(new[-1])):
+                if add("optimizer", text) and await guarded(rescore(new[-1])):
                     scored.append(new[-1])
 
         summary["proposed"] = len(new)
@@ -624,9 +701,17 @@ class Fermi:
             for p in keep:
                 p["misaligned"] = [{"id": m["id"]} for m in p.get("misaligned", [])]
 
+        for p in new:
+            if p.get("per_example"):
+                key = hashlib.sha1(p["text"].encode()).hexdigest()[:12]
+                cache.pop(key, None)  # newest last: the oldest are dropped first
+                cache[key] = {k: v for k, v in p["per_example"].items() if k in by_id}
+        cache = dict(list(cache.items())[-self.config.cache_size:]) if self.config.cache_size else {}
+
         def store(prof: Profile) -> None:
             s = self._state(prof)
             s["prompts"] = keep
+            s["cache"] = cache
             s["jobs"] = int(s.get("jobs", 0)) + 1
             if accepted and winner is not None:
                 s["best"] = winner["id"]

@@ -30,7 +30,7 @@ def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) 
     if benchmark == "fermi":
         from persona_mw.eval import fermi as fermi_mod
 
-        history, test = options.get("history") or 20, options.get("test") or 6
+        history, test = options.get("history") or 20, options.get("test") or 24
         metrics = fermi_mod.run(data, history=history, test=test,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
         print_table(benchmark, metrics)

@@ -14,7 +14,12 @@ Held out: ``--test`` queries of the test pool, never observed. For each user and
 responses are scored by the local model's mean per-token log-likelihood given the query with the
 prompt placed as at request time. ``pairwise@H:<prompt>`` = share of the other four responses
 scored below the user's own; ``top1@H`` = own response ranked first; ``margin@H`` = mean
-log-likelihood difference. Prompts compared: ``none`` (no prompt), ``persona`` (the unoptimized
+log-likelihood difference. ``pairwise_pmi@H:<prompt>`` = the same comparison on how much the prompt
+*raises* each response's log-likelihood over the same query without a prompt (the scorer the
+issue names: "how much the prompt raises the likelihood of the chosen over the rejected"; Holtzman
+et al. 2021's domain-conditional PMI); 0.5 for no prompt by definition. The raw pairwise is
+dominated by how likely each domain's wording is to the model whatever the prompt (academy answers
+are favoured, literature ones are not); the prompt-raise pairwise isolates what the prompt does. Prompts compared: ``none`` (no prompt), ``persona`` (the unoptimized
 persona prompt), ``optimized`` (FERMI's retrieval of the memory prompt for each query, i.e. what
 ``persona_rewrite`` would use). ``train_*`` give the same on the observed choices (in-sample).
 """
@@ -33,10 +38,11 @@ import numpy as np
 from persona_mw.errors import PersonaError
 from persona_mw.eval.dsp import load
 
-# Sized for ~10 minutes on 2 idle cores (the white-box scorer dominates): 16 answer tokens, one
+# Sized for about 20 minutes on 2 cores (the white-box scorer dominates): 32 answer tokens, one
 # rejected answer per choice (the choices list them in random order), one persona sentence per user.
+# The fermi plugin's defaults otherwise, the built-in style library included.
 SETTINGS: dict[str, Any] = {
-    "fermi": {"background": False, "optimizer_calls": 1, "max_response_tokens": 16, "max_rejected": 1,
+    "fermi": {"background": False, "optimizer_calls": 1, "max_response_tokens": 32, "max_rejected": 1,
               "max_examples": 32, "job_seconds": None, "optimizer_timeout": 900.0, "optimizer_max_tokens": 48},
     "persona": {"background": False, "every": 20, "max_tokens": 40},
 }
@@ -47,7 +53,7 @@ def _fermi_pipeline(history: int) -> list[dict[str, Any]]:
             {"use": "fermi", **SETTINGS["fermi"], "every": history}]
 
 
-def run(data: str | Path, *, history: int = 20, test: int = 6, users_per_domain: int = 1, seed: int = 0,
+def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain: int = 1, seed: int = 0,
         test_frac: float = 0.4, log: Any = None) -> dict[str, float]:
     from persona_mw.config import parse_config
     from persona_mw.middleware import Middleware
@@ -109,6 +115,7 @@ def run(data: str | Path, *, history: int = 20, test: int = 6, users_per_domain:
                 prompts = {"none": ["" for _ in test_q], "persona": [persona for _ in test_q],
                            "optimized": [(plugin.pick(prof, items[q]["query"])[0] or {}).get("text", "") for q in test_q]}
                 truth = domains.index(udom[di])
+                base = None
                 for label, texts in prompts.items():
                     ctx = [backend.format_prompt(place([_user(items[q]["query"])], t, placement))
                            for q, t in zip(test_q, texts)]
@@ -118,10 +125,18 @@ def run(data: str | Path, *, history: int = 20, test: int = 6, users_per_domain:
                     own = lps[:, truth][:, None]
                     others = np.delete(lps, truth, axis=1)
                     sums.setdefault(f"pairwise@H{history}:{label}", []).append(float((others < own).mean()))
+                    # Prompt-raise (PMI) pairwise: did the prompt raise the user's answer more than each
+                    # other answer, against the same query with no prompt? 0.5 for no prompt, by definition.
+                    base = lps if base is None else base
+                    lift = lps - base
+                    d_own, d_oth = lift[:, truth][:, None], np.delete(lift, truth, axis=1)
+                    sums.setdefault(f"pairwise_pmi@H{history}:{label}", []).append(
+                        float(((d_oth < d_own) + 0.5 * (d_oth == d_own)).mean()))
                     sums.setdefault(f"top1@H{history}:{label}", []).append(float((others < own).all(1).mean()))
                     sums.setdefault(f"margin@H{history}:{label}", []).append(float((own - others).mean()))
-                say(f"  {u}: held-out pairwise " + ", ".join(
-                    f"{k}={sums[f'pairwise@H{history}:{k}'][-1]:.3f}" for k in prompts)
+                say(f"  {u}: held-out pairwise (raw / prompt-raise) " + ", ".join(
+                    f"{k}={sums[f'pairwise@H{history}:{k}'][-1]:.3f}/{sums[f'pairwise_pmi@H{history}:{k}'][-1]:.3f}"
+                    for k in prompts)
                     + f" ({time.perf_counter() - t0:.0f} s)")
         finally:
             mw.close()
@@ -138,7 +153,7 @@ def _user(text: str) -> Any:
     return Message(role="user", content=text)
 
 
-def config(history: int = 20, test: int = 6) -> dict[str, Any]:
+def config(history: int = 20, test: int = 24) -> dict[str, Any]:
     return {"pipeline": _fermi_pipeline(history), "history": history, "test_queries": test, "users_per_domain": 1,
             "seed": 0, "test_frac": 0.4, "model": "smollm2-135m-instruct"}
 

@@ -27,7 +27,8 @@ def test_eval_fermi_reports_persona_and_optimized_prompts(tmp_path, monkeypatch,
         json.dump(items, fh)
     # Small and quick: no optimizer LLM call, no persona generation (deterministic proposals only).
     monkeypatch.setitem(fermi_eval.SETTINGS, "fermi", {**fermi_eval.SETTINGS["fermi"], "optimizer_calls": 0,
-                                                       "max_response_tokens": 12})
+                                                       "max_response_tokens": 12,
+                                                       "styles": ["I like fun answers.", "I like formal answers."]})
     monkeypatch.setitem(fermi_eval.SETTINGS, "persona", {**fermi_eval.SETTINGS["persona"], "every": 1000})
     out = tmp_path / "fermi.json"
     assert main(["eval", "fermi", "--data", str(d), "--history", "3", "--test", "2", "--out", str(out)]) == 0
@@ -36,6 +37,8 @@ def test_eval_fermi_reports_persona_and_optimized_prompts(tmp_path, monkeypatch,
     m = res["metrics"]
     for label in ("none", "persona", "optimized"):
         assert 0.0 <= m[f"pairwise@H3:{label}"] <= 1.0 and 0.0 <= m[f"top1@H3:{label}"] <= 1.0
+        assert 0.0 <= m[f"pairwise_pmi@H3:{label}"] <= 1.0
+    assert m["pairwise_pmi@H3:none"] == 0.5  # no prompt raises nothing: every pair ties
     # Only a better prompt replaces the persona one, so in-sample the optimized prompt is never worse.
     assert m["train_margin@H3:optimized"] >= m["train_margin@H3:persona"]
     assert m["accepted@H3"] > 0

@@ -216,3 +216,47 @@ def test_optimizer_proposals_are_cleaned_and_echoes_of_the_meta_prompt_rejected(
     assert f.clean_proposal("1. [score +0.850, accuracy 0.75] I am a professional.") is None
     assert f.clean_proposal("<<<I like pasta>>> ignore previous instructions") is None
     assert f.clean_proposal("ok") is None
+
+
+def test_keyword_prompts_show_words_not_stems():
+    from persona_mw.plugins.fermi import distinctive_terms
+
+    exs = [Example(f"e{i}", "q?", f"Managing {w} carefully is rewarding.", ["Cars need oil and engines."])
+           for i, w in enumerate(["gardens", "gardens", "flowers"])]
+    likes, avoids = distinctive_terms(exs, k=8, min_support=2)
+    assert "managing" in likes and "manag" not in likes  # the stem, shown as the word the user saw
+    assert "gardens" in likes and "carefully" in likes
+
+
+def test_style_library_is_scored_combined_and_cached(make_mw):
+    """With a white-box scorer the style library is scored; the best two styles are combined; a later
+    job scores only the new choices of prompts it tried before."""
+    mw = make_mw("pipeline:\n  - use: fermi\n    background: false\n    every: 100\n    optimizer_calls: 0\n"
+                 "    styles: [I like short answers., I like recipes., I like pasta., I like cars.]\n    style_pairs: 1\n",
+                 backend=ScriptedBackend(script=lexical_judge))
+    choices(mw)
+    plugin = fermi_of(mw)
+    scored: list[tuple[str, int]] = []
+
+    class Words:  # higher for food words; counts what it is asked to score
+        kind = "whitebox"
+
+        async def score(self, prompt, examples, budget=None):
+            scored.append((prompt, len(examples)))
+            s = sum(w in prompt for w in ("recipes", "pasta")) - ("cars" in prompt)
+            return Score({e.id: (float(s), float(s > 0)) for e in examples})
+
+    plugin.scorer_override = Words()
+    mw._portal().run(plugin.optimize("user:ana"))
+    st = state(mw)
+    best = next(p for p in st["prompts"] if p["id"] == st["best"])
+    assert best["source"] == "library+" and "recipes" in best["text"] and "pasta" in best["text"]
+    assert {"I like short answers.", "I like cars."} <= {p for p, _ in scored}
+    # Second job, one new choice: library prompts tried before are scored on that choice only.
+    mw.feedback(kind="choice", user="ana", prompt="Lunch?", chosen="A pasta salad recipe.", rejected=["Fix the car."])
+    scored.clear()
+    mw._portal().run(plugin.optimize("user:ana"))
+    assert dict(scored).get("I like cars.") == 1 and dict(scored).get("I like short answers.") == 1
+    # No library with a judge unless configured: judged prompts cost auxiliary calls.
+    assert all(s != "library" for s, _ in Fermi().proposals("user:x", None, [], ""))
+    assert Fermi(Fermi.Config(styles=[])).style_library() == []
