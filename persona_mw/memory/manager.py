@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import importlib.util
 import logging
 import threading
