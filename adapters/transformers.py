@@ -112,6 +112,12 @@ class TransformersBackend:
         self._tokenizer: Any = None
         self._load_lock = threading.Lock()
         self._lock = threading.Lock()  # one generation at a time
+        # count_tokens runs on request threads while the torch thread encodes padded batches. A
+        # fast tokenizer keeps its padding/truncation settings in shared Rust state that every call
+        # resets, so the two must not share one: a concurrent count could strip a batch's padding
+        # ("Unable to create tensor ...") or fail with "Already borrowed". Counting has its own copy.
+        self._count_tokenizer: Any = None
+        self._count_lock = threading.Lock()
         # Steering keeps one KV cache per stream; False re-encodes everything each step (the
         # naive reference that tests compare against; never faster).
         self.steering_cache = True
@@ -181,12 +187,18 @@ class TransformersBackend:
         """Exact token count under this model's tokenizer (no special tokens added)."""
         if not text:
             return 0
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        with self._count_lock:
+            if self._count_tokenizer is None:
+                import copy
+
+                self._count_tokenizer = copy.deepcopy(self.tokenizer)
+            return len(self._count_tokenizer.encode(text, add_special_tokens=False))
 
     async def aclose(self) -> None:
         # The weights stay in persona_mw.models' in-process cache for other backends to share.
         self._model = None
         self._tokenizer = None
+        self._count_tokenizer = None
 
     # ----------------------------------------------------------------- prompts
 

@@ -462,7 +462,6 @@ class Fermi:
         """
         seed = self.seed_prompt(prof)
         out: list[tuple[str, str]] = [("persona", seed)]
-        is_group = node.startswith("group:")
         likes, avoids = distinctive_terms(examples, self.config.keywords, min_support=2)
         if likes:
             kw = f"I like answers that talk about {', '.join(likes)}."
@@ -481,19 +480,27 @@ class Fermi:
                 style = "I prefer detailed, thorough answers."
             if style:
                 out.append(("style", self._clip(f"{(out[-1][1] if likes else seed)} {style}".strip())))
-        if not is_group and examples:
-            # The opening of the chosen answer closest to the others: a concrete picture of what I like.
-            vecs = [_vec(e.chosen) for e in examples]
-            cent: Counter[str] = Counter()
-            for v in vecs:
-                cent.update(v)
-            i = max(range(len(examples)), key=lambda j: _cos(vecs[j], dict(cent)))
-            opening = " ".join(_text.sentences(examples[i].chosen)[:1])[:200]
-            if opening:
-                out.append(("exemplar", self._clip(f"{seed} I like answers in this style: \"{opening}\"".strip())))
+        ex = self.exemplar(node, seed, examples)
+        if ex is not None:
+            out.append(("exemplar", ex[0]))
         for style in self.style_library() if library else []:
             out.append(("library", self._clip(f"{seed} {style}".strip())))
         return [(s, t) for s, t in out if t != best or s == "persona"]
+
+    def exemplar(self, node: str, seed: str, examples: list[Example]) -> tuple[str, str] | None:
+        """``(prompt, example id)``: the opening of the chosen answer closest to the others, a concrete
+        picture of what I like (user nodes only). It quotes that example, so it is scored without it."""
+        if node.startswith("group:") or not examples:
+            return None
+        vecs = [_vec(e.chosen) for e in examples]
+        cent: Counter[str] = Counter()
+        for v in vecs:
+            cent.update(v)
+        i = max(range(len(examples)), key=lambda j: _cos(vecs[j], dict(cent)))
+        opening = " ".join(_text.sentences(examples[i].chosen)[:1])[:200]
+        if not opening:
+            return None
+        return self._clip(f"{seed} I like answers in this style: \"{opening}\"".strip()), examples[i].id
 
     def style_library(self) -> list[str]:
         """``styles`` from the config, else the built-in library."""
@@ -577,7 +584,8 @@ class Fermi:
                 s = await scorer.score(entry["text"], missing, budget)
                 have.update(s.per_example)
             entry["per_example"] = {k: list(v) for k, v in have.items()}
-            m, a, n = Score(have).on(ids)
+            held = set(entry.get("exclude", ()))
+            m, a, n = Score(have).on([i for i in ids if i not in held])
             entry["score"], entry["acc"], entry["n"] = m, a, n
             bad = sorted((i for i in ids if i in have and have[i][0] < 0), key=lambda i: have[i][0])
             entry["misaligned"] = [self._misaligned_record(node, by_id[i]) for i in bad[:3]]
@@ -602,6 +610,7 @@ class Fermi:
         known = {p["text"] for p in memory}
         new: list[dict[str, Any]] = []
 
+        quoted = self.exemplar(node, self.seed_prompt(prof), examples)
         # Per-choice results of prompts tried before (and dropped from the memory): only new choices are scored.
         cache: dict[str, Any] = dict(st.get("cache", {}))
 
@@ -614,6 +623,8 @@ class Fermi:
                      "source": source, "created_at": time.time()}
             if key in cache:
                 entry["per_example"] = dict(cache[key])
+            if source == "exemplar" and quoted is not None and quoted[0] == text:
+                entry["exclude"] = [quoted[1]]  # scored without the choice it quotes
             new.append(entry)
             return True
 

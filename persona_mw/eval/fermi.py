@@ -19,9 +19,10 @@ log-likelihood difference. ``pairwise_pmi@H:<prompt>`` = the same comparison on 
 issue names: "how much the prompt raises the likelihood of the chosen over the rejected"; Holtzman
 et al. 2021's domain-conditional PMI); 0.5 for no prompt by definition. The raw pairwise is
 dominated by how likely each domain's wording is to the model whatever the prompt (academy answers
-are favoured, literature ones are not); the prompt-raise pairwise isolates what the prompt does. Prompts compared: ``none`` (no prompt), ``persona`` (the unoptimized
-persona prompt), ``optimized`` (FERMI's retrieval of the memory prompt for each query, i.e. what
-``persona_rewrite`` would use). ``train_*`` give the same on the observed choices (in-sample).
+are favoured, literature ones are not); the prompt-raise pairwise isolates what the prompt does.
+Prompts compared: ``none`` (no prompt), ``persona`` (the unoptimized persona prompt), ``optimized``
+(FERMI's retrieval of the memory prompt for each query, i.e. what ``persona_rewrite`` would use),
+``best`` (the node's best prompt for every query, no retrieval). ``train_*`` give the same on the observed choices (in-sample).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ import numpy as np
 from persona_mw.errors import PersonaError
 from persona_mw.eval.dsp import load
 
-# Sized for about 20 minutes on 2 cores (the white-box scorer dominates): 32 answer tokens, one
-# rejected answer per choice (the choices list them in random order), one persona sentence per user.
-# The fermi plugin's defaults otherwise, the built-in style library included.
+# Sized for about 20 minutes on 2 cores (the white-box scorer dominates): the job scores the first
+# 16 tokens of every answer of a choice (the chosen one and all four rejected), one persona sentence
+# per user; the fermi plugin's defaults otherwise, the built-in style library included. Held-out
+# answers are scored on their first HELD_OUT_TOKENS tokens.
+HELD_OUT_TOKENS = 32
 SETTINGS: dict[str, Any] = {
-    "fermi": {"background": False, "optimizer_calls": 1, "max_response_tokens": 32, "max_rejected": 1,
+    "fermi": {"background": False, "optimizer_calls": 1, "max_response_tokens": 16, "max_rejected": 4,
               "max_examples": 32, "job_seconds": None, "optimizer_timeout": 900.0, "optimizer_max_tokens": 48},
     "persona": {"background": False, "every": 20, "max_tokens": 40},
 }
@@ -113,7 +116,8 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
                         sums.setdefault(f"train_margin@H{history}:{label}", []).append(entry["score"])
                 # Held-out: which prompt each query gets.
                 prompts = {"none": ["" for _ in test_q], "persona": [persona for _ in test_q],
-                           "optimized": [(plugin.pick(prof, items[q]["query"])[0] or {}).get("text", "") for q in test_q]}
+                           "optimized": [(plugin.pick(prof, items[q]["query"])[0] or {}).get("text", "") for q in test_q],
+                           "best": [(best or {}).get("text", "") for _ in test_q]}
                 truth = domains.index(udom[di])
                 base = None
                 for label, texts in prompts.items():
@@ -121,7 +125,7 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
                            for q, t in zip(test_q, texts)]
                     resps = [[items[q]["responses"][d] for d in domains] for q in test_q]
                     lps = np.asarray(asyncio.run(backend.call(lambda m, tk, c=ctx, rs=resps: response_logprobs(
-                        m, tk, c, rs, max_response_tokens=plugin.config.max_response_tokens))))
+                        m, tk, c, rs, max_response_tokens=HELD_OUT_TOKENS))))
                     own = lps[:, truth][:, None]
                     others = np.delete(lps, truth, axis=1)
                     sums.setdefault(f"pairwise@H{history}:{label}", []).append(float((others < own).mean()))
@@ -155,6 +159,7 @@ def _user(text: str) -> Any:
 
 def config(history: int = 20, test: int = 24) -> dict[str, Any]:
     return {"pipeline": _fermi_pipeline(history), "history": history, "test_queries": test, "users_per_domain": 1,
+            "held_out_tokens": HELD_OUT_TOKENS,
             "seed": 0, "test_frac": 0.4, "model": "smollm2-135m-instruct"}
 
 

@@ -260,3 +260,27 @@ def test_style_library_is_scored_combined_and_cached(make_mw):
     # No library with a judge unless configured: judged prompts cost auxiliary calls.
     assert all(s != "library" for s, _ in Fermi().proposals("user:x", None, [], ""))
     assert Fermi(Fermi.Config(styles=[])).style_library() == []
+
+
+def test_the_exemplar_prompt_is_scored_without_the_choice_it_quotes(make_mw):
+    mw = make_mw("pipeline:\n  - use: fermi\n    background: false\n    every: 100\n    optimizer_calls: 0\n    styles: []\n",
+                 backend=ScriptedBackend(script=lexical_judge))
+    choices(mw)
+    plugin = fermi_of(mw)
+
+    class Copying:  # an exemplar "wins" only on the answer it quotes: in-sample copying, not a preference
+        kind = "whitebox"
+
+        async def score(self, prompt, examples, budget=None):
+            out = {}
+            for e in examples:
+                quoted = "in this style" in prompt and e.chosen.split(";")[0].split(",")[0][:20] in prompt
+                out[e.id] = (10.0, 1.0) if quoted else ((-1.0, 0.0) if "in this style" in prompt else (0.0, 0.5))
+            return Score(out)
+
+    plugin.scorer_override = Copying()
+    mw._portal().run(plugin.optimize("user:ana"))
+    st = state(mw)
+    ex = next(p for p in st["prompts"] if p["source"] == "exemplar")
+    assert ex["exclude"] and ex["n"] == 2 and ex["score"] == -1.0  # 10.0 with the quoted choice counted
+    assert next(p for p in st["prompts"] if p["id"] == st["best"])["source"] != "exemplar"
