@@ -279,3 +279,47 @@ def test_a_base_model_gets_a_plain_prompt() -> None:
     (cand,) = run(gemma.generate(ask))
     assert "Paris" in cand.text and "User:" not in cand.text  # the implicit "\nUser:" stop
     assert "".join(run(collect(gemma, ask))) == cand.text
+
+
+def test_counting_tokens_on_other_threads_never_strips_a_batch_s_padding(local_backend):
+    """Regression: count_tokens (request threads) and batch encoding (torch thread) shared one fast
+    tokenizer, whose padding setting every call resets: a count landing between a batch's "pad" and
+    its encoding left the batch unpadded ("Unable to create tensor ..."), seen in an eval run. With
+    a tiny GIL switch interval the old code failed ~10 times a second here."""
+    import sys
+    import threading
+    import time as _time
+
+    be = local_backend
+    be.tokenizer  # loaded
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            try:
+                be.count_tokens("a short text to count, again and again")
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(exc))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=count) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        end = _time.monotonic() + 3.0
+        n = 0
+        while _time.monotonic() < end:
+            try:
+                enc = be._encode(["short", "a much longer prompt with many more words in it " * 5])
+                assert enc["input_ids"].shape[0] == 2
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+            n += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(old)
+    assert n > 10 and not errors, errors[:3]
