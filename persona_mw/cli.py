@@ -290,7 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         methods=args.methods, backend=args.backend, config=args.config, seed=args.seed,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     if args.benchmark == "fermi":
-        return run_eval(args.benchmark, args.data, args.out, history=args.history, test=args.test)
+        return run_eval(args.benchmark, args.data, args.out, history=args.history, test=args.test, seed=args.seed)
     if args.benchmark in ("locomo", "prefeval"):
         return run_eval(args.benchmark, args.data, args.out, conversations=args.conversations, topics=args.topics,
                         turns=args.turns, forms=args.forms, limit=args.limit, seed=args.seed, backend=args.backend)
@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "prefeval: a litellm model that judges the options (default: local scorers)")
     p.add_argument("--config", help="style: the pipeline YAML the 'pipeline' method runs (default: the embedded one)")
     p.add_argument("--seed", type=int, default=0,
-                   help="style: seed of users and decoding; prefeval: seed of the option shuffle")
+                   help="style: seed of users and decoding; prefeval: seed of the option shuffle; "
+                   "fermi: seed of the split and the histories")
     p.add_argument("--max-new-tokens", type=int, default=96, help="style: answer length cap in tokens")
     p.add_argument("--batch-size", type=int, default=32, help="style: sequences decoded together")
     p.add_argument("--history", type=int, default=20, help="fermi: choices observed per user")

@@ -298,6 +298,10 @@ class Fermi:
         min_gain: float = Field(default=0.0, ge=0.0, description="a new prompt must beat the current by more")
         retrieve_k: int = Field(default=5, ge=0, le=100, description="similar recorded queries (0: node's best only)")
         min_similarity: float = Field(default=0.1, ge=0.0, le=1.0)
+        retrieve_prior: float = Field(
+            default=10.0, ge=0.0, le=1000.0,
+            description="pseudo-count of the node-wide score when ranking prompts on the similar queries "
+                        "(0: the similar queries alone; higher: closer to the node's best)")
         groups: bool = Field(default=True, description="also optimize the user's groups from their members' choices")
         min_share: float = Field(default=0.2, ge=0.0, le=1.0, description="a node's scope weight needed to contribute")
         max_prompt_chars: int = Field(default=600, ge=40, le=8000)
@@ -757,14 +761,22 @@ class Fermi:
             sims = sorted(((_cos(qv, _vec(e["query"])), e["id"]) for e in exs), reverse=True)
             near = [i for s, i in sims[: self.config.retrieve_k] if s >= self.config.min_similarity]
             if near:
+                # A few similar queries are a noisy estimate: shrink it toward the prompt's node-wide
+                # score (``retrieve_prior`` pseudo-examples), so only a clear local lead switches prompts.
+                prior = self.config.retrieve_prior
+
                 def on_near(p: dict[str, Any]) -> float:
-                    pe = p.get("per_example", {})
-                    vals = [pe[i][0] for i in near if i in pe]
-                    return sum(vals) / len(vals) if len(vals) == len(near) else -math.inf
+                    pe, held = p.get("per_example", {}), set(p.get("exclude", ()))
+                    want = [i for i in near if i not in held]
+                    vals = [pe[i][0] for i in want if i in pe]
+                    if len(vals) != len(want):
+                        return -math.inf
+                    return (sum(vals) + prior * float(p.get("score", 0.0))) / (len(vals) + prior)
 
                 top = max(prompts, key=lambda p: (on_near(p), p["id"] == best["id"]))
                 if on_near(top) > -math.inf and on_near(top) > on_near(best):
-                    return top, f"best on {len(near)} similar recorded queries (margin {on_near(top):+.3f} vs {on_near(best):+.3f})"
+                    return top, (f"best on {len(near)} similar recorded queries (margin {on_near(top):+.3f} vs "
+                                 f"{on_near(best):+.3f}, shrunk toward the node-wide scores)")
         return best, f"node's best (score {best['score']:+.3f}, accuracy {best['acc']:.2f} on {best.get('n', 0)} choices)"
 
     @hookimpl

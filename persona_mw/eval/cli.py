@@ -30,11 +30,11 @@ def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) 
     if benchmark == "fermi":
         from persona_mw.eval import fermi as fermi_mod
 
-        history, test = options.get("history") or 20, options.get("test") or 24
-        metrics = fermi_mod.run(data, history=history, test=test,
+        history, test, seed = options.get("history") or 20, options.get("test") or 24, options.get("seed") or 0
+        metrics = fermi_mod.run(data, history=history, test=test, seed=seed,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
         print_table(benchmark, metrics)
-        write_result(out, benchmark, data, fermi_mod.config(history, test), metrics)
+        write_result(out, benchmark, data, fermi_mod.config(history, test, seed), metrics)
         if out:
             print(f"wrote {out}", file=sys.stderr)
         return 0

@@ -157,10 +157,10 @@ def _user(text: str) -> Any:
     return Message(role="user", content=text)
 
 
-def config(history: int = 20, test: int = 24) -> dict[str, Any]:
+def config(history: int = 20, test: int = 24, seed: int = 0) -> dict[str, Any]:
     return {"pipeline": _fermi_pipeline(history), "history": history, "test_queries": test, "users_per_domain": 1,
             "held_out_tokens": HELD_OUT_TOKENS,
-            "seed": 0, "test_frac": 0.4, "model": "smollm2-135m-instruct"}
+            "seed": seed, "test_frac": 0.4, "model": "smollm2-135m-instruct"}
 
 
 __all__ = ["SETTINGS", "config", "run"]
