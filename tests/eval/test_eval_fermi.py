@@ -35,7 +35,7 @@ def test_eval_fermi_reports_persona_and_optimized_prompts(tmp_path, monkeypatch,
     res = json.loads(out.read_text())
     assert res["benchmark"] == "fermi" and res["config"]["history"] == 3
     m = res["metrics"]
-    for label in ("none", "persona", "optimized"):
+    for label in ("none", "persona", "optimized", "best"):
         assert 0.0 <= m[f"pairwise@H3:{label}"] <= 1.0 and 0.0 <= m[f"top1@H3:{label}"] <= 1.0
         assert 0.0 <= m[f"pairwise_pmi@H3:{label}"] <= 1.0
     assert m["pairwise_pmi@H3:none"] == 0.5  # no prompt raises nothing: every pair ties
