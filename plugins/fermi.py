@@ -195,6 +195,22 @@ def distinctive_terms(examples: list[Example], k: int = 8, min_support: int = 2)
     return [shown.get(w, w) for w in likes], [shown.get(w, w) for w in avoids]
 
 
+def paired_z(a: dict[str, Any], b: dict[str, Any], ids: list[str]) -> tuple[float, int]:
+    """Mean per-choice margin difference of memory entries ``a`` minus ``b`` over the choices both were
+    scored on (neither's excluded ones), in standard errors; +/-inf when the differences do not vary."""
+    pa, pb = a.get("per_example", {}), b.get("per_example", {})
+    held = set(a.get("exclude", ())) | set(b.get("exclude", ()))
+    d = [pa[i][0] - pb[i][0] for i in ids if i in pa and i in pb and i not in held]
+    n = len(d)
+    if not n:
+        return 0.0, 0
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    if var <= 1e-18:
+        return (math.inf if mean > 0 else -math.inf if mean < 0 else 0.0), n
+    return mean / math.sqrt(var / n), n
+
+
 # --------------------------------------------------------------------------------------- scorers
 
 
@@ -296,6 +312,10 @@ class Fermi:
         judge_pairs: int = Field(default=6, ge=1, le=100, description="choices a judge scores per prompt")
         memory_size: int = Field(default=8, ge=2, le=64, description="prompts kept per node")
         min_gain: float = Field(default=0.0, ge=0.0, description="a new prompt must beat the current by more")
+        min_z: float = Field(
+            default=1.64, ge=0.0, le=10.0,
+            description="a new prompt must beat the current (first: the persona prompt) by this many paired "
+                        "standard errors over the same choices (1.64: one-sided 5%; 0: any gain)")
         retrieve_k: int = Field(default=5, ge=0, le=100, description="similar recorded queries (0: node's best only)")
         min_similarity: float = Field(default=0.1, ge=0.0, le=1.0)
         retrieve_prior: float = Field(
@@ -694,7 +714,21 @@ class Fermi:
         summary["aux_calls"] = budget.used
         pool = [p for p in memory + new if "score" in p]
         champion = max(pool, key=lambda p: (p["score"], p["acc"]), default=None)
+        # The best of many candidates on a few choices is flattered by chance (winner's curse): it
+        # replaces the current prompt -- on the first job, the unoptimized persona prompt -- only if
+        # it is better on the same choices by ``min_z`` paired standard errors.
+        base = current if current is not None else next((p for p in pool if p.get("source") == "persona"), None)
         accepted = champion is not None and (current_score is None or champion["score"] > current_score + cfg.min_gain)
+        if champion is not None and base is not None and champion["id"] != base["id"]:
+            z, n_common = paired_z(champion, base, ids)
+            summary["z"] = None if math.isinf(z) else round(z, 3)
+            if z < cfg.min_z or champion["score"] <= base["score"] + cfg.min_gain:
+                accepted = False
+                summary["note"] = (f"best candidate {champion['id']} ({champion['source']}) not clearly better than "
+                                   f"{base['id']} ({base['source']}): z = {z:.2f} on {n_common} choices, "
+                                   f"min_z {cfg.min_z}")
+                if current is None:  # first job: the persona prompt becomes the node's prompt
+                    champion, accepted = base, True
         if champion is not None and current is not None and champion["id"] == current["id"]:
             accepted = False
         summary.update({"accepted": accepted, "errors": errors,
@@ -835,7 +869,7 @@ def prompt_report(profile: Profile, name: str = "fermi") -> dict[str, Any] | Non
     }
 
 
-__all__ = ["Example", "Fermi", "JudgeScorer", "Score", "WhiteBoxScorer", "distinctive_terms", "place",
+__all__ = ["Example", "Fermi", "JudgeScorer", "Score", "WhiteBoxScorer", "distinctive_terms", "paired_z", "place",
            "prompt_report", "prompt_reports"]
 
 

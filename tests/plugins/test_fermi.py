@@ -304,3 +304,34 @@ def test_retrieval_needs_a_clear_local_lead_to_leave_the_node_s_best(near_margin
     entry, why = f.pick(prof, "How long should pasta cook in tomato sauce?")
     assert entry["id"] == picked, why
     assert f.pick(prof, "")[0]["id"] == "A"  # no query: the node's best
+
+
+@pytest.mark.parametrize("min_z,won", [(1.64, False), (0.0, True)])
+def test_a_candidate_must_beat_the_persona_prompt_clearly(make_mw, min_z, won):
+    """Winner's curse: the top of many candidates on a few choices wins partly by chance. A gain that
+    flips sign from choice to choice (z = 0.3) leaves the persona prompt in place unless min_z is 0."""
+    mw = make_mw("pipeline:\n  - use: fermi\n    background: false\n    every: 100\n    optimizer_calls: 0\n"
+                 f"    styles: [I like noisy answers.]\n    style_pairs: 0\n    min_z: {min_z}\n",
+                 backend=ScriptedBackend(script=lexical_judge))
+    mw.state("I like pasta.", user="ana")
+    choices(mw, data=PASTA + [(q + " Again?", g, b) for q, g, b in PASTA[:1]])
+    plugin = fermi_of(mw)
+
+    class Noisy:
+        kind = "whitebox"
+
+        async def score(self, prompt, examples, budget=None):
+            out = {}
+            for k, e in enumerate(examples):
+                gain = (3.0 if k % 2 == 0 else -2.0) if "noisy" in prompt else 0.0
+                out[e.id] = (gain if "noisy" in prompt else (0.0 if prompt == "I like pasta." else -5.0), 0.5)
+            return Score(out)
+
+    plugin.scorer_override = Noisy()
+    summary = mw._portal().run(plugin.optimize("user:ana"))
+    st = state(mw)
+    best = next(p for p in st["prompts"] if p["id"] == st["best"])
+    assert best["source"] == ("library" if won else "persona"), summary
+    assert summary["accepted"] is True and summary.get("z") is not None and 0 < summary["z"] < 1
+    if not won:
+        assert "not clearly better" in summary["note"]
