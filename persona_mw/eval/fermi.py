@@ -107,7 +107,10 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
                 persona = plugin.seed_prompt(prof)
                 best = next((p for p in st.get("prompts", []) if p["id"] == st.get("best")), None)
                 say(f"{u} ({udom[di]}): persona prompt {persona!r}; best {best and best['source']} "
-                    f"{best and best['text']!r} (train score {best and round(best['score'], 3)})")
+                    f"{best and best['text']!r} (train score {best and round(best['score'], 3)}; "
+                    f"z {hist.get('z')}; {hist.get('note', '')})")
+                tried = sorted(hist.get("tried", []), key=lambda c: -c["score"])[:5]
+                say("  top candidates in-sample: " + ", ".join(f"{c['source']} {c['score']:+.3f}" for c in tried))
                 # Training (in-sample) numbers of the persona and the optimized prompt, from the memory.
                 for label, entry in (("persona", next((p for p in st.get("prompts", []) if p.get("source") == "persona"), None)),
                                      ("optimized", best)):
