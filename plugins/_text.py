@@ -13,10 +13,11 @@ import re
 import unicodedata
 from typing import Any
 
+from persona_mw.features import flesch_kincaid_grade
+
 _WORD = re.compile(r"\w+(?:['’]\w+)?", re.UNICODE)
 _SENT_END = re.compile(r"(?<=[.!?。！？])\s+|[。！？]|\n+")
 _BULLET = re.compile(r"^\s*(?:[-*•·]|\d+[.)])\s+")
-_VOWELS = re.compile(r"[aeiouy]+")
 _CONTRACTION = re.compile(r"\b\w+['’](?:s|t|re|ve|ll|d|m)\b", re.IGNORECASE)
 _INFORMAL = {"lol", "gonna", "wanna", "hey", "yeah", "yep", "nope", "cool", "awesome", "btw", "kinda", "sorta",
              "ok", "okay", "stuff", "guys", "haha", "omg", "super", "totally", "pretty"}
@@ -30,12 +31,6 @@ def words(text: str) -> list[str]:
 
 def sentences(text: str) -> list[str]:
     return [s for s in (p.strip() for p in _SENT_END.split(text.strip())) if _WORD.search(s)]
-
-
-def _syllables(word: str) -> int:
-    groups = _VOWELS.findall(word.lower())
-    n = len(groups) - (1 if word.lower().endswith("e") and len(groups) > 1 else 0)
-    return max(1, n)
 
 
 def _is_emoji(ch: str) -> bool:
@@ -53,8 +48,8 @@ def style_features(text: str) -> dict[str, float]:
     ws = words(text)
     sents = sentences(text)
     nw, ns = len(ws), max(1, len(sents)) if ws else 0
-    syll = sum(_syllables(w) for w in ws)
-    grade = 0.39 * (nw / ns) + 11.8 * (syll / nw) - 15.59 if nw else 0.0
+    # The one Flesch-Kincaid grade of the project (the profile features and `eval style` use it too).
+    grade = flesch_kincaid_grade(text) if nw else 0.0
     lower = [w.lower() for w in ws]
     informal = (len(_CONTRACTION.findall(text)) + text.count("!") + sum(w in _INFORMAL for w in lower)
                 + sum(_is_emoji(c) for c in text))

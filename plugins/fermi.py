@@ -808,9 +808,11 @@ class Fermi:
                     return (sum(vals) + prior * float(p.get("score", 0.0))) / (len(vals) + prior)
 
                 top = max(prompts, key=lambda p: (on_near(p), p["id"] == best["id"]))
-                if on_near(top) > -math.inf and on_near(top) > on_near(best):
+                # The same standard as replacing the node's prompt: clearly better on those queries.
+                z, _ = paired_z(top, best, near)
+                if on_near(top) > -math.inf and on_near(top) > on_near(best) and z >= self.config.min_z:
                     return top, (f"best on {len(near)} similar recorded queries (margin {on_near(top):+.3f} vs "
-                                 f"{on_near(best):+.3f}, shrunk toward the node-wide scores)")
+                                 f"{on_near(best):+.3f}, shrunk toward the node-wide scores; z {z:.2f})")
         return best, f"node's best (score {best['score']:+.3f}, accuracy {best['acc']:.2f} on {best.get('n', 0)} choices)"
 
     @hookimpl

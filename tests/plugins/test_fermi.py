@@ -286,7 +286,8 @@ def test_the_exemplar_prompt_is_scored_without_the_choice_it_quotes(make_mw):
     assert next(p for p in st["prompts"] if p["id"] == st["best"])["source"] != "exemplar"
 
 
-@pytest.mark.parametrize("near_margin,prior,picked", [(2.0, 10.0, "A"), (5.0, 10.0, "B"), (2.0, 0.0, "B")])
+@pytest.mark.parametrize("near_margin,prior,picked", [(2.0, 10.0, "A"), (5.0, 10.0, "B"), (2.0, 0.0, "B"),
+                                                      ("noisy", 0.0, "A")])
 def test_retrieval_needs_a_clear_local_lead_to_leave_the_node_s_best(near_margin, prior, picked):
     """FERMI's retrieval of prompts: the memory prompt best on the recorded queries most similar to the
     new one, its few-query score shrunk toward its node-wide score (``retrieve_prior`` pseudo-counts)."""
@@ -297,8 +298,13 @@ def test_retrieval_needs_a_clear_local_lead_to_leave_the_node_s_best(near_margin
     examples = [{"id": i, "query": f"How do I cook pasta with tomato sauce, version {i}?"} for i in near]
     examples += [{"id": i, "query": f"When should I change my car's engine oil, case {i}?"} for i in far]
     a = {"id": "A", "text": "prompt A", "score": 1.0, "acc": 0.7, "per_example": {i: [1.0, 1.0] for i in near + far}}
+    if near_margin == "noisy":  # +4 on average on the similar queries, but 9, -1, 9, -1, 9: z = 1.63
+        b_near = {i: [9.0 if k % 2 == 0 else -1.0, 1.0] for k, i in enumerate(near)}
+        near_margin = 5.0
+    else:
+        b_near = {i: [near_margin, 1.0] for i in near}
     b = {"id": "B", "text": "prompt B", "score": 0.0, "acc": 0.5,
-         "per_example": {**{i: [near_margin, 1.0] for i in near}, **{i: [-near_margin / 2, 0.0] for i in far}}}
+         "per_example": {**b_near, **{i: [-near_margin / 2, 0.0] for i in far}}}
     prof = Profile(node="user:ana", extra={"fermi": {"prompts": [a, b], "best": "A", "examples": examples}})
     f = Fermi(Fermi.Config(retrieve_prior=prior))
     entry, why = f.pick(prof, "How long should pasta cook in tomato sauce?")
