@@ -28,6 +28,7 @@ Prompts compared: ``none`` (no prompt), ``persona`` (the unoptimized persona pro
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import tempfile
 import time
@@ -111,12 +112,18 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
                     f"z {hist.get('z')}; {hist.get('note', '')})")
                 tried = sorted(hist.get("tried", []), key=lambda c: -c["score"])[:5]
                 say("  top candidates in-sample: " + ", ".join(f"{c['source']} {c['score']:+.3f}" for c in tried))
-                # Training (in-sample) numbers of the persona and the optimized prompt, from the memory.
-                for label, entry in (("persona", next((p for p in st.get("prompts", []) if p.get("source") == "persona"), None)),
-                                     ("optimized", best)):
-                    if entry is not None:
-                        sums.setdefault(f"train_pairwise@H{history}:{label}", []).append(entry["acc"])
-                        sums.setdefault(f"train_margin@H{history}:{label}", []).append(entry["score"])
+                # Training (in-sample) numbers of the persona and the best prompt: from the memory, or
+                # from the job's per-choice cache when the persona prompt fell out of the memory (else
+                # the means would cover different users).
+                for label, text in (("persona", persona), ("best", (best or {}).get("text"))):
+                    entry = next((p for p in st.get("prompts", []) if p.get("text") == text and "score" in p), None)
+                    per = st.get("cache", {}).get(hashlib.sha1((text or "").encode()).hexdigest()[:12])
+                    acc_m = (entry["acc"], entry["score"]) if entry else (
+                        (float(np.mean([v[1] for v in per.values()])), float(np.mean([v[0] for v in per.values()])))
+                        if per else None)
+                    if acc_m is not None:
+                        sums.setdefault(f"train_pairwise@H{history}:{label}", []).append(acc_m[0])
+                        sums.setdefault(f"train_margin@H{history}:{label}", []).append(acc_m[1])
                 # Held-out: which prompt each query gets.
                 prompts = {"none": ["" for _ in test_q], "persona": [persona for _ in test_q],
                            "optimized": [(plugin.pick(prof, items[q]["query"])[0] or {}).get("text", "") for q in test_q],

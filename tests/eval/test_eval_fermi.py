@@ -40,5 +40,5 @@ def test_eval_fermi_reports_persona_and_optimized_prompts(tmp_path, monkeypatch,
         assert 0.0 <= m[f"pairwise_pmi@H3:{label}"] <= 1.0
     assert m["pairwise_pmi@H3:none"] == 0.5  # no prompt raises nothing: every pair ties
     # Only a better prompt replaces the persona one, so in-sample the optimized prompt is never worse.
-    assert m["train_margin@H3:optimized"] >= m["train_margin@H3:persona"]
+    assert m["train_margin@H3:best"] >= m["train_margin@H3:persona"]
     assert m["accepted@H3"] > 0
