@@ -629,7 +629,6 @@ class Fermi:
         for entry in memory:
             await guarded(rescore(entry))
         current = next((p for p in memory if p["id"] == st.get("best")), None)
-        current_score = current["score"] if current and "score" in current else None
 
         known = {p["text"] for p in memory}
         new: list[dict[str, Any]] = []
@@ -717,8 +716,9 @@ class Fermi:
         # The best of many candidates on a few choices is flattered by chance (winner's curse): it
         # replaces the current prompt -- on the first job, the unoptimized persona prompt -- only if
         # it is better on the same choices by ``min_z`` paired standard errors.
-        base = current if current is not None else next((p for p in pool if p.get("source") == "persona"), None)
-        accepted = champion is not None and (current_score is None or champion["score"] > current_score + cfg.min_gain)
+        base = current if current is not None and "score" in current else \
+            next((p for p in pool if p.get("source") == "persona"), None)
+        accepted = champion is not None
         if champion is not None and base is not None and champion["id"] != base["id"]:
             z, n_common = paired_z(champion, base, ids)
             summary["z"] = None if math.isinf(z) else round(z, 3)
