@@ -195,6 +195,11 @@ def distinctive_terms(examples: list[Example], k: int = 8, min_support: int = 2)
     return [shown.get(w, w) for w in likes], [shown.get(w, w) for w in avoids]
 
 
+def cache_key(prompt: str) -> str:
+    """The key of a prompt's per-choice scores in a node's ``cache``."""
+    return hashlib.sha1(prompt.encode()).hexdigest()[:12]
+
+
 def paired_z(a: dict[str, Any], b: dict[str, Any], ids: list[str]) -> tuple[float, int]:
     """Mean per-choice margin difference of memory entries ``a`` minus ``b`` over the choices both were
     scored on (neither's excluded ones), in standard errors; +/-inf when the differences do not vary."""
@@ -641,7 +646,7 @@ class Fermi:
             if text in known:
                 return False
             known.add(text)
-            key = hashlib.sha1(text.encode()).hexdigest()[:12]
+            key = cache_key(text)
             entry = {"id": f"p{st.get('jobs', 0)}-{len(new)}-{key[:6]}", "text": text,
                      "source": source, "created_at": time.time()}
             if key in cache:
@@ -752,7 +757,7 @@ class Fermi:
 
         for p in new:
             if p.get("per_example"):
-                key = hashlib.sha1(p["text"].encode()).hexdigest()[:12]
+                key = cache_key(p["text"])
                 cache.pop(key, None)  # newest last: the oldest are dropped first
                 cache[key] = {k: v for k, v in p["per_example"].items() if k in by_id}
         cache = dict(list(cache.items())[-self.config.cache_size:]) if self.config.cache_size else {}
@@ -871,8 +876,8 @@ def prompt_report(profile: Profile, name: str = "fermi") -> dict[str, Any] | Non
     }
 
 
-__all__ = ["Example", "Fermi", "JudgeScorer", "Score", "WhiteBoxScorer", "distinctive_terms", "paired_z", "place",
-           "prompt_report", "prompt_reports"]
+__all__ = ["Example", "Fermi", "JudgeScorer", "Score", "WhiteBoxScorer", "cache_key", "distinctive_terms", "paired_z",
+           "place", "prompt_report", "prompt_reports"]
 
 
 def prompt_reports(middleware: Any, profiles: dict[str, Any]) -> dict[str, Any]:

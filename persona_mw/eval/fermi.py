@@ -28,7 +28,6 @@ Prompts compared: ``none`` (no prompt), ``persona`` (the unoptimized persona pro
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import tempfile
 import time
@@ -62,7 +61,7 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
     from persona_mw.config import parse_config
     from persona_mw.middleware import Middleware
     from persona_mw.plugins._fermi_score import response_logprobs
-    from persona_mw.plugins.fermi import place
+    from persona_mw.plugins.fermi import cache_key, place
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     say = log or (lambda m: None)
@@ -117,7 +116,7 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
                 # the means would cover different users).
                 for label, text in (("persona", persona), ("best", (best or {}).get("text"))):
                     entry = next((p for p in st.get("prompts", []) if p.get("text") == text and "score" in p), None)
-                    per = st.get("cache", {}).get(hashlib.sha1((text or "").encode()).hexdigest()[:12])
+                    per = st.get("cache", {}).get(cache_key(text or ""))
                     acc_m = (entry["acc"], entry["score"]) if entry else (
                         (float(np.mean([v[1] for v in per.values()])), float(np.mean([v[0] for v in per.values()])))
                         if per else None)
