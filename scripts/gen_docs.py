@@ -314,12 +314,46 @@ def hooks_page() -> str:
 # -- HTTP API -----------------------------------------------------------------------------------------
 
 
+# Wire fields whose models carry no description (the schema's own description wins when present).
+WIRE_FIELDS = {
+    "model": "model name; the configured backend answers whatever it is",
+    "messages": "OpenAI chat messages; at least one with role user",
+    "user": "the end user's id (over HTTP also the X-Persona-User header)",
+    "n": "number of choices, 1-16 (candidates for reranking)",
+    "stream": "answer as server-sent events",
+    "max_tokens": "new tokens at most",
+    "max_completion_tokens": "same as max_tokens (newer OpenAI name)",
+    "temperature": "sampling temperature (0: greedy)",
+    "top_p": "nucleus sampling",
+    "seed": "sampling seed",
+    "stop": "stop sequence(s)",
+    "tools": "passed to backends that take them (litellm); ignored by the local model",
+    "tool_choice": "as tools",
+    "context": "a context tag such as coding (also the X-Persona-Context header)",
+    "groups": "groups the user belongs to, for this request",
+    "metadata": "free-form; plugins may read it",
+    "id": "event id (generated when absent; an id already stored is a 409)",
+    "created_at": "unix seconds (default: now)",
+    "trace_id": "the response the event is about",
+    "kind": "the event kind",
+    "prompt": "the user's message the answers were for",
+    "chosen": "the answer the user preferred",
+    "rejected": "the answers the user did not prefer",
+    "response": "the answer rated",
+    "rating": "in [0, 1]",
+    "before": "the answer as served",
+    "after": "the answer as the user edited it",
+    "text": "the preference in words",
+    "polarity": "like, or avoid what the text names",
+}
+
+
 def _schema_rows(schema: dict[str, Any], components: dict[str, Any]) -> list[str]:
     rows = ["| field | type | required | description |", "|---|---|---|---|"]
     required = set(schema.get("required", []))
     for name, prop in schema.get("properties", {}).items():
         rows.append(f"| `{name}` | {_cell(_schema_type(prop, components))} | {'yes' if name in required else ''} | "
-                    f"{_cell(prop.get('description', ''))} |")
+                    f"{_cell(prop.get('description') or WIRE_FIELDS.get(name, ''))} |")
     return rows
 
 
