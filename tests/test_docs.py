@@ -132,22 +132,31 @@ def _build(work: Path) -> subprocess.CompletedProcess[str]:
 
 def test_site_builds_strictly_and_lists_a_new_notes_file(tmp_path):
     work = _site_copy(tmp_path)
+    # as engineers write them: links into the site, and to files that are not pages of it
     (work / "docs" / "notes" / "zz-newcomer.md").write_text(
-        "# Newcomer notes\n\nSee the [guide](../guide/index.md).\n", encoding="utf-8")
+        "# Newcomer notes\n\nSee the [guide](../guide/index.md), [the pipeline](../../persona_mw/pipeline.py) "
+        "and [the README](../../README.md#a-tour).\n", encoding="utf-8")
+    (work / "docs" / "notes" / "deeper").mkdir()
+    (work / "docs" / "notes" / "deeper" / "more.md").write_text("# More notes\n\nText.\n", encoding="utf-8")
     out = _build(work)
     assert out.returncode == 0, out.stderr[-3000:]
     page = work / "site" / "notes" / "zz-newcomer" / "index.html"
     assert page.exists()
+    html = page.read_text(encoding="utf-8")
+    assert 'href="../../guide/"' in html  # a link into the site stays a link
+    assert "<code>../../persona_mw/pipeline.py</code>" in html  # one out of it is shown as text
+    assert (work / "site" / "notes" / "deeper" / "more" / "index.html").exists()
     # listed in the navigation of every page, under "Release notes"
     home = (work / "site" / "index.html").read_text(encoding="utf-8")
-    assert "notes/zz-newcomer/" in home and "Newcomer notes" in home
+    assert "notes/zz-newcomer/" in home and "Newcomer notes" in home and "More notes" in home
     assert "fonts.googleapis" not in home  # theme.font: false: nothing fetched from the network
 
 
 def test_strict_build_fails_on_a_broken_link(tmp_path):
     """The control: the strict build does catch a broken link (so a green build means something)."""
     work = _site_copy(tmp_path)
-    (work / "docs" / "notes" / "broken.md").write_text("# Broken\n\n[gone](../no-such-page.md)\n", encoding="utf-8")
+    with (work / "docs" / "guide" / "index.md").open("a", encoding="utf-8") as page:
+        page.write("\n[gone](../no-such-page.md)\n")
     out = _build(work)
     assert out.returncode != 0
     assert "no-such-page.md" in out.stderr
