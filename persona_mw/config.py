@@ -37,7 +37,8 @@ class BackendConfig(BaseModel):
     """``type`` picks a registered backend; the other keys go to its factory."""
 
     model_config = ConfigDict(extra="allow")
-    type: str = "transformers"
+    type: str = Field(default="transformers",
+                      description="a registered backend type: transformers (local) or litellm (any provider)")
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -45,28 +46,33 @@ class BackendConfig(BaseModel):
 
 
 class StoreConfig(_Strict):
-    path: str = Field(default_factory=lambda: str(default_data_dir() / "persona.db"))
+    path: str = Field(default_factory=lambda: str(default_data_dir() / "persona.db"),
+                      description="the SQLite file; default $PERSONA_MW_HOME/persona.db, else "
+                                  "$XDG_DATA_HOME/persona-mw/persona.db, else ~/.local/share/persona-mw/persona.db")
 
 
 class StatedItem(_Strict):
-    text: str = Field(min_length=1)
-    polarity: Polarity = "like"
+    text: str = Field(min_length=1, description="the preference in words")
+    polarity: Polarity = Field(default="like", description="like, or avoid what the text names")
 
 
 class GroupConfig(_Strict):
     """A declared group (an org, team or cohort) with preferences every member inherits."""
 
-    stated: list[StatedItem | str] = Field(default_factory=list)
-    members: list[str] = Field(default_factory=list)
+    stated: list[StatedItem | str] = Field(default_factory=list,
+                                          description="preferences of the node (a string is a like)")
+    members: list[str] = Field(default_factory=list, description="user ids that belong to the group")
 
 
 class GraphConfig(_Strict):
     prior_strength: float = Field(
         default=5.0, gt=0, description="k in (n*own + k*parent)/(n+k): evidence a node needs to outweigh its parents"
     )
-    groups: dict[str, GroupConfig] = Field(default_factory=dict)
-    contexts: dict[str, GroupConfig] = Field(default_factory=dict)
-    global_: GroupConfig = Field(default_factory=GroupConfig, alias="global")
+    groups: dict[str, GroupConfig] = Field(default_factory=dict, description="declared groups by id")
+    contexts: dict[str, GroupConfig] = Field(default_factory=dict,
+                                             description="contexts by id (a request's context), with their preferences")
+    global_: GroupConfig = Field(default_factory=GroupConfig, alias="global",
+                                 description="preferences every user inherits")
 
     @field_validator("groups", "contexts")
     @classmethod
@@ -85,9 +91,10 @@ class PluginEntry(BaseModel):
     """One ``pipeline:`` entry: ``use`` names the plugin type; other keys are its settings."""
 
     model_config = ConfigDict(extra="allow")
-    use: str
-    name: str | None = None
-    on_error: Literal["fail", "skip"] = "fail"
+    use: str = Field(description="the plugin type (a built-in or a registered third-party plugin)")
+    name: str | None = Field(default=None, description="instance name, for a plugin used twice (default: use)")
+    on_error: Literal["fail", "skip"] = Field(
+        default="fail", description="fail: the turn fails naming the plugin; skip: the error goes to the trace")
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -109,8 +116,9 @@ class ServerConfig(_Strict):
     not hold it; either way only the SHA-256 is kept once the config is loaded.
     """
 
-    api_keys: dict[str, list[str]] = Field(default_factory=dict)
-    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
+    api_keys: dict[str, list[str]] = Field(default_factory=dict,
+                                           description="tenant -> its keys (secret or sha256:<hex>); none = open server")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30, description="larger request bodies get a 413")
 
     @field_validator("api_keys")
     @classmethod
@@ -147,7 +155,7 @@ class PrivacyRules(_Strict):
 class PrivacyConfig(PrivacyRules):
     """``privacy:`` redaction before storage; ``tenants:`` overrides the list per server tenant."""
 
-    tenants: dict[str, PrivacyRules] = Field(default_factory=dict)
+    tenants: dict[str, PrivacyRules] = Field(default_factory=dict, description="per server tenant: its own redact list")
     patterns: dict[str, str] = Field(default_factory=dict,
                                      description="extra PII kinds as regular expressions, usable in redact lists")
 

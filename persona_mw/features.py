@@ -213,13 +213,14 @@ class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     style: bool = Field(default=True, description="interpretable style metrics (STYLE_NAMES)")
-    style_scale: float = Field(default=0.5, ge=0.0)
+    style_scale: float = Field(default=0.5, ge=0.0, description="multiplier of the style block")
     ngram_dim: int = Field(default=4096, ge=0, le=1 << 18, description="hashed n-gram buckets (0 = off)")
-    word_ngrams: tuple[int, int] = (1, 2)
-    char_ngrams: tuple[int, int] | None = (3, 5)
-    ngram_scale: float = Field(default=1.0, ge=0.0)
+    word_ngrams: tuple[int, int] = Field(default=(1, 2), description="word n-gram lengths hashed (min, max)")
+    char_ngrams: tuple[int, int] | None = Field(
+        default=(3, 5), description="character n-gram lengths hashed (min, max); null: none")
+    ngram_scale: float = Field(default=1.0, ge=0.0, description="multiplier of the n-gram block")
     embedding: bool = Field(default=True, description="sentence embeddings from the embedder")
-    embedding_scale: float = Field(default=1.0, ge=0.0)
+    embedding_scale: float = Field(default=1.0, ge=0.0, description="multiplier of the embedding block")
 
     def key(self) -> str:
         """A short fingerprint stored with fitted profiles (weights are only valid for one spec)."""

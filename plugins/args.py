@@ -153,7 +153,7 @@ class RewardGuided:
                               description="w in logit + w * reward, where no node in scope sets its own")
         learn_on_feedback: bool = Field(default=True, description="refit the user's head after choice/edit events")
         max_pairs: int = Field(default=200, ge=1, description="most recent pairs used for a refit")
-        l2: float = Field(default=1.0, gt=0.0)
+        l2: float = Field(default=1.0, gt=0.0, description="L2 penalty of the reward head's logistic regression")
 
     def __init__(self, config: Config | None = None, name: str = "args") -> None:
         self.config = config or self.Config()

@@ -101,14 +101,14 @@ class Contrast:
         strength: float = Field(default=1.0, ge=0.0, le=20.0,
                                 description="r (alpha for amulet) where no node in scope sets its own")
         top_p: float = Field(default=0.8, gt=0.0, le=1.0, description="plausibility mask over s_with (linear)")
-        amulet_iterations: int = Field(default=60, ge=1, le=500)
-        amulet_eta: float = Field(default=10.0, gt=0.0)
-        amulet_lambda: float = Field(default=2.0, gt=0.0)
-        amulet_top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+        amulet_iterations: int = Field(default=60, ge=1, le=500, description="amulet: FTRL iterations per token")
+        amulet_eta: float = Field(default=10.0, gt=0.0, description="amulet: FTRL learning rate eta")
+        amulet_lambda: float = Field(default=2.0, gt=0.0, description="amulet: regularization lambda")
+        amulet_top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="amulet: plausibility mask over s_with")
         placement: Literal["system", "user_suffix"] = Field(
             default="user_suffix",
             description="where the preferences go in the 'with' prompt (the 135M local model heeds the user turn)")
-        header: str = "The user's preferences:"
+        header: str = Field(default="The user's preferences:", description="first line of the preference block")
         include_inherited: bool = Field(default=True, description="also group/context/global preferences")
 
     def __init__(self, config: Config | None = None, name: str = "contrast") -> None:

@@ -32,12 +32,13 @@ KEY = "experts"
 
 class ExpertSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="unique name (per-user weights refer to it)")
     model: str | None = Field(default=None, description="registry name or path; unset: the main model")
     system: str | None = Field(default=None, description="system prompt the expert sees")
     anti_model: str | None = Field(default=None, description="anti-expert model; unset: the expert's model")
     anti_system: str | None = Field(default=None, description="system prompt of the anti-expert (unset: none)")
-    weight: float = Field(default=1.0, ge=-20.0, le=20.0)
+    weight: float = Field(default=1.0, ge=-20.0, le=20.0,
+                          description="w_i in s_base + sum_i w_i (s_expert_i - s_anti_i), where no node sets its own")
 
 
 def vocab_overlap(tok_a: Any, tok_b: Any, name_a: str = "a", name_b: str = "b") -> int:
@@ -104,7 +105,7 @@ class Experts:
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        experts: list[ExpertSpec] = Field(min_length=1)
+        experts: list[ExpertSpec] = Field(min_length=1, description="the experts (a prompt or another local model each)")
 
     def __init__(self, config: Config, name: str = "experts") -> None:
         self.config = config

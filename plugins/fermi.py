@@ -310,7 +310,7 @@ class Fermi:
             description="job budget: optimizer + judge calls (default: the config's budget.aux_calls_per_job)")
         job_seconds: float | None = Field(default=120.0, gt=0, description="job budget: wall-clock seconds")
         optimizer_timeout: float = Field(default=30.0, gt=0, description="seconds per optimizer call")
-        optimizer_max_tokens: int = Field(default=80, ge=8, le=1024)
+        optimizer_max_tokens: int = Field(default=80, ge=8, le=1024, description="new tokens per optimizer proposal")
         max_examples: int = Field(default=32, ge=1, le=1000, description="newest choices a node is scored on")
         max_rejected: int = Field(default=4, ge=1, le=16, description="rejected answers per choice scored")
         max_response_tokens: int = Field(default=32, ge=4, le=1024, description="answer tokens scored (white-box)")
@@ -322,14 +322,15 @@ class Fermi:
             description="a new prompt must beat the current (first: the persona prompt) by this many paired "
                         "standard errors over the same choices (1.64: one-sided 5%; 0: any gain)")
         retrieve_k: int = Field(default=5, ge=0, le=100, description="similar recorded queries (0: node's best only)")
-        min_similarity: float = Field(default=0.1, ge=0.0, le=1.0)
+        min_similarity: float = Field(default=0.1, ge=0.0, le=1.0,
+                                       description="least similarity of a recorded query to count as similar")
         retrieve_prior: float = Field(
             default=10.0, ge=0.0, le=1000.0,
             description="pseudo-count of the node-wide score when ranking prompts on the similar queries "
                         "(0: the similar queries alone; higher: closer to the node's best)")
         groups: bool = Field(default=True, description="also optimize the user's groups from their members' choices")
         min_share: float = Field(default=0.2, ge=0.0, le=1.0, description="a node's scope weight needed to contribute")
-        max_prompt_chars: int = Field(default=600, ge=40, le=8000)
+        max_prompt_chars: int = Field(default=600, ge=40, le=8000, description="prompts longer are cut")
         keywords: int = Field(default=8, ge=0, le=50, description="distinctive words in keyword proposals")
         styles: list[str] | None = Field(
             default=None, max_length=64,

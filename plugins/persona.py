@@ -105,15 +105,17 @@ class PersonaInference:
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         role: str = Field(default="persona", description="roles: entry of the persona LLM (default: main backend)")
-        kinds: list[Literal["choice", "edit"]] = Field(default_factory=lambda: ["choice", "edit"])
+        kinds: list[Literal["choice", "edit"]] = Field(default_factory=lambda: ["choice", "edit"],
+                                                        description="feedback kinds that trigger an inference")
         background: bool = Field(default=True, description="run the LLM call off the feedback path")
         every: int = Field(default=1, ge=1, description="infer on every k-th eligible event of a user")
         max_pending: int = Field(default=4, ge=1, le=1000, description="LLM calls in flight, beyond: skipped")
         max_personas: int = Field(default=5, ge=1, le=100, description="statements kept per node, newest win")
-        max_chars: int = Field(default=300, ge=40, le=2000)
+        max_chars: int = Field(default=300, ge=40, le=2000, description="longest persona sentence accepted")
         max_input_chars: int = Field(default=800, ge=100, le=20000, description="per text shown to the LLM")
-        max_tokens: int = Field(default=60, ge=8, le=512)
-        require_language_match: bool = True
+        max_tokens: int = Field(default=60, ge=8, le=512, description="new tokens of the persona LLM's answer")
+        require_language_match: bool = Field(default=True,
+                                             description="refuse a sentence not in the language the user wrote in")
         max_in_prompt: int = Field(default=2, ge=0, le=20, description="persona items gathered per turn")
         include_inherited: bool = Field(default=False, description="also gather group/context personas")
 

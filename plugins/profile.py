@@ -344,16 +344,17 @@ class ProfilePlugin:
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-        features: FeatureSpec = Field(default_factory=lambda: FeatureSpec(embedding_scale=1.5))
+        features: FeatureSpec = Field(default_factory=lambda: FeatureSpec(embedding_scale=1.5),
+                                       description="feature blocks of the preference vector and their scales")
         prior_precision: float = Field(default=1.0, gt=0, description="precision of a node's prior around its parents")
         global_precision: float = Field(default=10.0, gt=0, description="precision of the global node's prior around 0")
-        online_steps: int = Field(default=3, ge=1, le=20)
+        online_steps: int = Field(default=3, ge=1, le=20, description="Newton steps per online update after feedback")
         hierarchy: bool = Field(default=True, description="false: every user alone (prior 0, no groups)")
         discover_groups: bool = Field(default=True, description="refit clusters users into group:auto-<k>")
-        max_groups: int = Field(default=12, ge=2, le=256)
+        max_groups: int = Field(default=12, ge=2, le=256, description="most groups group discovery tries")
         min_users: int = Field(default=6, ge=2, description="users with choices needed before clustering")
-        em_iters: int = Field(default=3, ge=0, le=50)
-        seed: int = 0
+        em_iters: int = Field(default=3, ge=0, le=50, description="hard-EM rounds refining discovered groups")
+        seed: int = Field(default=0, description="random seed of group discovery (k-means starts)")
 
     def __init__(self, config: Config | None = None, name: str = "profile") -> None:
         self.config = config or self.Config()

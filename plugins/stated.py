@@ -40,7 +40,8 @@ class StatedPreferences:
         )
         budget_tokens: int = Field(default=200, ge=16, le=8000, description="token budget for the block")
         include_inherited: bool = Field(default=True, description="also use group/context/global preferences")
-        header: str = "Answer following these preferences of mine:"
+        header: str = Field(default="Answer following these preferences of mine:",
+                            description="first line of the preference block")
         include_persona: bool = Field(
             default=True, description="also list persona statements gathered by the persona plugin (after stated ones)"
         )
