@@ -72,18 +72,19 @@ def _email(text: str) -> Iterable[Span]:
 # A number labeled as something else ("Order #", "ISBN", "Rechnungsnr.", "订单号：") is not a phone or a card.
 _NOT_PII_LABEL = re.compile(
     r"(?i)(?:order|invoice|ref|reference|ticket|tracking|shipment|parcel|isbn|issn|ean|gtin|upc|sku|serial|"
-    r"s/n|case|po|article|art\.|item|part|model|build|version|ver\.|v\.|"
+    r"s/n|case|po|article|art\.|item|part|model|build|version|ver\.|v\.|jan|barcode|"
     r"bestellung|bestell|rechnung|rechnungs|auftrag|auftrags|sendung|sendungs|artikel|kunden|vorgang|aktenzeichen|"
     r"commande|facture|colis|suivi|dossier|référence|pedido|factura|albarán|envío|expediente|"
     r"ordine|fattura|spedizione|pratica|encomenda|fatura|rastreio|protocolo|"
-    r"注文番号|注文|伝票番号|問い合わせ番号|订单号|订单|发票号|发票|快递单号|运单号)"
+    r"注文番号|注文|伝票番号|問い合わせ番号|バーコード|订单号|订单|发票号|发票|快递单号|运单号|条形码|条码)"
     r"(?:[ \t]*(?:#|no\.?|nr\.?|n[º°o]\.?|n\.º|number|nummer|num[ée]ro|número|numero|id|code|código|codice))?"
     r"[ \t]*[:#：.]?[ \t]*$")
 _DATE_OR_TIME = re.compile(
     r"^(?:\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4})(?:[ T]\d{1,2}(?::\d{2}){0,2})?$"
     r"|^\d{1,2}:\d{2}(?::\d{2})?$")
 _IP = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
-_VERSION = re.compile(r"^v?\d+(?:\.\d+){2,}$")
+# "3.11.4", "10.0.22631.3296"; "06.12.34.56.78" (five groups) and "415.555.0132" are phones.
+_VERSION = re.compile(r"^v?\d{1,2}(?:\.\d{1,5}){1,3}$")
 _CURRENCY_BEFORE = re.compile(r"(?:[$€£¥₹]|\b(?:EUR|USD|GBP|CHF|JPY|CNY|RMB|R\$))\s?$")
 _UNIT_AFTER = re.compile(r"^\s?(?:[$€£¥%‰元円]|(?:EUR|USD|GBP|CHF|JPY|CNY|RMB|km|kg|mg|ml|cm|mm|m²|mAh|kWh|Wh|"
                          r"MB|GB|TB|KB|px|Euro|euros?|dollars?|units|Stück)\b)")
@@ -115,8 +116,9 @@ def _number_context_ok(text: str, start: int, end: int) -> bool:
 # --------------------------------------------------------------------------- cards
 # Contiguous 13-19 digits, or groups (4-4-4-4, 4-6-5, 4-6-4, 4-4-4-4-3) with one separator used
 # throughout: a space, two spaces, a dot, a dash or a no-break space.
-_CARD = re.compile(r"(?<![\w.,+\-/])(?:\d{13,19}|\d{4}(?P<s>[ .\-\u00a0]|  )\d{4,6}(?:(?P=s)\d{3,6}){1,3})"
-                   r"(?!\w|[.,\-/]\d)")
+# ASCII boundaries only: CJK text is written right against the number (カード番号は4111...です).
+_CARD = re.compile(r"(?<![A-Za-z0-9_.,+\-/])(?:\d{13,19}|\d{4}(?P<s>[ .\-\u00a0]|  )\d{4,6}(?:(?P=s)\d{3,6}){1,3})"
+                   r"(?![A-Za-z0-9_]|[.,\-/]\d)")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -137,6 +139,8 @@ def _card(text: str) -> Iterable[Span]:
         # Issuer prefixes: 2 (Mastercard 2-series), 3 (Amex, Diners, JCB), 4 (Visa), 5 (Mastercard,
         # Maestro), 6 (Discover, UnionPay, Maestro).
         if not (13 <= len(digits) <= 19 and digits[0] in "23456" and len(set(digits)) > 1 and luhn_ok(digits)):
+            continue
+        if len(digits) == 13 and m.group().isdigit() and _ean13_ok(digits):  # a barcode (13-digit cards are gone)
             continue
         if _number_context_ok(text, *m.span()):
             out.append(m.span())
@@ -219,6 +223,8 @@ def _phone_plausible(text: str, start: int, end: int) -> bool:
     after, before = text[end:end + 2], text[max(0, start - 2):start]
     if re.match(r"[:.,]\d", after) or re.search(r"\d[:.,/]$", before):  # part of a timestamp, decimal, IP
         return False
+    if re.search(r"[A-Za-z0-9][\-/_#]$", before):  # the tail of a code such as INV-2024-000123
+        return False
     return _number_context_ok(text, start, end)
 
 
@@ -269,12 +275,15 @@ _LOW = "a-zß-öø-ÿā-ž"
 _CAP = rf"(?:[{_UP}][{_LOW}{_UP}'’\-]*\.?|\d{{1,3}}(?:st|nd|rd|th|º|ª|\.)|[IVX]{{1,4}}\b)"
 _PART = r"(?:de|del|della|delle|dei|degli|dello|di|da|do|dos|das|du|des|la|las|los|le|les|y|e|von|van|der|den|dem)"
 _NAME = rf"(?:(?:{_PART}\s+|[ld][’']\s?)*{_CAP})(?:\s+(?:{_PART}\s+|[ld][’']\s?)*{_CAP}){{0,4}}"
-_NUM = r"\d{1,4}(?:\s?[A-Za-z](?![\w]))?(?:\s?[-/]\s?\d{1,4}[A-Za-z]?)?"
+_NUM = r"\d{1,4}(?:\s?[A-Za-z](?![\w]))?(?:\s?[-/]\s?(?:\d{1,4}[A-Za-z]?|[A-Za-z](?!\w)))?"
+# Floor and door after the number (es/pt: "3º B", "2º izda.", "1.º Dto."), part of the address.
+_FLOOR = r"(?:,?\s*\d{1,2}\s?\.?[º°ª]\s*(?:[A-Z](?![\w])|(?i:izda|izq|dcha|drcha|esq|dto|dta|dir|fte|andar)\.?)?)?"
 _NUM_END = r"(?![\w]|[.,]\d)"
 
 _ADDRESS_PATTERNS = [
     # en: "221B Baker Street", "1600 Pennsylvania Avenue NW", "350 5th Avenue", "Flat 2, 14 Elm Road"
-    re.compile(r"\b\d{1,5}[A-Za-z]?\s+(?:(?:[A-Z][A-Za-z'-]+|\d{1,3}(?:st|nd|rd|th))\s+){1,4}(?i:street|st|avenue|ave"
+    re.compile(r"(?:\b(?:Flat|Apt\.?|Apartment|Unit|Suite)\s+\w{1,4},?\s+)?"
+               r"\b\d{1,5}[A-Za-z]?\s+(?:(?:[A-Z][A-Za-z'-]+|\d{1,3}(?:st|nd|rd|th))\s+){1,4}(?i:street|st|avenue|ave"
                r"|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|way|place|pl|terrace|square|sq|parkway|pkwy|"
                r"highway|hwy|circle|cir|crescent|close|gardens|grove|mews|row|hill)\b\.?"
                r"(?:\s+(?:NW|NE|SW|SE|N|S|E|W)\b)?(?:,?\s+(?i:apt|suite|unit|flat)\.?\s*#?\s*\w+)?"),
@@ -292,12 +301,14 @@ _ADDRESS_PATTERNS = [
                rf"|chemin|quai|route|cours|passage|square|faubourg|rue du faubourg|villa|cité|sentier)\s+{_NAME}"),
     # es / it / pt: "Calle Mayor 5", "C/ de Alcalá, 45", "Via Roma 10", "Piazza San Marco, 1",
     # "Rua Augusta 100", "Av. Paulista, 1578", "Rua da Prata, nº 45"
+    re.compile(rf"(?<![\w.])Gran V[ií]a,?\s+(?:n[º°o]\.?\s?)?{_NUM}{_NUM_END}{_FLOOR}"),
     re.compile(rf"(?<![\w.])(?:Calle|C/|Avenida|Avda\.|Av\.|Paseo|Plaza|Pza\.|Camino|Ronda|Travesía|Carrera|Carretera"
-               rf"|Glorieta|Rambla|Carrer|Avinguda|Via|Viale|Piazza|Piazzale|P\.zza|Corso|Largo|Vicolo|Lungomare"
+               rf"|Glorieta|Rambla|Carrer|Avinguda|Vía|Via|Viale|Piazza|Piazzale|P\.zza|Corso|Largo|Vicolo|Lungomare"
                rf"|Contrada|Strada|Rua|R\.|Praça|Travessa|Alameda|Estrada|Calçada|Beco|Rodovia|Ladeira"
                rf"|calle|avenida|paseo|plaza|piazza|viale|corso|largo|vicolo|rua|praça|travessa|alameda"
                rf"|(?:(?<=\bin\s)|(?<=\ba\s)|(?<=\bdi\s)|(?<=\bpresso\s)|(?<=\bsede\s)|(?<=\babito\s)|(?<=\bvivo\s)|(?<=\bsta\s)|(?<=\bsito\s)|(?<=\bsita\s))via)"
-               rf"\s+{_NAME},?\s+(?:n[º°o]\.?\s?|n\.\s?º\s?|núm\.?\s?|num\.?\s?|nr\.?\s?)?{_NUM}{_NUM_END}"),
+               rf"\s+{_NAME},?\s+(?:n[º°o]\.?\s?|n\.\s?º\s?|núm\.?\s?|num\.?\s?|nr\.?\s?)?{_NUM}{_NUM_END}"
+               rf"{_FLOOR}"),
 ]
 
 
@@ -374,16 +385,18 @@ class Redactor:
         out.append(text[pos:])
         return "".join(out)
 
-    def redact_data(self, value: Any) -> Any:
-        """Every string inside a JSON-like value, redacted (keys kept)."""
+    def redact_data(self, value: Any, keys: bool = False) -> Any:
+        """Every string inside a JSON-like value, redacted (dict keys too with ``keys``: free-form
+        maps such as request ``metadata`` may be keyed by an email)."""
         if not self._detectors:
             return value
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, list):
-            return [self.redact_data(v) for v in value]
+            return [self.redact_data(v, keys) for v in value]
         if isinstance(value, dict):
-            return {k: self.redact_data(v) for k, v in value.items()}
+            return {(self.redact(k) if keys and isinstance(k, str) else k): self.redact_data(v, keys)
+                    for k, v in value.items()}
         return value
 
     def redact_model(self, model: Any, keep: Iterable[str] = KEEP_FIELDS) -> Any:
