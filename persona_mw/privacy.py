@@ -225,6 +225,9 @@ def _phone_plausible(text: str, start: int, end: int) -> bool:
         return False
     if re.search(r"[A-Za-z0-9][\-/_#]$", before):  # the tail of a code such as INV-2024-000123
         return False
+    rng = re.fullmatch(r"(\d{4,5})\s?[-–—]\s?(\d{4,5})", s)
+    if rng and len(rng[1]) == len(rng[2]) and int(rng[1]) < int(rng[2]):  # a zip or year range: 50667-51149
+        return False
     return _number_context_ok(text, start, end)
 
 
