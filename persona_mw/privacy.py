@@ -231,7 +231,30 @@ def _phone_plausible(text: str, start: int, end: int) -> bool:
     return _number_context_ok(text, start, end)
 
 
+@lru_cache(maxsize=4096)
+def _valid_regions(candidate: str, regions: tuple[str, ...]) -> tuple[str, ...]:
+    """The regions in which libphonenumber parses ``candidate`` as a valid number (a quick filter:
+    a run valid nowhere never reaches the slower matcher). International numbers: the first region."""
+    pn = _phonenumbers()
+    if candidate.startswith("+"):
+        tries: Sequence[str | None] = (None,)
+    elif candidate.startswith("00"):
+        tries = ("DE",)  # 00 is the international prefix of most of Europe
+    else:
+        tries = regions
+    out = []
+    for region in tries:
+        try:
+            if pn.is_valid_number(pn.parse(candidate, region)):
+                out.append(region or regions[0])
+        except pn.NumberParseException:
+            continue
+    return tuple(out)
+
+
 def _phone_with(regions: Sequence[str]) -> Detector:
+    regions = tuple(regions)
+
     def detect(text: str) -> Iterable[Span]:
         pn = _phonenumbers()
         if pn is None:
@@ -240,10 +263,15 @@ def _phone_with(regions: Sequence[str]) -> Detector:
         for run in _PHONE_RUN.finditer(text):
             if sum(ch.isdigit() for ch in run.group()) < 7:
                 continue
+            cand = run.group().rstrip(")") if run.group().count("(") < run.group().count(")") else run.group()
+            valid_in = _valid_regions(cand, regions)
+            if not valid_in:
+                continue
+            # libphonenumber's matcher has the final say (national prefix required where the plan wants
+            # it, no timestamps or page ranges ...), run only for the regions where the number is valid.
             ws = max(0, run.start() - 3)
             window = text[ws:run.end() + 3]
-            intl = run.group().startswith("+") or run.group().startswith("00")
-            for region in regions[:1] if intl else regions:
+            for region in valid_in:
                 hits = [(ws + m.start, ws + m.end) for m in
                         pn.PhoneNumberMatcher(window, region, leniency=pn.Leniency.VALID)]
                 hits = [h for h in hits if _phone_plausible(text, *h)]
