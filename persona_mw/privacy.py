@@ -252,12 +252,18 @@ def _valid_regions(candidate: str, regions: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=4096)
+def _matches(window: str, region: str) -> tuple[Span, ...]:
+    """libphonenumber's matcher on a window (cached: a conversation's numbers recur in every turn's trace)."""
+    pn = _phonenumbers()
+    return tuple((m.start, m.end) for m in pn.PhoneNumberMatcher(window, region, leniency=pn.Leniency.VALID))
+
+
 def _phone_with(regions: Sequence[str]) -> Detector:
     regions = tuple(regions)
 
     def detect(text: str) -> Iterable[Span]:
-        pn = _phonenumbers()
-        if pn is None:
+        if _phonenumbers() is None:
             return _phone_fallback(text)
         found: list[Span] = []
         for run in _PHONE_RUN.finditer(text):
@@ -272,8 +278,7 @@ def _phone_with(regions: Sequence[str]) -> Detector:
             ws = max(0, run.start() - 3)
             window = text[ws:run.end() + 3]
             for region in valid_in:
-                hits = [(ws + m.start, ws + m.end) for m in
-                        pn.PhoneNumberMatcher(window, region, leniency=pn.Leniency.VALID)]
+                hits = [(ws + s, ws + e) for s, e in _matches(window, region)]
                 hits = [h for h in hits if _phone_plausible(text, *h)]
                 if hits:
                     found.extend(hits)
