@@ -158,6 +158,30 @@ class PrivacyConfig(PrivacyRules):
     tenants: dict[str, PrivacyRules] = Field(default_factory=dict, description="per server tenant: its own redact list")
     patterns: dict[str, str] = Field(default_factory=dict,
                                      description="extra PII kinds as regular expressions, usable in redact lists")
+    regions: list[str] | None = Field(
+        default=None,
+        description="ISO 3166 regions whose national phone formats (no leading +) are recognized, e.g. "
+                    "[DE, FR, ES, IT, PT, US, GB, JP, CN] (the default); international +numbers always are")
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        out = [str(r).strip().upper() for r in v]
+        try:
+            import phonenumbers
+        except ImportError:
+            known = None
+        else:
+            known = phonenumbers.SUPPORTED_REGIONS
+        for r in out:
+            if len(r) != 2 or not r.isalpha() or (known is not None and r not in known):
+                raise ValueError(f"region {r!r} is not an ISO 3166 alpha-2 region with a phone numbering plan "
+                                 "(e.g. DE, FR, US)")
+        if not out:
+            raise ValueError("regions must list at least one region (omit it for the default list)")
+        return out
 
     @field_validator("patterns")
     @classmethod
@@ -175,7 +199,8 @@ class PrivacyConfig(PrivacyRules):
         rules = self.tenants.get(tenant)
         if rules is None:
             return self
-        return PrivacyConfig(redact=list(rules.redact), tenants=self.tenants, patterns=self.patterns)
+        return PrivacyConfig(redact=list(rules.redact), tenants=self.tenants, patterns=self.patterns,
+                             regions=self.regions)
 
 
 class LimitsConfig(_Strict):

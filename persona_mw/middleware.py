@@ -44,6 +44,8 @@ log = logging.getLogger("persona_mw")
 T = TypeVar("T")
 _feedback_adapter: TypeAdapter[Any] = TypeAdapter(Feedback)
 _STARTED: StashKey[float] = StashKey("persona_mw.started")
+# Request fields a background-job record keeps as sent (ids and flags); the rest is redacted.
+_JOB_KEEP = frozenset({"user", "context", "groups", "n", "stream"})
 
 
 class _Loop:
@@ -395,8 +397,10 @@ class Middleware:
         add_job = getattr(self.store, "add_job", None)
         if add_job is None:
             return None
-        request = turn.request.model_dump(mode="json")
-        request["messages"] = self.redactor.redact_data(request["messages"])
+        # Every free-text field of the request (messages, metadata, stop, tools, model ...) is
+        # redacted; only the keys that find the job's rows (user, context, groups) stay as sent.
+        request = {k: v if k in _JOB_KEEP else self.redactor.redact_data(v, keys=True)
+                   for k, v in turn.request.model_dump(mode="json").items()}
         payload = {
             "request": request,
             "answers": self.redactor.redact_data([c.text for c in turn.candidates]),
@@ -530,7 +534,14 @@ class Middleware:
             data = dict(event.model_dump() if event is not None and not isinstance(event, dict) else (event or {}))
             data.update(kwargs)
             event = data
-        ev = self.redactor.redact_model(self.parse_feedback(event))
+        ev = self.parse_feedback(event)
+        for field in ("id", "trace_id"):  # keys are stored as sent: one carrying PII is refused, not rewritten
+            value = getattr(ev, field)
+            found = self.redactor.kinds_in(value) if value else []
+            if found:
+                raise RequestError(f"invalid feedback: {field}: the id contains PII ({found[0]}); "
+                                   "use an opaque id", field=field)
+        ev = self.redactor.redact_model(ev)
         self.store.ensure_node(user_node(ev.user))
         self.store.append_feedback(ev)
         self._apply_to_profile(ev)

@@ -280,12 +280,19 @@ class ContextItem(BaseModel):
 # --------------------------------------------------------------------------- feedback
 
 
+# Event ids are keys, stored and returned as sent (never redacted): an opaque token, so an email, a
+# "+49 ..." number or a sentence cannot become one (a digits-only id that is a valid phone number is
+# refused by Middleware.afeedback when phones are redacted).
+EVENT_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,127}$"
+
+
 class _FeedbackBase(_Strict):
-    id: str = Field(default_factory=lambda: new_id("fb"))
+    id: str = Field(default_factory=lambda: new_id("fb"), pattern=EVENT_ID_PATTERN,
+                    description="the event's id: letters, digits, '_', '.', ':', '-' (at most 128)")
     user: str = Field(pattern=ID_PATTERN)
     context: str | None = Field(default=None, pattern=ID_PATTERN)
     created_at: float = Field(default_factory=now)
-    trace_id: str | None = None
+    trace_id: str | None = Field(default=None, pattern=EVENT_ID_PATTERN)
 
 
 class ChoiceFeedback(_FeedbackBase):

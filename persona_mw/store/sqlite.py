@@ -249,8 +249,21 @@ class SQLiteStore:
     def _redacted(self, memory: Memory) -> Memory:
         if self.redact_text is None:
             return memory
-        text = self.redact_text(memory.text)
-        return memory if text == memory.text else memory.model_copy(update={"text": text})
+        redact = self.redact_text
+
+        def walk(v: Any) -> Any:  # meta holds free text too: index text, speaker, date text
+            if isinstance(v, str):
+                return redact(v)
+            if isinstance(v, list):
+                return [walk(x) for x in v]
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            return v
+
+        update = {"text": redact(memory.text), "meta": walk(memory.meta),
+                  "provenance": [redact(p) for p in memory.provenance]}  # message ids are free text
+        update = {k: v for k, v in update.items() if v != getattr(memory, k)}
+        return memory.model_copy(update=update) if update else memory
 
     def add_memory(self, memory: Memory) -> None:
         memory = self._redacted(memory)
