@@ -263,6 +263,23 @@ def create_app(
         result = await _call_mw(m, "forget", user)
         return JSONResponse({"id": user, "object": "user", "deleted": True, "details": to_jsonable_python(result)})
 
+    def path_group(request: Request) -> str:
+        group = str(request.path_params["group"])
+        if not _ID_RE.match(group):
+            raise HTTPError(400, f"invalid group id {group!r}: expected {ID_PATTERN}", param="group",
+                            code="invalid_value")
+        return group
+
+    async def join_group(request: Request) -> Response:
+        m = tenant_mw(request)
+        user, group = path_user(request), path_group(request)
+        return JSONResponse(to_jsonable_python(await _call_mw(m, "join", user, group)))
+
+    async def leave_group(request: Request) -> Response:
+        m = tenant_mw(request)
+        user, group = path_user(request), path_group(request)
+        return JSONResponse(to_jsonable_python(await _call_mw(m, "leave", user, group)))
+
     async def trace(request: Request) -> Response:
         m = tenant_mw(request)
         trace_id = str(request.path_params["trace_id"])
@@ -302,6 +319,8 @@ def create_app(
         ("/v1/users/{user}/profile", profile, "GET"),
         ("/v1/users/{user}", export_user, "GET"),
         ("/v1/users/{user}", forget, "DELETE"),
+        ("/v1/users/{user}/groups/{group}", join_group, "PUT"),
+        ("/v1/users/{user}/groups/{group}", leave_group, "DELETE"),
         ("/v1/traces/{trace_id}", trace, "GET"),
         ("/healthz", healthz, "GET"),
         ("/v1/models", models, "GET"),
