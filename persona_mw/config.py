@@ -103,6 +103,9 @@ class PluginEntry(BaseModel):
 
 class TraceConfig(_Strict):
     store: bool = Field(default=True, description="keep each turn's trace in the store")
+    timing_resolution_ms: float | None = Field(
+        default=None, gt=0,
+        description="round the step timings a caller gets (and the stored ones) to this many ms; null = exact")
 
 
 class ServerConfig(_Strict):

@@ -388,6 +388,11 @@ class Middleware:
 
     def _save_trace(self, trace: Any) -> None:
         bound_trace(trace, self.config.limits)
+        res = self.config.trace.timing_resolution_ms
+        if res:  # coarser timings: less for a caller to read into (trace.timing_resolution_ms)
+            for step in trace.steps:
+                step.ms = round(step.ms / res) * res
+            trace.timings_ms = {k: round(v / res) * res for k, v in trace.timings_ms.items()}
         if self.config.trace.store:
             self.store.save_trace(self.redactor.redact_model(trace))
 

@@ -903,6 +903,9 @@ class MemoryManager:
 
     def _user_owners(self, user: str) -> list[str]:
         self._check_user(user)
+        lister = getattr(self.store, "list_user_nodes", None)
+        if lister is not None:  # exact and indexed (persona_mw.nodes), not a scan of every context node
+            return [f"user:{user}"] + [n for n in lister(user) if n != f"user:{user}"]
         owners = [f"user:{user}"]
         prefix = f"user:{user}@context:"
         for n in self.store.list_nodes("user_context", limit=1_000_000):

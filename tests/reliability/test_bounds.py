@@ -280,3 +280,10 @@ def test_step_timings_do_not_reveal_other_parties_sentences(tmp_path: Any) -> No
         mw.close()
     assert cross_tenant <= 0.8, cross_tenant
     assert same_tenant <= 0.8, same_tenant
+
+
+def test_timings_can_be_coarsened(make_mw: Any) -> None:
+    mw = make_mw("pipeline: [{use: stated}]\ntrace: {timing_resolution_ms: 5}\n")
+    r = mw.chat(user="ana", messages="hi")
+    values = [s.ms for s in r.trace.steps] + list(r.trace.timings_ms.values())
+    assert values and all(abs(v / 5 - round(v / 5)) < 1e-9 for v in values)
