@@ -14,15 +14,25 @@ from persona_mw.config import LimitsConfig
 from persona_mw.errors import RequestError
 from persona_mw.types import ChatRequest, Turn
 
-__all__ = ["bound_trace", "check_request", "trim_prompt"]
+__all__ = ["bound_trace", "check_groups", "check_request", "trim_prompt"]
+
+
+def check_groups(groups: Any, limits: LimitsConfig) -> None:
+    """``groups`` (a request's list, validated or raw JSON) within ``max_groups_per_request``.
+
+    Cheap enough to run on a raw body before validating it item by item (a 20,000-group body is
+    refused without 20,000 pattern checks)."""
+    if not isinstance(groups, (list, tuple)) or len(groups) <= limits.max_groups_per_request:
+        return
+    n = len({g if isinstance(g, str) else repr(g) for g in groups})  # duplicates count once
+    if n > limits.max_groups_per_request:
+        raise RequestError(f"too many groups: {n} (limit {limits.max_groups_per_request})",
+                           field="groups", hint="raise limits.max_groups_per_request, or join groups "
+                           "for good (PUT /v1/users/{user}/groups/{group}) instead of naming them per request")
 
 
 def check_request(req: ChatRequest, limits: LimitsConfig) -> None:
-    groups = len(set(req.groups))
-    if groups > limits.max_groups_per_request:
-        raise RequestError(f"too many groups: {groups} (limit {limits.max_groups_per_request})",
-                           field="groups", hint="raise limits.max_groups_per_request, or join groups "
-                           "for good (PUT /v1/users/{user}/groups/{group}) instead of naming them per request")
+    check_groups(req.groups, limits)
     if len(req.messages) > limits.max_messages:
         raise RequestError(f"too many messages: {len(req.messages)} (limit {limits.max_messages})",
                            field="messages", hint="raise limits.max_messages or send fewer turns")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Itera
 from pydantic_core import to_jsonable_python
 
 from persona_mw.errors import RequestError, StoreError
+from persona_mw.limits import check_groups
 from persona_mw.openai_wire import (
     CONTEXT_HEADER,
     TRACE_HEADER,
@@ -178,7 +179,11 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         m = tenant_mw(request)
-        chat_request = to_chat_request(await _read_json_object(request, limit), request.headers)
+        data = await _read_json_object(request, limit)
+        lim = getattr(getattr(m, "config", None), "limits", None)
+        if lim is not None:  # before validating every item: a 20,000-group body is refused cheaply
+            check_groups(data.get("groups"), lim)
+        chat_request = to_chat_request(data, request.headers)
         model = chat_request.model or model_name()
         if chat_request.stream and chat_request.n > 1:
             return await stream_choices(m, chat_request, model)

@@ -42,6 +42,9 @@ def test_too_many_groups_is_a_400_naming_groups(make_mw: Any) -> None:
         r = _chat(client, url, {"user": "bomber", "groups": [f"team-{i:05d}" for i in range(20_000)]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "groups", r.text
         assert "limit 4" in r.json()["error"]["message"]
+        # counted on the raw body, before 20,000 ids are pattern-checked one by one
+        r = _chat(client, url, {"user": "bomber", "groups": [f"bad:{i}" for i in range(20_000)]})
+        assert r.status_code == 400 and "too many groups: 20000" in r.json()["error"]["message"], r.text
     assert not mw.store.edges_from("user:bomber") and mw.store.list_nodes("group") == []
 
 
