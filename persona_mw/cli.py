@@ -225,6 +225,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
                 raise UnknownUserError(f"unknown user {args.user!r}")
             _print_json(mw.graph.describe(args.user, args.context))
+        elif args.action in ("join", "leave"):
+            if not args.user or not args.group:
+                raise PersonaError(f"graph {args.action} needs a user and a group: "
+                                   f"persona-mw graph {args.action} USER GROUP")
+            _print_json(getattr(mw, args.action)(args.user, args.group))
         elif args.action == "export":
             import networkx as nx
 
@@ -378,9 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", action="store_true", help="with list: include superseded memories")
     p.add_argument("--id", help="with forget: only this memory (and its history); default: all of the user's")
 
-    p = add("graph", cmd_graph, "the preference graph: show a user's neighbourhood, or export it all as GraphML")
-    p.add_argument("action", choices=["show", "export"])
-    p.add_argument("user", nargs="?", help="with show: the user")
+    p = add("graph", cmd_graph, "the preference graph: show a user's neighbourhood, join or leave a group "
+            "(permanent membership), or export it all as GraphML")
+    p.add_argument("action", choices=["show", "join", "leave", "export"])
+    p.add_argument("user", nargs="?", help="with show, join, leave: the user")
+    p.add_argument("group", nargs="?", help="with join, leave: the group")
     p.add_argument("--context", "-c")
     p.add_argument("--out", help="with export: the GraphML file (default persona-graph.graphml)")
 

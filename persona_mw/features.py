@@ -235,7 +235,7 @@ class Featurizer:
         self._embedder = embedder
         self.hasher = (NgramHasher(self.spec.ngram_dim, self.spec.word_ngrams, self.spec.char_ngrams)
                        if self.spec.ngram_dim else None)
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._cache_size = cache_size
 
     @property
@@ -264,8 +264,11 @@ class Featurizer:
 
     def transform(self, texts: Sequence[str]) -> np.ndarray:
         """One row per text (float32). Repeated texts are served from the cache."""
+        from persona_mw.embeddings import current_cache_scope
+
+        scope = current_cache_scope()  # one party's cached rows are not another's (fast) hits
         texts = list(texts)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        missing = [t for t in dict.fromkeys(texts) if (scope, t) not in self._cache]
         if missing:
             lex = [self._lexical(t) for t in missing]
             if self.spec.embedding:
@@ -274,18 +277,18 @@ class Featurizer:
             else:
                 rows = lex
             for t, r in zip(missing, rows):
-                self._cache[t] = r.astype(np.float32, copy=False)
+                self._cache[(scope, t)] = r.astype(np.float32, copy=False)
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         out = []
         for t in texts:
-            row = self._cache.get(t)
+            row = self._cache.get((scope, t))
             if row is None:  # evicted between fill and read (tiny cache): recompute
                 row = self.transform([t])[0]
             else:
-                self._cache.move_to_end(t)
+                self._cache.move_to_end((scope, t))
             out.append(row)
         return np.stack(out)
 

@@ -15,68 +15,113 @@ from typing import Any
 
 import networkx as nx
 
+from persona_mw.nodes import GLOBAL, GRANULARITY, SPECIFICITY, context_node, group_node, kind_of, user_context_node, user_node
 from persona_mw.store import Edge, Store
 from persona_mw.types import ChatRequest, NodeId, Profile, Scope, ScopeNode
 
-GLOBAL = "global"
-
-
-def user_node(user: str) -> NodeId:
-    return f"user:{user}"
-
-
-def user_context_node(user: str, context: str) -> NodeId:
-    return f"user:{user}@context:{context}"
-
-
-def _kind(node: NodeId) -> str:
-    if node == GLOBAL:
-        return "global"
-    if "@context:" in node:
-        return "user_context"
-    return node.split(":", 1)[0]
-
-
-_GRANULARITY = {"user_context": "user+context", "user": "user", "group": "group", "context": "context", "global": "global"}
-# Ties in carried weight go to the more specific node.
-_SPECIFICITY = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
+# Old names, kept for the code that imports them from here (persona_mw.nodes is their home).
+_kind = kind_of
+_GRANULARITY = GRANULARITY
+_SPECIFICITY = SPECIFICITY
+__all__ = ["GLOBAL", "PreferenceGraph", "user_context_node", "user_node"]
 
 
 class PreferenceGraph:
     """Scope resolution over the store's nodes and edges, with a small cache of known users."""
 
-    def __init__(self, store: Store, prior_strength: float = 5.0, cache_size: int = 10000) -> None:
+    def __init__(self, store: Store, prior_strength: float = 5.0, cache_size: int = 10000,
+                 max_groups_per_user: int | None = None, max_parents: int = 256) -> None:
         self.store = store
         self.k = prior_strength
         self._known: OrderedDict[str, None] = OrderedDict()
         self._cache_size = cache_size
+        # Permanent memberships one user may hold (limits.max_groups_per_user); None = no bound.
+        self.max_groups_per_user = max_groups_per_user
+        # Parents read per node when a neighbourhood is built: a store that holds more (written
+        # before the limits existed) still resolves in bounded time.
+        self.max_parents = max_parents
+        # graph.request_groups: permanent -> the request path joins the request's groups (ensure_user).
+        self.request_groups_permanent = False
 
     # -- structure ---------------------------------------------------------------------------
 
+    def ensure_request(self, request: ChatRequest) -> None:
+        """What a chat request stores about its user: the user's node, once. Nothing else.
+
+        The request's ``groups`` and ``context`` are per-request scope (``resolve`` adds them for
+        that request only); permanent membership is explicit (``join`` / config ``members``).
+        """
+        key = f"{request.user}|"
+        if key in self._known:
+            self._known.move_to_end(key)
+            return
+        self.store.ensure_node(user_node(request.user))
+        self._remember(key)
+
     def ensure_user(self, request: ChatRequest) -> None:
-        """Create the user's node and the edges the request declares (groups, context), once."""
+        """Create the user's node and make the request's groups permanent memberships (``join``).
+
+        The Python API for callers that mean it (tests, evals, imports); the request path uses
+        ``ensure_request``, which stores no membership.
+        """
         key = f"{request.user}|{request.context}|{','.join(sorted(request.groups))}"
         if key in self._known:
             self._known.move_to_end(key)
             return
-        u = user_node(request.user)
-        self.store.ensure_node(u)
-        have = {e.dst for e in self.store.edges_from(u)}
-        for g in request.groups:
-            if f"group:{g}" not in have:
-                self.store.add_edge(Edge(src=u, dst=f"group:{g}", kind="member"))
+        self.store.ensure_node(user_node(request.user))
+        for g in dict.fromkeys(request.groups):
+            self.join(request.user, g)
         if request.context:
-            self.store.ensure_node(f"context:{request.context}")
+            self.store.ensure_node(context_node(request.context))
+        self._remember(key)
+
+    def _remember(self, key: str) -> None:
         self._known[key] = None
         if len(self._known) > self._cache_size:
             self._known.popitem(last=False)
+
+    def groups_of(self, user: str) -> list[str]:
+        """The groups ``user`` is a permanent member of (their ids, without ``group:``)."""
+        return [e.dst.split(":", 1)[1] for e in self.store.edges_from(user_node(user))
+                if e.kind == "member" and kind_of(e.dst) == "group"]
+
+    def join(self, user: str, group: str, weight: float = 1.0) -> bool:
+        """Make ``user`` a permanent member of ``group``; False if they already were.
+
+        Refused (``RequestError`` naming ``group``) past ``max_groups_per_user`` memberships.
+        """
+        from persona_mw.errors import RequestError
+
+        u, g = user_node(user), group_node(group)
+        current = self.groups_of(user)
+        if group in current:
+            return False
+        cap = self.max_groups_per_user
+        if cap is not None and len(current) >= cap:
+            raise RequestError(f"user {user!r} is already in {len(current)} groups (limit {cap})",
+                               field="group", hint="leave a group first, or raise limits.max_groups_per_user")
+        self.store.ensure_node(u)
+        self.store.add_edge(Edge(src=u, dst=g, kind="member", weight=weight))
+        return True
+
+    def leave(self, user: str, group: str) -> bool:
+        """End ``user``'s membership of ``group``; False if they were not a member."""
+        if group not in self.groups_of(user):
+            return False
+        self.store.remove_edge(user_node(user), group_node(group), "member")
+        self.forget_cached(user)
+        return True
 
     def forget_cached(self, user: str) -> None:
         for key in [k for k in self._known if k.split("|", 1)[0] == user]:
             del self._known[key]
 
-    def neighbourhood(self, user: str, context: str | None = None) -> nx.DiGraph:
-        """The user's nodes and their ancestors as a networkx graph (edges child -> parent)."""
+    def neighbourhood(self, user: str, context: str | None = None,
+                      groups: list[str] | tuple[str, ...] = ()) -> nx.DiGraph:
+        """The user's nodes and their ancestors as a networkx graph (edges child -> parent).
+
+        ``groups`` are the request's own groups: parents of the user node for this graph only.
+        """
         g = nx.DiGraph()
         u = user_node(user)
         g.add_node(GLOBAL, kind="global")
@@ -84,7 +129,7 @@ class PreferenceGraph:
         frontier = [u]
         if context:
             uc = user_context_node(user, context)
-            c = f"context:{context}"
+            c = context_node(context)
             g.add_node(uc, kind="user_context")
             g.add_node(c, kind="context")
             g.add_edge(uc, u, weight=1.0, kind="specializes")
@@ -93,7 +138,7 @@ class PreferenceGraph:
         seen = set(frontier)
         while frontier:
             node = frontier.pop()
-            for e in self.store.edges_from(node):
+            for e in self.store.edges_from(node)[: self.max_parents]:
                 if e.dst == node:
                     continue
                 g.add_node(e.dst, kind=_kind(e.dst))
@@ -101,6 +146,15 @@ class PreferenceGraph:
                 if e.dst not in seen:
                     seen.add(e.dst)
                     frontier.append(e.dst)
+            if node == u:  # the request's groups, for this request only
+                for gid in dict.fromkeys(groups):
+                    gn = group_node(gid)
+                    if not g.has_edge(u, gn):
+                        g.add_node(gn, kind="group")
+                        g.add_edge(u, gn, weight=1.0, kind="request")
+                        if gn not in seen:
+                            seen.add(gn)
+                            frontier.append(gn)
         for node in list(g.nodes):
             if node != GLOBAL and g.out_degree(node) == 0:
                 g.add_edge(node, GLOBAL, weight=1.0, kind="parent")
@@ -110,7 +164,7 @@ class PreferenceGraph:
 
     def resolve(self, request: ChatRequest) -> tuple[Scope, dict[NodeId, Profile]]:
         """The scope of a request and the profiles of its nodes (empty ones for new nodes)."""
-        g = self.neighbourhood(request.user, request.context)
+        g = self.neighbourhood(request.user, request.context, request.groups)
         ids = list(g.nodes)
         profiles = self.store.get_profiles(ids)
         for node in ids:

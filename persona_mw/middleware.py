@@ -19,8 +19,10 @@ from pydantic import TypeAdapter, ValidationError
 
 from persona_mw.config import Config, StatedItem, load_config, parse_config
 from persona_mw.errors import BackendError, ConfigError, PersonaError, RequestError, UnknownUserError
+from persona_mw.embeddings import cache_scope
 from persona_mw.graph import GLOBAL, PreferenceGraph, user_context_node, user_node
-from persona_mw.limits import check_request, trim_prompt
+from persona_mw.limits import bound_trace, check_request, trim_prompt
+from persona_mw.nodes import context_node, group_node, is_user_node_of, kind_of, parse
 from persona_mw.privacy import Redactor
 from persona_mw.pipeline import Pipeline
 from persona_mw.manager import PluginHost
@@ -103,7 +105,12 @@ class Middleware:
         self.backend = backend if backend is not None else self.make_backend("backend")
         if "backend" in self.config.resilience and not hasattr(self.backend, "policy"):  # tenants share a wrapped one
             self.backend = self._resilient("backend", self.backend)
-        self.graph = PreferenceGraph(self.store, prior_strength=self.config.graph.prior_strength)
+        self.graph = PreferenceGraph(self.store, prior_strength=self.config.graph.prior_strength,
+                                     max_groups_per_user=self.config.limits.max_groups_per_user)
+        # The tenant this Middleware serves (set by persona_mw.tenancy); with the user it scopes the
+        # in-process caches of user content (embeddings), so no party's cache hit is another's.
+        self.tenant: str | None = None
+        self.graph.request_groups_permanent = self.config.graph.request_groups == "permanent"
         self.host.build_pipeline(self.config)
         self.pipeline = Pipeline(self.host)
         self._apply_declared_graph()
@@ -296,17 +303,22 @@ class Middleware:
     async def achat(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> ChatResponse:
         """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...)."""
         req = self._checked(request, kwargs)
-        t0 = time.perf_counter()
-        turn = self._new_turn(req)
-        await self._backend_ready(turn)
-        decoding = await self._prepare_guarded(
-            turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
-        trim_prompt(turn, self.config.limits)
-        await self._generate_guarded(turn, decoding or [])
-        response = self.pipeline.response(turn, self.backend)
-        turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
-        self._finish(turn, response)
-        return response
+        with self.cache_scope(req.user):
+            t0 = time.perf_counter()
+            turn = self._new_turn(req)
+            await self._backend_ready(turn)
+            decoding = await self._prepare_guarded(
+                turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
+            trim_prompt(turn, self.config.limits)
+            await self._generate_guarded(turn, decoding or [])
+            response = self.pipeline.response(turn, self.backend)
+            turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+            await asyncio.to_thread(self._finish, turn, response)  # store writes off the event loop
+            return response
+
+    def cache_scope(self, user: str) -> Any:
+        """A context manager: caches of user content filled inside belong to this tenant's ``user``."""
+        return cache_scope(f"{self.tenant or f'mw{id(self):x}'}/{user}")
 
     def chat(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> ChatResponse:
         return self._portal().run(self.achat(request, **kwargs))
@@ -316,16 +328,17 @@ class Middleware:
         req = self._checked(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
-        await self._backend_ready(turn)
-        decoding = await self._prepare_guarded(
-            turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
-        trim_prompt(turn, self.config.limits)
+        with self.cache_scope(req.user):  # no yield inside: the consumer's context is not ours to set
+            await self._backend_ready(turn)
+            decoding = await self._prepare_guarded(
+                turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
+            trim_prompt(turn, self.config.limits)
         async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding or []):
             chunk.trace_id = turn.trace.id
             yield chunk
         response = self.pipeline.response(turn, self.backend)
         turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
-        self._finish(turn, response)
+        await asyncio.to_thread(self._finish, turn, response)
         yield StreamChunk(done=True, finish_reason=response.choices[0].finish_reason, trace=turn.trace,
                           trace_id=turn.trace.id)
 
@@ -352,10 +365,11 @@ class Middleware:
         """
         turn = self._new_turn(self._checked(request, kwargs))
         turn.stash[_STARTED] = time.perf_counter()
-        await self._backend_ready(turn)
-        await self._prepare_guarded(turn, lambda: self.pipeline.prepare_messages(turn, graph=self.graph,
-                                                                                 store=self.store))
-        trim_prompt(turn, self.config.limits)
+        with self.cache_scope(turn.request.user):
+            await self._backend_ready(turn)
+            await self._prepare_guarded(turn, lambda: self.pipeline.prepare_messages(turn, graph=self.graph,
+                                                                                     store=self.store))
+            trim_prompt(turn, self.config.limits)
         return turn
 
     async def acomplete(self, turn: Turn, text: str | list[str], *, finish_reason: str | None = "stop") -> ChatResponse:
@@ -365,7 +379,7 @@ class Middleware:
         turn.selected = 0
         response = self.pipeline.response(turn, self.backend)
         turn.trace.timings_ms["total"] = (time.perf_counter() - turn.stash.get(_STARTED, time.perf_counter())) * 1000
-        self._finish(turn, response)
+        await asyncio.to_thread(self._finish, turn, response)
         return response
 
     def prepare(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> Turn:
@@ -375,6 +389,12 @@ class Middleware:
         return self._portal().run(self.acomplete(turn, text, finish_reason=finish_reason))
 
     def _save_trace(self, trace: Any) -> None:
+        bound_trace(trace, self.config.limits)
+        res = self.config.trace.timing_resolution_ms
+        if res:  # coarser timings: less for a caller to read into (trace.timing_resolution_ms)
+            for step in trace.steps:
+                step.ms = round(step.ms / res) * res
+            trace.timings_ms = {k: round(v / res) * res for k, v in trace.timings_ms.items()}
         if self.config.trace.store:
             self.store.save_trace(self.redactor.redact_model(trace))
 
@@ -413,6 +433,10 @@ class Middleware:
         return job_id
 
     async def _after_turn(self, turn: Turn, response: ChatResponse, job_id: str | None = None) -> None:
+        with self.cache_scope(turn.request.user):
+            await self._after_turn_scoped(turn, response, job_id)
+
+    async def _after_turn_scoped(self, turn: Turn, response: ChatResponse, job_id: str | None) -> None:
         before = len(turn.trace.steps)
         t = time.perf_counter()
         failed: str | None = None
@@ -542,14 +566,38 @@ class Middleware:
                 raise RequestError(f"invalid feedback: {field}: the id contains PII ({found[0]}); "
                                    "use an opaque id", field=field)
         ev = self.redactor.redact_model(ev)
-        self.store.ensure_node(user_node(ev.user))
-        self.store.append_feedback(ev)
-        self._apply_to_profile(ev)
-        steps = await self.pipeline.feedback(ev, store=self.store, graph=self.graph)
+        await asyncio.to_thread(self._record_feedback, ev)  # store work off the event loop
+        with self.cache_scope(ev.user):
+            steps = await self.pipeline.feedback(ev, store=self.store, graph=self.graph)
         for s in steps:
             if s.error:
                 log.warning("feedback plugin %s: %s", s.plugin, s.error)
         return ev.id
+
+    def _record_feedback(self, ev: Feedback) -> None:
+        if ev.context:
+            self._check_context_bound(ev.user, ev.context)
+        self.store.ensure_node(user_node(ev.user))
+        self.store.append_feedback(ev)
+        self._apply_to_profile(ev)
+
+    def _user_nodes(self, user: str) -> list[str]:
+        """The user's own nodes (user and user@context), matched exactly (``persona_mw.nodes``)."""
+        lister = getattr(self.store, "list_user_nodes", None)
+        if lister is not None:
+            return list(lister(user))
+        return [n.id for n in self.store.list_nodes("user_context", limit=100000) if is_user_node_of(n.id, user)] + (
+            [user_node(user)] if self.store.get_node(user_node(user)) else [])
+
+    def _check_context_bound(self, user: str, context: str) -> None:
+        node = user_context_node(user, context)
+        if self.store.get_node(node) is not None:
+            return
+        have = sum(1 for n in self._user_nodes(user) if kind_of(n) == "user_context")
+        cap = self.config.limits.max_contexts_per_user
+        if have >= cap:
+            raise RequestError(f"user {user!r} already has feedback in {have} contexts (limit {cap})",
+                               field="context", hint="raise limits.max_contexts_per_user")
 
     def feedback(self, event: Feedback | dict[str, Any] | None = None, /, **kwargs: Any) -> str:
         return self._portal().run(self.afeedback(event, **kwargs))
@@ -566,6 +614,9 @@ class Middleware:
         with self._lock_for(node):
             prof = self.store.get_profile(node) or Profile(node=node)
             prof.stated.append(StatedPreference(text=text, polarity=polarity))  # type: ignore[arg-type]
+            cap = self.config.limits.max_stated_per_group
+            if len(prof.stated) > cap:  # the newest are kept
+                prof.stated = sorted(prof.stated, key=lambda p: p.created_at)[-cap:]
             prof.evidence += 1
             prof.updated_at = time.time()
             self.store.put_profile(prof)
@@ -610,15 +661,16 @@ class Middleware:
     async def arebuild(self, user: str) -> dict[str, Any]:
         """Rebuild a user's profiles from their append-only events."""
         self._require_user(user)
-        nodes = [n.id for n in self.store.list_nodes("user_context", limit=100000) if n.id.startswith(f"user:{user}@")]
+        nodes = [n for n in self._user_nodes(user) if n != user_node(user)]
         for node in [user_node(user), *nodes]:
             with self._lock_for(node):
                 old = self.store.get_profile(node)
                 self.store.put_profile(Profile(node=node, prompt=old.prompt if old else None))
         events = self.store.list_feedback(user=user)
-        for ev in events:
-            self._apply_to_profile(ev)
-            await self.pipeline.feedback(ev, store=self.store, graph=self.graph)
+        with self.cache_scope(user):
+            for ev in events:
+                self._apply_to_profile(ev)
+                await self.pipeline.feedback(ev, store=self.store, graph=self.graph)
         return {"user": user, "events": len(events)}
 
     def rebuild(self, user: str) -> dict[str, Any]:
@@ -655,15 +707,78 @@ class Middleware:
         """
         self._require_user(user)
         self.drain()
-        own = [user_node(user)] + [n.id for n in self.store.list_nodes("user_context", limit=100000)
-                                   if n.id.startswith(f"user:{user}@")]
+        own = self._user_nodes(user)
+        if user_node(user) not in own:
+            own.insert(0, user_node(user))
         linked = sorted({e.dst for n in own for e in self.store.edges_from(n)} - set(own))
+        # The contexts the user's nodes name: their context nodes may exist only because of this user.
+        contexts = {context_node(parse(n).name or "") for n in own if kind_of(n) == "user_context"}
         counts = self.store.forget_user(user)
         self.graph.forget_cached(user)
         if self._memory is not None:  # the in-memory index holds vectors of the rows just deleted
             self._memory.drop_user(user)
         self.host.pm.hook.persona_forget(user=user, nodes=linked, store=self.store, graph=self.graph)
+        counts["orphan_nodes"] = self._prune_orphans(sorted(set(linked) | contexts))
         return counts
+
+    def _prune_orphans(self, nodes: list[str]) -> int:
+        """Delete the group/context nodes among ``nodes`` that nothing holds: not declared in the
+        config, no member or edge left, no memory, no stated preference of their own."""
+        prune = getattr(self.store, "prune_node", None)
+        if prune is None:
+            return 0
+        g = self.config.graph
+        declared = {group_node(x) for x in g.groups} | {context_node(x) for x in g.contexts}
+        return sum(1 for n in nodes
+                   if n not in declared and kind_of(n) in ("group", "context") and prune(n))
+
+    # -- memberships -------------------------------------------------------------------------
+
+    def _valid_ids(self, user: str, group: str) -> None:
+        import re
+
+        from persona_mw.types import ID_PATTERN
+
+        for field, value in (("user", user), ("group", group)):
+            if not isinstance(value, str) or not re.match(ID_PATTERN, value):
+                raise RequestError(f"invalid {field} id {value!r}: expected {ID_PATTERN}", field=field)
+
+    def join(self, user: str, group: str) -> dict[str, Any]:
+        """Make ``user`` a permanent member of ``group`` (request ``groups`` last one request only).
+
+        Refused past ``limits.max_groups_per_user`` memberships (``RequestError`` naming ``group``).
+        """
+        self._valid_ids(user, group)
+        with self._lock_for(user_node(user)):
+            added = self.graph.join(user, group)
+        self.graph.forget_cached(user)
+        return {"user": user, "group": group, "member": True, "changed": added,
+                "groups": sorted(self.graph.groups_of(user))}
+
+    def leave(self, user: str, group: str) -> dict[str, Any]:
+        """End ``user``'s membership of ``group``; a group node nothing else holds is deleted.
+
+        A membership declared in the config (``graph.groups.<g>.members``) comes back at the next start.
+        """
+        self._valid_ids(user, group)
+        self._require_user(user)
+        with self._lock_for(user_node(user)):
+            removed = self.graph.leave(user, group)
+        if removed:
+            self._prune_orphans([group_node(group)])
+        return {"user": user, "group": group, "member": False, "changed": removed,
+                "groups": sorted(self.graph.groups_of(user))}
+
+    async def ajoin(self, user: str, group: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.join, user, group)
+
+    async def aleave(self, user: str, group: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.leave, user, group)
+
+    def groups(self, user: str) -> list[str]:
+        """The groups ``user`` is a permanent member of."""
+        self._require_user(user)
+        return sorted(self.graph.groups_of(user))
 
     @property
     def memory(self) -> Any:

@@ -82,6 +82,16 @@ def route_docs() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
             "summary": "forget the user", "parameters": _user_param(),
             "responses": {"200": {"description": "deleted", "content": _json(obj)}, **_errors(400, 401, 404)},
         },
+        "PUT /v1/users/{user}/groups/{group}": {
+            "summary": "make the user a permanent member of the group (a request's 'groups' last one request)",
+            "parameters": _user_param() + _user_param("group"),
+            "responses": {"200": {"description": "membership", "content": _json(obj)}, **_errors(400, 401)},
+        },
+        "DELETE /v1/users/{user}/groups/{group}": {
+            "summary": "end the user's membership of the group",
+            "parameters": _user_param() + _user_param("group"),
+            "responses": {"200": {"description": "membership", "content": _json(obj)}, **_errors(400, 401, 404)},
+        },
         "GET /v1/traces/{trace_id}": {
             "summary": "explain a response: granularity, items used, plugins that changed it",
             "parameters": [{"name": "trace_id", "in": "path", "required": True, "schema": {"type": "string"}}],

@@ -9,6 +9,7 @@ policy: ``fail`` raises ``PluginError`` naming it; ``skip`` records the error an
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -139,12 +140,16 @@ class Pipeline:
         """The stages that shape the prompt: scope, gather, rewrite (``turn.messages`` is the result)."""
         t = time.perf_counter()
         scope = await self.firstresult("persona_resolve_scope", turn, graph=graph)
-        graph.ensure_user(turn.request)
+        # Store and graph work runs in a worker thread, never on the event loop (one user's large
+        # neighbourhood must not stall every other request). The request's groups are scope for
+        # this request only (``ensure_request``), unless ``graph.request_groups: permanent``.
+        ensure = getattr(graph, "ensure_request", None) if not getattr(graph, "request_groups_permanent", False) else None
+        await asyncio.to_thread(ensure or graph.ensure_user, turn.request)
         if scope is None:
-            scope, profiles = graph.resolve(turn.request)
+            scope, profiles = await asyncio.to_thread(graph.resolve, turn.request)
         else:
             # A plugin chose the nodes: load just their profiles (empty ones for nodes not stored yet).
-            stored = graph.store.get_profiles(scope.node_ids)
+            stored = await asyncio.to_thread(graph.store.get_profiles, scope.node_ids)
             profiles = {n: stored.get(n) or Profile(node=n) for n in scope.node_ids}
         turn.scope = scope
         turn.profiles = profiles

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Itera
 from pydantic_core import to_jsonable_python
 
 from persona_mw.errors import RequestError, StoreError
+from persona_mw.limits import check_groups
 from persona_mw.openai_wire import (
     CONTEXT_HEADER,
     TRACE_HEADER,
@@ -178,7 +179,11 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         m = tenant_mw(request)
-        chat_request = to_chat_request(await _read_json_object(request, limit), request.headers)
+        data = await _read_json_object(request, limit)
+        lim = getattr(getattr(m, "config", None), "limits", None)
+        if lim is not None:  # before validating every item: a 20,000-group body is refused cheaply
+            check_groups(data.get("groups"), lim)
+        chat_request = to_chat_request(data, request.headers)
         model = chat_request.model or model_name()
         if chat_request.stream and chat_request.n > 1:
             return await stream_choices(m, chat_request, model)
@@ -263,6 +268,23 @@ def create_app(
         result = await _call_mw(m, "forget", user)
         return JSONResponse({"id": user, "object": "user", "deleted": True, "details": to_jsonable_python(result)})
 
+    def path_group(request: Request) -> str:
+        group = str(request.path_params["group"])
+        if not _ID_RE.match(group):
+            raise HTTPError(400, f"invalid group id {group!r}: expected {ID_PATTERN}", param="group",
+                            code="invalid_value")
+        return group
+
+    async def join_group(request: Request) -> Response:
+        m = tenant_mw(request)
+        user, group = path_user(request), path_group(request)
+        return JSONResponse(to_jsonable_python(await _call_mw(m, "join", user, group)))
+
+    async def leave_group(request: Request) -> Response:
+        m = tenant_mw(request)
+        user, group = path_user(request), path_group(request)
+        return JSONResponse(to_jsonable_python(await _call_mw(m, "leave", user, group)))
+
     async def trace(request: Request) -> Response:
         m = tenant_mw(request)
         trace_id = str(request.path_params["trace_id"])
@@ -302,6 +324,8 @@ def create_app(
         ("/v1/users/{user}/profile", profile, "GET"),
         ("/v1/users/{user}", export_user, "GET"),
         ("/v1/users/{user}", forget, "DELETE"),
+        ("/v1/users/{user}/groups/{group}", join_group, "PUT"),
+        ("/v1/users/{user}/groups/{group}", leave_group, "DELETE"),
         ("/v1/traces/{trace_id}", trace, "GET"),
         ("/healthz", healthz, "GET"),
         ("/v1/models", models, "GET"),

@@ -72,8 +72,10 @@ class Tenants:
         path = getattr(base.store, "path", None) or cfg.store.path
         cfg.store.path = tenant_store_path(str(path), tenant)
         cfg.privacy = cfg.privacy.for_tenant(tenant)  # privacy.tenants.<tenant> overrides the redaction list
-        return type(base)(cfg, backend=base.backend, autoload=base.host.autoloaded,
-                          plugins=dict(base.host.plugin_types))
+        mw = type(base)(cfg, backend=base.backend, autoload=base.host.autoloaded,
+                        plugins=dict(base.host.plugin_types))
+        mw.tenant = tenant  # scopes the in-process caches of user content to this tenant
+        return mw
 
     async def aclose(self) -> None:
         """Close the tenants' stores and loops (the shared backend is the base's to close)."""

@@ -434,8 +434,10 @@ class Fermi:
         """The node's recorded choices (edits count as after-over-before), newest ``max_examples``."""
         store = self._mw.store
         if node.startswith("group:"):
-            users = [e.src.split(":", 1)[1] for e in store.edges_to(node) if e.kind == "member" and e.src.startswith("user:")
-                     and "@" not in e.src]
+            from persona_mw.nodes import kind_of  # exact: user 'ana@x.org' is a user, not a context node
+
+            users = [e.src.split(":", 1)[1] for e in store.edges_to(node) if e.kind == "member"
+                     and kind_of(e.src) == "user"]
             context = None
         elif "@context:" in node:
             u, _, c = node.partition("@context:")

@@ -118,3 +118,16 @@ def test_graph_show_and_graphml_export(tmp_path, capsys):
     assert g.has_edge("user:ana", "group:acme") and g.has_edge("user:bob", "group:acme")
     assert g.nodes["user:ana"]["evidence"] == 1 and g.nodes["group:acme"]["kind"] == "group"
     assert main(["graph", "show", "--store", db]) == 2
+
+
+def test_graph_join_and_leave(tmp_path, capsys):
+    db = str(tmp_path / "s.db")
+    assert main(["graph", "join", "ana", "crew", "--store", db]) == 0
+    assert json.loads(capsys.readouterr().out)["groups"] == ["crew"]
+    assert main(["graph", "show", "ana", "--store", db]) == 0
+    assert "group:crew" in {n["id"] for n in json.loads(capsys.readouterr().out)["nodes"]}
+    assert main(["graph", "leave", "ana", "crew", "--store", db]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["groups"] == [] and out["changed"] is True
+    assert main(["graph", "join", "ana", "--store", db]) == 2  # no group: a clear error, no traceback
+    assert main(["graph", "join", "ana", "bad:id", "--store", db]) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import contextvars
 import importlib.util
 import logging
 import threading
@@ -177,7 +178,7 @@ class MemoryManager:
     def _embed(self, texts: Sequence[str]) -> np.ndarray | None:
         if self.embedder is None or not texts:
             return None
-        return np.asarray(_embed_pool().submit(_embed_one_thread, self.embedder, list(texts)).result(),
+        return np.asarray(_embed_pool().submit(contextvars.copy_context().run, _embed_one_thread, self.embedder, list(texts)).result(),
                           dtype=np.float32)
 
     def start_embed(self, texts: Sequence[str]) -> concurrent.futures.Future[Any] | None:
@@ -185,13 +186,13 @@ class MemoryManager:
         the request path can score BM25 (``prescore``) while the query is embedded."""
         if self.embedder is None or not texts:
             return None
-        return _embed_pool().submit(_embed_one_thread, self.embedder, list(texts))
+        return _embed_pool().submit(contextvars.copy_context().run, _embed_one_thread, self.embedder, list(texts))
 
     async def aembed(self, texts: Sequence[str]) -> np.ndarray | None:
         """``_embed`` without blocking the event loop (the request path embeds its query here)."""
         if self.embedder is None or not texts:
             return None
-        fut = _embed_pool().submit(_embed_one_thread, self.embedder, list(texts))
+        fut = _embed_pool().submit(contextvars.copy_context().run, _embed_one_thread, self.embedder, list(texts))
         return np.asarray(await asyncio.wrap_future(fut), dtype=np.float32)
 
     @staticmethod
@@ -902,6 +903,9 @@ class MemoryManager:
 
     def _user_owners(self, user: str) -> list[str]:
         self._check_user(user)
+        lister = getattr(self.store, "list_user_nodes", None)
+        if lister is not None:  # exact and indexed (persona_mw.nodes), not a scan of every context node
+            return [f"user:{user}"] + [n for n in lister(user) if n != f"user:{user}"]
         owners = [f"user:{user}"]
         prefix = f"user:{user}@context:"
         for n in self.store.list_nodes("user_context", limit=1_000_000):

@@ -32,15 +32,13 @@ class Edge(BaseModel):
 
 
 def node_kind(node_id: NodeId) -> str:
-    """The kind of a node from its id: 'global', 'user:x', 'group:x', 'context:x', 'user:x@context:y'."""
-    if node_id == "global":
-        return "global"
-    if "@context:" in node_id:
-        return "user_context"
-    prefix = node_id.split(":", 1)[0]
-    if prefix in ("user", "group", "context") and ":" in node_id:
-        return prefix
-    raise ValueError(f"not a node id: {node_id!r} (expected 'global', 'user:ID', 'group:ID', 'context:ID')")
+    """The kind of a node from its id: 'global', 'user:x', 'group:x', 'context:x', 'user:x@context:y'.
+
+    Parsed exactly (``persona_mw.nodes.parse``); ``ValueError`` for anything else.
+    """
+    from persona_mw.nodes import parse
+
+    return parse(node_id).kind
 
 
 @runtime_checkable
@@ -82,6 +80,8 @@ class Store(Protocol):
     def export_user(self, user: str) -> dict[str, Any]: ...
     def forget_user(self, user: str) -> dict[str, int]: ...
     def has_user(self, user: str) -> bool: ...
+    # Optional (the core falls back to a scan of user_context nodes without it):
+    # def list_user_nodes(self, user: str) -> list[NodeId]: the user's own nodes, parsed exactly.
 
     def close(self) -> None: ...
 

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from persona_mw.errors import StoreError
+from persona_mw.nodes import is_user_node_of
 from persona_mw.store import Edge, Node, node_kind
 from persona_mw.types import Feedback, Memory, NodeId, Profile, Trace
 
@@ -90,9 +91,8 @@ def _validate_node_id(node_id: NodeId) -> str:
         kind = node_kind(node_id)
     except ValueError as exc:
         raise StoreError(str(exc), hint="node ids look like 'user:ana' or 'user:ana@context:coding'") from exc
-    if (not _NODE_ID.match(node_id) or node_id.endswith(":") or ":@" in node_id
-            or (kind == "user_context" and not node_id.startswith("user:"))):
-        raise StoreError(f"not a node id: {node_id!r} (empty name or characters outside [A-Za-z0-9_.:@-+])")
+    if not _NODE_ID.match(node_id):  # the parts were checked exactly by node_kind (no ':' inside one)
+        raise StoreError(f"not a node id: {node_id!r} (longer than 300 characters)")
     return kind
 
 
@@ -312,12 +312,17 @@ class SQLiteStore:
     def append_feedback(self, event: Feedback) -> int:
         """Append one event and return its sequence number; an id already stored is refused."""
         with self._tx() as cur:
-            if cur.execute("SELECT 1 FROM feedback WHERE id = ?", (event.id,)).fetchone():
+            # Ids are unique per user: the row key is "<user>/<id>" ('/' is in no user id), so another
+            # user's id is accepted as a fresh one and a conflict never confirms someone else's event.
+            # (Rows written before kept the bare id: matched too, for the same user only.)
+            key = f"{event.user}/{event.id}"
+            if cur.execute("SELECT 1 FROM feedback WHERE user = ? AND id IN (?, ?)",
+                           (event.user, key, event.id)).fetchone():
                 raise StoreError(f"duplicate feedback event id {event.id!r}: events are append-only",
                                  hint="give each event a fresh id (the default does)")
             cur.execute("INSERT INTO feedback (id, user, context, kind, payload, created_at) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        (event.id, event.user, event.context, event.kind, event.model_dump_json(),
+                        (key, event.user, event.context, event.kind, event.model_dump_json(),
                          event.created_at))
             seq = cur.lastrowid
         assert seq is not None
@@ -397,6 +402,32 @@ class SQLiteStore:
     @staticmethod
     def _user_params(user: str) -> tuple[str, str]:
         return f"user:{user}", f"user:{user}@context:"
+
+    def list_user_nodes(self, user: str) -> list[NodeId]:
+        """The user's own nodes (``user:<user>`` and each ``user:<user>@context:<c>``), matched exactly.
+
+        ``user:ana@evil@context:x`` belongs to user ``ana@evil``, not to ``ana`` (``persona_mw.nodes``).
+        """
+        rows = self._query(f"SELECT id FROM nodes WHERE id IN ({self._user_nodes_sql()}) ORDER BY id",
+                           self._user_params(user))
+        return [r["id"] for r in rows if is_user_node_of(r["id"], user)]
+
+    def prune_node(self, node_id: NodeId) -> bool:
+        """Delete a group/context node that nothing holds any more: no edge to or from it, no memory,
+        no stated preference in its profile. Returns whether it was deleted (in one transaction)."""
+        if node_kind(node_id) not in ("group", "context"):
+            return False
+        with self._tx() as cur:
+            if cur.execute("SELECT 1 FROM edges WHERE src = ?1 OR dst = ?1 LIMIT 1", (node_id,)).fetchone():
+                return False
+            if cur.execute("SELECT 1 FROM memories WHERE owner = ? LIMIT 1", (node_id,)).fetchone():
+                return False
+            row = cur.execute("SELECT data FROM profiles WHERE node = ?", (node_id,)).fetchone()
+            if row is not None and json.loads(row["data"]).get("stated"):
+                return False
+            cur.execute("DELETE FROM profiles WHERE node = ?", (node_id,))
+            cur.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+            return cur.rowcount > 0
 
     def has_user(self, user: str) -> bool:
         rows = self._query("SELECT EXISTS (SELECT 1 FROM nodes WHERE id = ?) "

@@ -24,6 +24,7 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=20, help="SIGKILL crash-recovery cycles")
     ap.add_argument("--fuzz", type=int, default=10_000, help="bad inputs (HTTP and Python API, 70/30)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bounds", type=int, default=300, help="victim requests idle and under group/size bombs (0: skip)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "soak.json"))
     args = ap.parse_args()
 
@@ -36,6 +37,7 @@ def main() -> int:
     from .crash import crash_cycle
     from .fuzz import fuzz_http, fuzz_python
     from .probes import run_probes
+    from .soak_bounds import bounds_soak
     from .writers import concurrent_writers
 
     t0 = time.perf_counter()
@@ -73,6 +75,11 @@ def main() -> int:
         mw.close()
         seconds["fuzz"] = time.perf_counter() - t
 
+        t = time.perf_counter()
+        bounds = bounds_soak(root, idle=args.bounds, during=args.bounds) if args.bounds else {"ok": True}
+        seconds["bounds"] = time.perf_counter() - t
+        print(f"bounds: victim p95 x{bounds.get('victim_p95_ratio')} under bombs", file=sys.stderr, flush=True)
+
     problems = iso["leaks"][:5] + iso["controls_failed"][:5] + w["errors"][:5] + fh["bad"][:5] + fp["bad"][:5]
     summary = {
         "isolation_probes": iso["probes"], "leaks": len(iso["leaks"]),
@@ -90,6 +97,7 @@ def main() -> int:
         "rebuild_failures": sum(not c["rebuilt_ok"] for c in cycles),
         "fuzzed_inputs": fh["tried"] + fp["tried"], "fuzzed_http": fh["tried"], "fuzzed_python": fp["tried"],
         "server_5xx_or_tracebacks": len(fh["bad"]), "python_api_crashes": len(fp["bad"]),
+        "bounds": bounds,
         "seconds": {k: round(v, 1) for k, v in {**seconds, "total": time.perf_counter() - t0}.items()},
         "examples_of_problems": problems,
     }
@@ -98,7 +106,8 @@ def main() -> int:
     print(json.dumps(summary))
     ok = not (summary["leaks"] or summary["events_lost"] or summary["corrupted_databases"]
               or summary["server_5xx_or_tracebacks"] or summary["python_api_crashes"]
-              or summary["acked_writes_lost_in_crashes"] or summary["after_turn_effects_missing"])
+              or summary["acked_writes_lost_in_crashes"] or summary["after_turn_effects_missing"]
+              or not bounds["ok"])
     return 0 if ok else 1
 
 

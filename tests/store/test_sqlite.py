@@ -162,11 +162,31 @@ def test_duplicate_feedback_refused_and_nothing_changes(store: SQLiteStore, db_p
     first = StatedFeedback(id="fb-1", user="ana", text="tea")
     seq = store.append_feedback(first)
     with pytest.raises(StoreError, match="duplicate"):
-        store.append_feedback(StatedFeedback(id="fb-1", user="eve", text="coffee"))
+        store.append_feedback(StatedFeedback(id="fb-1", user="ana", text="coffee"))
     assert store.list_feedback() == [first]
-    assert not store.has_user("eve")
     assert _count(db_path, "SELECT COUNT(*) FROM feedback") == 1
     assert store.append_feedback(StatedFeedback(user="ana", text="more")) == seq + 1  # still writable
+
+
+def test_feedback_ids_are_per_user(store: SQLiteStore) -> None:
+    """Another user's id is a fresh id for eve (issue #17): no conflict confirms that ana used it."""
+    store.append_feedback(StatedFeedback(id="fb-1", user="ana", text="tea"))
+    store.append_feedback(StatedFeedback(id="fb-1", user="eve", text="coffee"))
+    assert [e.text for e in store.list_feedback(user="eve")] == ["coffee"]
+    assert [e.text for e in store.list_feedback(user="ana")] == ["tea"]
+    with pytest.raises(StoreError, match="duplicate"):
+        store.append_feedback(StatedFeedback(id="fb-1", user="eve", text="again"))
+
+
+def test_user_nodes_are_matched_exactly(store: SQLiteStore) -> None:
+    """user 'ana@evil' and its contexts are not nodes of 'ana' (issue #17: a prefix match said so)."""
+    for n in ("user:ana", "user:ana@context:x", "user:ana@evil", "user:ana@evil@context:x", "user:anab"):
+        store.ensure_node(n)
+    assert store.list_user_nodes("ana") == ["user:ana", "user:ana@context:x"]
+    assert store.list_user_nodes("ana@evil") == ["user:ana@evil", "user:ana@evil@context:x"]
+    for bad in ("user:a:b", "group:a:b", "user:@x", "user:ana@context:", "group:"):
+        with pytest.raises(StoreError):
+            store.ensure_node(bad)
 
 
 def test_traces_round_trip(store: SQLiteStore) -> None:
