@@ -757,9 +757,9 @@ class Middleware:
         scrubbed = True if scrub is None else bool(scrub())
         pending = int(self.store.pending_scrub()) if hasattr(self.store, "pending_scrub") else 0
         if not scrubbed:
-            log.warning("forget of %r: rows deleted, but another connection holds an older snapshot, so the "
-                        "text stays in the database/WAL files until its checkpoint; retrying in the background",
-                        user)
+            log.warning("forget of %r: rows deleted, but the checkpoint was busy (another connection holds an "
+                        "older snapshot, or writes right now), so the text stays in the database/WAL files "
+                        "until it succeeds; retrying in the background", user)
             self._scrub_wanted.set()
         return {**counts, "scrubbed": scrubbed, "pending_scrub": pending}
 
