@@ -60,10 +60,10 @@ def test_reader_snapshot_honest_result_background_retry_and_no_freeze(make_mw: A
         stop.set()
         t.join(30)
         assert r.status_code == 200, r.text
+        assert forget_s < 2.0, forget_s  # no 10 s busy wait
+        assert latencies and max(latencies) < 2.0, max(latencies)  # bob was never frozen
         body = r.json()
         assert body["deleted"] is True and body["scrubbed"] is False and body["pending_scrub"] >= 1
-        assert forget_s < 2.0, forget_s  # no 10 s busy wait
-        assert latencies and max(latencies) < 2.0, max(latencies)
         # honest: the reader's snapshot still sees the rows, and the bytes are still in the files
         assert reader.execute("SELECT COUNT(*) FROM feedback WHERE user = 'ana'").fetchone()[0] == 5
         assert SECRET.encode() in raw(db)
@@ -89,7 +89,7 @@ mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
 for i in range(5):
     mw.feedback(kind="stated", user="ana", text=f"I like %s number {i}")
 mw.feedback(kind="stated", user="bob", text="bob likes tea")
-assert mw.store.checkpoint()  # the secret is in the database file itself now
+mw.store.checkpoint()  # the secret is in the database file itself now
 mw.store.checkpoint = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # die right after the commit
 mw.forget("ana")
 print("not killed")
