@@ -108,8 +108,8 @@ def test_sigkill_between_commit_and_checkpoint_finished_at_next_open(tmp_path: P
 
     store = SQLiteStore(str(db))  # the next start
     try:
-        assert store.pending_scrub() == 0
         assert SECRET.encode() not in raw(db)  # scrubbed at open, not merely at a later close
+        assert store.pending_scrub() == 0
         assert b"bob likes tea" in raw(db)
         assert not store.has_user("ana") and store.has_user("bob")
     finally:
