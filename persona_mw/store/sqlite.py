@@ -155,6 +155,7 @@ class SQLiteStore:
             file.parent.mkdir(parents=True, exist_ok=True)
             self.path = str(file)
         self._lock = threading.RLock()
+        self._busy_ms = int(busy_timeout_s * 1000)
         self.max_memories_per_owner: int | None = None  # set by the Middleware from limits.max_memories_per_user
         # set by the Middleware from privacy.redact: memory text is redacted before it is written
         self.redact_text: Any = None
@@ -593,29 +594,31 @@ class SQLiteStore:
         return True
 
     def checkpoint(self, attempts: int = 5) -> bool:
-        """``PRAGMA wal_checkpoint(TRUNCATE)`` on a connection of its own that does not wait (busy
-        timeout 0; ``attempts`` short retries ride out our own writers). True if the whole WAL was
-        folded into the database and truncated; False if a reader's snapshot prevented it."""
+        """``PRAGMA wal_checkpoint(TRUNCATE)`` that never waits on another connection (busy timeout 0
+        for the call; ``attempts`` short retries, the store's lock released in between). Run on our own
+        connection under its lock, so our own transactions cannot make it busy. True if the whole WAL
+        was folded into the database and truncated; False if another connection prevented it."""
         if self.path == ":memory:":
             return True
-        try:
-            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"checkpoint of {self.path!r} failed: {exc}") from exc
-        try:
-            for i in range(max(1, attempts)):
+        for i in range(max(1, attempts)):
+            with self._lock:
+                conn = self._connection()
                 try:
-                    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    conn.execute("PRAGMA busy_timeout = 0")
+                    try:
+                        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    finally:
+                        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
                 except sqlite3.OperationalError as exc:
                     if not _is_busy(exc):
                         raise StoreError(f"checkpoint of {self.path!r} failed: {exc}") from exc
                     busy = 1
-                if not busy:
-                    return True
-                time.sleep(0.01 * (i + 1))
-            return False
-        finally:
-            conn.close()
+                except sqlite3.Error as exc:
+                    raise StoreError(f"checkpoint of {self.path!r} failed: {exc}") from exc
+            if not busy:
+                return True
+            time.sleep(0.01 * (i + 1))
+        return False
 
     def close(self) -> None:
         with self._lock:
