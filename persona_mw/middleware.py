@@ -834,7 +834,10 @@ class Middleware:
             try:
                 if self._scrub_wanted.is_set() and self.store.scrub():  # type: ignore[attr-defined]
                     self._scrub_wanted.clear()
-                    log.info("pending forget scrub finished: the deleted text is gone from the files")
+                    if self.store.pending_scrub():  # type: ignore[attr-defined]  # a forget meanwhile
+                        self._scrub_wanted.set()
+                    else:
+                        log.info("pending forget scrub finished: the deleted text is gone from the files")
                 if jobs and tick % 10 == 0:
                     self.store.heartbeat()  # type: ignore[attr-defined]
                     if tick:
