@@ -28,27 +28,33 @@ pipeline:
 
 
 class SignallingBackend(ScriptedBackend):
-    """A slow scripted backend that says when it started generating for a user (tag ``[uN]``)."""
+    """A scripted backend that says when it started generating for a user (tag ``[uN]``) and then
+    generates until the test releases that user (after their DELETE was answered), at least ``delay``
+    seconds: every forget lands while its user's turn is generating, whatever the load."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, hold_s: float = 60.0) -> None:
         super().__init__(delay=0.0)
-        self.slow = delay
+        self.slow, self.hold_s = delay, hold_s
         self.started: dict[str, threading.Event] = {}
+        self.released: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def event(self, user: str) -> threading.Event:
+    def event(self, user: str, table: str = "started") -> threading.Event:
         with self._lock:
-            return self.started.setdefault(user, threading.Event())
+            return getattr(self, table).setdefault(user, threading.Event())
 
     async def generate(self, messages: list[Message], **kwargs: Any) -> list[Candidate]:
         last = next((m.text for m in reversed(messages) if m.role == "user"), "")
         tag = last.split("[", 1)[1].split("]", 1)[0] if "[" in last else ""
         self.event(tag).set()
         await asyncio.sleep(self.slow)
+        release, deadline = self.event(tag, "released"), time.monotonic() + self.hold_s
+        while tag and not release.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         return await super().generate(messages, **kwargs)
 
 
-def forget_race(root: Path, turns: int = 200, delay: float = 0.5) -> dict[str, Any]:
+def forget_race(root: Path, turns: int = 200, delay: float = 0.2) -> dict[str, Any]:
     import httpx
 
     from persona_mw import Middleware, parse_config
@@ -63,9 +69,10 @@ def forget_race(root: Path, turns: int = 200, delay: float = 0.5) -> dict[str, A
         mw.feedback(kind="stated", user=u, text=f"{u} secret preference qx{u}zz")
     bad: list[str] = []
     unscrubbed = 0
+    raced = 0  # DELETE answered while the user's turn was still generating: the race really happened
 
     async def one(client: httpx.AsyncClient, url: str, i: int, user: str) -> None:
-        nonlocal unscrubbed
+        nonlocal unscrubbed, raced
         body = {"model": "m", "user": user, "stream": i % 2 == 1,
                 "messages": [{"role": "user", "content": f"[{user}] tell me about qx{user}zz"}]}
 
@@ -82,6 +89,8 @@ def forget_race(root: Path, turns: int = 200, delay: float = 0.5) -> dict[str, A
         while not ev.is_set() and not task.done():
             await asyncio.sleep(0.005)
         r = await client.delete(f"{url}/v1/users/{user}")
+        raced += not task.done()
+        backend.event(user, "released").set()  # the turn finishes only now, after the forget
         if r.status_code != 200:
             bad.append(f"DELETE {user}: {r.status_code} {r.text[:200]}")
         elif not r.json().get("scrubbed"):
@@ -108,7 +117,8 @@ def forget_race(root: Path, turns: int = 200, delay: float = 0.5) -> dict[str, A
     mw.close()
     raw = b"".join(p.read_bytes() for p in root.glob("forget_race.db*"))
     leftover = [u for u in users if f"qx{u}zz".encode() in raw]
-    return {"turns": turns, "json": (turns + 1) // 2, "sse": turns // 2, "resurrected": len(resurrected),
+    return {"turns": turns, "json": (turns + 1) // 2, "sse": turns // 2, "deleted_during_generation": raced,
+            "resurrected": len(resurrected),
             "resurrected_examples": resurrected[:5], "errors": bad[:10], "error_count": len(bad),
             "unscrubbed_at_delete": unscrubbed, "pending_scrub_after": pending,
             "secrets_left_in_files": len(leftover), "seconds": round(time.perf_counter() - t0, 1)}
