@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from persona_mw.errors import ForgottenError
 from persona_mw.store import write_guard
 from persona_mw.store.sqlite import LEASE_S, SQLiteStore, process_id
-from persona_mw.errors import ForgottenError
-
-import pytest
 
 
 def _holder(store: SQLiteStore, job: str, holder: str, host: str, pid: int, beat: float) -> None:
