@@ -10,6 +10,7 @@
      |    +-- BackendUnavailable  connection refused, 5xx, rate limit
      |    +-- ModelNotFound       a local model that is not in the registry or cannot be fetched
      +-- StoreError               the store could not read or write
+      +-- ForgottenError       a write for a user forgotten after the work started (dropped)
 
 Where the pipeline degrades on purpose (a plugin with ``on_error: skip``) it records the
 failure in the turn's trace and logs it; nothing is swallowed silently.
@@ -73,3 +74,7 @@ class ModelNotFound(BackendError):
 
 class StoreError(PersonaError):
     """The store failed to read or write."""
+
+
+class ForgottenError(StoreError):
+    """A write for a user who was forgotten after the work doing it started; the write is dropped."""

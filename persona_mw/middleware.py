@@ -18,15 +18,22 @@ from typing import Any, AsyncIterator, Callable, Coroutine, Iterator, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from persona_mw.config import Config, StatedItem, load_config, parse_config
-from persona_mw.errors import BackendError, ConfigError, PersonaError, RequestError, UnknownUserError
 from persona_mw.embeddings import cache_scope
+from persona_mw.errors import (
+    BackendError,
+    ConfigError,
+    ForgottenError,
+    PersonaError,
+    RequestError,
+    UnknownUserError,
+)
 from persona_mw.graph import GLOBAL, PreferenceGraph, user_context_node, user_node
 from persona_mw.limits import bound_trace, check_request, trim_prompt
 from persona_mw.nodes import context_node, group_node, is_user_node_of, kind_of, parse
 from persona_mw.privacy import Redactor
 from persona_mw.pipeline import Pipeline
 from persona_mw.manager import PluginHost
-from persona_mw.store import Edge, Store, open_store
+from persona_mw.store import Edge, Store, open_store, write_guard
 from persona_mw.types import (
     Candidate,
     ChatRequest,
@@ -48,6 +55,9 @@ _feedback_adapter: TypeAdapter[Any] = TypeAdapter(Feedback)
 _STARTED: StashKey[float] = StashKey("persona_mw.started")
 # Request fields a background-job record keeps as sent (ids and flags); the rest is redacted.
 _JOB_KEEP = frozenset({"user", "context", "groups", "n", "stream"})
+# The user's forget epoch when the turn started: its writes are refused once a forget moved it on.
+_EPOCH: StashKey[int | None] = StashKey("persona_mw.forget_epoch")
+FORGOTTEN_FLAG = "forgotten: the user was forgotten while this work ran; nothing of it was stored"
 
 
 class _Loop:
@@ -118,6 +128,11 @@ class Middleware:
         self._jobs: set[concurrent.futures.Future[Any]] = set()
         self._jobs_lock = threading.Lock()
         self._profile_locks: dict[str, threading.Lock] = {}
+        self._running_jobs: set[str] = set()  # after-turn job ids this process runs now (never re-claimed)
+        self._maintenance: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._scrub_wanted = threading.Event()
+        self.maintenance_interval_s = 1.0  # pending-scrub retries; heartbeat/sweep every 10th tick
         self._closed = False
         self._ready = False
         self._memory: Any = None  # persona_mw.memory.MemoryManager, created on first use
@@ -126,9 +141,11 @@ class Middleware:
         except BaseException:
             self._shutdown()
             raise
-        # After-turn jobs a crashed process left behind (claimed longer ago than any live job runs).
+        # After-turn jobs a crashed process left behind: held by a process that is gone (or silent
+        # longer than the lease), or claimed longer ago than any live job runs.
         if self.pipeline.has_impls("persona_after_turn") and getattr(self.store, "claim_jobs", None):
             self._background(self.aresume_jobs(stale_after_s=300.0))
+        self._start_maintenance()
 
     # -- construction ------------------------------------------------------------------------
 
@@ -256,7 +273,20 @@ class Middleware:
         # ``budget:`` is the one home of these (``limits.aux_*`` of older configs were moved there).
         lim = self.config.budget
         turn.stash[BUDGET_LIMITS_KEY] = (lim.aux_calls_per_request, lim.aux_seconds_per_request)
+        turn.stash[_EPOCH] = self._epoch(req.user)
         return turn
+
+    # -- forget epochs: work that started before a forget never writes the user back -----------
+
+    def _epoch(self, user: str) -> int | None:
+        reader = getattr(self.store, "user_epoch", None)
+        return None if reader is None else int(reader(user))
+
+    def _guard(self, turn: Turn) -> Any:
+        return write_guard(turn.request.user, turn.stash.get(_EPOCH, None))
+
+    def _forgotten_since(self, user: str, epoch: int | None) -> bool:
+        return epoch is not None and self._epoch(user) != epoch
 
     def job_budget(self) -> Any:
         """A fresh budget for one background job (``budget.aux_calls_per_job``), for plugins."""
@@ -272,6 +302,12 @@ class Middleware:
         plugin, auxiliary backend) serves the request as sent, flagged in the trace."""
         try:
             return await run()
+        except ForgottenError:
+            # Forgotten while this turn was being prepared: answer the request as sent, store nothing.
+            turn.messages = list(turn.request.messages)
+            turn.items = []
+            turn.trace.flags.append(FORGOTTEN_FLAG)
+            return None
         except PersonaError as exc:
             policy = self._policy()
             # A bad request stays the caller's problem; only a failure of ours is degraded.
@@ -303,9 +339,9 @@ class Middleware:
     async def achat(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> ChatResponse:
         """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...)."""
         req = self._checked(request, kwargs)
-        with self.cache_scope(req.user):
-            t0 = time.perf_counter()
-            turn = self._new_turn(req)
+        t0 = time.perf_counter()
+        turn = self._new_turn(req)
+        with self.cache_scope(req.user), self._guard(turn):
             await self._backend_ready(turn)
             decoding = await self._prepare_guarded(
                 turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
@@ -328,7 +364,9 @@ class Middleware:
         req = self._checked(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
-        with self.cache_scope(req.user):  # no yield inside: the consumer's context is not ours to set
+        # The scopes are entered around each stretch without a yield: a context variable set before a
+        # yield cannot be reset after it when another task resumes the generator (SSE responses).
+        with self.cache_scope(req.user), self._guard(turn):
             await self._backend_ready(turn)
             decoding = await self._prepare_guarded(
                 turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
@@ -336,9 +374,10 @@ class Middleware:
         async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding or []):
             chunk.trace_id = turn.trace.id
             yield chunk
-        response = self.pipeline.response(turn, self.backend)
-        turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
-        await asyncio.to_thread(self._finish, turn, response)
+        with self._guard(turn):
+            response = self.pipeline.response(turn, self.backend)
+            turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+            await asyncio.to_thread(self._finish, turn, response)
         yield StreamChunk(done=True, finish_reason=response.choices[0].finish_reason, trace=turn.trace,
                           trace_id=turn.trace.id)
 
@@ -365,7 +404,7 @@ class Middleware:
         """
         turn = self._new_turn(self._checked(request, kwargs))
         turn.stash[_STARTED] = time.perf_counter()
-        with self.cache_scope(turn.request.user):
+        with self.cache_scope(turn.request.user), self._guard(turn):
             await self._backend_ready(turn)
             await self._prepare_guarded(turn, lambda: self.pipeline.prepare_messages(turn, graph=self.graph,
                                                                                      store=self.store))
@@ -377,9 +416,10 @@ class Middleware:
         texts = [text] if isinstance(text, str) else list(text) or [""]
         turn.candidates = [Candidate(text=t, index=i, finish_reason=finish_reason) for i, t in enumerate(texts)]
         turn.selected = 0
-        response = self.pipeline.response(turn, self.backend)
-        turn.trace.timings_ms["total"] = (time.perf_counter() - turn.stash.get(_STARTED, time.perf_counter())) * 1000
-        await asyncio.to_thread(self._finish, turn, response)
+        with self._guard(turn):
+            response = self.pipeline.response(turn, self.backend)
+            turn.trace.timings_ms["total"] = (time.perf_counter() - turn.stash.get(_STARTED, time.perf_counter())) * 1000
+            await asyncio.to_thread(self._finish, turn, response)
         return response
 
     def prepare(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> Turn:
@@ -408,10 +448,21 @@ class Middleware:
 
         if BUDGET_KEY in turn.stash:  # the request's auxiliary calls, for the user to see
             turn.trace.aux_calls = turn.stash[BUDGET_KEY].as_list()
-        self._save_trace(turn.trace)
-        if self.pipeline.has_impls("persona_after_turn"):
-            job_id = self._record_job(turn, response)
-            self._background(self._after_turn(turn, response, job_id))
+        try:
+            with self._guard(turn):
+                self._save_trace(turn.trace)
+                if self.pipeline.has_impls("persona_after_turn"):
+                    job_id = self._record_job(turn, response)
+                    with self._jobs_lock:
+                        if job_id is not None:
+                            self._running_jobs.add(job_id)
+                    self._background(self._after_turn(turn, response, job_id))
+        except ForgottenError:
+            # DELETE /v1/users/U answered while this turn ran: its trace and job would bring U back.
+            log.info("user %r was forgotten during turn %s: trace and after-turn job dropped",
+                     turn.request.user, turn.trace.id)
+            if FORGOTTEN_FLAG not in turn.trace.flags:
+                turn.trace.flags.append(FORGOTTEN_FLAG)
 
     def _record_job(self, turn: Turn, response: ChatResponse) -> str | None:
         add_job = getattr(self.store, "add_job", None)
@@ -427,16 +478,25 @@ class Middleware:
             "selected": turn.selected,
             "finish_reason": response.choices[0].finish_reason if response.choices else "stop",
             "trace_id": turn.trace.id,
+            "epoch": turn.stash.get(_EPOCH, None),
         }
         job_id = f"job-{turn.trace.id}"
         add_job(job_id, turn.request.user, "after_turn", payload)
         return job_id
 
     async def _after_turn(self, turn: Turn, response: ChatResponse, job_id: str | None = None) -> None:
-        with self.cache_scope(turn.request.user):
-            await self._after_turn_scoped(turn, response, job_id)
+        try:
+            with self.cache_scope(turn.request.user), self._guard(turn):
+                await self._after_turn_guarded(turn, response, job_id)
+        except ForgottenError:
+            log.info("user %r was forgotten during after-turn job of trace %s: its writes were dropped",
+                     turn.request.user, turn.trace.id)
+        finally:
+            if job_id is not None:
+                with self._jobs_lock:
+                    self._running_jobs.discard(job_id)
 
-    async def _after_turn_scoped(self, turn: Turn, response: ChatResponse, job_id: str | None) -> None:
+    async def _after_turn_guarded(self, turn: Turn, response: ChatResponse, job_id: str | None) -> None:
         before = len(turn.trace.steps)
         t = time.perf_counter()
         failed: str | None = None
@@ -452,6 +512,11 @@ class Middleware:
             log.error("after-turn job crashed for trace %s: %s", turn.trace.id, failed)
             turn.trace.flags.append(f"after_turn_failed: {failed}")
         turn.trace.timings_ms["after_turn"] = (time.perf_counter() - t) * 1000
+        if failed is not None and self._forgotten_since(turn.request.user, turn.stash.get(_EPOCH, None)):
+            # forget deleted the job row too; failing it or saving the trace would only be refused
+            log.info("after-turn job of trace %s stopped: user %r was forgotten meanwhile",
+                     turn.trace.id, turn.request.user)
+            return
         if job_id is not None:
             if failed is None:
                 self.store.finish_job(job_id)  # type: ignore[attr-defined]
@@ -462,30 +527,46 @@ class Middleware:
         if len(turn.trace.steps) > before or failed:
             self._save_trace(turn.trace)
 
-    async def aresume_jobs(self, stale_after_s: float = 60.0) -> int:
+    async def aresume_jobs(self, stale_after_s: float = 60.0, *, dead_only: bool = False) -> int:
         """Re-run pending after-turn jobs (left by a crash, or failed fewer than ``limits.job_attempts``
-        times) whose claim is older than ``stale_after_s``; returns how many were started."""
+        times) whose claim is older than ``stale_after_s`` or whose holder process is dead (gone,
+        or no heartbeat within the lease); returns how many were started. Jobs this process is
+        running are never taken twice. ``dead_only``: only those of dead holders (the sweep)."""
         claim = getattr(self.store, "claim_jobs", None)
         if claim is None or not self.pipeline.has_impls("persona_after_turn"):
             return 0
-        jobs = claim(stale_after_s, self.config.limits.job_attempts)
+        with self._jobs_lock:
+            running = set(self._running_jobs)
+        kwargs: dict[str, Any] = {"exclude": running, "dead_only": True} if dead_only else {"exclude": running}
+        jobs = claim(stale_after_s, self.config.limits.job_attempts, **kwargs)
         started = 0
         for job in jobs:
             try:
                 p = job["payload"]
                 req = ChatRequest.model_validate(p["request"])
                 turn = self._new_turn(req)
-                turn.scope, turn.profiles = self.graph.resolve(req)
+                if "epoch" in p:  # the epoch the turn saw: a forget since then drops the job's writes
+                    turn.stash[_EPOCH] = p["epoch"]
+                with self._guard(turn):
+                    turn.scope, turn.profiles = self.graph.resolve(req)
                 turn.candidates = [Candidate(text=t, index=i, finish_reason=p.get("finish_reason") or "stop")
                                    for i, t in enumerate(p["answers"] or [""])]
                 turn.selected = int(p.get("selected") or 0)
-                turn.trace = self.store.get_trace(p["trace_id"]) or turn.trace
+                stored = self.store.get_trace(p["trace_id"])
+                if stored is None:  # trace.store off: keep the id, so the job's message ids match the first run's
+                    turn.trace.id = p["trace_id"]
+                else:
+                    turn.trace = stored
                 turn.trace.flags.append(f"after_turn_resumed: attempt {job['attempts'] + 1}")
                 response = self.pipeline.response(turn, self.backend)
+            except ForgottenError:
+                continue  # the user was forgotten since (forget deleted the job row as well)
             except Exception as exc:  # a record that cannot be replayed is kept with its error, not lost
                 log.error("after-turn job %s cannot be resumed: %s", job["id"], exc)
                 self.store.fail_job(job["id"], f"cannot resume: {type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
                 continue
+            with self._jobs_lock:
+                self._running_jobs.add(job["id"])
             self._background(self._after_turn(turn, response, job["id"]))
             started += 1
         return started
@@ -566,15 +647,21 @@ class Middleware:
                 raise RequestError(f"invalid feedback: {field}: the id contains PII ({found[0]}); "
                                    "use an opaque id", field=field)
         ev = self.redactor.redact_model(ev)
-        await asyncio.to_thread(self._record_feedback, ev)  # store work off the event loop
-        with self.cache_scope(ev.user):
-            steps = await self.pipeline.feedback(ev, store=self.store, graph=self.graph)
+        epoch = await asyncio.to_thread(self._epoch, ev.user)
+        try:
+            with write_guard(ev.user, epoch), self.cache_scope(ev.user):  # a forget from now on drops its writes
+                await asyncio.to_thread(self._record_feedback, ev)  # store work off the event loop
+                steps = await self.pipeline.feedback(ev, store=self.store, graph=self.graph)
+        except ForgottenError:
+            log.info("user %r was forgotten while feedback %s was applied: its writes were dropped", ev.user, ev.id)
+            return ev.id
         for s in steps:
             if s.error:
                 log.warning("feedback plugin %s: %s", s.plugin, s.error)
         return ev.id
 
     def _record_feedback(self, ev: Feedback) -> None:
+        """The event's own writes, off the event loop (a store waiting on another process must not stall it)."""
         if ev.context:
             self._check_context_bound(ev.user, ev.context)
         self.store.ensure_node(user_node(ev.user))
@@ -698,15 +785,18 @@ class Middleware:
         self._require_user(user)
         return self.store.export_user(user)
 
-    def forget(self, user: str) -> dict[str, int]:
+    def forget(self, user: str) -> dict[str, Any]:
         """Delete everything stored about and derived from ``user``.
 
-        Rows go in one store transaction (events, memories, profiles, nodes, edges, traces, jobs);
-        then ``persona_forget`` lets plugins recompute what they pooled from the user (the groups
-        they belonged to) and drop anything they keep elsewhere.
+        Rows go in one store transaction (events, memories, profiles, nodes, edges, traces, jobs),
+        which also moves the user's forget epoch on: work for the user that started before (a turn
+        generating, an after-turn job, a feedback event) can no longer write anything of them.
+        Then ``persona_forget`` lets plugins recompute what they pooled from the user (the groups
+        they belonged to) and drop anything they keep elsewhere. Returns the rows deleted per table,
+        ``scrubbed`` (the deleted text is gone from the database and WAL files: False while another
+        connection holds an older snapshot; retried in the background) and ``pending_scrub``.
         """
         self._require_user(user)
-        self.drain()
         own = self._user_nodes(user)
         if user_node(user) not in own:
             own.insert(0, user_node(user))
@@ -719,7 +809,19 @@ class Middleware:
             self._memory.drop_user(user)
         self.host.pm.hook.persona_forget(user=user, nodes=linked, store=self.store, graph=self.graph)
         counts["orphan_nodes"] = self._prune_orphans(sorted(set(linked) | contexts))
-        return counts
+        scrub = getattr(self.store, "scrub", None)
+        scrubbed = True if scrub is None else bool(scrub())
+        pending = int(self.store.pending_scrub()) if hasattr(self.store, "pending_scrub") else 0
+        if not scrubbed:
+            log.warning("forget of %r: rows deleted, but the checkpoint was busy (another connection holds an "
+                        "older snapshot, or writes right now), so the text stays in the database/WAL files "
+                        "until it succeeds; retrying in the background", user)
+            self._scrub_wanted.set()
+        return {**counts, "scrubbed": scrubbed, "pending_scrub": pending}
+
+    async def aforget(self, user: str) -> dict[str, Any]:
+        """``forget`` in a worker thread: the event loop keeps serving other requests meanwhile."""
+        return await asyncio.to_thread(self.forget, user)
 
     def _prune_orphans(self, nodes: list[str]) -> int:
         """Delete the group/context nodes among ``nodes`` that nothing holds: not declared in the
@@ -829,8 +931,43 @@ class Middleware:
                 self._portal().run(closer())
         self._shutdown()
 
+    def _start_maintenance(self) -> None:
+        """A daemon thread: retries pending forget scrubs; with after-turn jobs, renews this process's
+        job lease (heartbeat) and takes over the jobs of holders that died."""
+        jobs = self.pipeline.has_impls("persona_after_turn") and hasattr(self.store, "heartbeat")
+        if not jobs and not hasattr(self.store, "scrub"):
+            return
+        if getattr(self.store, "pending_scrub", lambda: 0)():
+            self._scrub_wanted.set()
+        self._maintenance = threading.Thread(target=self._maintain, args=(jobs,), name="persona-mw-maintenance",
+                                             daemon=True)
+        self._maintenance.start()
+
+    def _maintain(self, jobs: bool) -> None:
+        tick = 0
+        while not self._stop.wait(self.maintenance_interval_s):
+            try:
+                if self._scrub_wanted.is_set() and self.store.scrub():  # type: ignore[attr-defined]
+                    self._scrub_wanted.clear()
+                    if self.store.pending_scrub():  # type: ignore[attr-defined]  # a forget meanwhile
+                        self._scrub_wanted.set()
+                    else:
+                        log.info("pending forget scrub finished: the deleted text is gone from the files")
+                if jobs and tick % 10 == 0:
+                    self.store.heartbeat()  # type: ignore[attr-defined]
+                    if tick:
+                        self._background(self.aresume_jobs(dead_only=True))
+            except Exception as exc:  # a store hiccup: the next tick tries again
+                if self._stop.is_set():
+                    return
+                log.warning("maintenance (scrub/heartbeat) failed: %s", exc)
+            tick += 1
+
     def _shutdown(self) -> None:
         self._closed = True
+        self._stop.set()
+        if self._maintenance is not None and self._maintenance is not threading.current_thread():
+            self._maintenance.join(timeout=5)
         if self._loop is not None:
             self._loop.stop()
         self.store.close()

@@ -80,7 +80,7 @@ def route_docs() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         },
         "DELETE /v1/users/{user}": {
             "summary": "forget the user", "parameters": _user_param(),
-            "responses": {"200": {"description": "deleted", "content": _json(obj)}, **_errors(400, 401, 404)},
+            "responses": {"200": {"description": "deleted; `scrubbed` says whether the text is already gone from the database files (false while another connection holds an older snapshot; retried in the background)", "content": _json(obj)}, **_errors(400, 401, 404)},
         },
         "PUT /v1/users/{user}/groups/{group}": {
             "summary": "make the user a permanent member of the group (a request's 'groups' last one request)",

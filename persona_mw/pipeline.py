@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
-from persona_mw.errors import PersonaError, PluginError
+from persona_mw.errors import ForgottenError, PersonaError, PluginError
 from persona_mw.hookspecs import LEARNING_STAGES, TURN_STAGES
 from persona_mw.manager import PluginHost, display_name
 from persona_mw.types import (
@@ -86,6 +86,8 @@ class Pipeline:
                         f"plugin {name!r} returned an invalid result from {stage}: {exc}", plugin=name, hook=stage
                     ) from None
         except Exception as exc:
+            if isinstance(exc, ForgottenError):  # the user was forgotten meanwhile: the whole work stops
+                raise
             ms = (time.perf_counter() - t0) * 1000
             policy = self.host.policy_of(name)
             err = f"{type(exc).__name__}: {exc}"

@@ -266,7 +266,13 @@ def create_app(
         m = tenant_mw(request)
         user = path_user(request)
         result = await _call_mw(m, "forget", user)
-        return JSONResponse({"id": user, "object": "user", "deleted": True, "details": to_jsonable_python(result)})
+        details = to_jsonable_python(result)
+        # scrubbed: false = the rows are deleted, but another connection's snapshot keeps the text in
+        # the database/WAL files until a checkpoint can run (retried in the background).
+        scrubbed = bool(details.pop("scrubbed", True)) if isinstance(details, dict) else True
+        pending = int(details.pop("pending_scrub", 0)) if isinstance(details, dict) else 0
+        return JSONResponse({"id": user, "object": "user", "deleted": True, "scrubbed": scrubbed,
+                             "pending_scrub": pending, "details": details})
 
     def path_group(request: Request) -> str:
         group = str(request.path_params["group"])

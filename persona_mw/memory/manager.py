@@ -11,6 +11,7 @@ import asyncio
 import bisect
 import concurrent.futures
 import contextvars
+import hashlib
 import importlib.util
 import logging
 import threading
@@ -85,6 +86,11 @@ class MemoryHit:
     def as_dict(self) -> dict[str, Any]:
         m = self.memory.model_dump(mode="json", exclude={"embedding"})
         return {"memory": m, "score": round(self.score, 6), "why": self.why}
+
+
+def _idem(*parts: str) -> str:
+    """An idempotency key for a memory written from given source messages (``meta["idem"]``)."""
+    return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -485,6 +491,10 @@ class MemoryManager:
                     full = self.store.get_memory(dec.target.id)
                     if full is None:
                         continue
+                    if prov and set(prov) <= set(full.provenance):
+                        # the same source message again (a job resumed after a crash): already counted
+                        self.stats["already_stored"] += 1
+                        continue
                     full.provenance = list(dict.fromkeys(full.provenance + prov))[-50:]
                     full.updated_at = now
                     full.meta["mentions"] = int(full.meta.get("mentions", 1)) + 1
@@ -500,10 +510,15 @@ class MemoryManager:
                 meta = {**cand.meta, **dmeta, "source": cand.source}
                 if cand.slot:
                     meta["slot"] = cand.slot
-                mem = Memory(owner=owner, text=cand.text[:MAX_MEMORY_CHARS], kind=cand.kind, polarity=cand.polarity,
+                text = cand.text[:MAX_MEMORY_CHARS]
+                if prov:  # written again from the same messages (a resumed job): the store keeps one
+                    meta["idem"] = _idem("x", owner, cand.kind, "|".join(prov), text)
+                mem = Memory(owner=owner, text=text, kind=cand.kind, polarity=cand.polarity,
                              provenance=prov, embedding=None if vec is None else vec.tolist(), meta=meta,
                              created_at=now, updated_at=now)
-                self.store.add_memory(mem)
+                if self.store.add_memory(mem) is False:
+                    self.stats["already_stored"] += 1
+                    continue
                 self._index_add(owner, [mem])
                 if dec.action == "supersede" and dec.target is not None:
                     old = self.store.get_memory(dec.target.id)
@@ -672,18 +687,26 @@ class MemoryManager:
                 meta["speaker"] = m.speaker
             if index_texts[i] != t:
                 meta["index_text"] = index_texts[i]
+            # the idempotency key: a job resumed after a crash writes each turn once, not twice
+            meta["idem"] = _idem("raw", owner, m.id, t)
             mems.append(Memory(owner=owner, text=t, kind="episode", provenance=[m.id], meta=meta,
                                embedding=None if vecs is None else vecs[i].tolist(), created_at=now + i * 1e-6,
                                updated_at=now))
         self.store.ensure_node(f"user:{user}")
         with self._lock:
             self._load(owner)
+            have = {r.meta.get("idem") for r in self._recs.get(owner, {}).values() if r.meta.get("raw")}
+            written = []
             for mem in mems:
-                self.store.add_memory(mem)
-            self._index_add(owner, mems)
+                if mem.meta["idem"] in have or self.store.add_memory(mem) is False:
+                    self.stats["already_stored"] += 1
+                    continue
+                have.add(mem.meta["idem"])
+                written.append(mem)
+            self._index_add(owner, written)
             self._enforce_limit(owner)
-        self.stats["raw"] += len(mems)
-        return [m.model_copy(update={"embedding": None}) for m in mems]
+        self.stats["raw"] += len(written)
+        return [m.model_copy(update={"embedding": None}) for m in written]
 
     # -- reading -----------------------------------------------------------------------------
 

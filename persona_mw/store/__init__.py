@@ -6,7 +6,9 @@ profiles can always be rebuilt from them. ``forget_user`` removes everything der
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+import contextlib
+import contextvars
+from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -86,6 +88,40 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+# The forget guard: work done on behalf of a user (a turn, a feedback event, an after-turn job)
+# captures the user's forget epoch when it starts and runs under ``write_guard(user, epoch)``.
+# A store that keeps epochs (SQLite) refuses, inside the write transaction, every write of that
+# user's rows once the epoch has moved on (a forget happened since): ``ForgottenError``.
+_GUARD: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("persona_mw_forget_guard",
+                                                                               default=None)
+
+
+def current_guard() -> tuple[str, int] | None:
+    """The (user, epoch) the current work runs under, if any."""
+    return _GUARD.get()
+
+
+@contextlib.contextmanager
+def write_guard(user: str, epoch: int | None) -> Iterator[None]:
+    """Within the block (and threads/tasks started from it), writes of ``user``'s rows fail with
+    ``ForgottenError`` if ``user`` is forgotten after ``epoch`` was read. ``epoch=None``: no guard."""
+    if epoch is None:
+        yield
+        return
+    token = _GUARD.set((user, epoch))
+    try:
+        yield
+    finally:
+        _GUARD.reset(token)
+
+
+def user_of_node(node_id: str) -> str | None:
+    """``ana`` for ``user:ana`` and ``user:ana@context:x``; None for other nodes."""
+    if not node_id.startswith("user:"):
+        return None
+    return node_id[5:].split("@context:", 1)[0]
+
+
 def open_store(url: str) -> Store:
     """Open a store from a URL or path: ``sqlite:///path.db``, a plain path, or ``:memory:``."""
     from persona_mw.store.sqlite import SQLiteStore
@@ -99,4 +135,4 @@ def open_store(url: str) -> Store:
     return SQLiteStore(url)
 
 
-__all__ = ["Edge", "Node", "Store", "node_kind", "open_store"]
+__all__ = ["Edge", "Node", "Store", "current_guard", "node_kind", "open_store", "user_of_node", "write_guard"]

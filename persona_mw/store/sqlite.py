@@ -6,8 +6,12 @@ processes on the same file are handled by SQLite's busy timeout plus a retry of 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -19,9 +23,9 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from persona_mw.errors import StoreError
+from persona_mw.errors import ForgottenError, StoreError
 from persona_mw.nodes import is_user_node_of
-from persona_mw.store import Edge, Node, node_kind
+from persona_mw.store import Edge, Node, current_guard, node_kind, user_of_node
 from persona_mw.types import Feedback, Memory, NodeId, Profile, Trace
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how many have run.
@@ -59,6 +63,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                claimed_at REAL, created_at REAL NOT NULL)""",
         "CREATE INDEX jobs_user ON jobs(user)",
     ),
+    (
+        # Forget epochs: a per-user counter bumped in forget's own transaction. Work started before
+        # a forget carries the epoch it saw and cannot write the user's rows after it. Keyed by a
+        # salted hash, so the table does not name who was forgotten.
+        "CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT INTO store_meta (key, value) VALUES ('forget_salt', lower(hex(randomblob(16))))",
+        "CREATE TABLE forgotten (key TEXT PRIMARY KEY, epoch INTEGER NOT NULL, forgotten_at REAL NOT NULL)",
+        # Forgets whose WAL checkpoint has not succeeded yet (a reader held a snapshot, or the
+        # process died between commit and checkpoint): retried in the background and at the next open.
+        "CREATE TABLE scrub_pending (id INTEGER PRIMARY KEY AUTOINCREMENT, requested_at REAL NOT NULL)",
+        # Job leases: which process holds a job's claim, and whether that process is alive.
+        "ALTER TABLE jobs ADD COLUMN claimed_by TEXT",
+        """CREATE TABLE workers (id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,
+               heartbeat REAL NOT NULL)""",
+        # Idempotent memory writes: a job resumed after a crash re-writing a memory is a no-op.
+        "ALTER TABLE memories ADD COLUMN idem TEXT",
+        "CREATE UNIQUE INDEX memories_idem ON memories(owner, idem) WHERE idem IS NOT NULL",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -67,6 +89,33 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9_.:@\-+]{1,300}$")
 _LOCK_RETRIES = 5
 _MEMORY_COLS = ("id, owner, kind, text, polarity, provenance, created_at, updated_at, superseded_by, "
                 "embedding, meta")
+
+
+_PROCESS: tuple[int, str] | None = None
+LEASE_S = 30.0  # a claim whose holder has not beaten for this long is retaken
+
+
+def process_id() -> str:
+    """This process as a job holder: host, pid and a random token (a restarted pid is a new holder)."""
+    global _PROCESS
+    pid = os.getpid()
+    if _PROCESS is None or _PROCESS[0] != pid:  # re-made after a fork
+        _PROCESS = (pid, f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}")
+    return _PROCESS[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    try:  # a killed child not reaped yet is a zombie: dead for our purposes
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -106,6 +155,7 @@ class SQLiteStore:
             file.parent.mkdir(parents=True, exist_ok=True)
             self.path = str(file)
         self._lock = threading.RLock()
+        self._busy_ms = int(busy_timeout_s * 1000)
         self.max_memories_per_owner: int | None = None  # set by the Middleware from limits.max_memories_per_user
         # set by the Middleware from privacy.redact: memory text is redacted before it is written
         self.redact_text: Any = None
@@ -125,6 +175,10 @@ class SQLiteStore:
             # Deleted rows are overwritten, so a forgotten user's text is not left in free pages.
             conn.execute("PRAGMA secure_delete = ON")
             self._migrate()
+            self._salt = str(self._query("SELECT value FROM store_meta WHERE key = 'forget_salt'")[0]["value"])
+            # A forget committed by a process that died before its checkpoint: finish the scrub now.
+            if self.pending_scrub():
+                self.scrub()
         except BaseException:
             self.close()
             raise
@@ -180,11 +234,32 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"read from {self.path!r} failed: {exc}") from exc
 
-    @staticmethod
-    def _insert_node(cur: sqlite3.Cursor, node_id: NodeId, meta: dict[str, Any] | None = None) -> None:
+    def _insert_node(self, cur: sqlite3.Cursor, node_id: NodeId, meta: dict[str, Any] | None = None) -> None:
         kind = _validate_node_id(node_id)
+        if kind in ("user", "user_context"):
+            self._check_forgotten(cur, user_of_node(node_id) or "")
         cur.execute("INSERT OR IGNORE INTO nodes (id, kind, created_at, meta) VALUES (?, ?, ?, ?)",
                     (node_id, kind, time.time(), json.dumps(meta or {})))
+
+    # forget epochs -------------------------------------------------------------------------
+    def _forget_key(self, user: str) -> str:
+        return hashlib.sha256(f"{self._salt}:{user}".encode()).hexdigest()
+
+    def user_epoch(self, user: str) -> int:
+        """How many times ``user`` was forgotten: work captures it when it starts (``write_guard``)."""
+        rows = self._query("SELECT epoch FROM forgotten WHERE key = ?", (self._forget_key(user),))
+        return int(rows[0]["epoch"]) if rows else 0
+
+    def _check_forgotten(self, cur: sqlite3.Cursor, user: str) -> None:
+        """Inside a write transaction: refuse a write of ``user``'s rows by work that started before
+        a forget of ``user`` (the guard's epoch is older than the stored one)."""
+        guard = current_guard()
+        if guard is None or guard[0] != user:
+            return
+        row = cur.execute("SELECT epoch FROM forgotten WHERE key = ?", (self._forget_key(user),)).fetchone()
+        if (int(row[0]) if row else 0) != guard[1]:
+            raise ForgottenError(f"user {user!r} was forgotten after this work started; write dropped",
+                                 hint="work started after the forget writes normally")
 
     # nodes and edges -----------------------------------------------------------------------
     def ensure_node(self, node_id: NodeId, meta: dict[str, Any] | None = None) -> Node:
@@ -260,19 +335,26 @@ class SQLiteStore:
                 return {k: walk(x) for k, x in v.items()}
             return v
 
-        update = {"text": redact(memory.text), "meta": walk(memory.meta),
+        update = {"text": redact(memory.text),  # the idempotency key is a hash, kept as written
+                  "meta": {k: (v if k == "idem" else walk(v)) for k, v in memory.meta.items()},
                   "provenance": [redact(p) for p in memory.provenance]}  # message ids are free text
         update = {k: v for k, v in update.items() if v != getattr(memory, k)}
         return memory.model_copy(update=update) if update else memory
 
-    def add_memory(self, memory: Memory) -> None:
+    def add_memory(self, memory: Memory) -> bool:
+        """Insert ``memory``. With ``meta["idem"]`` (an idempotency key) a memory of the same owner
+        with the same key already stored makes this a no-op returning False (a resumed job)."""
         memory = self._redacted(memory)
+        idem = memory.meta.get("idem")
         with self._tx() as cur:
             self._insert_node(cur, memory.owner)
             if cur.execute("SELECT 1 FROM memories WHERE id = ?", (memory.id,)).fetchone():
                 raise StoreError(f"memory {memory.id!r} already exists", hint="use update_memory")
-            cur.execute(f"INSERT INTO memories ({_MEMORY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        _memory_row(memory))
+            if idem is not None and cur.execute("SELECT 1 FROM memories WHERE owner = ? AND idem = ?",
+                                                (memory.owner, str(idem))).fetchone():
+                return False
+            cur.execute(f"INSERT INTO memories ({_MEMORY_COLS}, idem) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*_memory_row(memory), None if idem is None else str(idem)))
             cap = self.max_memories_per_owner
             if cap is not None:
                 # Over the cap the oldest go, facts and episodes before preferences (limits.max_memories_per_user).
@@ -281,6 +363,7 @@ class SQLiteStore:
                     cur.execute("DELETE FROM memories WHERE id IN (SELECT id FROM memories WHERE owner = ? AND id != ? "
                                 "ORDER BY kind = 'preference', created_at, id LIMIT ?)",
                                 (memory.owner, memory.id, n - cap))
+        return True
 
     def update_memory(self, memory: Memory) -> None:
         memory = self._redacted(memory)
@@ -312,6 +395,7 @@ class SQLiteStore:
     def append_feedback(self, event: Feedback) -> int:
         """Append one event and return its sequence number; an id already stored is refused."""
         with self._tx() as cur:
+            self._check_forgotten(cur, event.user)
             # Ids are unique per user: the row key is "<user>/<id>" ('/' is in no user id), so another
             # user's id is accepted as a fresh one and a conflict never confirms someone else's event.
             # (Rows written before kept the bare id: matched too, for the same user only.)
@@ -348,6 +432,7 @@ class SQLiteStore:
     def save_trace(self, trace: Trace) -> None:
         """Insert or replace the trace with this id (a turn may save its trace more than once)."""
         with self._tx() as cur:
+            self._check_forgotten(cur, trace.user)
             cur.execute("INSERT INTO traces (id, user, data, created_at) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT (id) DO UPDATE SET user = excluded.user, data = excluded.data",
                         (trace.id, trace.user, trace.model_dump_json(), time.time()))
@@ -357,12 +442,27 @@ class SQLiteStore:
         return Trace.model_validate_json(rows[0]["data"]) if rows else None
 
     # durable background jobs -----------------------------------------------------------------
+    def _beat(self, cur: sqlite3.Cursor, now: float) -> None:
+        pid = os.getpid()
+        cur.execute("INSERT INTO workers (id, host, pid, heartbeat) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
+                    "DO UPDATE SET heartbeat = excluded.heartbeat", (process_id(), socket.gethostname(), pid, now))
+
+    def heartbeat(self) -> None:
+        """Renew this process's lease on the jobs it holds (and drop holders silent for a day)."""
+        now = time.time()
+        with self._tx() as cur:
+            self._beat(cur, now)
+            cur.execute("DELETE FROM workers WHERE heartbeat < ?", (now - 86400,))
+
     def add_job(self, job_id: str, user: str, kind: str, payload: dict[str, Any]) -> None:
         """Record a job as pending and claimed by this process (``claimed_at`` = now)."""
         now = time.time()
         with self._tx() as cur:
-            cur.execute("INSERT INTO jobs (id, user, kind, payload, attempts, claimed_at, created_at) "
-                        "VALUES (?, ?, ?, ?, 0, ?, ?)", (job_id, user, kind, json.dumps(payload), now, now))
+            self._check_forgotten(cur, user)
+            self._beat(cur, now)
+            cur.execute("INSERT INTO jobs (id, user, kind, payload, attempts, claimed_at, claimed_by, created_at) "
+                        "VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                        (job_id, user, kind, json.dumps(payload), now, process_id(), now))
 
     def finish_job(self, job_id: str) -> None:
         with self._tx() as cur:
@@ -371,25 +471,53 @@ class SQLiteStore:
     def fail_job(self, job_id: str, error: str) -> int:
         """Count a failed attempt and release the claim; returns the attempts so far."""
         with self._tx() as cur:
-            cur.execute("UPDATE jobs SET attempts = attempts + 1, last_error = ?, claimed_at = NULL WHERE id = ?",
-                        (error[:2000], job_id))
+            cur.execute("UPDATE jobs SET attempts = attempts + 1, last_error = ?, claimed_at = NULL, "
+                        "claimed_by = NULL WHERE id = ?", (error[:2000], job_id))
             row = cur.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return int(row[0]) if row else 0
 
-    def claim_jobs(self, stale_after_s: float, max_attempts: int, limit: int = 1000) -> list[dict[str, Any]]:
-        """Claim pending jobs nobody holds (or whose claim is older than ``stale_after_s``)."""
+    @staticmethod
+    def _holder_dead(row: sqlite3.Row, now: float, lease_s: float) -> bool:
+        if row["claimed_by"] is None or row["claimed_by"] == process_id():
+            return False
+        if row["heartbeat"] is None or row["heartbeat"] < now - lease_s:
+            return True  # never beat, pruned, or silent longer than the lease
+        if row["host"] == socket.gethostname():
+            # the same pid with another token is an earlier incarnation (a restarted container)
+            return int(row["pid"]) == os.getpid() or not _pid_alive(int(row["pid"]))
+        return False
+
+    def claim_jobs(self, stale_after_s: float, max_attempts: int, limit: int = 1000, *,
+                   exclude: Iterable[str] = (), dead_only: bool = False,
+                   lease_s: float = LEASE_S) -> list[dict[str, Any]]:
+        """Claim pending jobs nobody holds, whose claim is older than ``stale_after_s``, or whose
+        holder is dead (its process is gone, or silent for ``lease_s``). ``dead_only``: only the
+        last kind (the periodic sweep). ``exclude``: ids this process is running right now."""
         now = time.time()
+        skip = set(exclude)
         with self._tx() as cur:
+            self._beat(cur, now)
             rows = cur.execute(
-                "SELECT id, user, kind, payload, attempts FROM jobs WHERE attempts < ? AND "
-                "(claimed_at IS NULL OR claimed_at <= ?) ORDER BY created_at LIMIT ?",
-                (max_attempts, now - stale_after_s, limit)).fetchall()
-            cur.executemany("UPDATE jobs SET claimed_at = ? WHERE id = ?", [(now, r["id"]) for r in rows])
+                "SELECT j.id, j.user, j.kind, j.payload, j.attempts, j.claimed_at, j.claimed_by, w.host, w.pid, "
+                "w.heartbeat FROM jobs j LEFT JOIN workers w ON w.id = j.claimed_by WHERE j.attempts < ? "
+                "ORDER BY j.created_at, j.id", (max_attempts,)).fetchall()
+            take = []
+            for r in rows:
+                if r["id"] in skip:
+                    continue
+                free = r["claimed_at"] is None or r["claimed_at"] <= now - stale_after_s
+                if (not dead_only and free) or self._holder_dead(r, now, lease_s):
+                    take.append(r)
+                if len(take) >= limit:
+                    break
+            cur.executemany("UPDATE jobs SET claimed_at = ?, claimed_by = ? WHERE id = ?",
+                            [(now, process_id(), r["id"]) for r in take])
         return [{"id": r["id"], "user": r["user"], "kind": r["kind"], "payload": json.loads(r["payload"]),
-                 "attempts": r["attempts"]} for r in rows]
+                 "attempts": r["attempts"]} for r in take]
 
     def list_jobs(self, user: str | None = None) -> list[dict[str, Any]]:
-        rows = self._query("SELECT id, user, kind, payload, attempts, last_error, claimed_at, created_at FROM jobs "
+        rows = self._query("SELECT id, user, kind, payload, attempts, last_error, claimed_at, claimed_by, created_at "
+                           "FROM jobs "
                            "WHERE ?1 IS NULL OR user = ?1 ORDER BY created_at, id", (user,))
         return [{**dict(r), "payload": json.loads(r["payload"])} for r in rows]
 
@@ -478,18 +606,64 @@ class SQLiteStore:
             ):
                 cur.execute(f"DELETE FROM {table} WHERE {where}", params)
                 counts[table] = cur.rowcount
-        self.checkpoint()
+            # In the same transaction: the epoch (in-flight work for the user stops writing) and the
+            # pending scrub (a crash before the checkpoint below is finished at the next open).
+            cur.execute("INSERT INTO forgotten (key, epoch, forgotten_at) VALUES (?, 1, ?) ON CONFLICT (key) "
+                        "DO UPDATE SET epoch = epoch + 1, forgotten_at = excluded.forgotten_at",
+                        (self._forget_key(user), time.time()))
+            if self.path != ":memory:":
+                cur.execute("INSERT INTO scrub_pending (requested_at) VALUES (?)", (time.time(),))
+        self.scrub()
         return counts
 
-    def checkpoint(self) -> None:
-        """Fold the WAL into the database and truncate it (deleted rows leave no copy in the log)."""
+    def pending_scrub(self) -> int:
+        """How many forgets still wait for their WAL checkpoint (their text may still be in the files)."""
+        return int(self._query("SELECT COUNT(*) AS n FROM scrub_pending")[0]["n"])
+
+    def scrub(self, attempts: int = 5) -> bool:
+        """Finish pending forgets: checkpoint the WAL into the database file and truncate it, so the
+        deleted text (overwritten in place by ``secure_delete``) is left in neither file.
+
+        Never waits on another connection: a reader holding an older snapshot (a backup, a
+        replicator, a ``sqlite3`` shell) makes the checkpoint busy, and this returns False with the
+        scrub still pending (retry later). True when nothing is pending any more.
+        """
+        rows = self._query("SELECT MAX(id) AS top FROM scrub_pending")
+        top = rows[0]["top"]
+        if top is None:
+            return True
+        if not self.checkpoint(attempts):
+            return False
+        with self._tx() as cur:
+            cur.execute("DELETE FROM scrub_pending WHERE id <= ?", (top,))
+        return True
+
+    def checkpoint(self, attempts: int = 5) -> bool:
+        """``PRAGMA wal_checkpoint(TRUNCATE)`` that never waits on another connection (busy timeout 0
+        for the call; ``attempts`` short retries, the store's lock released in between). Run on our own
+        connection under its lock, so our own transactions cannot make it busy. True if the whole WAL
+        was folded into the database and truncated; False if another connection prevented it."""
         if self.path == ":memory:":
-            return
-        with self._lock:
-            try:
-                self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            except sqlite3.Error as exc:
-                raise StoreError(f"checkpoint of {self.path!r} failed: {exc}") from exc
+            return True
+        for i in range(max(1, attempts)):
+            with self._lock:
+                conn = self._connection()
+                try:
+                    conn.execute("PRAGMA busy_timeout = 0")
+                    try:
+                        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    finally:
+                        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc):
+                        raise StoreError(f"checkpoint of {self.path!r} failed: {exc}") from exc
+                    busy = 1
+                except sqlite3.Error as exc:
+                    raise StoreError(f"checkpoint of {self.path!r} failed: {exc}") from exc
+            if not busy:
+                return True
+            time.sleep(0.01 * (i + 1))
+        return False
 
     def close(self) -> None:
         with self._lock:

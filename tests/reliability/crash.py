@@ -112,10 +112,11 @@ def crash_cycle(db: Path, seed: int, kill_after: int = 60) -> dict[str, Any]:
         acked_events = [a.split()[1] for a in acked if a.startswith("event ")]
         acked_turns = [a.split()[1] for a in acked if a.startswith("turn ")]
         lost = [e for e in acked_events if e not in events]
-        resumed = mw.resume_jobs(stale_after_s=0)
+        mw.resume_jobs(stale_after_s=0)  # the restart itself already took the dead worker's jobs, mostly
         mw.drain()
         missing_effects = [t for t in acked_turns if mw.store.get_memory(f"mem-{t}") is None]
         left = len(mw.store.list_jobs())
+        resumed = pending_before - left  # by the startup or by the call above (never twice)
         rebuilt_ok = True
         for user in USERS:
             if mw.store.has_user(user):

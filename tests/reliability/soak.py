@@ -2,6 +2,7 @@
 and writes it to benchmarks/results/soak.json.
 
     python -m tests.reliability.soak [--probes 10000] [--writers 200] [--cycles 20] [--fuzz 10000]
+        [--forget-turns 200] [--ingest-cycles 20]
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main() -> int:
     ap.add_argument("--writers", type=int, default=200, help="concurrent writer threads")
     ap.add_argument("--cycles", type=int, default=20, help="SIGKILL crash-recovery cycles")
     ap.add_argument("--fuzz", type=int, default=10_000, help="bad inputs (HTTP and Python API, 70/30)")
+    ap.add_argument("--forget-turns", type=int, default=200, help="in-flight turns (JSON+SSE) forgotten mid-generation")
+    ap.add_argument("--ingest-cycles", type=int, default=20, help="SIGKILL-during-ingestion cycles")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bounds", type=int, default=300, help="victim requests idle and under group/size bombs (0: skip)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "soak.json"))
@@ -38,6 +41,7 @@ def main() -> int:
     from .fuzz import fuzz_http, fuzz_python
     from .probes import run_probes
     from .soak_bounds import bounds_soak
+    from .soak_forget import forget_race, ingest_crashes
     from .writers import concurrent_writers
 
     t0 = time.perf_counter()
@@ -76,11 +80,18 @@ def main() -> int:
         seconds["fuzz"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        fr = forget_race(root, turns=args.forget_turns)
+        ic = ingest_crashes(root, cycles=args.ingest_cycles, seed=args.seed)
+        seconds["forget"] = time.perf_counter() - t
+        print(f"forget: {fr['resurrected']} resurrected of {fr['turns']}, {ic['duplicate_memories']} duplicate "
+              f"memories in {ic['cycles']} ingestion crashes", file=sys.stderr, flush=True)
+
+        t = time.perf_counter()
         bounds = bounds_soak(root, idle=args.bounds, during=args.bounds) if args.bounds else {"ok": True}
         seconds["bounds"] = time.perf_counter() - t
         print(f"bounds: victim p95 x{bounds.get('victim_p95_ratio')} under bombs", file=sys.stderr, flush=True)
 
-    problems = iso["leaks"][:5] + iso["controls_failed"][:5] + w["errors"][:5] + fh["bad"][:5] + fp["bad"][:5]
+    problems = fr["errors"][:5] + iso["leaks"][:5] + iso["controls_failed"][:5] + w["errors"][:5] + fh["bad"][:5] + fp["bad"][:5]
     summary = {
         "isolation_probes": iso["probes"], "leaks": len(iso["leaks"]),
         "isolation_controls_failed": len(iso["controls_failed"]),
@@ -98,6 +109,11 @@ def main() -> int:
         "fuzzed_inputs": fh["tried"] + fp["tried"], "fuzzed_http": fh["tried"], "fuzzed_python": fp["tried"],
         "server_5xx_or_tracebacks": len(fh["bad"]), "python_api_crashes": len(fp["bad"]),
         "bounds": bounds,
+        "forget_race_turns": fr["turns"], "forget_deleted_during_generation": fr["deleted_during_generation"],
+        "resurrected_users": fr["resurrected"], "forget_race_errors": fr["error_count"],
+        "forget_unscrubbed_at_delete": fr["unscrubbed_at_delete"], "forget_pending_scrub_after": fr["pending_scrub_after"],
+        "ingest_crash_cycles": ic["cycles"], "duplicate_memories": ic["duplicate_memories"],
+        "ingest_jobs_needing_operator": ic["operator_needed"], "ingest_max_resume_s": ic["max_resume_s"],
         "seconds": {k: round(v, 1) for k, v in {**seconds, "total": time.perf_counter() - t0}.items()},
         "examples_of_problems": problems,
     }
@@ -107,7 +123,8 @@ def main() -> int:
     ok = not (summary["leaks"] or summary["events_lost"] or summary["corrupted_databases"]
               or summary["server_5xx_or_tracebacks"] or summary["python_api_crashes"]
               or summary["acked_writes_lost_in_crashes"] or summary["after_turn_effects_missing"]
-              or not bounds["ok"])
+              or summary["resurrected_users"] or summary["forget_race_errors"] or summary["duplicate_memories"]
+              or summary["ingest_jobs_needing_operator"] or not bounds["ok"])
     return 0 if ok else 1
 
 
