@@ -123,22 +123,24 @@ def _fill(schema: dict[str, Any], words: list[str]) -> dict[str, Any]:
 
 def tool_calling_llm() -> Any:
     """A tiny deterministic OpenAI-compatible chat endpoint with tool calling (Starlette app; serve it
-    with ``persona_mw.server.serve_in_thread``). It records every request body in ``app.state.requests``.
+    with ``persona_mw.server.serve_in_thread``). It records every request body in ``app.state.requests``
+    and its headers in ``app.state.headers``.
 
     Rules: with ``tools`` (and ``tool_choice`` not ``"none"``) and no tool result after the last user
     message, it calls the tool ``tool_choice`` names (else the first) with arguments filled from the
     last user message (see ``_fill``); after a tool result it answers ``"<tool name> says: <result>"``;
-    without tools it repeats the last user message. A stand-in for a tool-capable model (vLLM,
+    without tools it repeats the last user message. ``stream: true`` is answered as SSE. A stand-in for a tool-capable model (vLLM,
     Ollama, a hosted API) in examples and tests: no weights, no network."""
     import json as _json
     import re as _re
 
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     requests: list[dict[str, Any]] = []
+    headers: list[dict[str, str]] = []
 
     def text_of(m: dict[str, Any]) -> str:
         c = m.get("content")
@@ -147,6 +149,7 @@ def tool_calling_llm() -> Any:
     async def chat(request: Request) -> Any:
         body = await request.json()
         requests.append(body)
+        headers.append(dict(request.headers))
         msgs = body.get("messages") or []
         last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1)
         tool_results = [m for m in msgs[last_user + 1:] if m.get("role") == "tool"]
@@ -168,13 +171,24 @@ def tool_calling_llm() -> Any:
                                           for m in tool_results)
         else:
             message["content"] = text_of(msgs[last_user]) if last_user >= 0 else ""
-        return JSONResponse({"id": f"tool-llm-{len(requests)}", "object": "chat.completion", "created": 0,
-                             "model": body.get("model", "tool-llm"),
+        base = {"id": f"tool-llm-{len(requests)}", "created": 0, "model": body.get("model", "tool-llm")}
+        if body.get("stream"):  # the answer in one delta (tool calls included), then the finish
+            delta = {k: v for k, v in message.items() if v is not None}
+            if "tool_calls" in delta:
+                delta["tool_calls"] = [{"index": i, **tc} for i, tc in enumerate(delta["tool_calls"])]
+            chunks = [{**base, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+                      {**base, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}]
+            return StreamingResponse(iter([f"data: {_json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]),
+                                     media_type="text/event-stream")
+        return JSONResponse({**base, "object": "chat.completion",
                              "choices": [{"index": 0, "finish_reason": finish, "message": message}],
                              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     app.state.requests = requests
+    app.state.headers = headers
     return app
 
 
