@@ -1,6 +1,7 @@
 """Every integration example runs against the embedded local model, on loopback: the openai SDK and
 litellm as clients of a real `persona-mw serve` process (with an API key), the litellm callback
-in-process, and a LangChain chain turn."""
+in-process, a LangChain chain turn, and a LangGraph tool-using agent (against a tool-calling server on
+loopback). The LiteLLM proxy example runs as a real proxy process in tests/integrations/test_litellm_proxy.py."""
 
 from __future__ import annotations
 

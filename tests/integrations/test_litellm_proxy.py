@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "litellm_proxy"
 KEY = "sk-persona-test-" + "0123456789abcdef" * 2
 PREF = "Answer like a pirate."
-LITELLM = shutil.which("litellm", path=str(Path(os.sys.executable).parent)) or shutil.which("litellm")
+LITELLM = shutil.which("litellm", path=str(Path(sys.executable).parent)) or shutil.which("litellm")
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(LITELLM is None, reason="the litellm proxy CLI is not installed ([proxy] extra)")]
