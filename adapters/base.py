@@ -20,6 +20,9 @@ class Capabilities(BaseModel):
     streaming: bool = True
     max_context: int | None = None
     batched_candidates: bool = False
+    # OpenAI tool calling: GenerationParams.tools / tool_choice reach the model and its tool calls come
+    # back in Candidate.meta["tool_calls"] (the litellm backend); the local model has none.
+    tools: bool = False
 
 
 @runtime_checkable

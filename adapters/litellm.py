@@ -101,7 +101,7 @@ class LiteLLMBackend:
         self.extra_headers = dict(extra_headers or {})
         self.extra_body = dict(extra_body or {})
         self.capabilities = Capabilities(
-            white_box=False, streaming=True, max_context=max_context, batched_candidates=True
+            white_box=False, streaming=True, max_context=max_context, batched_candidates=True, tools=True
         )
         self._warned_decoding = False
 

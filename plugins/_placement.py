@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from persona_mw.types import Message
+from persona_mw.types import Message, StashKey
 
 Placement = Literal["user_suffix", "user_prefix", "system"]
+
+# Preference texts (casefolded) that a plugin other than ``stated`` puts in the prompt itself (the
+# ``contrast`` plugin's "with" prompt): set at gather, so ``memory`` leaves those out of its block
+# and a preference is in the prompt once.
+PLACED_PREFERENCES: StashKey[set[str]] = StashKey("placed_preferences")
 
 
 def place_block(messages: list[Message], block: str, placement: str, system_note: str | None = None) -> list[Message]:

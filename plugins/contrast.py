@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.plugins._placement import PLACED_PREFERENCES
 from persona_mw.types import Decoding, Message, StashKey, Turn
 from persona_mw.plugins._steering import (
     check_white_box,
@@ -119,6 +120,18 @@ class Contrast:
     @hookimpl
     def persona_startup(self, middleware: Any) -> None:
         check_white_box(self, middleware, f"contrast/{self.config.mode}")
+
+    @hookimpl
+    def persona_gather(self, turn: Turn) -> None:
+        """Claim the preferences in scope before any rewrite: this plugin's "with" prompt shows them,
+        so the ``memory`` plugin leaves their pinned copies out (a preference appears once)."""
+        if turn.scope is None:
+            return None
+        prefs = scope_preferences(turn, self.config.include_inherited)
+        if prefs:
+            placed = turn.stash.get(PLACED_PREFERENCES, set())
+            turn.stash[PLACED_PREFERENCES] = placed | {" ".join(text.split()).casefold() for text, _ in prefs}
+        return None
 
     @hookimpl
     def persona_rewrite(self, turn: Turn, messages: list[Message]) -> list[Message] | None:

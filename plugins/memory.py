@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
-from persona_mw.plugins._placement import place_block
+from persona_mw.plugins._placement import PLACED_PREFERENCES, place_block
 from persona_mw.types import ChatResponse, ContextItem, Feedback, Message, StashKey, Turn
 
 log = logging.getLogger("persona_mw.memory")
@@ -33,6 +33,11 @@ def _quote(text: str) -> str:
     from persona_mw.privacy import quote_data
 
     return quote_data(text, limit=1 << 30)
+
+
+def _key(text: str) -> str:
+    """How two plugins recognize the same preference: whitespace-normalized, casefolded."""
+    return " ".join(text.split()).casefold()
 
 
 class MemoryPlugin:
@@ -149,7 +154,8 @@ class MemoryPlugin:
         mine = [(i, it) for i, it in enumerate(turn.items) if it.kind == "memory" and it.source == self.name]
         if not mine:
             return None
-        stated = {it.text.strip().casefold() for it in turn.items if it.kind == "stated"}
+        stated = {_key(it.text) for it in turn.items if it.kind == "stated"}
+        stated |= turn.stash.get(PLACED_PREFERENCES, set())  # e.g. contrast's "with" prompt has them
         why = turn.stash.get(_WHY, {})
         first = min(i for i, _ in mine)
         lines: list[str] = []
@@ -159,7 +165,7 @@ class MemoryPlugin:
             for i, it in mine:
                 if it.pinned != pinned:
                     continue
-                if it.text.strip().casefold() in stated:  # the stated plugin already shows it
+                if _key(it.text) in stated:  # the stated (or contrast) plugin already shows it
                     continue
                 label = f"({it.polarity}) " if it.polarity else ""
                 line = f"- {label}{_quote(it.text)}"

@@ -1,6 +1,7 @@
 """Every integration example runs against the embedded local model, on loopback: the openai SDK and
 litellm as clients of a real `persona-mw serve` process (with an API key), the litellm callback
-in-process, and a LangChain chain turn."""
+in-process, a LangChain chain turn, and a LangGraph tool-using agent (against a tool-calling server on
+loopback). The LiteLLM proxy example runs as a real proxy process in tests/integrations/test_litellm_proxy.py."""
 
 from __future__ import annotations
 
@@ -91,3 +92,15 @@ def test_litellm_callback_example() -> None:
 def test_langchain_example() -> None:
     out = run("langchain_agent.py", "--max-new-tokens", "16")
     assert out.split("answer:", 1)[1].split("\n", 1)[0].strip()
+
+
+def test_langgraph_agent_example() -> None:
+    """A real LangGraph agent (StateGraph + ToolNode) over PersonaChatModel, its litellm backend calling a
+    tool-capable OpenAI-compatible server on loopback: the tool is called, its result answered, every
+    model call carried the user's preference, and structured output parses."""
+    out = run("langgraph_agent.py")
+    assert "ai:  get_weather({'city': 'Lisbon'})" in out
+    assert "tool: 18 degrees C and sunny in Lisbon" in out
+    assert "answer: get_weather says: 18 degrees C and sunny in Lisbon" in out
+    assert 'structured: {"destination":"Porto","days":5}' in out
+    assert "model calls: 3, with the preference in the system prompt: 3" in out

@@ -43,7 +43,8 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from persona_mw.adapters.litellm import import_litellm
-from persona_mw.integrations._common import plain_messages, prompt_dicts, who
+from persona_mw.errors import RequestError
+from persona_mw.integrations._common import USER_HEADER, plain_messages, prompt_dicts, who
 from persona_mw.types import Turn
 
 import_litellm()  # before litellm's own modules: no cost-map fetch, quiet
@@ -56,6 +57,25 @@ __all__ = ["PersonaCallback", "MARK"]
 
 MARK = "persona_mw_call"
 _COMPLETION_CALLS = {"completion", "acompletion"}
+
+
+TRACE_HEADER = "X-Persona-Trace-Id"  # as persona-mw serve sends it
+_PROXY_ADMIN = "default_user_id"  # litellm's user id for master-key calls: everyone's, so nobody's
+
+
+def _key_user(auth: Any) -> str | None:
+    """The end user / internal user the LiteLLM proxy attached to the call's key, if any."""
+    for attr in ("end_user_id", "user_id"):
+        value = getattr(auth, attr, None)
+        if value and str(value) != _PROXY_ADMIN:
+            return str(value)
+    return None
+
+
+def _http_error(status: int, message: str, param: str | None) -> Exception:
+    from fastapi import HTTPException  # the proxy's own dependency
+
+    return HTTPException(status_code=status, detail={"error": message, **({"param": param} if param else {})})
 
 
 def _call_type(value: Any) -> str:
@@ -84,13 +104,16 @@ class PersonaCallback(CustomLogger):  # type: ignore[misc]
     """
 
     def __init__(self, middleware: Any, *, user: str | None = None, context: str | None = None,
-                 max_pending: int = 4096) -> None:
+                 max_pending: int = 4096, require_user: bool = False) -> None:
         super().__init__()
         self.mw = middleware
         self.user = user
         self.context = context
         self.max_pending = max_pending
+        # Proxy only: a chat call naming no user is refused (400) instead of passed through.
+        self.require_user = require_user
         self._pending: OrderedDict[str, Turn] = OrderedDict()
+        self._traces: OrderedDict[str, Any] = OrderedDict()  # proxy: call id -> trace, for the response
         self._lock = threading.Lock()
         self.completed: int = 0  # post-call stages run (for tests and metrics)
 
@@ -117,9 +140,9 @@ class PersonaCallback(CustomLogger):  # type: ignore[misc]
 
     # -- pre-call ----------------------------------------------------------------------------------
 
-    def _request(self, kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    def _request(self, kwargs: Mapping[str, Any], key_user: str | None = None) -> dict[str, Any] | None:
         user, context = who(kwargs, user=None, context=None)
-        user = user or self.user
+        user = user or key_user or self.user
         if not user or not kwargs.get("messages"):
             return None
         n = kwargs.get("n")
@@ -141,10 +164,10 @@ class PersonaCallback(CustomLogger):  # type: ignore[misc]
         meta["persona_trace_id"] = turn.trace.id
         data["metadata"] = meta
 
-    async def _arewrite(self, data: dict[str, Any]) -> dict[str, Any] | None:
+    async def _arewrite(self, data: dict[str, Any], key_user: str | None = None) -> dict[str, Any] | None:
         if self._marked(data):
             return None
-        req = self._request(data)
+        req = self._request(data, key_user)
         if req is None:
             return None
         call_id = str(data.get("litellm_call_id") or uuid.uuid4())
@@ -158,11 +181,64 @@ class PersonaCallback(CustomLogger):  # type: ignore[misc]
 
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
                                   call_type: Any) -> dict[str, Any] | None:
-        """Proxy: rewrite the request body's messages before the proxy routes it."""
+        """Proxy: rewrite the request body's messages before the proxy routes it.
+
+        The user: the body's ``user``, ``metadata.persona_user``, an ``X-Persona-User`` header, then
+        the end user / internal user litellm attached to the key (never the proxy admin's own id).
+        The resolved user is also sent upstream in an ``X-Persona-User`` header (litellm drops the
+        ``user`` field for models outside OpenAI's catalog; a persona-mw server upstream needs one).
+        With ``require_user`` a call naming nobody gets a 400 saying how to name one."""
         if _call_type(call_type) not in _COMPLETION_CALLS:
             return None
-        out = await self._arewrite(data)
-        return out if out is not None else data
+        key_user = _key_user(user_api_key_dict)
+        try:
+            out = await self._arewrite(data, key_user)
+        except RequestError as exc:  # bad input (an invalid user id...): the client's 400, not a 500
+            raise _http_error(400, f"persona-mw: {exc}", getattr(exc, "field", None)) from None
+        if out is None:
+            if self.require_user and not self._marked(data) and data.get("messages"):
+                raise _http_error(400, "persona-mw: no end user to personalize for: send the OpenAI 'user' field "
+                                       f"(or metadata.persona_user, or an {USER_HEADER} header), or use a key "
+                                       "that belongs to a user", "user")
+            return data
+        user = self._pending_user(out)
+        if user:  # litellm drops `user` for non-OpenAI models: the header reaches any upstream
+            out["extra_headers"] = {**(out.get("extra_headers") or {}), USER_HEADER: user}
+        with self._lock:
+            turn = self._pending.get(str(out["litellm_call_id"]))
+            if turn is not None:
+                self._traces[str(out["litellm_call_id"])] = turn.trace
+                while len(self._traces) > self.max_pending:
+                    self._traces.popitem(last=False)
+        return out
+
+    def _pending_user(self, data: Mapping[str, Any]) -> str | None:
+        turn = self._peek(str(data.get("litellm_call_id")))
+        return turn.request.user if turn is not None else None
+
+    def _trace_of(self, data: Mapping[str, Any]) -> Any:
+        call_id = self._marked(data) or data.get("litellm_call_id")
+        with self._lock:
+            return self._traces.get(str(call_id)) if call_id else None
+
+    async def async_post_call_success_hook(self, data: dict[str, Any], user_api_key_dict: Any,
+                                           response: Any) -> Any:
+        """Proxy, non-streamed answers: the response's ``persona_trace`` is this callback's trace (as
+        ``persona-mw serve`` answers), replacing any an upstream sent."""
+        trace = self._trace_of(data)
+        if trace is not None and response is not None:
+            try:
+                setattr(response, "persona_trace", trace.model_dump(mode="json"))
+            except Exception:  # a response type that takes no extra fields: the header still says it
+                log.debug("could not attach persona_trace to %s", type(response).__name__)
+        return response
+
+    async def async_post_call_response_headers_hook(self, data: dict[str, Any], user_api_key_dict: Any,
+                                                    response: Any, request_headers: Any = None,
+                                                    litellm_call_info: Any = None) -> dict[str, str] | None:
+        """Proxy, streamed or not: the ``X-Persona-Trace-Id`` response header names the turn's trace."""
+        trace = self._trace_of(data)  # kept (bounded, like the pending turns): the two hooks' order varies
+        return {TRACE_HEADER: trace.id} if trace is not None else None
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
         """SDK ``acompletion`` (and the proxy's router call, already marked): rewrite the messages."""
@@ -242,5 +318,7 @@ def __getattr__(name: str) -> Any:
         from persona_mw.middleware import Middleware
 
         path = os.environ.get("PERSONA_MW_CONFIG")
-        _proxy_handler = PersonaCallback(Middleware.from_yaml(path) if path else Middleware())
+        # In the proxy a call naming no user is refused (400); PERSONA_MW_REQUIRE_USER=0 lets it through.
+        require = os.environ.get("PERSONA_MW_REQUIRE_USER", "1").strip().lower() not in ("0", "false", "no", "")
+        _proxy_handler = PersonaCallback(Middleware.from_yaml(path) if path else Middleware(), require_user=require)
     return _proxy_handler

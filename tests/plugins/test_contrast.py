@@ -73,3 +73,22 @@ def test_without_block_removes_only_the_inserted_block() -> None:
     assert [m.text for m in without_block(msgs, block)] == ["You are helpful.", "Hi"]
     alone = [Message(role="system", content=block), Message(role="user", content="Hi")]
     assert [m.role for m in without_block(alone, block)] == ["user"]
+
+
+@pytest.mark.slow
+def test_memory_and_contrast_show_a_preference_once_and_the_model_answers(make_mw: Any,
+                                                                          local_backend: Any) -> None:
+    """Both plugins used to inject the stated preference (memory's pinned copy and contrast's block):
+    twice in the prompt, and the 135M model parroted "The user's preferences: ..." instead of answering."""
+    mw = make_mw("pipeline:\n  - {use: memory, embedder: false}\n  - {use: contrast}\n", backend=local_backend)
+    pref = "Answer in one short sentence."
+    mw.state(pref, user="ana")
+    reply = mw.chat(user="ana", messages="Why is the sky blue?", params={"max_tokens": 16, "temperature": 0.0})
+    prompt = "\n".join(m.text for m in reply.messages)
+    assert prompt.count(pref) == 1, prompt
+    assert "The user's preferences:" in reply.messages[-1].text  # contrast's "with" prompt has it
+    assert "The user's preferences" not in reply.text and reply.text.strip(), reply.text
+    # The memory plugin still places what only it knows (a fact it was told), just not the pinned copy.
+    mw.memory.remember("ana", "Ana lives in Lisbon.", kind="fact", polarity=None)
+    reply = mw.chat(user="ana", messages="Where do I live?", params={"max_tokens": 8, "temperature": 0.0})
+    assert "Lisbon" in reply.messages[-1].text and "\n".join(m.text for m in reply.messages).count(pref) == 1
