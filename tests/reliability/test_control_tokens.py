@@ -53,6 +53,7 @@ def test_the_backends_own_special_tokens_are_defused_in_both_plugins(make_mw: An
         assert token not in prompt
 
 
+@pytest.mark.slow
 def test_transformers_backend_lists_every_smollm2_special_token(local_backend: Any) -> None:
     tokens = set(local_backend.special_tokens())
     added = {t.content for t in local_backend.tokenizer.added_tokens_decoder.values()}
@@ -60,6 +61,7 @@ def test_transformers_backend_lists_every_smollm2_special_token(local_backend: A
     assert added <= tokens
 
 
+@pytest.mark.slow
 def test_smollm2_prompt_from_stored_text_has_no_special_token_ids(make_mw: Any, local_backend: Any) -> None:
     """Every SmolLM2 special token and every family marker planted in a stated preference and in an extracted
     memory: the user turn the pipeline built encodes to no special token id under the real tokenizer, and the
