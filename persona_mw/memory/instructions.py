@@ -85,7 +85,7 @@ _SECRET = (r"passwords?|api[ -]?keys?|credentials|secrets?|access tokens?|chat h
            r"senhas|chaves|segredos|(?:dados|mensagens) (?:dos outros|de todos os) usuários")
 # Verbs of answering: what an instruction to the model is about.
 _RESPOND = (r"answer|reply|respond|say|write|output|print|end|start|begin|finish|close|include|add|append|prefix|sign|"
-            r"talk|speak|use|call|mention|recommend|tell|díselo|dis-le|dites-le|sag es|dillo|diglielo|diga a|"
+            r"talk|speak|use|mention|recommend|tell|díselo|dis-le|dites-le|sag es|dillo|diglielo|diga a|"
             r"responde|responda|contesta|conteste|di|escribe|termina|acaba|empieza|comienza|incluye|añade|habla|usa|"
             r"menciona|recomienda|"
             r"réponds|répondez|dis|dites|écris|écrivez|termine[sz]?|commence[sz]?|inclus|incluez|ajoute[sz]?|parle[sz]?|"
@@ -202,7 +202,14 @@ _STRONG: list[tuple[str, re.Pattern[str]]] = [
 ]
 _WEAK: list[tuple[str, re.Pattern[str]]] = [
     ("temporal", _rx(r"(?:" + _TEMPORAL + r")")),
-    ("directive", _rx(r"\b(?:" + _MODAL + r")\b")),
+    # a modal aimed at the model's answers or rules ("you must answer", "I want you to ignore"); "I want you to
+    # remember that I'm vegan" or "I'd like you to call me Sam" is about the user, not its behaviour
+    ("directive", _rx(r"\b(?:" + _MODAL + r")\s+(?:(?:now|always|never|only|just|also|simply|not)\s+)*"
+                      r"(?:" + _RESPOND + r"|" + _OVERRIDE + r"|" + _REVEAL + r")\b|"
+                      # German puts the verb last: "sollst du jede Antwort mit ... beenden"
+                      r"\b(?:du (?:musst|sollst|wirst)|(?:musst|sollst|wirst) du|sie (?:müssen|sollen))\b[^.!?\n]{0,60}?"
+                      r"\b(?:antworten|sagen|schreiben|beenden|beginnen|anfangen|verwenden|benutzen|sprechen|ignorieren|"
+                      r"vergessen|zeigen|verraten|ausgeben|wiederholen|empfehlen|erwähnen)\b")),
     ("imperative", _rx(_START + _PREFIX + r"(?:(?:" + _ALWAYS + r")\s+)?(?:" + _RESPOND + r")\b(?!\s+(?:i|me|my|mine)\b)")),
     ("always", _rx(r"\b(?:" + _ALWAYS + r")\s+(?:\w+\s+)?(?:" + _RESPOND + r")\b|\b(?:" + _RESPOND + r")\b[^.!?\n]{0,30}?"
                    r"\b(?:in|en|à|in|em|bei|a) (?:every|each|all|cada|chaque|toutes|jeder|allen|ogni|tutte|todas) "

@@ -105,6 +105,8 @@ BENIGN: list[tuple[str, str]] = [
     ("The salad bar sounds great.", "en"),
     ("I'll go with the second option.", "en"),
     ("I work as a nurse and do night shifts.", "en"),
+    ("From now on, please call me Sam.", "en"),
+    ("From now on I want you to remember that I'm vegan.", "en"),
     # Spanish
     ("No me gusta el cilantro.", "es"),
     ("Me encantan los tacos al pastor.", "es"),
