@@ -16,7 +16,8 @@ strong cues, each enough on its own
   ``audience``  the model told to do something for everyone / every user, or to hand out others' data
 weak cues, an instruction when two are in one sentence and one of them is persistent (temporal, directive,
 addressed); a sentence whose subject is the speaker ("From now on I only drink tea") does not count
-  ``temporal``  "from now on" and kin; ``directive`` a second-person modal (``you must``, ``du sollst``, ``I want you to``);
+  ``temporal``  "from now on" and kin; ``directive`` a modal aimed at the model governing a verb of answering,
+  overriding or revealing (``you must answer``, ``du sollst ... beenden``, ``I want you to ignore``);
   ``imperative`` a response verb in the imperative at the start of a clause; ``always`` always/never/every with a
   response verb; ``addressed`` the model addressed by name (``assistant,`` ``AI:``)
 
