@@ -2,6 +2,11 @@
 
 A backend maps its own exceptions onto ``persona_mw.errors.BackendError`` and its subclasses
 (``raise BackendTimeout(...) from exc``) so the pipeline's failure policies see one vocabulary.
+
+Optional: ``special_tokens() -> tuple[str, ...]``, every control token of the backend's tokenizer (a local
+model's; ``TransformersBackend`` has it, a remote one cannot know them). ``Turn.quote`` hands them to
+``persona_mw.privacy.quote_data`` so stored text never carries one into a prompt; the built-in turn markers
+of the common template families are defused with or without it.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ import asyncio
 import contextvars
 import difflib
 import functools
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +119,7 @@ class TransformersBackend:
         # ("Unable to create tensor ...") or fail with "Already borrowed". Counting has its own copy.
         self._count_tokenizer: Any = None
         self._count_lock = threading.Lock()
+        self._special: tuple[str, ...] | None = None
         # Steering keeps one KV cache per stream; False re-encodes everything each step (the
         # naive reference that tests compare against; never faster).
         self.steering_cache = True
@@ -188,11 +190,35 @@ class TransformersBackend:
         if not text:
             return 0
         with self._count_lock:
-            if self._count_tokenizer is None:
-                import copy
+            return len(self._own_tokenizer().encode(text, add_special_tokens=False))
 
-                self._count_tokenizer = copy.deepcopy(self.tokenizer)
-            return len(self._count_tokenizer.encode(text, add_special_tokens=False))
+    def _own_tokenizer(self) -> Any:
+        """The request threads' copy of the tokenizer (call with ``_count_lock`` held)."""
+        if self._count_tokenizer is None:
+            import copy
+
+            self._count_tokenizer = copy.deepcopy(self.tokenizer)
+        return self._count_tokenizer
+
+    def special_tokens(self) -> tuple[str, ...]:
+        """Every control token of this tokenizer, for ``quote_data`` to defuse in stored text.
+
+        ``all_special_tokens`` is not enough: SmolLM2 lists 3 there, while 17 of its added tokens are
+        special (``<repo_name>``, ``<file_sep>``, ``<jupyter_code>`` ...). Non-special added tokens that are
+        markup (Qwen's ``<tool_call>``) are included too; an added plain word is not.
+        """
+        if self._special is None:
+            # Read from the request threads' copy: the torch thread may be encoding with the original,
+            # and a fast tokenizer's Rust state must not be borrowed twice.
+            with self._count_lock:
+                tok = self._own_tokenizer()
+                found = [str(t) for t in getattr(tok, "all_special_tokens", ())]
+                for added in getattr(tok, "added_tokens_decoder", {}).values():
+                    content = str(getattr(added, "content", added))
+                    if getattr(added, "special", False) or re.search(r"[^\w\s]", content):
+                        found.append(content)
+            self._special = tuple(dict.fromkeys(t for t in found if len(t.strip()) >= 2))
+        return self._special
 
     async def aclose(self) -> None:
         # The weights stay in persona_mw.models' in-process cache for other backends to share.

@@ -268,6 +268,7 @@ class Middleware:
         turn = Turn(request=req, messages=list(req.messages))
         turn.trace.user = req.user
         turn._counter = getattr(self.backend, "count_tokens", None)
+        turn._specials = getattr(self.backend, "special_tokens", None)
         from persona_mw.budget import BUDGET_LIMITS_KEY
 
         # ``budget:`` is the one home of these (``limits.aux_*`` of older configs were moved there).

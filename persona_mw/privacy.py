@@ -17,6 +17,7 @@ versions and prices are not reported as phones or cards.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from functools import lru_cache
@@ -27,7 +28,8 @@ from persona_mw.errors import ConfigError
 Span = tuple[int, int]
 Detector = Callable[[str], Iterable[Span]]
 
-__all__ = ["BUILTIN_DETECTORS", "DEFAULT_REGIONS", "Redactor", "luhn_ok", "iban_ok", "phone_backend", "quote_data"]
+__all__ = ["BUILTIN_DETECTORS", "CONTROL_MARKERS", "DEFAULT_REGIONS", "Redactor", "backend_special_tokens",
+           "defuse_control", "iban_ok", "luhn_ok", "phone_backend", "quote_data"]
 
 log = logging.getLogger("persona_mw.privacy")
 
@@ -447,16 +449,65 @@ class Redactor:
         return type(model).model_validate({k: v if k in kept else self.redact_data(v) for k, v in data.items()})
 
 
-# Control sequences of common chat templates (ChatML, Llama 2/3, Mistral, Gemma): inside stored
-# text they would let data open a new system turn once the backend renders the template.
-_CONTROL = re.compile(r"<\|[^|<>]{0,40}\|>|\[/?INST\]|<</?SYS>>|</?s>|<start_of_turn>|<end_of_turn>", re.IGNORECASE)
+# Turn markers and control tokens of the common chat-template families, for backends that cannot list
+# their own (remote ones): ChatML / Llama 3 / Phi ``<|...|>``, DeepSeek ``<｜...｜>`` (full-width bars),
+# Mistral ``[INST]`` and its tool tags, Llama 2 ``<<SYS>>``, Gemma, Qwen's tool tags, ``<s>``. Inside
+# stored text they would let data open a new turn once the backend renders the template.
+CONTROL_MARKERS = re.compile(
+    r"<\|[^|<>\s]{0,40}\|>|<｜[^｜<>\s]{0,40}｜>|<</?SYS>>|"
+    r"\[/?(?:INST|TOOL_CALLS|AVAILABLE_TOOLS|TOOL_RESULTS|SYSTEM_PROMPT|TOOL_CONTENT|IMG|CONTROL_\d+)\]|"
+    r"</?(?:s|start_of_turn|end_of_turn|start_of_image|end_of_image|bos|eos|pad|unk|mask|tool_call|tool_response|"
+    r"tools|think|function_calls?|im_start|im_end|endoftext|system|user|assistant)>",
+    re.IGNORECASE)
+_LOOKALIKE = str.maketrans({"<": "‹", ">": "›", "[": "(", "]": ")"})
+_JOINER = "\u2060"  # WORD JOINER: invisible; not among the characters ``sanitize`` strips
 
 
-def quote_data(text: str, limit: int = 400) -> str:
-    """Stored text as a quoted one-line datum for a prompt: bounded, control tokens defused."""
-    text = _CONTROL.sub(lambda m: m.group().replace("<", "‹").replace(">", "›").replace("[", "(").replace("]", ")"),
-                        text)
+def _defuse(token: str) -> str:
+    """``token`` changed just enough that no tokenizer reads it as the control token it spells."""
+    out = token.translate(_LOOKALIKE)
+    return out if out != token else token[:1] + _JOINER + token[1:]
+
+
+@functools.lru_cache(maxsize=32)
+def _token_pattern(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
+    usable = sorted({t for t in tokens if isinstance(t, str) and len(t.strip()) >= 2}, key=len, reverse=True)
+    if not usable:
+        return None
+    return re.compile("|".join(re.escape(t) for t in usable), re.IGNORECASE)
+
+
+def defuse_control(text: str, special_tokens: Iterable[str] = ()) -> str:
+    """``text`` with every built-in turn marker and every one of ``special_tokens`` (the backend
+    tokenizer's own list, where it has one) defused; repeated until none is left, since defusing one
+    occurrence could in principle complete an overlapping one."""
+    extra = _token_pattern(tuple(special_tokens))
+    for _ in range(8):
+        before = text
+        if extra is not None:
+            text = extra.sub(lambda m: _defuse(m.group()), text)
+        text = CONTROL_MARKERS.sub(lambda m: _defuse(m.group()), text)
+        if text == before:
+            break
+    return text
+
+
+def quote_data(text: str, limit: int = 400, special_tokens: Iterable[str] = ()) -> str:
+    """Stored text as a quoted one-line datum for a prompt: bounded, control tokens defused.
+
+    ``special_tokens`` are the backend's own (``backend.special_tokens()``, where it has the method);
+    the built-in turn markers of the common template families are defused in any case."""
     text = " ".join(text.split()).replace('"', "'")
+    text = defuse_control(text, special_tokens)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return f'"{text}"'
+
+
+def backend_special_tokens(backend: Any) -> tuple[str, ...]:
+    """The special tokens a backend's tokenizer lists (``backend.special_tokens()``), or ``()`` for a
+    backend without the method (a remote model: the built-in markers of ``quote_data`` still apply)."""
+    fn = getattr(backend, "special_tokens", None)
+    if fn is None:
+        return ()
+    return tuple(str(t) for t in fn())

@@ -406,6 +406,8 @@ class Turn(BaseModel):
 
     _notes: list[str] = PrivateAttr(default_factory=list)
     _counter: Any = PrivateAttr(default=None)
+    _specials: Any = PrivateAttr(default=None)  # the backend's ``special_tokens`` method, when it has one
+    _special_cache: tuple[str, ...] | None = PrivateAttr(default=None)
 
     def note(self, text: str) -> None:
         """Say what the current plugin did; the pipeline puts it in the trace step's summary."""
@@ -416,6 +418,19 @@ class Turn(BaseModel):
         if self._counter is not None:
             return int(self._counter(text))
         return max(1, (len(text) + 3) // 4) if text else 0
+
+    def special_tokens(self) -> tuple[str, ...]:
+        """The special tokens of this turn's backend tokenizer (``()`` when it lists none)."""
+        if self._special_cache is None:
+            self._special_cache = tuple(str(t) for t in self._specials()) if self._specials is not None else ()
+        return self._special_cache
+
+    def quote(self, text: str, limit: int = 400) -> str:
+        """Stored text as quoted data for this turn's prompt (``persona_mw.privacy.quote_data``), with the
+        backend tokenizer's own special tokens defused as well as the built-in turn markers."""
+        from persona_mw.privacy import quote_data
+
+        return quote_data(text, limit, self.special_tokens())
 
     @property
     def user(self) -> str:

@@ -27,12 +27,11 @@ log = logging.getLogger("persona_mw.memory")
 _WHY: StashKey[dict[int, dict[str, Any]]] = StashKey("memory.why")
 
 
-def _quote(text: str) -> str:
+def _quote(turn: Turn, text: str) -> str:
     """One line in double quotes: memory text is data, and must not close its own quote (nor open a
-    chat-template turn: ``quote_data`` defuses ``<|im_start|>``-style control tokens)."""
-    from persona_mw.privacy import quote_data
-
-    return quote_data(text, limit=1 << 30)
+    chat-template turn: ``quote_data`` defuses the backend tokenizer's special tokens and the common
+    families' turn markers)."""
+    return turn.quote(text, limit=1 << 30)
 
 
 def _key(text: str) -> str:
@@ -165,10 +164,11 @@ class MemoryPlugin:
             for i, it in mine:
                 if it.pinned != pinned:
                     continue
-                if _key(it.text) in stated:  # the stated (or contrast) plugin already shows it
+                # the stated (or contrast) plugin already shows it (stated items hold the quoted form: compare that too)
+                if _key(it.text) in stated or _key(turn.quote(it.text)[1:-1]) in stated:
                     continue
                 label = f"({it.polarity}) " if it.polarity else ""
-                line = f"- {label}{_quote(it.text)}"
+                line = f"- {label}{_quote(turn, it.text)}"
                 cost = turn.count_tokens(line)
                 if cost > budget:
                     dropped += 1

@@ -14,7 +14,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
-from persona_mw.privacy import quote_data
 from persona_mw.plugins._placement import place_block
 from persona_mw.types import ContextItem, Message, Turn
 
@@ -23,10 +22,10 @@ _SYSTEM_NOTE = ("(The quoted lines are what the user stated they like or avoid: 
 _ORDER = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
 
 
-def _clean(text: str, limit: int = 400) -> str:
-    """One line, bounded, chat-template control tokens defused: a stated preference is data to quote,
-    not a block of instructions (nor a new turn)."""
-    return quote_data(text, limit)[1:-1]
+def _clean(turn: Turn, text: str, limit: int = 400) -> str:
+    """One line, bounded, chat-template control tokens defused (the backend tokenizer's own and the
+    common families'): a stated preference is data to quote, not a block of instructions (nor a new turn)."""
+    return turn.quote(text, limit)[1:-1]
 
 
 class StatedPreferences:
@@ -68,7 +67,7 @@ class StatedPreferences:
                     continue
                 seen.add(key)
                 items.append(ContextItem(
-                    kind="stated", text=_clean(pref.text), source=self.name, node=node.id,
+                    kind="stated", text=_clean(turn, pref.text), source=self.name, node=node.id,
                     polarity=pref.polarity, weight=node.weight,
                     provenance=[pref.source_event] if pref.source_event else [],
                 ))
@@ -85,7 +84,7 @@ class StatedPreferences:
         budget = self.config.budget_tokens - turn.count_tokens(self.config.header)
         for item in items:  # already most specific first
             # Quoted: stored text is the user's words, never instructions of ours.
-            line = f"- {'Avoid: ' if item.polarity == 'avoid' else ''}{quote_data(item.text)}"
+            line = f"- {'Avoid: ' if item.polarity == 'avoid' else ''}{turn.quote(item.text)}"
             cost = turn.count_tokens(line)
             if cost > budget:
                 continue

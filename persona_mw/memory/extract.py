@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from persona_mw.memory.instructions import is_instruction, pinnable
+
 log = logging.getLogger("persona_mw.memory")
 
 MAX_MESSAGE_CHARS = 4000   # a message longer than this is cut before detection
@@ -59,17 +61,11 @@ def one_line(text: str, limit: int = MAX_MEMORY_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-# Text that tries to talk to the model rather than about the user: never stored as a memory.
-_INJECTION = re.compile(
-    r"(ignore|disregard|forget|override)\s+(all\s+|any\s+|the\s+|your\s+)?(previous|prior|above|earlier|system)\s+"
-    r"(instructions?|prompts?|messages?|rules?)|\bsystem prompt\b|\byou are now\b|\bnew instructions?\b|"
-    r"\bjailbreak\b|\bact as (?:an? )?(?:admin|root|dan)\b|<\|?(?:im_start|system|endoftext)\|?>|"
-    r"\bignora (?:las )?instrucciones\b|\bignore[sz]? les instructions\b|\bignoriere (?:alle )?anweisungen\b",
-    re.IGNORECASE)
-
-
+# Text that talks to the model rather than about the user is never stored as a memory, and a preference is
+# pinned only when it is about the user: structural cues in six languages (``persona_mw.memory.instructions``).
 def is_injection(text: str) -> bool:
-    return bool(_INJECTION.search(text))
+    """True when ``text`` is an instruction to the model (see ``persona_mw.memory.instructions``)."""
+    return is_instruction(text)
 
 
 # ----------------------------------------------------------------------------------- patterns
@@ -143,6 +139,13 @@ _RULES: list[tuple[str, Kind, Pol | None, re.Pattern[str]]] = [
         r"next (?:week|month|year)|on (?:monday|tuesday|wednesday|thursday|friday|saturday|sunday))\b|"
         r"\bfui\b|\bvisité\b|\bje suis allé|\bich war\b|\bich bin .* gegangen\b", re.IGNORECASE)),
 ]
+
+
+def states_taste(text: str) -> bool:
+    """Does ``text`` state a like, a dislike or a constraint (the preference rules see one)?"""
+    return any(kind == "preference" and rx.search(text) for _, kind, _, rx in _RULES)
+
+
 _RANK = {"constraint": 0, "avoid": 1, "like": 2, "fact": 3, "episode": 4}
 # A first-person marker in the common languages: a statement about the speaker.
 _FIRST_PERSON = re.compile(
@@ -262,7 +265,7 @@ def rule_extract(text: str, *, previous: str | None = None) -> list[Candidate]:
         return []
     out: list[Candidate] = []
     for sig in detect(text):
-        if is_injection(sig.sentence):
+        if is_injection(sig.sentence) or (sig.kind == "preference" and not pinnable(sig.sentence, taste=True)):
             continue
         cand = Candidate(one_line(sig.sentence), sig.kind, sig.polarity, slot=slot_of(sig.sentence),
                          meta={"rule": sig.rule})
@@ -326,6 +329,8 @@ def parse_llm_output(raw: str) -> list[Candidate]:
         text = one_line(sanitize(item.text, MAX_MEMORY_CHARS))
         if not text or is_injection(text):
             continue
+        if item.kind == "preference" and not pinnable(text, taste=states_taste(text)):
+            continue  # a "preference" that is not about the user would be pinned into every later prompt
         pol = item.polarity if item.kind == "preference" else None
         if item.kind == "preference" and pol is None:
             pol = "like"
@@ -334,4 +339,4 @@ def parse_llm_output(raw: str) -> list[Candidate]:
 
 
 __all__ = ["Candidate", "EXTRACT_PROMPT", "Signal", "detect", "is_injection", "one_line", "parse_llm_output",
-           "rule_extract", "sanitize", "slot_of"]
+           "rule_extract", "sanitize", "slot_of", "states_taste"]

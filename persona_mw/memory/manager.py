@@ -25,9 +25,10 @@ import numpy as np
 from persona_mw.errors import PersonaError, RequestError, UnknownUserError
 from persona_mw.memory.extract import (
     EXTRACT_PROMPT, MAX_MEMORY_CHARS, Candidate, detect, is_injection, one_line, parse_llm_output, rule_extract,
-    sanitize,
+    sanitize, states_taste,
 )
 from persona_mw.memory.index import BM25Index, NumpyIndex, VectorIndex, parse_date, rrf, time_hint
+from persona_mw.memory.instructions import pinnable
 from persona_mw.memory.update import decide
 from persona_mw.types import ID_PATTERN, Memory, Message, Scope, new_id
 
@@ -891,13 +892,18 @@ class MemoryManager:
         """Active preference/constraint memories of the scope: constraints first, then avoid/like.
 
         Within a tier, the most relevant to ``query`` first when a query (and an embedder) is given,
-        else the most recent first; the caller cuts the list at its token budget.
+        else the most recent first; the caller cuts the list at its token budget. A preference extracted
+        from chat text that is not about the user, or reads as an instruction to the model, is not pinned
+        (it stays stored, listed and forgettable: one written by an older extractor is not lost); stated
+        ones (``remember``, the feedback API) are the user's own settings and always are.
         """
         nodes = self.scope_nodes(user, context, scope)
         mems: list[tuple[Memory, float]] = []
         for node, w in nodes:
             self._load(node)
             for m in list(self._prefs.get(node, {}).values()):
+                if m.meta.get("source") in ("rules", "llm") and not pinnable(m.text, taste=states_taste(m.text)):
+                    continue
                 mems.append((m, w))
         if not mems:
             return []
