@@ -13,7 +13,7 @@ import pytest
 
 from persona_mw import Middleware
 from persona_mw.cli import build_parser, main
-from persona_mw.config import Config, default_config, parse_config
+from persona_mw.config import Config, parse_config
 from persona_mw.errors import RequestError
 from persona_mw.testing import ScriptedBackend
 
@@ -41,7 +41,11 @@ def readme_mw(tmp_path_factory):
 
 def test_readme_snippet_two_users_differ_in_the_stated_direction(readme_mw):
     mw = readme_mw
-    assert [p.name for p in mw.host.pipeline] == [p.instance_name for p in default_config().pipeline]
+    from importlib import resources
+
+    default = parse_config(resources.files("persona_mw").joinpath("default.yaml").read_text(), "default.yaml")
+    assert default.pipeline  # the embedded default personalizes ...
+    assert [p.name for p in mw.host.pipeline] == [p.instance_name for p in default.pipeline]  # ... and is Middleware()'s
     mw.feedback(kind="stated", user="ana", text=ANA)
     mw.feedback(kind="stated", user="ben", text=BEN)
     q = [{"role": "user", "content": "How does a refrigerator keep food cold?"}]
@@ -181,14 +185,26 @@ def test_feedback_json_user_conflict_is_refused(tmp_path, capsys):
         assert not mw.store.has_user("ben") and not mw.store.has_user("ana")
 
 
-def test_feedback_stated_is_fast_and_quiet(tmp_path):
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "persona_mw.cli", "feedback", "--user", "ana", "--stated", ANA,
-                        "--store", str(tmp_path / "p.db")], capture_output=True, text=True, timeout=120)
-    took = time.perf_counter() - t
-    assert r.returncode == 0 and r.stdout.startswith("fb-")
-    assert r.stderr == ""
-    assert took < 10, took  # was 14-22 s: the MiniLM embedder loaded for one preference
+@pytest.mark.parametrize("memory", ["", "  - use: memory\n    embedder: true\n"])
+def test_feedback_stated_is_fast_and_quiet(tmp_path, memory):
+    """The default, and a pipeline with MiniLM memory: a stated preference loads no embedding model."""
+    cfg = ["--config", str(tmp_path / "p.yaml")] if memory else []
+    (tmp_path / "p.yaml").write_text("pipeline:\n  - use: stated\n" + memory)
+    db = str(tmp_path / "p.db")
+    for text in (ANA, "No emojis."):  # the second one finds the first stored without its vector
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "persona_mw.cli", "feedback", "--user", "ana", "--stated", text,
+                            "--store", db, *cfg], capture_output=True, text=True, timeout=300)
+        took = time.perf_counter() - t
+        assert r.returncode == 0 and r.stdout.startswith("fb-"), r.stderr
+        assert r.stderr == ""
+        assert took < 10, took  # was 14-22 s with memory on: the MiniLM embedder loaded for one preference
+    if memory:
+        with Middleware.from_yaml(tmp_path / "p.yaml", store=db, backend=ScriptedBackend()) as mw:
+            pinned = mw.memory.pinned("ana")
+            assert {m.text for m in pinned} == {ANA, "No emojis."}
+            hits = mw.memory.search("ana", "emojis", mode="dense", k=1)  # embedded once the embedder is up
+            assert hits[0].memory.text == "No emojis."
 
 
 def test_profile_forget_asks_on_a_terminal(tmp_path, capsys, monkeypatch):

@@ -237,15 +237,16 @@ class MemoryManager:
         vecs = {m.id: np.asarray(m.embedding, dtype=np.float32) for m in mems if m.embedding is not None}
         return [m.model_copy(update={"embedding": None}) for m in mems], vecs
 
-    def _load(self, owner: str) -> None:
-        """Fill the owner's indexes from the store's rows and vectors (once)."""
+    def _load(self, owner: str, embed_missing: bool = True) -> None:
+        """Fill the owner's indexes from the store's rows and vectors (once); rows stored without a vector
+        are embedded now unless ``embed_missing`` is False (a write that must not load the embedder)."""
         if owner in self._loaded:
             return
         with self._lock:
             if owner in self._loaded:
                 return
             mems, vecs = self._rows(owner)
-            self._index_add(owner, mems, embed_missing=True, vectors=vecs)
+            self._index_add(owner, mems, embed_missing=embed_missing, vectors=vecs)
             self._loaded.add(owner)
 
     def _index_add(self, owner: str, mems: Sequence[Memory], embed_missing: bool = False,
@@ -481,7 +482,7 @@ class MemoryManager:
         vecs = self._embed([c.text for c, _, _ in cands]) if embed else None
         out: list[Memory] = []
         with self._lock:
-            self._load(owner)
+            self._load(owner, embed_missing=embed or self.embedder_loaded)
             for i, (cand, prov, dmeta) in enumerate(cands):
                 vec = None if vecs is None else vecs[i]
                 active = [m for m in self._recs.get(owner, {}).values() if not m.meta.get("raw")]
