@@ -226,6 +226,13 @@ class MemoryPlugin:
     def persona_feedback(self, event: Feedback, store: Any) -> None:
         if event.kind != "stated":
             return
+        from persona_mw.memory.extract import MAX_MEMORY_CHARS, one_line, sanitize
+
+        if not one_line(sanitize(event.text, MAX_MEMORY_CHARS)):
+            # Nothing left to remember once control characters are stripped: the event is recorded (the
+            # stated plugin quotes it as given), there is no memory to write, and no reason to fail the call.
+            log.info("stated feedback %s has no text to remember after cleaning", event.id)
+            return
         mgr = self._mgr(store)
         # Not the moment to load MiniLM (seconds, on the feedback call): lexical dedupe now, the vector
         # when the embedder is up (the next index load embeds memories stored without one).

@@ -72,6 +72,32 @@ def test_max_tokens_at_the_top_level_and_truncation_flagged(readme_mw):
     assert "truncated" in r.trace.render()
 
 
+def test_cli_chat_says_when_the_answer_was_cut(readme_mw, tmp_path, capsys):
+    # the weights are already loaded in this process (readme_mw): a 5-token answer is quick
+    assert main(["chat", "--user", "ana", "--max-tokens", "5", "Tell me a long story about a dragon.",
+                 "--store", str(tmp_path / "p.db")]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip()
+    assert "note: the answer was cut at the length limit of 5 tokens (finish_reason=length)" in out.err
+
+
+def test_progress_only_on_a_terminal():
+    import io
+
+    from persona_mw.cli import _Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        with _Progress(stream=stream):
+            time.sleep(0.6)
+    assert "generating... 0s" in tty.getvalue() and tty.getvalue().endswith("\r\033[K")
+    assert pipe.getvalue() == ""
+
+
 # -- request / trace basics (scripted backend, real store) --------------------------------------
 
 
@@ -283,3 +309,22 @@ def test_config_hint_is_printed_once(tmp_path, capsys):
     assert main(["config", "validate", str(f)]) == 2
     err = capsys.readouterr().err
     assert err.count("did you mean 'placement'?") == 1
+
+
+def test_default_pipeline_over_http_control_only_preference_is_not_a_server_error(tmp_path):
+    """Found by the schemathesis fuzz once memory joined the default: a stated text that is only control
+    characters has nothing to remember, and must not fail the feedback call (it was a 502)."""
+    import httpx
+
+    from persona_mw.server import create_app, serve_in_thread
+
+    with Middleware(store=str(tmp_path / "p.db"), backend=ScriptedBackend()) as mw:
+        with serve_in_thread(create_app(mw)) as url:
+            r = httpx.post(url + "/v1/feedback", json={"kind": "stated", "user": "ana", "text": "\u0000\u0007"})
+            assert r.status_code < 500, r.text
+            r = httpx.post(url + "/v1/feedback", json={"kind": "stated", "user": "ana", "text": "Be brief."})
+            assert r.status_code == 201
+            r = httpx.post(url + "/v1/chat/completions", json={"user": "ana", "messages": [
+                {"role": "user", "content": "hi"}]})
+            assert r.status_code == 200 and "Be brief." in r.json()["choices"][0]["message"]["content"]
+        assert [m.text for m in mw.memory.list("ana")] == ["Be brief."]
