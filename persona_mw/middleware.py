@@ -74,9 +74,9 @@ class Middleware:
     """Personalizes chat requests for known users through the configured pipeline.
 
     ``Middleware()`` uses the embedded default (``persona_mw/default.yaml``, the same one the CLI
-    uses: the local SmolLM2 model, a SQLite file under the user data dir, and the ``stated``,
-    ``memory`` and ``profile`` plugins); ``Middleware(Config())`` is the bare core with no plugins. Pass ``store=`` / ``backend=`` objects to override the
-    config's, and ``plugins={"name": PluginClass}`` to make your own plugin classes usable in
+    uses: the local SmolLM2 model, a SQLite file under the user data dir, the ``stated`` and
+    ``memory`` plugins); ``Middleware(Config())`` is the bare core with no plugins. Pass
+    ``store=`` / ``backend=`` objects to override the config's, and ``plugins={"name": PluginClass}`` to make your own plugin classes usable in
     the ``pipeline:`` list without an entry point; ``Middleware.from_yaml(path)`` reads a file.
     """
 
@@ -204,7 +204,8 @@ class Middleware:
         """Flag in the trace the user's own feedback that no configured plugin turns into anything."""
         if self.feedback_used is None or turn.scope is None:
             return
-        own = [p for n, p in turn.profiles.items() if n.startswith(f"user:{turn.request.user}")]
+        me = user_node(turn.request.user)
+        own = [p for n, p in turn.profiles.items() if n == me or n.startswith(me + "@")]
         stated = sum(len(p.stated) for p in own)
         other = sum(max(p.evidence - len(p.stated), 0) for p in own)
         unused = []
