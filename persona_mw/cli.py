@@ -11,12 +11,13 @@ import json
 import os
 import sys
 import tempfile
-from importlib import resources
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
-from persona_mw.config import Config, load_config, parse_config
-from persona_mw.errors import BackendError, PersonaError, PluginError
+from persona_mw.config import Config, default_config, load_config
+from persona_mw.errors import BackendError, PersonaError, PluginError, RequestError
 
 DEMO_QUESTION = "How does a refrigerator keep food cold?"
 DEMO_USERS = {
@@ -25,13 +26,9 @@ DEMO_USERS = {
 }
 
 
-def default_config_text() -> str:
-    return resources.files("persona_mw").joinpath("default.yaml").read_text(encoding="utf-8")
-
-
 def _config(args: argparse.Namespace) -> Config:
     path = getattr(args, "config", None) or os.environ.get("PERSONA_MW_CONFIG")
-    cfg = load_config(path) if path else parse_config(default_config_text(), "<embedded default>")
+    cfg = load_config(path) if path else default_config()
     store = getattr(args, "store", None)
     if store:
         cfg.store.path = store
@@ -55,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Two users state different preferences; the same question gets two personalized answers."""
     from persona_mw.middleware import Middleware
 
-    cfg = parse_config(default_config_text(), "<embedded default>")
+    cfg = default_config()
     with tempfile.TemporaryDirectory(prefix="persona-mw-demo-") as tmp:
         cfg.store.path = str(Path(tmp) / "demo.db")
         print("persona-mw demo: local model SmolLM2-135M-Instruct, store", cfg.store.path, file=sys.stderr)
@@ -72,22 +69,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """``generating... 12s`` on stderr while an answer is being generated, when stderr is a terminal
+    (a 135M model on two cores takes tens of seconds); nothing when it is a pipe or a file."""
+
+    def __init__(self, label: str = "generating", stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.label = label
+        self.active = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        frames = "|/-\\"
+        i = 0
+        while not self._stop.wait(0.25):
+            self.stream.write(f"\r{frames[i % 4]} {self.label}... {time.monotonic() - t0:.0f}s ")
+            self.stream.flush()
+            i += 1
+
+    def __enter__(self) -> _Progress:
+        if self.active:
+            self._thread = threading.Thread(target=self._run, name="persona-mw-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _truncation_note(finish_reason: str | None, max_tokens: int | None) -> None:
+    if finish_reason == "length":
+        limit = f" of {max_tokens} tokens" if max_tokens else ""
+        print(f"note: the answer was cut at the length limit{limit} (finish_reason=length); "
+              "raise it with --max-tokens N", file=sys.stderr)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     with _middleware(args) as mw:
         messages = [{"role": "user", "content": args.message}]
         kwargs: dict[str, Any] = {"user": args.user, "messages": messages, "context": args.context,
                                   "groups": args.group or []}
+        if args.max_tokens is not None:
+            kwargs["max_tokens"] = args.max_tokens
+        limit = args.max_tokens or getattr(mw.backend, "max_new_tokens", None)
         if args.stream:
-            for chunk in mw.stream(**kwargs):
-                if chunk.done:
-                    print()
-                    if args.trace and chunk.trace:
-                        print(chunk.trace.render(), file=sys.stderr)
-                else:
-                    print(chunk.delta, end="", flush=True)
+            progress = _Progress("thinking")
+            progress.__enter__()
+            try:
+                for chunk in mw.stream(**kwargs):
+                    progress.stop()  # the first token is the progress from here on
+                    if chunk.done:
+                        print()
+                        _truncation_note(chunk.finish_reason, limit)
+                        if args.trace and chunk.trace:
+                            print(chunk.trace.render(), file=sys.stderr)
+                    else:
+                        print(chunk.delta, end="", flush=True)
+            finally:
+                progress.stop()
         else:
-            r = mw.chat(**kwargs)
+            with _Progress():
+                r = mw.chat(**kwargs)
             print(r.text)
+            _truncation_note(r.choices[0].finish_reason if r.choices else None, limit)
             if args.trace:
                 print(r.trace.render(), file=sys.stderr)
     return 0
@@ -137,7 +191,12 @@ def cmd_feedback(args: argparse.Namespace) -> int:
             raise PersonaError(f"--json is not valid JSON: {exc}") from None
         if not isinstance(extra, dict):
             raise PersonaError("--json must be a JSON object")
-        event |= extra
+        for key in ("user", "context"):  # given twice they must agree: never a silent override
+            flag = getattr(args, key)
+            if key in extra and flag is not None and extra[key] != flag:
+                raise RequestError(f"--json has {key} {extra[key]!r} but --{key} is {flag!r}; give it once",
+                                   field=key)
+        event |= {k: v for k, v in extra.items() if v is not None or k not in ("user", "context")}
     else:
         raise PersonaError("give one of --stated TEXT, --avoid TEXT or --json EVENT")
     with _middleware(args) as mw:
@@ -152,7 +211,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
             data = mw.profile(args.user, context=args.context)
             prompts = prompt_reports(mw, data["profiles"])
-            _print_json({**data, "prompts": prompts} if prompts else data)
+            out = {**data, "prompts": prompts} if prompts else data
+            _print_json(out if args.full else _compact(out))
         elif args.action == "export":
             data = mw.export_user(args.user)
             if args.out:
@@ -161,10 +221,32 @@ def cmd_profile(args: argparse.Namespace) -> int:
             else:
                 _print_json(data)
         elif args.action == "forget":
+            mw.profile(args.user)  # an unknown user fails here, before any question
+            if not args.yes and sys.stdin.isatty():
+                answer = input(f"Delete everything stored about user {args.user!r} (feedback, memories, profiles, "
+                               "traces)? This cannot be undone. [y/N] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    print("nothing deleted", file=sys.stderr)
+                    return 1
             _print_json({"forgotten": args.user, "deleted": mw.forget(args.user)})
         elif args.action == "rebuild":
             _print_json(mw.rebuild(args.user))
     return 0
+
+
+def _compact(data: Any, limit: int = 16) -> Any:
+    """``data`` with long numeric vectors (a profile's 4,499 weights) replaced by a one-line summary;
+    ``--full`` prints them whole."""
+    if isinstance(data, dict):
+        return {k: _compact(v, limit) for k, v in data.items()}
+    if isinstance(data, list):
+        if len(data) > limit and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
+            import math
+
+            norm = math.sqrt(sum(float(x) * float(x) for x in data))
+            return f"<{len(data)} numbers, norm {norm:.3g}; --full shows them>"
+        return [_compact(v, limit) for v in data]
+    return data
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -195,8 +277,6 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     """Long-term memory of one user: list, search, forget (one memory with --id, or all)."""
-    from persona_mw.errors import RequestError
-
     with _middleware(args) as mw:
         mem = mw.memory
         mem.require_user(args.user)
@@ -281,8 +361,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     host = PluginHost(autoload=cfg.autoload_plugins)
     host.build_pipeline(cfg)  # validates every plugin section with its own model
-    if cfg.backend.type not in host.backend_types:
-        raise PersonaError(f"{cfg.source.where(('backend', 'type'))}: unknown backend type {cfg.backend.type!r}")
+    host.check_names(cfg)  # reward names, backend types and model names, as startup would
     print(f"{args.file}: ok ({len(cfg.pipeline)} plugin(s): {', '.join(p.instance_name for p in cfg.pipeline)})")
     return 0
 
@@ -307,7 +386,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         for spec in models.list_models():
-            print(f"{spec['name']:<26} {'cached' if spec.get('cached') else 'not cached':<11} {spec.get('description', '')}")
+            print(f"{spec.name:<26} {'cached' if spec.cached else 'not cached':<11} {spec.description}")
     elif args.action == "pull":
         path = models.resolve(args.name)
         print(path)
@@ -334,50 +413,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="the question both users ask")
 
     p = add("chat", cmd_chat, "send one message as a user")
-    p.add_argument("--user", "-u", required=True)
-    p.add_argument("--context", "-c")
+    p.add_argument("--user", "-u", required=True, help="the user's id (letters, digits and _.-+@)")
+    p.add_argument("--context", "-c", help="a context tag for this request, e.g. coding")
     p.add_argument("--group", "-g", action="append", help="a group the user belongs to (repeatable)")
-    p.add_argument("--stream", action="store_true")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--max-tokens", type=int, help="length limit of the answer in tokens (default: the backend's)")
     p.add_argument("--trace", action="store_true", help="print the trace to stderr")
-    p.add_argument("message")
+    p.add_argument("message", help="what the user says")
 
     p = add("serve", cmd_serve, "OpenAI-compatible HTTP server")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8700, help="port to listen on (default 8700)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default: config, 1 MiB)")
     p.add_argument("--api-key", action="append", metavar="TENANT=KEY",
                    help="require this key for TENANT (repeatable; adds to the config's server.api_keys)")
 
     p = add("feedback", cmd_feedback, "record feedback for a user")
-    p.add_argument("--user", "-u", required=True)
-    p.add_argument("--context", "-c")
+    p.add_argument("--user", "-u", required=True, help="the user's id")
+    p.add_argument("--context", "-c", help="the context the feedback applies to (default: everywhere)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--stated", help="a preference the user likes, in words")
     g.add_argument("--avoid", help="something the user wants avoided, in words")
     g.add_argument("--json", help='a feedback event as JSON, e.g. {"kind": "choice", ...}')
 
     p = add("profile", cmd_profile, "show, export, forget or rebuild a user's profile")
-    p.add_argument("action", choices=["show", "export", "forget", "rebuild"])
-    p.add_argument("user")
-    p.add_argument("--context", "-c")
+    p.add_argument("action", choices=["show", "export", "forget", "rebuild"], help="what to do")
+    p.add_argument("user", help="the user's id")
+    p.add_argument("--context", "-c", help="with show: resolve the scope in this context")
     p.add_argument("--out", help="with export: write JSON here")
+    p.add_argument("--full", action="store_true", help="with show: print preference vectors whole (long)")
+    p.add_argument("--yes", "-y", action="store_true", help="with forget: do not ask for confirmation")
 
     p = add("jobs", cmd_jobs, "pending background (after-turn) jobs: list, or resume them now")
-    p.add_argument("action", choices=["list", "resume"])
+    p.add_argument("action", choices=["list", "resume"], help="what to do")
     p.add_argument("--user", "-u", help="with list: only this user's")
     p.add_argument("--stale-after", type=float, default=0.0,
                    help="with resume: only jobs claimed longer ago than this many seconds (default 0: all)")
 
     p = add("redact", cmd_redact, "show a text as privacy.redact would store it")
-    p.add_argument("text")
+    p.add_argument("text", help="the text to redact")
     p.add_argument("--kinds", help="comma-separated PII kinds (default: the config's, else all built-in)")
 
     p = add("memory", cmd_memory, "a user's long-term memories: list, search, forget")
-    p.add_argument("action", choices=["list", "search", "forget"])
+    p.add_argument("action", choices=["list", "search", "forget"], help="what to do")
     p.add_argument("query", nargs="?", help="with search: what to look for (or --query)")
     p.add_argument("--query", "-q", dest="query_opt", help="with search: what to look for")
-    p.add_argument("--user", "-u", required=True)
-    p.add_argument("--context", "-c")
+    p.add_argument("--user", "-u", required=True, help="the user's id")
+    p.add_argument("--context", "-c", help="only this context's memories (and its scope, for search)")
     p.add_argument("--k", type=int, default=10, help="with search: results (default 10)")
     p.add_argument("--mode", choices=["fused", "hybrid", "bm25", "dense"], default="fused", help="with search: retriever")
     p.add_argument("--history", action="store_true", help="with list: include superseded memories")
@@ -385,27 +467,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("graph", cmd_graph, "the preference graph: show a user's neighbourhood, join or leave a group "
             "(permanent membership), or export it all as GraphML")
-    p.add_argument("action", choices=["show", "join", "leave", "export"])
+    p.add_argument("action", choices=["show", "join", "leave", "export"], help="what to do")
     p.add_argument("user", nargs="?", help="with show, join, leave: the user")
     p.add_argument("group", nargs="?", help="with join, leave: the group")
-    p.add_argument("--context", "-c")
+    p.add_argument("--context", "-c", help="with show: include the user's nodes in this context")
     p.add_argument("--out", help="with export: the GraphML file (default persona-graph.graphml)")
 
     p = add("plugins", cmd_plugins, "list plugins, backends and their hooks", config=False)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--hooks", action="store_true", help="also list every hook and its combine rule")
 
     p = add("config", cmd_config, "validate a pipeline YAML", config=False)
-    p.add_argument("action", choices=["validate"])
-    p.add_argument("file")
+    p.add_argument("action", choices=["validate"], help="what to do")
+    p.add_argument("file", help="the pipeline YAML file")
 
     p = add("models", cmd_models, "local models: list, or pull (fetch and cache) one", config=False)
-    p.add_argument("action", choices=["list", "pull"])
-    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("action", choices=["list", "pull"], help="what to do")
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="with pull: the model (default %(default)s)")
 
     p = add("eval", cmd_eval, "benchmarks: profiles from choices (dsp), pluralistic users (traits), "
             "style following (style)", config=False)
-    p.add_argument("benchmark", choices=["dsp", "traits", "style", "fermi", "locomo", "prefeval"])
+    p.add_argument("benchmark", choices=["dsp", "traits", "style", "fermi", "locomo", "prefeval"], help="which benchmark")
     p.add_argument("--data", required=True, help="folder in the benchmark's layout")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--prompts", type=int, default=24, help="style: prompts (the folder's queries, in file order)")
@@ -449,7 +531,15 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_known_args: argparse gives an optional positional (``memory search --user ana "q"``) its
+    # empty value when it reaches it before the options, and then calls the word itself unrecognized.
+    args, extra = parser.parse_known_args(argv)
+    late = [name for cmd, name in (("memory", "query"), ("graph", "user"))
+            if args.command == cmd and getattr(args, name, "-") is None]
+    while extra and late and not extra[0].startswith("-"):
+        setattr(args, late.pop(0), extra.pop(0))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -337,8 +337,8 @@ class ConfigSource:
                 if owner is not None:
                     allowed = sorted(owner.model_fields)
                     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-                    hint = f"did you mean {close[0]!r}?" if close else f"allowed fields: {', '.join(allowed)}"
-                    msg = f"unknown field ({hint})"
+                    suggestion = f"did you mean {close[0]!r}?" if close else f"allowed fields: {', '.join(allowed)}"
+                    msg = f"unknown field ({suggestion})"  # said once, in the line (not again as a hint)
             lines.append(f"{self.where(loc)}: {field}: {msg}")
         return ConfigError("invalid configuration:\n  " + "\n  ".join(lines), hint=hint)
 
@@ -407,6 +407,21 @@ def parse_config(text: str, filename: str = "<string>") -> Config:
         raise source.error(exc, model=Config) from None
     config._source = source
     return config
+
+
+DEFAULT_CONFIG_NAME = "<embedded default>"
+
+
+def default_config_text() -> str:
+    """The embedded default pipeline (``persona_mw/default.yaml``) as YAML text."""
+    from importlib import resources
+
+    return resources.files("persona_mw").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def default_config() -> Config:
+    """The embedded default: what ``Middleware()`` and the CLI (without ``--config``) run."""
+    return parse_config(default_config_text(), DEFAULT_CONFIG_NAME)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

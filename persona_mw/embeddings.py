@@ -118,6 +118,11 @@ class MiniLMEmbedder(CachedEmbedder):
         # False = disabled (trace=False, tracing failed, or its first output disagreed with eager).
         self._traced: Any = None if trace else False
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is in memory (embedding now costs no load)."""
+        return self._model is not None
+
     def _load(self) -> Any:
         with self._load_lock:
             if self._model is None:

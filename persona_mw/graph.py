@@ -176,7 +176,10 @@ class PreferenceGraph:
             ScopeNode(id=n, kind=_kind(n), weight=w, evidence=evidence[n])  # type: ignore[arg-type]
             for n, w in sorted(weights.items(), key=lambda kv: (_SPECIFICITY[_kind(kv[0])], kv[0]))
         ]
-        top = max(nodes, key=lambda sn: (sn.weight, -_SPECIFICITY[sn.kind]))
+        # Granularity: the node that carried the most weight among those with evidence (a node without
+        # any holds only a prior: it shaped nothing); "global" when no node has evidence yet.
+        informed = [sn for sn in nodes if sn.evidence > 0] or [sn for sn in nodes if sn.kind == "global"] or nodes
+        top = max(informed, key=lambda sn: (sn.weight, -_SPECIFICITY[sn.kind]))
         scope = Scope(
             user=request.user,
             nodes=nodes,
@@ -227,6 +230,20 @@ class PreferenceGraph:
                     for e in self.store.edges_from(n.id):
                         g.add_edge(e.src, e.dst, kind=e.kind, weight=e.weight)
                 offset += len(nodes)
+        if "global" in kinds and GLOBAL not in g:  # the root every resolution ends at, stored or not
+            prof = self.store.get_profiles([GLOBAL]).get(GLOBAL)
+            g.add_node(GLOBAL, kind="global", evidence=prof.evidence if prof else 0, stated=len(prof.stated) if prof else 0)
+        # The implicit edges resolution uses (as ``neighbourhood``): a user-in-context specializes the
+        # user and the context; a node with no stored parent has ``global`` as its parent.
+        for node in list(g.nodes):
+            if _kind(node) == "user_context":
+                user, ctx = node.split("@", 1)
+                for dst, kind in ((user, "specializes"), (ctx, "in_context")):
+                    if not g.has_edge(node, dst):
+                        g.add_edge(node, dst, kind=kind, weight=1.0)
+        for node in list(g.nodes):
+            if node != GLOBAL and GLOBAL in g and g.out_degree(node) == 0:
+                g.add_edge(node, GLOBAL, kind="parent", weight=1.0)
         for node, data in g.nodes(data=True):  # endpoints of edges whose node row is missing
             data.setdefault("kind", _kind(node))
             data.setdefault("evidence", 0)

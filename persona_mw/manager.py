@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from persona_mw import hookspecs
 from persona_mw.config import Config, PluginEntry
-from persona_mw.errors import ConfigError, PluginError
+from persona_mw.errors import ConfigError, PersonaError, PluginError
 
 hookimpl = pluggy.HookimplMarker("persona_mw")
 
@@ -165,6 +165,41 @@ class PluginHost:
             return cls(**kwargs)
         except Exception as exc:
             raise PluginError(f"plugin {name!r} failed to start: {exc}", plugin=name) from exc
+
+    def check_names(self, config: Config) -> None:
+        """What ``build_pipeline`` cannot see and startup would fail on: reward names of plugins with a
+        ``rewards`` setting, and backend types and model names (each backend is constructed, which
+        checks a registry model name without loading anything). Raises ConfigError naming file and line."""
+        source = config.source
+        for p in self.pipeline:
+            rewards = getattr(getattr(p.instance, "config", None), "rewards", None)
+            if not isinstance(rewards, dict):
+                continue
+            for reward in rewards:
+                if reward not in self.reward_fns:
+                    close = difflib.get_close_matches(reward, list(self.reward_fns), n=1)
+                    raise ConfigError(
+                        f"{source.where(('pipeline', p.index, 'rewards', reward))}: pipeline[{p.index}].rewards: "
+                        f"unknown reward {reward!r} in plugin {p.name!r} "
+                        f"(known: {', '.join(sorted(self.reward_fns)) or 'none'})",
+                        hint=f"did you mean {close[0]!r}?" if close else "rewards come from persona_register_rewards")
+        sections = [(("backend",), config.backend), *((("roles", r), b) for r, b in config.roles.items())]
+        for loc, section in sections:
+            factory = self.backend_types.get(section.type)
+            where = source.where(loc + ("type",))
+            if factory is None:
+                close = difflib.get_close_matches(section.type, list(self.backend_types), n=1)
+                raise ConfigError(f"{where}: {'.'.join(loc)}.type: unknown backend type {section.type!r} "
+                                  f"(known: {', '.join(sorted(self.backend_types))})",
+                                  hint=f"did you mean {close[0]!r}?" if close else None)
+            try:
+                factory(**section.settings)  # construction only: nothing is loaded or connected
+            except PersonaError as exc:
+                raise ConfigError(f"{source.where(loc + ('model',))}: {'.'.join(loc)}: {exc.message}",
+                                  hint=exc.hint) from None
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source.where(loc)}: {'.'.join(loc)}: invalid settings for backend "
+                                  f"{section.type!r}: {exc}") from None
 
     def policy_of(self, plugin_name: str) -> str:
         for p in self.pipeline:

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, Coroutine, Iterator, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from persona_mw.config import Config, StatedItem, load_config, parse_config
+from persona_mw.config import Config, StatedItem, default_config, load_config, parse_config
 from persona_mw.embeddings import cache_scope
 from persona_mw.errors import (
     BackendError,
@@ -39,6 +39,7 @@ from persona_mw.types import (
     ChatRequest,
     ChatResponse,
     Feedback,
+    GenerationParams,
     Message,
     Profile,
     StatedFeedback,
@@ -47,6 +48,7 @@ from persona_mw.types import (
     StreamChunk,
     TraceStep,
     Turn,
+    validation_message,
 )
 
 log = logging.getLogger("persona_mw")
@@ -58,6 +60,7 @@ _JOB_KEEP = frozenset({"user", "context", "groups", "n", "stream"})
 # The user's forget epoch when the turn started: its writes are refused once a forget moved it on.
 _EPOCH: StashKey[int | None] = StashKey("persona_mw.forget_epoch")
 FORGOTTEN_FLAG = "forgotten: the user was forgotten while this work ran; nothing of it was stored"
+_PARAM_FIELDS = tuple(GenerationParams.model_fields)
 
 
 class _Loop:
@@ -84,9 +87,10 @@ class _Loop:
 class Middleware:
     """Personalizes chat requests for known users through the configured pipeline.
 
-    ``Middleware()`` uses the embedded defaults (the local SmolLM2 model, a SQLite file under
-    the user data dir, no plugins). Pass ``store=`` / ``backend=`` objects to override the
-    config's, and ``plugins={"name": PluginClass}`` to make your own plugin classes usable in
+    ``Middleware()`` uses the embedded default (``persona_mw/default.yaml``, the same one the CLI
+    uses: the local SmolLM2 model, a SQLite file under the user data dir, the ``stated`` and
+    ``memory`` plugins); ``Middleware(Config())`` is the bare core with no plugins. Pass
+    ``store=`` / ``backend=`` objects to override the config's, and ``plugins={"name": PluginClass}`` to make your own plugin classes usable in
     the ``pipeline:`` list without an entry point; ``Middleware.from_yaml(path)`` reads a file.
     """
 
@@ -99,7 +103,7 @@ class Middleware:
         autoload: bool | None = None,
         plugins: dict[str, type] | None = None,
     ) -> None:
-        self.config = config or Config()
+        self.config = config if config is not None else default_config()
         self._role_backends: dict[str, Any] = {}
         self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload,
                                plugin_types=plugins)
@@ -123,6 +127,7 @@ class Middleware:
         self.graph.request_groups_permanent = self.config.graph.request_groups == "permanent"
         self.host.build_pipeline(self.config)
         self.pipeline = Pipeline(self.host)
+        self.feedback_used = self._feedback_used()
         self._apply_declared_graph()
         self._loop: _Loop | None = None
         self._jobs: set[concurrent.futures.Future[Any]] = set()
@@ -200,6 +205,44 @@ class Middleware:
         except TypeError as exc:
             raise ConfigError(f"{where}: invalid settings for backend {section.type!r}: {exc}") from None
 
+    def _feedback_used(self) -> frozenset[str] | None:
+        """The feedback kinds some configured plugin uses (``feedback_kinds`` of each plugin class);
+        None when a plugin does not declare them (then nothing is called unused)."""
+        used: set[str] = set()
+        for p in self.host.pipeline:
+            kinds = getattr(p.instance, "feedback_kinds", None)
+            if kinds is None:
+                return None
+            used.update(kinds)
+        return frozenset(used)
+
+    def unused_feedback_warning(self, kind: str) -> str | None:
+        """Why a recorded ``kind`` event changes no answer, or None when a configured plugin uses it."""
+        if self.feedback_used is None or kind in self.feedback_used:
+            return None
+        plugins = ", ".join(p.name for p in self.host.pipeline) or "none"
+        hint = {"stated": "add `- use: stated` (or memory)", "choice": "add `- use: profile` (or fermi)",
+                "edit": "add `- use: profile` (or fermi)", "rating": "add `- use: profile`"}.get(kind, "")
+        return (f"'{kind}' feedback is recorded but no configured plugin uses it (pipeline: {plugins})"
+                + (f"; {hint}" if hint else ""))
+
+    def _flag_unused_feedback(self, turn: Turn) -> None:
+        """Flag in the trace the user's own feedback that no configured plugin turns into anything."""
+        if self.feedback_used is None or turn.scope is None:
+            return
+        me = user_node(turn.request.user)
+        own = [p for n, p in turn.profiles.items() if n == me or n.startswith(me + "@")]
+        stated = sum(len(p.stated) for p in own)
+        other = sum(max(p.evidence - len(p.stated), 0) for p in own)
+        unused = []
+        if stated and "stated" not in self.feedback_used:
+            unused.append(f"{stated} stated preference(s)")
+        if other and not self.feedback_used & {"choice", "edit", "rating"}:
+            unused.append(f"{other} choice/edit/rating event(s)")
+        if unused:
+            turn.trace.flags.append("unused_feedback: " + " and ".join(unused) + " recorded, but no configured plugin "
+                                    "uses them")
+
     def _apply_declared_graph(self) -> None:
         """Write the config's declared groups/contexts/global preferences into the store."""
         g = self.config.graph
@@ -234,6 +277,23 @@ class Middleware:
             return request
         data = dict(request.model_dump() if isinstance(request, ChatRequest) else (request or {}))
         data.update(kwargs)
+        # Generation parameters are accepted at the top level too (``mw.chat(max_tokens=30)``), as the
+        # OpenAI API takes them; they go into ``params``. Given in both places, ``params`` must agree.
+        top = {k: data.pop(k) for k in _PARAM_FIELDS if k in data}
+        if top:
+            params = data.get("params")
+            if params is None:
+                params = {}
+            elif isinstance(params, GenerationParams):
+                params = params.model_dump(exclude_unset=True)
+            elif not isinstance(params, dict):
+                raise RequestError("invalid chat request: params: must be a mapping of generation parameters",
+                                   field="params")
+            for k, v in top.items():
+                if k in params and params[k] != v:
+                    raise RequestError(f"invalid chat request: {k}: given as {k}={v!r} and as params.{k}="
+                                       f"{params[k]!r}; give it once", field=k)
+            data["params"] = {**params, **top}
         msgs = data.get("messages")
         if isinstance(msgs, str):
             data["messages"] = [{"role": "user", "content": msgs}]
@@ -242,7 +302,7 @@ class Middleware:
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
-            raise RequestError(f"invalid chat request: {field}: {first['msg']}", field=field) from None
+            raise RequestError(f"invalid chat request: {field}: {validation_message(first)}", field=field) from None
 
     def _checked(self, request: ChatRequest | dict[str, Any] | None, kwargs: dict[str, Any]) -> ChatRequest:
         req = self._request(request, kwargs)
@@ -449,6 +509,12 @@ class Middleware:
 
         if BUDGET_KEY in turn.stash:  # the request's auxiliary calls, for the user to see
             turn.trace.aux_calls = turn.stash[BUDGET_KEY].as_list()
+        cut = [c.index for c in response.choices if c.finish_reason == "length"]
+        if cut:  # the answer hit the token cap: say so rather than serve a sentence cut in half silently
+            limit = turn.request.params.max_tokens or getattr(self.backend, "max_new_tokens", None)
+            turn.trace.flags.append("truncated: finish_reason=length" + (f" (max_tokens={limit})" if limit else "")
+                                    + (f", choices {cut}" if len(response.choices) > 1 else ""))
+        self._flag_unused_feedback(turn)
         try:
             with self._guard(turn):
                 self._save_trace(turn.trace)
@@ -628,7 +694,7 @@ class Middleware:
             if loc and loc[0] in ("choice", "rating", "edit", "stated"):  # the union's tag, not a field
                 loc = loc[1:]
             field = ".".join(loc) or "kind"
-            raise RequestError(f"invalid feedback: {field}: {first['msg']}", field=field) from None
+            raise RequestError(f"invalid feedback: {field}: {validation_message(first)}", field=field) from None
 
     async def afeedback(self, event: Feedback | dict[str, Any] | None = None, /, **kwargs: Any) -> str:
         """Record a feedback event (append-only), update the profile, run ``persona_feedback``.
@@ -659,6 +725,9 @@ class Middleware:
         for s in steps:
             if s.error:
                 log.warning("feedback plugin %s: %s", s.plugin, s.error)
+        unused = self.unused_feedback_warning(ev.kind)
+        if unused:
+            log.warning("feedback %s of user %r: %s", ev.id, ev.user, unused)
         return ev.id
 
     def _record_feedback(self, ev: Feedback) -> None:

@@ -261,11 +261,27 @@ def _default_select(scores: dict[str, list[float]], n: int) -> int:
     return max(range(n), key=lambda i: totals[i])
 
 
+def describe_items(items: Any, limit: int = 4, width: int = 40) -> str:
+    """``added 2 items: stated like "Answer in one short sentence." (user:ana); ...``: which items,
+    not only how many (the first ``limit``, each text cut at ``width`` characters)."""
+    items = list(items)
+    parts = []
+    for it in items[:limit]:
+        text = " ".join(str(getattr(it, "text", it)).split())
+        text = text if len(text) <= width else text[: width - 1] + "…"
+        kind = getattr(it, "kind", "item")
+        pol = getattr(it, "polarity", None)
+        node = getattr(it, "node", None)
+        parts.append(f"{kind}{' ' + pol if pol else ''} \"{text}\"{f' ({node})' if node else ''}")
+    more = f"; +{len(items) - limit} more" if len(items) > limit else ""
+    return f"added {len(items)} item{'s' if len(items) != 1 else ''}: " + "; ".join(parts) + more
+
+
 def _summarize(stage: str, result: Any) -> str:
     if result is None:
         return ""
     if stage == "persona_gather":
-        return f"added {len(result)} item(s)"
+        return describe_items(result)
     if stage == "persona_rewrite":
         return f"{len(result)} message(s)"
     if stage == "persona_generate":

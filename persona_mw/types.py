@@ -22,6 +22,17 @@ Role = Literal["system", "user", "assistant", "tool", "developer"]
 Polarity = Literal["like", "avoid"]
 
 
+ID_RULE = "letters, digits and _ . - + @ (1 to 128 characters, not starting with @)"
+
+
+def validation_message(err: dict[str, Any]) -> str:
+    """A pydantic error as a user can act on it: an id that fails ``ID_PATTERN`` says what ids may
+    hold and what was given, instead of printing the regular expression."""
+    if err.get("type") == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == ID_PATTERN:
+        return f"invalid id {err.get('input')!r}: use {ID_RULE}"
+    return str(err.get("msg", "invalid value"))
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:20]}"
 

@@ -104,6 +104,9 @@ def template_rewrite(query: str, constraints: list[str]) -> str:
 class BPO:
     """Rewrite the last user message into a better, personalized prompt (or say why not)."""
 
+    # Feedback kinds this plugin uses (Middleware warns about events no configured plugin uses).
+    feedback_kinds = ("stated",)
+
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         mode: Literal["llm", "template"] = Field(

@@ -293,6 +293,9 @@ class JudgeScorer:
 class Fermi:
     """Per-node prompts optimized online from choices; the best one for the query goes into the prompt."""
 
+    # Feedback kinds this plugin uses (Middleware warns about events no configured plugin uses).
+    feedback_kinds = ("choice", "edit", "stated")
+
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         placement: Placement = Field(

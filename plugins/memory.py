@@ -39,8 +39,15 @@ def _key(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 class MemoryPlugin:
     """Long-term user memory (see ``persona_mw.memory``)."""
+
+    # Feedback kinds this plugin uses (Middleware warns about events no configured plugin uses).
+    feedback_kinds = ("stated",)
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -183,7 +190,7 @@ class MemoryPlugin:
             turn.trace.items_used.append({"source": self.name, "kind": "memory", "node": it.node,
                                           "polarity": it.polarity, "text": it.text, "provenance": it.provenance,
                                           "pinned": it.pinned, "why": why.get(i - first, {})})
-        turn.note(f"{len(used)} memorie(s) in {self.config.placement}" + (f", {dropped} over budget" if dropped else ""))
+        turn.note(f"{_n(len(used), 'memory', 'memories')} in {self.config.placement}" + (f", {dropped} over budget" if dropped else ""))
         return place_block(messages, block, self.config.placement)
 
     # -- off the request path ----------------------------------------------------------------
@@ -222,14 +229,25 @@ class MemoryPlugin:
             from persona_mw.budget import job_budget
 
             written += await mgr.aingest(turn.user, new, context=context, budget=job_budget())
-        turn.note(f"{len(written)} memorie(s) written")
+        turn.note(f"{_n(len(written), 'memory', 'memories')} written")
 
     @hookimpl
     def persona_feedback(self, event: Feedback, store: Any) -> None:
         if event.kind != "stated":
             return
-        self._mgr(store).remember(event.user, event.text, kind="preference", polarity=event.polarity,
-                                  provenance=[event.id], context=event.context, date=event.created_at)
+        from persona_mw.memory.extract import MAX_MEMORY_CHARS, one_line, sanitize
+
+        if not one_line(sanitize(event.text, MAX_MEMORY_CHARS)):
+            # Nothing left to remember once control characters are stripped: the event is recorded (the
+            # stated plugin quotes it as given), there is no memory to write, and no reason to fail the call.
+            log.info("stated feedback %s has no text to remember after cleaning", event.id)
+            return
+        mgr = self._mgr(store)
+        # Not the moment to load MiniLM (seconds, on the feedback call): lexical dedupe now, the vector
+        # when the embedder is up (the next index load embeds memories stored without one).
+        mgr.remember(event.user, event.text, kind="preference", polarity=event.polarity,
+                     provenance=[event.id], context=event.context, date=event.created_at,
+                     embed=mgr.embedder_loaded)
 
     @hookimpl
     def persona_forget(self, user: str) -> None:

@@ -102,6 +102,9 @@ def validate_persona(text: str, language: str, *, max_chars: int = 300, min_word
 class PersonaInference:
     """Infer a one-sentence persona from choices; offer it to prompt plugins."""
 
+    # Feedback kinds this plugin uses (Middleware warns about events no configured plugin uses).
+    feedback_kinds = ("choice", "edit")
+
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         role: str = Field(default="persona", description="roles: entry of the persona LLM (default: main backend)")

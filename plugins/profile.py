@@ -341,6 +341,9 @@ def silhouette(V: np.ndarray, labels: np.ndarray) -> float:
 class ProfilePlugin:
     """Bradley-Terry preference profiles per graph node, learned from choices, edits and ratings."""
 
+    # Feedback kinds this plugin uses (Middleware warns about events no configured plugin uses).
+    feedback_kinds = ("choice", "edit", "rating")
+
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
 

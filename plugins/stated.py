@@ -31,6 +31,9 @@ def _clean(turn: Turn, text: str, limit: int = 400) -> str:
 class StatedPreferences:
     """Inject stated preferences (with polarity) into the prompt."""
 
+    # Feedback kinds this plugin uses (Middleware warns about events no configured plugin uses).
+    feedback_kinds = ("stated",)
+
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         placement: Literal["user_suffix", "user_prefix", "system"] = Field(

@@ -245,15 +245,16 @@ class MemoryManager:
         vecs = {m.id: np.asarray(m.embedding, dtype=np.float32) for m in mems if m.embedding is not None}
         return [m.model_copy(update={"embedding": None}) for m in mems], vecs
 
-    def _load(self, owner: str) -> None:
-        """Fill the owner's indexes from the store's rows and vectors (once)."""
+    def _load(self, owner: str, embed_missing: bool = True) -> None:
+        """Fill the owner's indexes from the store's rows and vectors (once); rows stored without a vector
+        are embedded now unless ``embed_missing`` is False (a write that must not load the embedder)."""
         if owner in self._loaded:
             return
         with self._lock:
             if owner in self._loaded:
                 return
             mems, vecs = self._rows(owner)
-            self._index_add(owner, mems, embed_missing=True, vectors=vecs)
+            self._index_add(owner, mems, embed_missing=embed_missing, vectors=vecs)
             self._loaded.add(owner)
 
     def _index_add(self, owner: str, mems: Sequence[Memory], embed_missing: bool = False,
@@ -473,14 +474,23 @@ class MemoryManager:
             return {"date_text": sanitize(date, 80)} if isinstance(date, str) and date else {}
         return {"date": dt.date().isoformat(), "ts": dt.timestamp()}
 
-    def _apply(self, owner: str, cands: list[tuple[Candidate, list[str], dict[str, Any]]]) -> list[Memory]:
-        """Run the update logic for candidates (with provenance and date meta) of one owner."""
+    @property
+    def embedder_loaded(self) -> bool:
+        """Whether the embedder can embed now without loading a model first (False: none, or not loaded)."""
+        return self.embedder is not None and bool(getattr(self.embedder, "loaded", True))
+
+    def _apply(self, owner: str, cands: list[tuple[Candidate, list[str], dict[str, Any]]],
+               embed: bool = True) -> list[Memory]:
+        """Run the update logic for candidates (with provenance and date meta) of one owner.
+
+        ``embed=False`` stores them without vectors (lexical dedupe only); the next process that loads
+        the owner's index with the embedder embeds them then (``_load``)."""
         if not cands:
             return []
-        vecs = self._embed([c.text for c, _, _ in cands])
+        vecs = self._embed([c.text for c, _, _ in cands]) if embed else None
         out: list[Memory] = []
         with self._lock:
-            self._load(owner)
+            self._load(owner, embed_missing=embed or self.embedder_loaded)
             for i, (cand, prov, dmeta) in enumerate(cands):
                 vec = None if vecs is None else vecs[i]
                 active = [m for m in self._recs.get(owner, {}).values() if not m.meta.get("raw")]
@@ -574,16 +584,27 @@ class MemoryManager:
             prev = None
         return out
 
-    def _finish_ingest(self, owner: str, found: list[tuple[_Msg, list[Candidate], str | None]]) -> list[Memory]:
-        rows = []
+    def _finish_ingest(self, owner: str, found: list[tuple[_Msg, list[Candidate], str | None]],
+                       user_owner: str | None = None, context: str | None = None) -> list[Memory]:
+        """Apply the candidates to ``owner``; with a context, facts and constraints ("I live in Lisbon",
+        "I'm vegetarian") go to ``user_owner`` instead: they hold outside the context they were said in
+        (``meta.said_in_context`` keeps where). Likes/avoids and episodes stay in the context."""
+        rows: dict[str, list[tuple[Candidate, list[str], dict[str, Any]]]] = {}
+        n = 0
         for m, cands, _ in found:
             dmeta = self._date_meta(m.date)
             if m.speaker:
                 dmeta["speaker"] = m.speaker
             for c in cands:
-                rows.append((c, [m.id], dict(dmeta)))
-        self.stats["candidates"] += len(rows)
-        return self._apply(owner, rows)
+                general = user_owner is not None and (c.kind == "fact" or c.polarity == "constraint")
+                meta = {**dmeta, "said_in_context": context} if general and context else dict(dmeta)
+                rows.setdefault(user_owner if general else owner, []).append((c, [m.id], meta))  # type: ignore[arg-type]
+                n += 1
+        self.stats["candidates"] += n
+        out: list[Memory] = []
+        for o, rs in rows.items():
+            out += self._apply(o, rs)
+        return out
 
     def ingest(self, user: str, messages: Sequence[Any], *, context: str | None = None,
                session_date: Any = None) -> list[Memory]:
@@ -601,7 +622,8 @@ class MemoryManager:
                 return asyncio.run(self.aingest(user, messages, context=context, session_date=session_date))
         owner = self.owner_of(user, context)
         self.store.ensure_node(f"user:{user}")
-        return self._finish_ingest(owner, self._candidates(self._messages(messages, session_date)))
+        return self._finish_ingest(owner, self._candidates(self._messages(messages, session_date)),
+                                   user_owner=f"user:{user}" if context else None, context=context)
 
     async def aingest(self, user: str, messages: Sequence[Any], *, context: str | None = None,
                       session_date: Any = None, budget: Any = None) -> list[Memory]:
@@ -625,7 +647,8 @@ class MemoryManager:
                     log.warning("memory: LLM extractor failed on message %s (%s: %s); rule extraction used",
                                 m.id, type(exc).__name__, exc)
         await asyncio.to_thread(self.store.ensure_node, f"user:{user}")
-        return await asyncio.to_thread(self._finish_ingest, owner, found)
+        return await asyncio.to_thread(self._finish_ingest, owner, found, f"user:{user}" if context else None,
+                                       context)
 
     async def _llm_extract(self, text: str, budget: Any) -> list[Candidate]:
         from persona_mw.plugins._text import LANGUAGE_NAMES, detect_language
@@ -642,8 +665,11 @@ class MemoryManager:
         return cands
 
     def remember(self, user: str, text: str, *, kind: str = "preference", polarity: str | None = "like",
-                 provenance: Sequence[str] = (), context: str | None = None, date: Any = None) -> list[Memory]:
-        """Write one memory through the update logic (e.g. a stated preference from feedback)."""
+                 provenance: Sequence[str] = (), context: str | None = None, date: Any = None,
+                 embed: bool = True) -> list[Memory]:
+        """Write one memory through the update logic (e.g. a stated preference from feedback).
+
+        ``embed=False``: store it without its vector for now (no embedder load on this path)."""
         clean = one_line(sanitize(text, MAX_MEMORY_CHARS))
         if not clean:
             raise RequestError("memory text is empty after cleaning", field="text")
@@ -659,7 +685,12 @@ class MemoryManager:
         cand = Candidate(clean, kind, polarity if kind == "preference" else None,  # type: ignore[arg-type]
                          slot=slot_of(clean), source="stated")
         self.store.ensure_node(f"user:{user}")
-        return self._apply(self.owner_of(user, context), [(cand, list(provenance), self._date_meta(date))])
+        # A constraint ("I'm vegetarian") holds in every context: kept on the user, not the user-in-context.
+        owner = self.owner_of(user, None if polarity == "constraint" else context)
+        meta = self._date_meta(date)
+        if context is not None and owner == f"user:{user}":
+            meta["said_in_context"] = context
+        return self._apply(owner, [(cand, list(provenance), meta)], embed=embed)
 
     def add_raw(self, user: str, messages: Sequence[Any], *, context: str | None = None,
                 session_date: Any = None, roles: Iterable[str] | None = None, window: int = 1) -> list[Memory]:
