@@ -181,6 +181,9 @@ class LimitsConfig(_Strict):
         description="personalized prompt bound: oldest turns are dropped (trace flag 'trimmed'); null = off")
     max_stated_per_user: int = Field(default=200, ge=1, description="stated preferences a profile keeps (newest)")
     max_memories_per_user: int = Field(default=1000, ge=1, description="memories a user node may hold")
+    max_json_depth: int = Field(
+        default=64, ge=4, le=200,
+        description="nesting of JSON in a request (metadata, tools, message fields, content parts); deeper: 400")
     # Accepted here for configs written before ``budget:`` existed; ``budget:`` is their one home
     # (``Config`` moves them there and refuses both places at once).
     aux_calls_per_request: int = Field(default=4, ge=0, le=64, description="alias of budget.aux_calls_per_request")

@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from persona_mw.config import Config, StatedItem, load_config, parse_config
 from persona_mw.errors import BackendError, ConfigError, PersonaError, RequestError, UnknownUserError
 from persona_mw.graph import GLOBAL, PreferenceGraph, user_context_node, user_node
-from persona_mw.limits import check_request, trim_prompt
+from persona_mw.limits import check_request, check_values, trim_prompt
 from persona_mw.privacy import Redactor
 from persona_mw.pipeline import Pipeline
 from persona_mw.manager import PluginHost
@@ -219,6 +219,10 @@ class Middleware:
             raise RequestError(f"invalid chat request: {field}: {first['msg']}", field=field) from None
 
     def _checked(self, request: ChatRequest | dict[str, Any] | None, kwargs: dict[str, Any]) -> ChatRequest:
+        depth = self.config.limits.max_json_depth
+        if isinstance(request, dict):  # named as sent, before pydantic reads (and maybe coerces) it
+            check_values(request, max_depth=depth)
+        check_values(kwargs, max_depth=depth)
         req = self._request(request, kwargs)
         check_request(req, self.config.limits)
         return req
@@ -530,7 +534,12 @@ class Middleware:
             data = dict(event.model_dump() if event is not None and not isinstance(event, dict) else (event or {}))
             data.update(kwargs)
             event = data
-        ev = self.redactor.redact_model(self.parse_feedback(event))
+        depth = self.config.limits.max_json_depth
+        if isinstance(event, dict):
+            check_values(event, max_depth=depth)
+        parsed = self.parse_feedback(event)
+        check_values(parsed, max_depth=depth)  # before anything is stored: no half-created user
+        ev = self.redactor.redact_model(parsed)
         self.store.ensure_node(user_node(ev.user))
         self.store.append_feedback(ev)
         self._apply_to_profile(ev)

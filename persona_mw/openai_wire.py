@@ -25,6 +25,7 @@ from persona_mw.errors import (
     StoreError,
     UnknownUserError,
 )
+from persona_mw.limits import DEFAULT_MAX_JSON_DEPTH, check_values
 from persona_mw.types import ChatRequest, Feedback, GenerationParams, Message, StreamChunk
 
 if TYPE_CHECKING:
@@ -145,8 +146,9 @@ def error_for(exc: BaseException) -> HTTPError:
     return HTTPError(500, "internal server error (see the server log)", type="server_error")
 
 
-async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, or an HTTPError: wrong content type, too large, malformed, not an object."""
+async def _read_json_object(request: Request, limit: int, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
+    """The body as a JSON object, or an HTTPError: wrong content type, too large, malformed, not an object;
+    or a RequestError naming the field: nested deeper than ``max_depth``, a lone surrogate, NaN/Infinity."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type and media_type != "application/json" and not media_type.endswith("+json"):
         raise HTTPError(400, f"expected a JSON body (Content-Type: application/json), got {media_type!r}",
@@ -170,6 +172,7 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
         raise HTTPError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise HTTPError(400, f"expected a JSON object, got {type(data).__name__}", code="invalid_json")
+    check_values(data, max_depth=max_depth)
     return data
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Itera
 from pydantic_core import to_jsonable_python
 
 from persona_mw.errors import RequestError, StoreError
+from persona_mw.limits import DEFAULT_MAX_JSON_DEPTH
 from persona_mw.openai_wire import (
     CONTEXT_HEADER,
     TRACE_HEADER,
@@ -129,6 +130,8 @@ def create_app(
 
     server_cfg = getattr(getattr(mw, "config", None), "server", None)
     limit = max_body_bytes or getattr(server_cfg, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES
+    max_depth = getattr(getattr(getattr(mw, "config", None), "limits", None), "max_json_depth", None) \
+        or DEFAULT_MAX_JSON_DEPTH
     keys = ApiKeys(api_keys if api_keys is not None else getattr(server_cfg, "api_keys", None) or {})
     tenants = Tenants(mw, keys) if keys else None
 
@@ -178,7 +181,7 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         m = tenant_mw(request)
-        chat_request = to_chat_request(await _read_json_object(request, limit), request.headers)
+        chat_request = to_chat_request(await _read_json_object(request, limit, max_depth), request.headers)
         model = chat_request.model or model_name()
         if chat_request.stream and chat_request.n > 1:
             return await stream_choices(m, chat_request, model)
@@ -227,7 +230,7 @@ def create_app(
 
     async def feedback(request: Request) -> Response:
         m = tenant_mw(request)
-        data = await _read_json_object(request, limit)
+        data = await _read_json_object(request, limit, max_depth)
         if not data.get("user"):
             if not request.headers.get(USER_HEADER):
                 raise RequestError(f"missing user: set the 'user' field or the {USER_HEADER} header", field="user")
