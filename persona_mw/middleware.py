@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -242,8 +243,20 @@ class Middleware:
             turn.trace.timings_ms["backend_load"] = (time.perf_counter() - t) * 1000
         self._ready = True
 
+    def _token_cap(self) -> int | None:
+        """The configured bound on generated tokens (the backend's ``max_new_tokens``), if it has one."""
+        cap = getattr(self.backend, "max_new_tokens", None)
+        return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
+
     def _new_turn(self, req: ChatRequest) -> Turn:
+        # The config's cap bounds what a client asks: fewer is honoured, more is clamped (flagged).
+        cap, asked = self._token_cap(), req.params.max_tokens
+        clamped = cap is not None and asked is not None and asked > cap
+        if clamped:
+            req = req.model_copy(update={"params": req.params.model_copy(update={"max_tokens": cap})})
         turn = Turn(request=req, messages=list(req.messages))
+        if clamped:
+            turn.trace.flags.append(f"clamped: max_tokens {asked} -> {cap} (backend max_new_tokens)")
         turn.trace.user = req.user
         turn._counter = getattr(self.backend, "count_tokens", None)
         from persona_mw.budget import BUDGET_LIMITS_KEY
@@ -295,16 +308,36 @@ class Middleware:
             finally:
                 turn.trace.flags.extend(n for n in notes if n not in turn.trace.flags)
 
+    def _cancelled(self, turn: Turn, t0: float, detail: str) -> None:
+        """A turn abandoned by its caller (a client that disconnected; a cancelled task): the trace is
+        kept, flagged ``cancelled``, so the turn is accounted for; no answer is recorded and no
+        after-turn learning is scheduled, since the user never saw the answer."""
+        turn.trace.flags.append(f"cancelled: {detail}; after-turn learning not scheduled")
+        turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+        try:
+            self._save_trace(turn.trace)
+        except Exception as exc:  # the caller is gone; nothing to report the failure to but the log
+            log.warning("could not save the trace of cancelled turn %s: %s", turn.trace.id, exc)
+
     async def achat(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> ChatResponse:
-        """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...)."""
+        """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...).
+
+        Cancelling the task (the server does when the client disconnects) stops the local model's
+        generation at its next step; the turn's trace is kept with a ``cancelled`` flag and nothing
+        is learned from it.
+        """
         req = self._checked(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
-        await self._backend_ready(turn)
-        decoding = await self._prepare_guarded(
-            turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
-        trim_prompt(turn, self.config.limits)
-        await self._generate_guarded(turn, decoding or [])
+        try:
+            await self._backend_ready(turn)
+            decoding = await self._prepare_guarded(
+                turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
+            trim_prompt(turn, self.config.limits)
+            await self._generate_guarded(turn, decoding or [])
+        except asyncio.CancelledError:
+            self._cancelled(turn, t0, "the caller went away before the answer was ready")
+            raise
         response = self.pipeline.response(turn, self.backend)
         turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
         self._finish(turn, response)
@@ -314,17 +347,28 @@ class Middleware:
         return self._portal().run(self.achat(request, **kwargs))
 
     async def astream(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> AsyncIterator[StreamChunk]:
-        """Run one turn, yielding the answer in pieces; the last chunk carries the trace."""
+        """Run one turn, yielding the answer in pieces; the last chunk carries the trace.
+
+        Closing the iterator early (a client that disconnected) stops generation at the next token;
+        the trace is kept with a ``cancelled`` flag and nothing is learned from the turn.
+        """
         req = self._checked(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
-        await self._backend_ready(turn)
-        decoding = await self._prepare_guarded(
-            turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
-        trim_prompt(turn, self.config.limits)
-        async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding or []):
-            chunk.trace_id = turn.trace.id
-            yield chunk
+        sent = 0
+        try:
+            await self._backend_ready(turn)
+            decoding = await self._prepare_guarded(
+                turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
+            trim_prompt(turn, self.config.limits)
+            async with contextlib.aclosing(self.pipeline.stream_candidate(turn, self.backend, decoding or [])) as it:
+                async for chunk in it:
+                    chunk.trace_id = turn.trace.id
+                    yield chunk
+                    sent += 1
+        except (GeneratorExit, asyncio.CancelledError):
+            self._cancelled(turn, t0, f"the stream was abandoned after {sent} chunk(s)")
+            raise
         response = self.pipeline.response(turn, self.backend)
         turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
         self._finish(turn, response)

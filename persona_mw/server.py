@@ -20,7 +20,7 @@ import re
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 from pydantic_core import to_jsonable_python
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "explain_trace", "serve", "serve_in_thread", "to_chat_request"]
 
@@ -94,6 +95,41 @@ def explain_trace(trace: dict[str, Any]) -> dict[str, Any]:
                    for s in steps if s.get("error")],
         "steps": steps, "timings_ms": trace.get("timings_ms") or {}, "flags": trace.get("flags") or [],
     }
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; the work for it was cancelled."""
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first: then ``work`` is cancelled (the local
+    model stops at its next step, the turn is flagged ``cancelled``) and ``ClientGone`` is raised.
+
+    The body has been read by then, so the next ASGI message is ``http.disconnect`` (or nothing
+    until the response is sent).
+    """
+    import asyncio
+
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself was cancelled: so is its work
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone("the client disconnected before the answer was ready")
 
 
 def _bearer(request: Request) -> str | None:
@@ -164,6 +200,9 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
+            except ClientGone:
+                # Nobody reads this answer; 499 (nginx's "client closed request") for the access log.
+                return StarletteResponse(status_code=499)
             except Exception as exc:
                 return error_response(exc)
 
@@ -184,15 +223,15 @@ def create_app(
         chat_request = to_chat_request(await _read_json_object(request, limit, max_depth), request.headers)
         model = chat_request.model or model_name()
         if chat_request.stream and chat_request.n > 1:
-            return await stream_choices(m, chat_request, model)
+            return await stream_choices(request, m, chat_request, model)
         if chat_request.stream:
-            return await stream_completion(m, chat_request, model)
-        resp = await m.achat(chat_request)
+            return await stream_completion(request, m, chat_request, model)
+        resp = await until_disconnected(request, m.achat(chat_request))
         return JSONResponse(completion_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
 
-    async def stream_choices(m: Any, chat_request: ChatRequest, model: str) -> Response:
+    async def stream_choices(request: Request, m: Any, chat_request: ChatRequest, model: str) -> Response:
         # n > 1 needs every candidate before one is picked: generate them all, then stream each.
-        resp = await m.achat(chat_request.model_copy(update={"stream": False}))
+        resp = await until_disconnected(request, m.achat(chat_request.model_copy(update={"stream": False})))
         body = completion_json(resp, model)
         created = int(time.time())
 
@@ -209,15 +248,22 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", TRACE_HEADER: resp.trace.id})
 
-    async def stream_completion(m: Any, chat_request: ChatRequest, model: str) -> Response:
+    async def stream_completion(request: Request, m: Any, chat_request: ChatRequest, model: str) -> Response:
         stream = await _maybe_await(m.astream(chat_request))
         iterator = stream.__aiter__()
+
+        async def first_chunk() -> StreamChunk | None:
+            try:
+                return await iterator.__anext__()  # type: ignore[no-any-return]
+            except StopAsyncIteration:
+                return None
+
         # Wait for the first chunk before answering, so that a request the pipeline rejects
-        # (bad input, unknown user, backend down) gets its real status instead of a 200 stream.
+        # (bad input, unknown user, backend down) gets its real status instead of a 200 stream;
+        # a client that leaves meanwhile cancels it. Once streaming, starlette notices the
+        # disconnect and the events' generator closes the pipeline's stream (generation stops).
         try:
-            first: StreamChunk | None = await iterator.__anext__()
-        except StopAsyncIteration:
-            first = None
+            first = await until_disconnected(request, first_chunk())
         except BaseException:
             await _aclose_shielded(iterator)
             raise
