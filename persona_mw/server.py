@@ -40,6 +40,7 @@ from persona_mw.openai_wire import (
     completion_json,
     error_for,
     to_chat_request,
+    upstream_secrets,
 )
 from persona_mw.tenancy import ApiKeys, Tenants
 from persona_mw.types import ID_PATTERN, ChatRequest, StreamChunk, new_id
@@ -174,8 +175,15 @@ def create_app(
     def model_name() -> str:
         return str(getattr(mw, "model_name", None) or "persona-mw")
 
+    secrets: list[list[str]] = []  # computed on first use: backends are built by then
+
+    def upstream() -> list[str]:
+        if not secrets:
+            secrets.append(upstream_secrets(mw))
+        return secrets[0]
+
     def error_response(exc: BaseException) -> Response:
-        err = error_for(exc)
+        err = error_for(exc, upstream())
         if err.status >= 500 and err.type == "server_error":
             log.error("request failed: %s", exc, exc_info=exc)
         elif err.status >= 500:
@@ -271,7 +279,7 @@ def create_app(
         trace_id = first.trace_id or (first.trace.id if first.trace is not None else None) if first else None
         if trace_id:
             headers[TRACE_HEADER] = trace_id
-        events = _sse_events(first, iterator, completion_id=new_id("chatcmpl"), model=model)
+        events = _sse_events(first, iterator, completion_id=new_id("chatcmpl"), model=model, secrets=upstream())
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def feedback(request: Request) -> Response:
