@@ -2,6 +2,7 @@
 and writes it to benchmarks/results/soak.json.
 
     python -m tests.reliability.soak [--probes 10000] [--writers 200] [--cycles 20] [--fuzz 10000]
+                                     [--fuzz-memory 1000] [--fuzz-model 200]
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main() -> int:
     ap.add_argument("--writers", type=int, default=200, help="concurrent writer threads")
     ap.add_argument("--cycles", type=int, default=20, help="SIGKILL crash-recovery cycles")
     ap.add_argument("--fuzz", type=int, default=10_000, help="bad inputs (HTTP and Python API, 70/30)")
+    ap.add_argument("--fuzz-memory", type=int, default=1000, help="bad inputs through a memory (after-turn) pipeline")
+    ap.add_argument("--fuzz-model", type=int, default=200, help="bad inputs through the real local model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "soak.json"))
     args = ap.parse_args()
@@ -73,7 +76,20 @@ def main() -> int:
         mw.close()
         seconds["fuzz"] = time.perf_counter() - t
 
-    problems = iso["leaks"][:5] + iso["controls_failed"][:5] + w["errors"][:5] + fh["bad"][:5] + fp["bad"][:5]
+        from .soak_inputs import fuzz_memory, fuzz_model, ok
+
+        t = time.perf_counter()
+        fm = fuzz_memory(root, args.fuzz_memory, seed=args.seed)
+        seconds["fuzz_memory"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fl = fuzz_model(root, args.fuzz_model, seed=args.seed) if args.fuzz_model else \
+            {"tried": 0, "bad": [], "export_bad": [], "jobs_left": 0, "turns_answered": 0}
+        seconds["fuzz_model"] = time.perf_counter() - t
+        print(f"fuzz: memory {len(fm['bad'])} bad of {fm['tried']}, model {len(fl['bad'])} bad of {fl['tried']}",
+              file=sys.stderr, flush=True)
+
+    problems = (iso["leaks"][:5] + iso["controls_failed"][:5] + w["errors"][:5] + fh["bad"][:5] + fp["bad"][:5]
+                + fm["bad"][:5] + fm["export_bad"][:5] + fl["bad"][:5] + fl["export_bad"][:5])
     summary = {
         "isolation_probes": iso["probes"], "leaks": len(iso["leaks"]),
         "isolation_controls_failed": len(iso["controls_failed"]),
@@ -90,6 +106,10 @@ def main() -> int:
         "rebuild_failures": sum(not c["rebuilt_ok"] for c in cycles),
         "fuzzed_inputs": fh["tried"] + fp["tried"], "fuzzed_http": fh["tried"], "fuzzed_python": fp["tried"],
         "server_5xx_or_tracebacks": len(fh["bad"]), "python_api_crashes": len(fp["bad"]),
+        "fuzzed_memory_pipeline": fm["tried"], "fuzz_memory_problems": len(fm["bad"]) + len(fm["export_bad"]),
+        "fuzz_memory_turns_answered": fm["turns_answered"], "fuzz_memory_jobs_left": fm["jobs_left"],
+        "fuzzed_local_model": fl["tried"], "fuzz_model_problems": len(fl["bad"]) + len(fl["export_bad"]),
+        "fuzz_model_turns_answered": fl["turns_answered"], "fuzz_model_jobs_left": fl["jobs_left"],
         "seconds": {k: round(v, 1) for k, v in {**seconds, "total": time.perf_counter() - t0}.items()},
         "examples_of_problems": problems,
     }
@@ -98,7 +118,8 @@ def main() -> int:
     print(json.dumps(summary))
     ok = not (summary["leaks"] or summary["events_lost"] or summary["corrupted_databases"]
               or summary["server_5xx_or_tracebacks"] or summary["python_api_crashes"]
-              or summary["acked_writes_lost_in_crashes"] or summary["after_turn_effects_missing"])
+              or summary["acked_writes_lost_in_crashes"] or summary["after_turn_effects_missing"]
+              or not ok(fm) or not ok(fl))
     return 0 if ok else 1
 
 
