@@ -99,12 +99,14 @@ def feedback_body(rng: random.Random) -> Any:
     return body
 
 
-def http_case(rng: random.Random) -> tuple[str, str, dict[str, str], bytes | None]:
-    """(method, path, headers, body) of one bad request."""
+def http_case(rng: random.Random, chat: float = 0.45,
+              hostile: float = 0.5) -> tuple[str, str, dict[str, str], bytes | None]:
+    """(method, path, headers, body) of one bad request: a chat body with probability ``chat``, of
+    which ``hostile`` are well-formed with one hostile value (``hostile_chat_body``)."""
     roll = rng.random()
     headers = {"content-type": "application/json"}
-    if roll < 0.45:
-        body = chat_body(rng) if rng.random() < 0.5 else hostile_chat_body(rng)
+    if roll < chat:
+        body = hostile_chat_body(rng) if rng.random() < hostile else chat_body(rng)
         raw = json.dumps(body, allow_nan=True).encode()
         if rng.random() < 0.15:  # broken JSON, other content types, not an object
             raw = rng.choice([raw[: len(raw) // 2], b"{", b"[]", b"null", b"\xff\xfe", b"", b'"x"'])
@@ -112,7 +114,7 @@ def http_case(rng: random.Random) -> tuple[str, str, dict[str, str], bytes | Non
         if rng.random() < 0.1:
             headers["x-persona-user"] = rng.choice(["ana", "bad user", "a/b", "%00"])
         return "POST", "/v1/chat/completions", headers, raw
-    if roll < 0.75:
+    if roll < chat + (1 - chat) * 0.55:
         raw = json.dumps(feedback_body(rng), allow_nan=True).encode()
         return "POST", "/v1/feedback", headers, raw
     user = rng.choice(["ana", "bob", "%2e%2e", "a" * 400, "user:ana", "%00", "ana%40context%3Ax", "😀", "-"])
@@ -129,10 +131,12 @@ def _stream_broke(text: str) -> bool:
     return any("error" in json.loads(e) for e in events[:-1])
 
 
-def fuzz_http(client: Any, base: str, rng: random.Random, n: int) -> dict[str, Any]:
+def fuzz_http(client: Any, base: str, rng: random.Random, n: int, **mix: float) -> dict[str, Any]:
+    """``n`` requests from ``http_case(rng, **mix)``; ``bad`` lists every 5xx, traceback, broken stream
+    or 4xx without an OpenAI-shaped message."""
     bad: list[str] = []
     for _ in range(n):
-        method, path, headers, body = http_case(rng)
+        method, path, headers, body = http_case(rng, **mix)
         r = client.request(method, base + path, headers=headers, content=body)
         text = r.text
         if r.status_code >= 500 or "Traceback" in text:
