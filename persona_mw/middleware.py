@@ -315,7 +315,10 @@ class Middleware:
         turn.trace.flags.append(f"cancelled: {detail}; after-turn learning not scheduled")
         turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
         try:
-            self._save_trace(turn.trace)
+            # Only under a stored user (cancelled before the pipeline created it: nothing to keep),
+            # so that forgetting the user deletes it too.
+            if self.store.has_user(turn.request.user):
+                self._save_trace(turn.trace)
         except Exception as exc:  # the caller is gone; nothing to report the failure to but the log
             log.warning("could not save the trace of cancelled turn %s: %s", turn.trace.id, exc)
 

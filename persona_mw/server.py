@@ -127,6 +127,12 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.done():
         watcher.cancel()
         return task.result()
+    if watcher.exception() is not None:  # the transport cannot tell: just wait for the answer
+        try:
+            return await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
     task.cancel()
     with contextlib.suppress(BaseException):
         await task
