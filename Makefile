@@ -49,7 +49,8 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
 
 # The reliability suite at scale (not in CI, ~12 min on 2 cores): isolation probes, concurrent
-# writers, SIGKILL crash cycles, fuzzed inputs; last line = JSON summary (also benchmarks/results/soak.json).
+# writers, SIGKILL crash cycles, fuzzed inputs (also through a memory pipeline and the real local
+# model: --fuzz-memory 1000 --fuzz-model 200); last line = JSON summary (also benchmarks/results/soak.json).
 soak: $(STAMP)
 	HF_HUB_OFFLINE=1 PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD= $(BIN)/python -m tests.reliability.soak
 

@@ -74,6 +74,30 @@ async def _on_torch_thread(fn: Callable[..., T], *args: Any) -> T:
     return await loop.run_in_executor(TORCH_THREAD, functools.partial(ctx.run, fn, *args))
 
 
+async def _cancellable(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args, cancel)`` on the torch thread; if the awaiting task is cancelled (a client that went
+    away, a timeout), ``cancel`` is set and the generation loop stops at its next step instead of
+    running to ``max_new_tokens`` while every later request waits for the thread."""
+    cancel = threading.Event()
+    try:
+        return await _on_torch_thread(fn, *args, cancel)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+
+
+def _stop_criterion(cancel: threading.Event) -> Any:
+    """A stopping criterion that ends every row once ``cancel`` is set (checked after each step)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return _Cancelled()
+
+
 DIVERSE_TEMPERATURE = 0.7
 PLAIN_STOP = "\nUser:"
 _ROLE_LABEL = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
@@ -252,7 +276,7 @@ class TransformersBackend:
     ) -> list[Candidate]:
         if n < 1:
             raise BackendError(f"n must be at least 1, got {n}")
-        return await _on_torch_thread(self._run, [messages], n, params or GenerationParams(), decoding or [])
+        return await _cancellable(self._run, [messages], n, params or GenerationParams(), decoding or [])
 
     async def generate_batch(
         self,
@@ -263,7 +287,7 @@ class TransformersBackend:
         """One answer per prompt, all prompts in one left-padded batch (``index`` = prompt's position)."""
         if not batch:
             return []
-        return await _on_torch_thread(self._run, batch, 1, params or GenerationParams(), decoding or [])
+        return await _cancellable(self._run, batch, 1, params or GenerationParams(), decoding or [])
 
     async def generate_steered(
         self,
@@ -282,18 +306,19 @@ class TransformersBackend:
                                hint="batch requests with the same activation edits together")
         params = params or GenerationParams()
 
-        def job() -> list[Candidate]:
+        def job(cancel: threading.Event) -> list[Candidate]:
             self._prepare()
             with self._lock:
                 handles = self._attach_hooks(requests[0][1])
                 try:
-                    return self._steer(requests, n, params, use_cache=self.steering_cache)
+                    return self._steer(requests, n, params, use_cache=self.steering_cache,
+                                       on_token=lambda g, t: cancel.is_set())
                 finally:
                     for h in handles:
                         h.remove()
 
         try:
-            return await _on_torch_thread(job)
+            return await _cancellable(job)
         except (PersonaError, ImportError):
             raise
         except Exception as exc:
@@ -393,10 +418,15 @@ class TransformersBackend:
         return enc
 
     def _run(
-        self, batch: list[list[Message]], n: int, params: GenerationParams, decoding: list[Decoding]
+        self, batch: list[list[Message]], n: int, params: GenerationParams, decoding: list[Decoding],
+        cancel: threading.Event | None = None,
     ) -> list[Candidate]:
-        """Blocking: generate ``n`` answers for each prompt in ``batch`` (worker thread)."""
+        """Blocking: generate ``n`` answers for each prompt in ``batch`` (worker thread); a set
+        ``cancel`` ends generation at the next step (the caller no longer waits for the answer)."""
+        cancel = cancel or threading.Event()
         try:
+            if cancel.is_set():  # abandoned while queued for the torch thread
+                raise BackendError(f"{self.name}: generation cancelled")
             self._prepare()
             import torch
 
@@ -405,7 +435,7 @@ class TransformersBackend:
                     handles = self._attach_hooks(decoding)
                     try:
                         return self._steer([(m, decoding) for m in batch], n, params,
-                                           use_cache=self.steering_cache)
+                                           use_cache=self.steering_cache, on_token=lambda g, t: cancel.is_set())
                     finally:
                         for h in handles:
                             h.remove()
@@ -414,6 +444,7 @@ class TransformersBackend:
             with self._lock:
                 enc = self._encode(prompts)
                 kwargs = self._generate_kwargs(s, n, decoding, enc)
+                kwargs["stopping_criteria"].append(_stop_criterion(cancel))
                 if s["seed"] is not None:
                     torch.manual_seed(s["seed"])
                 handles = self._attach_hooks(decoding)
@@ -801,16 +832,12 @@ class TransformersBackend:
         try:
             self._prepare()
             import torch
-            from transformers import StoppingCriteria, TextIteratorStreamer
+            from transformers import TextIteratorStreamer
 
             class _Pipe(TextIteratorStreamer):
                 def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                     if text:
                         send("text", text)
-
-            class _Cancelled(StoppingCriteria):
-                def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                    return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
 
             streamer = _Pipe(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
             if self._steers(decoding):
@@ -831,7 +858,7 @@ class TransformersBackend:
                     return
                 enc = self._encode([self.format_prompt(messages)])
                 kwargs = self._generate_kwargs(s, 1, decoding, enc)
-                kwargs["stopping_criteria"].append(_Cancelled())
+                kwargs["stopping_criteria"].append(_stop_criterion(cancelled))
                 if s["seed"] is not None:
                     torch.manual_seed(s["seed"])
                 handles = self._attach_hooks(decoding)

@@ -229,6 +229,9 @@ class LimitsConfig(_Strict):
     max_trace_items: int = Field(default=64, ge=1, description="items_used / flags a returned or stored trace keeps")
     max_trace_text_chars: int = Field(default=2000, ge=16,
                                       description="characters of one trace text (item, summary, flag) kept")
+    max_json_depth: int = Field(
+        default=64, ge=4, le=200,
+        description="nesting of JSON in a request (metadata, tools, message fields, content parts); deeper: 400")
     # Accepted here for configs written before ``budget:`` existed; ``budget:`` is their one home
     # (``Config`` moves them there and refuses both places at once).
     aux_calls_per_request: int = Field(default=4, ge=0, le=64, description="alias of budget.aux_calls_per_request")

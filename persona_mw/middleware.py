@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from persona_mw.errors import (
     UnknownUserError,
 )
 from persona_mw.graph import GLOBAL, PreferenceGraph, user_context_node, user_node
-from persona_mw.limits import bound_trace, check_request, trim_prompt
+from persona_mw.limits import bound_trace, check_request, check_values, trim_prompt
 from persona_mw.nodes import context_node, group_node, is_user_node_of, kind_of, parse
 from persona_mw.privacy import Redactor
 from persona_mw.pipeline import Pipeline
@@ -305,6 +306,10 @@ class Middleware:
             raise RequestError(f"invalid chat request: {field}: {validation_message(first)}", field=field) from None
 
     def _checked(self, request: ChatRequest | dict[str, Any] | None, kwargs: dict[str, Any]) -> ChatRequest:
+        depth = self.config.limits.max_json_depth
+        if isinstance(request, dict):  # named as sent, before pydantic reads (and maybe coerces) it
+            check_values(request, max_depth=depth)
+        check_values(kwargs, max_depth=depth)
         req = self._request(request, kwargs)
         check_request(req, self.config.limits)
         return req
@@ -324,8 +329,20 @@ class Middleware:
             turn.trace.timings_ms["backend_load"] = (time.perf_counter() - t) * 1000
         self._ready = True
 
+    def _token_cap(self) -> int | None:
+        """The configured bound on generated tokens (the backend's ``max_new_tokens``), if it has one."""
+        cap = getattr(self.backend, "max_new_tokens", None)
+        return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
+
     def _new_turn(self, req: ChatRequest) -> Turn:
+        # The config's cap bounds what a client asks: fewer is honoured, more is clamped (flagged).
+        cap, asked = self._token_cap(), req.params.max_tokens
+        clamped = cap is not None and asked is not None and asked > cap
+        if clamped:
+            req = req.model_copy(update={"params": req.params.model_copy(update={"max_tokens": cap})})
         turn = Turn(request=req, messages=list(req.messages))
+        if clamped:
+            turn.trace.flags.append(f"clamped: max_tokens {asked} -> {cap} (backend max_new_tokens)")
         turn.trace.user = req.user
         turn._counter = getattr(self.backend, "count_tokens", None)
         turn._specials = getattr(self.backend, "special_tokens", None)
@@ -397,17 +414,40 @@ class Middleware:
             finally:
                 turn.trace.flags.extend(n for n in notes if n not in turn.trace.flags)
 
+    def _cancelled(self, turn: Turn, t0: float, detail: str) -> None:
+        """A turn abandoned by its caller (a client that disconnected; a cancelled task): the trace is
+        kept, flagged ``cancelled``, so the turn is accounted for; no answer is recorded and no
+        after-turn learning is scheduled, since the user never saw the answer."""
+        turn.trace.flags.append(f"cancelled: {detail}; after-turn learning not scheduled")
+        turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
+        try:
+            # Only under a stored user (cancelled before the pipeline created it: nothing to keep),
+            # so that forgetting the user deletes it too.
+            if self.store.has_user(turn.request.user):
+                self._save_trace(turn.trace)
+        except Exception as exc:  # the caller is gone; nothing to report the failure to but the log
+            log.warning("could not save the trace of cancelled turn %s: %s", turn.trace.id, exc)
+
     async def achat(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> ChatResponse:
-        """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...)."""
+        """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...).
+
+        Cancelling the task (the server does when the client disconnects) stops the local model's
+        generation at its next step; the turn's trace is kept with a ``cancelled`` flag and nothing
+        is learned from it.
+        """
         req = self._checked(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
         with self.cache_scope(req.user), self._guard(turn):
-            await self._backend_ready(turn)
-            decoding = await self._prepare_guarded(
-                turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
-            trim_prompt(turn, self.config.limits)
-            await self._generate_guarded(turn, decoding or [])
+            try:
+                await self._backend_ready(turn)
+                decoding = await self._prepare_guarded(
+                    turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
+                trim_prompt(turn, self.config.limits)
+                await self._generate_guarded(turn, decoding or [])
+            except asyncio.CancelledError:
+                self._cancelled(turn, t0, "the caller went away before the answer was ready")
+                raise
             response = self.pipeline.response(turn, self.backend)
             turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
             await asyncio.to_thread(self._finish, turn, response)  # store writes off the event loop
@@ -421,20 +461,32 @@ class Middleware:
         return self._portal().run(self.achat(request, **kwargs))
 
     async def astream(self, request: ChatRequest | dict[str, Any] | None = None, /, **kwargs: Any) -> AsyncIterator[StreamChunk]:
-        """Run one turn, yielding the answer in pieces; the last chunk carries the trace."""
+        """Run one turn, yielding the answer in pieces; the last chunk carries the trace.
+
+        Closing the iterator early (a client that disconnected) stops generation at the next token;
+        the trace is kept with a ``cancelled`` flag and nothing is learned from the turn.
+        """
         req = self._checked(request, kwargs)
         t0 = time.perf_counter()
         turn = self._new_turn(req)
-        # The scopes are entered around each stretch without a yield: a context variable set before a
-        # yield cannot be reset after it when another task resumes the generator (SSE responses).
-        with self.cache_scope(req.user), self._guard(turn):
-            await self._backend_ready(turn)
-            decoding = await self._prepare_guarded(
-                turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
-            trim_prompt(turn, self.config.limits)
-        async for chunk in self.pipeline.stream_candidate(turn, self.backend, decoding or []):
-            chunk.trace_id = turn.trace.id
-            yield chunk
+        sent = 0
+        try:
+            # The scopes are entered around each stretch without a yield: a context variable set before a
+            # yield cannot be reset after it when another task resumes the generator (SSE responses).
+            with self.cache_scope(req.user), self._guard(turn):
+                await self._backend_ready(turn)
+                decoding = await self._prepare_guarded(
+                    turn, lambda: self.pipeline.prepare(turn, graph=self.graph, store=self.store, backend=self.backend))
+                trim_prompt(turn, self.config.limits)
+            async with contextlib.aclosing(self.pipeline.stream_candidate(turn, self.backend, decoding or [])) as it:
+                async for chunk in it:
+                    chunk.trace_id = turn.trace.id
+                    yield chunk
+                    sent += 1
+        except (GeneratorExit, asyncio.CancelledError):
+            with self._guard(turn):
+                self._cancelled(turn, t0, f"the stream was abandoned after {sent} chunk(s)")
+            raise
         with self._guard(turn):
             response = self.pipeline.response(turn, self.backend)
             turn.trace.timings_ms["total"] = (time.perf_counter() - t0) * 1000
@@ -706,7 +758,11 @@ class Middleware:
             data = dict(event.model_dump() if event is not None and not isinstance(event, dict) else (event or {}))
             data.update(kwargs)
             event = data
+        depth = self.config.limits.max_json_depth
+        if isinstance(event, dict):
+            check_values(event, max_depth=depth)
         ev = self.parse_feedback(event)
+        check_values(ev, max_depth=depth)  # before anything is stored: no half-created user
         for field in ("id", "trace_id"):  # keys are stored as sent: one carrying PII is refused, not rewritten
             value = getattr(ev, field)
             found = self.redactor.kinds_in(value) if value else []

@@ -25,6 +25,7 @@ from persona_mw.errors import (
     StoreError,
     UnknownUserError,
 )
+from persona_mw.limits import DEFAULT_MAX_JSON_DEPTH, check_values
 from persona_mw.types import ChatRequest, Feedback, GenerationParams, Message, StreamChunk
 
 if TYPE_CHECKING:
@@ -117,8 +118,58 @@ def _validation_error(exc: ValidationError, *, drop_tag: bool = False) -> HTTPEr
     return HTTPError(400, f"invalid request: {text}", param=param, code="invalid_value")
 
 
-def error_for(exc: BaseException) -> HTTPError:
-    """Map any exception onto the HTTP error answered for it (500s are logged by the caller)."""
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"(),]+")
+_BEARER = re.compile(r"(?i)\b(bearer|api[_-]?key[=:]\s*)\s*[^\s'\"(),]+")
+
+
+def upstream_secrets(mw: Any) -> list[str]:
+    """What a 5xx body must not show of ``mw``'s backends: each ``api_base`` (and its host), ``api_key``
+    and header value, for ``scrub``. Wrapped (resilient) backends and their fallbacks included."""
+    from urllib.parse import urlsplit
+
+    found: list[str] = []
+    seen: list[Any] = []
+    todo = list(mw._backends()) if hasattr(mw, "_backends") else [getattr(mw, "backend", None)]
+    while todo:
+        b = todo.pop()
+        if b is None or any(b is o for o in seen):
+            continue
+        seen.append(b)
+        attrs = getattr(b, "__dict__", None) or {}  # not getattr(): a wrapper forwards unknown names
+        todo += [attrs.get("inner"), *(fb for _, fb in attrs.get("fallbacks") or [])]
+        base, key = attrs.get("api_base"), attrs.get("api_key")
+        headers = attrs.get("extra_headers")
+        for value in (base, key, *(headers.values() if isinstance(headers, dict) else ())):
+            if isinstance(value, str) and len(value) >= 4:
+                found.append(value)
+        if isinstance(base, str) and "://" in base:
+            parts = urlsplit(base)
+            found += [x for x in (parts.netloc, parts.hostname) if x and len(x) >= 4]
+    return sorted(set(found), key=len, reverse=True)
+
+
+def scrub(message: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """A server-side failure's message without the upstream's address or credentials: the configured
+    values in ``secrets``, any URL and any bearer token / api key become ``<redacted>``."""
+    for secret in secrets:
+        message = message.replace(secret, "<redacted>")
+    message = _URL.sub("<redacted>", message)
+    return _BEARER.sub(lambda m: f"{m.group(1)} <redacted>" if m.group(1).lower() == "bearer"
+                       else f"{m.group(1)}<redacted>", message)
+
+
+def error_for(exc: BaseException, secrets: list[str] | tuple[str, ...] = ()) -> HTTPError:
+    """Map any exception onto the HTTP error answered for it (500s are logged by the caller).
+
+    A 5xx answer never names the upstream: its message goes through ``scrub`` (the full one is logged).
+    """
+    err = _error_for(exc)
+    if err.status >= 500 and not isinstance(exc, HTTPError):
+        err = HTTPError(err.status, scrub(err.message, secrets), type=err.type, param=err.param, code=err.code)
+    return err
+
+
+def _error_for(exc: BaseException) -> HTTPError:
     if isinstance(exc, HTTPError):
         return exc
     if isinstance(exc, ValidationError):
@@ -145,8 +196,9 @@ def error_for(exc: BaseException) -> HTTPError:
     return HTTPError(500, "internal server error (see the server log)", type="server_error")
 
 
-async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, or an HTTPError: wrong content type, too large, malformed, not an object."""
+async def _read_json_object(request: Request, limit: int, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
+    """The body as a JSON object, or an HTTPError: wrong content type, too large, malformed, not an object;
+    or a RequestError naming the field: nested deeper than ``max_depth``, a lone surrogate, NaN/Infinity."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type and media_type != "application/json" and not media_type.endswith("+json"):
         raise HTTPError(400, f"expected a JSON body (Content-Type: application/json), got {media_type!r}",
@@ -170,6 +222,7 @@ async def _read_json_object(request: Request, limit: int) -> dict[str, Any]:
         raise HTTPError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise HTTPError(400, f"expected a JSON object, got {type(data).__name__}", code="invalid_json")
+    check_values(data, max_depth=max_depth)
     return data
 
 
@@ -247,7 +300,8 @@ def _sse(data: dict[str, Any]) -> str:
 
 
 async def _sse_events(
-    first: StreamChunk | None, rest: AsyncIterator[StreamChunk], *, completion_id: str, model: str
+    first: StreamChunk | None, rest: AsyncIterator[StreamChunk], *, completion_id: str, model: str,
+    secrets: list[str] | tuple[str, ...] = (),
 ) -> AsyncIterator[str]:
     """StreamChunks as ``chat.completion.chunk`` SSE events; an error mid-stream becomes an error event."""
     created = int(time.time())
@@ -285,7 +339,7 @@ async def _sse_events(
             yield chunk(index, {}, "stop")
         yield "data: [DONE]\n\n"
     except Exception as exc:
-        err = error_for(exc)
+        err = error_for(exc, secrets)
         if err.status >= 500:
             log.error("chat stream %s failed mid-stream: %s", completion_id, exc, exc_info=exc)
         yield _sse(err.body())

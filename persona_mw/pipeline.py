@@ -10,6 +10,7 @@ policy: ``fail`` raises ``PluginError`` naming it; ``skip`` records the error an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -234,9 +235,11 @@ class Pipeline:
                 yield StreamChunk(delta=piece if i == 0 else " " + piece)
             return
         parts: list[str] = []
-        async for piece in backend.stream(turn.messages, params=turn.request.params, decoding=decoding):
-            parts.append(piece)
-            yield StreamChunk(delta=piece)
+        # Closed explicitly when abandoned, so the backend stops generating now, not at garbage collection.
+        async with closing(backend.stream(turn.messages, params=turn.request.params, decoding=decoding)) as pieces:
+            async for piece in pieces:
+                parts.append(piece)
+                yield StreamChunk(delta=piece)
         turn.candidates = [Candidate(text="".join(parts))]
         turn.selected = 0
         turn.trace.timings_ms["generate"] = (time.perf_counter() - t) * 1000
@@ -252,6 +255,17 @@ class Pipeline:
             for impl in self.impls(stage):
                 await self._call(stage, impl, holder, {"event": event, "store": store, "graph": graph})
         return holder.trace.steps
+
+
+@contextlib.asynccontextmanager
+async def closing(iterator: Any) -> AsyncIterator[Any]:
+    """``contextlib.aclosing`` for any async iterator: ``aclose()`` afterwards if it has one."""
+    try:
+        yield iterator
+    finally:
+        closer = getattr(iterator, "aclose", None)
+        if closer is not None:
+            await closer()
 
 
 def _default_select(scores: dict[str, list[float]], n: int) -> int:

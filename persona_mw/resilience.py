@@ -146,12 +146,17 @@ class ResilientBackend:
                 return it, None
 
         iterator, first = await self._call(start)
-        if first is None:
-            return
-        yield first
-        while True:
-            try:
-                piece = await self._one(iterator.__anext__)
-            except StopAsyncIteration:
+        try:
+            if first is None:
                 return
-            yield piece
+            yield first
+            while True:
+                try:
+                    piece = await self._one(iterator.__anext__)
+                except StopAsyncIteration:
+                    return
+                yield piece
+        finally:  # abandoned (client gone) or done: the inner stream stops generating now
+            closer = getattr(iterator, "aclose", None)
+            if closer is not None:
+                await closer()

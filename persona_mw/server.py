@@ -20,12 +20,12 @@ import re
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 from pydantic_core import to_jsonable_python
 
 from persona_mw.errors import RequestError, StoreError
-from persona_mw.limits import check_groups
+from persona_mw.limits import DEFAULT_MAX_JSON_DEPTH, check_groups
 from persona_mw.openai_wire import (
     CONTEXT_HEADER,
     TRACE_HEADER,
@@ -40,6 +40,7 @@ from persona_mw.openai_wire import (
     completion_json,
     error_for,
     to_chat_request,
+    upstream_secrets,
 )
 from persona_mw.tenancy import ApiKeys, Tenants
 from persona_mw.types import ID_PATTERN, ChatRequest, StreamChunk, new_id
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "explain_trace", "serve", "serve_in_thread", "to_chat_request"]
 
@@ -96,6 +98,47 @@ def explain_trace(trace: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; the work for it was cancelled."""
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first: then ``work`` is cancelled (the local
+    model stops at its next step, the turn is flagged ``cancelled``) and ``ClientGone`` is raised.
+
+    The body has been read by then, so the next ASGI message is ``http.disconnect`` (or nothing
+    until the response is sent).
+    """
+    import asyncio
+
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself was cancelled: so is its work
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    if watcher.exception() is not None:  # the transport cannot tell: just wait for the answer
+        try:
+            return await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone("the client disconnected before the answer was ready")
+
+
 def _bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
@@ -130,14 +173,23 @@ def create_app(
 
     server_cfg = getattr(getattr(mw, "config", None), "server", None)
     limit = max_body_bytes or getattr(server_cfg, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES
+    max_depth = getattr(getattr(getattr(mw, "config", None), "limits", None), "max_json_depth", None) \
+        or DEFAULT_MAX_JSON_DEPTH
     keys = ApiKeys(api_keys if api_keys is not None else getattr(server_cfg, "api_keys", None) or {})
     tenants = Tenants(mw, keys) if keys else None
 
     def model_name() -> str:
         return str(getattr(mw, "model_name", None) or "persona-mw")
 
+    secrets: list[list[str]] = []  # computed on first use: backends are built by then
+
+    def upstream() -> list[str]:
+        if not secrets:
+            secrets.append(upstream_secrets(mw))
+        return secrets[0]
+
     def error_response(exc: BaseException) -> Response:
-        err = error_for(exc)
+        err = error_for(exc, upstream())
         if err.status >= 500 and err.type == "server_error":
             log.error("request failed: %s", exc, exc_info=exc)
         elif err.status >= 500:
@@ -162,6 +214,9 @@ def create_app(
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
+            except ClientGone:
+                # Nobody reads this answer; 499 (nginx's "client closed request") for the access log.
+                return StarletteResponse(status_code=499)
             except Exception as exc:
                 return error_response(exc)
 
@@ -179,22 +234,22 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         m = tenant_mw(request)
-        data = await _read_json_object(request, limit)
+        data = await _read_json_object(request, limit, max_depth)
         lim = getattr(getattr(m, "config", None), "limits", None)
         if lim is not None:  # before validating every item: a 20,000-group body is refused cheaply
             check_groups(data.get("groups"), lim)
         chat_request = to_chat_request(data, request.headers)
         model = chat_request.model or model_name()
         if chat_request.stream and chat_request.n > 1:
-            return await stream_choices(m, chat_request, model)
+            return await stream_choices(request, m, chat_request, model)
         if chat_request.stream:
-            return await stream_completion(m, chat_request, model)
-        resp = await m.achat(chat_request)
+            return await stream_completion(request, m, chat_request, model)
+        resp = await until_disconnected(request, m.achat(chat_request))
         return JSONResponse(completion_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
 
-    async def stream_choices(m: Any, chat_request: ChatRequest, model: str) -> Response:
+    async def stream_choices(request: Request, m: Any, chat_request: ChatRequest, model: str) -> Response:
         # n > 1 needs every candidate before one is picked: generate them all, then stream each.
-        resp = await m.achat(chat_request.model_copy(update={"stream": False}))
+        resp = await until_disconnected(request, m.achat(chat_request.model_copy(update={"stream": False})))
         body = completion_json(resp, model)
         created = int(time.time())
 
@@ -211,15 +266,22 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", TRACE_HEADER: resp.trace.id})
 
-    async def stream_completion(m: Any, chat_request: ChatRequest, model: str) -> Response:
+    async def stream_completion(request: Request, m: Any, chat_request: ChatRequest, model: str) -> Response:
         stream = await _maybe_await(m.astream(chat_request))
         iterator = stream.__aiter__()
+
+        async def first_chunk() -> StreamChunk | None:
+            try:
+                return await iterator.__anext__()  # type: ignore[no-any-return]
+            except StopAsyncIteration:
+                return None
+
         # Wait for the first chunk before answering, so that a request the pipeline rejects
-        # (bad input, unknown user, backend down) gets its real status instead of a 200 stream.
+        # (bad input, unknown user, backend down) gets its real status instead of a 200 stream;
+        # a client that leaves meanwhile cancels it. Once streaming, starlette notices the
+        # disconnect and the events' generator closes the pipeline's stream (generation stops).
         try:
-            first: StreamChunk | None = await iterator.__anext__()
-        except StopAsyncIteration:
-            first = None
+            first = await until_disconnected(request, first_chunk())
         except BaseException:
             await _aclose_shielded(iterator)
             raise
@@ -227,12 +289,12 @@ def create_app(
         trace_id = first.trace_id or (first.trace.id if first.trace is not None else None) if first else None
         if trace_id:
             headers[TRACE_HEADER] = trace_id
-        events = _sse_events(first, iterator, completion_id=new_id("chatcmpl"), model=model)
+        events = _sse_events(first, iterator, completion_id=new_id("chatcmpl"), model=model, secrets=upstream())
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def feedback(request: Request) -> Response:
         m = tenant_mw(request)
-        data = await _read_json_object(request, limit)
+        data = await _read_json_object(request, limit, max_depth)
         if not data.get("user"):
             if not request.headers.get(USER_HEADER):
                 raise RequestError(f"missing user: set the 'user' field or the {USER_HEADER} header", field="user")

@@ -75,7 +75,8 @@ class GenerationParams(_Strict):
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    # int64, as OpenAI documents it (and what torch.manual_seed takes without overflowing).
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: list[str] | None = None
     # OpenAI tool calling, passed untouched to backends that support it (litellm); others ignore it.
     tools: list[dict[str, Any]] | None = None

@@ -2,7 +2,7 @@
 and writes it to benchmarks/results/soak.json.
 
     python -m tests.reliability.soak [--probes 10000] [--writers 200] [--cycles 20] [--fuzz 10000]
-        [--forget-turns 200] [--ingest-cycles 20]
+        [--forget-turns 200] [--ingest-cycles 20] [--fuzz-memory 1000] [--fuzz-model 200] [--bounds 300]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def main() -> int:
     ap.add_argument("--fuzz", type=int, default=10_000, help="bad inputs (HTTP and Python API, 70/30)")
     ap.add_argument("--forget-turns", type=int, default=200, help="in-flight turns (JSON+SSE) forgotten mid-generation")
     ap.add_argument("--ingest-cycles", type=int, default=20, help="SIGKILL-during-ingestion cycles")
+    ap.add_argument("--fuzz-memory", type=int, default=1000, help="bad inputs through a memory (after-turn) pipeline")
+    ap.add_argument("--fuzz-model", type=int, default=200, help="bad inputs through the real local model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bounds", type=int, default=300, help="victim requests idle and under group/size bombs (0: skip)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "soak.json"))
@@ -79,6 +81,18 @@ def main() -> int:
         mw.close()
         seconds["fuzz"] = time.perf_counter() - t
 
+        from .soak_inputs import fuzz_memory, fuzz_model, ok as fuzz_ok
+
+        t = time.perf_counter()
+        fm = fuzz_memory(root, args.fuzz_memory, seed=args.seed)
+        seconds["fuzz_memory"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fl = fuzz_model(root, args.fuzz_model, seed=args.seed) if args.fuzz_model else \
+            {"tried": 0, "bad": [], "export_bad": [], "jobs_left": 0, "turns_answered": 0}
+        seconds["fuzz_model"] = time.perf_counter() - t
+        print(f"fuzz: memory {len(fm['bad'])} bad of {fm['tried']}, model {len(fl['bad'])} bad of {fl['tried']}",
+              file=sys.stderr, flush=True)
+
         t = time.perf_counter()
         fr = forget_race(root, turns=args.forget_turns)
         ic = ingest_crashes(root, cycles=args.ingest_cycles, seed=args.seed)
@@ -91,7 +105,8 @@ def main() -> int:
         seconds["bounds"] = time.perf_counter() - t
         print(f"bounds: victim p95 x{bounds.get('victim_p95_ratio')} under bombs", file=sys.stderr, flush=True)
 
-    problems = fr["errors"][:5] + iso["leaks"][:5] + iso["controls_failed"][:5] + w["errors"][:5] + fh["bad"][:5] + fp["bad"][:5]
+    problems = (fr["errors"][:5] + iso["leaks"][:5] + iso["controls_failed"][:5] + w["errors"][:5] + fh["bad"][:5]
+                + fp["bad"][:5] + fm["bad"][:5] + fm["export_bad"][:5] + fl["bad"][:5] + fl["export_bad"][:5])
     summary = {
         "isolation_probes": iso["probes"], "leaks": len(iso["leaks"]),
         "isolation_controls_failed": len(iso["controls_failed"]),
@@ -114,6 +129,10 @@ def main() -> int:
         "forget_unscrubbed_at_delete": fr["unscrubbed_at_delete"], "forget_pending_scrub_after": fr["pending_scrub_after"],
         "ingest_crash_cycles": ic["cycles"], "duplicate_memories": ic["duplicate_memories"],
         "ingest_jobs_needing_operator": ic["operator_needed"], "ingest_max_resume_s": ic["max_resume_s"],
+        "fuzzed_memory_pipeline": fm["tried"], "fuzz_memory_problems": len(fm["bad"]) + len(fm["export_bad"]),
+        "fuzz_memory_turns_answered": fm["turns_answered"], "fuzz_memory_jobs_left": fm["jobs_left"],
+        "fuzzed_local_model": fl["tried"], "fuzz_model_problems": len(fl["bad"]) + len(fl["export_bad"]),
+        "fuzz_model_turns_answered": fl["turns_answered"], "fuzz_model_jobs_left": fl["jobs_left"],
         "seconds": {k: round(v, 1) for k, v in {**seconds, "total": time.perf_counter() - t0}.items()},
         "examples_of_problems": problems,
     }
@@ -124,7 +143,7 @@ def main() -> int:
               or summary["server_5xx_or_tracebacks"] or summary["python_api_crashes"]
               or summary["acked_writes_lost_in_crashes"] or summary["after_turn_effects_missing"]
               or summary["resurrected_users"] or summary["forget_race_errors"] or summary["duplicate_memories"]
-              or summary["ingest_jobs_needing_operator"] or not bounds["ok"])
+              or summary["ingest_jobs_needing_operator"] or not bounds["ok"] or not fuzz_ok(fm) or not fuzz_ok(fl))
     return 0 if ok else 1
 
 
