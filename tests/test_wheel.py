@@ -149,5 +149,7 @@ def test_readme_tour_runs_from_the_wheel(fresh_venv):
     found = re.search(r"^ana: (.*?)^ben: (.*?)^trace ", proc.stdout, re.M | re.S)  # then reply.trace.render()
     assert found, proc.stdout
     assert found.group(1).strip() and found.group(2).strip(), proc.stdout
+    # The embedded default personalizes: ana asked for one short sentence, ben for detail.
+    assert len(found.group(1).split()) < len(found.group(2).split()), proc.stdout
     # the store went where PERSONA_MW_HOME says, not into the source tree or the cwd
     assert (Path(v["env"]["PERSONA_MW_HOME"]) / "persona.db").exists()
