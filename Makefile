@@ -36,7 +36,7 @@ test: $(STAMP)
 # generated from the code must be current and every plugin setting described (`make docs-gen` rewrites them).
 docs: $(STAMP)
 	PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/python scripts/gen_docs.py --check
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-gen: $(STAMP)
 	PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD=1 $(BIN)/python scripts/gen_docs.py
