@@ -258,7 +258,8 @@ def test_graph_export_has_global_and_parent_edges(tmp_path, capsys):
 
     db = str(tmp_path / "p.db")
     with Middleware(store=db, backend=ScriptedBackend()) as mw:
-        mw.chat(user="ana", messages="hi", groups=["team"])
+        mw.chat(user="ana", messages="hi")
+        mw.join("ana", "team")  # a request's groups last that request: membership is explicit (#17)
         mw.feedback(kind="stated", user="ana", context="coding", text="Show code first.")
     out = tmp_path / "g.graphml"
     assert main(["graph", "export", "--out", str(out), "--store", db]) == 0
