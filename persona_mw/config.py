@@ -124,6 +124,10 @@ class RateLimit(_Strict):
         default=65536, ge=1024,
         description="a request costs 1 token plus 1 per full this many bytes of its body (a size bomb costs more); "
         "null = 1 each")
+    hold_s: float = Field(
+        default=0.0, ge=0, le=10,
+        description="wait this long (no CPU: the request just sleeps) before answering a 429, so a client that "
+        "ignores Retry-After cannot spin the server on refusals")
 
 
 class ServerConfig(_Strict):

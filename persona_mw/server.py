@@ -234,11 +234,15 @@ def create_app(
         if retry is None:
             return None
         lim = limiter.limit_of(tenant)
+        request.state.rate_limit_hold_s = min(float(getattr(lim, "hold_s", 0.0) or 0.0), float(retry))
         name = f"server.tenant_rate_limits.{tenant}" if tenant in limiter.overrides else "server.rate_limit"
         err = HTTPError(429, f"rate limit exceeded for tenant {tenant!r}: {lim.requests_per_s:g} requests/s, "
                         f"burst {lim.burst} ({name}); retry after {retry}s",
                         type="rate_limit_error", param=name, code="rate_limit_exceeded")
         return JSONResponse(err.body(), status_code=429, headers={"Retry-After": str(retry)})
+
+    def refused_hold(request: Request) -> float:
+        return float(getattr(request.state, "rate_limit_hold_s", 0.0) or 0.0)
 
     def guarded(handler: Callable[[Request], Awaitable[Response]], *, counted: bool = True,
                 ) -> Callable[[Request], Awaitable[Response]]:
@@ -246,6 +250,11 @@ def create_app(
             try:
                 refused = rate_limited(request) if counted else None
                 if refused is not None:
+                    hold = refused_hold(request)
+                    if hold > 0:  # a client that ignores Retry-After waits here instead of looping
+                        import asyncio
+
+                        await asyncio.sleep(hold)
                     return refused
                 return await handler(request)
             except ClientGone:

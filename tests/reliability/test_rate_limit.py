@@ -133,3 +133,26 @@ def test_off_by_default(make_mw: Any) -> None:
 def test_config_errors_name_the_field(yaml_text: str, field: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(field)):
         parse_config(yaml_text)
+
+
+def test_hold_delays_the_refusal_not_the_other_tenant(make_mw: Any) -> None:
+    import concurrent.futures
+
+    mw = make_mw("server: {rate_limit: {requests_per_s: 0.2, burst: 1, hold_s: 0.8}}\n")
+    with serve_in_thread(create_app(mw, api_keys=KEYS)) as url, httpx.Client(timeout=30) as c:
+        assert _chat(c, url, "attacker").status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            def timed(tenant: str) -> tuple[int, float]:
+                with httpx.Client(timeout=30) as c2:
+                    t = time.perf_counter()
+                    code = _chat(c2, url, tenant).status_code
+                    return code, time.perf_counter() - t
+
+            refused = [pool.submit(timed, "attacker") for _ in range(6)]
+            time.sleep(0.1)
+            code, victim_s = timed("victim")
+            results = [f.result() for f in refused]
+        assert code == 200 and victim_s < 0.5, victim_s  # not queued behind the held refusals
+        assert all(r[0] == 429 for r in results)
+        assert all(r[1] >= 0.7 for r in results), results  # each 429 was held ~0.8 s, all at once
+        assert max(r[1] for r in results) < 3.0, results
