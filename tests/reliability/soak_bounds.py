@@ -3,9 +3,10 @@ group bombs, size bombs, join/context/stated spam. Part of ``make soak``; alone:
 
     python -m tests.reliability.soak_bounds [--idle 300] [--during 300] [--bombers 2] [--latency-ms 50] [--rate 4]
 
-Every tenant gets the same rate limit, ``server.rate_limit: {requests_per_s: 20, burst: 20,
-hold_s: 1}`` (``RATE_LIMIT``; the victim sends 4 req/s, the bombers flat out and get 429s, held 1 s
-each, whose Retry-After they ignore).
+Every tenant gets the same rate limit, ``server.rate_limit: {requests_per_s: 10, burst: 10,
+bytes_per_token: 16384, hold_s: 1}`` (``RATE_LIMIT``; the victim sends 4 small req/s, 1 token each;
+an 84 KB size bomb costs 6; the bombers send flat out and get 429s, held 1 s each, whose
+Retry-After they ignore).
 The victim tenant's p95 during the attack must stay within 2x its idle p95; its requests go out
 at a fixed rate (open loop), so a server stalled by a bomb delays every request due meanwhile. The attacker runs in
 separate processes (its own CPU work is not charged to the server's interpreter); the backend
@@ -26,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 KEYS = {"victim": ["key-victim"], "attacker": ["key-attacker"]}
-# The same per-tenant rate limit for victim and attacker (server.rate_limit): the victim's 4 req/s
-# fit well inside it, the attacker's flat-out loops get 429s before their bodies are read.
-RATE_LIMIT = {"requests_per_s": 20.0, "burst": 20, "hold_s": 1.0}
+# The same per-tenant rate limit for victim and attacker (server.rate_limit): the victim's 4 small
+# req/s fit well inside it, the attacker's flat-out loops get 429s before their bodies are read.
+RATE_LIMIT = {"requests_per_s": 10.0, "burst": 10, "bytes_per_token": 16384, "hold_s": 1.0}
 PIPELINE = """server:
-  rate_limit: {requests_per_s: %(requests_per_s)s, burst: %(burst)s, hold_s: %(hold_s)s}
+  rate_limit: {requests_per_s: %(requests_per_s)s, burst: %(burst)s, bytes_per_token: %(bytes_per_token)s,
+               hold_s: %(hold_s)s}
 pipeline:
   - use: stated
   - use: profile
