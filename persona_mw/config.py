@@ -115,6 +115,21 @@ class TraceConfig(_Strict):
         description="round the step timings a caller gets (and the stored ones) to this many ms; null = exact")
 
 
+class RateLimit(_Strict):
+    """One tenant's request rate: a token bucket of ``burst`` tokens refilled at ``requests_per_s``."""
+
+    requests_per_s: float = Field(gt=0, le=1_000_000, description="tokens added to the bucket per second (the sustained rate)")
+    burst: int = Field(ge=1, le=1_000_000, description="bucket size: requests that may arrive at once after a quiet spell")
+    bytes_per_token: int | None = Field(
+        default=65536, ge=1024,
+        description="a request costs 1 token plus 1 per full this many bytes of its body (a size bomb costs more); "
+        "null = 1 each")
+    hold_s: float = Field(
+        default=0.0, ge=0, le=10,
+        description="wait this long (no CPU: the request just sleeps) before answering a 429, so a client that "
+        "ignores Retry-After cannot spin the server on refusals")
+
+
 class ServerConfig(_Strict):
     """``persona-mw serve`` settings. ``api_keys`` maps a tenant to its keys; none configured = open.
 
@@ -125,6 +140,21 @@ class ServerConfig(_Strict):
     api_keys: dict[str, list[str]] = Field(default_factory=dict,
                                            description="tenant -> its keys (secret or sha256:<hex>); none = open server")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30, description="larger request bodies get a 413")
+    rate_limit: RateLimit | None = Field(
+        default=None, description="per-tenant request rate (each tenant its own bucket; 'default' when open); "
+        "over it: 429 with Retry-After, before the body is read; null = no limit")
+    tenant_rate_limits: dict[str, RateLimit | None] = Field(
+        default_factory=dict, description="tenant -> its own rate limit instead of rate_limit (null = unlimited)")
+
+    @field_validator("tenant_rate_limits")
+    @classmethod
+    def _tenant_names(cls, v: dict[str, RateLimit | None]) -> dict[str, RateLimit | None]:
+        import re
+
+        for tenant in v:
+            if not re.match(ID_PATTERN, tenant):
+                raise ValueError(f"invalid tenant name {tenant!r}: use letters, digits and _.@-+")
+        return v
 
     @field_validator("api_keys")
     @classmethod

@@ -42,6 +42,7 @@ from persona_mw.openai_wire import (
     to_chat_request,
     upstream_secrets,
 )
+from persona_mw.ratelimit import DEFAULT_TENANT, RateLimiter
 from persona_mw.tenancy import ApiKeys, Tenants
 from persona_mw.types import ID_PATTERN, ChatRequest, StreamChunk, new_id
 
@@ -177,6 +178,7 @@ def create_app(
         or DEFAULT_MAX_JSON_DEPTH
     keys = ApiKeys(api_keys if api_keys is not None else getattr(server_cfg, "api_keys", None) or {})
     tenants = Tenants(mw, keys) if keys else None
+    limiter = RateLimiter.from_config(server_cfg)
 
     def model_name() -> str:
         return str(getattr(mw, "model_name", None) or "persona-mw")
@@ -210,9 +212,50 @@ def create_app(
             raise HTTPError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
         return tenants.middleware(tenant)
 
-    def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def rate_limited(request: Request) -> Response | None:
+        """A 429 if the request's tenant is over its rate (``server.rate_limit``), else None.
+
+        Runs before the body is read: only headers are looked at. A missing or unknown key is not
+        charged (the handler answers 401)."""
+        if limiter is None:
+            return None
+        if tenants is None:
+            tenant: str | None = DEFAULT_TENANT
+        else:
+            key = _bearer(request)
+            tenant = keys.tenant_of(key) if key is not None else None
+            if tenant is None:
+                return None
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        retry = limiter.check(tenant, length)
+        if retry is None:
+            return None
+        lim = limiter.limit_of(tenant)
+        request.state.rate_limit_hold_s = min(float(getattr(lim, "hold_s", 0.0) or 0.0), float(retry))
+        name = f"server.tenant_rate_limits.{tenant}" if tenant in limiter.overrides else "server.rate_limit"
+        err = HTTPError(429, f"rate limit exceeded for tenant {tenant!r}: {lim.requests_per_s:g} requests/s, "
+                        f"burst {lim.burst} ({name}); retry after {retry}s",
+                        type="rate_limit_error", param=name, code="rate_limit_exceeded")
+        return JSONResponse(err.body(), status_code=429, headers={"Retry-After": str(retry)})
+
+    def refused_hold(request: Request) -> float:
+        return float(getattr(request.state, "rate_limit_hold_s", 0.0) or 0.0)
+
+    def guarded(handler: Callable[[Request], Awaitable[Response]], *, counted: bool = True,
+                ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
+                refused = rate_limited(request) if counted else None
+                if refused is not None:
+                    hold = refused_hold(request)
+                    if hold > 0:  # a client that ignores Retry-After waits here instead of looping
+                        import asyncio
+
+                        await asyncio.sleep(hold)
+                    return refused
                 return await handler(request)
             except ClientGone:
                 # Nobody reads this answer; 499 (nginx's "client closed request") for the access log.
@@ -399,7 +442,9 @@ def create_app(
         ("/v1/models", models, "GET"),
     ):
         extra = dict(docs[f"{method} {path}"])
-        app.add_api_route(path, guarded(handler), methods=[method], summary=extra.pop("summary"),
+        # every /v1 route counts against its tenant's rate; /healthz (and /openapi.json) do not
+        app.add_api_route(path, guarded(handler, counted=path.startswith("/v1/")), methods=[method],
+                          summary=extra.pop("summary"),
                           openapi_extra=extra, response_model=None)
 
     def custom_openapi() -> dict[str, Any]:

@@ -3,6 +3,10 @@ group bombs, size bombs, join/context/stated spam. Part of ``make soak``; alone:
 
     python -m tests.reliability.soak_bounds [--idle 300] [--during 300] [--bombers 2] [--latency-ms 50] [--rate 4]
 
+Every tenant gets the same rate limit, ``server.rate_limit: {requests_per_s: 10, burst: 10,
+bytes_per_token: 16384, hold_s: 1}`` (``RATE_LIMIT``; the victim sends 4 small req/s, 1 token each;
+an 84 KB size bomb costs 6; the bombers send flat out and get 429s, held 1 s each, whose
+Retry-After they ignore).
 The victim tenant's p95 during the attack must stay within 2x its idle p95; its requests go out
 at a fixed rate (open loop), so a server stalled by a bomb delays every request due meanwhile. The attacker runs in
 separate processes (its own CPU work is not charged to the server's interpreter); the backend
@@ -23,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 KEYS = {"victim": ["key-victim"], "attacker": ["key-attacker"]}
-PIPELINE = """pipeline:
+# The same per-tenant rate limit for victim and attacker (server.rate_limit): the victim's 4 small
+# req/s fit well inside it, the attacker's flat-out loops get 429s before their bodies are read.
+RATE_LIMIT = {"requests_per_s": 10.0, "burst": 10, "bytes_per_token": 16384, "hold_s": 1.0}
+PIPELINE = """server:
+  rate_limit: {requests_per_s: %(requests_per_s)s, burst: %(burst)s, bytes_per_token: %(bytes_per_token)s,
+               hold_s: %(hold_s)s}
+pipeline:
   - use: stated
   - use: profile
     features: {embedding: false, ngram_dim: 256}
@@ -92,7 +102,7 @@ def bounds_soak(root: Path, *, idle: int = 300, during: int = 300, bombers: int 
     from persona_mw.server import create_app, serve_in_thread
     from persona_mw.testing import ScriptedBackend
 
-    cfg = parse_config(PIPELINE)
+    cfg = parse_config(PIPELINE % RATE_LIMIT)
     cfg.store.path = str(root / "bounds.db")
     mw = Middleware(cfg, backend=ScriptedBackend(delay=latency_ms / 1000), autoload=False)
     lim = mw.config.limits
@@ -182,6 +192,9 @@ def bounds_soak(root: Path, *, idle: int = 300, during: int = 300, bombers: int 
         "attacker_max_group_edges_per_user": max_edges, "attacker_max_contexts_per_user": max_contexts,
         "attacker_group_nodes": group_nodes,
         "limits": limits,
+        "rate_limit_per_tenant": {**RATE_LIMIT, "bytes_per_token": cfg.server.rate_limit.bytes_per_token
+                                  if cfg.server.rate_limit else None, "same_for": sorted(KEYS)},
+        "attacker_429s": sum(counts.get(429, 0) for counts in statuses.values()),
         "ok": bool(ratio <= 2.0 and fives == 0 and max_edges <= limits.get("max_groups_per_user", 0)
                    and max_contexts <= limits.get("max_contexts_per_user", 0)),
     }
