@@ -115,8 +115,8 @@ class Middleware:
             self.store.max_memories_per_owner = self.config.limits.max_memories_per_user
         self.redactor = Redactor.from_config(self.config.privacy, self.host.detectors,
                                              where=self.config.source.where(("privacy", "redact")))
-        if self.redactor and hasattr(self.store, "redact_text"):
-            self.store.redact_text = self.redactor.redact  # memories written by any plugin
+        if self.redactor and hasattr(self.store, "redactor"):
+            self.store.redactor = self.redactor  # memories written by any plugin
         self.backend = backend if backend is not None else self.make_backend("backend")
         if "backend" in self.config.resilience and not hasattr(self.backend, "policy"):  # tenants share a wrapped one
             self.backend = self._resilient("backend", self.backend)

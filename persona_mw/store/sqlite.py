@@ -158,7 +158,7 @@ class SQLiteStore:
         self._busy_ms = int(busy_timeout_s * 1000)
         self.max_memories_per_owner: int | None = None  # set by the Middleware from limits.max_memories_per_user
         # set by the Middleware from privacy.redact: memory text is redacted before it is written
-        self.redact_text: Any = None
+        self.redactor: Any = None  # persona_mw.privacy.Redactor: memories written by any plugin are redacted
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so writes take the lock up front.
             conn = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
@@ -322,22 +322,14 @@ class SQLiteStore:
 
     # memories ------------------------------------------------------------------------------
     def _redacted(self, memory: Memory) -> Memory:
-        if self.redact_text is None:
+        r = self.redactor
+        if r is None:
             return memory
-        redact = self.redact_text
-
-        def walk(v: Any) -> Any:  # meta holds free text too: index text, speaker, date text
-            if isinstance(v, str):
-                return redact(v)
-            if isinstance(v, list):
-                return [walk(x) for x in v]
-            if isinstance(v, dict):
-                return {k: walk(x) for k, x in v.items()}
-            return v
-
-        update = {"text": redact(memory.text),  # the idempotency key is a hash, kept as written
-                  "meta": {k: (v if k == "idem" else walk(v)) for k, v in memory.meta.items()},
-                  "provenance": [redact(p) for p in memory.provenance]}  # message ids are free text
+        # meta holds free text too (index text, speaker, date text); the idempotency key is a hash,
+        # kept as written; provenance message ids are free text.
+        update = {"text": r.redact(memory.text),
+                  "meta": {k: (v if k == "idem" else r.redact_data(v)) for k, v in memory.meta.items()},
+                  "provenance": [r.redact(p) for p in memory.provenance]}
         update = {k: v for k, v in update.items() if v != getattr(memory, k)}
         return memory.model_copy(update=update) if update else memory
 
