@@ -12,16 +12,21 @@ prefixes of the id string (``startswith("user:ana@")`` also matches user ``ana@e
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
-__all__ = ["CONTEXT_SEP", "GLOBAL", "GRANULARITY", "KINDS", "NodeRef", "SPECIFICITY", "context_node",
-           "group_node", "is_user_node_of", "kind_of", "parse", "specificity", "user_context_node", "user_node"]
+__all__ = ["CONTEXT_SEP", "GLOBAL", "GRANULARITY", "KINDS", "Kind", "NodeRef", "SPECIFICITY", "USER_KINDS",
+           "context_node", "context_of", "group_node", "is_group", "is_user_node_of", "is_user_scoped", "kind_of",
+           "most_specific_first", "name_of", "parse", "scope_node", "specificity", "user_context_node",
+           "user_context_prefix", "user_node", "user_of"]
 
 GLOBAL = "global"
 CONTEXT_SEP = "@context:"
 Kind = Literal["global", "group", "context", "user", "user_context"]
 KINDS: tuple[str, ...] = ("global", "group", "context", "user", "user_context")
+# The kinds that belong to one user (forget, export and rebuild touch exactly these).
+USER_KINDS: tuple[str, ...] = ("user", "user_context")
 # Ties in carried weight go to the more specific node.
 SPECIFICITY = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
 GRANULARITY = {"user_context": "user+context", "user": "user", "group": "group", "context": "context",
@@ -63,6 +68,17 @@ def context_node(context: str) -> str:
 
 def user_context_node(user: str, context: str) -> str:
     return f"user:{user}{CONTEXT_SEP}{context}"
+
+
+def scope_node(user: str, context: str | None = None) -> str:
+    """The node a user's request or event lands on: ``user:<u>@context:<c>`` with a context, else ``user:<u>``."""
+    return user_context_node(user, context) if context else user_node(user)
+
+
+def user_context_prefix(user: str) -> str:
+    """``user:<u>@context:``: every user-in-context node of ``user`` starts with it, and (ids have no
+    ``:``) no node of another user does. For store queries; in Python compare parsed parts instead."""
+    return user_context_node(user, "")
 
 
 def _part(text: str, node_id: str) -> str:
@@ -114,3 +130,50 @@ def is_user_node_of(node_id: str, user: str) -> bool:
 def specificity(node_id: str) -> int:
     """Sort key: user+context (0) < user < group < context < global (4)."""
     return SPECIFICITY[kind_of(node_id)]
+
+
+def user_of(node_id: str) -> str | None:
+    """``ana`` for ``user:ana`` and ``user:ana@context:x``; None for other nodes and for non-ids."""
+    try:
+        return parse(node_id).user
+    except ValueError:
+        return None
+
+
+def name_of(node_id: str) -> str | None:
+    """The group's id for ``group:<g>``, the context's id for ``context:<c>`` and ``user:<u>@context:<c>``;
+    None for ``global``, user nodes and non-ids."""
+    try:
+        return parse(node_id).name
+    except ValueError:
+        return None
+
+
+def context_of(node_id: str) -> str | None:
+    """The context id of a ``context:<c>`` or ``user:<u>@context:<c>`` node; None otherwise."""
+    return name_of(node_id) if kind_of(node_id) in ("context", "user_context") else None
+
+
+def is_group(node_id: str) -> bool:
+    """Whether ``node_id`` is a ``group:<g>`` node."""
+    return kind_of(node_id) == "group"
+
+
+def is_user_scoped(node_id: str) -> bool:
+    """Whether ``node_id`` belongs to one user (``user:<u>`` or ``user:<u>@context:<c>``)."""
+    return kind_of(node_id) in USER_KINDS
+
+
+class _Weighted(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def weight(self) -> float: ...
+
+
+_W = TypeVar("_W", bound=_Weighted)
+
+
+def most_specific_first(nodes: Iterable[_W]) -> list[_W]:
+    """Scope nodes ordered user+context, user, group, context, global; heavier first within a kind."""
+    return sorted(nodes, key=lambda n: (SPECIFICITY.get(n.kind, len(SPECIFICITY)), -n.weight))
