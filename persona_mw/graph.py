@@ -15,7 +15,8 @@ from typing import Any
 
 import networkx as nx
 
-from persona_mw.nodes import GLOBAL, GRANULARITY, SPECIFICITY, context_node, group_node, kind_of, user_context_node, user_node
+from persona_mw.nodes import (GLOBAL, GRANULARITY, KINDS, SPECIFICITY, context_node, group_node, kind_of, name_of, parse,
+                              scope_node, user_context_node, user_node)
 from persona_mw.store import Edge, Store
 from persona_mw.types import ChatRequest, NodeId, Profile, Scope, ScopeNode
 
@@ -82,7 +83,7 @@ class PreferenceGraph:
 
     def groups_of(self, user: str) -> list[str]:
         """The groups ``user`` is a permanent member of (their ids, without ``group:``)."""
-        return [e.dst.split(":", 1)[1] for e in self.store.edges_from(user_node(user))
+        return [name_of(e.dst) or "" for e in self.store.edges_from(user_node(user))
                 if e.kind == "member" and kind_of(e.dst) == "group"]
 
     def join(self, user: str, group: str, weight: float = 1.0) -> bool:
@@ -170,7 +171,7 @@ class PreferenceGraph:
         for node in ids:
             profiles.setdefault(node, Profile(node=node))
         evidence = {node: profiles[node].evidence for node in ids}
-        start = user_context_node(request.user, request.context) if request.context else user_node(request.user)
+        start = scope_node(request.user, request.context)
         weights = self._shrink(g, start, evidence)
         nodes = [
             ScopeNode(id=n, kind=_kind(n), weight=w, evidence=evidence[n])  # type: ignore[arg-type]
@@ -209,7 +210,7 @@ class PreferenceGraph:
         # Every node on the way stays in scope, even with weight 0: its stated preferences still apply.
         return {n: kept.get(n, 0.0) for n in nx.descendants(g, start) | {start}}
 
-    def export_graph(self, kinds: tuple[str, ...] = ("global", "group", "context", "user", "user_context"),
+    def export_graph(self, kinds: tuple[str, ...] = KINDS,
                      page: int = 5000) -> nx.DiGraph:
         """The whole stored graph (nodes with kind and evidence, member edges) for GraphML export.
 
@@ -236,8 +237,9 @@ class PreferenceGraph:
         # The implicit edges resolution uses (as ``neighbourhood``): a user-in-context specializes the
         # user and the context; a node with no stored parent has ``global`` as its parent.
         for node in list(g.nodes):
-            if _kind(node) == "user_context":
-                user, ctx = node.split("@", 1)
+            if _kind(node) == "user_context":  # split exactly: user 'ana@evil' in 'x' is not user 'ana'
+                ref = parse(node)
+                user, ctx = user_node(ref.user or ""), context_node(ref.name or "")
                 for dst, kind in ((user, "specializes"), (ctx, "in_context")):
                     if not g.has_edge(node, dst):
                         g.add_edge(node, dst, kind=kind, weight=1.0)

@@ -450,7 +450,9 @@ class Turn(BaseModel):
 
     @property
     def user_node(self) -> NodeId:
-        return f"user:{self.request.user}"
+        from persona_mw.nodes import user_node
+
+        return user_node(self.request.user)
 
 
 class Decoding(BaseModel):

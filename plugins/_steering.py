@@ -15,9 +15,8 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from persona_mw.errors import ConfigError, PluginError
+from persona_mw.nodes import USER_KINDS, most_specific_first
 from persona_mw.types import ChoiceFeedback, EditFeedback, Message, Turn
-
-_ORDER = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
 
 
 def is_white_box(backend: Any) -> bool:
@@ -73,8 +72,8 @@ def scope_preferences(turn: Turn, include_inherited: bool = True) -> list[tuple[
         return []
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
-    for node in sorted(turn.scope.nodes, key=lambda n: (_ORDER.get(n.kind, 9), -n.weight)):
-        if not include_inherited and node.kind not in ("user", "user_context"):
+    for node in most_specific_first(turn.scope.nodes):
+        if not include_inherited and node.kind not in USER_KINDS:
             continue
         prof = turn.profiles.get(node.id)
         if prof is None:

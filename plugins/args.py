@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.errors import RequestError
+from persona_mw.nodes import user_node
 from persona_mw.types import Decoding, Feedback, Turn
 from persona_mw.plugins._steering import (
     chat_texts,
@@ -187,4 +188,4 @@ class RewardGuided:
             return
         events = store.list_feedback(user=event.user, kinds=["choice", "edit"])
         pairs = event_pairs(events)[-self.config.max_pairs:]
-        await train_head(self._middleware, f"user:{event.user}", pairs, backend=backend, l2=self.config.l2)
+        await train_head(self._middleware, user_node(event.user), pairs, backend=backend, l2=self.config.l2)

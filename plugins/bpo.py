@@ -26,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from persona_mw import hookimpl
 from persona_mw.budget import BudgetExceeded, turn_budget
 from persona_mw.errors import PersonaError
+from persona_mw.nodes import most_specific_first
 from persona_mw.plugins import _text
 from persona_mw.types import GenerationParams, Message, StashKey, Turn
 
 BPO_INFO: StashKey[dict[str, Any]] = StashKey("bpo")
 
-_ORDER = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9\-']*|[.!?:]")
 
@@ -83,7 +83,7 @@ def user_constraints(turn: Turn, limit: int = 8) -> list[str]:
         for i in sorted(items, key=lambda i: i.kind != "stated"):
             lines.append(("Avoid: " if i.polarity == "avoid" else "") + " ".join(i.text.split()))
     elif turn.scope is not None:
-        for node in sorted(turn.scope.nodes, key=lambda n: (_ORDER.get(n.kind, 9), -n.weight)):
+        for node in most_specific_first(turn.scope.nodes):
             prof = turn.profiles.get(node.id)
             if prof is None:
                 continue

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.budget import DEFAULT_CALLS_PER_JOB, AuxBudget, BudgetExceeded, job_budget
-from persona_mw.graph import user_context_node, user_node
+from persona_mw.nodes import is_group, kind_of, name_of, scope_node, user_node, user_of
 from persona_mw.plugins import _text
 from persona_mw.types import GenerationParams, Message, Profile, Turn
 
@@ -380,10 +380,10 @@ class Fermi:
         mw = self._mw
         if mw is None:
             return
-        nodes = [user_context_node(event.user, event.context) if event.context else user_node(event.user)]
+        nodes = [scope_node(event.user, event.context)]
         if self.config.groups:
             nodes += [e.dst for e in mw.store.edges_from(user_node(event.user))
-                      if e.kind == "member" and e.dst.startswith("group:")]
+                      if e.kind == "member" and is_group(e.dst)]
         for node in nodes:
             seen: dict[str, int] = {}
 
@@ -436,17 +436,13 @@ class Fermi:
     def examples_for(self, node: str) -> list[Example]:
         """The node's recorded choices (edits count as after-over-before), newest ``max_examples``."""
         store = self._mw.store
-        if node.startswith("group:"):
-            from persona_mw.nodes import kind_of  # exact: user 'ana@x.org' is a user, not a context node
-
-            users = [e.src.split(":", 1)[1] for e in store.edges_to(node) if e.kind == "member"
+        kind = kind_of(node)  # exact: user 'ana@x.org' is a user, not a context node
+        if kind == "group":
+            users = [user_of(e.src) or "" for e in store.edges_to(node) if e.kind == "member"
                      and kind_of(e.src) == "user"]
             context = None
-        elif "@context:" in node:
-            u, _, c = node.partition("@context:")
-            users, context = [u.split(":", 1)[1]], c
-        elif node.startswith("user:"):
-            users, context = [node.split(":", 1)[1]], None
+        elif kind in ("user", "user_context"):
+            users, context = [user_of(node) or ""], name_of(node)
         else:
             return []
         out: list[Example] = []
@@ -454,7 +450,7 @@ class Fermi:
             for ev in store.list_feedback(user=u, kinds=["choice", "edit"]):
                 if context is not None and ev.context != context:
                     continue
-                if node.startswith("user:") and context is None and ev.context:
+                if kind == "user" and ev.context:
                     continue  # a user-in-context choice belongs to that node
                 if ev.kind == "choice":
                     out.append(Example(ev.id, ev.prompt, ev.chosen, list(ev.rejected)[: self.config.max_rejected], u))
@@ -525,7 +521,7 @@ class Fermi:
     def exemplar(self, node: str, seed: str, examples: list[Example]) -> tuple[str, str] | None:
         """``(prompt, example id)``: the opening of the chosen answer closest to the others, a concrete
         picture of what I like (user nodes only). It quotes that example, so it is scored without it."""
-        if node.startswith("group:") or not examples:
+        if is_group(node) or not examples:
             return None
         vecs = [_vec(e.chosen) for e in examples]
         cent: Counter[str] = Counter()
@@ -701,7 +697,7 @@ class Fermi:
             for call in range(cfg.optimizer_calls if opt is not None else 0):
                 ranked = sorted(scored, key=lambda p: -p["score"])
                 bad = [by_id[m["id"]] for m in ranked[0].get("misaligned", []) if m["id"] in by_id]
-                msgs = self.optimizer_messages(ranked, bad, prof, likes, node.startswith("group:"))
+                msgs = self.optimizer_messages(ranked, bad, prof, likes, is_group(node))
                 try:
                     cands = await budget.call("optimizer", self.name, lambda: opt.generate(
                         msgs, n=1, params=GenerationParams(temperature=0.7 if call else 0.0,
@@ -757,7 +753,7 @@ class Fermi:
             winner = current
         if winner is not None and all(p["id"] != winner["id"] for p in keep):
             keep = keep[:-1] + [winner]
-        if node.startswith("group:"):
+        if is_group(node):
             for p in keep:
                 p["misaligned"] = [{"id": m["id"]} for m in p.get("misaligned", [])]
 
@@ -776,7 +772,7 @@ class Fermi:
             if accepted and winner is not None:
                 s["best"] = winner["id"]
                 prof.prompt = winner["text"] or None
-            s["examples"] = [{"id": e.id, "query": e.query[:300]} for e in examples] if not node.startswith("group:") else \
+            s["examples"] = [{"id": e.id, "query": e.query[:300]} for e in examples] if not is_group(node) else \
                 [{"id": e.id} for e in examples]
             s["history"] = (s["history"] + [{k: v for k, v in summary.items() if k != "candidates"}
                                             | {"tried": summary["candidates"]}])[-20:]
@@ -787,7 +783,7 @@ class Fermi:
         return summary
 
     def _misaligned_record(self, node: str, ex: Example) -> dict[str, Any]:
-        if node.startswith("group:"):
+        if is_group(node):
             return {"id": ex.id}
         return {"id": ex.id, "query": ex.query[:200], "chosen": ex.chosen[:200], "rejected": ex.rejected[0][:200]}
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.errors import PluginError
-from persona_mw.graph import user_context_node, user_node
+from persona_mw.nodes import USER_KINDS, most_specific_first, scope_node
 from persona_mw.plugins import _text
 from persona_mw.types import ContextItem, GenerationParams, Message, Profile, Turn
 
@@ -150,7 +150,7 @@ class PersonaInference:
             prompt, chosen, rejected = event.prompt, event.chosen, event.rejected[0]
         else:
             prompt, chosen, rejected = event.prompt, event.after, event.before
-        node = user_context_node(event.user, event.context) if event.context else user_node(event.user)
+        node = scope_node(event.user, event.context)
         counted: dict[str, int] = {}
 
         def count(prof: Profile) -> None:
@@ -214,9 +214,8 @@ class PersonaInference:
         if turn.scope is None or self.config.max_in_prompt == 0:
             return None
         items: list[ContextItem] = []
-        order = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
-        for node in sorted(turn.scope.nodes, key=lambda n: (order[n.kind], -n.weight)):
-            if node.kind not in ("user", "user_context") and not self.config.include_inherited:
+        for node in most_specific_first(turn.scope.nodes):
+            if node.kind not in USER_KINDS and not self.config.include_inherited:
                 continue
             prof = turn.profiles.get(node.id)
             for text in reversed(prof.persona if prof else []):

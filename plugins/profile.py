@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.features import FeatureSpec, Featurizer
+from persona_mw.nodes import context_of, group_node, is_group, kind_of, scope_node, user_of
 from persona_mw.store import Edge
 from persona_mw.types import (
     ChatRequest,
@@ -70,7 +71,7 @@ from persona_mw.types import (
 log = logging.getLogger("persona_mw.plugins.profile")
 
 EXTRA_KEY = "profile"
-AUTO_PREFIX = "group:auto-"
+AUTO_PREFIX = group_node("auto-")  # discovered groups: group:auto-<k>
 
 # --------------------------------------------------------------------------- features
 
@@ -419,7 +420,7 @@ class ProfilePlugin:
         if not pairs:
             return
         D, sw = pair_matrix(self.featurizer, pairs)
-        node = f"user:{event.user}@context:{event.context}" if event.context else f"user:{event.user}"
+        node = scope_node(event.user, event.context)
         with self._lock(node):
             prof = store.get_profile(node)
             st = node_state(prof, self.spec)
@@ -440,7 +441,7 @@ class ProfilePlugin:
         preferences, which are the group's own, stay)."""
         summary = self.refit(store, graph)
         for gid in nodes:
-            prof = store.get_profile(gid) if gid.startswith("group:") else None
+            prof = store.get_profile(gid) if is_group(gid) else None
             if prof is None or EXTRA_KEY not in prof.extra:
                 continue
             if gid not in summary.get("refit_groups", []):
@@ -462,7 +463,7 @@ class ProfilePlugin:
         dim = feat.dim
         by_node: dict[str, list[tuple[Any, Any, float]]] = defaultdict(list)
         for ev in store.list_feedback():
-            node = f"user:{ev.user}@context:{ev.context}" if ev.context else f"user:{ev.user}"
+            node = scope_node(ev.user, ev.context)
             by_node[node].extend(event_pairs(ev))
         mats = {n: pair_matrix(feat, p) for n, p in by_node.items() if p}
         zeros = np.zeros(dim)
@@ -482,12 +483,12 @@ class ProfilePlugin:
         g, gvar = fit_bt(allD, allw, zeros, cfg.global_precision)
         self._write(store, "global", g, gvar, len(allw), "batch", evidence=len(allw))
 
-        users = sorted(n for n in mats if "@context:" not in n)
+        users = sorted(n for n in mats if kind_of(n) == "user")
         if cfg.discover_groups:
             summary["groups"] = self._discover(store, users, mats, g)
 
         # groups (declared and discovered): pooled members' comparisons, centred on global
-        group_ids = sorted({e.dst for u in users for e in store.edges_from(u) if e.dst.startswith("group:")})
+        group_ids = sorted({e.dst for u in users for e in store.edges_from(u) if is_group(e.dst)})
         group_state: dict[str, np.ndarray] = {}
         for gid in group_ids:
             members = [e for e in store.edges_to(gid) if e.src in mats and e.weight > 0]
@@ -502,8 +503,8 @@ class ProfilePlugin:
             group_state[gid] = w
         summary["refit_groups"] = sorted(group_state)
         # users (then users in context), centred on their parents' combined state
-        for n in sorted(mats, key=lambda x: ("@context:" in x, x)):
-            user, _, ctx = n[len("user:"):].partition("@context:")
+        for n in sorted(mats, key=lambda x: (kind_of(x) == "user_context", x)):
+            user, ctx = user_of(n) or "", context_of(n)
             prior, _ = self.prior_for(graph, user, ctx or None, n) if graph is not None else (g, None)
             w, var = fit_bt(*mats[n], prior, cfg.prior_precision)
             self._write(store, n, w, var, len(mats[n][1]), "batch")

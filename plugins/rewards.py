@@ -23,19 +23,18 @@ import re
 from typing import Any, Callable
 
 from persona_mw import hookimpl
+from persona_mw.nodes import most_specific_first
 from persona_mw.plugins import _text
 from persona_mw.types import Candidate, GenerationParams, Message, Turn
 
 log = logging.getLogger("persona_mw.rewards")
-
-_ORDER = {"user_context": 0, "user": 1, "group": 2, "context": 3, "global": 4}
 
 
 def _scope_nodes(turn: Turn) -> list[str]:
     """The scope's node ids, most specific first (all profiles when there is no scope)."""
     if turn.scope is None:
         return list(turn.profiles)
-    return [n.id for n in sorted(turn.scope.nodes, key=lambda n: (_ORDER.get(n.kind, 9), -n.weight))]
+    return [n.id for n in most_specific_first(turn.scope.nodes)]
 
 
 # --------------------------------------------------------------------------------- style

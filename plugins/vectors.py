@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.errors import PluginError, RequestError
+from persona_mw.nodes import user_node
 from persona_mw.types import Decoding, Feedback, Turn
 from persona_mw.plugins._steering import (
     chat_texts,
@@ -199,6 +200,6 @@ class SteeringVectors:
         backend = self._middleware.backend
         if not hasattr(backend, "call"):
             return
-        node = f"user:{event.user}"
+        node = user_node(event.user)
         layer = self._layer(backend) if self.config.layer is not None else None
         await learn_pairs(self._middleware, node, pairs, layer=layer, backend=backend)

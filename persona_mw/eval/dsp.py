@@ -23,6 +23,7 @@ import numpy as np
 
 from persona_mw.errors import PersonaError
 from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, resolve
+from persona_mw.nodes import user_node
 
 HS = (1, 5, 20)
 
@@ -97,7 +98,7 @@ def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], users:
         for u, di in users:
             scope, profiles = resolve(mw, u)
             if not plugin.config.hierarchy:  # the user alone
-                scope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == f"user:{u}" else 0.0})
+                scope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == user_node(u) else 0.0})
                                                            for n in scope.nodes]})
             s = np.asarray(score_texts(scope, profiles, "", texts, spec=plugin.spec)).reshape(len(test), len(domains))
             t1, pw = _accuracy(s, domains.index(udom[di]))

@@ -38,6 +38,7 @@ import numpy as np
 
 from persona_mw.errors import PersonaError
 from persona_mw.eval.dsp import load
+from persona_mw.nodes import user_node
 
 # Sized for about 20 minutes on 2 cores (the white-box scorer dominates): the job scores the first
 # 16 tokens of every answer of a choice (the chosen one and all four rejected), one persona sentence
@@ -100,7 +101,7 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
                     mw.feedback({"kind": "choice", "user": u, "prompt": items[q]["query"],
                                  "chosen": items[q]["responses"][udom[di]],
                                  "rejected": [others[j] for j in r.permutation(len(others))]})
-                prof = mw.store.get_profile(f"user:{u}")
+                prof = mw.store.get_profile(user_node(u))
                 st = plugin.state_of(prof)
                 hist = st.get("history", [{}])[-1]
                 accepted += bool(hist.get("accepted"))

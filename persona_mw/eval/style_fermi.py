@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from persona_mw.eval.style import DIMENSIONS, UP_SIDE, SimUser, StyleRun, method, metric, run_middleware
+from persona_mw.nodes import user_node
 from persona_mw.types import Message
 
 TRAIN_PROMPTS: tuple[str, ...] = (
@@ -66,8 +67,8 @@ def _fermi(run: StyleRun) -> list[list[str]]:
             mw.feedback(kind="choice", user=u.id, prompt=p, chosen=chosen, rejected=[rejected])
             made += 1
             mine += 1
-        if mine and not plugin.state_of(mw.store.get_profile(f"user:{u.id}")).get("history"):
-            run.run(plugin.optimize(f"user:{u.id}"))  # fewer choices than 'every': optimize once anyway
+        if mine and not plugin.state_of(mw.store.get_profile(user_node(u.id))).get("history"):
+            run.run(plugin.optimize(user_node(u.id)))  # fewer choices than 'every': optimize once anyway
     run.notes.append(f"fermi: {made} simulated choices from {n} training prompts")
     return run_middleware(run, mw)
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from persona_mw.errors import PersonaError
 from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, resolve
+from persona_mw.nodes import user_node
 
 KS = (0, 5, 20)
 PROMPT = "Which statement would you say?"
@@ -151,7 +152,7 @@ def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], declar
                 scope, profiles = resolve(mw, u, declared[u])
             flat = [t for p in pairs for t in p]
             if not plugin.config.hierarchy:
-                scope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == f"user:{u}" else 0.0})
+                scope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == user_node(u) else 0.0})
                                                            for n in scope.nodes]})
             s = np.asarray(score_texts(scope, profiles, PROMPT, flat, spec=plugin.spec)).reshape(-1, 2)
             acc.setdefault((k, nov), []).append(float(np.mean(np.where(s[:, 0] > s[:, 1], 1.0,

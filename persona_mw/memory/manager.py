@@ -30,6 +30,7 @@ from persona_mw.memory.extract import (
 from persona_mw.memory.index import BM25Index, NumpyIndex, VectorIndex, parse_date, rrf, time_hint
 from persona_mw.memory.instructions import pinnable
 from persona_mw.memory.update import decide
+from persona_mw.nodes import GLOBAL, context_node, is_user_node_of, kind_of, scope_node, user_node
 from persona_mw.types import ID_PATTERN, Memory, Message, Scope, new_id
 
 log = logging.getLogger("persona_mw.memory")
@@ -111,14 +112,6 @@ class _Msg:
     date: Any
     speaker: str | None
     extra: dict[str, Any]
-
-
-def _node_kind(node: str) -> str:
-    if node == "global":
-        return "global"
-    if "@context:" in node:
-        return "user_context"
-    return node.split(":", 1)[0]
 
 
 def _resolve_embedder(embedder: Any) -> Any:
@@ -215,8 +208,7 @@ class MemoryManager:
         self._check_user(user)
         if context is not None:
             self._check_user(context)
-            return f"user:{user}@context:{context}"
-        return f"user:{user}"
+        return scope_node(user, context)
 
     @staticmethod
     def _index_text(m: Memory) -> str:
@@ -398,10 +390,9 @@ class MemoryManager:
 
     def drop_user(self, user: str) -> None:
         """Forget the in-memory index entries of every node of ``user`` (after the store's forget)."""
-        prefix, exact = f"user:{user}@context:", f"user:{user}"
         with self._lock:
             owners = {o for o in list(self._recs) + list(self._loaded) + (self._index.owners() if self._index else [])
-                      if o == exact or o.startswith(prefix)}
+                      if is_user_node_of(o, user)}
             for o in owners:
                 if self._index is not None:
                     self._index.drop_owner(o)
@@ -430,12 +421,12 @@ class MemoryManager:
             sc, _ = self.graph.resolve(req)
             return [(n.id, n.weight) for n in sc.nodes]
         nodes = [(self.owner_of(user, context), 1.0)] if context else []
-        nodes.append((f"user:{user}", 1.0))
-        for e in self.store.edges_from(f"user:{user}"):
+        nodes.append((user_node(user), 1.0))
+        for e in self.store.edges_from(user_node(user)):
             nodes.append((e.dst, 0.5))
         if context:
-            nodes.append((f"context:{context}", 0.5))
-        nodes.append(("global", 0.25))
+            nodes.append((context_node(context), 0.5))
+        nodes.append((GLOBAL, 0.25))
         return nodes
 
     # -- writing -----------------------------------------------------------------------------
@@ -621,9 +612,9 @@ class MemoryManager:
             except RuntimeError:
                 return asyncio.run(self.aingest(user, messages, context=context, session_date=session_date))
         owner = self.owner_of(user, context)
-        self.store.ensure_node(f"user:{user}")
+        self.store.ensure_node(user_node(user))
         return self._finish_ingest(owner, self._candidates(self._messages(messages, session_date)),
-                                   user_owner=f"user:{user}" if context else None, context=context)
+                                   user_owner=user_node(user) if context else None, context=context)
 
     async def aingest(self, user: str, messages: Sequence[Any], *, context: str | None = None,
                       session_date: Any = None, budget: Any = None) -> list[Memory]:
@@ -646,8 +637,8 @@ class MemoryManager:
                     self.stats["llm_failed"] += 1
                     log.warning("memory: LLM extractor failed on message %s (%s: %s); rule extraction used",
                                 m.id, type(exc).__name__, exc)
-        await asyncio.to_thread(self.store.ensure_node, f"user:{user}")
-        return await asyncio.to_thread(self._finish_ingest, owner, found, f"user:{user}" if context else None,
+        await asyncio.to_thread(self.store.ensure_node, user_node(user))
+        return await asyncio.to_thread(self._finish_ingest, owner, found, user_node(user) if context else None,
                                        context)
 
     async def _llm_extract(self, text: str, budget: Any) -> list[Candidate]:
@@ -684,11 +675,11 @@ class MemoryManager:
 
         cand = Candidate(clean, kind, polarity if kind == "preference" else None,  # type: ignore[arg-type]
                          slot=slot_of(clean), source="stated")
-        self.store.ensure_node(f"user:{user}")
+        self.store.ensure_node(user_node(user))
         # A constraint ("I'm vegetarian") holds in every context: kept on the user, not the user-in-context.
         owner = self.owner_of(user, None if polarity == "constraint" else context)
         meta = self._date_meta(date)
-        if context is not None and owner == f"user:{user}":
+        if context is not None and owner == user_node(user):
             meta["said_in_context"] = context
         return self._apply(owner, [(cand, list(provenance), meta)], embed=embed)
 
@@ -724,7 +715,7 @@ class MemoryManager:
             mems.append(Memory(owner=owner, text=t, kind="episode", provenance=[m.id], meta=meta,
                                embedding=None if vecs is None else vecs[i].tolist(), created_at=now + i * 1e-6,
                                updated_at=now))
-        self.store.ensure_node(f"user:{user}")
+        self.store.ensure_node(user_node(user))
         with self._lock:
             self._load(owner)
             have = {r.meta.get("idem") for r in self._recs.get(owner, {}).values() if r.meta.get("raw")}
@@ -782,7 +773,7 @@ class MemoryManager:
             recs = self._recs.get(node)
             if not recs:
                 continue
-            factor[node] = _KIND_PRIOR.get(_node_kind(node), 0.7) * (0.75 + 0.25 * w / max_w)
+            factor[node] = _KIND_PRIOR.get(kind_of(node), 0.7) * (0.75 + 0.25 * w / max_w)
             extra = 4 if kindset else 1
             if qv is not None and self._index is not None:
                 for mid, s in self._index.search(node, qv, n_cand * extra):
@@ -869,7 +860,7 @@ class MemoryManager:
             recs = self._recs.get(node)
             if not recs:
                 continue
-            prior = float(np.log(_KIND_PRIOR.get(_node_kind(node), 0.7) * (0.75 + 0.25 * w / max_w)))
+            prior = float(np.log(_KIND_PRIOR.get(kind_of(node), 0.7) * (0.75 + 0.25 * w / max_w)))
             for name, ix, q in signals:
                 if pre is not None and (name, node) in pre["scores"]:
                     r = pre["scores"][(name, node)]
@@ -965,17 +956,13 @@ class MemoryManager:
         self._check_user(user)
         lister = getattr(self.store, "list_user_nodes", None)
         if lister is not None:  # exact and indexed (persona_mw.nodes), not a scan of every context node
-            return [f"user:{user}"] + [n for n in lister(user) if n != f"user:{user}"]
-        owners = [f"user:{user}"]
-        prefix = f"user:{user}@context:"
-        for n in self.store.list_nodes("user_context", limit=1_000_000):
-            if n.id.startswith(prefix):
-                owners.append(n.id)
-        return owners
+            return [user_node(user)] + [n for n in lister(user) if n != user_node(user)]
+        return [user_node(user)] + [n.id for n in self.store.list_nodes("user_context", limit=1_000_000)
+                                    if is_user_node_of(n.id, user)]
 
     def get(self, user: str, memory_id: str) -> Memory:
         m = self.store.get_memory(memory_id)
-        if m is None or not (m.owner == f"user:{user}" or m.owner.startswith(f"user:{user}@context:")):
+        if m is None or not is_user_node_of(m.owner, user):
             raise UnknownMemoryError(f"user {user!r} has no memory {memory_id!r}", field="memory_id")
         return m
 

@@ -116,10 +116,10 @@ def write_guard(user: str, epoch: int | None) -> Iterator[None]:
 
 
 def user_of_node(node_id: str) -> str | None:
-    """``ana`` for ``user:ana`` and ``user:ana@context:x``; None for other nodes."""
-    if not node_id.startswith("user:"):
-        return None
-    return node_id[5:].split("@context:", 1)[0]
+    """``ana`` for ``user:ana`` and ``user:ana@context:x``; None for other nodes (``persona_mw.nodes.user_of``)."""
+    from persona_mw.nodes import user_of
+
+    return user_of(node_id)
 
 
 def open_store(url: str) -> Store:

@@ -24,8 +24,8 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from persona_mw.errors import ForgottenError, StoreError
-from persona_mw.nodes import is_user_node_of
-from persona_mw.store import Edge, Node, current_guard, node_kind, user_of_node
+from persona_mw.nodes import USER_KINDS, is_user_node_of, user_context_node, user_context_prefix, user_node, user_of
+from persona_mw.store import Edge, Node, current_guard, node_kind
 from persona_mw.types import Feedback, Memory, NodeId, Profile, Trace
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how many have run.
@@ -139,7 +139,8 @@ def _validate_node_id(node_id: NodeId) -> str:
     try:
         kind = node_kind(node_id)
     except ValueError as exc:
-        raise StoreError(str(exc), hint="node ids look like 'user:ana' or 'user:ana@context:coding'") from exc
+        raise StoreError(str(exc), hint=f"node ids look like {user_node('ana')!r} or "
+                                        f"{user_context_node('ana', 'coding')!r}") from exc
     if not _NODE_ID.match(node_id):  # the parts were checked exactly by node_kind (no ':' inside one)
         raise StoreError(f"not a node id: {node_id!r} (longer than 300 characters)")
     return kind
@@ -236,8 +237,8 @@ class SQLiteStore:
 
     def _insert_node(self, cur: sqlite3.Cursor, node_id: NodeId, meta: dict[str, Any] | None = None) -> None:
         kind = _validate_node_id(node_id)
-        if kind in ("user", "user_context"):
-            self._check_forgotten(cur, user_of_node(node_id) or "")
+        if kind in USER_KINDS:
+            self._check_forgotten(cur, user_of(node_id) or "")
         cur.execute("INSERT OR IGNORE INTO nodes (id, kind, created_at, meta) VALUES (?, ?, ?, ?)",
                     (node_id, kind, time.time(), json.dumps(meta or {})))
 
@@ -521,7 +522,7 @@ class SQLiteStore:
 
     @staticmethod
     def _user_params(user: str) -> tuple[str, str]:
-        return f"user:{user}", f"user:{user}@context:"
+        return user_node(user), user_context_prefix(user)
 
     def list_user_nodes(self, user: str) -> list[NodeId]:
         """The user's own nodes (``user:<user>`` and each ``user:<user>@context:<c>``), matched exactly.
@@ -552,7 +553,7 @@ class SQLiteStore:
     def has_user(self, user: str) -> bool:
         rows = self._query("SELECT EXISTS (SELECT 1 FROM nodes WHERE id = ?) "
                            "OR EXISTS (SELECT 1 FROM feedback WHERE user = ?) AS found",
-                           (f"user:{user}", user))
+                           (user_node(user), user))
         return bool(rows[0]["found"])
 
     def export_user(self, user: str) -> dict[str, Any]:
