@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.features import FeatureSpec, Featurizer
-from persona_mw.nodes import context_of, group_node, is_group, kind_of, scope_node, user_of
+from persona_mw.nodes import GLOBAL, context_of, group_node, is_group, kind_of, scope_node, user_of
 from persona_mw.store import Edge
 from persona_mw.types import (
     ChatRequest,
@@ -481,7 +481,7 @@ class ProfilePlugin:
         allD = np.concatenate([m[0] for m in mats.values()]) if mats else np.zeros((0, dim))
         allw = np.concatenate([m[1] for m in mats.values()]) if mats else np.zeros(0)
         g, gvar = fit_bt(allD, allw, zeros, cfg.global_precision)
-        self._write(store, "global", g, gvar, len(allw), "batch", evidence=len(allw))
+        self._write(store, GLOBAL, g, gvar, len(allw), "batch", evidence=len(allw))
 
         users = sorted(n for n in mats if kind_of(n) == "user")
         if cfg.discover_groups:

@@ -31,7 +31,7 @@ import numpy as np
 
 from persona_mw.errors import PersonaError
 from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, resolve
-from persona_mw.nodes import user_node
+from persona_mw.nodes import GLOBAL, user_node
 
 KS = (0, 5, 20)
 PROMPT = "Which statement would you say?"
@@ -158,7 +158,7 @@ def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], declar
             acc.setdefault((k, nov), []).append(float(np.mean(np.where(s[:, 0] > s[:, 1], 1.0,
                                                                         np.where(s[:, 0] == s[:, 1], 0.5, 0.0)))))
             if plugin.config.hierarchy:
-                gscope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == "global" else 0.0})
+                gscope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == GLOBAL else 0.0})
                                                             for n in scope.nodes]})
                 gs = np.asarray(score_texts(gscope, profiles, PROMPT, flat, spec=plugin.spec)).reshape(-1, 2)
                 acc_g.setdefault((k, nov), []).append(float(np.mean(np.where(gs[:, 0] > gs[:, 1], 1.0,

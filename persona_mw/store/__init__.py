@@ -12,9 +12,10 @@ from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
+from persona_mw.nodes import KINDS
 from persona_mw.types import Feedback, Memory, NodeId, Profile, Trace
 
-NODE_KINDS = ("global", "group", "context", "user", "user_context")
+NODE_KINDS = KINDS  # persona_mw.nodes owns the vocabulary
 
 
 class Node(BaseModel):
