@@ -69,6 +69,7 @@ def tenanted(tmp_path: Path) -> Iterator[tuple[Middleware, str]]:
 # --------------------------------------------------------------------------- stdio: the CLI spawned
 
 
+@pytest.mark.slow
 def test_stdio_cli_serves_one_tenant_with_the_local_model(tmp_path: Path) -> None:
     """``persona-mw mcp --tenant acme`` (default config: the local model) spawned by the SDK's client."""
     store = tmp_path / "persona.db"
