@@ -306,3 +306,47 @@ def test_tool_errors_name_the_field(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         mw.close()
+
+
+def test_cli_http_transport_with_api_keys(tmp_path: Path) -> None:
+    """``persona-mw mcp --transport http --api-key ...`` as a user runs it: keys checked, tenants apart."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "persona_mw.cli", "mcp", "--transport", "http", "--port", str(port),
+         "--store", str(tmp_path / "p.db"), "--api-key", "acme=key-acme", "--api-key", "beta=key-beta"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.post(url, json={}).status_code == 401:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the MCP HTTP server did not start"
+            time.sleep(0.2)
+
+        async def main() -> None:
+            async with http_client(url, "key-acme") as acme, http_client(url, "key-beta") as beta:
+                assert not (await acme.call_tool("add_memory", {"user": "dee", "text": "I grow tomatoes",
+                                                                "kind": "fact"})).is_error
+                r = await acme.call_tool("search_memories", {"user": "dee", "query": "tomatoes"})
+                assert "tomatoes" in text_of(r)
+                r = await beta.call_tool("search_memories", {"user": "dee", "query": "tomatoes"})
+                assert r.is_error and "tomatoes" not in text_of(r)
+
+        asyncio.run(main())
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert (tmp_path / "p.tenant-acme.db").exists()
