@@ -75,8 +75,9 @@ def _field(loc: tuple[int | str, ...]) -> str:
 
 
 def _invalid(exc: ValidationError) -> RequestError:
+    # a union (string or blocks) reports each member it tried: the deepest location is the real culprit
     errs = exc.errors(include_url=False)
-    first = errs[0] if errs else {"loc": (), "msg": "invalid"}
+    first = max(errs, key=lambda e: len(_field(tuple(e.get("loc", ()))))) if errs else {"loc": (), "msg": "invalid"}
     field = _field(tuple(first.get("loc", ()))) or "body"
     return RequestError(f"invalid request: {field}: {first.get('msg', 'invalid')}", field=field)
 
