@@ -374,7 +374,9 @@ def mcp_http_app(access: McpAccess, *, host: str = "127.0.0.1", path: str = "/mc
     from starlette.routing import Mount
 
     server = build_mcp_server(access)
-    inner = server.streamable_http_app(streamable_http_path=path, host=host)
+    server_cfg = getattr(getattr(access.mw, "config", None), "server", None)
+    limit = int(getattr(server_cfg, "max_body_bytes", 1 << 20))  # `serve`'s limit: larger bodies get a 413
+    inner = server.streamable_http_app(streamable_http_path=path, host=host, max_request_body_size=limit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:

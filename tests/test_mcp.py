@@ -142,6 +142,10 @@ def test_http_keys_pick_the_tenant(tenanted: tuple[Middleware, str]) -> None:
         auth = {"Authorization": f"Bearer {key}"} if key else {}
         r = httpx.post(url, json=init, headers={**hdrs, **auth})
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    # server.max_body_bytes (1 MiB) holds here as in `serve`
+    big = {**init, "params": {**init["params"], "pad": "x" * (2 << 20)}}
+    r = httpx.post(url, json=big, headers={**hdrs, "Authorization": "Bearer key-acme"})
+    assert r.status_code == 413, (r.status_code, r.text[:200])
 
     async def main() -> None:
         async with http_client(url, "key-acme") as acme, http_client(url, "key-beta") as beta:
