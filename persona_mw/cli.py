@@ -147,13 +147,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from persona_mw.server import serve
-
-    cfg = _config(args)
-    if args.max_body_bytes:
-        cfg.server.max_body_bytes = args.max_body_bytes
-    for spec in args.api_key or []:
+def _add_api_keys(cfg: Config, specs: list[str] | None) -> None:
+    """``--api-key TENANT=KEY`` flags, added to the config's ``server.api_keys``."""
+    for spec in specs or []:
         tenant, sep, key = spec.partition("=")
         if not sep or not tenant or not key:
             raise PersonaError(f"--api-key expects TENANT=KEY, got {spec!r}")
@@ -166,6 +162,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ValidationError as exc:
             raise PersonaError(f"--api-key {tenant}=...: {exc.errors()[0]['msg']}") from None
         cfg.server.api_keys.setdefault(tenant, []).extend(added)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from persona_mw.server import serve
+
+    cfg = _config(args)
+    if args.max_body_bytes:
+        cfg.server.max_body_bytes = args.max_body_bytes
+    _add_api_keys(cfg, args.api_key)
     from persona_mw.middleware import Middleware
 
     mw = Middleware(cfg)
@@ -173,6 +178,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auth = f"{len(cfg.server.api_keys)} tenant(s)" if cfg.server.api_keys else "open: no API keys configured"
         print(f"persona-mw serving on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr, flush=True)
         serve(mw, host=args.host, port=args.port)
+    finally:
+        mw.close()
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    """The MCP server: stdio (one tenant, or the open store) or streamable HTTP (API keys -> tenants)."""
+    from persona_mw.mcp_server import McpAccess, _import_mcp
+
+    try:
+        _import_mcp()
+    except ImportError as exc:
+        raise PersonaError(str(exc)) from None
+    cfg = _config(args)
+    _add_api_keys(cfg, args.api_key)
+    tenant = args.tenant or os.environ.get("PERSONA_MW_TENANT") or None
+    tenants = sorted(cfg.server.api_keys)
+    if args.transport == "http" and args.tenant is not None:
+        raise PersonaError("--tenant is for stdio: over HTTP each request's API key names its tenant")
+    if args.transport == "stdio":
+        if tenants and tenant is None:
+            raise PersonaError("server.api_keys is configured: over stdio name the tenant to serve with --tenant "
+                               f"(one of: {', '.join(tenants)})")
+        if tenant is not None and tenants and tenant not in tenants:
+            raise RequestError(f"unknown tenant {tenant!r}: not in server.api_keys ({', '.join(tenants)})",
+                               field="tenant")
+    else:
+        tenant = None
+    from persona_mw.middleware import Middleware
+
+    mw = Middleware(cfg)
+    try:
+        access = McpAccess(mw, tenant=tenant)
+        if args.transport == "stdio":
+            import anyio
+
+            from persona_mw.mcp_server import build_mcp_server
+
+            server = build_mcp_server(access)
+
+            async def run() -> None:
+                try:
+                    await server.run_stdio_async()
+                finally:
+                    await access.aclose()
+
+            anyio.run(run)
+        else:
+            import uvicorn
+
+            from persona_mw.mcp_server import mcp_http_app
+
+            auth = f"{len(tenants)} tenant(s)" if tenants else "open: no API keys configured"
+            print(f"persona-mw MCP on http://{args.host}:{args.port}/mcp ({auth})", file=sys.stderr, flush=True)
+            uvicorn.run(mcp_http_app(access, host=args.host), host=args.host, port=args.port, log_level="warning")
     finally:
         mw.close()
     return 0
@@ -427,6 +487,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default: config, 1 MiB)")
     p.add_argument("--api-key", action="append", metavar="TENANT=KEY",
                    help="require this key for TENANT (repeatable; adds to the config's server.api_keys)")
+
+    p = add("mcp", cmd_mcp, "MCP server (Model Context Protocol): memories, feedback, profile and the "
+            "personalized prompt as tools, over stdio or streamable HTTP")
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio",
+                   help="stdio (default: for a client that starts the server) or http (streamable HTTP at /mcp)")
+    p.add_argument("--host", default="127.0.0.1", help="with http: address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8701, help="with http: port to listen on (default 8701)")
+    p.add_argument("--api-key", action="append", metavar="TENANT=KEY",
+                   help="require this key for TENANT (repeatable; adds to the config's server.api_keys)")
+    p.add_argument("--tenant", help="with stdio: the tenant whose store to serve (default: $PERSONA_MW_TENANT; "
+                   "required when API keys are configured)")
 
     p = add("feedback", cmd_feedback, "record feedback for a user")
     p.add_argument("--user", "-u", required=True, help="the user's id")

@@ -1,6 +1,7 @@
 """One conversation through the four entry points (HTTP server, litellm callback, wrapped OpenAI client,
 LangChain model) reaches the LLM as the same personalized prompt, with the same trace explanation, and
-the post-call stages run after streamed answers on every path. Then the same with the real local model."""
+the post-call stages run after streamed answers on every path; the MCP server's personalized_prompt
+tool hands an MCP client that same prompt. Then the same with the real local model."""
 
 from __future__ import annotations
 
@@ -82,6 +83,23 @@ def run_all(mw: Any, llm_url: str, stream: bool, wait: Callable[[], None]) -> di
     return out
 
 
+def mcp_prompt(mw: Any, conversation: list[dict[str, str]], user: str = "ana") -> list[tuple[str, str]]:
+    """The messages the MCP ``personalized_prompt`` tool returns, asked with the SDK's client over HTTP."""
+    pytest.importorskip("mcp", reason="the [mcp] extra is not installed")
+    from mcp import Client
+
+    from persona_mw.mcp_server import McpAccess, mcp_http_app
+
+    async def ask(url: str) -> list[tuple[str, str]]:
+        async with Client(url + "/mcp") as c:
+            r = await c.call_tool("personalized_prompt", {"user": user, "messages": conversation})
+            assert not r.is_error, r.content
+            return [(m["role"], m["content"]) for m in r.structured_content["messages"]]
+
+    with serve_in_thread(mcp_http_app(McpAccess(mw))) as url:
+        return asyncio.run(ask(url))
+
+
 def explanation(mw: Any, trace_id: str) -> dict[str, Any]:
     e = explain_trace(mw.trace(trace_id))
     return {"granularity": e["granularity"], "items_used": e["items_used"],
@@ -112,6 +130,7 @@ def test_four_entry_points_same_prompt(tmp_path: Any, upstream: Any, stream: boo
         prompts["openai"] = last_prompt(llm)
         first = prompts["http"]
         assert "Answer like a pirate." in first[0][1] and first[-1] == ("user", "And one for a dog?")
+        prompts["mcp"] = mcp_prompt(mw, CONVERSATION)
         assert all(p == first for p in prompts.values()), prompts
         # every answer reached the post-call stage, streamed or not
         assert [s[1] for s in rec.seen] == [a for a, _ in out.values()]
