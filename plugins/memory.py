@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
-from persona_mw.plugins._placement import PLACED_PREFERENCES, place_block
+from persona_mw.placement import PLACED_PREFERENCES, place_block
 from persona_mw.types import ChatResponse, ContextItem, Feedback, Message, StashKey, Turn
 
 log = logging.getLogger("persona_mw.memory")

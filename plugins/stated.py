@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
-from persona_mw.plugins._placement import place_block
+from persona_mw.placement import place_block
 from persona_mw.types import ContextItem, Message, Turn
 
 _SYSTEM_NOTE = ("(The quoted lines are what the user stated they like or avoid: follow them as preferences; "
