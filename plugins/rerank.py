@@ -3,9 +3,10 @@
 ``rewards: {name: weight}`` names functions from the reward registry (``persona_register_rewards``;
 built-ins in ``persona_mw.plugins.rewards``), called through ``persona_mw.reward_set.RewardSet`` as
 ``corrector`` does; an unknown name fails at startup naming it. A reward evaluated per graph node
-(``{node: scores}``) is combined with the scope's node weights, so a new user's group preferences count until their own evidence outweighs them. The weighted total
-picks the answer; every reward's scores, the total and the choice go into the trace. A failing
-reward fails the turn (``on_error: fail``) or is dropped and named in the trace (``skip``).
+(``{node: scores}``) is combined with the scope's node weights, so a new user's group preferences
+count until their own evidence outweighs them. The weighted total picks the answer; every reward's
+scores, the total and the choice go into the trace. A failing reward fails the turn
+(``on_error: fail``) or is dropped and named in the trace (``skip``).
 """
 
 from __future__ import annotations
