@@ -2,10 +2,10 @@
 
 Everything here is offline and numpy-only (no textstat, no NLTK downloads):
 
-- ``style_features(text)``: named, interpretable metrics — length, reading level (a
-  Flesch-Kincaid grade from our own syllable heuristic), formality cues, structure (lists,
-  code, headings, paragraphs). ``STYLE_NAMES`` lists them in order; each is squashed to a
-  small range by a fixed transform, so no corpus statistics are needed.
+- ``style_vector(text)``: the named, interpretable metrics of ``persona_mw.text.style_features``
+  — length, reading level (a Flesch-Kincaid grade from our own syllable heuristic), formality
+  cues, structure (lists, code, headings, paragraphs), in ``STYLE_NAMES`` order — each squashed
+  to a small range by a fixed transform, so no corpus statistics are needed.
 - ``NgramHasher``: signed feature hashing of word uni/bi-grams and character n-grams with
   sublinear term frequency and L2 normalization — a TF-IDF-like lexical/style view without a
   fitted vocabulary, so a profile's weight vector keeps its meaning across processes.
@@ -18,7 +18,6 @@ Embeddings come from ``persona_mw.embeddings`` and are only loaded when the spec
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -26,108 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-_WORD = re.compile(r"[A-Za-z\u00C0-\u024F']+|\d+")
-_SENT_END = re.compile(r"[.!?]+(?:\s|$)")
-_VOWELS = "aeiouy"
-_CONTRACTION = re.compile(r"\b\w+'(?:s|re|ve|ll|d|m|t)\b", re.IGNORECASE)
-_FIRST_SECOND = re.compile(r"\b(?:i|me|my|we|us|our|you|your|yours)\b", re.IGNORECASE)
-_HEDGES = re.compile(r"\b(?:maybe|perhaps|kind of|sort of|pretty|really|super|awesome|cool|totally)\b", re.IGNORECASE)
-_FORMAL = re.compile(r"\b(?:therefore|furthermore|moreover|however|consequently|thus|hence|additionally|"
-                     r"nevertheless|accordingly|whereas)\b", re.IGNORECASE)
-_BULLET = re.compile(r"^\s*(?:[-*\u2022+])\s+", re.MULTILINE)
-_NUMBERED = re.compile(r"^\s*\d+[.)]\s+", re.MULTILINE)
-_HEADING = re.compile(r"^\s*(?:#{1,6}\s+\S|\*\*[^*\n]{2,80}\*\*\s*:?\s*$|[A-Z][^\n.!?]{2,60}:\s*$)", re.MULTILINE)
-_CODE_FENCE = re.compile(r"```")
-_INLINE_CODE = re.compile(r"`[^`\n]+`")
-_EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
-
-STYLE_NAMES: tuple[str, ...] = (
-    "log_words",            # length
-    "log_chars_per_word",
-    "log_sentences",
-    "words_per_sentence",
-    "fk_grade",             # reading level (Flesch-Kincaid grade, own syllable heuristic)
-    "long_word_ratio",      # words of 3+ syllables
-    "contraction_rate",     # formality cues (informal +)
-    "first_second_person_rate",
-    "exclamation_rate",
-    "question_rate",
-    "casual_word_rate",
-    "formal_connective_rate",
-    "emoji_rate",
-    "bullet_lines",         # structure
-    "numbered_lines",
-    "headings",
-    "code_blocks",
-    "inline_code",
-    "paragraphs",
-)
-
-
-def count_syllables(word: str) -> int:
-    """Syllables of an English word by a vowel-group heuristic (silent e, -le, -ed handled)."""
-    w = word.lower().strip("'")
-    if not w:
-        return 0
-    if len(w) <= 3:
-        return 1
-    if w.endswith("e") and not w.endswith(("le", "ee", "ye")):
-        w = w[:-1]
-    elif w.endswith("ed") and not w.endswith(("ted", "ded")):
-        w = w[:-2]
-    groups = 0
-    prev = False
-    for ch in w:
-        v = ch in _VOWELS
-        if v and not prev:
-            groups += 1
-        prev = v
-    return max(1, groups)
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text)
-
-
-def flesch_kincaid_grade(text: str) -> float:
-    """Flesch-Kincaid grade level: 0.39 * words/sentence + 11.8 * syllables/word - 15.59."""
-    ws = [w for w in words(text) if not w.isdigit()]
-    if not ws:
-        return 0.0
-    sentences = max(1, len(_SENT_END.findall(text)))
-    syl = sum(count_syllables(w) for w in ws)
-    return 0.39 * len(ws) / sentences + 11.8 * syl / len(ws) - 15.59
-
-
-def style_features(text: str) -> dict[str, float]:
-    """The interpretable style metrics of ``text`` (raw values, see ``style_vector`` for scaled)."""
-    ws = words(text)
-    n = len(ws)
-    nz = max(n, 1)
-    sentences = max(1, len(_SENT_END.findall(text))) if n else 0
-    syl = [count_syllables(w) for w in ws if not w.isdigit()]
-    return {
-        "log_words": math.log1p(n),
-        "log_chars_per_word": math.log1p(sum(len(w) for w in ws) / nz),
-        "log_sentences": math.log1p(sentences),
-        "words_per_sentence": n / max(sentences, 1),
-        "fk_grade": flesch_kincaid_grade(text),
-        "long_word_ratio": sum(1 for s in syl if s >= 3) / max(len(syl), 1),
-        "contraction_rate": len(_CONTRACTION.findall(text)) / nz,
-        "first_second_person_rate": len(_FIRST_SECOND.findall(text)) / nz,
-        "exclamation_rate": text.count("!") / max(sentences, 1),
-        "question_rate": text.count("?") / max(sentences, 1),
-        "casual_word_rate": len(_HEDGES.findall(text)) / nz,
-        "formal_connective_rate": len(_FORMAL.findall(text)) / nz,
-        "emoji_rate": len(_EMOJI.findall(text)) / max(sentences, 1),
-        "bullet_lines": float(len(_BULLET.findall(text))),
-        "numbered_lines": float(len(_NUMBERED.findall(text))),
-        "headings": float(len(_HEADING.findall(text))),
-        "code_blocks": len(_CODE_FENCE.findall(text)) / 2.0,
-        "inline_code": float(len(_INLINE_CODE.findall(text))),
-        "paragraphs": float(len([p for p in re.split(r"\n\s*\n", text) if p.strip()])),
-    }
-
+from persona_mw.text import STYLE_NAMES, latin_words, style_features
 
 # Fixed squashing per metric: (centre, scale) then tanh, so every value lands in (-1, 1).
 _STYLE_SCALE: dict[str, tuple[float, float]] = {
@@ -188,7 +86,7 @@ class NgramHasher:
     def transform_one(self, text: str) -> np.ndarray:
         t = text.lower() if self.lowercase else text
         out = np.zeros(self.dim, dtype=np.float32)
-        ws = _WORD.findall(t)
+        ws = latin_words(t)
         lo, hi = self.word_ngrams
         toks: list[str] = []
         for n in range(lo, hi + 1):
@@ -293,5 +191,4 @@ class Featurizer:
         return np.stack(out)
 
 
-__all__ = ["FeatureSpec", "Featurizer", "NgramHasher", "STYLE_NAMES", "count_syllables",
-           "flesch_kincaid_grade", "style_features", "style_vector"]
+__all__ = ["FeatureSpec", "Featurizer", "NgramHasher", "style_vector"]

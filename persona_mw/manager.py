@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from persona_mw import hookspecs
 from persona_mw.config import Config, PluginEntry
 from persona_mw.errors import ConfigError, PersonaError, PluginError
+from persona_mw.reward_set import unknown_reward_error
 
 hookimpl = pluggy.HookimplMarker("persona_mw")
 
@@ -177,12 +178,8 @@ class PluginHost:
                 continue
             for reward in rewards:
                 if reward not in self.reward_fns:
-                    close = difflib.get_close_matches(reward, list(self.reward_fns), n=1)
-                    raise ConfigError(
-                        f"{source.where(('pipeline', p.index, 'rewards', reward))}: pipeline[{p.index}].rewards: "
-                        f"unknown reward {reward!r} in plugin {p.name!r} "
-                        f"(known: {', '.join(sorted(self.reward_fns)) or 'none'})",
-                        hint=f"did you mean {close[0]!r}?" if close else "rewards come from persona_register_rewards")
+                    raise unknown_reward_error(reward, self.reward_fns,
+                                               source.where(("pipeline", p.index, "rewards", reward)), p.index, p.name)
         sections = [(("backend",), config.backend), *((("roles", r), b) for r, b in config.roles.items())]
         for loc, section in sections:
             factory = self.backend_types.get(section.type)

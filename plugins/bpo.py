@@ -27,7 +27,7 @@ from persona_mw import hookimpl
 from persona_mw.budget import BudgetExceeded, turn_budget
 from persona_mw.errors import PersonaError
 from persona_mw.nodes import most_specific_first
-from persona_mw.plugins import _text
+from persona_mw import text as _text
 from persona_mw.types import GenerationParams, Message, StashKey, Turn
 
 BPO_INFO: StashKey[dict[str, Any]] = StashKey("bpo")

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
-from persona_mw.plugins._placement import PLACED_PREFERENCES
+from persona_mw.placement import PLACED_PREFERENCES, place_block
 from persona_mw.types import Decoding, Message, StashKey, Turn
 from persona_mw.plugins._steering import (
     check_white_box,
@@ -140,18 +140,9 @@ class Contrast:
             turn.note("no stated preferences in scope")
             return None
         turn.stash[self._block] = block
-        out = list(messages)
-        if self.config.placement == "system":
-            idx = next((i for i, m in enumerate(out) if m.role == "system"), None)
-            turn.note("preferences in system")
-            if idx is None:
-                return [Message(role="system", content=block), *out]
-            out[idx] = out[idx].with_text(out[idx].text + "\n\n" + block)
-            return out
-        last = max(i for i, m in enumerate(out) if m.role == "user")
-        out[last] = out[last].with_text(out[last].text + "\n\n" + block)
         turn.note(f"preferences in {self.config.placement}")
-        return out
+        # The block goes in bare (no parentheses): ``without_block`` takes exactly it out again.
+        return place_block(messages, block, self.config.placement, user_format="{text}\n\n{block}")
 
     @hookimpl
     def persona_decoding(self, turn: Turn, backend: Any) -> Decoding | None:

@@ -9,7 +9,8 @@ length cap, or it stops mid-sentence where the original did not), looks like an 
 (instructions to the reader, chat-format markers, links the answer did not have), drifts off
 topic (it shares less of the question's content than the original did), drops the answer's
 content (``min_content`` of the answer's key terms must survive), or does not raise the
-personalized reward (the weighted ``rewards`` from the registry, as ``rerank`` uses) by more
+personalized reward (the weighted ``rewards`` from the registry, through the same
+``persona_mw.reward_set.RewardSet`` as ``rerank``) by more
 than ``min_gain``. Both versions, both scores and the verdict are in the trace (the step's
 summary and ``trace.scores["<name>:original,edit"]``); the call itself is in ``aux_calls``.
 
@@ -21,19 +22,18 @@ with the user's preferences as its aspects).
 
 from __future__ import annotations
 
-import inspect
-import math
 import re
 from collections import Counter
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.budget import BudgetExceeded, turn_budget
 from persona_mw.errors import ConfigError, PersonaError
-from persona_mw.plugins import _text
+from persona_mw import text as _text
 from persona_mw.plugins.rewards import describe_user
+from persona_mw.reward_set import RewardSet
 from persona_mw.types import Candidate, GenerationParams, Message, StashKey, Turn
 
 CORRECTION: StashKey[dict[str, Any]] = StashKey("corrector")
@@ -87,8 +87,7 @@ def edit_token_cap(original: str) -> int:
 
 def key_terms(text: str, k: int = 12) -> list[str]:
     """The answer's ``k`` most frequent content terms (stemmed), ties by first appearance."""
-    toks = [_text._stem(w.lower()) for w in _text.words(text)
-            if w.lower() not in _text._STOP and not w.isdigit() and len(w) > 2]
+    toks = _text.content_tokens(text, min_len=3)
     counts = Counter(toks)
     first = {t: i for i, t in reversed(list(enumerate(toks)))}
     return sorted(counts, key=lambda t: (-counts[t], first[t]))[:k]
@@ -148,7 +147,7 @@ class Corrector:
         self.config = config or self.Config()
         self.name = name
         self._middleware: Any = None
-        self._fns: dict[str, Callable[..., Any]] = {}
+        self._rewards: RewardSet | None = None
 
     @hookimpl
     def persona_startup(self, middleware: Any) -> None:
@@ -157,7 +156,7 @@ class Corrector:
         if unknown:
             raise ConfigError(f"plugin {self.name!r}: unknown reward(s) {', '.join(unknown)} "
                               f"(known: {', '.join(sorted(known))})")
-        self._fns = {r: known[r] for r in self.config.rewards}
+        self._rewards = RewardSet(self.config.rewards, known, self.backend_for)
         self._middleware = middleware
 
     def backend_for(self, role: str) -> Any:
@@ -182,28 +181,16 @@ class Corrector:
 
     async def reward(self, turn: Turn, texts: list[str]) -> list[float]:
         """The weighted personalized reward of each text (per-node rewards by the scope's weights)."""
+        if self._rewards is None:
+            raise PersonaError(f"plugin {self.name!r} was not started (persona_startup did not run)")
         cands = [Candidate(text=t, index=i) for i, t in enumerate(texts)]
-        total = [0.0] * len(texts)
-        norm = sum(abs(w) for w in self.config.rewards.values()) or 1.0
-        for name, fn in self._fns.items():
-            available = {"turn": turn, "candidates": cands, "backend_for": self.backend_for, "options": {}}
-            params = inspect.signature(fn).parameters
-            got = fn(**{k: v for k, v in available.items() if k in params})
-            if inspect.isawaitable(got):
-                got = await got
-            if isinstance(got, dict):
-                weights = {nd: (turn.scope.weight_of(nd) if turn.scope else 1.0) for nd in got}
-                wsum = sum(weights.values()) or float(len(got)) or 1.0
-                if not sum(weights.values()):
-                    weights = {nd: 1.0 for nd in got}
-                scores = [sum(weights[nd] * float(v[i]) for nd, v in got.items()) / wsum for i in range(len(texts))]
-            else:
-                scores = [float(x) for x in got]
-            if len(scores) != len(texts) or not all(math.isfinite(x) for x in scores):
-                raise PersonaError(f"reward {name!r} returned {scores!r} for {len(texts)} texts")
-            for i, x in enumerate(scores):
-                total[i] += self.config.rewards[name] * x / norm
-        return [round(x, 4) for x in total]
+        scores: dict[str, list[float]] = {}
+        for name in self._rewards.fns:
+            try:
+                scores[name] = (await self._rewards.score(name, turn, cands))[0]
+            except ValueError as exc:
+                raise PersonaError(f"reward {name!r} {exc}") from exc
+        return self._rewards.total(scores)
 
     # -- the hook -----------------------------------------------------------------------------
 

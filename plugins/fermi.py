@@ -50,12 +50,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from persona_mw import hookimpl
 from persona_mw.budget import DEFAULT_CALLS_PER_JOB, AuxBudget, BudgetExceeded, job_budget
 from persona_mw.nodes import is_group, kind_of, name_of, scope_node, user_node, user_of
-from persona_mw.plugins import _text
+from persona_mw.placement import Placement, place_block
+from persona_mw import text as _text
 from persona_mw.types import GenerationParams, Message, Profile, Turn
 
 log = logging.getLogger("persona_mw.fermi")
 
-Placement = Literal["user_prefix", "user_suffix", "system"]
 
 _OPT_SYSTEM = ("You write short instructions that tell an assistant how to answer one particular user. "
                "Reply with the improved instruction only: one to three sentences in the first person "
@@ -116,20 +116,10 @@ class Score:
 
 
 def place(messages: list[Message], prompt: str, placement: Placement) -> list[Message]:
-    """Put ``prompt`` into the conversation: before/after the last user message, or as a system message."""
-    if not prompt:
-        return list(messages)
-    out = list(messages)
-    if placement == "system":
-        idx = next((i for i, m in enumerate(out) if m.role == "system"), None)
-        if idx is None:
-            return [Message(role="system", content=prompt), *out]
-        out[idx] = out[idx].with_text(out[idx].text + "\n\n" + prompt)
-        return out
-    last = max(i for i, m in enumerate(out) if m.role == "user")
-    text = out[last].text
-    out[last] = out[last].with_text(f"{prompt}\n\n{text}" if placement == "user_prefix" else f"{text}\n\n({prompt})")
-    return out
+    """Put ``prompt`` into the conversation: before the last user message (bare), after it (in
+    parentheses), or in the system message (``persona_mw.placement.place_block``)."""
+    return place_block(messages, prompt, placement,
+                       user_format="{block}\n\n{text}" if placement == "user_prefix" else None)
 
 
 def _terms(text: str) -> list[str]:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from persona_mw import hookimpl
 from persona_mw.errors import PluginError
 from persona_mw.nodes import USER_KINDS, most_specific_first, scope_node
-from persona_mw.plugins import _text
+from persona_mw import text as _text
 from persona_mw.types import ContextItem, GenerationParams, Message, Profile, Turn
 
 log = logging.getLogger("persona_mw.persona")

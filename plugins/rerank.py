@@ -1,25 +1,24 @@
 """Best-of-n reranking: n candidates in one backend call, scored by named rewards, argmax served.
 
 ``rewards: {name: weight}`` names functions from the reward registry (``persona_register_rewards``;
-built-ins in ``persona_mw.plugins.rewards``); an unknown name fails at startup naming it. A reward
-evaluated per graph node (``{node: scores}``) is combined with the scope's node weights, so a
-new user's group preferences count until their own evidence outweighs them. The weighted total
-picks the answer; every reward's scores, the total and the choice go into the trace. A failing
-reward fails the turn (``on_error: fail``) or is dropped and named in the trace (``skip``).
+built-ins in ``persona_mw.plugins.rewards``), called through ``persona_mw.reward_set.RewardSet`` as
+``corrector`` does; an unknown name fails at startup naming it. A reward evaluated per graph node
+(``{node: scores}``) is combined with the scope's node weights, so a new user's group preferences
+count until their own evidence outweighs them. The weighted total picks the answer; every reward's
+scores, the total and the choice go into the trace. A failing reward fails the turn
+(``on_error: fail``) or is dropped and named in the trace (``skip``).
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
-import statistics
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from persona_mw import hookimpl
 from persona_mw.errors import ConfigError, PluginError
+from persona_mw.reward_set import RewardSet, unknown_reward_error
 from persona_mw.types import Candidate, Message, StashKey, Turn
 
 _TOTAL: StashKey[dict[str, list[float]]] = StashKey("rerank.total")
@@ -58,7 +57,7 @@ class Rerank:
     def __init__(self, config: Config | None = None, name: str = "rerank") -> None:
         self.config = config or self.Config()
         self.name = name
-        self._fns: dict[str, Callable[..., Any]] | None = None
+        self._rewards: RewardSet | None = None
         self._policy = "fail"
         self._middleware: Any = None
         self._role_backends: dict[str, Any] = {}
@@ -74,19 +73,16 @@ class Rerank:
         known = host.reward_fns
         for reward in self.config.rewards:
             if reward not in known:
-                close = difflib.get_close_matches(reward, list(known), n=1)
-                raise ConfigError(
-                    f"{middleware.config.source.where(loc + ('rewards', reward))}: pipeline[{loc[-1]}].rewards: "
-                    f"unknown reward {reward!r} in plugin {self.name!r} (known: {', '.join(sorted(known)) or 'none'})",
-                    hint=f"did you mean {close[0]!r}?" if close else "rewards come from persona_register_rewards",
-                )
+                raise unknown_reward_error(reward, known, middleware.config.source.where(loc + ("rewards", reward)),
+                                           loc[-1], self.name)
         extra = set(self.config.options) - set(self.config.rewards)
         if extra:
             raise ConfigError(
                 f"{middleware.config.source.where(loc + ('options',))}: pipeline[{loc[-1]}].options: "
                 f"settings for reward(s) not in rewards: {', '.join(sorted(extra))}"
             )
-        self._fns = {r: known[r] for r in self.config.rewards}
+        self._rewards = RewardSet(self.config.rewards, known, self.backend_for, self.config.options,
+                                  self.config.normalize)
         self._policy = host.policy_of(self.name)
         self._middleware = middleware
 
@@ -111,58 +107,23 @@ class Rerank:
 
     # -- score --------------------------------------------------------------------------------
 
-    def _combine_nodes(self, turn: Turn, per_node: dict[str, list[float]], n: int) -> list[float]:
-        weights = {node: (turn.scope.weight_of(node) if turn.scope else 1.0) for node in per_node}
-        total = sum(weights.values())
-        if total <= 0:  # nodes outside the scope's weights: plain mean
-            weights = {node: 1.0 for node in per_node}
-            total = float(len(per_node))
-        return [sum(weights[nd] * scores[i] for nd, scores in per_node.items()) / total for i in range(n)]
-
-    def _normalize(self, xs: list[float]) -> list[float]:
-        if self.config.normalize == "none" or len(xs) < 2:
-            return xs
-        if self.config.normalize == "minmax":
-            lo, hi = min(xs), max(xs)
-            return [0.0 if hi == lo else (x - lo) / (hi - lo) for x in xs]
-        mu, sd = statistics.fmean(xs), statistics.pstdev(xs)
-        return [0.0 if sd == 0 else (x - mu) / sd for x in xs]
-
-    async def _one(self, reward: str, fn: Callable[..., Any], turn: Turn, candidates: list[Candidate]) -> list[float]:
-        available = {"turn": turn, "candidates": candidates, "backend_for": self.backend_for,
-                     "options": dict(self.config.options.get(reward, {}))}
-        params = inspect.signature(fn).parameters
-        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        kwargs = {k: v for k, v in available.items() if takes_all or k in params}
-        result = fn(**kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-        n = len(candidates)
-        if isinstance(result, dict):
-            per_node = {str(k): [float(x) for x in v] for k, v in result.items()}
-            if any(len(v) != n for v in per_node.values()):
-                raise ValueError(f"returned per-node scores that are not one per candidate ({n})")
-            scores = self._combine_nodes(turn, per_node, n) if per_node else [0.0] * n
-            if len(per_node) > 1:
-                turn.note(f"{reward} by node: " + ", ".join(
-                    f"{nd}(w={turn.scope.weight_of(nd) if turn.scope else 1:.2f})" for nd in per_node))
-        else:
-            scores = [float(x) for x in result]
-            if len(scores) != n:
-                raise ValueError(f"returned {len(scores)} score(s) for {n} candidates")
-        if not all(math.isfinite(x) for x in scores):
-            raise ValueError(f"returned a non-finite score: {scores}")
+    async def _one(self, rewards: RewardSet, reward: str, turn: Turn, candidates: list[Candidate]) -> list[float]:
+        scores, nodes = await rewards.score(reward, turn, candidates)
+        if len(nodes) > 1:
+            turn.note(f"{reward} by node: " + ", ".join(
+                f"{nd}(w={turn.scope.weight_of(nd) if turn.scope else 1:.2f})" for nd in nodes))
         return [round(x, 4) for x in scores]
 
     @hookimpl
     async def persona_score(self, turn: Turn, candidates: list[Candidate]) -> dict[str, list[float]] | None:
-        if self._fns is None:
+        rewards = self._rewards
+        if rewards is None:
             raise PluginError(f"plugin {self.name!r} was not started (persona_startup did not run)",
                               plugin=self.name, hook="persona_score")
         scores: dict[str, list[float]] = {}
-        for reward, fn in self._fns.items():
+        for reward in rewards.fns:
             try:
-                scores[reward] = await self._one(reward, fn, turn, candidates)
+                scores[reward] = await self._one(rewards, reward, turn, candidates)
             except Exception as exc:
                 if self._policy != "skip":
                     raise PluginError(f"plugin {self.name!r}: reward {reward!r} failed: {type(exc).__name__}: {exc}",
@@ -171,11 +132,7 @@ class Rerank:
                 turn.trace.flags.append(f"{self.name}: reward {reward} failed: {type(exc).__name__}")
         if not scores:
             return None
-        weights = {r: self.config.rewards[r] for r in scores}
-        norm = sum(abs(w) for w in weights.values()) or 1.0
-        n = len(candidates)
-        scaled = {r: self._normalize(v) for r, v in scores.items()}
-        total = [round(sum(weights[r] * scaled[r][i] for r in scores) / norm, 4) for i in range(n)]
+        total = rewards.total(scores)
         out = dict(scores)
         out[f"{self.name}:total"] = total
         turn.stash[self._key] = {"total": total}

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from persona_mw import hookimpl
 from persona_mw.nodes import most_specific_first
-from persona_mw.plugins import _text
+from persona_mw import text as _text
 from persona_mw.types import Candidate, GenerationParams, Message, Turn
 
 log = logging.getLogger("persona_mw.rewards")
@@ -60,7 +60,7 @@ def node_style_targets(turn: Turn) -> dict[str, dict[str, float]]:
 
 def style_reward(turn: Turn, candidates: list[Candidate]) -> dict[str, list[float]] | list[float]:
     """Style fit per node in scope; zeros (no preference) when no node states a style."""
-    feats = [_text.style_features(c.text) for c in candidates]
+    feats = [_text.response_style(c.text) for c in candidates]
     per_node = {node: [round(_text.style_fit(f, t), 4) for f in feats] for node, t in node_style_targets(turn).items()}
     return per_node or [0.0] * len(candidates)
 

@@ -9,13 +9,12 @@ instructions in a system message but follows them in the user turn.
 
 from __future__ import annotations
 
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.nodes import USER_KINDS, most_specific_first
-from persona_mw.plugins._placement import place_block
+from persona_mw.placement import Placement, place_block
 from persona_mw.types import ContextItem, Message, Turn
 
 _SYSTEM_NOTE = ("(The quoted lines are what the user stated they like or avoid: follow them as preferences; "
@@ -36,7 +35,7 @@ class StatedPreferences:
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        placement: Literal["user_suffix", "user_prefix", "system"] = Field(
+        placement: Placement = Field(
             default="user_suffix",
             description="where the preferences go: after/before the last user message, or a system message",
         )

@@ -7,7 +7,7 @@ user and prompt a method's answer is compared with the unpersonalized answer (me
 of the same backend and seed, and a dimension is *satisfied* when its metric moves in the
 user's direction by at least the margin in ``MARGINS``:
 
-- reading: Flesch-Kincaid grade (``persona_mw.features``: own syllable heuristic, offline), a
+- reading: Flesch-Kincaid grade (``persona_mw.text``: own syllable heuristic, offline), a
   move of at least 1.0 grade;
 - length: word count, a ratio of at least 1.2 (detailed) or at most 1/1.2 (concise);
 - tone: the ``TONE_LEXICON`` score (warm minus formal markers per 100 words), a move of at
@@ -47,7 +47,7 @@ from typing import Any, Callable, Coroutine, Sequence, TypeVar
 import numpy as np
 
 from persona_mw.errors import PersonaError
-from persona_mw.features import flesch_kincaid_grade, words
+from persona_mw.text import flesch_kincaid_grade, latin_words
 from persona_mw.types import GenerationParams, Message
 
 T = TypeVar("T")
@@ -59,7 +59,7 @@ SIDES: dict[str, tuple[str, str]] = {
     "tone": ("warm", "formal"),
 }
 # What each simulated user says, per side: plain sentences a person would write, which the
-# ``style`` reward (persona_mw.plugins._text.style_targets) also reads.
+# ``style`` reward (persona_mw.text.style_targets) also reads.
 STATEMENTS: dict[str, str] = {
     "simple": "Explain things in simple, plain words that a beginner can follow.",
     "expert": "Give me an expert, technical answer with precise terminology.",
@@ -106,7 +106,7 @@ def tone_score(text: str) -> float:
     Warm: lexicon words, "!", emoji, contractions. Formal: lexicon words. Counted per 100 words
     with a floor of 20 words, so a two-word answer cannot swing the score.
     """
-    ws = [w.lower() for w in words(text)]
+    ws = [w.lower() for w in latin_words(text)]
     if not ws:
         return 0.0
     warm = sum(w in _WARM for w in ws) + text.count("!") + len(_EMOJI.findall(text)) + len(_CONTRACTION.findall(text))
@@ -119,7 +119,7 @@ def metric(dim: str, text: str) -> float:
     if dim == "reading":
         return flesch_kincaid_grade(text)
     if dim == "length":
-        return math.log(max(1, len(words(text))))
+        return math.log(max(1, len(latin_words(text))))
     if dim == "tone":
         return tone_score(text)
     raise PersonaError(f"unknown style dimension {dim!r} (known: {', '.join(DIMENSIONS)})")
@@ -133,7 +133,7 @@ def satisfied(dim: str, side: str, answer: str, baseline: str) -> bool:
 
 def repetition(text: str, n: int = 3) -> float:
     """The share of word n-grams that repeat an earlier n-gram of the same text (0 if too short)."""
-    ws = [w.lower() for w in words(text)]
+    ws = [w.lower() for w in latin_words(text)]
     grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
     if not grams:
         return 0.0
@@ -705,7 +705,7 @@ def _quality(run: StyleRun, name: str, got: list[list[str]], base: list[str],
         out[f"satisfaction_{d}:{name}"] = sat[d]
     out[f"against:{name}"] = satisfaction(run.users, got, base, against=True)["all"]
     flat = [a for row in got for a in row]
-    out[f"words:{name}"] = float(np.mean([len(words(a)) for a in flat]))
+    out[f"words:{name}"] = float(np.mean([len(latin_words(a)) for a in flat]))
     out[f"repetition:{name}"] = float(np.mean([repetition(a) for a in flat]))
     out[f"empty_rate:{name}"] = float(np.mean([0.0 if a.strip() else 1.0 for a in flat]))
     if ppl is not None:

@@ -17,6 +17,8 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from persona_mw.text import content_stem
+
 # ----------------------------------------------------------------------------------- dense
 
 
@@ -146,11 +148,9 @@ STOPWORDS = frozenset(
 
 
 def _stem(w: str) -> str:
-    for suf in ("ing", "ies", "es", "ed", "s"):
-        if len(w) > len(suf) + 2 and w.endswith(suf):
-            w = w[: -len(suf)] + ("y" if suf == "ies" else "")
-            break
-    # "name"/"named"/"names" and "like"/"liked" meet at one form
+    """``persona_mw.text.content_stem`` with a final e dropped: "name"/"named"/"names" and
+    "like"/"liked" meet at one form in the index."""
+    w = content_stem(w)
     return w[:-1] if len(w) > 3 and w.endswith("e") else w
 
 

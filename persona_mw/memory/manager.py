@@ -31,6 +31,7 @@ from persona_mw.memory.index import BM25Index, NumpyIndex, VectorIndex, parse_da
 from persona_mw.memory.instructions import pinnable
 from persona_mw.memory.update import decide
 from persona_mw.nodes import GLOBAL, context_node, is_user_node_of, kind_of, scope_node, user_node
+from persona_mw.text import LANGUAGE_NAMES, detect_language
 from persona_mw.types import ID_PATTERN, Memory, Message, Scope, new_id
 
 log = logging.getLogger("persona_mw.memory")
@@ -642,8 +643,6 @@ class MemoryManager:
                                        context)
 
     async def _llm_extract(self, text: str, budget: Any) -> list[Candidate]:
-        from persona_mw.plugins._text import LANGUAGE_NAMES, detect_language
-
         lang = detect_language(text)
         prompt = EXTRACT_PROMPT.format(language=LANGUAGE_NAMES.get(lang, "the user's language"),
                                        message=text.replace("</message>", "< /message>"))

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from persona_mw.plugins.bpo import REWRITER_SYSTEM, TEMPLATE_HEADER, dropped_content
-from persona_mw.plugins._text import content_terms, coverage
+from persona_mw.text import content_terms, coverage
 from persona_mw.testing import ScriptedBackend
 
 QUERY = "How tall is the Eiffel Tower in Paris, and when was it built?"

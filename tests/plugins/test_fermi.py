@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from persona_mw.plugins._text import content_terms
+from persona_mw.text import content_terms
 from persona_mw.plugins.fermi import Example, Fermi, Score, WhiteBoxScorer, prompt_report
 from persona_mw.testing import ScriptedBackend
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from persona_mw.plugins._text import detect_language
+from persona_mw.text import detect_language
 from persona_mw.plugins.persona import build_prompt, validate_persona
 from persona_mw.testing import ScriptedBackend
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from persona_mw.errors import RequestError
-from persona_mw.features import count_syllables, flesch_kincaid_grade, style_features, style_vector
+from persona_mw.features import style_vector
+from persona_mw.text import count_syllables, flesch_kincaid_grade, style_features
 from persona_mw.types import ChatRequest, Message
 
 PIPE = """

@@ -6,7 +6,7 @@ import pytest
 
 from persona_mw import ConfigError, PluginError
 from persona_mw.plugins import rewards as rw
-from persona_mw.plugins._text import sentences, words
+from persona_mw.text import sentences, words
 from persona_mw.testing import ScriptedBackend
 
 

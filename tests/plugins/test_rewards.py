@@ -8,7 +8,7 @@ import re
 import pytest
 
 from persona_mw import Candidate, ChatRequest, Message, Profile, Scope, ScopeNode, StatedPreference, Turn
-from persona_mw.plugins import _text
+from persona_mw import text as _text
 from persona_mw.plugins.rewards import judge_reward, parse_choice, parse_rating, stated_reward, style_reward
 from persona_mw.testing import ScriptedBackend
 

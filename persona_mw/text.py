@@ -1,9 +1,21 @@
-"""Cheap, offline text heuristics shared by the reward and persona plugins.
+"""Text features, the one home for them: words, sentences, reading grade, style metrics, style
+targets of stated preferences, lexical similarity and language detection.
 
-Style metrics of a response (length, sentences, reading grade, formality, structure), style
-targets parsed from stated preferences, polarity of negated statements, lexical similarity, and a
-script + stopword language guess. Pure Python, no model: these run on every candidate of every turn.
-(Private helpers until ``persona_mw.features`` offers the same metrics; see ``style_features``.)
+Pure Python and offline (no textstat, no NLTK downloads, no model): these run on every candidate
+of every turn. Used by the profile features (``persona_mw.features``), the rewards, the ``persona``,
+``bpo``, ``fermi`` and ``corrector`` plugins, memory (language of a chat) and the evals.
+
+Two word splitters live here on purpose, and each is pinned by ``tests/test_text.py``:
+
+- ``words`` (Unicode ``\\w`` runs with inner apostrophes) counts words of any script: reward
+  style targets, content terms, language guesses, the ``persona`` and ``fermi`` plugins.
+- ``latin_words`` (Latin letters and digits) is what the reading grade and the profile's style
+  metrics and hashed n-grams are computed on; changing it would change every fitted profile's
+  features, so it stays as it was.
+
+Likewise ``style_features`` (19 metrics, the profile model's ``STYLE_NAMES``) and
+``response_style`` (7 metrics, matched against the targets ``style_targets`` reads off a stated
+preference) are two views with different jobs; both use the one ``flesch_kincaid_grade``.
 """
 
 from __future__ import annotations
@@ -13,10 +25,142 @@ import re
 import unicodedata
 from typing import Any
 
-from persona_mw.features import flesch_kincaid_grade
+# ------------------------------------------------------------------------- words, sentences, grade
 
 _WORD = re.compile(r"\w+(?:['’]\w+)?", re.UNICODE)
 _SENT_END = re.compile(r"(?<=[.!?。！？])\s+|[。！？]|\n+")
+_LATIN_WORD = re.compile(r"[A-Za-z\u00C0-\u024F']+|\d+")
+_LATIN_SENT_END = re.compile(r"[.!?]+(?:\s|$)")
+_VOWELS = "aeiouy"
+
+
+def words(text: str) -> list[str]:
+    """Words of any script (``\\w`` runs, an inner apostrophe kept: "don't", "l'eau")."""
+    return _WORD.findall(text)
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences (split after . ! ? and the CJK stops, and at line breaks) that contain a word."""
+    return [s for s in (p.strip() for p in _SENT_END.split(text.strip())) if _WORD.search(s)]
+
+
+def latin_words(text: str) -> list[str]:
+    """Runs of Latin letters (apostrophes included) and runs of digits: the words of the reading
+    grade, the profile's style metrics and its hashed n-grams."""
+    return _LATIN_WORD.findall(text)
+
+
+def _sentence_count(text: str) -> int:
+    """Sentence ends (runs of . ! ? before a space or the end), at least 1: the grade's sentences."""
+    return max(1, len(_LATIN_SENT_END.findall(text)))
+
+
+def count_syllables(word: str) -> int:
+    """Syllables of an English word by a vowel-group heuristic (silent e, -le, -ed handled)."""
+    w = word.lower().strip("'")
+    if not w:
+        return 0
+    if len(w) <= 3:
+        return 1
+    if w.endswith("e") and not w.endswith(("le", "ee", "ye")):
+        w = w[:-1]
+    elif w.endswith("ed") and not w.endswith(("ted", "ded")):
+        w = w[:-2]
+    groups = 0
+    prev = False
+    for ch in w:
+        v = ch in _VOWELS
+        if v and not prev:
+            groups += 1
+        prev = v
+    return max(1, groups)
+
+
+def flesch_kincaid_grade(text: str) -> float:
+    """Flesch-Kincaid grade level: 0.39 * words/sentence + 11.8 * syllables/word - 15.59
+    (the project's one reading grade: profile features, the ``style`` reward, ``eval style``)."""
+    ws = [w for w in latin_words(text) if not w.isdigit()]
+    if not ws:
+        return 0.0
+    syl = sum(count_syllables(w) for w in ws)
+    return 0.39 * len(ws) / _sentence_count(text) + 11.8 * syl / len(ws) - 15.59
+
+
+def _is_emoji(ch: str) -> bool:
+    cp = ord(ch)
+    return 0x1F300 <= cp <= 0x1FAFF or 0x2600 <= cp <= 0x27BF or 0x1F1E6 <= cp <= 0x1F1FF
+
+
+# ------------------------------------------------------------------------- profile style metrics
+
+_CONTRACTION_EN = re.compile(r"\b\w+'(?:s|re|ve|ll|d|m|t)\b", re.IGNORECASE)
+_FIRST_SECOND = re.compile(r"\b(?:i|me|my|we|us|our|you|your|yours)\b", re.IGNORECASE)
+_HEDGES = re.compile(r"\b(?:maybe|perhaps|kind of|sort of|pretty|really|super|awesome|cool|totally)\b", re.IGNORECASE)
+_FORMAL_CONNECTIVE = re.compile(r"\b(?:therefore|furthermore|moreover|however|consequently|thus|hence|additionally|"
+                                r"nevertheless|accordingly|whereas)\b", re.IGNORECASE)
+_BULLET_LINE = re.compile(r"^\s*(?:[-*\u2022+])\s+", re.MULTILINE)
+_NUMBERED = re.compile(r"^\s*\d+[.)]\s+", re.MULTILINE)
+_HEADING = re.compile(r"^\s*(?:#{1,6}\s+\S|\*\*[^*\n]{2,80}\*\*\s*:?\s*$|[A-Z][^\n.!?]{2,60}:\s*$)", re.MULTILINE)
+_CODE_FENCE = re.compile(r"```")
+_INLINE_CODE = re.compile(r"`[^`\n]+`")
+_EMOJI = re.compile("[\U0001F300-\U0001FAFF\u2600-\u27BF]")
+
+STYLE_NAMES: tuple[str, ...] = (
+    "log_words",            # length
+    "log_chars_per_word",
+    "log_sentences",
+    "words_per_sentence",
+    "fk_grade",             # reading level (Flesch-Kincaid grade, own syllable heuristic)
+    "long_word_ratio",      # words of 3+ syllables
+    "contraction_rate",     # formality cues (informal +)
+    "first_second_person_rate",
+    "exclamation_rate",
+    "question_rate",
+    "casual_word_rate",
+    "formal_connective_rate",
+    "emoji_rate",
+    "bullet_lines",         # structure
+    "numbered_lines",
+    "headings",
+    "code_blocks",
+    "inline_code",
+    "paragraphs",
+)
+
+
+def style_features(text: str) -> dict[str, float]:
+    """The profile model's interpretable style metrics of ``text``, raw (``STYLE_NAMES``; the
+    scaled vector is ``persona_mw.features.style_vector``)."""
+    ws = latin_words(text)
+    n = len(ws)
+    nz = max(n, 1)
+    sents = _sentence_count(text) if n else 0
+    syl = [count_syllables(w) for w in ws if not w.isdigit()]
+    return {
+        "log_words": math.log1p(n),
+        "log_chars_per_word": math.log1p(sum(len(w) for w in ws) / nz),
+        "log_sentences": math.log1p(sents),
+        "words_per_sentence": n / max(sents, 1),
+        "fk_grade": flesch_kincaid_grade(text),
+        "long_word_ratio": sum(1 for s in syl if s >= 3) / max(len(syl), 1),
+        "contraction_rate": len(_CONTRACTION_EN.findall(text)) / nz,
+        "first_second_person_rate": len(_FIRST_SECOND.findall(text)) / nz,
+        "exclamation_rate": text.count("!") / max(sents, 1),
+        "question_rate": text.count("?") / max(sents, 1),
+        "casual_word_rate": len(_HEDGES.findall(text)) / nz,
+        "formal_connective_rate": len(_FORMAL_CONNECTIVE.findall(text)) / nz,
+        "emoji_rate": len(_EMOJI.findall(text)) / max(sents, 1),
+        "bullet_lines": float(len(_BULLET_LINE.findall(text))),
+        "numbered_lines": float(len(_NUMBERED.findall(text))),
+        "headings": float(len(_HEADING.findall(text))),
+        "code_blocks": len(_CODE_FENCE.findall(text)) / 2.0,
+        "inline_code": float(len(_INLINE_CODE.findall(text))),
+        "paragraphs": float(len([p for p in re.split(r"\n\s*\n", text) if p.strip()])),
+    }
+
+
+# ------------------------------------------------------------------------- response style vs stated targets
+
 _BULLET = re.compile(r"^\s*(?:[-*•·]|\d+[.)])\s+")
 _CONTRACTION = re.compile(r"\b\w+['’](?:s|t|re|ve|ll|d|m)\b", re.IGNORECASE)
 _INFORMAL = {"lol", "gonna", "wanna", "hey", "yeah", "yep", "nope", "cool", "awesome", "btw", "kinda", "sorta",
@@ -25,21 +169,8 @@ _FORMAL = {"therefore", "however", "furthermore", "moreover", "regarding", "cons
            "accordingly", "nevertheless", "additionally", "respectively", "shall", "whereas", "pursuant"}
 
 
-def words(text: str) -> list[str]:
-    return _WORD.findall(text)
-
-
-def sentences(text: str) -> list[str]:
-    return [s for s in (p.strip() for p in _SENT_END.split(text.strip())) if _WORD.search(s)]
-
-
-def _is_emoji(ch: str) -> bool:
-    cp = ord(ch)
-    return 0x1F300 <= cp <= 0x1FAFF or 0x2600 <= cp <= 0x27BF or 0x1F1E6 <= cp <= 0x1F1FF
-
-
-def style_features(text: str) -> dict[str, float]:
-    """Interpretable style metrics of one response.
+def response_style(text: str) -> dict[str, float]:
+    """The style metrics ``style_fit`` matches against stated targets, for one response.
 
     ``words``, ``sentences``, ``grade`` (Flesch-Kincaid grade level, English-calibrated),
     ``formality`` in [0, 1], ``bullets`` (share of lines that are list items), ``emoji`` (count),
@@ -48,7 +179,6 @@ def style_features(text: str) -> dict[str, float]:
     ws = words(text)
     sents = sentences(text)
     nw, ns = len(ws), max(1, len(sents)) if ws else 0
-    # The one Flesch-Kincaid grade of the project (the profile features and `eval style` use it too).
     grade = flesch_kincaid_grade(text) if nw else 0.0
     lower = [w.lower() for w in ws]
     informal = (len(_CONTRACTION.findall(text)) + text.count("!") + sum(w in _INFORMAL for w in lower)
@@ -67,8 +197,6 @@ def style_features(text: str) -> dict[str, float]:
         "code": 1.0 if "```" in text or re.search(r"^( {4}|\t)\S", text, re.MULTILINE) else 0.0,
     }
 
-
-# ------------------------------------------------------------------------- stated preferences
 
 _NEGATION = re.compile(r"^\s*(?:please\s+)?(?:no|not|don'?t|do not|never|avoid|without|stop|skip|nothing)\b[\s:,-]*",
                        re.IGNORECASE)
@@ -138,7 +266,7 @@ def style_targets(text: str, polarity: str = "like") -> dict[str, float]:
 
 
 def style_fit(feats: dict[str, float], targets: dict[str, Any]) -> float:
-    """How well a response's features meet the targets, in [0, 1] (mean over targeted features)."""
+    """How well a response's ``response_style`` meets the targets, in [0, 1] (mean over targeted features)."""
     parts: list[float] = []
     w = feats["words"]
     if "max_words" in targets:
@@ -192,8 +320,15 @@ def content_stem(word: str) -> str:
     return _stem(word)
 
 
+def content_tokens(text: str, min_len: int = 2) -> list[str]:
+    """The stemmed content words of ``text`` in order, repeats kept: no stopwords, no numbers,
+    none shorter than ``min_len`` characters."""
+    return [_stem(w.lower()) for w in words(text) if w.lower() not in _STOP and not w.isdigit() and len(w) >= min_len]
+
+
 def content_terms(text: str) -> set[str]:
-    return {_stem(w.lower()) for w in words(text) if w.lower() not in _STOP and not w.isdigit() and len(w) > 1}
+    """The set of ``content_tokens`` (words of two characters or more)."""
+    return set(content_tokens(text))
 
 
 def coverage(response: str, statement: str) -> float:
@@ -259,7 +394,7 @@ def detect_language(text: str) -> str:
     toks = [unicodedata.normalize("NFC", w.lower()) for w in words(text)]
     if not toks:
         return "und"
-    scores = {lang: sum(t in set(sw) for t in toks) for lang, sw in _STOPWORDS.items()}
+    scores: dict[str, float] = {lang: sum(t in set(sw) for t in toks) for lang, sw in _STOPWORDS.items()}
     low = text.lower()
     bonus = {"es": "ñ¿¡", "de": "ßäöü", "fr": "çêèàù", "pt": "ãõç", "pl": "łąęśźż", "tr": "ğışç", "sv": "åä"}
     for lang, chars in bonus.items():
@@ -269,6 +404,7 @@ def detect_language(text: str) -> str:
 
 
 __all__ = [
-    "LANGUAGE_NAMES", "content_terms", "coverage", "detect_language", "polarity_of", "sentences",
-    "style_features", "style_fit", "style_targets", "words",
+    "LANGUAGE_NAMES", "STYLE_NAMES", "content_stem", "content_terms", "content_tokens", "count_syllables",
+    "coverage", "detect_language", "flesch_kincaid_grade", "latin_words", "polarity_of", "response_style",
+    "sentences", "style_features", "style_fit", "style_targets", "words",
 ]
