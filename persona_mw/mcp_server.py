@@ -22,6 +22,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Mapping, TypeVar
 
+from persona_mw.nodes import scope_node, user_node
 from persona_mw.errors import PersonaError, RequestError
 from persona_mw.tenancy import ApiKeys, Tenants
 from persona_mw.types import ID_PATTERN
@@ -113,7 +114,7 @@ def profile_summary(mw: Any, user: str, context: str | None = None, *, max_items
     data = mw.profile(user, context=context)
     scope = data["scope"]
     profiles: dict[str, Any] = data["profiles"]
-    own = {f"user:{user}"} | ({f"user:{user}@context:{context}"} if context else set())
+    own = {user_node(user)} | ({scope_node(user, context)} if context else set())
     likes: list[str] = []
     avoids: list[str] = []
     persona: list[str] = []
