@@ -44,7 +44,7 @@ def _env() -> Any:
     if _ENV is None:
         from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-        env = Environment(loader=FileSystemLoader(str(_HERE / "templates")),
+        env = Environment(loader=FileSystemLoader(str(_HERE / "templates")), auto_reload=False,
                           autoescape=select_autoescape(default=True, default_for_string=True))
         env.filters["when"] = _when
         env.filters["urlpart"] = lambda s: quote(str(s), safe="")
@@ -72,7 +72,9 @@ def _csrf(key: str | None) -> str:
 
 
 def render(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
-    html = _env().get_template(name).render(prefix=PREFIX, csrf=_csrf(_key(request)),
+    from markupsafe import Markup
+
+    html = _env().get_template(name).render(prefix=PREFIX, csrf=Markup(_csrf(_key(request))),  # hex: nothing to escape
                                             logged_in=_key(request) is not None, needs_key=_needs_key(request), **ctx)
     return HTMLResponse(html, status_code=status, headers={
         "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
@@ -182,12 +184,15 @@ def user_page_data(m: Any, user: str) -> dict[str, Any]:
     persona = [{"node": node, "text": t} for node, p in profiles.items() for t in (p.get("persona") or [])]
     own = profiles.get(me) or {}
     mems = m.memory.list(user)
+    base = f"{PREFIX}/users/{quote(user, safe='')}/memories/"
     rows = [{"m": x, "pinned": is_pinned(x), "context": x.owner.split("@context:", 1)[1]
-             if "@context:" in x.owner else None} for x in reversed(mems)]
+             if "@context:" in x.owner else None, "action": base + quote(x.id, safe=""),
+             "source": x.meta.get("source") or "-", "was": x.meta.get("extracted_by"), "when": _when(x.updated_at)}
+            for x in reversed(mems)]
     events = m.store.list_feedback(user=user)
-    feedback = [feedback_view(e) for e in reversed(events[-200:])]
-    traces = [trace_json(t) for t in list_traces(m, user, 10)]
-    return {"user": user, "scope": scope, "svg": scope_svg(scope, user), "stated": stated, "persona": persona,
+    feedback = [feedback_view(e) for e in reversed(events[-50:])]
+    traces = [trace_json(t) for t in list_traces(m, user, 5)]
+    return {"user": user, "user_q": quote(user, safe=""), "scope": scope, "svg": scope_svg(scope, user), "stated": stated, "persona": persona,
             "features": strongest(list(own.get("weights") or [])), "evidence": own.get("evidence", 0),
             "memories": rows, "feedback": feedback, "feedback_total": len(events), "traces": traces,
             "groups": sorted(n["id"] for n in scope.get("nodes") or [] if str(n.get("id", "")).startswith("group:"))}

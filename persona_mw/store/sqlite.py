@@ -372,8 +372,13 @@ class SQLiteStore:
         rows = self._query(f"SELECT {_MEMORY_COLS} FROM memories WHERE id = ?", (memory_id,))
         return _memory(rows[0]) if rows else None
 
-    def list_memories(self, owner: NodeId, include_superseded: bool = False) -> list[Memory]:
-        rows = self._query(f"SELECT {_MEMORY_COLS} FROM memories WHERE owner = ? "
+    lists_without_embeddings = True  # list_memories(..., embeddings=False) is supported
+
+    def list_memories(self, owner: NodeId, include_superseded: bool = False, *,
+                      embeddings: bool = True) -> list[Memory]:
+        """The owner's memories, oldest first; ``embeddings=False`` leaves the vectors out (not even read)."""
+        cols = _MEMORY_COLS if embeddings else _MEMORY_COLS.replace("embedding,", "NULL AS embedding,")
+        rows = self._query(f"SELECT {cols} FROM memories WHERE owner = ? "
                            "AND (? OR superseded_by IS NULL) ORDER BY created_at, id",
                            (owner, include_superseded))
         return [_memory(r) for r in rows]
