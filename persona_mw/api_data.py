@@ -42,7 +42,7 @@ from persona_mw.openai_wire import (
 )
 from persona_mw.types import ID_PATTERN, Memory
 
-__all__ = ["build_router", "memory_json", "request_middleware", "trace_json"]
+__all__ = ["build_router", "memory_json", "request_middleware", "route_docs", "trace_json"]
 
 _ID_RE = re.compile(ID_PATTERN)
 MAX_BATCH = 1000
@@ -394,8 +394,11 @@ async def feedback_batch(request: Request) -> Response:
 # --------------------------------------------------------------------------- OpenAPI and the router
 
 
-def _route_docs() -> dict[str, dict[str, Any]]:
-    from persona_mw.openapi import _errors, _json, _user_param
+def route_docs() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``(per-route openapi_extra keyed by "METHOD path", component schemas)``, as ``persona_mw.openapi``'s."""
+    from persona_mw.openapi import _REF, _errors, _json, _split, _user_param
+
+    components: dict[str, Any] = {}
 
     obj = {"type": "object"}
 
@@ -407,11 +410,10 @@ def _route_docs() -> dict[str, dict[str, Any]]:
     mem_param = [{"name": "memory_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 
     def body(model: type[BaseModel]) -> dict[str, Any]:
-        schema = model.model_json_schema()
-        schema.pop("$defs", None)
-        return {"required": True, "content": _json(schema)}
+        components[model.__name__] = _split(model.model_json_schema(ref_template=_REF), components)
+        return {"required": True, "content": _json({"$ref": _REF.format(model=model.__name__)})}
 
-    return {
+    docs = {
         "GET /v1/users": {
             "summary": "list the tenant's users; q searches their ids",
             "parameters": [q("q", {"type": "string", "maxLength": 128}, "part of the id, any case")] + page,
@@ -455,6 +457,7 @@ def _route_docs() -> dict[str, dict[str, Any]]:
             "responses": {"200": {"description": "one result per event", "content": _json(obj)},
                           **_errors(400, 401, 413)}},
     }
+    return docs, components
 
 
 ROUTES: tuple[tuple[str, Callable[[Request], Awaitable[Response]], str], ...] = (
@@ -474,7 +477,7 @@ def build_router() -> Any:
     from fastapi import APIRouter
 
     router = APIRouter()
-    docs = _route_docs()
+    docs, _ = route_docs()
     for path, handler, method in ROUTES:
         extra = dict(docs[f"{method} {path}"])
         router.add_api_route(path, guarded(handler), methods=[method], summary=extra.pop("summary"),

@@ -24,6 +24,17 @@ def install(app: Any) -> None:
 
     app.include_router(build_router())
     app.include_router(build_console_router())
+    from persona_mw.api_data import route_docs
+
+    _, components = route_docs()
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:  # the data API's body schemas join the document's components
+        doc: dict[str, Any] = base_openapi()
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return doc
+
+    app.openapi = openapi
 
     mw = getattr(app.state, "middleware", None)
     if mw is not None:
