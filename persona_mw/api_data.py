@@ -413,7 +413,7 @@ def route_docs() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         components[model.__name__] = _split(model.model_json_schema(ref_template=_REF), components)
         return {"required": True, "content": _json({"$ref": _REF.format(model=model.__name__)})}
 
-    docs = {
+    docs: dict[str, dict[str, Any]] = {
         "GET /v1/users": {
             "summary": "list the tenant's users; q searches their ids",
             "parameters": [q("q", {"type": "string", "maxLength": 128}, "part of the id, any case")] + page,

@@ -110,7 +110,13 @@ def _shots(tmp_path: Path) -> Path:
     return out
 
 
-def _shot(drv: Any, folder: Path, name: str) -> None:
+def _shot(drv: Any, folder: Path, name: str, element: str | None = None) -> None:
+    if element is not None:  # one section of the page
+        from selenium.webdriver.common.by import By
+
+        drv.find_element(By.ID, element).screenshot(str(folder / f"console-{name}.png"))
+        return
+    drv.execute_script("window.scrollTo(0, 0)")
     height = drv.execute_script("return document.documentElement.scrollHeight")
     drv.set_window_size(1280, min(max(int(height), 700), 2600))
     drv.save_screenshot(str(folder / f"console-{name}.png"))
@@ -199,7 +205,7 @@ def test_open_a_user_edit_a_memory_see_the_next_answer_change_and_forget(
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "details.trace[open]")))
     newest = drv.find_element(By.CSS_SELECTOR, "details.trace[open]").text
     assert "I love sailing on Lake Geneva" in newest and "Alps" not in newest
-    _shot(drv, shots, "trace")
+    _shot(drv, shots, "trace", element="traces")
 
     # pin the fact, then delete it (confirmation dialog)
     fact_row = next(r for r in drv.find_elements(By.CSS_SELECTOR, "tr.memory")
