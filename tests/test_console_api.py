@@ -309,3 +309,41 @@ def test_console_is_open_without_keys(tmp_path: Any) -> None:
             assert httpx.get(url + "/console/login", follow_redirects=False).status_code == 303
     finally:
         mw.close()
+
+
+def test_console_routes_under_hostile_input_never_5xx(server: Any) -> None:
+    """Hostile ids in every console path, hostile forms on every action: a 4xx page (or a redirect to the
+    login), never a 5xx, never the hostile text unescaped; nothing stored changes."""
+    url, _ = server
+    mem = add(url, "fuzzc", "I like fuzzing")
+    c = login(url, "acme-key-0001")
+    token = csrf(c.get("/console/users/fuzzc").text)
+    ids = HOSTILE_IDS + ["<b>x</b>", "a" * 5000, "x' OR '1'='1", "user:fuzzc", "fuzzc@context:x"]
+    for bad in ids:
+        for method, path in (("GET", f"/console/users/{bad}"), ("GET", f"/console/users/{bad}/export"),
+                             ("POST", f"/console/users/{bad}/forget"),
+                             ("POST", f"/console/users/fuzzc/memories/{bad}/edit"),
+                             ("POST", f"/console/users/fuzzc/memories/{bad}/pin"),
+                             ("POST", f"/console/users/fuzzc/memories/{bad}/delete"),
+                             ("POST", f"/console/users/{bad}/memories/{mem['id']}/delete"),
+                             ("GET", f"/console/?q={bad}&offset=0"), ("GET", f"/console/static/{bad}")):
+            r = c.request(method, path, data={"csrf": token, "text": "x", "confirm": bad} if method == "POST" else None)
+            assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
+            assert "<b>x</b>" not in r.text and "<script>" not in r.text, (method, path)
+    action = f"/console/users/fuzzc/memories/{mem['id']}"
+    forms: list[tuple[str, Any]] = [
+        ("/edit", {"csrf": token, "text": "x" * 3000}), ("/edit", {"csrf": token, "text": ""}),
+        ("/edit", {"csrf": token, "text": "\u0000\u0001"}), ("/edit", {"csrf": "0" * 64, "text": "forged"}),
+        ("/edit", b"\xff\xfe\x00garbage"), ("/edit", b"a=" + b"x" * (70 * 1024)),
+        ("/edit", "&".join(f"f{i}=1" for i in range(200)) + f"&csrf={token}"),
+        ("/pin", {"csrf": token, "pinned": "maybe"}), ("/delete", {}),
+    ]
+    for suffix, body in forms:
+        kw: dict[str, Any] = {"content": body} if isinstance(body, (bytes, str)) else {"data": body}
+        headers = {"Content-Type": "application/x-www-form-urlencoded"} if "content" in kw else None
+        r = c.post(action + suffix, headers=headers, **kw)
+        assert r.status_code < 500, (suffix, r.status_code, r.text[:300])
+    assert c.post("/console/login", content=b"\xff" * 10,
+                  headers={"Content-Type": "application/x-www-form-urlencoded"}).status_code == 401
+    texts = [m["text"] for m in httpx.get(url + "/v1/users/fuzzc/memories", headers=ACME).json()["data"]]
+    assert texts == ["I like fuzzing"]
