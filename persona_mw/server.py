@@ -473,6 +473,9 @@ def create_app(
     app.add_exception_handler(Exception, unhandled)
     app.state.middleware = mw
     app.state.tenants = tenants
+    from persona_mw.console import install as install_console
+
+    install_console(app)  # the data API (persona_mw.api_data) and the web console under /console
     return app
 
 

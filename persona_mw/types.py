@@ -152,6 +152,9 @@ class Trace(BaseModel):
     selected: int | None = Field(default=None, description="index of the served candidate when several were scored")
     aux_calls: list[dict[str, Any]] = Field(
         default_factory=list, description="auxiliary LLM calls of this turn: role, plugin, seconds, ok, error")
+    prompt: list[dict[str, str]] = Field(
+        default_factory=list, description="the messages sent to the backend (role, content), as the pipeline "
+        "left them; recorded when the web console is served (persona_mw.console.record)")
 
     @property
     def errors(self) -> list[TraceStep]:

@@ -378,13 +378,20 @@ def _schema_type(prop: dict[str, Any], components: dict[str, Any]) -> str:
 def http_page() -> str:
     from persona_mw import openapi
 
+    from persona_mw.api_data import route_docs as data_route_docs
+
     routes, components = openapi.route_docs()
+    data_routes, data_components = data_route_docs()  # the data API (persona_mw/api_data.py)
+    routes = {**routes, **data_routes}
+    components = {**components, **data_components}
     out = [HEADER + "# HTTP API reference\n",
-           "The routes of `persona-mw serve`, generated from `persona_mw/openapi.py` (the same declarations "
+           "The routes of `persona-mw serve`, generated from `persona_mw/openapi.py` and `persona_mw/api_data.py` "
+           "(the same declarations "
            "the server publishes at `/openapi.json`). Errors have OpenAI's shape, "
            "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`, with the message naming the field. "
            "With `server.api_keys` configured every `/v1` route needs `Authorization: Bearer <key>`. "
-           "The [HTTP server guide](../guide/server.md) shows clients.\n",
+           "The [HTTP server guide](../guide/server.md) shows clients; the web console (`/console`, not "
+           "listed here) is described in [the console guide](../guide/console.md).\n",
            "| method | path | summary |", "|---|---|---|"]
     for key, spec in routes.items():
         method, path = key.split(" ", 1)
@@ -414,7 +421,7 @@ def http_page() -> str:
             out.append(f"| {code} | {_cell(resp.get('description', ''))} |")
         out.append("")
     out.append("## Schemas\n")
-    for name in ("ChatCompletionBody", "Feedback"):
+    for name in ("ChatCompletionBody", "Feedback", "MemoryCreate", "MemoryPatch", "FeedbackBatch"):
         schema = components[name]
         out.append(f"### {name}\n")
         if schema.get("description"):

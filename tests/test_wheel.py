@@ -61,7 +61,9 @@ def test_wheel_contents(wheel):
     for required in ("persona_mw/__init__.py", "persona_mw/default.yaml", "persona_mw/py.typed",
                      "persona_mw/plugins/stated.py", "persona_mw/plugins/memory.py", "persona_mw/adapters/transformers.py",
                      "persona_mw/store/sqlite.py", "persona_mw/memory/manager.py", "persona_mw/integrations/litellm.py",
-                     "persona_mw/eval/style.py"):
+                     "persona_mw/eval/style.py", "persona_mw/api_data.py", "persona_mw/console/routes.py",
+                     "persona_mw/console/templates/user.html", "persona_mw/console/templates/base.html",
+                     "persona_mw/console/static/console.js", "persona_mw/console/static/console.css"):
         assert required in names, required
     # every module of the source tree's packages is in the wheel
     for folder, prefix in (("persona_mw", "persona_mw"), ("plugins", "persona_mw/plugins"),

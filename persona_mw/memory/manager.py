@@ -923,9 +923,15 @@ class MemoryManager:
         for node, w in nodes:
             self._load(node)
             for m in list(self._prefs.get(node, {}).values()):
-                if m.meta.get("source") in ("rules", "llm") and not pinnable(m.text, taste=states_taste(m.text)):
+                if m.meta.get("pinned") is False:  # unpinned by hand (the console, PATCH .../memories/{id})
+                    continue
+                if m.meta.get("source") in ("rules", "llm") and not m.meta.get("pinned") \
+                        and not pinnable(m.text, taste=states_taste(m.text)):
                     continue
                 mems.append((m, w))
+            for m in list(self._recs.get(node, {}).values()):  # facts and episodes pinned by hand
+                if m.kind != "preference" and m.meta.get("pinned") is True:
+                    mems.append((m, w))
         if not mems:
             return []
         rel: dict[str, float] = {}
@@ -938,7 +944,8 @@ class MemoryManager:
         def key(item: tuple[Memory, float]) -> tuple[int, float, float]:
             m, _ = item
             recency = float(m.meta.get("ts") or m.updated_at)
-            return (0 if m.polarity == "constraint" else 1, -rel.get(m.id, 0.0), -recency)
+            tier = 0 if m.polarity == "constraint" else 1 if m.meta.get("pinned") is True else 2
+            return (tier, -rel.get(m.id, 0.0), -recency)
 
         return [m.model_copy() for m, _ in sorted(mems, key=key)]
 
@@ -946,7 +953,11 @@ class MemoryManager:
         """The user's memories (all their nodes, or one context's), oldest first, without vectors."""
         owners = [self.owner_of(user, context)] if context else self._user_owners(user)
         out: list[Memory] = []
+        light = bool(getattr(self.store, "lists_without_embeddings", False))
         for o in owners:
+            if light:  # the vectors are not even read (a console page of 200 memories)
+                out.extend(self.store.list_memories(o, include_superseded=include_superseded, embeddings=False))
+                continue
             out.extend(m.model_copy(update={"embedding": None})
                        for m in self.store.list_memories(o, include_superseded=include_superseded))
         return sorted(out, key=lambda m: (m.created_at, m.id))
@@ -964,6 +975,46 @@ class MemoryManager:
         if m is None or not is_user_node_of(m.owner, user):
             raise UnknownMemoryError(f"user {user!r} has no memory {memory_id!r}", field="memory_id")
         return m
+
+    def edit(self, user: str, memory_id: str, *, text: str | None = None, pinned: bool | None = None) -> Memory:
+        """Change one active memory of ``user`` by hand: its ``text`` (cleaned, embedded again, marked
+        ``source: edited``; the extractor it came from stays in ``meta.extracted_by``) and/or ``pinned``
+        (True: always offered in the prompt like a stated preference; False: never pinned). Returns the
+        stored memory without its vector. ``UnknownMemoryError`` (naming ``memory_id``) when it is not the
+        user's, ``RequestError`` naming ``text`` when the text is empty after cleaning.
+        """
+        self._check_user(user)
+        clean = None
+        if text is not None:
+            clean = one_line(sanitize(text, MAX_MEMORY_CHARS))
+            if not clean:
+                raise RequestError("memory text is empty after cleaning", field="text")
+        with self._lock:
+            m = self.get(user, memory_id)
+            if m.superseded_by is not None:
+                raise RequestError(f"memory {memory_id!r} was superseded by {m.superseded_by!r}: edit that one",
+                                   field="memory_id")
+            meta = dict(m.meta)
+            if clean is not None and clean != m.text:
+                vecs = self._embed([clean])
+                m.text = clean
+                m.embedding = None if vecs is None else vecs[0].tolist()
+                if meta.get("source") != "edited":
+                    meta["extracted_by"] = meta.get("source")
+                meta["source"] = "edited"
+                for k in ("index_text", "slot", "idem"):
+                    meta.pop(k, None)
+            if pinned is not None:
+                meta["pinned"] = bool(pinned)
+            meta["edited_at"] = time.time()
+            m.meta = meta
+            m.updated_at = time.time()
+            self.store.update_memory(m)
+            stored = self.store.get_memory(m.id) or m  # as the store keeps it (redacted)
+            if m.owner in self._loaded:
+                self._index_remove(m.owner, [m.id])
+                self._index_add(m.owner, [stored])
+            return stored.model_copy(update={"embedding": None})
 
     def forget(self, user: str, memory_id: str | None = None) -> int:
         """Delete one memory (and its superseded history), or all of the user's memories; returns rows deleted.

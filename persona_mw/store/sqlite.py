@@ -373,8 +373,13 @@ class SQLiteStore:
         rows = self._query(f"SELECT {_MEMORY_COLS} FROM memories WHERE id = ?", (memory_id,))
         return _memory(rows[0]) if rows else None
 
-    def list_memories(self, owner: NodeId, include_superseded: bool = False) -> list[Memory]:
-        rows = self._query(f"SELECT {_MEMORY_COLS} FROM memories WHERE owner = ? "
+    lists_without_embeddings = True  # list_memories(..., embeddings=False) is supported
+
+    def list_memories(self, owner: NodeId, include_superseded: bool = False, *,
+                      embeddings: bool = True) -> list[Memory]:
+        """The owner's memories, oldest first; ``embeddings=False`` leaves the vectors out (not even read)."""
+        cols = _MEMORY_COLS if embeddings else _MEMORY_COLS.replace("embedding,", "NULL AS embedding,")
+        rows = self._query(f"SELECT {cols} FROM memories WHERE owner = ? "
                            "AND (? OR superseded_by IS NULL) ORDER BY created_at, id",
                            (owner, include_superseded))
         return [_memory(r) for r in rows]
@@ -433,6 +438,12 @@ class SQLiteStore:
     def get_trace(self, trace_id: str) -> Trace | None:
         rows = self._query("SELECT data FROM traces WHERE id = ?", (trace_id,))
         return Trace.model_validate_json(rows[0]["data"]) if rows else None
+
+    def list_traces(self, user: str, limit: int = 20) -> list[Trace]:
+        """The user's most recent traces, newest first (at most ``limit``)."""
+        rows = self._query("SELECT data FROM traces WHERE user = ? ORDER BY created_at DESC, id DESC LIMIT ?",
+                           (user, int(limit)))
+        return [Trace.model_validate_json(r["data"]) for r in rows]
 
     # durable background jobs -----------------------------------------------------------------
     def _beat(self, cur: sqlite3.Cursor, now: float) -> None:
@@ -549,6 +560,18 @@ class SQLiteStore:
             cur.execute("DELETE FROM profiles WHERE node = ?", (node_id,))
             cur.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
             return cur.rowcount > 0
+
+    def list_users(self, query: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Users (``user:<id>`` nodes) ordered by id, those whose id contains ``query`` (case-insensitive)
+        when given; each with ``id``, ``created_at`` and ``memories`` (active memories of all their nodes)."""
+        q = query.lower() if query else None
+        rows = self._query(
+            "SELECT substr(n.id, 6) AS id, n.created_at AS created_at, "
+            "(SELECT COUNT(*) FROM memories m WHERE m.superseded_by IS NULL AND (m.owner = n.id "
+            " OR substr(m.owner, 1, length(n.id) + 9) = n.id || '@context:')) AS memories "
+            "FROM nodes n WHERE n.kind = 'user' AND (?1 IS NULL OR instr(lower(substr(n.id, 6)), ?1) > 0) "
+            "ORDER BY n.id LIMIT ?2 OFFSET ?3", (q, int(limit), int(offset)))
+        return [dict(r) for r in rows]
 
     def has_user(self, user: str) -> bool:
         rows = self._query("SELECT EXISTS (SELECT 1 FROM nodes WHERE id = ?) "

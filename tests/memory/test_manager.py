@@ -242,3 +242,50 @@ def test_prescored_bm25_with_a_concurrent_embedding_gives_the_same_hits(store, m
     other = mm.prescore("ana", "cello lessons")
     c = mm.search("ana", query, 4, query_vector=qv, prescored=other)
     assert [h.memory.id for h in c] == [h.memory.id for h in b]
+
+
+def test_edit_reembeds_and_pins_by_hand(store, minilm):
+    """``edit``: the new text is what search and the vector index find, the old text is gone from both;
+    pinning a fact offers it with the pinned preferences, unpinning a preference takes it out; a memory
+    of another user, a superseded one and an empty text are refused naming the field."""
+    mm = MemoryManager(store, embedder=minilm)
+    (pref,) = mm.remember("ana", "I love green tea")
+    (fact,) = mm.remember("ana", "My cat is called Miso", kind="fact", polarity=None)
+    assert fact.kind == "fact" and [m.id for m in mm.pinned("ana")] == [pref.id]
+    edited = mm.edit("ana", pref.id, text="I love black coffee")
+    assert edited.text == "I love black coffee" and edited.meta["source"] == "edited"
+    assert edited.meta["extracted_by"] == "stated" and edited.embedding is None
+    stored = store.get_memory(pref.id)
+    assert stored.embedding is not None and stored.text == "I love black coffee"
+    for mode in ("bm25", "dense"):
+        hits = mm.search("ana", "black coffee", k=1, mode=mode)
+        assert hits[0].memory.id == pref.id and hits[0].memory.text == "I love black coffee", mode
+    assert not [h for h in mm.search("ana", "green tea", k=5, mode="bm25") if h.memory.id == pref.id]
+    # a fresh manager (another process) reads the edit from the store, vector included
+    assert MemoryManager(store, embedder=minilm).search("ana", "black coffee", k=1, mode="dense")[0].memory.id == pref.id
+
+    mm.edit("ana", fact.id, pinned=True)
+    mm.edit("ana", pref.id, pinned=False)
+    assert [m.id for m in mm.pinned("ana")] == [fact.id]
+    assert {m.id for m in mm.list("ana")} == {pref.id, fact.id}  # unpinned is still stored
+
+    mm.remember("bob", "I like jazz")
+    with pytest.raises(UnknownMemoryError) as err:
+        mm.edit("bob", pref.id, text="hijacked")
+    assert err.value.field == "memory_id" and store.get_memory(pref.id).text == "I love black coffee"
+    with pytest.raises(RequestError) as err:
+        mm.edit("ana", pref.id, text=" \u0000 ")
+    assert err.value.field == "text"
+    (newer,) = mm.remember("ana", "I don't like black coffee anymore", polarity="avoid")
+    if store.get_memory(pref.id).superseded_by == newer.id:
+        with pytest.raises(RequestError) as err:
+            mm.edit("ana", pref.id, text="again")
+        assert err.value.field == "memory_id"
+
+
+def test_list_reads_no_vectors(store, minilm):
+    mm = MemoryManager(store, embedder=minilm)
+    mm.remember("ana", "I love green tea")
+    assert store.list_memories("user:ana")[0].embedding is not None
+    assert store.list_memories("user:ana", embeddings=False)[0].embedding is None
+    assert [m.text for m in mm.list("ana")] == ["I love green tea"] and mm.list("ana")[0].embedding is None

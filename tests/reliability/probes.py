@@ -2,7 +2,8 @@
 
 A world of users in the open API and in three tenants, all with near-identical content (stated
 preferences, choices, chat turns), each piece carrying a marker unique to its owner; the same user
-ids exist in every tenant. Randomized requests go through every entry point, and the backend
+ids exist in every tenant. Randomized requests go through every entry point (the data API and the
+console's pages included), and the backend
 echoes its whole prompt, so anything of another user or tenant that reached a prompt, a response,
 a trace, a profile or an export shows up as a foreign marker: a leak.
 """
@@ -78,6 +79,7 @@ class World:
     members: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     traces: dict[str, list[str]] = field(default_factory=dict)  # tenant -> trace ids
+    memory_ids: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (tenant, user) -> memory ids seen
     probes: int = 0
     leaks: list[str] = field(default_factory=list)
     controls_failed: list[str] = field(default_factory=list)
@@ -244,6 +246,16 @@ class World:
             self.check(tenant, user, json.dumps(self.read_user(tenant, user, "export")), "export")
         elif roll < 0.40:
             self.cross_tenant_trace(tenant)
+        elif roll < 0.50:
+            what = self.rng.choice(("memories", "search", "traces"))
+            self.check(tenant, user, json.dumps(self.read_data(tenant, user, what)), f"GET {what}")
+        elif roll < 0.60:
+            page = self.console_page(tenant, user)
+            self.check(tenant, user, page, "console user page")
+            if self.stated_marks[(tenant, user)] not in page:  # the page shows the user's own data
+                self.controls_failed.append(f"console: {tenant}/{user} page lacks their own preference")
+        elif roll < 0.66:
+            self.cross_memory(tenant, user)
 
     def _auth(self, tenant: str) -> dict[str, str]:
         return {} if tenant == OPEN else {"Authorization": f"Bearer {self.keys[tenant]}"}
@@ -263,6 +275,44 @@ class World:
         r = self.http.get(self._base(tenant) + path, headers=self._auth(tenant))
         assert r.status_code == 200, r.text
         return r.json()
+
+    def read_data(self, tenant: str, user: str, what: str) -> Any:
+        """The data API (persona_mw.api_data): the user's memories, a search of them, their traces."""
+        path = {"memories": f"/v1/users/{user}/memories?include_superseded=true",
+                "search": f"/v1/users/{user}/memories/search?q=green+tea+answers&k=50&mode=bm25",
+                "traces": f"/v1/users/{user}/traces?limit=50"}[what]
+        r = self.http.get(self._base(tenant) + path, headers=self._auth(tenant))
+        assert r.status_code == 200, r.text
+        if what == "memories":
+            self.memory_ids.setdefault((tenant, user), set()).update(m["id"] for m in r.json()["data"])
+        return r.json()
+
+    def console_page(self, tenant: str, user: str) -> str:
+        """The console's user page, logged in with the tenant's key (its cookie) or open."""
+        cookies = {} if tenant == OPEN else {"persona_console_key": self.keys[tenant]}
+        r = self.http.get(f"{self._base(tenant)}/console/users/{user}", cookies=cookies)
+        assert r.status_code == 200, r.text[:300]
+        users = self.http.get(f"{self._base(tenant)}/console/?q=user", cookies=cookies)
+        assert users.status_code == 200 and "/console/login" not in str(users.url)
+        return r.text + users.text
+
+    def cross_memory(self, tenant: str, user: str) -> None:
+        """A memory id of another user (same tenant) or of another tenant, under this user's path: 404."""
+        theirs = [(t, u, mid) for (t, u), ids in self.memory_ids.items() for mid in ids
+                  if (t, u) != (tenant, user) and (t == tenant or tenant != OPEN)]
+        if not theirs:
+            return
+        t, u, mid = self.rng.choice(theirs)
+        base, auth = self._base(tenant), self._auth(tenant)
+        self.probes += 1
+        r = self.http.patch(f"{base}/v1/users/{user}/memories/{mid}", json={"pinned": True}, headers=auth)
+        if r.status_code != 404:  # (the 404 names the id it was asked for, nothing of the memory)
+            self.leaks.append(f"{tenant}/{user} edited memory {mid} of {t}/{u}: {r.status_code}")
+        self.check(tenant, user, r.text, "cross-user memory edit")
+        if tenant != OPEN and t != tenant:  # the other tenant's own user id here is someone else
+            r = self.http.delete(f"{base}/v1/users/{u}/memories/{mid}", headers=auth)
+            if r.status_code != 404:
+                self.leaks.append(f"tenant {tenant} deleted memory {mid} of {t}/{u}: {r.status_code}")
 
     def cross_tenant_trace(self, tenant: str) -> None:
         """Another tenant's (or the open API's) trace id must be unknown here: 404, not its content."""
