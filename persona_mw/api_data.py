@@ -27,6 +27,7 @@ from pydantic_core import to_jsonable_python
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from persona_mw.nodes import context_of, is_user_node_of, user_of
 from persona_mw.errors import RequestError, StoreError
 from persona_mw.limits import DEFAULT_MAX_JSON_DEPTH
 from persona_mw.memory.manager import UnknownMemoryError
@@ -125,7 +126,7 @@ def is_pinned(m: Memory) -> bool:
 
 def memory_json(m: Memory, user: str) -> dict[str, Any]:
     owner = m.owner
-    context = owner.split("@context:", 1)[1] if owner.startswith(f"user:{user}@context:") else None
+    context = context_of(owner) if is_user_node_of(owner, user) else None
     meta = {k: v for k, v in m.meta.items() if k not in ("idem", "index_text")}
     return {"id": m.id, "object": "memory", "user": user, "context": context, "owner": owner, "text": m.text,
             "kind": m.kind, "polarity": m.polarity, "pinned": is_pinned(m), "provenance": list(m.provenance),
@@ -149,7 +150,7 @@ def list_users(m: Any, query: str | None, limit: int, offset: int) -> list[dict[
     lister = getattr(m.store, "list_users", None)
     if lister is not None:
         return list(lister(query, limit, offset))
-    ids = [n.id[len("user:"):] for n in m.store.list_nodes("user", limit=1_000_000)]
+    ids = [u for n in m.store.list_nodes("user", limit=1_000_000) if (u := user_of(n.id))]
     if query:
         ids = [i for i in ids if query.lower() in i.lower()]
     return [{"id": i, "created_at": None, "memories": None} for i in ids[offset:offset + limit]]

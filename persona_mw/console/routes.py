@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, quote
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from persona_mw.nodes import context_of, is_group, user_node
 from persona_mw.api_data import (
     check_id,
     int_param,
@@ -145,7 +146,7 @@ def scope_svg(scope: dict[str, Any], user: str) -> dict[str, Any]:
     """Positions for the scope picture: the user's node in the middle, the other nodes around it,
     each edge as thick as the node's weight."""
     nodes = list(scope.get("nodes") or [])
-    me = f"user:{user}"
+    me = user_node(user)
     center: dict[str, Any] = next((n for n in nodes if n.get("id") == me), {"id": me, "weight": 0.0})
     others = [n for n in nodes if n.get("id") != me]
     w, h, r = 560, 340, 125
@@ -179,14 +180,13 @@ def user_page_data(m: Any, user: str) -> dict[str, Any]:
     prof = m.profile(user)
     scope = prof.get("scope") or {}
     profiles = prof.get("profiles") or {}
-    me = f"user:{user}"
+    me = user_node(user)
     stated = [{"node": node, **s} for node, p in profiles.items() for s in (p.get("stated") or [])]
     persona = [{"node": node, "text": t} for node, p in profiles.items() for t in (p.get("persona") or [])]
     own = profiles.get(me) or {}
     mems = m.memory.list(user)
     base = f"{PREFIX}/users/{quote(user, safe='')}/memories/"
-    rows = [{"m": x, "pinned": is_pinned(x), "context": x.owner.split("@context:", 1)[1]
-             if "@context:" in x.owner else None, "action": base + quote(x.id, safe=""),
+    rows = [{"m": x, "pinned": is_pinned(x), "context": context_of(x.owner), "action": base + quote(x.id, safe=""),
              "source": x.meta.get("source") or "-", "was": x.meta.get("extracted_by"), "when": _when(x.updated_at)}
             for x in reversed(mems)]
     events = m.store.list_feedback(user=user)
@@ -195,7 +195,7 @@ def user_page_data(m: Any, user: str) -> dict[str, Any]:
     return {"user": user, "user_q": quote(user, safe=""), "scope": scope, "svg": scope_svg(scope, user), "stated": stated, "persona": persona,
             "features": strongest(list(own.get("weights") or [])), "evidence": own.get("evidence", 0),
             "memories": rows, "feedback": feedback, "feedback_total": len(events), "traces": traces,
-            "groups": sorted(n["id"] for n in scope.get("nodes") or [] if str(n.get("id", "")).startswith("group:"))}
+            "groups": sorted(n["id"] for n in scope.get("nodes") or [] if is_group(str(n.get("id", ""))))}
 
 
 # --------------------------------------------------------------------------- pages

@@ -565,12 +565,16 @@ class SQLiteStore:
         """Users (``user:<id>`` nodes) ordered by id, those whose id contains ``query`` (case-insensitive)
         when given; each with ``id``, ``created_at`` and ``memories`` (active memories of all their nodes)."""
         q = query.lower() if query else None
+        # node ids from persona_mw.nodes: user:<u> is user_node(""), + <u>; its context nodes start with
+        # user_context_prefix(<u>), which is user:<u> followed by the context separator.
+        start = len(user_node("")) + 1
+        sep = user_context_prefix("")[len(user_node("")):]
         rows = self._query(
-            "SELECT substr(n.id, 6) AS id, n.created_at AS created_at, "
+            "SELECT substr(n.id, ?4) AS id, n.created_at AS created_at, "
             "(SELECT COUNT(*) FROM memories m WHERE m.superseded_by IS NULL AND (m.owner = n.id "
-            " OR substr(m.owner, 1, length(n.id) + 9) = n.id || '@context:')) AS memories "
-            "FROM nodes n WHERE n.kind = 'user' AND (?1 IS NULL OR instr(lower(substr(n.id, 6)), ?1) > 0) "
-            "ORDER BY n.id LIMIT ?2 OFFSET ?3", (q, int(limit), int(offset)))
+            " OR substr(m.owner, 1, length(n.id) + length(?5)) = n.id || ?5)) AS memories "
+            "FROM nodes n WHERE n.kind = 'user' AND (?1 IS NULL OR instr(lower(substr(n.id, ?4)), ?1) > 0) "
+            "ORDER BY n.id LIMIT ?2 OFFSET ?3", (q, int(limit), int(offset), start, sep))
         return [dict(r) for r in rows]
 
     def has_user(self, user: str) -> bool:
