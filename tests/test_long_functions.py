@@ -23,10 +23,10 @@ def test_no_function_over_80_lines() -> None:
 
 
 def test_the_script_finds_a_long_function(tmp_path: Path) -> None:
-    body = "\n".join(f"    x{i} = {i}" for i in range(81))
+    body = "".join(f"        x{i} = {i}\n" for i in range(81))  # def line + 81 = 82 lines
     src = tmp_path / "long.py"
-    src.write_text(f"class C:\n    def short(self) -> None:\n        pass\n\n    async def long(self) -> None:\n"
-                   + body.replace("\n", "\n    ").replace("    x0", "        x0", 1) + "\n", encoding="utf-8")
+    src.write_text("class C:\n    def short(self) -> None:\n        pass\n\n"
+                   "    async def long(self) -> None:\n" + body, encoding="utf-8")
     result = run_script(str(tmp_path))
     assert result.returncode == 1 and "C.long 82" in result.stdout and "short" not in result.stdout
     assert run_script("--allow", str(src), str(tmp_path)).returncode == 0
