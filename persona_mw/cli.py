@@ -267,11 +267,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     with _middleware(args) as mw:
         if args.action == "show":
-            from persona_mw.plugins.fermi import prompt_reports
-
-            data = mw.profile(args.user, context=args.context)
-            prompts = prompt_reports(mw, data["profiles"])
-            out = {**data, "prompts": prompts} if prompts else data
+            out = _profile_with_reports(mw, args.user, mw.profile(args.user, context=args.context))
             _print_json(out if args.full else _compact(out))
         elif args.action == "export":
             data = mw.export_user(args.user)
@@ -292,6 +288,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
         elif args.action == "rebuild":
             _print_json(mw.rebuild(args.user))
     return 0
+
+
+def _profile_with_reports(mw: Any, user: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` plus the sections plugins add to ``profile show`` (``persona_profile_report``)."""
+    out = dict(data)
+    for sections in mw.host.pm.hook.persona_profile_report(user=user, profiles=data["profiles"], middleware=mw):
+        if sections:
+            out.update(sections)
+    return out
 
 
 def _compact(data: Any, limit: int = 16) -> Any:
@@ -456,6 +461,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-mw", description="Middleware that personalizes any LLM.")
     parser.add_argument("--version", action="version", version=f"persona-mw {_version()}")
@@ -469,6 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    _add_turn_commands(add)
+    _add_user_commands(add)
+    _add_admin_commands(add)
+    _add_eval_command(add)
+    _plugin_commands(sub)
+    return parser
+
+
+def _add_turn_commands(add: AddCommand) -> None:
+    """demo, chat, serve, feedback."""
     p = add("demo", cmd_demo, "two users, two stated preferences, two answers from the local model", config=False)
     p.add_argument("--question", help="the question both users ask")
 
@@ -507,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--avoid", help="something the user wants avoided, in words")
     g.add_argument("--json", help='a feedback event as JSON, e.g. {"kind": "choice", ...}')
 
+
+def _add_user_commands(add: AddCommand) -> None:
+    """profile, jobs, redact, memory, graph."""
     p = add("profile", cmd_profile, "show, export, forget or rebuild a user's profile")
     p.add_argument("action", choices=["show", "export", "forget", "rebuild"], help="what to do")
     p.add_argument("user", help="the user's id")
@@ -544,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", "-c", help="with show: include the user's nodes in this context")
     p.add_argument("--out", help="with export: the GraphML file (default persona-graph.graphml)")
 
+
+def _add_admin_commands(add: AddCommand) -> None:
+    """plugins, config, models."""
     p = add("plugins", cmd_plugins, "list plugins, backends and their hooks", config=False)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--hooks", action="store_true", help="also list every hook and its combine rule")
@@ -556,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "pull"], help="what to do")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="with pull: the model (default %(default)s)")
 
+
+def _add_eval_command(add: AddCommand) -> None:
     p = add("eval", cmd_eval, "benchmarks: profiles from choices (dsp), pluralistic users (traits), "
             "style following (style)", config=False)
     p.add_argument("benchmark", choices=["dsp", "traits", "style", "fermi", "locomo", "prefeval"], help="which benchmark")
@@ -579,9 +605,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", default="0,10,100,300", help="prefeval: distractor turns N, comma-separated")
     p.add_argument("--forms", default="explicit,choice,persona", help="prefeval: preference forms, comma-separated")
     p.add_argument("--limit", type=int, help="prefeval: items per topic (default: all)")
-
-    _plugin_commands(sub)
-    return parser
 
 
 def _plugin_commands(sub: Any) -> None:

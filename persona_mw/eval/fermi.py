@@ -61,9 +61,6 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
         test_frac: float = 0.4, log: Any = None) -> dict[str, float]:
     from persona_mw.config import parse_config
     from persona_mw.middleware import Middleware
-    from persona_mw.plugins._fermi_score import response_logprobs
-    from persona_mw.plugins.fermi import cache_key, place
-
     t_start, cpu_start = time.perf_counter(), time.process_time()
     say = log or (lambda m: None)
     items = load(data)
@@ -95,12 +92,8 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
             placement = plugin.config.placement
             for u, di in users:
                 t0 = time.perf_counter()
-                seen = r.choice(obs, size=min(history, len(obs)), replace=False)
-                for q in seen:
-                    others = [items[q]["responses"][d] for d in domains if d != udom[di]]
-                    mw.feedback({"kind": "choice", "user": u, "prompt": items[q]["query"],
-                                 "chosen": items[q]["responses"][udom[di]],
-                                 "rejected": [others[j] for j in r.permutation(len(others))]})
+                _observe(mw, u, items, r.choice(obs, size=min(history, len(obs)), replace=False), domains,
+                         udom[di], r)
                 prof = mw.store.get_profile(user_node(u))
                 st = plugin.state_of(prof)
                 hist = st.get("history", [{}])[-1]
@@ -112,42 +105,12 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
                     f"z {hist.get('z')}; {hist.get('note', '')})")
                 tried = sorted(hist.get("tried", []), key=lambda c: -c["score"])[:5]
                 say("  top candidates in-sample: " + ", ".join(f"{c['source']} {c['score']:+.3f}" for c in tried))
-                # Training (in-sample) numbers of the persona and the best prompt: from the memory, or
-                # from the job's per-choice cache when the persona prompt fell out of the memory (else
-                # the means would cover different users).
-                for label, text in (("persona", persona), ("best", (best or {}).get("text"))):
-                    entry = next((p for p in st.get("prompts", []) if p.get("text") == text and "score" in p), None)
-                    per = st.get("cache", {}).get(cache_key(text or ""))
-                    acc_m = (entry["acc"], entry["score"]) if entry else (
-                        (float(np.mean([v[1] for v in per.values()])), float(np.mean([v[0] for v in per.values()])))
-                        if per else None)
-                    if acc_m is not None:
-                        sums.setdefault(f"train_pairwise@H{history}:{label}", []).append(acc_m[0])
-                        sums.setdefault(f"train_margin@H{history}:{label}", []).append(acc_m[1])
+                _train_numbers(st, persona, best, history, sums)
                 # Held-out: which prompt each query gets.
                 prompts = {"none": ["" for _ in test_q], "persona": [persona for _ in test_q],
                            "optimized": [(plugin.pick(prof, items[q]["query"])[0] or {}).get("text", "") for q in test_q],
                            "best": [(best or {}).get("text", "") for _ in test_q]}
-                truth = domains.index(udom[di])
-                base = None
-                for label, texts in prompts.items():
-                    ctx = [backend.format_prompt(place([_user(items[q]["query"])], t, placement))
-                           for q, t in zip(test_q, texts)]
-                    resps = [[items[q]["responses"][d] for d in domains] for q in test_q]
-                    lps = np.asarray(asyncio.run(backend.call(lambda m, tk, c=ctx, rs=resps: response_logprobs(
-                        m, tk, c, rs, max_response_tokens=HELD_OUT_TOKENS))))
-                    own = lps[:, truth][:, None]
-                    others = np.delete(lps, truth, axis=1)
-                    sums.setdefault(f"pairwise@H{history}:{label}", []).append(float((others < own).mean()))
-                    # Prompt-raise (PMI) pairwise: did the prompt raise the user's answer more than each
-                    # other answer, against the same query with no prompt? 0.5 for no prompt, by definition.
-                    base = lps if base is None else base
-                    lift = lps - base
-                    d_own, d_oth = lift[:, truth][:, None], np.delete(lift, truth, axis=1)
-                    sums.setdefault(f"pairwise_pmi@H{history}:{label}", []).append(
-                        float(((d_oth < d_own) + 0.5 * (d_oth == d_own)).mean()))
-                    sums.setdefault(f"top1@H{history}:{label}", []).append(float((others < own).all(1).mean()))
-                    sums.setdefault(f"margin@H{history}:{label}", []).append(float((own - others).mean()))
+                _held_out(backend, items, test_q, domains, domains.index(udom[di]), prompts, placement, history, sums)
                 say(f"  {u}: held-out pairwise (raw / prompt-raise) " + ", ".join(
                     f"{k}={sums[f'pairwise@H{history}:{k}'][-1]:.3f}/{sums[f'pairwise_pmi@H{history}:{k}'][-1]:.3f}"
                     for k in prompts)
@@ -159,6 +122,61 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
     metrics["seconds"] = time.perf_counter() - t_start
     metrics["cpu_seconds"] = time.process_time() - cpu_start
     return metrics
+
+
+def _observe(mw: Any, user: str, items: list[dict[str, Any]], seen: Any, domains: list[str], own: str,
+             r: np.random.Generator) -> None:
+    """Record ``user``'s choices on the ``seen`` items: its domain's answer over the others (shuffled by ``r``)."""
+    for q in seen:
+        others = [items[q]["responses"][d] for d in domains if d != own]
+        mw.feedback({"kind": "choice", "user": user, "prompt": items[q]["query"],
+                     "chosen": items[q]["responses"][own],
+                     "rejected": [others[j] for j in r.permutation(len(others))]})
+
+
+def _train_numbers(st: dict[str, Any], persona: str, best: dict[str, Any] | None, history: int,
+                   sums: dict[str, list[float]]) -> None:
+    """Training (in-sample) numbers of the persona and the best prompt: from the memory, or from the
+    job's per-choice cache when the persona prompt fell out of the memory (else the means would cover
+    different users)."""
+    from persona_mw.plugins.fermi import cache_key
+
+    for label, text in (("persona", persona), ("best", (best or {}).get("text"))):
+        entry = next((p for p in st.get("prompts", []) if p.get("text") == text and "score" in p), None)
+        per = st.get("cache", {}).get(cache_key(text or ""))
+        acc_m = (entry["acc"], entry["score"]) if entry else (
+            (float(np.mean([v[1] for v in per.values()])), float(np.mean([v[0] for v in per.values()])))
+            if per else None)
+        if acc_m is not None:
+            sums.setdefault(f"train_pairwise@H{history}:{label}", []).append(acc_m[0])
+            sums.setdefault(f"train_margin@H{history}:{label}", []).append(acc_m[1])
+
+
+def _held_out(backend: Any, items: list[dict[str, Any]], test_q: Any, domains: list[str], truth: int,
+              prompts: dict[str, list[str]], placement: Any, history: int, sums: dict[str, list[float]]) -> None:
+    """Score the held-out queries under each labelled prompt list: pairwise, prompt-raise, top-1, margin."""
+    from persona_mw.plugins._fermi_score import response_logprobs
+    from persona_mw.plugins.fermi import place
+
+    base = None
+    for label, texts in prompts.items():
+        ctx = [backend.format_prompt(place([_user(items[q]["query"])], t, placement))
+               for q, t in zip(test_q, texts)]
+        resps = [[items[q]["responses"][d] for d in domains] for q in test_q]
+        lps = np.asarray(asyncio.run(backend.call(lambda m, tk, c=ctx, rs=resps: response_logprobs(
+            m, tk, c, rs, max_response_tokens=HELD_OUT_TOKENS))))
+        own = lps[:, truth][:, None]
+        others = np.delete(lps, truth, axis=1)
+        sums.setdefault(f"pairwise@H{history}:{label}", []).append(float((others < own).mean()))
+        # Prompt-raise (PMI) pairwise: did the prompt raise the user's answer more than each
+        # other answer, against the same query with no prompt? 0.5 for no prompt, by definition.
+        base = lps if base is None else base
+        lift = lps - base
+        d_own, d_oth = lift[:, truth][:, None], np.delete(lift, truth, axis=1)
+        sums.setdefault(f"pairwise_pmi@H{history}:{label}", []).append(
+            float(((d_oth < d_own) + 0.5 * (d_oth == d_own)).mean()))
+        sums.setdefault(f"top1@H{history}:{label}", []).append(float((others < own).all(1).mean()))
+        sums.setdefault(f"margin@H{history}:{label}", []).append(float((own - others).mean()))
 
 
 def _user(text: str) -> Any:

@@ -27,7 +27,7 @@ from persona_mw.memory.extract import (
     EXTRACT_PROMPT, MAX_MEMORY_CHARS, Candidate, detect, is_injection, one_line, parse_llm_output, rule_extract,
     sanitize, states_taste,
 )
-from persona_mw.memory.index import BM25Index, NumpyIndex, VectorIndex, parse_date, rrf, time_hint
+from persona_mw.memory.index import BM25Index, Fused, NumpyIndex, VectorIndex, parse_date, rrf, time_hint
 from persona_mw.memory.instructions import pinnable
 from persona_mw.memory.update import decide
 from persona_mw.nodes import GLOBAL, context_node, is_user_node_of, kind_of, scope_node, user_node
@@ -762,6 +762,11 @@ class MemoryManager:
         if mode == "fused":
             pre = prescored if prescored is not None and prescored.get("query") == query else None
             return self._search_fused(nodes, query, qv, k, kindset, pre)
+        return self._search_hybrid(nodes, query, qv, k, kindset, mode)
+
+    def _search_hybrid(self, nodes: list[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
+                       kindset: set[str] | None, mode: Mode) -> list[MemoryHit]:
+        """``search`` in the ``hybrid``, ``bm25`` and ``dense`` modes: per-node candidates, then RRF."""
         n_cand = max(self.candidates, 4 * k)
         max_w = max((w for _, w in nodes), default=1.0) or 1.0
         dense: list[tuple[float, str, str]] = []
@@ -792,6 +797,22 @@ class MemoryManager:
         if not rankings:
             return []
         fused = rrf(rankings, k=self.rrf_k, weights=self.fusion_weights)
+        fused = self._time_boost(query, fused, rankings, n_cand, k)
+        out: list[MemoryHit] = []
+        for f in fused:
+            node, mid = f.id.split("\x00", 1)
+            m = self._recs.get(node, {}).get(mid)
+            if m is None:
+                continue
+            out.append(MemoryHit(m.model_copy(), f.score * factor.get(node, 0.7),
+                                 {"node": node, **{f"{r}_rank": v for r, v in f.ranks.items()}}))
+        out.sort(key=lambda h: -h.score)
+        return out[:k]
+
+    def _time_boost(self, query: str, fused: list[Fused], rankings: dict[str, list[str]], n_cand: int,
+                    k: int) -> list[Fused]:
+        """``fused`` re-fused with a ``time`` ranking when the query names a month/year (memories dated
+        then) or asks for recent things (newest first); unchanged otherwise."""
         hint = time_hint(query)
         if hint.year or hint.month or hint.recent:
             pool = [f.id for f in fused[: n_cand]]
@@ -809,17 +830,8 @@ class MemoryManager:
             else:
                 rankings["time"] = sorted(pool, key=lambda key: -float(mem_of(key).meta.get("ts") or
                                                                       mem_of(key).created_at))[: max(k, 10)]
-            fused = rrf(rankings, k=self.rrf_k, weights=self.fusion_weights)
-        out: list[MemoryHit] = []
-        for f in fused:
-            node, mid = f.id.split("\x00", 1)
-            m = self._recs.get(node, {}).get(mid)
-            if m is None:
-                continue
-            out.append(MemoryHit(m.model_copy(), f.score * factor.get(node, 0.7),
-                                 {"node": node, **{f"{r}_rank": v for r, v in f.ranks.items()}}))
-        out.sort(key=lambda h: -h.score)
-        return out[:k]
+            return rrf(rankings, k=self.rrf_k, weights=self.fusion_weights)
+        return fused
 
     def prescore(self, user: str, query: str, *, context: str | None = None,
                  scope: Scope | None = None) -> dict[str, Any]:
