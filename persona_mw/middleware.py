@@ -143,7 +143,7 @@ class Middleware:
         self._ready = False
         self._memory: Any = None  # persona_mw.memory.MemoryManager, created on first use
         try:
-            self.host.pm.hook.persona_startup(middleware=self)
+            self.pipeline.run_blocking("persona_startup", self._run_on_loop, middleware=self)
         except BaseException:
             self._shutdown()
             raise
@@ -704,6 +704,9 @@ class Middleware:
                     self._loop = _Loop()
         return self._loop
 
+    def _run_on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._portal().run(coro)
+
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         fut = self._portal().submit(coro)
         with self._jobs_lock:
@@ -933,7 +936,8 @@ class Middleware:
         self.graph.forget_cached(user)
         if self._memory is not None:  # the in-memory index holds vectors of the rows just deleted
             self._memory.drop_user(user)
-        self.host.pm.hook.persona_forget(user=user, nodes=linked, store=self.store, graph=self.graph)
+        self.pipeline.run_blocking("persona_forget", self._run_on_loop, user=user, nodes=linked, store=self.store,
+                                   graph=self.graph)
         counts["orphan_nodes"] = self._prune_orphans(sorted(set(linked) | contexts))
         scrub = getattr(self.store, "scrub", None)
         scrubbed = True if scrub is None else bool(scrub())

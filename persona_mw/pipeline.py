@@ -14,22 +14,21 @@ import contextlib
 import inspect
 import logging
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Coroutine
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from persona_mw.errors import ForgottenError, PersonaError, PluginError
-from persona_mw.hookspecs import LEARNING_STAGES, TURN_STAGES
+from persona_mw import stages
+from persona_mw.hookspecs import TURN_STAGES
 from persona_mw.manager import PluginHost, display_name
+from persona_mw.stages import describe_items
 from persona_mw.types import (
     Candidate,
     ChatResponse,
-    ContextItem,
     Decoding,
     Feedback,
-    Message,
     Profile,
-    Scope,
     StreamChunk,
     TraceStep,
     Turn,
@@ -37,21 +36,6 @@ from persona_mw.types import (
 )
 
 log = logging.getLogger("persona_mw.pipeline")
-
-_messages_adapter = TypeAdapter(list[Message])
-
-# What a hook result must be, per stage, so a plugin returning garbage is caught at the boundary.
-_RESULT_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "persona_resolve_scope": lambda r: Scope.model_validate(r),
-    "persona_gather": lambda r: [ContextItem.model_validate(i) for i in r],
-    "persona_rewrite": lambda r: _messages_adapter.validate_python(r),
-    "persona_decoding": lambda r: Decoding.model_validate(r),
-    "persona_generate": lambda r: [Candidate.model_validate(c) for c in r],
-    "persona_score": lambda r: {str(k): [float(x) for x in v] for k, v in dict(r).items()},
-    "persona_select": lambda r: int(r),
-    "persona_correct": lambda r: Candidate.model_validate(r),
-}
-
 
 class Pipeline:
     """The per-turn stages over one PluginHost. ``Middleware`` owns one."""
@@ -71,6 +55,7 @@ class Pipeline:
     async def _call(self, stage: str, impl: Any, turn: Turn | None, available: dict[str, Any]) -> tuple[bool, Any]:
         """Call one implementation. Returns (ok, result); ok is False when skipped on error."""
         name = display_name(impl.plugin_name)
+        row = stages.stage(stage)
         kwargs = {a: available[a] for a in impl.argnames if a in available}
         t0 = time.perf_counter()
         if turn is not None:
@@ -79,15 +64,17 @@ class Pipeline:
             result = impl.function(**kwargs)
             if inspect.isawaitable(result):
                 result = await result
-            if result is not None and stage in _RESULT_CHECKS:
+            if result is not None and row.check is not None:
                 try:
-                    result = _RESULT_CHECKS[stage](result)
+                    result = row.check(result)
                 except (ValidationError, TypeError, ValueError) as exc:
                     raise PluginError(
                         f"plugin {name!r} returned an invalid result from {stage}: {exc}", plugin=name, hook=stage
                     ) from None
         except Exception as exc:
             if isinstance(exc, ForgottenError):  # the user was forgotten meanwhile: the whole work stops
+                raise
+            if type(exc).__name__ in row.passes:  # e.g. a startup ConfigError: its message is the user's
                 raise
             ms = (time.perf_counter() - t0) * 1000
             policy = self.host.policy_of(name)
@@ -104,7 +91,7 @@ class Pipeline:
             raise PluginError(f"plugin {name!r} failed in {stage}: {err}", plugin=name, hook=stage) from exc
         if turn is not None:
             ms = (time.perf_counter() - t0) * 1000
-            summary = "; ".join(turn._notes) if turn._notes else _summarize(stage, result)
+            summary = "; ".join(turn._notes) if turn._notes else stages.summarize(stage, result)
             turn.trace.steps.append(
                 TraceStep(plugin=name, hook=stage, ms=ms, changed=result not in (None, [], {}), summary=summary)
             )
@@ -124,6 +111,27 @@ class Pipeline:
             if ok and res is not None:
                 return res
         return None
+
+    async def broadcast(self, stage: str, turn: Turn | None, **available: Any) -> None:
+        """Run every implementation of a hook that returns nothing (startup, after_turn, feedback, forget)."""
+        await self.collect(stage, turn, **available)
+
+    def run_blocking(self, stage: str, portal: Callable[[Coroutine[Any, Any, Any]], Any], **available: Any) -> None:
+        """``broadcast`` from sync code (startup, forget): the same runner, policy and awaiting.
+
+        Without an ``async def`` implementation the runner never suspends, so it is driven right
+        here, in the caller's thread; with one, it runs on ``portal`` (the Middleware's loop).
+        """
+        coro = self.broadcast(stage, None, **available)
+        if any(inspect.iscoroutinefunction(i.function) for i in self.impls(stage)):
+            portal(coro)
+            return
+        try:
+            coro.send(None)
+        except StopIteration:
+            return
+        coro.close()
+        raise RuntimeError(f"{stage}: an implementation returned an awaitable from a plain def; make it async def")
 
     async def chain(self, stage: str, turn: Turn, key: str, value: Any, **available: Any) -> Any:
         for impl in self.impls(stage):
@@ -215,7 +223,7 @@ class Pipeline:
         prompt_tokens = sum(backend.count_tokens(m.text) for m in turn.messages)
         completion = sum(c.tokens or backend.count_tokens(c.text) for c in choices)
         return ChatResponse(
-            model=turn.request.model or getattr(backend, "name", ""),
+            model=turn.request.model or str(getattr(backend, "name", "")),
             choices=choices,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                         total_tokens=prompt_tokens + completion),
@@ -251,7 +259,7 @@ class Pipeline:
 
         holder.trace = Trace()
         object.__setattr__(holder, "_notes", [])
-        for stage in LEARNING_STAGES:
+        for stage in stages.on_path("feedback"):
             for impl in self.impls(stage):
                 await self._call(stage, impl, holder, {"event": event, "store": store, "graph": graph})
         return holder.trace.steps
@@ -275,40 +283,4 @@ def _default_select(scores: dict[str, list[float]], n: int) -> int:
     return max(range(n), key=lambda i: totals[i])
 
 
-def describe_items(items: Any, limit: int = 4, width: int = 40) -> str:
-    """``added 2 items: stated like "Answer in one short sentence." (user:ana); ...``: which items,
-    not only how many (the first ``limit``, each text cut at ``width`` characters)."""
-    items = list(items)
-    parts = []
-    for it in items[:limit]:
-        text = " ".join(str(getattr(it, "text", it)).split())
-        text = text if len(text) <= width else text[: width - 1] + "…"
-        kind = getattr(it, "kind", "item")
-        pol = getattr(it, "polarity", None)
-        node = getattr(it, "node", None)
-        parts.append(f"{kind}{' ' + pol if pol else ''} \"{text}\"{f' ({node})' if node else ''}")
-    more = f"; +{len(items) - limit} more" if len(items) > limit else ""
-    return f"added {len(items)} item{'s' if len(items) != 1 else ''}: " + "; ".join(parts) + more
-
-
-def _summarize(stage: str, result: Any) -> str:
-    if result is None:
-        return ""
-    if stage == "persona_gather":
-        return describe_items(result)
-    if stage == "persona_rewrite":
-        return f"{len(result)} message(s)"
-    if stage == "persona_generate":
-        return f"{len(result)} candidate(s)"
-    if stage == "persona_score":
-        return "scored: " + ", ".join(result)
-    if stage == "persona_select":
-        return f"picked {result}"
-    if stage == "persona_correct":
-        return "edited the answer"
-    if stage == "persona_resolve_scope":
-        return f"granularity {result.granularity}"
-    return ""
-
-
-__all__ = ["Pipeline", "TURN_STAGES"]
+__all__ = ["Pipeline", "TURN_STAGES", "describe_items"]
