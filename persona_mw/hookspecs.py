@@ -37,6 +37,7 @@ from persona_mw import stages
 if TYPE_CHECKING:
     import argparse
 
+    from persona_mw.context import PluginContext
     from persona_mw.types import (
         Candidate,
         ChatResponse,
@@ -64,7 +65,11 @@ def spec(fn: F) -> F:
 
 
 # Arguments kept one release for old plugins: declaring one warns when the plugin is registered.
-DEPRECATED_ARGS: dict[str, dict[str, Warning]] = {}
+DEPRECATED_ARGS: dict[str, dict[str, Warning]] = {
+    "persona_startup": {"middleware": DeprecationWarning(
+        "persona_startup(middleware) is deprecated: declare persona_startup(ctx) and use the PluginContext "
+        "(persona_mw.context); the middleware argument goes in the next release")},
+}
 
 # Derived from the stage table, for callers of the older names.
 TURN_STAGES: dict[str, str] = dict(stages.of_phase("turn"))
@@ -127,16 +132,19 @@ def persona_register_detectors(register: Callable[[str, Callable[[str], Any]], N
 
 
 @spec
-def persona_startup(middleware: Any) -> None:
-    """Let plugins reach what the Middleware owns: registries, role backends, background jobs.
+def persona_startup(ctx: PluginContext, middleware: Any) -> None:
+    """Let a plugin reach what it may use: role backends, rewards, profiles, background jobs.
 
     When: once per Middleware, after the pipeline is built and before the first turn; pipeline
-    instances in YAML order, then modules. ``middleware`` is the ``Middleware``: read
-    ``middleware.host.reward_fns``, ``middleware.host.policy_of(name)``, build a role's backend
-    with ``middleware.make_backend(role)``, schedule off-path work with ``middleware.schedule``.
-    Keep it cheap (no model loading). Sync only.
-    Returns: nothing (collect). May raise ``ConfigError`` (e.g. an unknown reward name), which
-    fails construction with that message.
+    instances in YAML order, then modules. ``ctx`` is this plugin's ``PluginContext``
+    (``persona_mw.context``): ``ctx.backend(role)``, ``ctx.local_model(name)``, ``ctx.rewards``,
+    ``ctx.update_profile(node, change)``, ``ctx.profile_lock(node)``, ``ctx.schedule(coro)``,
+    ``ctx.job_budget()``, ``ctx.store``, ``ctx.graph``, ``ctx.memory``, ``ctx.policy`` and
+    ``ctx.config_error(message, *path)``. Keep it cheap (no model loading); ``async def`` works.
+    ``middleware`` (the whole ``Middleware``) is deprecated: declaring it warns when the plugin is
+    registered, and it goes in the next release.
+    Returns: nothing (broadcast). May raise ``ConfigError`` (e.g. an unknown reward name), which
+    fails construction with that message whatever the plugin's policy; other errors follow it.
     """
 
 

@@ -48,6 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.budget import DEFAULT_CALLS_PER_JOB, AuxBudget, BudgetExceeded, job_budget
 from persona_mw.graph import user_context_node, user_node
 from persona_mw.plugins import _text
@@ -354,8 +355,8 @@ class Fermi:
         self.scorer_override: Any = None  # for tests and the eval harness
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        self._mw = middleware
+    def persona_startup(self, ctx: PluginContext) -> None:
+        self._mw = ctx
 
     # -- state --------------------------------------------------------------------------------
 
@@ -466,11 +467,11 @@ class Fermi:
     def scorer(self) -> Any:
         if self.scorer_override is not None:
             return self.scorer_override
-        backend = self._mw.backend
+        backend = self._mw.backend()
         white = bool(getattr(getattr(backend, "capabilities", None), "white_box", False)) and hasattr(backend, "call")
         if self.config.scorer == "whitebox" or (self.config.scorer == "auto" and white):
             return WhiteBoxScorer(backend, self.config.placement, self.config.max_response_tokens)
-        return JudgeScorer(self._mw.make_backend(self.config.judge_role), self.name, self.config.judge_pairs)
+        return JudgeScorer(self._mw.backend(self.config.judge_role), self.name, self.config.judge_pairs)
 
     def seed_prompt(self, prof: Profile | None) -> str:
         """The unoptimized persona prompt: stated preferences and persona statements, in the user's voice."""

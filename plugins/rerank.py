@@ -19,7 +19,8 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from persona_mw import hookimpl
-from persona_mw.errors import ConfigError, PluginError
+from persona_mw.context import PluginContext
+from persona_mw.errors import PluginError
 from persona_mw.types import Candidate, Message, StashKey, Turn
 
 _TOTAL: StashKey[dict[str, list[float]]] = StashKey("rerank.total")
@@ -60,40 +61,37 @@ class Rerank:
         self.name = name
         self._fns: dict[str, Callable[..., Any]] | None = None
         self._policy = "fail"
-        self._middleware: Any = None
+        self._ctx: Any = None
         self._role_backends: dict[str, Any] = {}
         self._key: StashKey[dict[str, list[float]]] = StashKey(f"rerank.{name}")
 
     # -- startup ------------------------------------------------------------------------------
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        host = middleware.host
-        entry = next((p for p in host.pipeline if p.instance is self), None)
-        loc: tuple[Any, ...] = ("pipeline", entry.index) if entry else ("pipeline",)
-        known = host.reward_fns
+    def persona_startup(self, ctx: PluginContext) -> None:
+        at = ctx.index if ctx.index is not None else "pipeline"
+        known = ctx.rewards
         for reward in self.config.rewards:
             if reward not in known:
                 close = difflib.get_close_matches(reward, list(known), n=1)
-                raise ConfigError(
-                    f"{middleware.config.source.where(loc + ('rewards', reward))}: pipeline[{loc[-1]}].rewards: "
+                raise ctx.config_error(
+                    f"pipeline[{at}].rewards: "
                     f"unknown reward {reward!r} in plugin {self.name!r} (known: {', '.join(sorted(known)) or 'none'})",
+                    "rewards", reward,
                     hint=f"did you mean {close[0]!r}?" if close else "rewards come from persona_register_rewards",
                 )
         extra = set(self.config.options) - set(self.config.rewards)
         if extra:
-            raise ConfigError(
-                f"{middleware.config.source.where(loc + ('options',))}: pipeline[{loc[-1]}].options: "
-                f"settings for reward(s) not in rewards: {', '.join(sorted(extra))}"
-            )
+            raise ctx.config_error(
+                f"pipeline[{at}].options: settings for reward(s) not in rewards: {', '.join(sorted(extra))}", "options")
         self._fns = {r: known[r] for r in self.config.rewards}
-        self._policy = host.policy_of(self.name)
-        self._middleware = middleware
+        self._policy = ctx.policy
+        self._ctx = ctx
 
     def backend_for(self, role: str) -> Any:
         """The backend of a ``roles:`` entry (the main one when the role is not configured), cached."""
         if role not in self._role_backends:
-            self._role_backends[role] = self._middleware.make_backend(role)
+            self._role_backends[role] = self._ctx.backend(role)
         return self._role_backends[role]
 
     # -- generate -----------------------------------------------------------------------------
