@@ -243,9 +243,9 @@ class Middleware:
 
     # -- background work and lifecycle -------------------------------------------------------
 
-    async def aresume_jobs(self, stale_after_s: float = 60.0) -> int:
+    async def aresume_jobs(self, stale_after_s: float = 60.0, *, dead_only: bool = False) -> int:
         """Re-run pending after-turn jobs left by a crash or failed (see ``AfterTurnJobs.aresume_jobs``)."""
-        return await self.jobs.aresume_jobs(stale_after_s)
+        return await self.jobs.aresume_jobs(stale_after_s, dead_only=dead_only)
 
     resume_jobs = sync_verb(aresume_jobs)
 
