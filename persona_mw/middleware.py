@@ -16,7 +16,7 @@ from persona_mw.backends import BackendRegistry
 from persona_mw.config import Config, default_config, load_config, parse_config
 from persona_mw.context import PerPlugin, PluginContext
 from persona_mw.embeddings import cache_scope
-from persona_mw.errors import RequestError
+from persona_mw.errors import PersonaError, RequestError
 from persona_mw.graph import PreferenceGraph
 from persona_mw.jobs import AfterTurnJobs
 from persona_mw.manager import PluginHost
@@ -135,6 +135,13 @@ class Middleware:
     unused_feedback_warning = forward("pipeline.unused_feedback_warning", Pipeline.unused_feedback_warning)
     job_budget = forward("jobs.job_budget", AfterTurnJobs.job_budget)
     parse_feedback = staticmethod(parse_feedback)
+
+    def plugin(self, name: str) -> Any:
+        """The instance of the ``pipeline:`` entry named ``name`` (``PersonaError`` when there is none)."""
+        for p in self.host.pipeline:
+            if p.name == name:
+                return p.instance
+        raise PersonaError(f"no plugin named {name!r} in this pipeline")
 
     def cache_scope(self, user: str) -> Any:
         """A context manager: caches of user content filled inside belong to this tenant's ``user``."""

@@ -694,7 +694,7 @@ class Fermi:
         # The optimizer LLM: proposals from the memory, each one budgeted.
         if cfg.optimizer_calls and scored:
             try:
-                opt = mw.make_backend(cfg.optimizer_role)
+                opt = mw.backend(cfg.optimizer_role)
             except Exception as exc:
                 opt = None
                 errors.append(f"optimizer: {type(exc).__name__}: {exc}")
