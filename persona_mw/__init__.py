@@ -22,6 +22,7 @@ from persona_mw.errors import (
     StoreError,
     UnknownUserError,
 )
+from persona_mw.context import PluginContext
 from persona_mw.manager import hookimpl
 from persona_mw.middleware import Middleware
 from persona_mw.types import (
@@ -71,6 +72,7 @@ __all__ = [
     "Middleware",
     "ModelNotFound",
     "PersonaError",
+    "PluginContext",
     "PluginError",
     "Profile",
     "RatingFeedback",

@@ -406,11 +406,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['kind']:<8} {r['name']:<24} {r.get('version') or '':<8} {', '.join(r['hooks'])}")
     if args.hooks:
-        from persona_mw.hookspecs import LEARNING_STAGES, TURN_STAGES
+        from persona_mw.stages import STAGES
 
-        print("\nhooks (per turn, in order):")
-        for stage, rule in {**TURN_STAGES, **LEARNING_STAGES}.items():
-            print(f"  {stage:<24} {rule}")
+        print("\nhooks (in order):")
+        for row in STAGES:
+            print(f"  {row.phase:<9} {row.hook:<28} {row.combine:<12} {', '.join(row.paths)}")
     return 0
 
 

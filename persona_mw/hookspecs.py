@@ -4,17 +4,22 @@ Each spec says when it runs, what it receives, what it returns (and what ``None`
 results from several plugins combine, and whether it may raise. Hooks take keyword arguments
 only and a plugin declares just the ones it needs, so specs can grow without breaking plugins.
 
-Per-turn stages are not called through pluggy's own loop: the pipeline walks the
-implementations in YAML order, passes each only the arguments it declares, awaits coroutines,
-and applies the stage's combine rule (see ``persona_mw.pipeline``). So ``async def``
-implementations work everywhere, and an async firstresult implementation that returns ``None``
-passes the turn on to the next plugin as a sync one would.
+Every hook is run by one runner, the pipeline's (``persona_mw.pipeline``), except the
+registration hooks: it walks the implementations in YAML order, passes each only the arguments
+it declares, awaits coroutines, and applies the hook's combine rule. So ``async def``
+implementations work everywhere (startup and forget included), and an async firstresult
+implementation that returns ``None`` passes the turn on to the next plugin as a sync one would.
+The registration hooks (``persona_register_*``) run while the plugin manager is built, before
+any event loop exists: they are sync only, and an ``async def`` one is refused when registered.
+How each hook is run (its combine rule, its entry paths, the check of its result) is one row of
+``persona_mw.stages.STAGES``; this module's specs take their ``firstresult`` marker from there.
 
 Combine rules:
   collect      every implementation runs; the non-None results are gathered in order
   chain        every implementation runs; each receives the previous one's result and may
                return a replacement (None = unchanged)
   firstresult  implementations run in order until one returns non-None
+  broadcast    every implementation runs; results are ignored
 
 Failure policy: a plugin that raises fails the turn with ``PluginError`` naming it
 (``on_error: fail``, the default), or is skipped with the error recorded in the trace and the
@@ -23,13 +28,16 @@ log (``on_error: skip``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import pluggy
+
+from persona_mw import stages
 
 if TYPE_CHECKING:
     import argparse
 
+    from persona_mw.context import PluginContext
     from persona_mw.types import (
         Candidate,
         ChatResponse,
@@ -42,20 +50,30 @@ if TYPE_CHECKING:
     )
 
 hookspec = pluggy.HookspecMarker("persona_mw")
+F = TypeVar("F", bound=Callable[..., Any])
 
-# The per-turn stages in pipeline order, with their combine rule.
-TURN_STAGES: dict[str, str] = {
-    "persona_resolve_scope": "firstresult",
-    "persona_gather": "collect",
-    "persona_rewrite": "chain",
-    "persona_decoding": "collect",
-    "persona_generate": "firstresult",
-    "persona_score": "collect",
-    "persona_select": "firstresult",
-    "persona_correct": "chain",
-    "persona_after_turn": "collect",
+
+def spec(fn: F) -> F:
+    """Mark ``fn`` a hookspec, its pluggy options taken from its row in ``persona_mw.stages``.
+
+    A spec without a docstring or without a row is an error at import, naming it.
+    """
+    if not (fn.__doc__ or "").strip():
+        raise TypeError(f"hookspec {fn.__name__} has no docstring: say when it runs, what it gets and returns")
+    row = stages.stage(fn.__name__)
+    return hookspec(firstresult=row.firstresult, warn_on_impl_args=DEPRECATED_ARGS.get(fn.__name__))(fn)
+
+
+# Arguments kept one release for old plugins: declaring one warns when the plugin is registered.
+DEPRECATED_ARGS: dict[str, dict[str, Warning]] = {
+    "persona_startup": {"middleware": DeprecationWarning(
+        "persona_startup(middleware) is deprecated: declare persona_startup(ctx) and use the PluginContext "
+        "(persona_mw.context); the middleware argument goes in the next release")},
 }
-LEARNING_STAGES: dict[str, str] = {"persona_feedback": "collect"}
+
+# Derived from the stage table, for callers of the older names.
+TURN_STAGES: dict[str, str] = dict(stages.of_phase("turn"))
+LEARNING_STAGES: dict[str, str] = {h: stages.stage(h).combine for h in stages.on_path("feedback")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +81,7 @@ LEARNING_STAGES: dict[str, str] = {"persona_feedback": "collect"}
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec
 def persona_register_plugins(register: Callable[[str, type], None]) -> None:
     """Make plugin classes available to the YAML ``pipeline:`` list.
 
@@ -75,7 +93,7 @@ def persona_register_plugins(register: Callable[[str, type], None]) -> None:
     """
 
 
-@hookspec
+@spec
 def persona_register_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Make backend types available to the config's ``backend: {type: ...}``.
 
@@ -86,7 +104,7 @@ def persona_register_backends(register: Callable[[str, Callable[..., Any]], None
     """
 
 
-@hookspec
+@spec
 def persona_register_rewards(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Make reward functions available by name to scoring plugins (e.g. ``rerank``).
 
@@ -102,7 +120,7 @@ def persona_register_rewards(register: Callable[[str, Callable[..., Any]], None]
     """
 
 
-@hookspec
+@spec
 def persona_register_detectors(register: Callable[[str, Callable[[str], Any]], None]) -> None:
     """Make PII detectors available to the config's ``privacy: {redact: [...]}``.
 
@@ -113,21 +131,24 @@ def persona_register_detectors(register: Callable[[str, Callable[[str], Any]], N
     """
 
 
-@hookspec
-def persona_startup(middleware: Any) -> None:
-    """Let plugins reach what the Middleware owns: registries, role backends, background jobs.
+@spec
+def persona_startup(ctx: PluginContext, middleware: Any) -> None:
+    """Let a plugin reach what it may use: role backends, rewards, profiles, background jobs.
 
     When: once per Middleware, after the pipeline is built and before the first turn; pipeline
-    instances in YAML order, then modules. ``middleware`` is the ``Middleware``: read
-    ``middleware.host.reward_fns``, ``middleware.host.policy_of(name)``, build a role's backend
-    with ``middleware.make_backend(role)``, schedule off-path work with ``middleware.schedule``.
-    Keep it cheap (no model loading). Sync only.
-    Returns: nothing (collect). May raise ``ConfigError`` (e.g. an unknown reward name), which
-    fails construction with that message.
+    instances in YAML order, then modules. ``ctx`` is this plugin's ``PluginContext``
+    (``persona_mw.context``): ``ctx.backend(role)``, ``ctx.local_model(name)``, ``ctx.rewards``,
+    ``ctx.update_profile(node, change)``, ``ctx.profile_lock(node)``, ``ctx.schedule(coro)``,
+    ``ctx.job_budget()``, ``ctx.store``, ``ctx.graph``, ``ctx.memory``, ``ctx.policy`` and
+    ``ctx.config_error(message, *path)``. Keep it cheap (no model loading); ``async def`` works.
+    ``middleware`` (the whole ``Middleware``) is deprecated: declaring it warns when the plugin is
+    registered, and it goes in the next release.
+    Returns: nothing (broadcast). May raise ``ConfigError`` (e.g. an unknown reward name), which
+    fails construction with that message whatever the plugin's policy; other errors follow it.
     """
 
 
-@hookspec
+@spec
 def persona_register_commands(cli: argparse._SubParsersAction[Any]) -> None:
     """Add subcommands to the ``persona-mw`` CLI.
 
@@ -143,7 +164,7 @@ def persona_register_commands(cli: argparse._SubParsersAction[Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@spec
 def persona_resolve_scope(turn: Turn, graph: Any) -> Scope | None:
     """Decide which graph nodes apply to this request and with what weight.
 
@@ -154,7 +175,7 @@ def persona_resolve_scope(turn: Turn, graph: Any) -> Scope | None:
     """
 
 
-@hookspec
+@spec
 def persona_gather(turn: Turn, store: Any) -> list[ContextItem] | None:
     """Contribute context items: stated preferences, memories, persona, profile facts.
 
@@ -164,7 +185,7 @@ def persona_gather(turn: Turn, store: Any) -> list[ContextItem] | None:
     """
 
 
-@hookspec
+@spec
 def persona_rewrite(turn: Turn, messages: list[Message]) -> list[Message] | None:
     """Edit the prompt: assemble gathered items within a token budget, optimize, rewrite.
 
@@ -174,7 +195,7 @@ def persona_rewrite(turn: Turn, messages: list[Message]) -> list[Message] | None
     """
 
 
-@hookspec
+@spec
 def persona_decoding(turn: Turn, backend: Any) -> Decoding | None:
     """Contribute logits processors or activation edits (white-box backends only).
 
@@ -187,7 +208,7 @@ def persona_decoding(turn: Turn, backend: Any) -> Decoding | None:
     """
 
 
-@hookspec(firstresult=True)
+@spec
 def persona_generate(
     turn: Turn, backend: Any, messages: list[Message], n: int, decoding: list[Decoding]
 ) -> list[Candidate] | None:
@@ -198,7 +219,7 @@ def persona_generate(
     """
 
 
-@hookspec
+@spec
 def persona_score(turn: Turn, candidates: list[Candidate]) -> dict[str, list[float]] | None:
     """Score candidates with reward functions.
 
@@ -208,7 +229,7 @@ def persona_score(turn: Turn, candidates: list[Candidate]) -> dict[str, list[flo
     """
 
 
-@hookspec(firstresult=True)
+@spec
 def persona_select(turn: Turn, candidates: list[Candidate], scores: dict[str, list[float]]) -> int | None:
     """Pick the candidate to serve.
 
@@ -217,7 +238,7 @@ def persona_select(turn: Turn, candidates: list[Candidate], scores: dict[str, li
     """
 
 
-@hookspec
+@spec
 def persona_correct(turn: Turn, candidate: Candidate) -> Candidate | None:
     """Edit the selected answer (Aligner-style residual correction).
 
@@ -226,7 +247,7 @@ def persona_correct(turn: Turn, candidate: Candidate) -> Candidate | None:
     """
 
 
-@hookspec
+@spec
 def persona_after_turn(turn: Turn, response: ChatResponse, store: Any) -> None:
     """Learn from the finished turn: extract memories, log, update statistics.
 
@@ -241,7 +262,7 @@ def persona_after_turn(turn: Turn, response: ChatResponse, store: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec
 def persona_feedback(event: Feedback, store: Any, graph: Any) -> None:
     """React to a feedback event (choice, rating, edit, stated).
 
@@ -252,7 +273,7 @@ def persona_feedback(event: Feedback, store: Any, graph: Any) -> None:
     """
 
 
-@hookspec
+@spec
 def persona_forget(user: str, nodes: list[str], store: Any, graph: Any) -> None:
     """Remove what a plugin derived from a user who was just forgotten.
 
@@ -277,3 +298,6 @@ def persona_profile_report(user: str, profiles: dict[str, Any], middleware: Any)
     ``{"prompts": {node: report}}``), or None when the plugin has nothing for this user.
     Combine: collect; the sections of all plugins are merged into the output. Sync only.
     """
+
+
+__doc__ = (__doc__ or "") + "\n" + stages.paths_doc() + "\n"

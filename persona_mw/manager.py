@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from persona_mw import hookspecs
+from persona_mw import hookspecs, stages
 from persona_mw.config import Config, PluginEntry
 from persona_mw.errors import ConfigError, PersonaError, PluginError
 from persona_mw.reward_set import unknown_reward_error
@@ -92,6 +92,7 @@ class PluginHost:
         return register
 
     def _check_pending(self) -> None:
+        self._check_sync_only()
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -102,6 +103,19 @@ class PluginHost:
                 plugin=str(pname),
                 hint="hook names are listed by `persona-mw plugins --hooks`",
             ) from None
+
+    def _check_sync_only(self) -> None:
+        """Hooks the stage table runs ``sync`` (registration) cannot await: refuse an ``async def`` one
+        now, naming it, rather than let pluggy call it and drop the coroutine unawaited."""
+        for row in stages.STAGES:
+            if row.runner != "sync":
+                continue
+            for impl in getattr(self.pm.hook, row.hook).get_hookimpls():
+                if inspect.iscoroutinefunction(impl.function):
+                    name = display_name(impl.plugin_name)
+                    raise PluginError(f"plugin {name!r}: {row.hook} must be a plain def (it runs while plugins are "
+                                      "registered, before any event loop); async def is not supported",
+                                      plugin=name, hook=row.hook)
 
     # -- the YAML pipeline ------------------------------------------------------------------
 

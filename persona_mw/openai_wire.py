@@ -129,7 +129,8 @@ def upstream_secrets(mw: Any) -> list[str]:
 
     found: list[str] = []
     seen: list[Any] = []
-    todo = list(mw._backends()) if hasattr(mw, "_backends") else [getattr(mw, "backend", None)]
+    backends = getattr(mw, "backends", None)
+    todo = list(backends.all()) if backends is not None else [getattr(mw, "backend", None)]
     while todo:
         b = todo.pop()
         if b is None or any(b is o for o in seen):

@@ -66,21 +66,14 @@ class Tenants:
             return mw
 
     def _build(self, tenant: str) -> Any:
-        base = self.base
-        cfg = base.config.model_copy(deep=True)
-        cfg._source = base.config._source
-        path = getattr(base.store, "path", None) or cfg.store.path
-        cfg.store.path = tenant_store_path(str(path), tenant)
-        cfg.privacy = cfg.privacy.for_tenant(tenant)  # privacy.tenants.<tenant> overrides the redaction list
-        mw = type(base)(cfg, backend=base.backend, autoload=base.host.autoloaded,
-                        plugins=dict(base.host.plugin_types))
-        mw.tenant = tenant  # scopes the in-process caches of user content to this tenant
-        return mw
+        # Its own store beside the base's; privacy.tenants.<tenant> overrides the redaction list; the
+        # tenant scopes the in-process caches of user content; the backends are the base's.
+        path = getattr(self.base.store, "path", None) or self.base.config.store.path
+        return self.base.for_tenant(tenant, tenant_store_path(str(path), tenant))
 
     async def aclose(self) -> None:
         """Close the tenants' stores and loops (the shared backend is the base's to close)."""
         with self._lock:
             made, self._made = list(self._made.values()), {}
         for mw in made:
-            await mw.adrain()
-            mw._shutdown()
+            await mw.aclose()  # a tenant's Middleware leaves the shared backends open

@@ -64,37 +64,31 @@ class ScriptedBackend:
             yield w if i == 0 else " " + w
 
     def count_tokens(self, text: str) -> int:
-        return estimate_tokens(text)
+        return int(estimate_tokens(text))
 
     async def aclose(self) -> None:
         return None
 
 
 class HookRecorder:
-    """A plugin that records every per-turn hook call it sees (name and the turn's user)."""
+    """A plugin that records every per-turn and learning hook call it sees (the hook's name), for each
+    row of ``persona_mw.stages.STAGES`` in the ``turn`` and ``learning`` phases."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        from persona_mw import stages
         from persona_mw.manager import hookimpl
 
-        def make(stage: str) -> Callable[..., None]:
-            def impl(turn: Any = None) -> None:
+        def make(stage: str) -> Callable[[], None]:
+            def impl() -> None:
                 self.calls.append(stage)
 
             impl.__name__ = stage
             return hookimpl(impl)
 
-        from persona_mw.hookspecs import LEARNING_STAGES, TURN_STAGES
-
-        for stage in list(TURN_STAGES) + list(LEARNING_STAGES):
-            if stage == "persona_feedback":
-                def fb(event: Any) -> None:
-                    self.calls.append("persona_feedback")
-
-                fb.__name__ = stage
-                setattr(self, stage, hookimpl(fb))
-            else:
-                setattr(self, stage, make(stage))
+        for row in stages.STAGES:
+            if row.phase in ("turn", "learning"):
+                setattr(self, row.hook, make(row.hook))
 
 
 @contextlib.contextmanager

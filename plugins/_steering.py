@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from persona_mw.errors import ConfigError, PluginError
+from persona_mw.errors import PluginError
 from persona_mw.nodes import USER_KINDS, most_specific_first
+from persona_mw.context import PluginContext
 from persona_mw.types import ChoiceFeedback, EditFeedback, Message, Turn
 
 
@@ -24,16 +25,13 @@ def is_white_box(backend: Any) -> bool:
     return bool(getattr(caps, "white_box", False))
 
 
-def check_white_box(plugin: Any, middleware: Any, kind: str) -> None:
+def check_white_box(plugin: Any, ctx: PluginContext, kind: str) -> None:
     """Refuse a black-box main backend at startup unless the plugin's policy is ``skip``."""
-    backend = middleware.backend
-    if is_white_box(backend) or middleware.host.policy_of(plugin.name) == "skip":
+    backend = ctx.backend()
+    if is_white_box(backend) or ctx.policy == "skip":
         return
-    host = middleware.host
-    entry = next((p for p in host.pipeline if p.instance is plugin), None)
-    loc: tuple[Any, ...] = ("pipeline", entry.index) if entry else ("pipeline",)
-    raise ConfigError(
-        f"{middleware.config.source.where(loc)}: plugin {plugin.name!r} ({kind}) steers decoding and needs a "
+    raise ctx.config_error(
+        f"plugin {plugin.name!r} ({kind}) steers decoding and needs a "
         f"white-box backend, but {getattr(backend, 'name', type(backend).__name__)!r} exposes no logits",
         hint="use `backend: {type: transformers}`, or set `on_error: skip` to skip it on black-box backends "
         "(each skipped turn is recorded in the trace)",

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.errors import RequestError
 from persona_mw.nodes import user_node
 from persona_mw.types import Decoding, Feedback, Turn
@@ -163,9 +164,9 @@ class RewardGuided:
         self._pending: set[str] = set()
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        check_white_box(self, middleware, "args")
-        self._middleware = middleware
+    def persona_startup(self, ctx: PluginContext) -> None:
+        check_white_box(self, ctx, "args")
+        self._middleware = ctx
 
     @hookimpl
     def persona_decoding(self, turn: Turn, backend: Any) -> Decoding | None:
@@ -183,7 +184,7 @@ class RewardGuided:
     async def persona_feedback(self, event: Feedback, store: Any) -> None:
         if not self.config.learn_on_feedback or self._middleware is None or not event_pairs([event]):
             return
-        backend = self._middleware.backend
+        backend = self._middleware.backend()
         if not hasattr(backend, "call"):
             return
         events = store.list_feedback(user=event.user, kinds=["choice", "edit"])

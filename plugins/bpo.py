@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.budget import BudgetExceeded, turn_budget
 from persona_mw.errors import PersonaError
 from persona_mw.nodes import most_specific_first
@@ -124,16 +125,16 @@ class BPO:
     def __init__(self, config: Config | None = None, name: str = "bpo") -> None:
         self.config = config or self.Config()
         self.name = name
-        self._middleware: Any = None
+        self._ctx: PluginContext | None = None
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        self._middleware = middleware
+    def persona_startup(self, ctx: PluginContext) -> None:
+        self._ctx = ctx
 
     def _backend(self) -> Any:
-        if self._middleware is None:
+        if self._ctx is None:
             raise PersonaError(f"plugin {self.name!r} was not started (persona_startup did not run)")
-        return self._middleware.make_backend(self.config.role)
+        return self._ctx.backend(self.config.role)
 
     def _skip_reason(self, query: str, constraints: list[str]) -> str | None:
         if not query.strip():

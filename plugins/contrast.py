@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.placement import PLACED_PREFERENCES, place_block
+from persona_mw.context import PluginContext
 from persona_mw.types import Decoding, Message, StashKey, Turn
 from persona_mw.plugins._steering import (
     check_white_box,
@@ -118,8 +119,8 @@ class Contrast:
         self._block: StashKey[str] = StashKey(f"contrast.{name}")
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        check_white_box(self, middleware, f"contrast/{self.config.mode}")
+    def persona_startup(self, ctx: PluginContext) -> None:
+        check_white_box(self, ctx, f"contrast/{self.config.mode}")
 
     @hookimpl
     def persona_gather(self, turn: Turn) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.budget import BudgetExceeded, turn_budget
 from persona_mw.errors import ConfigError, PersonaError
 from persona_mw import text as _text
@@ -146,23 +147,23 @@ class Corrector:
     def __init__(self, config: Config | None = None, name: str = "corrector") -> None:
         self.config = config or self.Config()
         self.name = name
-        self._middleware: Any = None
+        self._ctx: PluginContext | None = None
         self._rewards: RewardSet | None = None
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        known = middleware.host.reward_fns
+    def persona_startup(self, ctx: PluginContext) -> None:
+        known = ctx.rewards
         unknown = [r for r in self.config.rewards if r not in known]
         if unknown:
             raise ConfigError(f"plugin {self.name!r}: unknown reward(s) {', '.join(unknown)} "
                               f"(known: {', '.join(sorted(known))})")
         self._rewards = RewardSet(self.config.rewards, known, self.backend_for)
-        self._middleware = middleware
+        self._ctx = ctx
 
     def backend_for(self, role: str) -> Any:
-        if self._middleware is None:
+        if self._ctx is None:
             raise PersonaError(f"plugin {self.name!r} was not started (persona_startup did not run)")
-        return self._middleware.make_backend(role)
+        return self._ctx.backend(role)
 
     # -- the prompt ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.errors import ConfigError, PluginError
 from persona_mw.types import Decoding, Message, Turn
 from persona_mw.plugins._steering import check_white_box, require_white_box
@@ -111,10 +112,12 @@ class Experts:
         self.config = config
         self.name = name
         self._models: dict[str, tuple[Any, Any, Any]] = {}
+        self._ctx: PluginContext | None = None
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        check_white_box(self, middleware, "experts")
+    def persona_startup(self, ctx: PluginContext) -> None:
+        check_white_box(self, ctx, "experts")
+        self._ctx = ctx
         names = [e.name for e in self.config.experts]
         if len(set(names)) != len(names):
             raise ConfigError(f"plugin {self.name!r}: expert names must be unique, got {names}")
@@ -122,9 +125,10 @@ class Experts:
     def _other(self, backend: Any, name: str) -> tuple[Any, Any, Any, int]:
         """(model, tokenizer, prompt formatter, shared vocab size) of another local model."""
         if name not in self._models:
-            from persona_mw.adapters.transformers import TransformersBackend
-
-            other = TransformersBackend(model=name)
+            if self._ctx is None:
+                raise PluginError(f"plugin {self.name!r} was not started (persona_startup did not run)",
+                                  plugin=self.name, hook="persona_decoding")
+            other = self._ctx.local_model(name)  # the backend registry builds and owns it
             n = vocab_overlap(backend.tokenizer, other.tokenizer, getattr(backend, "model_name", "base"), name)
             self._models[name] = (other.model, other.tokenizer, other.format_prompt, n)
         model, tok, fmt, n = self._models[name]

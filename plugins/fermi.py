@@ -48,6 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.budget import DEFAULT_CALLS_PER_JOB, AuxBudget, BudgetExceeded, job_budget
 from persona_mw.nodes import is_group, kind_of, name_of, scope_node, user_node, user_of
 from persona_mw.placement import Placement, place_block
@@ -344,8 +345,8 @@ class Fermi:
         self.scorer_override: Any = None  # for tests and the eval harness
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        self._mw = middleware
+    def persona_startup(self, ctx: PluginContext) -> None:
+        self._mw = ctx
 
     # -- state --------------------------------------------------------------------------------
 
@@ -452,11 +453,11 @@ class Fermi:
     def scorer(self) -> Any:
         if self.scorer_override is not None:
             return self.scorer_override
-        backend = self._mw.backend
+        backend = self._mw.backend()
         white = bool(getattr(getattr(backend, "capabilities", None), "white_box", False)) and hasattr(backend, "call")
         if self.config.scorer == "whitebox" or (self.config.scorer == "auto" and white):
             return WhiteBoxScorer(backend, self.config.placement, self.config.max_response_tokens)
-        return JudgeScorer(self._mw.make_backend(self.config.judge_role), self.name, self.config.judge_pairs)
+        return JudgeScorer(self._mw.backend(self.config.judge_role), self.name, self.config.judge_pairs)
 
     def seed_prompt(self, prof: Profile | None) -> str:
         """The unoptimized persona prompt: stated preferences and persona statements, in the user's voice."""
@@ -679,7 +680,7 @@ class Fermi:
         # The optimizer LLM: proposals from the memory, each one budgeted.
         if cfg.optimizer_calls and scored:
             try:
-                opt = mw.make_backend(cfg.optimizer_role)
+                opt = mw.backend(cfg.optimizer_role)
             except Exception as exc:
                 opt = None
                 errors.append(f"optimizer: {type(exc).__name__}: {exc}")

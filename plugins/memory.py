@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
 from persona_mw.placement import PLACED_PREFERENCES, Placement, place_block
+from persona_mw.context import PluginContext
 from persona_mw.types import ChatResponse, ContextItem, Feedback, Message, StashKey, Turn
 
 log = logging.getLogger("persona_mw.memory")
@@ -72,30 +73,28 @@ class MemoryPlugin:
         self.config = config or self.Config()
         self.name = name
         self.manager: Any = None
-        self.mw: Any = None
+        self.ctx: PluginContext | None = None
         self._backend: Any = None
 
     # -- startup -----------------------------------------------------------------------------
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
+    def persona_startup(self, ctx: PluginContext) -> None:
         from persona_mw.memory import MemoryManager
 
-        self.mw = middleware
+        self.ctx = ctx
         extractor = self._llm if self.config.extractor == "llm" else None
-        self.manager = MemoryManager(middleware.store, graph=middleware.graph,
+        self.manager = MemoryManager(ctx.store, graph=ctx.graph,
                                      embedder="auto" if self.config.embedder else None,
                                      extractor=extractor, extractor_role=self.config.extractor_role,
-                                     max_per_owner=getattr(getattr(middleware.config, "limits", None),
-                                                           "max_memories_per_user", None))
-        if getattr(middleware, "_memory", None) is None:
-            middleware.memory = self.manager
+                                     max_per_owner=ctx.limits.max_memories_per_user)
+        ctx.provide_memory(self.manager)
 
     async def _llm(self, prompt: str) -> str:
         from persona_mw.types import GenerationParams
 
         if self._backend is None:
-            self._backend = self.mw.make_backend(self.config.extractor_role)
+            self._backend = self.ctx.backend(self.config.extractor_role)
         out = await self._backend.generate([Message(role="user", content=prompt)], n=1,
                                            params=GenerationParams(max_tokens=300, temperature=0.0))
         return out[0].text if out else ""
@@ -202,7 +201,7 @@ class MemoryPlugin:
         mgr = self._mgr(store)
         msgs = turn.request.messages
         last_assistant = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=-1)
-        redact = getattr(getattr(self.mw, "redactor", None), "redact", None)
+        redact = self.ctx.redact if self.ctx is not None else None
         new: list[dict[str, Any]] = []
         # Only what is new in this request: the user messages after the last answer (earlier turns were
         # ingested when they were new), and that answer itself, which a choice ("the second one") refers to.

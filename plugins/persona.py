@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.errors import PluginError
 from persona_mw.nodes import USER_KINDS, most_specific_first, scope_node
 from persona_mw import text as _text
@@ -125,14 +126,14 @@ class PersonaInference:
     def __init__(self, config: Config | None = None, name: str = "persona") -> None:
         self.config = config or self.Config()
         self.name = name
-        self._middleware: Any = None
+        self._ctx: Any = None
         self._backend: Any = None
         self._pending = 0
         self._lock = threading.Lock()
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        self._middleware = middleware
+    def persona_startup(self, ctx: PluginContext) -> None:
+        self._ctx = ctx
 
     # -- learning -----------------------------------------------------------------------------
 
@@ -143,7 +144,7 @@ class PersonaInference:
     async def persona_feedback(self, event: Any) -> None:
         if event.kind not in self.config.kinds:
             return
-        mw = self._middleware
+        mw = self._ctx
         if mw is None:
             raise PluginError(f"plugin {self.name!r} was not started", plugin=self.name, hook="persona_feedback")
         if event.kind == "choice":
@@ -175,11 +176,11 @@ class PersonaInference:
             await job
 
     async def _infer(self, node: str, event_id: str, prompt: str, chosen: str, rejected: str) -> None:
-        mw = self._middleware
+        mw = self._ctx
         language = _text.detect_language(prompt) if _text.words(prompt) else _text.detect_language(chosen)
         try:
             if self._backend is None:
-                self._backend = mw.make_backend(self.config.role)
+                self._backend = mw.backend(self.config.role)
             cands = await self._backend.generate(
                 build_prompt(prompt, chosen, rejected, language, self.config.max_input_chars), n=1,
                 params=GenerationParams(temperature=0.0, max_tokens=self.config.max_tokens))

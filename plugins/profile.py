@@ -53,6 +53,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.features import FeatureSpec, Featurizer
 from persona_mw.nodes import GLOBAL, context_of, group_node, is_group, kind_of, scope_node, user_of
 from persona_mw.store import Edge
@@ -374,10 +375,10 @@ class ProfilePlugin:
         return get_featurizer(self.spec)
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        # Share the Middleware's per-node locks: the core bumps evidence and stated preferences in
+    def persona_startup(self, ctx: PluginContext) -> None:
+        # Share the core's per-node locks: the core bumps evidence and stated preferences in
         # the same profile row, so separate locks would let one writer drop the other's update.
-        self._shared_lock = middleware.profile_lock
+        self._shared_lock = ctx.profile_lock
 
     def _lock(self, node: str) -> threading.Lock:
         shared = getattr(self, "_shared_lock", None)

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from persona_mw import hookimpl
-from persona_mw.errors import ConfigError, PluginError
+from persona_mw.context import PluginContext
+from persona_mw.errors import PluginError
 from persona_mw.reward_set import RewardSet, unknown_reward_error
 from persona_mw.types import Candidate, Message, StashKey, Turn
 
@@ -59,37 +60,32 @@ class Rerank:
         self.name = name
         self._rewards: RewardSet | None = None
         self._policy = "fail"
-        self._middleware: Any = None
+        self._ctx: Any = None
         self._role_backends: dict[str, Any] = {}
         self._key: StashKey[dict[str, list[float]]] = StashKey(f"rerank.{name}")
 
     # -- startup ------------------------------------------------------------------------------
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        host = middleware.host
-        entry = next((p for p in host.pipeline if p.instance is self), None)
-        loc: tuple[Any, ...] = ("pipeline", entry.index) if entry else ("pipeline",)
-        known = host.reward_fns
+    def persona_startup(self, ctx: PluginContext) -> None:
+        at = ctx.index if ctx.index is not None else "pipeline"
+        known = ctx.rewards
         for reward in self.config.rewards:
             if reward not in known:
-                raise unknown_reward_error(reward, known, middleware.config.source.where(loc + ("rewards", reward)),
-                                           loc[-1], self.name)
+                raise unknown_reward_error(reward, known, ctx.where("rewards", reward), at, self.name)
         extra = set(self.config.options) - set(self.config.rewards)
         if extra:
-            raise ConfigError(
-                f"{middleware.config.source.where(loc + ('options',))}: pipeline[{loc[-1]}].options: "
-                f"settings for reward(s) not in rewards: {', '.join(sorted(extra))}"
-            )
+            raise ctx.config_error(
+                f"pipeline[{at}].options: settings for reward(s) not in rewards: {', '.join(sorted(extra))}", "options")
         self._rewards = RewardSet(self.config.rewards, known, self.backend_for, self.config.options,
                                   self.config.normalize)
-        self._policy = host.policy_of(self.name)
-        self._middleware = middleware
+        self._policy = ctx.policy
+        self._ctx = ctx
 
     def backend_for(self, role: str) -> Any:
         """The backend of a ``roles:`` entry (the main one when the role is not configured), cached."""
         if role not in self._role_backends:
-            self._role_backends[role] = self._middleware.make_backend(role)
+            self._role_backends[role] = self._ctx.backend(role)
         return self._role_backends[role]
 
     # -- generate -----------------------------------------------------------------------------

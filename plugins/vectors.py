@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.context import PluginContext
 from persona_mw.errors import PluginError, RequestError
 from persona_mw.nodes import user_node
 from persona_mw.types import Decoding, Feedback, Turn
@@ -162,9 +163,9 @@ class SteeringVectors:
         self._middleware: Any = None
 
     @hookimpl
-    def persona_startup(self, middleware: Any) -> None:
-        check_white_box(self, middleware, "vectors")
-        self._middleware = middleware
+    def persona_startup(self, ctx: PluginContext) -> None:
+        check_white_box(self, ctx, "vectors")
+        self._middleware = ctx
 
     def _layer(self, backend: Any) -> int:
         if self.config.layer is not None:
@@ -197,7 +198,7 @@ class SteeringVectors:
         pairs = event_pairs([event])
         if not pairs:
             return
-        backend = self._middleware.backend
+        backend = self._middleware.backend()
         if not hasattr(backend, "call"):
             return
         node = user_node(event.user)

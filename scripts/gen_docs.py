@@ -292,16 +292,15 @@ def hooks_page() -> str:
            "the keyword arguments it needs; `def` and `async def` both work. The [guide to writing a "
            "plugin](../guide/plugins.md) has a worked example.\n",
            "```text\n" + (inspect.getdoc(hookspecs) or "").split("\n\n", 1)[1] + "\n```\n"]
-    stages = {**hookspecs.TURN_STAGES, **hookspecs.LEARNING_STAGES}
+    from persona_mw import stages
+
     specs = [(n, f) for n, f in vars(hookspecs).items()
              if n.startswith("persona_") and inspect.isfunction(f) and hasattr(f, "persona_mw_spec")]
-    out.append("| hook | stage | combine |")
-    out.append("|---|---|---|")
+    out.append("| hook | stage | combine | entry paths | runner |")
+    out.append("|---|---|---|---|---|")
     for name, _fn in specs:
-        stage = ("turn" if name in hookspecs.TURN_STAGES else "learning" if name in stages
-                 else "startup" if "register" in name or name == "persona_startup" else "learning")
-        combine = stages.get(name, "collect")
-        out.append(f"| [`{name}`](#{name}) | {stage} | {combine} |")
+        row = stages.stage(name)
+        out.append(f"| [`{name}`](#{name}) | {row.phase} | {row.combine} | {', '.join(row.paths)} | {row.runner} |")
     out.append("")
     for name, fn in specs:
         sig = str(inspect.signature(fn)).replace("'", "")

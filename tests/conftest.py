@@ -27,7 +27,7 @@ def make_mw(tmp_path):
 
     yield make
     for mw in made:
-        if not mw._closed:
+        if not mw.closed:
             mw.close()
 
 

@@ -20,10 +20,6 @@ PREFIXES = ("user:", "group:", "context:", "@context:")
 ALLOWED = {
     # The owner.
     "persona_mw/nodes.py": "the one place that builds and parses node ids",
-    # Being rewritten in parallel (issue #14, the PluginContext part): its one literal (``state`` for a
-    # group) and the other sites are listed with the replacing nodes.py call in docs/notes/nodes.md;
-    # they move when that work merges, and then this entry goes.
-    "persona_mw/middleware.py": "rewritten in parallel (issue #14); sites listed in docs/notes/nodes.md",
 }
 
 

@@ -41,7 +41,7 @@ def eval_middleware(**overrides: Any) -> Iterator[tuple[Any, Any]]:
         cfg.trace.store = False
         mw = Middleware(cfg, backend=_NoBackend(), autoload=False)
         try:
-            plugin = next(p.instance for p in mw.host.pipeline if p.name == "profile")
+            plugin = mw.plugin("profile")
             yield mw, plugin
         finally:
             mw.close()

@@ -88,7 +88,7 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, users_per_domain
         cfg.trace.store = False
         mw = Middleware(cfg, backend=backend, autoload=False)
         try:
-            plugin = next(p.instance for p in mw.host.pipeline if p.name == "fermi")
+            plugin = mw.plugin("fermi")
             placement = plugin.config.placement
             for u, di in users:
                 t0 = time.perf_counter()

@@ -55,7 +55,7 @@ def _fermi(run: StyleRun) -> list[list[str]]:
                            for u in run.users for p in TRAIN_PROMPTS])
     n = len(TRAIN_PROMPTS)
     made = 0
-    plugin = next(x.instance for x in mw.host.pipeline if x.name == "fermi")
+    plugin = mw.plugin("fermi")
     for ui, u in enumerate(run.users):
         mine = 0
         for pi, p in enumerate(TRAIN_PROMPTS):

@@ -89,13 +89,13 @@ def test_a_worse_prompt_never_replaces_the_current_one(make_mw):
             return Score({e.id: (scores.get(prompt, -1.0), 0.0) for e in examples})
 
     plugin.scorer_override = Fixed()
-    mw._portal().run(plugin.optimize("user:ana"))
+    mw.runtime.run(plugin.optimize("user:ana"))
     st = state(mw)
     assert st["history"][-1]["accepted"] is True  # the empty persona prompt (-0.5) beats the others (-1.0)
     assert mw.store.get_profile("user:ana").prompt is None
     first_best = st["best"]
     scores.clear()  # now everything scores -1.0 (the current too): ties never replace
-    mw._portal().run(plugin.optimize("user:ana"))
+    mw.runtime.run(plugin.optimize("user:ana"))
     assert state(mw)["best"] == first_best and state(mw)["history"][-1]["accepted"] is False
 
 
@@ -247,7 +247,7 @@ def test_style_library_is_scored_combined_and_cached(make_mw):
             return Score({e.id: (float(s), float(s > 0)) for e in examples})
 
     plugin.scorer_override = Words()
-    mw._portal().run(plugin.optimize("user:ana"))
+    mw.runtime.run(plugin.optimize("user:ana"))
     st = state(mw)
     best = next(p for p in st["prompts"] if p["id"] == st["best"])
     assert best["source"] == "library+" and "recipes" in best["text"] and "pasta" in best["text"]
@@ -255,7 +255,7 @@ def test_style_library_is_scored_combined_and_cached(make_mw):
     # Second job, one new choice: library prompts tried before are scored on that choice only.
     mw.feedback(kind="choice", user="ana", prompt="Lunch?", chosen="A pasta salad recipe.", rejected=["Fix the car."])
     scored.clear()
-    mw._portal().run(plugin.optimize("user:ana"))
+    mw.runtime.run(plugin.optimize("user:ana"))
     assert dict(scored).get("I like cars.") == 1 and dict(scored).get("I like short answers.") == 1
     # No library with a judge unless configured: judged prompts cost auxiliary calls.
     assert all(s != "library" for s, _ in Fermi().proposals("user:x", None, [], ""))
@@ -279,7 +279,7 @@ def test_the_exemplar_prompt_is_scored_without_the_choice_it_quotes(make_mw):
             return Score(out)
 
     plugin.scorer_override = Copying()
-    mw._portal().run(plugin.optimize("user:ana"))
+    mw.runtime.run(plugin.optimize("user:ana"))
     st = state(mw)
     ex = next(p for p in st["prompts"] if p["source"] == "exemplar")
     assert ex["exclude"] and ex["n"] == 2 and ex["score"] == -1.0  # 10.0 with the quoted choice counted
@@ -334,7 +334,7 @@ def test_a_candidate_must_beat_the_persona_prompt_clearly(make_mw, min_z, won):
             return Score(out)
 
     plugin.scorer_override = Noisy()
-    summary = mw._portal().run(plugin.optimize("user:ana"))
+    summary = mw.runtime.run(plugin.optimize("user:ana"))
     st = state(mw)
     best = next(p for p in st["prompts"] if p["id"] == st["best"])
     assert best["source"] == ("library" if won else "persona"), summary

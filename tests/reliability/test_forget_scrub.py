@@ -31,7 +31,7 @@ def raw(db: Path) -> bytes:
 def test_reader_snapshot_honest_result_background_retry_and_no_freeze(make_mw: Any, tmp_path: Path) -> None:
     db = tmp_path / "scrub.db"
     mw = make_mw("pipeline: [{use: stated}]\n", db=str(db))
-    mw.maintenance_interval_s = 0.2
+    mw.runtime.maintenance_interval_s = 0.2
     for i in range(5):
         mw.feedback(kind="stated", user="ana", text=f"I like {SECRET} number {i}")
         mw.feedback(kind="stated", user="bob", text=f"bob likes tea {i}")

@@ -1,0 +1,128 @@
+"""``ProfileService``: every read-modify-write of a profile, under one lock per node.
+
+The core (evidence counts and stated preferences of a feedback event, a group's stated
+preference, the config's declared graph, a rebuild's reset) and plugins (through
+``PluginContext.update_profile``) change a node's profile row only under ``lock(node)``, so one
+writer never drops another's update.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from persona_mw.config import Config, StatedItem
+from persona_mw.graph import GLOBAL
+from persona_mw.errors import RequestError
+from persona_mw.nodes import group_node, is_user_node_of, kind_of, user_context_node, user_node
+from persona_mw.store import Edge, Store
+from persona_mw.types import Feedback, Profile, StatedFeedback, StatedPreference
+
+
+class ProfileService:
+    """Profile updates over one store, with per-node locks."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def lock(self, node: str) -> threading.Lock:
+        """The lock every read-modify-write of ``node``'s profile holds (core and plugins alike)."""
+        with self._guard:
+            return self._locks.setdefault(node, threading.Lock())
+
+    def update(self, node: str, change: Callable[[Profile], None]) -> Profile:
+        """Read-modify-write one node's profile under its lock (created if missing)."""
+        self.store.ensure_node(node)
+        with self.lock(node):
+            prof = self.store.get_profile(node) or Profile(node=node)
+            change(prof)
+            prof.updated_at = time.time()
+            self.store.put_profile(prof)
+        return prof
+
+    def apply_event(self, ev: Feedback) -> None:
+        """The core's own reading of an event: evidence counts and stated preferences."""
+        node = user_context_node(ev.user, ev.context) if ev.context else user_node(ev.user)
+        if ev.context:
+            self.store.ensure_node(node)
+        with self.lock(node):
+            prof = self.store.get_profile(node) or Profile(node=node)
+            prof.evidence += 1
+            if isinstance(ev, StatedFeedback):
+                prof.stated = [p for p in prof.stated if p.text.strip().lower() != ev.text.strip().lower()]
+                prof.stated.append(StatedPreference(text=ev.text, polarity=ev.polarity, source_event=ev.id,
+                                                    created_at=ev.created_at))
+                cap = self.config.limits.max_stated_per_user
+                if len(prof.stated) > cap:  # the newest are kept; the events stay in the log
+                    prof.stated = sorted(prof.stated, key=lambda p: p.created_at)[-cap:]
+            prof.updated_at = time.time()
+            self.store.put_profile(prof)
+
+    def state_for_group(self, group: str, text: str, polarity: str) -> None:
+        """A preference stated for a whole group (the newest ``limits.max_stated_per_group`` are kept)."""
+        node = group_node(group)
+        self.store.ensure_node(node)
+        with self.lock(node):
+            prof = self.store.get_profile(node) or Profile(node=node)
+            prof.stated.append(StatedPreference(text=text, polarity=polarity))  # type: ignore[arg-type]
+            cap = self.config.limits.max_stated_per_group
+            if len(prof.stated) > cap:  # the newest are kept
+                prof.stated = sorted(prof.stated, key=lambda p: p.created_at)[-cap:]
+            prof.evidence += 1
+            prof.updated_at = time.time()
+            self.store.put_profile(prof)
+
+    def user_nodes(self, user: str) -> list[str]:
+        """The user's own nodes (user and user@context), matched exactly (``persona_mw.nodes``)."""
+        lister = getattr(self.store, "list_user_nodes", None)
+        if lister is not None:
+            return list(lister(user))
+        return [n.id for n in self.store.list_nodes("user_context", limit=100000) if is_user_node_of(n.id, user)] + (
+            [user_node(user)] if self.store.get_node(user_node(user)) else [])
+
+    def check_context_bound(self, user: str, context: str) -> None:
+        """Refuse a new context past ``limits.max_contexts_per_user`` (``RequestError`` naming ``context``)."""
+        node = user_context_node(user, context)
+        if self.store.get_node(node) is not None:
+            return
+        have = sum(1 for n in self.user_nodes(user) if kind_of(n) == "user_context")
+        cap = self.config.limits.max_contexts_per_user
+        if have >= cap:
+            raise RequestError(f"user {user!r} already has feedback in {have} contexts (limit {cap})",
+                               field="context", hint="raise limits.max_contexts_per_user")
+
+    def reset(self, nodes: list[str]) -> None:
+        """Empty the profiles of ``nodes`` (a rebuild replays the events next); optimized prompts stay."""
+        for node in nodes:
+            with self.lock(node):
+                old = self.store.get_profile(node)
+                self.store.put_profile(Profile(node=node, prompt=old.prompt if old else None))
+
+    def apply_declared_graph(self) -> None:
+        """Write the config's declared groups/contexts/global preferences into the store."""
+        g = self.config.graph
+        for kind, table in (("group", g.groups), ("context", g.contexts)):
+            for gid, gc in table.items():
+                self._set_declared(f"{kind}:{gid}", gc.stated)
+                for member in gc.members:
+                    self.store.ensure_node(user_node(member))
+                    self.store.add_edge(Edge(src=user_node(member), dst=f"{kind}:{gid}", kind="member"))
+        if g.global_.stated:
+            self._set_declared(GLOBAL, g.global_.stated)
+
+    def _set_declared(self, node: str, stated: list[StatedItem | str]) -> None:
+        items = [StatedItem(text=s) if isinstance(s, str) else s for s in stated]
+        self.store.ensure_node(node)
+        prof = self.store.get_profile(node) or Profile(node=node)
+        kept = [p for p in prof.stated if p.source_event != "config"]
+        prof.stated = kept + [StatedPreference(text=i.text, polarity=i.polarity, source_event="config") for i in items]
+        # Declared preferences are evidence about the node, as a member's stated one is.
+        prof.evidence = max(prof.evidence, len(prof.stated))
+        self.store.put_profile(prof)
+
+
+__all__ = ["ProfileService"]
