@@ -223,27 +223,8 @@ class MemoryManager:
         return str(m.meta.get("index_text") or m.text)
 
     def _rows(self, owner: str) -> tuple[list[Memory], dict[str, np.ndarray]]:
-        """The owner's active memories without vectors, and the vectors by id (raw blobs when the store
-        is SQLite: 100k rows load in about a second instead of building 100k float lists)."""
-        query = getattr(self.store, "_query", None)
-        if query is not None and hasattr(self.store, "list_memories"):
-            import json
-
-            rows = query("SELECT id, owner, kind, text, polarity, provenance, created_at, updated_at, superseded_by, "
-                         "embedding, meta FROM memories WHERE owner = ? AND superseded_by IS NULL "
-                         "ORDER BY created_at, id", (owner,))
-            mems, vecs = [], {}
-            for r in rows:
-                mems.append(Memory.model_construct(
-                    id=r["id"], owner=r["owner"], kind=r["kind"], text=r["text"], polarity=r["polarity"],
-                    provenance=json.loads(r["provenance"]), created_at=r["created_at"], updated_at=r["updated_at"],
-                    superseded_by=None, embedding=None, meta=json.loads(r["meta"])))
-                if r["embedding"] is not None:
-                    vecs[r["id"]] = np.frombuffer(r["embedding"], dtype=np.float32)
-            return mems, vecs
-        mems = list(self.store.list_memories(owner, include_superseded=False))
-        vecs = {m.id: np.asarray(m.embedding, dtype=np.float32) for m in mems if m.embedding is not None}
-        return [m.model_copy(update={"embedding": None}) for m in mems], vecs
+        """The owner's active memories without vectors, and the vectors by id (``Store.memory_rows``)."""
+        return self.store.memory_rows(owner)
 
     def _load(self, owner: str, embed_missing: bool = True) -> None:
         """Fill the owner's indexes from the store's rows and vectors (once); rows stored without a vector
@@ -963,15 +944,8 @@ class MemoryManager:
 
     def _user_owners(self, user: str) -> list[str]:
         self._check_user(user)
-        lister = getattr(self.store, "list_user_nodes", None)
-        if lister is not None:  # exact and indexed (persona_mw.nodes), not a scan of every context node
-            return [f"user:{user}"] + [n for n in lister(user) if n != f"user:{user}"]
-        owners = [f"user:{user}"]
-        prefix = f"user:{user}@context:"
-        for n in self.store.list_nodes("user_context", limit=1_000_000):
-            if n.id.startswith(prefix):
-                owners.append(n.id)
-        return owners
+        # exact and indexed (persona_mw.nodes), not a scan of every context node
+        return [f"user:{user}"] + [n for n in self.store.list_user_nodes(user) if n != f"user:{user}"]
 
     def get(self, user: str, memory_id: str) -> Memory:
         m = self.store.get_memory(memory_id)
