@@ -100,25 +100,36 @@ def recall(evidence: Iterable[str], ranked_provenance: Sequence[Sequence[str]], 
     return len(ev & found) / len(ev)
 
 
-def _middleware(tmp: str) -> Any:
+def _middleware(tmp: str, store: str | None = None) -> Any:
     from persona_mw.config import parse_config
     from persona_mw.eval.common import _NoBackend
     from persona_mw.middleware import Middleware
 
     cfg = parse_config(json.dumps({"pipeline": [{"use": "memory", "store_turns": True, "store_answers": True}]}),
                        "<eval locomo>")
-    cfg.store.path = str(Path(tmp) / "locomo.db")
+    cfg.store.path = store or str(Path(tmp) / "locomo.db")
     cfg.trace.store = False
     return Middleware(cfg, backend=_NoBackend(), autoload=False)
 
 
 def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Sequence[int] = KS,
-        modes: Sequence[str] = MODES, log: Any = None) -> dict[str, float]:
+        modes: Sequence[str] = MODES, log: Any = None, store: str | None = None) -> dict[str, float]:
+    """``store``: a store URL to run through (a ``postgresql://`` DSN gets a fresh schema, dropped after);
+    default: a SQLite file in a temporary folder."""
     convs = load(data, conversations)
     kmax = max(ks)
     per_mode: dict[str, list[tuple[int, dict[int, float]]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="persona-mw-locomo-") as tmp:
-        mw = _middleware(tmp)
+        url = store
+        if store is not None:
+            from persona_mw.store import is_postgres_url
+
+            if is_postgres_url(store):
+                import secrets
+
+                sep = "&" if "#" in store else "#"
+                url = f"{store}{sep}schema=locomo_{secrets.token_hex(4)}"
+        mw = _middleware(tmp, url)
         try:
             mem = mw.memory
             for ci, conv in enumerate(convs):
@@ -137,6 +148,9 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
                 if log:
                     log(f"locomo: {conv['sample_id']}: {len(qas)} questions")
         finally:
+            drop = getattr(mw.store, "drop_schema", None) if url != store else None
+            if drop is not None:  # the fresh Postgres schema made for this run
+                drop()
             mw.close()
     metrics: dict[str, float] = {}
     for mode, rows in per_mode.items():

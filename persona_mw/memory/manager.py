@@ -224,7 +224,8 @@ class MemoryManager:
 
     def _rows(self, owner: str) -> tuple[list[Memory], dict[str, np.ndarray]]:
         """The owner's active memories without vectors, and the vectors by id (``Store.memory_rows``)."""
-        return self.store.memory_rows(owner)
+        rows: tuple[list[Memory], dict[str, np.ndarray]] = self.store.memory_rows(owner)
+        return rows
 
     def _load(self, owner: str, embed_missing: bool = True) -> None:
         """Fill the owner's indexes from the store's rows and vectors (once); rows stored without a vector
