@@ -16,14 +16,18 @@ TEST_STORE = os.environ.get("PERSONA_MW_TEST_STORE", "sqlite")
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory):
+def pg_server():
     """A real PostgreSQL 16 with pgvector, started once per session by ``pgserver`` in a temp folder.
 
-    No skip: when Postgres cannot start, every test that needs it fails with the reason."""
+    No skip: when Postgres cannot start, every test that needs it fails with the reason. The folder is
+    not under pytest's basetemp: as root, pgserver runs initdb as its own user, and another pytest
+    session resets ``/tmp/pytest-of-<user>`` to mode 0700 at any moment."""
+    import tempfile
+
     import pgserver
 
-    folder = tmp_path_factory.mktemp("pg")
-    server = pgserver.get_server(folder, cleanup_mode="stop")
+    folder = tempfile.mkdtemp(prefix="persona-mw-pg-")
+    server = pgserver.get_server(folder, cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:
