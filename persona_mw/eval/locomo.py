@@ -115,7 +115,12 @@ def _middleware(tmp: str, store: str | None = None) -> Any:
 def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Sequence[int] = KS,
         modes: Sequence[str] = MODES, log: Any = None, store: str | None = None) -> dict[str, float]:
     """``store``: a store URL to run through (a ``postgresql://`` DSN gets a fresh schema, dropped after);
-    default: a SQLite file in a temporary folder."""
+    default: a SQLite file in a temporary folder. With a store, the baselines are also run as
+    ``<mode>@store``: candidates from ``Store.vector_search``/``text_search`` (pgvector HNSW and
+    full-text GIN on Postgres; exact scan and BM25 on SQLite), fused as in process."""
+    if store is not None and tuple(modes) == MODES:
+        # through a store: also each baseline with candidates from the store's own indexes (":hybrid@store")
+        modes = (*MODES, *(f"{m}@store" for m in MODES[1:]))
     convs = load(data, conversations)
     kmax = max(ks)
     per_mode: dict[str, list[tuple[int, dict[int, float]]]] = {m: [] for m in modes}
@@ -140,8 +145,11 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
                         mem.ingest(user, msgs, session_date=date)
                 qas = [q for q in conv["qa"] if isinstance(q, dict) and q.get("question") and evidence_ids(q)]
                 for mode in modes:
+                    # "<mode>@store": the same mode with candidates from the store's own indexes
+                    base_mode, _, served = mode.partition("@")
+                    mem.store_search = served == "store"
                     for q in qas:
-                        hits = mem.search(user, str(q["question"]), k=kmax, mode=mode)
+                        hits = mem.search(user, str(q["question"]), k=kmax, mode=base_mode)
                         prov = [h.memory.provenance for h in hits]
                         ev = evidence_ids(q)
                         per_mode[mode].append((int(q.get("category", 0)), {k: recall(ev, prov, k) for k in ks}))

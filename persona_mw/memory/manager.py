@@ -168,6 +168,10 @@ class MemoryManager:
         # Weight of each ranker in the fusion (see README "Long-term memory" for how the default was chosen).
         self.fusion_weights = dict(fusion_weights or {"bm25": 1.0, "dense": 0.5, "time": 1.0})
         self.max_per_owner = max_per_owner  # active memories kept per node; the oldest non-preferences go first
+        # True: modes hybrid/dense/bm25 take their candidates from the store's own indexes
+        # (``Store.vector_search``/``text_search``: pgvector HNSW and full-text GIN on Postgres) instead
+        # of the in-process ones; the fusion is the same. Mode fused always scores in process.
+        self.store_search = False
         self._lock = threading.RLock()
         self._loaded: set[str] = set()
         self._recs: dict[str, dict[str, Memory]] = {}   # owner -> id -> active memory (no embedding)
@@ -767,12 +771,16 @@ class MemoryManager:
             factor[node] = _KIND_PRIOR.get(_node_kind(node), 0.7) * (0.75 + 0.25 * w / max_w)
             extra = 4 if kindset else 1
             if qv is not None and self._index is not None:
-                for mid, s in self._index.search(node, qv, n_cand * extra):
+                found = (self.store.vector_search(node, qv.tolist(), n_cand * extra) if self.store_search
+                         else self._index.search(node, qv, n_cand * extra))
+                for mid, s in found:
                     m = recs.get(mid)
                     if m is not None and (kindset is None or m.kind in kindset):
                         dense.append((s, node, mid))
             if mode != "dense":
-                for mid, s in self.bm25.search(node, query, n_cand * extra):
+                found = (self.store.text_search(node, query, n_cand * extra) if self.store_search
+                         else self.bm25.search(node, query, n_cand * extra))
+                for mid, s in found:
                     m = recs.get(mid)
                     if m is not None and (kindset is None or m.kind in kindset):
                         lexical.append((s, node, mid))

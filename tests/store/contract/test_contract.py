@@ -277,3 +277,19 @@ def test_tenants_are_isolated(store: Store) -> None:
 
 def test_schema_version_is_current(store: Store) -> None:
     assert store.schema_version() >= 1
+
+
+# memory search served by the store --------------------------------------------------------------
+def test_memory_manager_search_served_by_the_store(store: Store) -> None:
+    """MemoryManager modes bm25/hybrid take candidates from the store's own lexical index when asked."""
+    from persona_mw.memory.manager import MemoryManager
+
+    mem = MemoryManager(store, embedder=None)
+    for text in ("I went hiking in the Alps last summer", "My sister plays the cello", "We adopted a cat"):
+        mem.remember("ana", text, kind="fact", polarity=None)
+    mem.remember("bob", "Bob went hiking too", kind="fact", polarity=None)
+    in_process = [h.memory.text for h in mem.search("ana", "who went hiking?", k=2, mode="bm25")]
+    mem.store_search = True
+    served = [h.memory.text for h in mem.search("ana", "who went hiking?", k=2, mode="bm25")]
+    assert in_process[0] == served[0] == "I went hiking in the Alps last summer"
+    assert all("Bob" not in t for t in served)
