@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if config:
             p.add_argument("--config", help="pipeline YAML (default: $PERSONA_MW_CONFIG or the embedded default)")
-            p.add_argument("--store", help="SQLite store path (overrides the config)")
+            p.add_argument("--store", help="a SQLite store path or a postgresql:// URL (overrides the config)")
         p.set_defaults(func=func)
         return p
 
