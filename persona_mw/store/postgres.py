@@ -44,6 +44,10 @@ DEFAULT_SCHEMA = "persona_mw"
 # dimension are stored and searched too, by an exact scan of the owner's rows.
 INDEXED_DIM = 384
 
+HNSW_INDEX = f"""CREATE INDEX memories_hnsw ON memories USING hnsw
+               ((embedding::public.vector({INDEXED_DIM})) public.vector_cosine_ops)
+               WHERE public.vector_dims(embedding) = {INDEXED_DIM}"""
+
 # Each entry upgrades the schema by one version (recorded in ``schema_version``). Append, never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -67,9 +71,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX memories_owner ON memories (owner, created_at, id)",
         "CREATE UNIQUE INDEX memories_idem ON memories (owner, idem) WHERE idem IS NOT NULL",
         "CREATE INDEX memories_tsv ON memories USING gin (tsv)",
-        f"""CREATE INDEX memories_hnsw ON memories USING hnsw
-               ((embedding::public.vector({INDEXED_DIM})) public.vector_cosine_ops)
-               WHERE public.vector_dims(embedding) = {INDEXED_DIM}""",
+        HNSW_INDEX,
         """CREATE TABLE feedback (seq BIGSERIAL PRIMARY KEY, id TEXT NOT NULL UNIQUE,
                "user" TEXT NOT NULL, context TEXT, kind TEXT NOT NULL, payload TEXT NOT NULL,
                created_at DOUBLE PRECISION NOT NULL)""",
@@ -274,7 +276,7 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreError(f"Postgres store {self.schema!r}: {exc.__class__.__name__}: {exc}") from exc
 
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
         with self._tx() as cur:
             cur.execute(sql, params)
             return list(cur.fetchall())
@@ -510,14 +512,29 @@ class PostgresStore:
             return [(r[0], float(r[1])) for r in cur.fetchall()]
 
     def text_search(self, owner: NodeId, query: str, k: int) -> list[tuple[str, float]]:
-        """Postgres full-text search (GIN over the index text, English stemming), any query word."""
+        """BM25 (k1 1.2, b 0.75, as the in-process index) over Postgres full-text lexemes (English
+        stemming): the GIN index finds the owner's memories holding any query lexeme; term and document
+        frequencies come from the ``tsvector``s. ``ts_rank_cd`` has no IDF, which costs LoCoMo recall."""
         words = sorted(set(_WORD.findall(query.lower())))[:64]
         if not words or k < 1:
             return []
-        tsq = " | ".join(words)
-        rows = self._rows("SELECT id, ts_rank_cd(tsv, q) AS score FROM memories, to_tsquery('english', %s) q "
-                          "WHERE owner = %s AND superseded_by IS NULL AND tsv @@ q "
-                          "ORDER BY score DESC, id LIMIT %s", (tsq, owner, k))
+        text = " ".join(words)
+        rows = self._rows(
+            """WITH q AS (SELECT unnest(tsvector_to_array(to_tsvector('english', %(text)s))) AS lex),
+                    anyq AS (SELECT to_tsquery('english', %(ors)s) AS tq),
+                    stats AS (SELECT COUNT(*) AS n, AVG(length(tsv)) AS avgdl FROM memories
+                              WHERE owner = %(owner)s AND superseded_by IS NULL),
+                    hits AS (SELECT m.id, m.tsv FROM memories m, anyq
+                             WHERE m.owner = %(owner)s AND m.superseded_by IS NULL AND m.tsv @@ anyq.tq),
+                    terms AS (SELECT h.id, u.lexeme, COALESCE(array_length(u.positions, 1), 1) AS tf,
+                                     length(h.tsv) AS dl
+                              FROM hits h, unnest(h.tsv) u WHERE u.lexeme IN (SELECT lex FROM q)),
+                    df AS (SELECT lexeme, COUNT(*) AS df FROM terms GROUP BY lexeme)
+               SELECT t.id, SUM(ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5))
+                                * t.tf * 2.2 / (t.tf + 1.2 * (0.25 + 0.75 * t.dl / GREATEST(s.avgdl, 1)))) AS score
+               FROM terms t JOIN df USING (lexeme), stats s
+               GROUP BY t.id ORDER BY score DESC, t.id LIMIT %(k)s""",
+            {"text": text, "ors": " | ".join(words), "owner": owner, "k": k})
         return [(r[0], float(r[1])) for r in rows]
 
     # feedback events (append-only) ---------------------------------------------------------
@@ -756,8 +773,22 @@ class PostgresStore:
                 values.append(str(meta.get("index_text") or row["text"]))
             batch.append(tuple(values))
         with self._tx() as cur:
-            if batch:
+            rebuild = False
+            if table == "memories" and len(batch) > 1000:
+                cur.execute("SELECT NOT EXISTS (SELECT 1 FROM memories)")
+                row = cur.fetchone()
+                # into an empty table: build the HNSW graph once at the end, not one insert at a time
+                rebuild = bool(row and row[0])
+                if rebuild:
+                    cur.execute("DROP INDEX memories_hnsw")
+            if batch and not conflict:
+                with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                    for values in batch:
+                        copy.write_row(values)
+            elif batch:
                 cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}){conflict}", batch)
+            if rebuild:
+                cur.execute(HNSW_INDEX)
             if table == "feedback":  # new events continue after the copied sequence numbers
                 cur.execute("SELECT setval(pg_get_serial_sequence('feedback', 'seq'), "
                             "GREATEST((SELECT MAX(seq) FROM feedback), 1))")
