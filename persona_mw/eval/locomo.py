@@ -156,9 +156,11 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
                 if log:
                     log(f"locomo: {conv['sample_id']}: {len(qas)} questions")
         finally:
-            drop = getattr(mw.store, "drop_schema", None) if url != store else None
-            if drop is not None:  # the fresh Postgres schema made for this run
-                drop()
+            if url != store:  # the fresh Postgres schema made for this run
+                from persona_mw.store.postgres import PostgresStore
+
+                if isinstance(mw.store, PostgresStore):
+                    mw.store.drop_schema()
             mw.close()
     metrics: dict[str, float] = {}
     for mode, rows in per_mode.items():
