@@ -442,8 +442,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return run_eval(args.benchmark, args.data, args.out, history=args.history, test=args.test, seed=args.seed)
     if args.benchmark in ("locomo", "prefeval"):
         return run_eval(args.benchmark, args.data, args.out, conversations=args.conversations, topics=args.topics,
-                        turns=args.turns, forms=args.forms, limit=args.limit, seed=args.seed, backend=args.backend)
+                        turns=args.turns, forms=args.forms, limit=args.limit, seed=args.seed, backend=args.backend,
+                        store=args.store)
     return run_eval(args.benchmark, args.data, args.out)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from persona_mw.store import open_store
+
+    if args.action == "migrate":
+        if args.source or args.target:
+            raise PersonaError("db migrate takes the store from --store or the config, not --from/--to")
+        cfg = _config(args)
+        path = cfg.store.path
+        if "#" in path:  # an explicit migrate runs the migrations whatever store.migrate says
+            path = path.replace("&migrate=0", "").replace("#migrate=0&", "#").replace("#migrate=0", "")
+        store = open_store(path)
+        try:
+            _print_json({"store": repr(store), "schema_version": store.schema_version()})
+        finally:
+            store.close()
+        return 0
+    if not args.source or not args.target:
+        raise PersonaError("db copy needs --from SOURCE and --to TARGET",
+                           hint="e.g. persona-mw db copy --from persona.db --to postgresql://user@host/db")
+    from persona_mw.store.copy import copy_store
+
+    source, target = open_store(args.source), open_store(args.target)
+    try:
+        report = copy_store(source, target, log=lambda m: print(m, file=sys.stderr, flush=True))
+    finally:
+        source.close()
+        target.close()
+    _print_json(report)
+    return 0 if not report["mismatched_users"] else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -473,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         if config:
             p.add_argument("--config", help="pipeline YAML (default: $PERSONA_MW_CONFIG or the embedded default)")
-            p.add_argument("--store", help="SQLite store path (overrides the config)")
+            p.add_argument("--store", help="a SQLite store path or a postgresql:// URL (overrides the config)")
         p.set_defaults(func=func)
         return p
 
@@ -605,6 +637,15 @@ def _add_eval_command(add: AddCommand) -> None:
     p.add_argument("--turns", default="0,10,100,300", help="prefeval: distractor turns N, comma-separated")
     p.add_argument("--forms", default="explicit,choice,persona", help="prefeval: preference forms, comma-separated")
     p.add_argument("--limit", type=int, help="prefeval: items per topic (default: all)")
+    p.add_argument("--store", help="locomo: run through this store (a SQLite path or a postgresql:// DSN; "
+                   "Postgres gets a fresh schema, dropped after). Default: a temporary SQLite file")
+
+    p = add("db", cmd_db, "the store's schema and data: migrate (apply pending schema migrations), "
+            "copy (move a deployment to another store, e.g. SQLite to Postgres, checked user by user)")
+    p.add_argument("action", choices=["migrate", "copy"], help="what to do")
+    p.add_argument("--from", dest="source", help="with copy: the store to read (a SQLite path or store URL)")
+    p.add_argument("--to", dest="target", help="with copy: the store to write (a postgresql:// DSN or path); "
+                   "must be empty")
 
 
 def _plugin_commands(sub: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,10 +46,64 @@ class BackendConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class PoolConfig(_Strict):
+    """The Postgres connection pool of each process (one pool per store; a tenant's store has its own)."""
+
+    min: int = Field(default=1, ge=1, le=1000, description="connections opened at start and kept")
+    max: int = Field(default=10, ge=1, le=1000, description="connections at most")
+    timeout_s: float = Field(default=30.0, gt=0, le=3600,
+                             description="seconds to wait for a free connection (and to connect) before an error")
+
+    @model_validator(mode="after")
+    def _order(self) -> PoolConfig:
+        if self.max < self.min:
+            raise ValueError(f"pool.max ({self.max}) is below pool.min ({self.min})")
+        return self
+
+
 class StoreConfig(_Strict):
+    type: Literal["sqlite", "postgres"] = Field(
+        default="sqlite", description="sqlite (embedded, one file) or postgres (many processes, pgvector)")
     path: str = Field(default_factory=lambda: str(default_data_dir() / "persona.db"),
                       description="the SQLite file; default $PERSONA_MW_HOME/persona.db, else "
-                                  "$XDG_DATA_HOME/persona-mw/persona.db, else ~/.local/share/persona-mw/persona.db")
+                                  "$XDG_DATA_HOME/persona-mw/persona.db, else ~/.local/share/persona-mw/persona.db. "
+                                  "A postgresql:// URL here opens Postgres too")
+    dsn: str | None = Field(default=None, description="postgres: the connection string, postgresql://user@host/db "
+                                                      "(better {$env: PERSONA_MW_DSN})")
+    schema_name: str = Field(default="persona_mw", alias="schema", pattern=r"^[A-Za-z0-9_]{1,40}$",
+                             description="postgres: the schema holding the tables (tenants get NAME.tenant-<id>)")
+    pool: PoolConfig | None = Field(default=None, description="postgres: the connection pool (min, max, timeout_s)")
+    migrate: bool = Field(default=True, description="postgres: apply pending schema migrations when a process "
+                                                    "opens the store; false: refuse and ask for `persona-mw db migrate`")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _postgres_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") == "postgres" and "path" in data:
+            raise ValueError("store.path is the SQLite file; with type: postgres give store.dsn")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> StoreConfig:
+        if self.type == "postgres":
+            if not self.dsn:
+                raise ValueError("type: postgres needs store.dsn (postgresql://user@host/db, e.g. {$env: PERSONA_MW_DSN})")
+            if not re.match(r"^postgres(ql)?://", self.dsn):
+                raise ValueError("store.dsn must start with postgresql:// (got "
+                                 f"{self.dsn.split('://', 1)[0] if '://' in self.dsn else 'no scheme'})")
+            if "#" in self.dsn:
+                raise ValueError("store.dsn: no '#' options; use store.schema and store.pool")
+            pool = self.pool or PoolConfig()
+            # The Middleware opens the store from ``path``: the URL form ``open_store`` reads.
+            self.path = (f"{self.dsn}#schema={self.schema_name}&pool_min={pool.min}&pool_max={pool.max}"
+                         f"&pool_timeout={pool.timeout_s}" + ("" if self.migrate else "&migrate=0"))
+        else:
+            for name in ("dsn", "pool"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"store.{name} is for type: postgres (this store is sqlite)")
+        return self
 
 
 class StatedItem(_Strict):

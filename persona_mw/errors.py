@@ -78,3 +78,7 @@ class StoreError(PersonaError):
 
 class ForgottenError(StoreError):
     """A write for a user who was forgotten after the work doing it started; the write is dropped."""
+
+
+class StaleVersionError(StoreError):
+    """An optimistic update carried a version that is no longer the stored one: re-read and retry."""

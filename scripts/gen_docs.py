@@ -232,7 +232,7 @@ SECTIONS = {
                "`model`, `api_base`, `api_key`, ...): the other keys go to the backend's factory.",
     "roles": "Auxiliary models by role (`judge`, `persona`, `optimizer`, `rewriter`, `corrector`, "
              "`extractor`, or any name a plugin asks for); a role not listed uses the main backend.",
-    "store": "Where profiles, events, memories and traces are kept (one SQLite file).",
+    "store": "Where profiles, events, memories and traces are kept: one SQLite file (default), or Postgres + pgvector.",
     "pipeline": "The plugins, in the order they run.",
     "graph": "The preference graph: declared groups and contexts, and how fast a node's own evidence "
              "outweighs its parents'.",

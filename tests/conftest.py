@@ -10,9 +10,55 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
+# PERSONA_MW_TEST_STORE=postgres: the default store of ``make_mw`` (and ``store_url``) is a fresh
+# schema in the session's Postgres instead of a SQLite file.
+TEST_STORE = os.environ.get("PERSONA_MW_TEST_STORE", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL 16 with pgvector, started once per session by ``pgserver`` in a temp folder.
+
+    No skip: when Postgres cannot start, every test that needs it fails with the reason. The folder is
+    not under pytest's basetemp: as root, pgserver runs initdb as its own user, and another pytest
+    session resets ``/tmp/pytest-of-<user>`` to mode 0700 at any moment."""
+    import tempfile
+
+    import pgserver
+
+    folder = tempfile.mkdtemp(prefix="persona-mw-pg-")
+    server = pgserver.get_server(folder, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+_schemas = iter(range(1, 1_000_000))
+
+
+def fresh_pg_url(pg_uri: str, prefix: str = "t") -> str:
+    """A store URL naming a schema no other test uses (``#schema=t_<pid>_<n>``)."""
+    return f"{pg_uri}#schema={prefix}_{os.getpid()}_{next(_schemas)}&pool_max=4"
+
+
 @pytest.fixture
-def make_mw(tmp_path):
-    """Build a Middleware from YAML text on a real SQLite file and a scripted backend."""
+def store_url(request, tmp_path):
+    """Where a test's default store lives: a SQLite file, or (PERSONA_MW_TEST_STORE=postgres) a fresh
+    Postgres schema. ``store_url()`` gives a new one at each call."""
+    n = iter(range(1_000_000))
+    if TEST_STORE == "postgres":
+        uri = request.getfixturevalue("pg_server")
+        return lambda: fresh_pg_url(uri)
+    if TEST_STORE != "sqlite":
+        raise pytest.UsageError(f"PERSONA_MW_TEST_STORE={TEST_STORE!r}: use sqlite or postgres")
+    return lambda: str(tmp_path / f"store{next(n)}.db")
+
+
+@pytest.fixture
+def make_mw(store_url):
+    """Build a Middleware from YAML text on a real store (SQLite file, or Postgres, see TEST_STORE) and
+    a scripted backend."""
     from persona_mw import Middleware, parse_config
     from persona_mw.testing import ScriptedBackend
 
@@ -20,7 +66,7 @@ def make_mw(tmp_path):
 
     def make(yaml_text: str = "", backend=None, plugins=None, db: str | None = None):
         cfg = parse_config(yaml_text or "{}")
-        cfg.store.path = db or str(tmp_path / f"store{len(made)}.db")
+        cfg.store.path = db or store_url()
         mw = Middleware(cfg, backend=backend or ScriptedBackend(), plugins=plugins, autoload=False)
         made.append(mw)
         return mw

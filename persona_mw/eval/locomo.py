@@ -100,25 +100,41 @@ def recall(evidence: Iterable[str], ranked_provenance: Sequence[Sequence[str]], 
     return len(ev & found) / len(ev)
 
 
-def _middleware(tmp: str) -> Any:
+def _middleware(tmp: str, store: str | None = None) -> Any:
     from persona_mw.config import parse_config
     from persona_mw.eval.common import _NoBackend
     from persona_mw.middleware import Middleware
 
     cfg = parse_config(json.dumps({"pipeline": [{"use": "memory", "store_turns": True, "store_answers": True}]}),
                        "<eval locomo>")
-    cfg.store.path = str(Path(tmp) / "locomo.db")
+    cfg.store.path = store or str(Path(tmp) / "locomo.db")
     cfg.trace.store = False
     return Middleware(cfg, backend=_NoBackend(), autoload=False)
 
 
 def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Sequence[int] = KS,
-        modes: Sequence[str] = MODES, log: Any = None) -> dict[str, float]:
+        modes: Sequence[str] = MODES, log: Any = None, store: str | None = None) -> dict[str, float]:
+    """``store``: a store URL to run through (a ``postgresql://`` DSN gets a fresh schema, dropped after);
+    default: a SQLite file in a temporary folder. With a store, the baselines are also run as
+    ``<mode>@store``: candidates from ``Store.vector_search``/``text_search`` (pgvector HNSW and
+    full-text GIN on Postgres; exact scan and BM25 on SQLite), fused as in process."""
+    if store is not None and tuple(modes) == MODES:
+        # through a store: also each baseline with candidates from the store's own indexes (":hybrid@store")
+        modes = (*MODES, *(f"{m}@store" for m in MODES[1:]))
     convs = load(data, conversations)
     kmax = max(ks)
     per_mode: dict[str, list[tuple[int, dict[int, float]]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="persona-mw-locomo-") as tmp:
-        mw = _middleware(tmp)
+        url = store
+        if store is not None:
+            from persona_mw.store import is_postgres_url
+
+            if is_postgres_url(store):
+                import secrets
+
+                sep = "&" if "#" in store else "#"
+                url = f"{store}{sep}schema=locomo_{secrets.token_hex(4)}"
+        mw = _middleware(tmp, url)
         try:
             mem = mw.memory
             for ci, conv in enumerate(convs):
@@ -129,14 +145,22 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
                         mem.ingest(user, msgs, session_date=date)
                 qas = [q for q in conv["qa"] if isinstance(q, dict) and q.get("question") and evidence_ids(q)]
                 for mode in modes:
+                    # "<mode>@store": the same mode with candidates from the store's own indexes
+                    base_mode, _, served = mode.partition("@")
+                    mem.store_search = served == "store"
                     for q in qas:
-                        hits = mem.search(user, str(q["question"]), k=kmax, mode=mode)
+                        hits = mem.search(user, str(q["question"]), k=kmax, mode=base_mode)
                         prov = [h.memory.provenance for h in hits]
                         ev = evidence_ids(q)
                         per_mode[mode].append((int(q.get("category", 0)), {k: recall(ev, prov, k) for k in ks}))
                 if log:
                     log(f"locomo: {conv['sample_id']}: {len(qas)} questions")
         finally:
+            if url != store:  # the fresh Postgres schema made for this run
+                from persona_mw.store.postgres import PostgresStore
+
+                if isinstance(mw.store, PostgresStore):
+                    mw.store.drop_schema()
             mw.close()
     metrics: dict[str, float] = {}
     for mode, rows in per_mode.items():

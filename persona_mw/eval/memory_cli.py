@@ -24,8 +24,14 @@ def run_memory_eval(benchmark: str, data: str, out: str | None = None, **options
         from persona_mw.eval import locomo
 
         convs = _csv(options.get("conversations"))
-        metrics = locomo.run(data, conversations=convs, log=log)
+        store = options.get("store")
+        metrics = locomo.run(data, conversations=convs, log=log, store=store)
         cfg = {**locomo.config(), "conversations": convs or "all"}
+        if store:
+            from persona_mw.store import is_postgres_url
+            from persona_mw.store.postgres import redact_dsn
+
+            cfg["store"] = redact_dsn(store.split("#", 1)[0]) if is_postgres_url(store) else store
     else:
         from persona_mw.eval import prefeval
 

@@ -162,6 +162,10 @@ class MemoryManager:
         # Weight of each ranker in the fusion (see README "Long-term memory" for how the default was chosen).
         self.fusion_weights = dict(fusion_weights or {"bm25": 1.0, "dense": 0.5, "time": 1.0})
         self.max_per_owner = max_per_owner  # active memories kept per node; the oldest non-preferences go first
+        # True: modes hybrid/dense/bm25 take their candidates from the store's own indexes
+        # (``Store.vector_search``/``text_search``: pgvector HNSW and full-text GIN on Postgres) instead
+        # of the in-process ones; the fusion is the same. Mode fused always scores in process.
+        self.store_search = False
         self._lock = threading.RLock()
         self._loaded: set[str] = set()
         self._recs: dict[str, dict[str, Memory]] = {}   # owner -> id -> active memory (no embedding)
@@ -216,27 +220,9 @@ class MemoryManager:
         return str(m.meta.get("index_text") or m.text)
 
     def _rows(self, owner: str) -> tuple[list[Memory], dict[str, np.ndarray]]:
-        """The owner's active memories without vectors, and the vectors by id (raw blobs when the store
-        is SQLite: 100k rows load in about a second instead of building 100k float lists)."""
-        query = getattr(self.store, "_query", None)
-        if query is not None and hasattr(self.store, "list_memories"):
-            import json
-
-            rows = query("SELECT id, owner, kind, text, polarity, provenance, created_at, updated_at, superseded_by, "
-                         "embedding, meta FROM memories WHERE owner = ? AND superseded_by IS NULL "
-                         "ORDER BY created_at, id", (owner,))
-            mems, vecs = [], {}
-            for r in rows:
-                mems.append(Memory.model_construct(
-                    id=r["id"], owner=r["owner"], kind=r["kind"], text=r["text"], polarity=r["polarity"],
-                    provenance=json.loads(r["provenance"]), created_at=r["created_at"], updated_at=r["updated_at"],
-                    superseded_by=None, embedding=None, meta=json.loads(r["meta"])))
-                if r["embedding"] is not None:
-                    vecs[r["id"]] = np.frombuffer(r["embedding"], dtype=np.float32)
-            return mems, vecs
-        mems = list(self.store.list_memories(owner, include_superseded=False))
-        vecs = {m.id: np.asarray(m.embedding, dtype=np.float32) for m in mems if m.embedding is not None}
-        return [m.model_copy(update={"embedding": None}) for m in mems], vecs
+        """The owner's active memories without vectors, and the vectors by id (``Store.memory_rows``)."""
+        rows: tuple[list[Memory], dict[str, np.ndarray]] = self.store.memory_rows(owner)
+        return rows
 
     def _load(self, owner: str, embed_missing: bool = True) -> None:
         """Fill the owner's indexes from the store's rows and vectors (once); rows stored without a vector
@@ -780,12 +766,16 @@ class MemoryManager:
             factor[node] = _KIND_PRIOR.get(kind_of(node), 0.7) * (0.75 + 0.25 * w / max_w)
             extra = 4 if kindset else 1
             if qv is not None and self._index is not None:
-                for mid, s in self._index.search(node, qv, n_cand * extra):
+                found = (self.store.vector_search(node, qv.tolist(), n_cand * extra) if self.store_search
+                         else self._index.search(node, qv, n_cand * extra))
+                for mid, s in found:
                     m = recs.get(mid)
                     if m is not None and (kindset is None or m.kind in kindset):
                         dense.append((s, node, mid))
             if mode != "dense":
-                for mid, s in self.bm25.search(node, query, n_cand * extra):
+                found = (self.store.text_search(node, query, n_cand * extra) if self.store_search
+                         else self.bm25.search(node, query, n_cand * extra))
+                for mid, s in found:
                     m = recs.get(mid)
                     if m is not None and (kindset is None or m.kind in kindset):
                         lexical.append((s, node, mid))
@@ -976,11 +966,8 @@ class MemoryManager:
 
     def _user_owners(self, user: str) -> list[str]:
         self._check_user(user)
-        lister = getattr(self.store, "list_user_nodes", None)
-        if lister is not None:  # exact and indexed (persona_mw.nodes), not a scan of every context node
-            return [user_node(user)] + [n for n in lister(user) if n != user_node(user)]
-        return [user_node(user)] + [n.id for n in self.store.list_nodes("user_context", limit=1_000_000)
-                                    if is_user_node_of(n.id, user)]
+        # exact and indexed (persona_mw.nodes), not a scan of every context node
+        return [user_node(user)] + [n for n in self.store.list_user_nodes(user) if n != user_node(user)]
 
     def get(self, user: str, memory_id: str) -> Memory:
         m = self.store.get_memory(memory_id)

@@ -21,11 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import TypeAdapter
 
-from persona_mw.errors import ForgottenError, StoreError
 from persona_mw.nodes import USER_KINDS, is_user_node_of, user_context_node, user_context_prefix, user_node, user_of
-from persona_mw.store import Edge, Node, current_guard, node_kind
+from persona_mw.errors import ForgottenError, StaleVersionError, StoreError
+from persona_mw.store import COPY_TABLES, Edge, Node, current_guard, node_kind
 from persona_mw.types import Feedback, Memory, NodeId, Profile, Trace
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records how many have run.
@@ -81,6 +82,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE memories ADD COLUMN idem TEXT",
         "CREATE UNIQUE INDEX memories_idem ON memories(owner, idem) WHERE idem IS NOT NULL",
     ),
+    (
+        # Profile row versions: an optimistic update (``put_profile(expected_version=)``) is refused
+        # when another writer (another process) stored a newer profile since it read.
+        "ALTER TABLE profiles ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -133,6 +139,19 @@ def _unpack(blob: bytes | None) -> list[float] | None:
     out = array("f")
     out.frombytes(blob)
     return out.tolist()
+
+
+def exact_vector_search(vecs: dict[str, np.ndarray], query: Sequence[float], k: int) -> list[tuple[str, float]]:
+    """Cosine similarity of ``query`` to each vector (same dimension only), the best ``k``."""
+    q = np.asarray(query, dtype=np.float32)
+    ids = [i for i, v in vecs.items() if len(v) == len(q)]
+    if not ids or k < 1:
+        return []
+    mat = np.stack([vecs[i] for i in ids])
+    norms = np.linalg.norm(mat, axis=1) * (float(np.linalg.norm(q)) or 1.0)
+    sims = (mat @ q) / np.where(norms > 0, norms, 1.0)
+    top = np.argsort(-sims, kind="stable")[:k]
+    return [(ids[i], float(sims[i])) for i in top]
 
 
 def _validate_node_id(node_id: NodeId) -> str:
@@ -314,12 +333,29 @@ class SQLiteStore:
                            (json.dumps(list(node_ids)),))
         return {r["node"]: Profile.model_validate_json(r["data"]) for r in rows}
 
-    def put_profile(self, profile: Profile) -> None:
+    def get_profile_versioned(self, node_id: NodeId) -> tuple[Profile | None, int]:
+        """The profile and its row version (0: no row yet), for ``put_profile(expected_version=)``."""
+        rows = self._query("SELECT data, version FROM profiles WHERE node = ?", (node_id,))
+        if not rows:
+            return None, 0
+        return Profile.model_validate_json(rows[0]["data"]), int(rows[0]["version"])
+
+    def put_profile(self, profile: Profile, expected_version: int | None = None) -> int:
+        """Store the profile and return its new row version. With ``expected_version`` the write
+        happens only if the stored version is still that one (0: no row), else ``StaleVersionError``."""
         with self._tx() as cur:
             self._insert_node(cur, profile.node)
-            cur.execute("INSERT INTO profiles (node, data, updated_at) VALUES (?, ?, ?) ON CONFLICT (node) "
-                        "DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
-                        (profile.node, profile.model_dump_json(), profile.updated_at))
+            row = cur.execute("SELECT version FROM profiles WHERE node = ?", (profile.node,)).fetchone()
+            current = int(row[0]) if row else 0
+            if expected_version is not None and expected_version != current:
+                raise StaleVersionError(
+                    f"profile {profile.node!r} is at version {current}, not {expected_version}",
+                    hint="another writer updated it: read it again and re-apply the change")
+            cur.execute("INSERT INTO profiles (node, data, updated_at, version) VALUES (?, ?, ?, ?) ON CONFLICT (node) "
+                        "DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at, "
+                        "version = excluded.version",
+                        (profile.node, profile.model_dump_json(), profile.updated_at, current + 1))
+        return current + 1
 
     # memories ------------------------------------------------------------------------------
     def _redacted(self, memory: Memory) -> Memory:
@@ -388,6 +424,36 @@ class SQLiteStore:
         with self._tx() as cur:
             cur.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
             return cur.rowcount > 0
+
+    def memory_rows(self, owner: NodeId) -> tuple[list[Memory], dict[str, np.ndarray]]:
+        """The owner's active memories without vectors, oldest first, and their vectors by id (read
+        from the raw blobs: 100k rows load in about a second instead of building 100k float lists)."""
+        rows = self._query(f"SELECT {_MEMORY_COLS} FROM memories WHERE owner = ? AND superseded_by IS NULL "
+                           "ORDER BY created_at, id", (owner,))
+        mems: list[Memory] = []
+        vecs: dict[str, np.ndarray] = {}
+        for r in rows:
+            mems.append(Memory.model_construct(
+                id=r["id"], owner=r["owner"], kind=r["kind"], text=r["text"], polarity=r["polarity"],
+                provenance=json.loads(r["provenance"]), created_at=r["created_at"], updated_at=r["updated_at"],
+                superseded_by=None, embedding=None, meta=json.loads(r["meta"])))
+            if r["embedding"] is not None:
+                vecs[r["id"]] = np.frombuffer(r["embedding"], dtype=np.float32)
+        return mems, vecs
+
+    def vector_search(self, owner: NodeId, query: Sequence[float], k: int) -> list[tuple[str, float]]:
+        """The ``k`` active memories of ``owner`` nearest to ``query`` by cosine (an exact scan)."""
+        _, vecs = self.memory_rows(owner)
+        return exact_vector_search(vecs, query, k)
+
+    def text_search(self, owner: NodeId, query: str, k: int) -> list[tuple[str, float]]:
+        """The ``k`` active memories of ``owner`` best matching ``query`` by BM25 over their index text."""
+        from persona_mw.memory.index import BM25Index
+
+        mems, _ = self.memory_rows(owner)
+        ix = BM25Index()
+        ix.add(owner, [m.id for m in mems], [str(m.meta.get("index_text") or m.text) for m in mems])
+        return ix.search(owner, query, k)
 
     # feedback events (append-only) ---------------------------------------------------------
     def append_feedback(self, event: Feedback) -> int:
@@ -684,6 +750,47 @@ class SQLiteStore:
                 return True
             time.sleep(0.01 * (i + 1))
         return False
+
+    # schema, tenants, copy ----------------------------------------------------------------------
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    def for_tenant(self, tenant: str) -> SQLiteStore:
+        """The tenant's own store: a file beside this one (``persona.db`` -> ``persona.tenant-acme.db``)."""
+        from persona_mw.tenancy import tenant_store_path
+
+        return SQLiteStore(tenant_store_path(self.path, tenant))
+
+    def dump_table(self, table: str) -> Iterator[dict[str, Any]]:
+        """Every row of one of ``COPY_TABLES`` in the common column layout (for ``persona-mw db copy``)."""
+        if table not in COPY_TABLES:
+            raise StoreError(f"unknown table {table!r}", hint=f"one of {', '.join(COPY_TABLES)}")
+        order = {"feedback": "seq", "store_meta": "key", "forgotten": "key", "edges": "src, dst, kind",
+                 "profiles": "node"}.get(table, "rowid")
+        for r in self._query(f"SELECT * FROM {table} ORDER BY {order}"):
+            row = dict(r)
+            if table == "memories":
+                row["embedding"] = _unpack(row["embedding"])
+            yield row
+
+    def load_table(self, table: str, rows: Iterable[dict[str, Any]]) -> int:
+        """Insert rows of ``dump_table``'s layout (``store_meta`` rows replace ours); returns the count."""
+        if table not in COPY_TABLES:
+            raise StoreError(f"unknown table {table!r}", hint=f"one of {', '.join(COPY_TABLES)}")
+        n = 0
+        with self._tx() as cur:
+            for row in rows:
+                row = dict(row)
+                if table == "memories":
+                    row["embedding"] = _pack(row["embedding"])
+                cols = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                verb = "INSERT OR REPLACE" if table == "store_meta" else "INSERT"
+                cur.execute(f"{verb} INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
+                n += 1
+            if table == "store_meta":
+                self._salt = str(cur.execute("SELECT value FROM store_meta WHERE key = 'forget_salt'").fetchone()[0])
+        return n
 
     def close(self) -> None:
         with self._lock:

@@ -78,6 +78,24 @@ def test_eval_locomo_cli(locomo_dir, tmp_path, capsys):
     assert "R@10" in capsys.readouterr().out
 
 
+def test_eval_locomo_through_postgres(locomo_dir, tmp_path, capsys, pg_server):
+    """--store DSN: the same recall as SQLite, the store-served modes too, and the run's schema dropped."""
+    import psycopg
+
+    out = tmp_path / "pg.json"
+    assert main(["eval", "locomo", "--data", str(locomo_dir), "--out", str(out), "--store", pg_server]) == 0
+    res = json.loads(out.read_text())
+    m = res["metrics"]
+    assert m["R@25"] == pytest.approx((1 + 1 + 0.5) / 3, abs=1e-3)  # as on SQLite (test above)
+    for mode in ("hybrid@store", "bm25@store", "dense@store"):
+        assert f"R@25:{mode}" in m
+    assert m["R@5/single-hop:bm25@store"] == 1.0  # "greyhound": found by Postgres full-text too
+    assert "***" in res["config"]["store"] or "@" not in res["config"]["store"]
+    with psycopg.connect(pg_server) as conn:
+        left = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'locomo_%'").fetchall()
+    assert left == []
+
+
 def test_eval_locomo_bad_input(tmp_path, locomo_dir, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", "locomo", "--data", str(tmp_path / "empty")]) == 2

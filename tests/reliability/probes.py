@@ -71,6 +71,8 @@ class World:
     root: Path
     users: int = 12
     seed: int = 0
+    # name -> store URL (default: a SQLite file ``root/<name>.db``); Postgres: a schema per name
+    store_url: Any = None
     rng: random.Random = field(init=False)
     # (tenant, user) -> markers they own; group markers by (tenant, group)
     owned: dict[tuple[str, str], set[str]] = field(default_factory=dict)
@@ -137,10 +139,11 @@ class World:
     def running(self) -> Iterator[World]:
         """Start the open middleware + server, the tenant server, and an echoing upstream for wrap()."""
         backend = ScriptedBackend(script=echo_prompt)
-        self.open_mw = Middleware(_config(str(self.root / "open.db"), self._groups(OPEN)), backend=backend,
+        where = self.store_url or (lambda name: str(self.root / f"{name}.db"))
+        self.open_mw = Middleware(_config(where("open"), self._groups(OPEN)), backend=backend,
                                   autoload=False)
         self.keys = {t: f"key-{t}-{secrets.token_hex(8)}" for t in TENANTS}
-        tenant_base = Middleware(_config(str(self.root / "tenants.db"), {}), backend=backend, autoload=False)
+        tenant_base = Middleware(_config(where("tenants"), {}), backend=backend, autoload=False)
         # every tenant gets the same declared groups but its own markers
         tenant_groups = {t: self._groups(t) for t in TENANTS}
         with contextlib.ExitStack() as stack:
@@ -345,8 +348,8 @@ def _echo_upstream(backend: ScriptedBackend) -> Any:
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
 
-def run_probes(root: Path, n: int, users: int = 12, seed: int = 0) -> dict[str, Any]:
-    with World(root, users=users, seed=seed).running() as world:
+def run_probes(root: Path, n: int, users: int = 12, seed: int = 0, store_url: Any = None) -> dict[str, Any]:
+    with World(root, users=users, seed=seed, store_url=store_url).running() as world:
         while world.probes < n:
             world.probe()
         world.open_mw.drain()

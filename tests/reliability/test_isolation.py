@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from persona_mw import hookimpl
 from persona_mw.testing import registered
 from persona_mw.types import Message
@@ -12,8 +14,16 @@ from persona_mw.types import Message
 from .probes import OPEN, World, run_probes
 
 
-def test_isolation_probes_find_no_leak(tmp_path: Any) -> None:
-    result = run_probes(tmp_path, n=200, users=10, seed=1)
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_isolation_probes_find_no_leak(tmp_path: Any, kind: str, request: Any) -> None:
+    """The same probes on both stores (Postgres: a schema per store, tenants in schemas of their own)."""
+    store_url = None
+    if kind == "postgres":
+        from ..conftest import fresh_pg_url
+
+        uri = request.getfixturevalue("pg_server")
+        store_url = lambda name: fresh_pg_url(uri, name)  # noqa: E731
+    result = run_probes(tmp_path, n=200, users=10, seed=1, store_url=store_url)
     assert result["probes"] >= 200
     assert result["leaks"] == []
     assert result["controls_failed"] == []  # every user's own preference did reach their prompt

@@ -1,0 +1,159 @@
+"""The Postgres store beyond the contract: config, URLs, migrations, `persona-mw db`, tenants, a server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from persona_mw import Middleware, parse_config
+from persona_mw.cli import main
+from persona_mw.errors import ConfigError, StoreError
+from persona_mw.store import Edge, open_store
+from persona_mw.store.postgres import SCHEMA_VERSION, PostgresStore, parse_url
+from persona_mw.store.sqlite import SQLiteStore
+from persona_mw.testing import ScriptedBackend
+from persona_mw.types import ChoiceFeedback, Memory, Profile, StatedFeedback, Trace
+
+from ..conftest import fresh_pg_url
+
+
+def _unit(seed: int) -> list[float]:
+    v = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def test_url_options_and_errors() -> None:
+    dsn, opts = parse_url("postgresql://u:p@h/db#schema=s1&pool_min=2&pool_max=3&pool_timeout=5&migrate=0")
+    assert dsn == "postgresql://u:p@h/db"
+    assert opts == {"schema": "s1", "pool_min": 2, "pool_max": 3, "pool_timeout_s": 5.0, "migrate": False}
+    # the form persona_mw.tenancy.tenant_store_path makes of a store's path (a filesystem path)
+    from persona_mw.tenancy import tenant_store_path
+
+    base = "postgresql://u@/db?host=/tmp/x#pool_max=4/persona_mw.pg"
+    assert parse_url(tenant_store_path(base, "acme")) == ("postgresql://u@/db?host=/tmp/x",
+                                                          {"pool_max": 4, "schema": "persona_mw.tenant-acme"})
+    with pytest.raises(ConfigError, match="unknown store URL option 'colour'"):
+        parse_url("postgresql://h/db#colour=red")
+    with pytest.raises(ConfigError, match="pool_max"):
+        parse_url("postgresql://h/db#pool_max=lots")
+    with pytest.raises(ConfigError, match="unsupported store URL 'mysql'"):
+        open_store("mysql://h/db")
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    with pytest.raises(StoreError, match=r"cannot open Postgres store postgresql://u:\*\*\*@"):
+        PostgresStore("postgresql://u:secret@127.0.0.1:1/db", pool_timeout_s=2)
+
+
+def test_newer_schema_is_refused_and_manual_migrate(pg_server: str) -> None:
+    url = fresh_pg_url(pg_server, "ver")
+    s = open_store(url)
+    assert s.schema_version() == SCHEMA_VERSION
+    with s._tx() as cur:  # type: ignore[attr-defined]
+        cur.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    s.close()
+    with pytest.raises(StoreError, match="newer than this persona-mw"):
+        open_store(url)
+    fresh = fresh_pg_url(pg_server, "manual")
+    with pytest.raises(StoreError, match="persona-mw db migrate"):
+        open_store(fresh + "&migrate=0")
+
+
+def test_db_migrate_cli(pg_server: str, capsys: Any) -> None:
+    url = fresh_pg_url(pg_server, "mig")
+    assert main(["db", "migrate", "--store", url]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["schema_version"] == SCHEMA_VERSION and "***" not in url and "PostgresStore" in out["store"]
+    s = open_store(url + "&migrate=0")  # now current: opening without migrating works
+    s.close()
+
+
+def _populate(s: Any, user: str, n: int) -> None:
+    s.add_edge(Edge(src=f"user:{user}", dst="group:acme", weight=0.5))
+    s.add_edge(Edge(src=f"user:{user}@context:coding", dst=f"user:{user}"))
+    s.put_profile(Profile(node=f"user:{user}", evidence=n, persona=[f"{user} likes tea"]))
+    old = Memory(owner=f"user:{user}", text=f"{user} lives in Porto", embedding=_unit(n), meta={"idem": f"i{n}"})
+    s.add_memory(old)
+    new = Memory(owner=f"user:{user}", text=f"{user} lives in Lisbon", embedding=_unit(n + 100))
+    s.add_memory(new)
+    s.update_memory(old.model_copy(update={"superseded_by": new.id}))
+    s.add_memory(Memory(owner=f"user:{user}@context:coding", text="uses Python", kind="preference",
+                        polarity="like"))
+    s.append_feedback(StatedFeedback(user=user, text="short answers"))
+    s.append_feedback(ChoiceFeedback(user=user, prompt="q", chosen="a", rejected=["b"]))
+    s.save_trace(Trace(user=user, granularity="user"))
+    s.add_job(f"job-{user}", user, "extract", {"n": n})
+
+
+def test_db_copy_sqlite_to_postgres_keeps_every_export(tmp_path: Path, pg_server: str, capsys: Any) -> None:
+    src_path = str(tmp_path / "src.db")
+    src = SQLiteStore(src_path)
+    for i, u in enumerate(["ana", "ana_x", "bob", "zoe.b"]):
+        _populate(src, u, i)
+    src.put_profile(Profile(node="group:acme", persona=["team"]))
+    src.forget_user("bob")  # an epoch to carry over
+    exports = {u: src.export_user(u) for u in ("ana", "ana_x", "bob", "zoe.b")}
+    epoch = src.user_epoch("bob")
+    src.close()
+    url = fresh_pg_url(pg_server, "copy")
+    assert main(["db", "copy", "--from", src_path, "--to", url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mismatched_users"] == [] and report["users_checked"] == 3  # bob was forgotten
+    assert report["rows"]["memories"] == 9 and report["rows"]["feedback"] == 6
+    dst = open_store(url)
+    try:
+        for u, exp in exports.items():
+            assert dst.export_user(u) == exp, u
+        assert dst.user_epoch("bob") == epoch == 1  # the salt travelled: the epoch still applies
+        assert dst.get_profile("group:acme") is not None
+        # new events continue after the copied sequence numbers
+        seq = dst.append_feedback(StatedFeedback(user="ana", text="more"))
+        assert seq > max(r["seq"] for r in dst.dump_table("feedback") if r["id"] != f"ana/{seq}") - 1
+        assert [e.text for e in dst.list_feedback("ana", kinds=["stated"])] == ["short answers", "more"]  # type: ignore[attr-defined]
+    finally:
+        dst.close()
+    # a second copy into the same (now non-empty) target is refused, nothing merged
+    assert main(["db", "copy", "--from", src_path, "--to", url]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_config_type_postgres_from_env(pg_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERSONA_MW_DSN", pg_server)
+    cfg = parse_config("store: {type: postgres, dsn: {$env: PERSONA_MW_DSN}, schema: cfgtest, "
+                       "pool: {min: 1, max: 3, timeout_s: 10}}\npipeline:\n  - use: stated\n")
+    mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
+    try:
+        assert isinstance(mw.store, PostgresStore) and mw.store.schema == "cfgtest"
+        mw.feedback({"kind": "stated", "user": "ana", "text": "answers in French"})
+        r = mw.chat(user="ana", messages=[{"role": "user", "content": "hello"}])
+        assert "French" in str(r.trace.items_used) or mw.store.count_feedback("ana") == 1
+        assert mw.export_user("ana")["feedback"][0]["text"] == "answers in French"
+    finally:
+        mw.store.drop_schema()  # type: ignore[attr-defined]
+        mw.close()
+
+
+def test_tenants_get_schemas_of_their_own(pg_server: str) -> None:
+    from persona_mw.tenancy import ApiKeys, Tenants
+
+    cfg = parse_config("pipeline:\n  - use: stated\n")
+    cfg.store.path = fresh_pg_url(pg_server, "ten")
+    base = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
+    tenants = Tenants(base, ApiKeys({"acme": ["k1"], "globex": ["k2"]}))
+    try:
+        acme, globex = tenants.middleware("acme"), tenants.middleware("globex")
+        assert isinstance(acme.store, PostgresStore)
+        assert acme.store.schema == f"{base.store.schema}.tenant-acme"  # type: ignore[attr-defined]
+        assert acme.store.dsn == base.store.dsn  # type: ignore[attr-defined]
+        acme.feedback({"kind": "stated", "user": "ana", "text": "secret acme preference"})
+        assert not globex.store.has_user("ana") and not base.store.has_user("ana")
+        assert acme.export_user("ana")["feedback"][0]["text"] == "secret acme preference"
+    finally:
+        import asyncio
+
+        asyncio.run(tenants.aclose())
+        base.close()
