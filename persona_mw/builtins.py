@@ -59,11 +59,3 @@ def persona_register_rewards(register: Callable[[str, Callable[..., Any]], None]
 
     register("profile", profile_reward)
 
-
-@hookimpl
-def persona_profile_report(user: str, profiles: dict[str, Any], middleware: Any) -> dict[str, Any] | None:
-    # The fermi plugin's optimized prompts and their score history (``profile show``'s "prompts").
-    from persona_mw.plugins.fermi import prompt_reports
-
-    prompts = prompt_reports(middleware, profiles)
-    return {"prompts": prompts} if prompts else None

@@ -293,7 +293,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def _profile_with_reports(mw: Any, user: str, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` plus the sections plugins add to ``profile show`` (``persona_profile_report``)."""
     out = dict(data)
-    for sections in mw.host.pm.hook.persona_profile_report(user=user, profiles=data["profiles"], middleware=mw):
+    for sections in mw.host.pm.hook.persona_profile_report(user=user, profiles=data["profiles"]):
         if sections:
             out.update(sections)
     return out

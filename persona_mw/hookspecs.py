@@ -287,13 +287,13 @@ def persona_forget(user: str, nodes: list[str], store: Any, graph: Any) -> None:
 
 
 @hookspec
-def persona_profile_report(user: str, profiles: dict[str, Any], middleware: Any) -> dict[str, Any] | None:
+def persona_profile_report(user: str, profiles: dict[str, Any]) -> dict[str, Any] | None:
     """Add a plugin's part to ``persona-mw profile show USER``.
 
     When: once per ``profile show``, after the CLI read the user's profile. ``profiles`` maps each
     node id of the user's scope to its profile as stored (``Profile.model_dump()``: ``extra``
-    holds what plugins keep there); ``middleware`` is the ``Middleware`` the CLI opened
-    (``middleware.host.pipeline`` lists the configured plugin instances). Read only.
+    holds what plugins keep there). A plugin instance knows its own settings and, through the
+    ``PluginContext`` it got at startup, the other entries (``ctx.plugins()``). Read only.
     Returns: a dict of top-level sections to add to the printed JSON (e.g.
     ``{"prompts": {node: report}}``), or None when the plugin has nothing for this user.
     Combine: collect; the sections of all plugins are merged into the output. Sync only.

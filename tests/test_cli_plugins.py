@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @hookimpl
-def persona_profile_report(user: str, profiles: dict[str, Any], middleware: Any) -> dict[str, Any] | None:
+def persona_profile_report(user: str, profiles: dict[str, Any]) -> dict[str, Any] | None:
     # Module-level hookimpl: registered by the test below as one of the host's default modules.
     if user != "ana":
         return None

@@ -60,6 +60,7 @@ def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("persona_mw/__init__.py", "persona_mw/default.yaml", "persona_mw/py.typed",
                      "persona_mw/plugins/stated.py", "persona_mw/plugins/memory.py", "persona_mw/adapters/transformers/__init__.py",
+                     "persona_mw/plugins/fermi/__init__.py", "persona_mw/plugins/fermi/optimize.py",
                      "persona_mw/store/sqlite.py", "persona_mw/memory/manager.py", "persona_mw/integrations/litellm.py",
                      "persona_mw/eval/style.py", "persona_mw/api_data.py", "persona_mw/console/routes.py",
                      "persona_mw/console/templates/user.html", "persona_mw/console/templates/base.html",

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from persona_mw.errors import ConfigError, ForgottenError, StaleVersionError, StoreError
-from persona_mw.nodes import is_user_node_of
+from persona_mw.nodes import is_user_node_of, user_context_prefix, user_node
 from persona_mw.store import COPY_TABLES, Edge, Node, current_guard, node_kind, user_of_node
 from persona_mw.store.sqlite import LEASE_S, SQLiteStore, _validate_node_id, process_id
 from persona_mw.types import Feedback, Memory, NodeId, Profile, Trace
@@ -653,7 +653,7 @@ class PostgresStore:
 
     @staticmethod
     def _user_params(user: str) -> tuple[str, str]:
-        return f"user:{user}", _like_prefix(f"user:{user}@context:")
+        return user_node(user), _like_prefix(user_context_prefix(user))
 
     def list_user_nodes(self, user: str) -> list[NodeId]:
         rows = self._rows(f"{self._USER_NODES} ORDER BY id COLLATE \"C\"", self._user_params(user))
@@ -661,7 +661,7 @@ class PostgresStore:
 
     def has_user(self, user: str) -> bool:
         rows = self._rows("SELECT EXISTS (SELECT 1 FROM nodes WHERE id = %s) "
-                          "OR EXISTS (SELECT 1 FROM feedback WHERE \"user\" = %s)", (f"user:{user}", user))
+                          "OR EXISTS (SELECT 1 FROM feedback WHERE \"user\" = %s)", (user_node(user), user))
         return bool(rows[0][0])
 
     def export_user(self, user: str) -> dict[str, Any]:

@@ -210,6 +210,37 @@ def test_profile_show_lists_the_current_prompt_and_its_history(make_mw, tmp_path
     assert rep["history"] and rep["history"][-1]["accepted"] is True and rep["memory"]
 
 
+def test_profile_show_reports_the_prompts_of_two_fermi_entries_once(make_mw, tmp_path, capsys):
+    # The report is the plugin's own ``persona_profile_report``: with two entries, the first one
+    # reports both (node keys say which entry), the second adds nothing.
+    import json
+
+    from persona_mw.cli import main
+    from persona_mw.types import Profile
+
+    db = str(tmp_path / "two.db")
+    yaml = ("pipeline:\n  - use: fermi\n    background: false\n"
+            "  - use: fermi\n    name: fermi2\n    background: false\n")
+    mw = make_mw(yaml, backend=ScriptedBackend(script=lexical_judge), db=db)
+    mw.feedback(kind="stated", user="ana", text="Be brief.")
+    prof = mw.store.get_profile("user:ana") or Profile(node="user:ana")
+    for name, score in (("fermi", 0.25), ("fermi2", -0.5)):
+        prof.extra[name] = {"best": "p0", "prompts": [{"id": "p0", "text": f"from {name}", "source": "persona",
+                                                        "score": score, "acc": 1.0}], "history": []}
+    mw.store.put_profile(prof)
+    plugins = [p.instance for p in mw.host.pipeline]
+    assert plugins[1].persona_profile_report(user="ana", profiles={}) is None
+    mw.close()
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml)
+    capsys.readouterr()
+    assert main(["profile", "show", "ana", "--store", db, "--config", str(cfg)]) == 0
+    prompts = json.loads(capsys.readouterr().out)["prompts"]
+    assert set(prompts) == {"user:ana (fermi)", "user:ana (fermi2)"}
+    assert prompts["user:ana (fermi)"]["memory"][0]["text"] == "from fermi"
+    assert prompts["user:ana (fermi2)"]["score"] == -0.5
+
+
 def test_optimizer_proposals_are_cleaned_and_echoes_of_the_meta_prompt_rejected():
     f = Fermi()
     assert f.clean_proposal("Instruction: \"I want formal, business-minded answers.\"") == "I want formal, business-minded answers."
