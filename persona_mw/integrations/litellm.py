@@ -294,8 +294,8 @@ class PersonaCallback(CustomLogger):  # type: ignore[misc]
         turn = self._pop(kwargs.get("litellm_call_id"))
         if turn is not None:
             turn.trace.flags.append(f"llm_call_failed: {kwargs.get('exception') or 'error'}")
-            if getattr(self.mw.config.trace, "store", False):
-                self.mw.store.save_trace(turn.trace)
+            # through the Middleware's trace writer: bounded and redacted like every other stored trace
+            self.mw.jobs.save_trace(turn.trace)
 
     async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any,
                                       start_time: Any, end_time: Any) -> None:

@@ -148,3 +148,33 @@ def test_proxy_config_example_loads_the_callback(monkeypatch: pytest.MonkeyPatch
     assert [p.use for p in handler.mw.host.pipeline] == ["stated"]
     assert cfg["model_list"][0]["litellm_params"]["model"].startswith("openai/")
     handler.mw.close()
+
+
+def test_a_failed_calls_trace_is_stored_redacted(tmp_path: Any) -> None:
+    """The failure path stored the trace bare, past the Middleware's trace writer: the trace bounds and the
+    coarse timings (``trace.timing_resolution_ms``) were skipped."""
+    from persona_mw.testing import ScriptedBackend
+    from persona_mw.config import parse_config
+    from persona_mw.middleware import Middleware
+
+    cfg = parse_config("pipeline: [{use: stated}]\nprivacy: {redact: [email]}\n"
+                       "trace: {timing_resolution_ms: 50}\n")
+    cfg.store.path = str(tmp_path / "fail.db")
+    with Middleware(cfg, backend=ScriptedBackend(), autoload=False) as mw:
+        cb = PersonaCallback(mw)
+        litellm.callbacks = [cb]
+        try:
+            with pytest.raises(Exception):
+                litellm.completion(messages=[{"role": "user", "content": "mail me at ana.secret@example.com"}],
+                                   user="ana", model="openai/x", api_base="http://127.0.0.1:9/v1",
+                                   api_key="x", max_retries=0, timeout=5)
+            for _ in range(100):
+                if not cb._pending:
+                    break
+                asyncio.run(asyncio.sleep(0.05))
+        finally:
+            remove_callback(cb)
+        traces = mw.store.list_traces("ana")
+        assert traces and any("llm_call_failed" in f for f in traces[0].flags)
+        assert "ana.secret@example.com" not in traces[0].model_dump_json()
+        assert traces[0].steps and all(step.ms % 50 == 0 for step in traces[0].steps)
