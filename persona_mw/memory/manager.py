@@ -982,7 +982,7 @@ class MemoryManager:
                                     if is_user_node_of(n.id, user)]
 
     def get(self, user: str, memory_id: str) -> Memory:
-        m = self.store.get_memory(memory_id)
+        m: Memory | None = self.store.get_memory(memory_id)  # the store is duck-typed (Any) here
         if m is None or not is_user_node_of(m.owner, user):
             raise UnknownMemoryError(f"user {user!r} has no memory {memory_id!r}", field="memory_id")
         return m
