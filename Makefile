@@ -29,6 +29,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/typecheck.py
 	$(MAKE) --no-print-directory docs
 	HF_HUB_OFFLINE=1 PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD= $(BIN)/python -m pytest -q
 

@@ -349,7 +349,7 @@ class BudgetConfig(_Strict):
 
 
 class Config(_Strict):
-    backend: BackendConfig = Field(default_factory=lambda: BackendConfig(type="transformers", model=DEFAULT_MODEL))
+    backend: BackendConfig = Field(default_factory=lambda: BackendConfig.model_validate({"type": "transformers", "model": DEFAULT_MODEL}))
     roles: dict[str, BackendConfig] = Field(default_factory=dict)
     store: StoreConfig = Field(default_factory=StoreConfig)
     pipeline: list[PluginEntry] = Field(default_factory=list)

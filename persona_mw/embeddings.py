@@ -176,7 +176,7 @@ class MiniLMEmbedder(CachedEmbedder):
             if hidden is None:
                 hidden = model[0].auto_model(**batch).last_hidden_state
             vecs = _mean_pooled_normalized(hidden, batch["attention_mask"])
-        return vecs.numpy().astype(np.float32)
+        return np.array(vecs.numpy(), dtype=np.float32)  # a float32 copy, as .astype made
 
     def _run_traced(self, model: Any, batch: Any) -> Any:
         """The encoder's hidden states (float32) through a trace, or None to use the eager model.
@@ -216,7 +216,7 @@ class MiniLMEmbedder(CachedEmbedder):
                 with warnings.catch_warnings():  # torch.jit.trace is deprecated, and still fastest
                     warnings.simplefilter("ignore")
                     net = eager if dtype == torch.float32 else copy.deepcopy(eager).to(dtype)
-                    traced = torch.jit.trace(net, (ids, mask), strict=False)
+                    traced = torch.jit.trace(net, (ids, mask), strict=False)  # type: ignore[no-untyped-call]  # untyped in torch
                     for n in lengths:
                         got = pooled(traced(ids[:, :n], mask[:, :n])["last_hidden_state"], mask[:, :n])
                         if dtype == torch.float32:

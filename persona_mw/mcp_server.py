@@ -156,7 +156,7 @@ def profile_summary(mw: Any, user: str, context: str | None = None, *, max_items
 
 def _strongest_features(weights: list[float]) -> list[str]:
     """The named style features with the largest weights (``[style | n-grams | ...]`` layout)."""
-    from persona_mw.features import STYLE_NAMES
+    from persona_mw.text import STYLE_NAMES
 
     if len(weights) < len(STYLE_NAMES):
         return []

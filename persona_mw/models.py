@@ -428,15 +428,15 @@ def load(name: str = DEFAULT_MODEL, *, dtype: str = "float32") -> tuple[Any, Any
         from transformers.utils import logging as hf_logging
 
         bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a sub-second load from the cache needs no bar
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers; a sub-second load from the cache needs no bar
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
         finally:
             if bars:
-                hf_logging.enable_progress_bar()
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]  # untyped in transformers
         _loaded[key] = (model, tok)
         return _loaded[key]

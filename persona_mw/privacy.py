@@ -389,7 +389,11 @@ class Redactor:
         known = dict(detectors or {})
         for kind, pattern in privacy.patterns.items():
             rx = re.compile(pattern)
-            known[kind] = lambda text, rx=rx: [m.span() for m in rx.finditer(text) if m.end() > m.start()]
+
+            def spans(text: str, rx: re.Pattern[str] = rx) -> list[Span]:
+                return [m.span() for m in rx.finditer(text) if m.end() > m.start()]
+
+            known[kind] = spans
         try:
             return cls(privacy.redact, known, regions=getattr(privacy, "regions", None))
         except ConfigError as exc:

@@ -109,7 +109,7 @@ class ResilientBackend:
 
     async def _call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         p = self.policy
-        last: BaseException | None = None
+        last: BackendError | None = None
         for index, (role, backend) in enumerate([(self.role, self.inner), *self.fallbacks]):
             if index:
                 _note(f"failover: {self.role} -> {role} ({type(last).__name__})")

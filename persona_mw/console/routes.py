@@ -29,7 +29,7 @@ from persona_mw.api_data import (
     trace_json,
 )
 from persona_mw.errors import RequestError
-from persona_mw.features import STYLE_NAMES
+from persona_mw.text import STYLE_NAMES
 from persona_mw.openai_wire import HTTPError
 
 COOKIE = "persona_console_key"

@@ -34,7 +34,7 @@ def load(data: str | Path) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for f in files:
         opener = gzip.open if f.suffix == ".gz" else open
-        with opener(f, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+        with opener(f, "rt", encoding="utf-8") as fh:
             raw = json.load(fh)
         items += [it for it in raw if isinstance(it, dict) and "query" in it and isinstance(it.get("responses"), dict)]
     if not items:

@@ -217,7 +217,8 @@ class _SharedBackend:
         while self._queue:
             # Take calls with the same params, up to batch_size sequences.
             key = self._queue[0][2].model_dump_json() + str(self._queue[0][1] > 1)
-            take, size = [], 0
+            take: list[tuple[list[Message], int, GenerationParams, asyncio.Future[Any]]] = []
+            size = 0
             for item in list(self._queue):
                 if item[2].model_dump_json() + str(item[1] > 1) != key:
                     continue
@@ -765,8 +766,10 @@ def run_style(data: str, *, prompts: int = 24, users: int = 6, methods: Sequence
         }
 
     try:  # the file is rewritten after every method, so a long run that is stopped keeps its rows
-        metrics, answers = evaluate(run, chosen, log=log,
-                                    progress=lambda m: write_result(out, "style", data, conf(False), m))
+        def progress(m: dict[str, float]) -> None:
+            write_result(out, "style", data, conf(False), m)
+
+        metrics, answers = evaluate(run, chosen, log=log, progress=progress)
     finally:
         run.close()
     if out:  # the answers themselves, to read what each method did

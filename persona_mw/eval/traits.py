@@ -43,8 +43,9 @@ def load(data: str | Path, per_trait: int, rng: np.random.Generator) -> dict[str
     traits: dict[str, dict[str, list[list[str]]]] = {}
     for f in files:
         opener = gzip.open if f.suffix == ".gz" else open
-        yes, no = [], []
-        with opener(f, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+        yes: list[str] = []
+        no: list[str] = []
+        with opener(f, "rt", encoding="utf-8") as fh:
             for line in fh:
                 if not line.strip():
                     continue
@@ -160,9 +161,9 @@ def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], declar
             if plugin.config.hierarchy:
                 gscope = scope.model_copy(update={"nodes": [n.model_copy(update={"weight": 1.0 if n.id == GLOBAL else 0.0})
                                                             for n in scope.nodes]})
-                gs = np.asarray(score_texts(gscope, profiles, PROMPT, flat, spec=plugin.spec)).reshape(-1, 2)
-                acc_g.setdefault((k, nov), []).append(float(np.mean(np.where(gs[:, 0] > gs[:, 1], 1.0,
-                                                                              np.where(gs[:, 0] == gs[:, 1], 0.5, 0.0)))))
+                g = np.asarray(score_texts(gscope, profiles, PROMPT, flat, spec=plugin.spec)).reshape(-1, 2)
+                acc_g.setdefault((k, nov), []).append(float(np.mean(np.where(g[:, 0] > g[:, 1], 1.0,
+                                                                             np.where(g[:, 0] == g[:, 1], 0.5, 0.0)))))
     return ({k: float(np.mean(v)) for k, v in acc.items()}, {k: float(np.mean(v)) for k, v in acc_g.items()})
 
 

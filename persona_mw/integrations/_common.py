@@ -33,7 +33,8 @@ def who(kwargs: Mapping[str, Any], *, user: str | None = None, context: str | No
     ``metadata.persona_user`` / ``persona_context``, then the ``X-Persona-*`` headers (as sent to
     a persona-mw server). Returns ``(None, ...)`` when there is nobody to personalize for."""
     meta = _meta(kwargs)
-    extra_body = kwargs.get("extra_body") if isinstance(kwargs.get("extra_body"), Mapping) else {}
+    body = kwargs.get("extra_body")
+    extra_body: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
     headers = [kwargs.get("extra_headers"), kwargs.get("headers")]
     proxy_req = kwargs.get("proxy_server_request")
     if isinstance(proxy_req, Mapping):

@@ -30,6 +30,7 @@ try:
     from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
     from langchain_core.language_models.chat_models import BaseChatModel
     from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+    from langchain_core.messages.tool import tool_call_chunk
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
     from langchain_core.utils.function_calling import convert_to_openai_tool
     from pydantic import ConfigDict, Field
@@ -41,7 +42,7 @@ from persona_mw.errors import ConfigError, RequestError
 __all__ = ["PersonaChatModel"]
 
 
-class PersonaChatModel(BaseChatModel):  # type: ignore[misc]
+class PersonaChatModel(BaseChatModel):
     """A chat model that answers through persona-mw's pipeline for ``user`` (in ``context``)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -176,8 +177,9 @@ class PersonaChatModel(BaseChatModel):  # type: ignore[misc]
     def _whole(result: ChatResult) -> ChatGenerationChunk:
         """A tool-calling answer as one stream chunk (tool calls are not streamed in pieces)."""
         msg = result.generations[0].message
-        chunks = [{"name": t["name"], "args": json.dumps(t["args"]), "id": t["id"], "index": i,
-                   "type": "tool_call_chunk"} for i, t in enumerate(msg.tool_calls)]
+        assert isinstance(msg, AIMessage)  # _generate answers with an AIMessage
+        chunks = [tool_call_chunk(name=t["name"], args=json.dumps(t["args"]), id=t["id"], index=i)
+                  for i, t in enumerate(msg.tool_calls)]
         return ChatGenerationChunk(
             message=AIMessageChunk(content=msg.content, tool_call_chunks=chunks, response_metadata=msg.response_metadata,
                                    usage_metadata=msg.usage_metadata),

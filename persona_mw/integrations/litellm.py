@@ -95,7 +95,7 @@ def _finish_reason(response: Any) -> str | None:
     return getattr(choices[0], "finish_reason", None) if choices else None
 
 
-class PersonaCallback(CustomLogger):  # type: ignore[misc]
+class PersonaCallback(CustomLogger):
     """Personalizes litellm calls through ``middleware``'s pipeline (see the module docstring).
 
     ``user`` / ``context`` are defaults for calls that name none; a call names its user with

@@ -51,9 +51,9 @@ def sanitize(text: Any, limit: int = MAX_MESSAGE_CHARS) -> str:
                                                       and c not in "\n\t\r"))
         if bad / len(text) > 0.1:
             return ""
-    text = _CTRL.sub("", unicodedata.normalize("NFC", text))
-    text = text[:limit]
-    return text.strip()
+    clean = _CTRL.sub("", unicodedata.normalize("NFC", text))
+    clean = clean[:limit]
+    return clean.strip()
 
 
 def one_line(text: str, limit: int = MAX_MEMORY_CHARS) -> str:

@@ -8,6 +8,7 @@ lazily from the store on the first search that needs an owner, and updated on ev
 from __future__ import annotations
 
 import asyncio
+import builtins
 import bisect
 import concurrent.futures
 import contextvars
@@ -44,19 +45,17 @@ _KIND_PRIOR = {"user_context": 1.0, "user": 1.0, "group": 0.8, "context": 0.8, "
 _POL_ORDER = {"constraint": 0, "avoid": 1, "like": 2}
 
 
-_POOL: Any = None
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _embed_pool() -> Any:
+def _embed_pool() -> concurrent.futures.ThreadPoolExecutor:
     """One worker thread for memory embeddings: torch's OpenMP pool is per calling thread, so this
     thread runs torch on one core (set here, for this thread only) instead of fighting the generator
     and other requests for the cores: on a busy 2-core box one query went from ~1 s to ~0.1 s."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            import concurrent.futures
-
             _POOL = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="persona-mw-memory-embed")
         return _POOL
 
@@ -420,7 +419,7 @@ class MemoryManager:
 
     def _messages(self, messages: Sequence[Any], session_date: Any) -> list[_Msg]:
         if isinstance(messages, (str, bytes, dict)) or isinstance(messages, Message):
-            messages = [messages]  # type: ignore[list-item]
+            messages = [messages]
         out: list[_Msg] = []
         for i, m in enumerate(messages):
             if isinstance(m, Message):
@@ -954,7 +953,7 @@ class MemoryManager:
     def list(self, user: str, include_superseded: bool = False, *, context: str | None = None) -> list[Memory]:
         """The user's memories (all their nodes, or one context's), oldest first, without vectors."""
         owners = [self.owner_of(user, context)] if context else self._user_owners(user)
-        out: list[Memory] = []
+        out: builtins.list[Memory] = []
         light = bool(getattr(self.store, "lists_without_embeddings", False))
         for o in owners:
             if light:  # the vectors are not even read (a console page of 200 memories)
@@ -964,13 +963,13 @@ class MemoryManager:
                        for m in self.store.list_memories(o, include_superseded=include_superseded))
         return sorted(out, key=lambda m: (m.created_at, m.id))
 
-    def _user_owners(self, user: str) -> list[str]:
+    def _user_owners(self, user: str) -> builtins.list[str]:
         self._check_user(user)
         # exact and indexed (persona_mw.nodes), not a scan of every context node
         return [user_node(user)] + [n for n in self.store.list_user_nodes(user) if n != user_node(user)]
 
     def get(self, user: str, memory_id: str) -> Memory:
-        m = self.store.get_memory(memory_id)
+        m: Memory | None = self.store.get_memory(memory_id)  # the store is duck-typed (Any) here
         if m is None or not is_user_node_of(m.owner, user):
             raise UnknownMemoryError(f"user {user!r} has no memory {memory_id!r}", field="memory_id")
         return m

@@ -8,15 +8,13 @@ turns (``episode`` memories) of the user's scope, for code written against the o
 
 from __future__ import annotations
 
-from typing import Any
-
-from persona_mw.memory.manager import MemoryHit
+from persona_mw.memory.manager import MemoryHit, MemoryManager
 
 
 class WindowRetriever:
     """``manager.search(user, query, k, mode="fused", kinds=("episode",))`` (see the module docstring)."""
 
-    def __init__(self, manager: Any, window: int = 1) -> None:
+    def __init__(self, manager: MemoryManager, window: int = 1) -> None:
         if window != manager.neighbours:
             raise ValueError(f"the manager indexes windows of ±{manager.neighbours} turns "
                              f"(MemoryManager(neighbours=...)), not ±{window}")

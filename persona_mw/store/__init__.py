@@ -75,6 +75,7 @@ class ProfileStore(Protocol):
     def put_profile(self, profile: Profile, expected_version: int | None = None) -> int: ...
 
 
+
 @runtime_checkable
 class MemoryStore(Protocol):
     """Memories with their vectors; ``memory_rows`` is what an index loads, ``vector_search`` and
