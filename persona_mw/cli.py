@@ -389,7 +389,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from persona_mw.manager import PluginHost
 
     host = PluginHost(autoload=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, cls in sorted(host.plugin_types.items()):
         hooks = sorted(a for a in dir(cls) if a.startswith("persona_") and hasattr(getattr(cls, a), "persona_mw_impl"))
         mod = sys.modules.get(cls.__module__)
@@ -409,8 +409,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         from persona_mw.stages import STAGES
 
         print("\nhooks (in order):")
-        for row in STAGES:
-            print(f"  {row.phase:<9} {row.hook:<28} {row.combine:<12} {', '.join(row.paths)}")
+        for stage in STAGES:
+            print(f"  {stage.phase:<9} {stage.hook:<28} {stage.combine:<12} {', '.join(stage.paths)}")
     return 0
 
 

@@ -162,9 +162,9 @@ class AfterTurnJobs:
             return
         if job_id is not None:
             if failed is None:
-                self.store.finish_job(job_id)  # type: ignore[attr-defined]
+                self.store.finish_job(job_id)
             else:
-                attempts = self.store.fail_job(job_id, failed)  # type: ignore[attr-defined]
+                attempts = self.store.fail_job(job_id, failed)
                 if attempts < self.config.limits.job_attempts:
                     turn.trace.flags.append(f"after_turn_retry_pending: attempt {attempts} failed")
         if len(turn.trace.steps) > before or failed:
@@ -214,7 +214,7 @@ class AfterTurnJobs:
             return None  # forget deleted the job row as well
         except Exception as exc:
             log.error("after-turn job %s cannot be resumed: %s", job["id"], exc)
-            self.store.fail_job(job["id"], f"cannot resume: {type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+            self.store.fail_job(job["id"], f"cannot resume: {type(exc).__name__}: {exc}")
             return None
 
 

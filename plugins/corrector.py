@@ -234,7 +234,10 @@ class Corrector:
             if s_edit <= s_orig + self.config.min_gain:
                 why = f"reward not improved ({s_edit} vs {s_orig})"
         info["verdict"] = why or "edit served"
-        clip = lambda t: t if len(t) <= 240 else t[:239] + "…"  # noqa: E731
+
+        def clip(t: str) -> str:
+            return t if len(t) <= 240 else t[:239] + "…"
+
         scores = info.get("scores")
         score_txt = f" reward {scores['original']} -> {scores['edit']};" if scores else ""
         turn.note(f"{'edit served' if why is None else 'original served: ' + why};{score_txt} "

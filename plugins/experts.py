@@ -111,7 +111,7 @@ class Experts:
     def __init__(self, config: Config, name: str = "experts") -> None:
         self.config = config
         self.name = name
-        self._models: dict[str, tuple[Any, Any, Any]] = {}
+        self._models: dict[str, tuple[Any, Any, Any, int]] = {}
         self._ctx: PluginContext | None = None
 
     @hookimpl

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from persona_mw import hookimpl
+from persona_mw.errors import PluginError
 from persona_mw.placement import PLACED_PREFERENCES, Placement, place_block
 from persona_mw.context import PluginContext
 from persona_mw.types import ChatResponse, ContextItem, Feedback, Message, StashKey, Turn
@@ -94,6 +95,9 @@ class MemoryPlugin:
         from persona_mw.types import GenerationParams
 
         if self._backend is None:
+            if self.ctx is None:
+                raise PluginError(f"plugin {self.name!r} was not started (persona_startup did not run)",
+                                  plugin=self.name)
             self._backend = self.ctx.backend(self.config.extractor_role)
         out = await self._backend.generate([Message(role="user", content=prompt)], n=1,
                                            params=GenerationParams(max_tokens=300, temperature=0.0))
@@ -160,7 +164,8 @@ class MemoryPlugin:
         if not mine:
             return None
         stated = {_key(it.text) for it in turn.items if it.kind == "stated"}
-        stated |= turn.stash.get(PLACED_PREFERENCES, set())  # e.g. contrast's "with" prompt has them
+        placed: set[str] = turn.stash.get(PLACED_PREFERENCES, set())  # e.g. contrast's "with" prompt has them
+        stated |= placed
         why = turn.stash.get(_WHY, {})
         first = min(i for i, _ in mine)
         lines: list[str] = []

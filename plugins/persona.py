@@ -109,7 +109,7 @@ class PersonaInference:
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         role: str = Field(default="persona", description="roles: entry of the persona LLM (default: main backend)")
-        kinds: list[Literal["choice", "edit"]] = Field(default_factory=lambda: ["choice", "edit"],
+        kinds: list[Literal["choice", "edit"]] = Field(default=["choice", "edit"],
                                                         description="feedback kinds that trigger an inference")
         background: bool = Field(default=True, description="run the LLM call off the feedback path")
         every: int = Field(default=1, ge=1, description="infer on every k-th eligible event of a user")
@@ -138,7 +138,8 @@ class PersonaInference:
     # -- learning -----------------------------------------------------------------------------
 
     def _state(self, prof: Profile) -> dict[str, Any]:
-        return prof.extra.setdefault(self.name, {"seen": 0, "inferred": 0, "rejected": 0, "skipped": 0})
+        state: dict[str, Any] = prof.extra.setdefault(self.name, {"seen": 0, "inferred": 0, "rejected": 0, "skipped": 0})
+        return state
 
     @hookimpl
     async def persona_feedback(self, event: Any) -> None:

@@ -52,7 +52,8 @@ def resolve(mw: Any, user: str, groups: list[str] | None = None) -> tuple[Any, A
 
     req = ChatRequest(user=user, groups=groups or [], messages=[Message(role="user", content="-")])
     mw.graph.ensure_user(req)
-    return mw.graph.resolve(req)
+    resolved: tuple[Any, Any] = mw.graph.resolve(req)
+    return resolved
 
 
 def print_table(benchmark: str, metrics: dict[str, float], file: Any = None) -> None:
@@ -86,7 +87,7 @@ def read_json(path: Path) -> Any:
 
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+        with opener(path, "rt", encoding="utf-8") as fh:
             return json.load(fh)
     except (OSError, ValueError) as exc:
         raise PersonaError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from exc

@@ -783,8 +783,8 @@ class PostgresStore:
                     cur.execute("DROP INDEX memories_hnsw")
             if batch and not conflict:
                 with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
-                    for values in batch:
-                        copy.write_row(values)
+                    for row_values in batch:
+                        copy.write_row(row_values)
             elif batch:
                 cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}){conflict}", batch)
             if rebuild:
