@@ -47,7 +47,7 @@ def linear_combine(r: float, top_p: float) -> Any:
     """Linear Alignment: ``s_with + r (s_with - s_without)`` under the top-p plausibility mask of s_with."""
 
     def combine(main: Any, streams: Any) -> Any:
-        from persona_mw.adapters.transformers import top_p_mask
+        from persona_mw.logits import top_p_mask
 
         z = main + r * (main - streams[:, 0, :])
         return z.masked_fill(~top_p_mask(main, top_p), float("-inf"))
@@ -62,7 +62,7 @@ def amulet_combine(alpha: float, iterations: int = 60, eta: float = 10.0, lam: f
     def combine(main: Any, streams: Any) -> Any:
         import torch
 
-        from persona_mw.adapters.transformers import top_p_mask
+        from persona_mw.logits import top_p_mask
 
         l_ref = torch.log_softmax(streams[:, 0, :], dim=-1)
         l0 = torch.log_softmax(main, dim=-1)

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from persona_mw.logits import top_p_mask
+
 DIVERSE_TEMPERATURE = 0.7
 PLAIN_STOP = "\nUser:"
 _ROLE_LABEL = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
@@ -29,18 +31,6 @@ def _apply(procs: list[Any], ids: Any, scores: Any) -> Any:
         scores = proc(ids, scores)
     return scores
 
-
-def top_p_mask(scores: Any, top_p: float) -> Any:
-    """Boolean mask of the smallest set of tokens whose probability reaches ``top_p`` (per row;
-    the most likely token is always kept)."""
-    import torch
-
-    probs = torch.softmax(scores.to(torch.float32), dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the tokens ranked above each one
-    keep_sorted = before < top_p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 def choose(scores: Any, s: dict[str, Any]) -> Any:

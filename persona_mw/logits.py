@@ -1,0 +1,22 @@
+"""Tensor helpers on next-token scores, shared by the local backend and the white-box plugins (so a
+plugin needs no import from a concrete backend). torch is imported when a helper runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def top_p_mask(scores: Any, top_p: float) -> Any:
+    """Boolean mask of the smallest set of tokens whose probability reaches ``top_p`` (per row;
+    the most likely token is always kept)."""
+    import torch
+
+    probs = torch.softmax(scores.to(torch.float32), dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the tokens ranked above each one
+    keep_sorted = before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+__all__ = ["top_p_mask"]
