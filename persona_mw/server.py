@@ -7,7 +7,8 @@ or served, so importing this module (let alone ``persona_mw``) never requires th
 Routes: ``POST /v1/chat/completions`` (``n`` choices, SSE streaming, ``tools``/``tool_choice`` passed
 to backends that take them), ``POST /v1/feedback``, ``GET|DELETE /v1/users/{id}``,
 ``GET /v1/users/{id}/profile``, ``GET /v1/traces/{id}``, ``GET /v1/models``, ``GET /healthz``,
-``GET /openapi.json``. With ``server.api_keys`` configured every ``/v1`` route needs
+``GET /openapi.json``; ``POST /v1/messages`` (Anthropic Messages) and ``POST /v1/responses`` (OpenAI
+Responses), both streaming, in ``persona_mw.server_formats``. With ``server.api_keys`` configured every ``/v1`` route needs
 ``Authorization: Bearer <key>`` and sees only the key's tenant (``persona_mw.tenancy``).
 """
 
@@ -37,6 +38,7 @@ from persona_mw.server_routes import (
     unhandled,
     until_disconnected,
 )
+from persona_mw.server_formats import anthropic_error, messages, responses
 from persona_mw.tenancy import ApiKeys, Tenants
 
 if TYPE_CHECKING:
@@ -49,6 +51,11 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "explain_trace", "serve", "se
 _COMPAT = (ClientGone, _bearer, _call_mw, _maybe_await, until_disconnected)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# (path, handler, error shape) of the other wire formats' POST routes (persona_mw.server_formats)
+FORMAT_ROUTES: tuple[tuple[str, Any, Any], ...] = (
+    ("/v1/messages", messages, anthropic_error),
+    ("/v1/responses", responses, lambda err: err.body()),
+)
 
 
 def _import_server_deps() -> None:
@@ -124,6 +131,10 @@ def create_app(
         extra = dict(docs[f"{method} {path}"])
         app.add_api_route(path, guarded(handler, counted=path.startswith("/v1/")), methods=[method],
                           summary=extra.pop("summary"), openapi_extra=extra, response_model=None)
+    for path, handler, shape in FORMAT_ROUTES:  # Anthropic Messages, OpenAI Responses: each its own errors
+        extra = dict(docs[f"POST {path}"])
+        app.add_api_route(path, guarded(handler, shape=shape), methods=["POST"], summary=extra.pop("summary"),
+                          openapi_extra=extra, response_model=None)
     _install_openapi(app, components, keys=bool(state.keys))
     app.add_exception_handler(StarletteHTTPException, http_exception)
     app.add_exception_handler(Exception, unhandled)

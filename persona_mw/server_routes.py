@@ -161,8 +161,15 @@ def _bearer(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def error_response(state: ServerState, exc: BaseException) -> Response:
-    """The OpenAI-shaped error answer for ``exc`` (upstream secrets scrubbed, 5xx logged)."""
+Shape = Callable[[HTTPError], dict[str, Any]]
+
+
+def openai_shape(err: HTTPError) -> dict[str, Any]:
+    return err.body()
+
+
+def error_response(state: ServerState, exc: BaseException, shape: Shape = openai_shape) -> Response:
+    """The error answer for ``exc`` in ``shape`` (OpenAI's by default; upstream secrets scrubbed, 5xx logged)."""
     from starlette.responses import JSONResponse
 
     err = error_for(exc, state.upstream())
@@ -171,7 +178,7 @@ def error_response(state: ServerState, exc: BaseException) -> Response:
     elif err.status >= 500:
         log.warning("request failed (%s): %s", err.type, exc)
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return JSONResponse(shape(err), status_code=err.status, headers=headers)
 
 
 def tenant_mw(request: Request) -> Any:
@@ -197,7 +204,7 @@ def _rate_tenant(state: ServerState, request: Request) -> str | None:
     return state.keys.tenant_of(key) if key is not None else None
 
 
-def rate_limited(request: Request) -> Response | None:
+def rate_limited(request: Request, shape: Shape = openai_shape) -> Response | None:
     """A 429 if the request's tenant is over its rate (``server.rate_limit``), else None.
 
     Runs before the body is read: only headers are looked at. A missing or unknown key is not
@@ -224,21 +231,22 @@ def rate_limited(request: Request) -> Response | None:
     err = HTTPError(429, f"rate limit exceeded for tenant {tenant!r}: {lim.requests_per_s:g} requests/s, "
                     f"burst {lim.burst} ({name}); retry after {retry}s",
                     type="rate_limit_error", param=name, code="rate_limit_exceeded")
-    return JSONResponse(err.body(), status_code=429, headers={"Retry-After": str(retry)})
+    return JSONResponse(shape(err), status_code=429, headers={"Retry-After": str(retry)})
 
 
 def _refused_hold(request: Request) -> float:
     return float(getattr(request.state, "rate_limit_hold_s", 0.0) or 0.0)
 
 
-def guarded(handler: Handler, *, counted: bool = True) -> Handler:
-    """``handler`` behind the rate limit (when ``counted``), with errors turned into OpenAI-shaped answers."""
+def guarded(handler: Handler, *, counted: bool = True, shape: Shape = openai_shape) -> Handler:
+    """``handler`` behind the rate limit (when ``counted``), with errors turned into answers in ``shape``
+    (OpenAI's error JSON unless given)."""
     from starlette.requests import Request as StarletteRequest
     from starlette.responses import Response as StarletteResponse
 
     async def endpoint(request: Request) -> Response:
         try:
-            refused = rate_limited(request) if counted else None
+            refused = rate_limited(request, shape) if counted else None
             if refused is not None:
                 hold = _refused_hold(request)
                 if hold > 0:  # a client that ignores Retry-After waits here instead of looping
@@ -249,7 +257,7 @@ def guarded(handler: Handler, *, counted: bool = True) -> Handler:
             # Nobody reads this answer; 499 (nginx's "client closed request") for the access log.
             return StarletteResponse(status_code=499)
         except Exception as exc:
-            return error_response(state_of(request), exc)
+            return error_response(state_of(request), exc, shape)
 
     endpoint.__name__ = handler.__name__
     # Resolved here, not from the postponed annotation: FastAPI must see the Request class to
