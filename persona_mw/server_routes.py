@@ -196,26 +196,24 @@ def tenant_mw(request: Request) -> Any:
     return state.tenants.middleware(tenant)
 
 
-def _rate_tenant(state: ServerState, request: Request) -> str | None:
+def _rate_tenant(state: ServerState, request: Request, key: str | None = None) -> str | None:
     """The tenant a request is charged to; None for a missing or unknown key (answered 401)."""
     if state.tenants is None:
         return DEFAULT_TENANT
-    key = _bearer(request)
+    key = key if key is not None else _bearer(request)
     return state.keys.tenant_of(key) if key is not None else None
 
 
-def rate_limited(request: Request, shape: Shape = openai_shape) -> Response | None:
-    """A 429 if the request's tenant is over its rate (``server.rate_limit``), else None.
-
-    Runs before the body is read: only headers are looked at. A missing or unknown key is not
-    charged (the handler answers 401)."""
-    from starlette.responses import JSONResponse
-
-    state = state_of(request)
-    limiter = state.limiter
-    if limiter is None:
+def rate_limit_error(request: Request, key: str | None = None) -> tuple[HTTPError, int] | None:
+    """``(the 429 error, Retry-After seconds)`` if the request's tenant is over its rate
+    (``server.rate_limit``), else None. ``key`` is the API key when it is not a header (the console's
+    cookie). Only headers are looked at, so this runs before the body is read. A missing or unknown
+    key is not charged (the handler answers 401). Sets the hold a refused client waits for."""
+    state: ServerState | None = getattr(request.app.state, "persona", None)
+    limiter = state.limiter if state is not None else None
+    if state is None or limiter is None:
         return None
-    tenant = _rate_tenant(state, request)
+    tenant = _rate_tenant(state, request, key)
     if tenant is None:
         return None
     try:
@@ -231,11 +229,25 @@ def rate_limited(request: Request, shape: Shape = openai_shape) -> Response | No
     err = HTTPError(429, f"rate limit exceeded for tenant {tenant!r}: {lim.requests_per_s:g} requests/s, "
                     f"burst {lim.burst} ({name}); retry after {retry}s",
                     type="rate_limit_error", param=name, code="rate_limit_exceeded")
+    return err, int(retry)
+
+
+def rate_limited(request: Request, shape: Shape = openai_shape) -> Response | None:
+    """A 429 answer in ``shape`` if the request's tenant is over its rate, else None (``rate_limit_error``)."""
+    from starlette.responses import JSONResponse
+
+    refused = rate_limit_error(request)
+    if refused is None:
+        return None
+    err, retry = refused
     return JSONResponse(shape(err), status_code=429, headers={"Retry-After": str(retry)})
 
 
-def _refused_hold(request: Request) -> float:
-    return float(getattr(request.state, "rate_limit_hold_s", 0.0) or 0.0)
+async def hold_refused(request: Request) -> None:
+    """A client that ignores Retry-After waits here (``server.rate_limit.hold_s``) instead of looping."""
+    hold = float(getattr(request.state, "rate_limit_hold_s", 0.0) or 0.0)
+    if hold > 0:
+        await asyncio.sleep(hold)
 
 
 def guarded(handler: Handler, *, counted: bool = True, shape: Shape = openai_shape) -> Handler:
@@ -248,9 +260,7 @@ def guarded(handler: Handler, *, counted: bool = True, shape: Shape = openai_sha
         try:
             refused = rate_limited(request, shape) if counted else None
             if refused is not None:
-                hold = _refused_hold(request)
-                if hold > 0:  # a client that ignores Retry-After waits here instead of looping
-                    await asyncio.sleep(hold)
+                await hold_refused(request)
                 return refused
             return await handler(request)
         except ClientGone:
