@@ -40,6 +40,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "invalid request (the message names the field)", 401: "missing or wrong API key",
             404: "unknown user, trace or route", 409: "a feedback id that is already stored", 413: "body larger than the limit",
             429: "over the tenant's rate limit (Retry-After says when to retry)",
+            501: "an optional extra is not installed (the message names it)",
             502: "backend or plugin failure", 504: "backend timeout"}
     return {str(c): {"description": text.get(c, "error"), "content": _json({"$ref": _REF.format(model="Error")})}
             for c in codes}
@@ -120,6 +121,10 @@ def route_docs() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         },
         "GET /v1/models": {"summary": "the served model",
                            "responses": {"200": {"description": "models", "content": _json(obj)}, **_errors(401)}},
+        "GET /metrics": {"summary": "Prometheus metrics (no key needed; labels never carry user ids or text)",
+                         "responses": {"200": {"description": "the text exposition",
+                                               "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                       **_errors(501)}},
         "GET /healthz": {"summary": "liveness (no key needed)",
                          "responses": {"200": {"description": "ok", "content": _json(obj)}}},
     }
@@ -134,7 +139,7 @@ def finish(doc: dict[str, Any], components: dict[str, Any], *, keys: bool) -> di
         comp["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                               "description": "an API key from the config's server.api_keys"}}
         for path, ops in doc.get("paths", {}).items():
-            if path != "/healthz":
+            if path not in ("/healthz", "/metrics"):
                 for op in ops.values():
                     op["security"] = [{"bearer": []}]
     return doc

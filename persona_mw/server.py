@@ -103,6 +103,26 @@ def _install_openapi(app: FastAPI, components: dict[str, Any], keys: bool) -> No
     app.openapi = custom_openapi  # type: ignore[method-assign]
 
 
+def _install_observability(app: FastAPI, state: ServerState) -> None:
+    """Request metrics and access logs (``persona_mw.observe.AccessMiddleware``); spans when configured."""
+    from persona_mw import observe
+
+    server_cfg = getattr(getattr(state.mw, "config", None), "server", None)
+    observe.configure_tracing(bool(getattr(server_cfg, "otel", False)))
+    log_cfg = getattr(getattr(state.mw, "config", None), "logging", None)
+
+    def tenant_of(scope: Any) -> str:
+        if not getattr(server_cfg, "metrics_tenant_label", False) or state.tenants is None:
+            return ""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        key = value.strip() if scheme.lower() == "bearer" else headers.get("x-api-key")
+        return (state.keys.tenant_of(key) if key else None) or ""
+
+    app.add_middleware(observe.AccessMiddleware, tenant_of=tenant_of,
+                       access_log=bool(getattr(log_cfg, "access_log", True)))
+
+
 def create_app(
     mw: Any, *, max_body_bytes: int | None = None, api_keys: dict[str, list[str]] | None = None,
     close_on_shutdown: bool = False,
@@ -140,6 +160,7 @@ def create_app(
     app.add_exception_handler(Exception, unhandled)
     app.state.middleware = mw
     app.state.tenants = state.tenants
+    _install_observability(app, state)
     from persona_mw.console import install as install_console
 
     install_console(app)  # the data API (persona_mw.api_data) and the web console under /console
@@ -154,8 +175,13 @@ def serve(mw: Any, host: str = "127.0.0.1", port: int = 8000, *, max_body_bytes:
     _import_server_deps()
     import uvicorn
 
+    from persona_mw import observe
+
+    log_cfg = getattr(getattr(mw, "config", None), "logging", None)
+    if log_cfg is not None:
+        observe.setup_logging(log_cfg)  # `logging:` level and json; uvicorn's own access log is off
     app = create_app(mw, max_body_bytes=max_body_bytes, close_on_shutdown=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
 @contextlib.contextmanager

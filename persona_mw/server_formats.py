@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from persona_mw import wire_anthropic, wire_responses
 from persona_mw.limits import check_groups
 from persona_mw.openai_wire import TRACE_HEADER, HTTPError, _aclose_shielded, _read_json_object, error_for
-from persona_mw.server_routes import _json, _maybe_await, state_of, tenant_mw, until_disconnected
+from persona_mw.server_routes import (
+    Observed,
+    _json,
+    _maybe_await,
+    observed,
+    observed_turn,
+    state_of,
+    tenant_mw,
+    until_disconnected,
+)
 from persona_mw.types import ChatRequest, StreamChunk
 
 if TYPE_CHECKING:
@@ -61,7 +70,9 @@ async def _first(request: Request, m: Any, chat_request: ChatRequest) -> tuple[S
             return None
 
     try:
-        return await until_disconnected(request, first_chunk()), iterator
+        first = await until_disconnected(request, first_chunk())
+        observed(first)
+        return first, Observed(iterator)
     except BaseException:
         await _aclose_shielded(iterator)
         raise
@@ -109,6 +120,7 @@ async def messages(request: Request) -> Response:
     model = chat_request.model or state_of(request).model_name()
     if not chat_request.stream:
         resp = await until_disconnected(request, m.achat(chat_request))
+        observed_turn(resp)
         return _json(wire_anthropic.message_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
     first, rest = await _first(request, m, chat_request)
     frames = wire_anthropic.sse_events(_chain(first, rest), model=model)
@@ -132,6 +144,7 @@ async def responses(request: Request) -> Response:
     model = chat_request.model or state_of(request).model_name()
     if not chat_request.stream:
         resp = await until_disconnected(request, m.achat(chat_request))
+        observed_turn(resp)
         return _json(wire_responses.response_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
     first, rest = await _first(request, m, chat_request)
     frames = wire_responses.sse_events(_chain(first, rest), model=model)

@@ -314,6 +314,7 @@ async def chat_completions(request: Request) -> Response:
     if chat_request.stream:
         return await stream_completion(request, m, chat_request, model)
     resp = await until_disconnected(request, m.achat(chat_request))
+    observed_turn(resp)
     return _json(completion_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
 
 
@@ -335,6 +336,7 @@ async def stream_choices(request: Request, m: Any, chat_request: ChatRequest, mo
     from starlette.responses import StreamingResponse
 
     resp = await until_disconnected(request, m.achat(chat_request.model_copy(update={"stream": False})))
+    observed_turn(resp)
     body = completion_json(resp, model)
     return StreamingResponse(_choice_events(body, resp.id, model), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", TRACE_HEADER: resp.trace.id})
@@ -365,7 +367,8 @@ async def stream_completion(request: Request, m: Any, chat_request: ChatRequest,
     trace_id = first.trace_id or (first.trace.id if first.trace is not None else None) if first else None
     if trace_id:
         headers[TRACE_HEADER] = trace_id
-    events = _sse_events(first, iterator, completion_id=new_id("chatcmpl"), model=model,
+    observed(first)
+    events = _sse_events(first, Observed(iterator), completion_id=new_id("chatcmpl"), model=model,
                          secrets=state_of(request).upstream())
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
@@ -448,6 +451,56 @@ async def healthz(request: Request) -> Response:
     return _json({"status": "ok"})
 
 
+async def metrics(request: Request) -> Response:
+    """The Prometheus exposition (``persona_mw.observe``); 501 naming the extra when prometheus-client is missing."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response as StarletteResponse
+
+    from persona_mw import observe
+
+    if not observe.available():
+        raise HTTPError(501, f"/metrics needs prometheus-client, the [metrics] extra: {observe.METRICS_EXTRA}",
+                        type="not_implemented", code="metrics_extra_missing")
+    state = state_of(request)
+    mws: list[tuple[str, Any]] = [(DEFAULT_TENANT, state.mw)]
+    if state.tenants is not None:
+        mws = list(state.tenants._made.items())  # the tenants served so far (each its own store)
+    label = bool(getattr(getattr(getattr(state.mw, "config", None), "server", None), "metrics_tenant_label", False))
+    body, content_type = await run_in_threadpool(lambda: observe.render(mws, tenant_label=label))
+    return StarletteResponse(body, media_type=content_type)
+
+
+class Observed:
+    """A turn's chunk stream that reports the turn (``observe.turn``) when its traced last chunk passes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __aiter__(self) -> Observed:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        chunk: StreamChunk = await self.inner.__anext__()
+        observed(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        await _aclose_shielded(self.inner)
+
+
+def observed(chunk: StreamChunk | None) -> None:
+    from persona_mw import observe
+
+    if chunk is not None and chunk.trace is not None:
+        observe.turn(chunk.trace, stream=True)
+
+
+def observed_turn(resp: Any) -> None:
+    from persona_mw import observe
+
+    observe.turn(getattr(resp, "trace", None))
+
+
 async def models(request: Request) -> Response:
     tenant_mw(request)
     card = {"id": state_of(request).model_name(), "object": "model", "created": 0, "owned_by": "persona-mw"}
@@ -467,6 +520,7 @@ ROUTES: tuple[tuple[str, Handler, str], ...] = (
     ("/v1/traces/{trace_id}", trace, "GET"),
     ("/healthz", healthz, "GET"),
     ("/v1/models", models, "GET"),
+    ("/metrics", metrics, "GET"),
 )
 
 
