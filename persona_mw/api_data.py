@@ -170,13 +170,20 @@ def to_http_error(exc: BaseException, m: Any = None) -> HTTPError:
 
 
 def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """Every exception becomes its OpenAI-shaped error (a 5xx only for a real server fault, logged)."""
+    """``handler`` behind the server's rate limit; every exception becomes its OpenAI-shaped error (a 5xx
+    only for a real server fault, logged)."""
     import logging
 
     log = logging.getLogger(__name__)
 
     async def endpoint(request: Request) -> Response:
+        from persona_mw.server_routes import hold_refused, rate_limited
+
         try:
+            refused = rate_limited(request)  # the same per-tenant rate as /v1 (server.rate_limit)
+            if refused is not None:
+                await hold_refused(request)
+                return refused
             return await handler(request)
         except Exception as exc:
             err = to_http_error(exc, getattr(request.app.state, "middleware", None))

@@ -200,6 +200,10 @@ class ServerConfig(_Strict):
         "over it: 429 with Retry-After, before the body is read; null = no limit")
     tenant_rate_limits: dict[str, RateLimit | None] = Field(
         default_factory=dict, description="tenant -> its own rate limit instead of rate_limit (null = unlimited)")
+    otel: bool = Field(default=False, description="OpenTelemetry spans per turn and per plugin (also on when an "
+                       "OTEL_*_EXPORTER / OTEL_EXPORTER_OTLP_* variable is set); needs the [otel] extra")
+    metrics_tenant_label: bool = Field(default=False, description="label /metrics request series with the tenant "
+                                       "id (never user ids or text)")
 
     @field_validator("tenant_rate_limits")
     @classmethod
@@ -348,6 +352,14 @@ class BudgetConfig(_Strict):
                                    description="auxiliary calls one background job (ingestion, optimization) may make")
 
 
+class LoggingConfig(_Strict):
+    """``logging:`` the server's logs: one access-log line per request (method, route, status, ms)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="WARNING", description="log level of persona_mw")
+    json_lines: bool = Field(default=False, alias="json", description="structured JSON lines instead of plain text")
+    access_log: bool = Field(default=True, description="log each request (persona_mw.access, at INFO)")
+
+
 class Config(_Strict):
     backend: BackendConfig = Field(default_factory=lambda: BackendConfig.model_validate({"type": "transformers", "model": DEFAULT_MODEL}))
     roles: dict[str, BackendConfig] = Field(default_factory=dict)
@@ -359,6 +371,7 @@ class Config(_Strict):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     resilience: dict[str, BackendPolicy] = Field(default_factory=dict)
     autoload_plugins: bool = True
 

@@ -188,161 +188,190 @@ def _check_opt_id(value: Any, field: str) -> str | None:
     return None if value is None else _check_id(value, field)
 
 
-def build_mcp_server(access: McpAccess, *, name: str = "persona-mw") -> MCPServer:
-    """The MCP server: tools and resources over ``access``'s middleware(s)."""
-    _import_mcp()
+def _middleware(ctx: Any) -> Any:
+    """The middleware a tool call may see: its server's ``McpAccess`` resolves the request's API key
+    (streamable HTTP carries it in the headers; stdio has none)."""
+    if ctx is None:
+        raise RequestError("the tool needs its MCP request context", field="ctx")
+    access: McpAccess = ctx.mcp_server.persona_access
+    request = ctx.request_context.request
+    return access.for_headers(getattr(request, "headers", None))
+
+
+def _tool_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """A tool's failures as MCP tool errors naming the field (never a traceback)."""
+    @functools.wraps(fn)
+    async def wrapped(*args: Any, **kwargs: Any) -> T:
+        from mcp.server.mcpserver.exceptions import ToolError
+
+        try:
+            return await fn(*args, **kwargs)
+        except ToolError:
+            raise
+        except PersonaError as exc:
+            raise ToolError(_error_text(exc)) from None
+        except Exception:
+            log.exception("MCP tool %s failed", fn.__name__)
+            raise ToolError(f"{fn.__name__} failed: internal error (logged on the server)") from None
+    return wrapped
+
+
+def _resource_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapped(*args: Any, **kwargs: Any) -> T:
+        from mcp.server.mcpserver.exceptions import ResourceError
+
+        try:
+            return await fn(*args, **kwargs)
+        except PersonaError as exc:
+            raise ResourceError(_error_text(exc)) from None
+        except Exception:
+            log.exception("MCP resource %s failed", fn.__name__)
+            raise ResourceError("internal error (logged on the server)") from None
+    return wrapped
+
+
+async def _in_thread(fn: Callable[[], T]) -> T:
     import anyio
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 
-    server: MCPServer = MCPServer(
-        name, instructions=(
-            "persona-mw personalizes LLM answers per user. Call personalized_prompt with the conversation "
-            "to get the messages to send to your model; record what the user says they like with "
-            "record_feedback (kind 'stated'); search_memories and profile_summary read what is known. "
-            "Every tool takes the user's id."),
-        log_level="WARNING")
+    return await anyio.to_thread.run_sync(fn)
 
-    def middleware(ctx: Any) -> Any:
-        # the HTTP request (streamable HTTP) carries the API key; stdio has none
-        request = ctx.request_context.request if ctx is not None else None
-        headers = getattr(request, "headers", None)
-        return access.for_headers(headers)
 
-    def tool_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-        @functools.wraps(fn)
-        async def wrapped(*args: Any, **kwargs: Any) -> T:
-            try:
-                return await fn(*args, **kwargs)
-            except ToolError:
-                raise
-            except PersonaError as exc:
-                raise ToolError(_error_text(exc)) from None
-            except Exception:
-                log.exception("MCP tool %s failed", fn.__name__)
-                raise ToolError(f"{fn.__name__} failed: internal error (logged on the server)") from None
-        return wrapped
+# --------------------------------------------------------------------------- tools and resources
 
-    def resource_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-        @functools.wraps(fn)
-        async def wrapped(*args: Any, **kwargs: Any) -> T:
-            try:
-                return await fn(*args, **kwargs)
-            except PersonaError as exc:
-                raise ResourceError(_error_text(exc)) from None
-            except Exception:
-                log.exception("MCP resource %s failed", fn.__name__)
-                raise ResourceError("internal error (logged on the server)") from None
-        return wrapped
 
-    async def in_thread(fn: Callable[[], T]) -> T:
-        return await anyio.to_thread.run_sync(fn)
+@_tool_errors
+async def search_memories(user: str, query: str, k: int = 10, context: str | None = None,
+                          ctx: Context | None = None) -> dict[str, Any]:
+    mw = _middleware(ctx)
+    _check_id(user, "user")
+    _check_opt_id(context, "context")
+    if not isinstance(query, str) or not query.strip():
+        raise RequestError("query must be a non-empty string", field="query")
+    if not 1 <= k <= MAX_K:
+        raise RequestError(f"k must be from 1 to {MAX_K}, got {k}", field="k")
 
-    @server.tool(description="Search a user's long-term memories; returns the best matches with scores.")
-    @tool_errors
-    async def search_memories(user: str, query: str, k: int = 10, context: str | None = None,
+    def run() -> list[dict[str, Any]]:
+        mw.memory.require_user(user)
+        return [{"memory": _memory_json(h.memory), "score": round(float(h.score), 6)}
+                for h in mw.memory.search(user, query, k=k, context=context)]
+
+    return {"user": user, "results": await _in_thread(run)}
+
+
+@_tool_errors
+async def add_memory(user: str, text: str, kind: Literal["preference", "fact", "episode"] = "preference",
+                     polarity: Literal["like", "avoid", "constraint"] | None = None,
+                     context: str | None = None, ctx: Context | None = None) -> dict[str, Any]:
+    mw = _middleware(ctx)
+    _check_id(user, "user")
+    _check_opt_id(context, "context")
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError("text must be a non-empty string", field="text")
+    if polarity is not None and kind != "preference":
+        raise RequestError("polarity applies to kind 'preference' only", field="polarity")
+
+    def run() -> list[dict[str, Any]]:
+        mem = mw.memory
+        written = mem.remember(user, text, kind=kind, polarity=polarity or "like", context=context,
+                               embed=mem.embedder_loaded)
+        return [_memory_json(m) for m in written]
+
+    return {"user": user, "memories": await _in_thread(run)}
+
+
+@_tool_errors
+async def record_feedback(user: str, kind: Literal["stated", "choice", "rating", "edit"],
+                          text: str | None = None, polarity: Literal["like", "avoid"] | None = None,
+                          prompt: str | None = None, chosen: str | None = None,
+                          rejected: list[str] | None = None, response: str | None = None,
+                          rating: float | None = None, before: str | None = None, after: str | None = None,
+                          context: str | None = None, ctx: Context | None = None) -> dict[str, Any]:
+    mw = _middleware(ctx)
+    event: dict[str, Any] = {"user": user, "kind": kind, "context": context}
+    given = {"text": text, "polarity": polarity, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+             "response": response, "rating": rating, "before": before, "after": after}
+    event.update({k: v for k, v in given.items() if v is not None})
+    if kind == "edit" and "prompt" not in event:
+        event["prompt"] = ""
+    event_id = await mw.afeedback(event)
+    return {"id": event_id, "status": "recorded"}
+
+
+@_tool_errors
+async def get_profile_summary(user: str, context: str | None = None,
                               ctx: Context | None = None) -> dict[str, Any]:
-        mw = middleware(ctx)
-        _check_id(user, "user")
-        _check_opt_id(context, "context")
-        if not isinstance(query, str) or not query.strip():
-            raise RequestError("query must be a non-empty string", field="query")
-        if not 1 <= k <= MAX_K:
-            raise RequestError(f"k must be from 1 to {MAX_K}, got {k}", field="k")
+    mw = _middleware(ctx)
+    _check_id(user, "user")
+    _check_opt_id(context, "context")
+    return await _in_thread(lambda: profile_summary(mw, user, context))
 
-        def run() -> list[dict[str, Any]]:
-            mw.memory.require_user(user)
-            return [{"memory": _memory_json(h.memory), "score": round(float(h.score), 6)}
-                    for h in mw.memory.search(user, query, k=k, context=context)]
 
-        return {"user": user, "results": await in_thread(run)}
+@_tool_errors
+async def personalized_prompt(user: str, messages: list[dict[str, Any]], context: str | None = None,
+                              groups: list[str] | None = None, ctx: Context | None = None) -> dict[str, Any]:
+    mw = _middleware(ctx)
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"at most {MAX_MESSAGES} messages, got {len(messages)}", field="messages")
+    request: dict[str, Any] = {"user": user, "messages": messages, "context": context, "groups": groups or []}
+    turn = await mw.aprepare(request)
+    return {"user": user, "messages": [{"role": m.role, "content": m.text} for m in turn.messages]}
 
-    @server.tool(description="Add a memory for a user (a preference, a fact or an episode), through the "
-                 "same update logic as memories learned from conversations (duplicates merge, contradictions "
-                 "supersede).")
-    @tool_errors
-    async def add_memory(user: str, text: str, kind: Literal["preference", "fact", "episode"] = "preference",
-                         polarity: Literal["like", "avoid", "constraint"] | None = None,
-                         context: str | None = None, ctx: Context | None = None) -> dict[str, Any]:
-        mw = middleware(ctx)
-        _check_id(user, "user")
-        _check_opt_id(context, "context")
-        if not isinstance(text, str) or not text.strip():
-            raise RequestError("text must be a non-empty string", field="text")
-        if polarity is not None and kind != "preference":
-            raise RequestError("polarity applies to kind 'preference' only", field="polarity")
 
-        def run() -> list[dict[str, Any]]:
-            mem = mw.memory
-            written = mem.remember(user, text, kind=kind, polarity=polarity or "like", context=context,
-                                   embed=mem.embedder_loaded)
-            return [_memory_json(m) for m in written]
+@_resource_errors
+async def profile_resource(user: str, ctx: Context | None = None) -> dict[str, Any]:
+    mw = _middleware(ctx)
+    _check_id(user, "user")
+    return await _in_thread(lambda: profile_summary(mw, user))
 
-        return {"user": user, "memories": await in_thread(run)}
 
-    @server.tool(description="Record feedback from a user. kind 'stated': text (+ polarity like/avoid); "
-                 "'choice': prompt, chosen, rejected (list); 'rating': prompt, response, rating (0..1); "
-                 "'edit': before, after (+ prompt).")
-    @tool_errors
-    async def record_feedback(user: str, kind: Literal["stated", "choice", "rating", "edit"],
-                              text: str | None = None, polarity: Literal["like", "avoid"] | None = None,
-                              prompt: str | None = None, chosen: str | None = None,
-                              rejected: list[str] | None = None, response: str | None = None,
-                              rating: float | None = None, before: str | None = None, after: str | None = None,
-                              context: str | None = None, ctx: Context | None = None) -> dict[str, Any]:
-        mw = middleware(ctx)
-        event: dict[str, Any] = {"user": user, "kind": kind, "context": context}
-        given = {"text": text, "polarity": polarity, "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                 "response": response, "rating": rating, "before": before, "after": after}
-        event.update({k: v for k, v in given.items() if v is not None})
-        if kind == "edit" and "prompt" not in event:
-            event["prompt"] = ""
-        event_id = await mw.afeedback(event)
-        return {"id": event_id, "status": "recorded"}
+@_resource_errors
+async def memories_resource(user: str, ctx: Context | None = None) -> dict[str, Any]:
+    mw = _middleware(ctx)
+    _check_id(user, "user")
 
-    @server.tool(description="A user's profile in a few lines of words: what they like and avoid, persona "
-                 "sentences, the groups/contexts in their scope with weights, and how many memories.")
-    @tool_errors
-    async def get_profile_summary(user: str, context: str | None = None,
-                                  ctx: Context | None = None) -> dict[str, Any]:
-        mw = middleware(ctx)
-        _check_id(user, "user")
-        _check_opt_id(context, "context")
-        return await in_thread(lambda: profile_summary(mw, user, context))
+    def run() -> list[dict[str, Any]]:
+        mw.memory.require_user(user)
+        return [_memory_json(m) for m in mw.memory.list(user)]
 
-    @server.tool(description="The personalized prompt for a conversation: the messages persona-mw would send "
-                 "to the model for this user (give them to your own model).")
-    @tool_errors
-    async def personalized_prompt(user: str, messages: list[dict[str, Any]], context: str | None = None,
-                                  groups: list[str] | None = None, ctx: Context | None = None) -> dict[str, Any]:
-        mw = middleware(ctx)
-        if len(messages) > MAX_MESSAGES:
-            raise RequestError(f"at most {MAX_MESSAGES} messages, got {len(messages)}", field="messages")
-        request: dict[str, Any] = {"user": user, "messages": messages, "context": context, "groups": groups or []}
-        turn = await mw.aprepare(request)
-        return {"user": user, "messages": [{"role": m.role, "content": m.text} for m in turn.messages]}
+    return {"user": user, "memories": await _in_thread(run)}
 
-    @server.resource("persona://users/{user}/profile", mime_type="application/json",
-                     description="A user's profile summary (words and scope; no weight vectors).")
-    @resource_errors
-    async def profile_resource(user: str, ctx: Context | None = None) -> dict[str, Any]:
-        mw = middleware(ctx)
-        _check_id(user, "user")
-        return await in_thread(lambda: profile_summary(mw, user))
 
-    @server.resource("persona://users/{user}/memories", mime_type="application/json",
-                     description="A user's active memories, oldest first.")
-    @resource_errors
-    async def memories_resource(user: str, ctx: Context | None = None) -> dict[str, Any]:
-        mw = middleware(ctx)
-        _check_id(user, "user")
+TOOLS: tuple[tuple[Callable[..., Awaitable[dict[str, Any]]], str], ...] = (
+    (search_memories, "Search a user's long-term memories; returns the best matches with scores."),
+    (add_memory, "Add a memory for a user (a preference, a fact or an episode), through the same update logic "
+                 "as memories learned from conversations (duplicates merge, contradictions supersede)."),
+    (record_feedback, "Record feedback from a user. kind 'stated': text (+ polarity like/avoid); 'choice': prompt, "
+                      "chosen, rejected (list); 'rating': prompt, response, rating (0..1); 'edit': before, after "
+                      "(+ prompt)."),
+    (get_profile_summary, "A user's profile in a few lines of words: what they like and avoid, persona sentences, "
+                          "the groups/contexts in their scope with weights, and how many memories."),
+    (personalized_prompt, "The personalized prompt for a conversation: the messages persona-mw would send to the "
+                          "model for this user (give them to your own model)."),
+)
+RESOURCES: tuple[tuple[str, Callable[..., Awaitable[dict[str, Any]]], str], ...] = (
+    ("persona://users/{user}/profile", profile_resource,
+     "A user's profile summary (words and scope; no weight vectors)."),
+    ("persona://users/{user}/memories", memories_resource, "A user's active memories, oldest first."),
+)
+INSTRUCTIONS = (
+    "persona-mw personalizes LLM answers per user. Call personalized_prompt with the conversation "
+    "to get the messages to send to your model; record what the user says they like with "
+    "record_feedback (kind 'stated'); search_memories and profile_summary read what is known. "
+    "Every tool takes the user's id.")
 
-        def run() -> list[dict[str, Any]]:
-            mw.memory.require_user(user)
-            return [_memory_json(m) for m in mw.memory.list(user)]
 
-        return {"user": user, "memories": await in_thread(run)}
+def build_mcp_server(access: McpAccess, *, name: str = "persona-mw") -> MCPServer:
+    """The MCP server: the module's tools and resources over ``access``'s middleware(s)."""
+    _import_mcp()
+    from mcp.server.mcpserver import MCPServer
 
+    server: MCPServer = MCPServer(name, instructions=INSTRUCTIONS, log_level="WARNING")
+    server.persona_access = access  # type: ignore[attr-defined]  # read by _middleware through ctx.mcp_server
+    for fn, description in TOOLS:
+        server.add_tool(fn, description=description)
+    for uri, handler, description in RESOURCES:
+        server.resource(uri, mime_type="application/json", description=description)(handler)
     return server
 
 

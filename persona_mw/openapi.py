@@ -12,6 +12,8 @@ from pydantic import TypeAdapter
 
 from persona_mw.openai_wire import ChatCompletionBody
 from persona_mw.types import ID_PATTERN, Feedback
+from persona_mw.wire_anthropic import MessagesBody
+from persona_mw.wire_responses import ResponsesBody
 
 _REF = "#/components/schemas/{model}"
 
@@ -37,6 +39,8 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "invalid request (the message names the field)", 401: "missing or wrong API key",
             404: "unknown user, trace or route", 409: "a feedback id that is already stored", 413: "body larger than the limit",
+            429: "over the tenant's rate limit (Retry-After says when to retry)",
+            501: "an optional extra is not installed (the message names it)",
             502: "backend or plugin failure", 504: "backend timeout"}
     return {str(c): {"description": text.get(c, "error"), "content": _json({"$ref": _REF.format(model="Error")})}
             for c in codes}
@@ -54,6 +58,8 @@ def route_docs() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     components["ChatCompletionBody"] = chat
     feedback = _split(TypeAdapter(Feedback).json_schema(ref_template=_REF), components)
     components["Feedback"] = feedback
+    components["MessagesBody"] = _split(MessagesBody.model_json_schema(ref_template=_REF), components)
+    components["ResponsesBody"] = _split(ResponsesBody.model_json_schema(ref_template=_REF), components)
     obj = {"type": "object"}
     docs: dict[str, dict[str, Any]] = {
         "POST /v1/chat/completions": {
@@ -64,6 +70,22 @@ def route_docs() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
                             "schema": {"type": "string"}}],
             "responses": {"200": {"description": "a chat.completion (or a text/event-stream of chunks)",
                                   "content": _json(obj)}, **_errors(400, 401, 413, 502, 504)},
+        },
+        "POST /v1/messages": {
+            "summary": "Anthropic Messages, personalized (SSE events as Anthropic sends them when stream is true); "
+                       "the user is metadata.user_id or the X-Persona-User header; errors in Anthropic's shape",
+            "requestBody": {"required": True, "content": _json({"$ref": _REF.format(model="MessagesBody")})},
+            "parameters": [{"name": "X-Persona-User", "in": "header", "required": False, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "a message (or a text/event-stream of its events)",
+                                  "content": _json(obj)}, **_errors(400, 401, 413, 429, 502, 504)},
+        },
+        "POST /v1/responses": {
+            "summary": "OpenAI Responses, personalized (SSE events when stream is true); the user is 'user', "
+                       "'safety_identifier', 'prompt_cache_key' or the X-Persona-User header",
+            "requestBody": {"required": True, "content": _json({"$ref": _REF.format(model="ResponsesBody")})},
+            "parameters": [{"name": "X-Persona-User", "in": "header", "required": False, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "a response object (or a text/event-stream of its events)",
+                                  "content": _json(obj)}, **_errors(400, 401, 413, 429, 502, 504)},
         },
         "POST /v1/feedback": {
             "summary": "record a feedback event (choice, rating, edit or stated preference)",
@@ -99,6 +121,10 @@ def route_docs() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         },
         "GET /v1/models": {"summary": "the served model",
                            "responses": {"200": {"description": "models", "content": _json(obj)}, **_errors(401)}},
+        "GET /metrics": {"summary": "Prometheus metrics (no key needed; labels never carry user ids or text)",
+                         "responses": {"200": {"description": "the text exposition",
+                                               "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                       **_errors(501)}},
         "GET /healthz": {"summary": "liveness (no key needed)",
                          "responses": {"200": {"description": "ok", "content": _json(obj)}}},
     }
@@ -113,7 +139,7 @@ def finish(doc: dict[str, Any], components: dict[str, Any], *, keys: bool) -> di
         comp["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                               "description": "an API key from the config's server.api_keys"}}
         for path, ops in doc.get("paths", {}).items():
-            if path != "/healthz":
+            if path not in ("/healthz", "/metrics"):
                 for op in ops.values():
                     op["security"] = [{"bearer": []}]
     return doc

@@ -7,7 +7,8 @@ or served, so importing this module (let alone ``persona_mw``) never requires th
 Routes: ``POST /v1/chat/completions`` (``n`` choices, SSE streaming, ``tools``/``tool_choice`` passed
 to backends that take them), ``POST /v1/feedback``, ``GET|DELETE /v1/users/{id}``,
 ``GET /v1/users/{id}/profile``, ``GET /v1/traces/{id}``, ``GET /v1/models``, ``GET /healthz``,
-``GET /openapi.json``. With ``server.api_keys`` configured every ``/v1`` route needs
+``GET /openapi.json``; ``POST /v1/messages`` (Anthropic Messages) and ``POST /v1/responses`` (OpenAI
+Responses), both streaming, in ``persona_mw.server_formats``. With ``server.api_keys`` configured every ``/v1`` route needs
 ``Authorization: Bearer <key>`` and sees only the key's tenant (``persona_mw.tenancy``).
 """
 
@@ -37,6 +38,7 @@ from persona_mw.server_routes import (
     unhandled,
     until_disconnected,
 )
+from persona_mw.server_formats import anthropic_error, messages, responses
 from persona_mw.tenancy import ApiKeys, Tenants
 
 if TYPE_CHECKING:
@@ -49,6 +51,11 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "explain_trace", "serve", "se
 _COMPAT = (ClientGone, _bearer, _call_mw, _maybe_await, until_disconnected)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# (path, handler, error shape) of the other wire formats' POST routes (persona_mw.server_formats)
+FORMAT_ROUTES: tuple[tuple[str, Any, Any], ...] = (
+    ("/v1/messages", messages, anthropic_error),
+    ("/v1/responses", responses, lambda err: err.body()),
+)
 
 
 def _import_server_deps() -> None:
@@ -96,6 +103,26 @@ def _install_openapi(app: FastAPI, components: dict[str, Any], keys: bool) -> No
     app.openapi = custom_openapi  # type: ignore[method-assign]
 
 
+def _install_observability(app: FastAPI, state: ServerState) -> None:
+    """Request metrics and access logs (``persona_mw.observe.AccessMiddleware``); spans when configured."""
+    from persona_mw import observe
+
+    server_cfg = getattr(getattr(state.mw, "config", None), "server", None)
+    observe.configure_tracing(bool(getattr(server_cfg, "otel", False)))
+    log_cfg = getattr(getattr(state.mw, "config", None), "logging", None)
+
+    def tenant_of(scope: Any) -> str:
+        if not getattr(server_cfg, "metrics_tenant_label", False) or state.tenants is None:
+            return ""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        key = value.strip() if scheme.lower() == "bearer" else headers.get("x-api-key")
+        return (state.keys.tenant_of(key) if key else None) or ""
+
+    app.add_middleware(observe.AccessMiddleware, tenant_of=tenant_of,
+                       access_log=bool(getattr(log_cfg, "access_log", True)))
+
+
 def create_app(
     mw: Any, *, max_body_bytes: int | None = None, api_keys: dict[str, list[str]] | None = None,
     close_on_shutdown: bool = False,
@@ -124,11 +151,16 @@ def create_app(
         extra = dict(docs[f"{method} {path}"])
         app.add_api_route(path, guarded(handler, counted=path.startswith("/v1/")), methods=[method],
                           summary=extra.pop("summary"), openapi_extra=extra, response_model=None)
+    for path, handler, shape in FORMAT_ROUTES:  # Anthropic Messages, OpenAI Responses: each its own errors
+        extra = dict(docs[f"POST {path}"])
+        app.add_api_route(path, guarded(handler, shape=shape), methods=["POST"], summary=extra.pop("summary"),
+                          openapi_extra=extra, response_model=None)
     _install_openapi(app, components, keys=bool(state.keys))
     app.add_exception_handler(StarletteHTTPException, http_exception)
     app.add_exception_handler(Exception, unhandled)
     app.state.middleware = mw
     app.state.tenants = state.tenants
+    _install_observability(app, state)
     from persona_mw.console import install as install_console
 
     install_console(app)  # the data API (persona_mw.api_data) and the web console under /console
@@ -143,8 +175,13 @@ def serve(mw: Any, host: str = "127.0.0.1", port: int = 8000, *, max_body_bytes:
     _import_server_deps()
     import uvicorn
 
+    from persona_mw import observe
+
+    log_cfg = getattr(getattr(mw, "config", None), "logging", None)
+    if log_cfg is not None:
+        observe.setup_logging(log_cfg)  # `logging:` level and json; uvicorn's own access log is off
     app = create_app(mw, max_body_bytes=max_body_bytes, close_on_shutdown=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
 @contextlib.contextmanager

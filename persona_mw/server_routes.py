@@ -161,8 +161,15 @@ def _bearer(request: Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-def error_response(state: ServerState, exc: BaseException) -> Response:
-    """The OpenAI-shaped error answer for ``exc`` (upstream secrets scrubbed, 5xx logged)."""
+Shape = Callable[[HTTPError], dict[str, Any]]
+
+
+def openai_shape(err: HTTPError) -> dict[str, Any]:
+    return err.body()
+
+
+def error_response(state: ServerState, exc: BaseException, shape: Shape = openai_shape) -> Response:
+    """The error answer for ``exc`` in ``shape`` (OpenAI's by default; upstream secrets scrubbed, 5xx logged)."""
     from starlette.responses import JSONResponse
 
     err = error_for(exc, state.upstream())
@@ -171,7 +178,7 @@ def error_response(state: ServerState, exc: BaseException) -> Response:
     elif err.status >= 500:
         log.warning("request failed (%s): %s", err.type, exc)
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return JSONResponse(shape(err), status_code=err.status, headers=headers)
 
 
 def tenant_mw(request: Request) -> Any:
@@ -189,26 +196,24 @@ def tenant_mw(request: Request) -> Any:
     return state.tenants.middleware(tenant)
 
 
-def _rate_tenant(state: ServerState, request: Request) -> str | None:
+def _rate_tenant(state: ServerState, request: Request, key: str | None = None) -> str | None:
     """The tenant a request is charged to; None for a missing or unknown key (answered 401)."""
     if state.tenants is None:
         return DEFAULT_TENANT
-    key = _bearer(request)
+    key = key if key is not None else _bearer(request)
     return state.keys.tenant_of(key) if key is not None else None
 
 
-def rate_limited(request: Request) -> Response | None:
-    """A 429 if the request's tenant is over its rate (``server.rate_limit``), else None.
-
-    Runs before the body is read: only headers are looked at. A missing or unknown key is not
-    charged (the handler answers 401)."""
-    from starlette.responses import JSONResponse
-
-    state = state_of(request)
-    limiter = state.limiter
-    if limiter is None:
+def rate_limit_error(request: Request, key: str | None = None) -> tuple[HTTPError, int] | None:
+    """``(the 429 error, Retry-After seconds)`` if the request's tenant is over its rate
+    (``server.rate_limit``), else None. ``key`` is the API key when it is not a header (the console's
+    cookie). Only headers are looked at, so this runs before the body is read. A missing or unknown
+    key is not charged (the handler answers 401). Sets the hold a refused client waits for."""
+    state: ServerState | None = getattr(request.app.state, "persona", None)
+    limiter = state.limiter if state is not None else None
+    if state is None or limiter is None:
         return None
-    tenant = _rate_tenant(state, request)
+    tenant = _rate_tenant(state, request, key)
     if tenant is None:
         return None
     try:
@@ -224,32 +229,45 @@ def rate_limited(request: Request) -> Response | None:
     err = HTTPError(429, f"rate limit exceeded for tenant {tenant!r}: {lim.requests_per_s:g} requests/s, "
                     f"burst {lim.burst} ({name}); retry after {retry}s",
                     type="rate_limit_error", param=name, code="rate_limit_exceeded")
-    return JSONResponse(err.body(), status_code=429, headers={"Retry-After": str(retry)})
+    return err, int(retry)
 
 
-def _refused_hold(request: Request) -> float:
-    return float(getattr(request.state, "rate_limit_hold_s", 0.0) or 0.0)
+def rate_limited(request: Request, shape: Shape = openai_shape) -> Response | None:
+    """A 429 answer in ``shape`` if the request's tenant is over its rate, else None (``rate_limit_error``)."""
+    from starlette.responses import JSONResponse
+
+    refused = rate_limit_error(request)
+    if refused is None:
+        return None
+    err, retry = refused
+    return JSONResponse(shape(err), status_code=429, headers={"Retry-After": str(retry)})
 
 
-def guarded(handler: Handler, *, counted: bool = True) -> Handler:
-    """``handler`` behind the rate limit (when ``counted``), with errors turned into OpenAI-shaped answers."""
+async def hold_refused(request: Request) -> None:
+    """A client that ignores Retry-After waits here (``server.rate_limit.hold_s``) instead of looping."""
+    hold = float(getattr(request.state, "rate_limit_hold_s", 0.0) or 0.0)
+    if hold > 0:
+        await asyncio.sleep(hold)
+
+
+def guarded(handler: Handler, *, counted: bool = True, shape: Shape = openai_shape) -> Handler:
+    """``handler`` behind the rate limit (when ``counted``), with errors turned into answers in ``shape``
+    (OpenAI's error JSON unless given)."""
     from starlette.requests import Request as StarletteRequest
     from starlette.responses import Response as StarletteResponse
 
     async def endpoint(request: Request) -> Response:
         try:
-            refused = rate_limited(request) if counted else None
+            refused = rate_limited(request, shape) if counted else None
             if refused is not None:
-                hold = _refused_hold(request)
-                if hold > 0:  # a client that ignores Retry-After waits here instead of looping
-                    await asyncio.sleep(hold)
+                await hold_refused(request)
                 return refused
             return await handler(request)
         except ClientGone:
             # Nobody reads this answer; 499 (nginx's "client closed request") for the access log.
             return StarletteResponse(status_code=499)
         except Exception as exc:
-            return error_response(state_of(request), exc)
+            return error_response(state_of(request), exc, shape)
 
     endpoint.__name__ = handler.__name__
     # Resolved here, not from the postponed annotation: FastAPI must see the Request class to
@@ -296,6 +314,7 @@ async def chat_completions(request: Request) -> Response:
     if chat_request.stream:
         return await stream_completion(request, m, chat_request, model)
     resp = await until_disconnected(request, m.achat(chat_request))
+    observed_turn(resp)
     return _json(completion_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
 
 
@@ -317,6 +336,7 @@ async def stream_choices(request: Request, m: Any, chat_request: ChatRequest, mo
     from starlette.responses import StreamingResponse
 
     resp = await until_disconnected(request, m.achat(chat_request.model_copy(update={"stream": False})))
+    observed_turn(resp)
     body = completion_json(resp, model)
     return StreamingResponse(_choice_events(body, resp.id, model), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", TRACE_HEADER: resp.trace.id})
@@ -347,7 +367,8 @@ async def stream_completion(request: Request, m: Any, chat_request: ChatRequest,
     trace_id = first.trace_id or (first.trace.id if first.trace is not None else None) if first else None
     if trace_id:
         headers[TRACE_HEADER] = trace_id
-    events = _sse_events(first, iterator, completion_id=new_id("chatcmpl"), model=model,
+    observed(first)
+    events = _sse_events(first, Observed(iterator), completion_id=new_id("chatcmpl"), model=model,
                          secrets=state_of(request).upstream())
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
@@ -430,6 +451,56 @@ async def healthz(request: Request) -> Response:
     return _json({"status": "ok"})
 
 
+async def metrics(request: Request) -> Response:
+    """The Prometheus exposition (``persona_mw.observe``); 501 naming the extra when prometheus-client is missing."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response as StarletteResponse
+
+    from persona_mw import observe
+
+    if not observe.available():
+        raise HTTPError(501, f"/metrics needs prometheus-client, the [metrics] extra: {observe.METRICS_EXTRA}",
+                        type="not_implemented", code="metrics_extra_missing")
+    state = state_of(request)
+    mws: list[tuple[str, Any]] = [(DEFAULT_TENANT, state.mw)]
+    if state.tenants is not None:
+        mws = list(state.tenants._made.items())  # the tenants served so far (each its own store)
+    label = bool(getattr(getattr(getattr(state.mw, "config", None), "server", None), "metrics_tenant_label", False))
+    body, content_type = await run_in_threadpool(lambda: observe.render(mws, tenant_label=label))
+    return StarletteResponse(body, media_type=content_type)
+
+
+class Observed:
+    """A turn's chunk stream that reports the turn (``observe.turn``) when its traced last chunk passes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __aiter__(self) -> Observed:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        chunk: StreamChunk = await self.inner.__anext__()
+        observed(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        await _aclose_shielded(self.inner)
+
+
+def observed(chunk: StreamChunk | None) -> None:
+    from persona_mw import observe
+
+    if chunk is not None and chunk.trace is not None:
+        observe.turn(chunk.trace, stream=True)
+
+
+def observed_turn(resp: Any) -> None:
+    from persona_mw import observe
+
+    observe.turn(getattr(resp, "trace", None))
+
+
 async def models(request: Request) -> Response:
     tenant_mw(request)
     card = {"id": state_of(request).model_name(), "object": "model", "created": 0, "owned_by": "persona-mw"}
@@ -449,6 +520,7 @@ ROUTES: tuple[tuple[str, Handler, str], ...] = (
     ("/v1/traces/{trace_id}", trace, "GET"),
     ("/healthz", healthz, "GET"),
     ("/v1/models", models, "GET"),
+    ("/metrics", metrics, "GET"),
 )
 
 

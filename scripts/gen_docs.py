@@ -420,7 +420,8 @@ def http_page() -> str:
             out.append(f"| {code} | {_cell(resp.get('description', ''))} |")
         out.append("")
     out.append("## Schemas\n")
-    for name in ("ChatCompletionBody", "Feedback", "MemoryCreate", "MemoryPatch", "FeedbackBatch"):
+    for name in ("ChatCompletionBody", "MessagesBody", "ResponsesBody", "Feedback", "MemoryCreate", "MemoryPatch",
+                 "FeedbackBatch"):
         schema = components[name]
         out.append(f"### {name}\n")
         if schema.get("description"):

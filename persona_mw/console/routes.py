@@ -121,7 +121,17 @@ async def form(request: Request) -> dict[str, str]:
 
 def page(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
+        from persona_mw.server_routes import hold_refused, rate_limit_error
+
         try:
+            refused = rate_limit_error(request, _key(request))  # the same per-tenant rate as /v1
+            if refused is not None:
+                await hold_refused(request)
+                err, retry = refused
+                resp = render(request, "error.html", status=429, status_code=429, message=err.message,
+                              param=err.param)
+                resp.headers["Retry-After"] = str(retry)
+                return resp
             return await handler(request)
         except _Login:
             return RedirectResponse(f"{PREFIX}/login", status_code=303)

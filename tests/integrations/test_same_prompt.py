@@ -1,5 +1,5 @@
-"""One conversation through the four entry points (HTTP server, litellm callback, wrapped OpenAI client,
-LangChain model) reaches the LLM as the same personalized prompt, with the same trace explanation, and
+"""One conversation through the entry points (HTTP server: chat completions, Anthropic Messages and OpenAI
+Responses; litellm callback, wrapped OpenAI client, LangChain model) reaches the LLM as the same personalized prompt, with the same trace explanation, and
 the post-call stages run after streamed answers on every path; the MCP server's personalized_prompt
 tool hands an MCP client that same prompt. Then the same with the real local model."""
 
@@ -44,6 +44,10 @@ def run_all(mw: Any, llm_url: str, stream: bool, wait: Callable[[], None]) -> di
             out["http"] = (r.choices[0].message.content, r.model_extra["persona_trace"]["id"])
         explained = httpx.get(f"{url}/v1/traces/{out['http'][1]}").json()
         assert explained["changed_by"] and explained["items_used"]
+        wait()
+        out["messages"] = ask_messages(url, stream)
+        wait()
+        out["responses"] = ask_responses(url, stream)
     wait()
 
     cb = PersonaCallback(mw)
@@ -81,6 +85,32 @@ def run_all(mw: Any, llm_url: str, stream: bool, wait: Callable[[], None]) -> di
         out["langchain"] = (str(msg.content), msg.response_metadata["persona_trace_id"])
     wait()
     return out
+
+
+def ask_messages(url: str, stream: bool) -> tuple[str, str]:
+    """The conversation through ``POST /v1/messages`` with the anthropic SDK (the system prompt as ``system``)."""
+    import anthropic
+
+    c = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=300)
+    kw: dict[str, Any] = dict(model="m", max_tokens=64, system=CONVERSATION[0]["content"],
+                              messages=CONVERSATION[1:], metadata={"user_id": "ana"})
+    if stream:
+        with c.messages.stream(**kw) as s:
+            text = "".join(s.text_stream)
+            return text, s.response.headers["x-persona-trace-id"]
+    r = c.messages.create(**kw)
+    return r.content[0].text, r.model_extra["persona_trace"]["id"]  # type: ignore[union-attr,index]
+
+
+def ask_responses(url: str, stream: bool) -> tuple[str, str]:
+    """The conversation through ``POST /v1/responses`` with the openai SDK."""
+    c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+    if stream:
+        events = list(c.responses.create(model="m", input=CONVERSATION, user="ana", stream=True))  # type: ignore[arg-type]
+        done = events[-1].response  # type: ignore[union-attr]
+        return done.output_text, done.model_extra["persona_trace"]["id"]
+    r = c.responses.create(model="m", input=CONVERSATION, user="ana")  # type: ignore[arg-type]
+    return r.output_text, r.model_extra["persona_trace"]["id"]
 
 
 def mcp_prompt(mw: Any, conversation: list[dict[str, str]], user: str = "ana") -> list[tuple[str, str]]:
@@ -125,6 +155,8 @@ def test_four_entry_points_same_prompt(tmp_path: Any, upstream: Any, stream: boo
             calls_before = {"mw": len(mw.backend.calls), "llm": len(llm.calls)}
             out = run_all(mw, llm_url, stream, wait)
         prompts["http"] = [(m.role, m.text) for m in mw.backend.calls[calls_before["mw"]]]
+        prompts["messages"] = [(m.role, m.text) for m in mw.backend.calls[calls_before["mw"] + 1]]
+        prompts["responses"] = [(m.role, m.text) for m in mw.backend.calls[calls_before["mw"] + 2]]
         prompts["langchain"] = [(m.role, m.text) for m in mw.backend.calls[-1]]
         prompts["litellm"] = [(m.role, m.text) for m in llm.calls[calls_before["llm"]]]
         prompts["openai"] = last_prompt(llm)

@@ -36,7 +36,8 @@ MEMORY = _has_memory()
 OPEN = "-"  # the tenant name of the open (keyless) API and of the Python API
 TENANTS = ("acme", "globex", "initech")
 ENTRY_POINTS = ("python", "python_stream", "prepare_complete", "http_open", "http_stream", "openai_tenant",
-                "openai_wrap")
+                "openai_wrap", "messages_tenant", "messages_stream", "responses_tenant", "responses_stream")
+TENANT_ENTRIES = ("openai_tenant", "messages_tenant", "responses_tenant")
 
 
 def echo_prompt(messages: list[Message]) -> str:
@@ -227,11 +228,34 @@ class World:
         if entry == "openai_wrap":
             out = self.wrapped.chat.completions.create(model="m", messages=msgs, user=user)
             return out.choices[0].message.content or "", None
+        return self.ask_format(entry, tenant, user, msgs)
+
+    def ask_format(self, entry: str, tenant: str, user: str, msgs: list[dict[str, str]]) -> tuple[str, str | None]:
+        """Anthropic Messages / OpenAI Responses: the tenant's key (``*_tenant``) or the open server streamed."""
+        base, headers = (self.tenant_url, self._auth(tenant)) if tenant != OPEN else (self.open_url, {})
+        stream = entry.endswith("_stream")
+        if entry.startswith("messages"):
+            body: dict[str, Any] = {"max_tokens": 64, "messages": msgs, "metadata": {"user_id": user}, "stream": stream}
+            r = self.http.post(base + "/v1/messages", json=body, headers=headers)
+            assert r.status_code == 200, r.text
+            if not stream:
+                return r.json()["content"][0]["text"], r.headers.get("x-persona-trace-id")
+            deltas = [json.loads(ln[6:]).get("delta", {}) for ln in r.text.splitlines() if ln.startswith("data: ")]
+            return "".join(d.get("text") or "" for d in deltas), r.headers.get("x-persona-trace-id")
+        if entry.startswith("responses"):
+            r = self.http.post(base + "/v1/responses", json={"input": msgs, "user": user, "stream": stream},
+                               headers=headers)
+            assert r.status_code == 200, r.text
+            if not stream:
+                return r.json()["output"][0]["content"][0]["text"], r.headers.get("x-persona-trace-id")
+            events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: ")]
+            return "".join(e.get("delta") or "" for e in events if e["type"].endswith(".delta")), \
+                r.headers.get("x-persona-trace-id")
         raise ValueError(entry)
 
     def probe(self) -> None:
         entry = self.rng.choice(ENTRY_POINTS)
-        tenant = self.rng.choice(TENANTS) if entry == "openai_tenant" else OPEN
+        tenant = self.rng.choice(TENANTS) if entry in TENANT_ENTRIES else OPEN
         user = self.rng.choice(self.user_ids)
         text, trace_id = self.ask(entry, tenant, user)
         self.check(tenant, user, text, f"{entry} response")
