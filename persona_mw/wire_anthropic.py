@@ -13,12 +13,12 @@ text block), ``ping``, ``content_block_delta`` (``text_delta``) for each piece, 
 
 from __future__ import annotations
 
-import json
 from typing import Any, AsyncIterator, Iterable, Iterator, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from persona_mw.errors import PersonaError, RequestError
+from persona_mw.wire_events import events, sse, sse_frames
 from persona_mw.types import ChatRequest, ChatResponse, GenerationParams, Message, StreamChunk, new_id
 
 __all__ = ["MessagesBody", "error_json", "message_json", "sse", "sse_events", "stop_reason", "stream_events",
@@ -146,24 +146,13 @@ def message_json(resp: ChatResponse, model: str) -> dict[str, Any]:
 def stream_events(chunks: Iterable[StreamChunk], *, model: str, message_id: str | None = None,
                   input_tokens: int = 0) -> Iterator[dict[str, Any]]:
     """Stream chunks as Anthropic's event sequence (dicts; ``sse`` frames one)."""
-    state = _Stream(model, message_id, input_tokens)
-    yield from state.start()
-    for chunk in chunks:
-        yield from state.chunk(chunk)
-    yield from state.end()
+    return events(_Stream(model, message_id, input_tokens), chunks)
 
 
-async def sse_events(chunks: AsyncIterator[StreamChunk], *, model: str, message_id: str | None = None,
+def sse_events(chunks: AsyncIterator[StreamChunk], *, model: str, message_id: str | None = None,
                      input_tokens: int = 0) -> AsyncIterator[str]:
     """``stream_events`` over an async stream, as SSE frames."""
-    state = _Stream(model, message_id, input_tokens)
-    for ev in state.start():
-        yield sse(ev)
-    async for chunk in chunks:
-        for ev in state.chunk(chunk):
-            yield sse(ev)
-    for ev in state.end():
-        yield sse(ev)
+    return sse_frames(_Stream(model, message_id, input_tokens), chunks)
 
 
 class _Stream:
@@ -204,10 +193,6 @@ class _Stream:
         if self.trace is not None:
             delta["persona_trace"] = self.trace
         return [{"type": "content_block_stop", "index": 0}, delta, {"type": "message_stop"}]
-
-
-def sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

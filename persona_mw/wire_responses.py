@@ -13,7 +13,6 @@ Stream events, in OpenAI's order, each with a growing ``sequence_number``: ``res
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, AsyncIterator, Iterable, Iterator, Literal, Mapping
@@ -21,6 +20,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from persona_mw.errors import RequestError
+from persona_mw.wire_events import events, sse, sse_frames
 from persona_mw.types import ChatRequest, ChatResponse, GenerationParams, Message, StreamChunk
 
 __all__ = ["ResponsesBody", "response_json", "sse", "sse_events", "stream_events", "to_chat_request"]
@@ -216,25 +216,10 @@ class _Stream:
 def stream_events(chunks: Iterable[StreamChunk], *, model: str, response_id: str | None = None,
                   input_tokens: int = 0) -> Iterator[dict[str, Any]]:
     """Stream chunks as the Responses event sequence (dicts; ``sse`` frames one)."""
-    state = _Stream(model, response_id, input_tokens)
-    yield from state.start()
-    for chunk in chunks:
-        yield from state.chunk(chunk)
-    yield from state.end()
+    return events(_Stream(model, response_id, input_tokens), chunks)
 
 
-async def sse_events(chunks: AsyncIterator[StreamChunk], *, model: str, response_id: str | None = None,
+def sse_events(chunks: AsyncIterator[StreamChunk], *, model: str, response_id: str | None = None,
                      input_tokens: int = 0) -> AsyncIterator[str]:
     """``stream_events`` over an async stream, as SSE frames."""
-    state = _Stream(model, response_id, input_tokens)
-    for ev in state.start():
-        yield sse(ev)
-    async for chunk in chunks:
-        for ev in state.chunk(chunk):
-            yield sse(ev)
-    for ev in state.end():
-        yield sse(ev)
-
-
-def sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return sse_frames(_Stream(model, response_id, input_tokens), chunks)
