@@ -41,6 +41,7 @@ from persona_mw.openai_wire import (
     error_for,
     upstream_secrets,
 )
+from persona_mw.tenancy import api_key_of
 from persona_mw.types import ID_PATTERN, Memory
 
 __all__ = ["build_router", "memory_json", "request_middleware", "route_docs", "trace_json"]
@@ -53,12 +54,6 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 # --------------------------------------------------------------------------- shared with the console
 
 
-def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.headers.get("x-api-key") or None
 
 
 def request_middleware(request: Request, key: str | None = None) -> Any:
@@ -70,7 +65,7 @@ def request_middleware(request: Request, key: str | None = None) -> Any:
     tenants = getattr(request.app.state, "tenants", None)
     if tenants is None:
         return request.app.state.middleware
-    key = key if key is not None else _bearer(request)
+    key = key if key is not None else api_key_of(request.headers)
     if key is None:
         raise HTTPError(401, "missing API key: send 'Authorization: Bearer <key>'",
                         type="authentication_error", code="missing_api_key")

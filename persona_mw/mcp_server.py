@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Mapping, Ty
 
 from persona_mw.nodes import scope_node, user_node
 from persona_mw.errors import PersonaError, RequestError
-from persona_mw.tenancy import ApiKeys, Tenants
+from persona_mw.tenancy import ApiKeys, Tenants, api_key_of
 from persona_mw.types import ID_PATTERN
 
 try:  # the tools' ``ctx: Context`` annotations are resolved by the SDK against this module's globals
@@ -53,13 +53,6 @@ def _import_mcp() -> None:
                           "pip install 'persona-mw[mcp]'") from exc
 
 
-def _bearer(headers: Mapping[str, str]) -> str | None:
-    """The API key of a request, as the HTTP API reads it (``Authorization: Bearer`` or ``X-Api-Key``)."""
-    lowered = {k.lower(): v for k, v in headers.items()}
-    scheme, _, value = lowered.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return lowered.get("x-api-key") or None
 
 
 class AccessDenied(PersonaError):
@@ -91,7 +84,7 @@ class McpAccess:
             return self.mw
         if not self.keys:
             return self.mw
-        key = _bearer(headers)
+        key = api_key_of(headers)
         if key is None:
             raise AccessDenied("missing API key: send 'Authorization: Bearer <key>'")
         tenant = self.keys.tenant_of(key)

@@ -28,7 +28,7 @@ from persona_mw.server_routes import (
     ROUTES,
     ClientGone,
     ServerState,
-    _bearer,
+    bearer,
     _call_mw,
     _maybe_await,
     explain_trace,
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app", "explain_trace", "serve", "serve_in_thread", "to_chat_request"]
 # kept importable from here for callers of the earlier single module
+_bearer = bearer
 _COMPAT = (ClientGone, _bearer, _call_mw, _maybe_await, until_disconnected)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20

@@ -18,10 +18,9 @@ from persona_mw import wire_anthropic, wire_responses
 from persona_mw.limits import check_groups
 from persona_mw.openai_wire import TRACE_HEADER, HTTPError, _aclose_shielded, _read_json_object, error_for
 from persona_mw.server_routes import (
-    Observed,
+    first_chunk,
+    stream_headers,
     _json,
-    _maybe_await,
-    observed,
     observed_turn,
     state_of,
     tenant_mw,
@@ -58,40 +57,12 @@ async def _read(request: Request, convert: Callable[[dict[str, Any], Any], ChatR
     return m, convert(data, request.headers)
 
 
-async def _first(request: Request, m: Any, chat_request: ChatRequest) -> tuple[StreamChunk | None, Any]:
-    """Start the stream and wait for its first chunk, so a refused request gets its real status."""
-    stream = await _maybe_await(m.astream(chat_request))
-    iterator = stream.__aiter__()
-
-    async def first_chunk() -> StreamChunk | None:
-        try:
-            return await iterator.__anext__()  # type: ignore[no-any-return]
-        except StopAsyncIteration:
-            return None
-
-    try:
-        first = await until_disconnected(request, first_chunk())
-        observed(first)
-        return first, Observed(iterator)
-    except BaseException:
-        await _aclose_shielded(iterator)
-        raise
-
-
 async def _chain(first: StreamChunk | None, rest: Any) -> AsyncIterator[StreamChunk]:
     if first is None:
         return
     yield first
     async for chunk in rest:
         yield chunk
-
-
-def _stream_headers(first: StreamChunk | None) -> dict[str, str]:
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    trace_id = (first.trace_id or (first.trace.id if first.trace is not None else None)) if first else None
-    if trace_id:
-        headers[TRACE_HEADER] = trace_id
-    return headers
 
 
 async def _framed(frames: AsyncIterator[str], rest: Any, request: Request,
@@ -122,10 +93,10 @@ async def messages(request: Request) -> Response:
         resp = await until_disconnected(request, m.achat(chat_request))
         observed_turn(resp)
         return _json(wire_anthropic.message_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
-    first, rest = await _first(request, m, chat_request)
+    first, rest = await first_chunk(request, m, chat_request)
     frames = wire_anthropic.sse_events(_chain(first, rest), model=model)
     events = _framed(frames, rest, request, lambda err: wire_anthropic.sse(anthropic_error(err)))
-    return StreamingResponse(events, media_type="text/event-stream", headers=_stream_headers(first))
+    return StreamingResponse(events, media_type="text/event-stream", headers=stream_headers(first))
 
 
 # --------------------------------------------------------------------------- OpenAI Responses
@@ -146,7 +117,7 @@ async def responses(request: Request) -> Response:
         resp = await until_disconnected(request, m.achat(chat_request))
         observed_turn(resp)
         return _json(wire_responses.response_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
-    first, rest = await _first(request, m, chat_request)
+    first, rest = await first_chunk(request, m, chat_request)
     frames = wire_responses.sse_events(_chain(first, rest), model=model)
     events = _framed(frames, rest, request, _responses_error_event)
-    return StreamingResponse(events, media_type="text/event-stream", headers=_stream_headers(first))
+    return StreamingResponse(events, media_type="text/event-stream", headers=stream_headers(first))

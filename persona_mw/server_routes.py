@@ -39,7 +39,7 @@ from persona_mw.openai_wire import (
     upstream_secrets,
 )
 from persona_mw.ratelimit import DEFAULT_TENANT, RateLimiter
-from persona_mw.tenancy import ApiKeys, Tenants
+from persona_mw.tenancy import ApiKeys, Tenants, api_key_of
 from persona_mw.types import ID_PATTERN, ChatRequest, StreamChunk, new_id
 
 if TYPE_CHECKING:
@@ -153,12 +153,8 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientGone("the client disconnected before the answer was ready")
 
 
-def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.headers.get("x-api-key") or None
+def bearer(request: Request) -> str | None:
+    return api_key_of(request.headers)
 
 
 Shape = Callable[[HTTPError], dict[str, Any]]
@@ -186,7 +182,7 @@ def tenant_mw(request: Request) -> Any:
     state = state_of(request)
     if state.tenants is None:
         return state.mw
-    key = _bearer(request)
+    key = bearer(request)
     if key is None:
         raise HTTPError(401, "missing API key: send 'Authorization: Bearer <key>'",
                         type="authentication_error", code="missing_api_key")
@@ -200,7 +196,7 @@ def _rate_tenant(state: ServerState, request: Request, key: str | None = None) -
     """The tenant a request is charged to; None for a missing or unknown key (answered 401)."""
     if state.tenants is None:
         return DEFAULT_TENANT
-    key = key if key is not None else _bearer(request)
+    key = key if key is not None else bearer(request)
     return state.keys.tenant_of(key) if key is not None else None
 
 
@@ -342,35 +338,47 @@ async def stream_choices(request: Request, m: Any, chat_request: ChatRequest, mo
                              headers={"Cache-Control": "no-cache", TRACE_HEADER: resp.trace.id})
 
 
-async def stream_completion(request: Request, m: Any, chat_request: ChatRequest, model: str) -> Response:
-    from starlette.responses import StreamingResponse
+async def first_chunk(request: Request, m: Any, chat_request: ChatRequest) -> tuple[StreamChunk | None, Any]:
+    """Start the turn's stream and wait for its first chunk: ``(first, the rest)``.
 
+    Waiting before answering lets a request the pipeline rejects (bad input, unknown user, backend
+    down) get its real status instead of a 200 stream; a client that leaves meanwhile cancels it.
+    Once streaming, starlette notices the disconnect and the events' generator closes the pipeline's
+    stream (generation stops)."""
     stream = await _maybe_await(m.astream(chat_request))
     iterator = stream.__aiter__()
 
-    async def first_chunk() -> StreamChunk | None:
+    async def first() -> StreamChunk | None:
         try:
             return await iterator.__anext__()  # type: ignore[no-any-return]
         except StopAsyncIteration:
             return None
 
-    # Wait for the first chunk before answering, so that a request the pipeline rejects
-    # (bad input, unknown user, backend down) gets its real status instead of a 200 stream;
-    # a client that leaves meanwhile cancels it. Once streaming, starlette notices the
-    # disconnect and the events' generator closes the pipeline's stream (generation stops).
     try:
-        first = await until_disconnected(request, first_chunk())
+        chunk = await until_disconnected(request, first())
     except BaseException:
         await _aclose_shielded(iterator)
         raise
+    observed(chunk)
+    return chunk, Observed(iterator)
+
+
+def stream_headers(first: StreamChunk | None) -> dict[str, str]:
+    """An SSE answer's headers, with the turn's trace id when the first chunk carries it."""
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    trace_id = first.trace_id or (first.trace.id if first.trace is not None else None) if first else None
+    trace_id = (first.trace_id or (first.trace.id if first.trace is not None else None)) if first else None
     if trace_id:
         headers[TRACE_HEADER] = trace_id
-    observed(first)
-    events = _sse_events(first, Observed(iterator), completion_id=new_id("chatcmpl"), model=model,
+    return headers
+
+
+async def stream_completion(request: Request, m: Any, chat_request: ChatRequest, model: str) -> Response:
+    from starlette.responses import StreamingResponse
+
+    first, rest = await first_chunk(request, m, chat_request)
+    events = _sse_events(first, rest, completion_id=new_id("chatcmpl"), model=model,
                          secrets=state_of(request).upstream())
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(events, media_type="text/event-stream", headers=stream_headers(first))
 
 
 # --------------------------------------------------------------------------- feedback, users, traces

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 __all__ = ["ApiKeys", "Tenants", "hash_key", "tenant_store_path"]
 
@@ -77,3 +77,13 @@ class Tenants:
             made, self._made = list(self._made.values()), {}
         for mw in made:
             await mw.aclose()  # a tenant's Middleware leaves the shared backends open
+
+
+def api_key_of(headers: Mapping[str, str]) -> str | None:
+    """The API key a request carries, as every surface reads it (HTTP API, console, MCP over HTTP):
+    ``Authorization: Bearer KEY``, else ``X-Api-Key`` (what the Anthropic SDK sends)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    scheme, _, value = lowered.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return lowered.get("x-api-key") or None
