@@ -19,7 +19,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import TypeAdapter
@@ -165,8 +165,8 @@ def _validate_node_id(node_id: NodeId) -> str:
     return kind
 
 
-class SQLiteStore:
-    """``Store`` on one SQLite file (or ``:memory:``). Thread-safe; every method is one short transaction."""
+class _SQLiteBase:
+    """Connection, transactions, migrations, forget keys; each part below adds one concern (issue #14)."""
 
     def __init__(self, path: str, *, busy_timeout_s: float = 10.0) -> None:
         self.path = path
@@ -281,6 +281,14 @@ class SQLiteStore:
             raise ForgottenError(f"user {user!r} was forgotten after this work started; write dropped",
                                  hint="work started after the forget writes normally")
 
+
+    if TYPE_CHECKING:  # defined by later parts of SQLiteStore; __init__ calls them
+        def pending_scrub(self) -> int: ...
+        def scrub(self, attempts: int = 5) -> bool: ...
+        def close(self) -> None: ...
+
+
+class _SQLiteNodes(_SQLiteBase):
     # nodes and edges -----------------------------------------------------------------------
     def ensure_node(self, node_id: NodeId, meta: dict[str, Any] | None = None) -> Node:
         """Create the node if missing (``meta`` is used only then) and return it."""
@@ -322,6 +330,8 @@ class SQLiteStore:
                            "LIMIT ?", (node_id, limit))
         return [Edge(src=r["src"], dst=r["dst"], kind=r["kind"], weight=r["weight"]) for r in rows]
 
+
+class _SQLiteProfiles(_SQLiteNodes):
     # profiles ------------------------------------------------------------------------------
     def get_profile(self, node_id: NodeId) -> Profile | None:
         rows = self._query("SELECT data FROM profiles WHERE node = ?", (node_id,))
@@ -357,6 +367,8 @@ class SQLiteStore:
                         (profile.node, profile.model_dump_json(), profile.updated_at, current + 1))
         return current + 1
 
+
+class _SQLiteMemories(_SQLiteProfiles):
     # memories ------------------------------------------------------------------------------
     def _redacted(self, memory: Memory) -> Memory:
         r = self.redactor
@@ -455,6 +467,8 @@ class SQLiteStore:
         ix.add(owner, [m.id for m in mems], [str(m.meta.get("index_text") or m.text) for m in mems])
         return ix.search(owner, query, k)
 
+
+class _SQLiteFeedback(_SQLiteMemories):
     # feedback events (append-only) ---------------------------------------------------------
     def append_feedback(self, event: Feedback) -> int:
         """Append one event and return its sequence number; an id already stored is refused."""
@@ -511,6 +525,8 @@ class SQLiteStore:
                            (user, int(limit)))
         return [Trace.model_validate_json(r["data"]) for r in rows]
 
+
+class _SQLiteJobs(_SQLiteFeedback):
     # durable background jobs -----------------------------------------------------------------
     def _beat(self, cur: sqlite3.Cursor, now: float) -> None:
         pid = os.getpid()
@@ -591,6 +607,8 @@ class SQLiteStore:
                            "WHERE ?1 IS NULL OR user = ?1 ORDER BY created_at, id", (user,))
         return [{**dict(r), "payload": json.loads(r["payload"])} for r in rows]
 
+
+class _SQLiteUsers(_SQLiteJobs):
     # per-user export and delete ------------------------------------------------------------
     @staticmethod
     def _user_nodes_sql() -> str:
@@ -750,6 +768,10 @@ class SQLiteStore:
                 return True
             time.sleep(0.01 * (i + 1))
         return False
+
+
+class SQLiteStore(_SQLiteUsers):
+    """``Store`` on one SQLite file (or ``:memory:``). Thread-safe; every method is one short transaction."""
 
     # schema, tenants, copy ----------------------------------------------------------------------
     def schema_version(self) -> int:
