@@ -179,8 +179,8 @@ def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-class PostgresStore:
-    """``Store`` on PostgreSQL (16, with the pgvector extension) in one schema."""
+class _PostgresBase:
+    """Connection pool, transactions, migrations, forget keys; each part below adds one concern (issue #14)."""
 
     def __init__(self, dsn: str, *, schema: str = DEFAULT_SCHEMA, pool_min: int = 1, pool_max: int = 10,
                  pool_timeout_s: float = 30.0, migrate: bool = True) -> None:
@@ -225,11 +225,6 @@ class PostgresStore:
             raise StoreError(f"cannot open a connection pool to {redact_dsn(dsn)}: {exc}") from exc
         self._closed = False
         self._salt = str(self._one("SELECT value FROM store_meta WHERE key = 'forget_salt'")[0])
-
-    @classmethod
-    def from_url(cls, url: str) -> PostgresStore:
-        dsn, opts = parse_url(url)
-        return cls(dsn, **opts)
 
     # plumbing ------------------------------------------------------------------------------
     def _prepare(self, conn: Any, migrate: bool) -> None:
@@ -315,6 +310,8 @@ class PostgresStore:
             raise ForgottenError(f"user {user!r} was forgotten after this work started; write dropped",
                                  hint="work started after the forget writes normally")
 
+
+class _PostgresNodes(_PostgresBase):
     # nodes and edges -----------------------------------------------------------------------
     def ensure_node(self, node_id: NodeId, meta: dict[str, Any] | None = None) -> Node:
         with self._tx() as cur:
@@ -374,6 +371,8 @@ class PostgresStore:
             cur.execute("DELETE FROM nodes WHERE id = %s", (node_id,))
             return bool(cur.rowcount > 0)
 
+
+class _PostgresProfiles(_PostgresNodes):
     # profiles ------------------------------------------------------------------------------
     def get_profile(self, node_id: NodeId) -> Profile | None:
         rows = self._rows("SELECT data FROM profiles WHERE node = %s", (node_id,))
@@ -416,6 +415,8 @@ class PostgresStore:
                     hint="another writer updated it: read it again and re-apply the change")
             return int(row[0])
 
+
+class _PostgresMemories(_PostgresProfiles):
     # memories ------------------------------------------------------------------------------
     def _redacted(self, memory: Memory) -> Memory:
         r = self.redactor
@@ -537,6 +538,8 @@ class PostgresStore:
             {"text": text, "ors": " | ".join(words), "owner": owner, "k": k})
         return [(r[0], float(r[1])) for r in rows]
 
+
+class _PostgresFeedback(_PostgresMemories):
     # feedback events (append-only) ---------------------------------------------------------
     def append_feedback(self, event: Feedback) -> int:
         with self._tx() as cur:
@@ -579,6 +582,8 @@ class PostgresStore:
         rows = self._rows("SELECT data FROM traces WHERE id = %s", (trace_id,))
         return Trace.model_validate_json(rows[0][0]) if rows else None
 
+
+class _PostgresJobs(_PostgresFeedback):
     # durable background jobs -----------------------------------------------------------------
     def _beat(self, cur: Any, now: float) -> None:
         cur.execute("INSERT INTO workers (id, host, pid, heartbeat) VALUES (%s, %s, %s, %s) ON CONFLICT (id) "
@@ -648,6 +653,8 @@ class PostgresStore:
                           (user, user))
         return [{**dict(zip(cols, r)), "payload": json.loads(r[3])} for r in rows]
 
+
+class _PostgresUsers(_PostgresJobs):
     # per-user export and delete ------------------------------------------------------------
     _USER_NODES = "SELECT id FROM nodes WHERE id = %s OR id LIKE %s"
 
@@ -730,6 +737,15 @@ class PostgresStore:
     def scrub(self, attempts: int = 5) -> bool:
         """Nothing waits (see ``pending_scrub``)."""
         return True
+
+
+class PostgresStore(_PostgresUsers):
+    """``Store`` on PostgreSQL (16, with the pgvector extension) in one schema."""
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        dsn, opts = parse_url(url)
+        return cls(dsn, **opts)
 
     # schema, tenants, copy ----------------------------------------------------------------------
     def schema_version(self) -> int:
