@@ -129,14 +129,8 @@ def _resolve_embedder(embedder: Any) -> Any:
     return embedder
 
 
-class MemoryManager:
-    """The Python API of long-term memory (``Middleware.memory``).
-
-    ``embedder``: ``"auto"`` (the packaged MiniLM when installed), ``None``/``False`` (BM25 and lexical
-    dedupe only) or any object with ``embed(texts) -> array`` and ``dim``. ``graph`` (a
-    ``PreferenceGraph``) resolves the scope of a user (their groups and contexts) when none is given.
-    ``extractor``: an async ``fn(prompt) -> str`` (an LLM) used after the rules on detected messages.
-    """
+class _MemoryBase:
+    """Embedding, in-process indexes and scopes; each part below adds one concern (issue #14)."""
 
     def __init__(self, store: Any, *, graph: Any = None, embedder: Any = "auto", index: VectorIndex | None = None,
                  extractor: Any = None, extractor_role: str = "extractor", dup_cosine: float = 0.9,
@@ -415,6 +409,8 @@ class MemoryManager:
         nodes.append((GLOBAL, 0.25))
         return nodes
 
+
+class _MemoryIngest(_MemoryBase):
     # -- writing -----------------------------------------------------------------------------
 
     def _messages(self, messages: Sequence[Any], session_date: Any) -> list[_Msg]:
@@ -715,6 +711,8 @@ class MemoryManager:
         self.stats["raw"] += len(written)
         return [m.model_copy(update={"embedding": None}) for m in written]
 
+
+class _MemoryRetrieval(_MemoryIngest):
     # -- reading -----------------------------------------------------------------------------
 
     def search(self, user: str, query: str, k: int = 10, *, context: str | None = None, mode: Mode = "fused",
@@ -949,6 +947,16 @@ class MemoryManager:
             return (tier, -rel.get(m.id, 0.0), -recency)
 
         return [m.model_copy() for m, _ in sorted(mems, key=key)]
+
+
+class MemoryManager(_MemoryRetrieval):
+    """The Python API of long-term memory (``Middleware.memory``).
+
+    ``embedder``: ``"auto"`` (the packaged MiniLM when installed), ``None``/``False`` (BM25 and lexical
+    dedupe only) or any object with ``embed(texts) -> array`` and ``dim``. ``graph`` (a
+    ``PreferenceGraph``) resolves the scope of a user (their groups and contexts) when none is given.
+    ``extractor``: an async ``fn(prompt) -> str`` (an LLM) used after the rules on detected messages.
+    """
 
     def list(self, user: str, include_superseded: bool = False, *, context: str | None = None) -> list[Memory]:
         """The user's memories (all their nodes, or one context's), oldest first, without vectors."""
