@@ -39,9 +39,8 @@ AFTER_TURN = "persona_after_turn"
 
 
 def epoch_of(store: Any, user: str) -> int | None:
-    """The user's forget epoch (None for a store without epochs)."""
-    reader = getattr(store, "user_epoch", None)
-    return None if reader is None else int(reader(user))
+    """The user's forget epoch (every store keeps one: ``UserDataStore.user_epoch``)."""
+    return int(store.user_epoch(user))
 
 
 def guard(turn: Turn) -> Any:
@@ -107,9 +106,7 @@ class AfterTurnJobs:
         self.runtime.background(self._run(turn, response, job_id))
 
     def _record(self, turn: Turn, response: ChatResponse) -> str | None:
-        add_job = getattr(self.store, "add_job", None)
-        if add_job is None:
-            return None
+        add_job = self.store.add_job
         # Every free-text field of the request (messages, metadata, stop, tools, model ...) is
         # redacted; only the keys that find the job's rows (user, context, groups) stay as sent.
         request = {k: v if k in _JOB_KEEP else self.redactor.redact_data(v, keys=True)
@@ -162,9 +159,9 @@ class AfterTurnJobs:
             return
         if job_id is not None:
             if failed is None:
-                self.store.finish_job(job_id)  # type: ignore[attr-defined]
+                self.store.finish_job(job_id)
             else:
-                attempts = self.store.fail_job(job_id, failed)  # type: ignore[attr-defined]
+                attempts = self.store.fail_job(job_id, failed)
                 if attempts < self.config.limits.job_attempts:
                     turn.trace.flags.append(f"after_turn_retry_pending: attempt {attempts} failed")
         if len(turn.trace.steps) > before or failed:
@@ -175,8 +172,8 @@ class AfterTurnJobs:
         times) whose claim is older than ``stale_after_s`` or whose holder process is dead (gone,
         or no heartbeat within the lease); returns how many were started. Jobs this process is
         running are never taken twice. ``dead_only``: only those of dead holders (the sweep)."""
-        claim = getattr(self.store, "claim_jobs", None)
-        if claim is None or not self.enabled:
+        claim = self.store.claim_jobs
+        if not self.enabled:
             return 0
         with self._lock:
             running = set(self._running)
@@ -214,7 +211,7 @@ class AfterTurnJobs:
             return None  # forget deleted the job row as well
         except Exception as exc:
             log.error("after-turn job %s cannot be resumed: %s", job["id"], exc)
-            self.store.fail_job(job["id"], f"cannot resume: {type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+            self.store.fail_job(job["id"], f"cannot resume: {type(exc).__name__}: {exc}")
             return None
 
 
