@@ -61,6 +61,10 @@ class AfterTurnJobs:
         self.runtime = runtime
         self.cache_scope = cache_scope
         self._running: set[str] = set()  # job ids this process runs now (never re-claimed)
+        # False (``persona-mw serve --no-jobs``): jobs are recorded unclaimed and left to
+        # ``persona-mw worker`` processes; this process neither runs nor resumes them.
+        self.run_here = True
+        self.resumed = 0  # jobs this process claimed from the store and started (``persona-mw worker`` reports it)
         self._lock = threading.Lock()
 
     @property
@@ -91,7 +95,8 @@ class AfterTurnJobs:
                 self.save_trace(turn.trace)
                 if self.enabled:
                     job_id = self._record(turn, response)
-                    self._start(turn, response, job_id)
+                    if self.run_here:
+                        self._start(turn, response, job_id)
         except ForgottenError:
             # DELETE /v1/users/U answered while this turn ran: its trace and job would bring U back.
             log.info("user %r was forgotten during turn %s: trace and after-turn job dropped",
@@ -120,7 +125,7 @@ class AfterTurnJobs:
             "epoch": turn.stash.get(EPOCH, None),
         }
         job_id = f"job-{turn.trace.id}"
-        add_job(job_id, turn.request.user, "after_turn", payload)
+        add_job(job_id, turn.request.user, "after_turn", payload, claim=self.run_here)
         return job_id
 
     async def _run(self, turn: Turn, response: ChatResponse, job_id: str | None = None) -> None:
@@ -173,7 +178,7 @@ class AfterTurnJobs:
         or no heartbeat within the lease); returns how many were started. Jobs this process is
         running are never taken twice. ``dead_only``: only those of dead holders (the sweep)."""
         claim = self.store.claim_jobs
-        if not self.enabled:
+        if not self.enabled or not self.run_here:
             return 0
         with self._lock:
             running = set(self._running)
@@ -184,6 +189,7 @@ class AfterTurnJobs:
             if replayed is not None:
                 self._start(*replayed, job["id"])
                 started += 1
+        self.resumed += started
         return started
 
     def _replay(self, job: dict[str, Any]) -> tuple[Turn, ChatResponse] | None:

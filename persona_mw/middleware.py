@@ -48,6 +48,7 @@ class Middleware:
         autoload: bool | None = None,
         plugins: dict[str, type] | None = None,
         tenant: str | None = None,
+        run_jobs: bool = True,
     ) -> None:
         self.config = config if config is not None else default_config()
         self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload,
@@ -72,6 +73,7 @@ class Middleware:
         self.pipeline = Pipeline(self.host)
         self.jobs = AfterTurnJobs(config=self.config, store=self.store, graph=self.graph, redactor=self.redactor,
                                   pipeline=self.pipeline, runtime=self.runtime, cache_scope=self.cache_scope)
+        self.jobs.run_here = run_jobs  # False: after-turn jobs are left to ``persona-mw worker``
         self.pipeline.bind(config=self.config, store=self.store, graph=self.graph, backends=self.backends,
                            profiles=self.profiles, jobs=self.jobs, redactor=self.redactor, cache_scope=self.cache_scope)
         self.users = UserService(config=self.config, store=self.store, graph=self.graph, profiles=self.profiles,
@@ -92,9 +94,9 @@ class Middleware:
             raise
         # After-turn jobs a crashed process left behind: held by a process that is gone (or silent
         # longer than the lease), or claimed longer ago than any live job runs.
-        if self.jobs.enabled:
+        if self.jobs.enabled and self.jobs.run_here:
             self.runtime.background(self.jobs.aresume_jobs(stale_after_s=300.0))
-        self.runtime.start_maintenance(self.store, jobs=self.jobs.enabled,
+        self.runtime.start_maintenance(self.store, jobs=self.jobs.enabled and self.jobs.run_here,
                                        sweep=lambda: self.jobs.aresume_jobs(dead_only=True))
 
     # -- construction ------------------------------------------------------------------------
