@@ -75,3 +75,39 @@ def test_cli_profile_forget_is_seen_by_a_running_middleware(tmp_path: Any) -> No
     finally:
         a.close()
 
+
+
+def test_cli_forget_is_seen_by_a_running_http_server(tmp_path: Any) -> None:
+    """A server on loopback has ana's memory cached; ``persona-mw profile forget`` in another process
+    forgets her; the server neither answers from nor writes back the cached memory."""
+    import httpx
+
+    from persona_mw import Middleware, parse_config
+    from persona_mw.server import create_app, serve_in_thread
+    from persona_mw.testing import ScriptedBackend
+
+    db = str(tmp_path / "shared.db")
+    yaml_text = "pipeline: [{use: memory, embedder: false, mode: bm25, store_turns: true}]\n"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    mw = Middleware(parse_config(yaml_text), store=db, backend=ScriptedBackend(), autoload=False)
+
+    def chat(url: str, text: str) -> str:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "m", "user": "ana",
+                                                           "messages": [{"role": "user", "content": text}]},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        mw.drain()
+        return str(r.json()["choices"][0]["message"]["content"])
+
+    try:
+        with serve_in_thread(create_app(mw)) as url:
+            chat(url, "my locker code is qxlockerzz")
+            assert "qxlockerzz" in chat(url, "what is my locker code?")  # served from the cache
+            r = subprocess.run([sys.executable, "-m", "persona_mw.cli", "profile", "forget", "ana", "--config",
+                                str(cfg), "--store", db, "--yes"], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            assert "qxlockerzz" not in chat(url, "what is my locker code?")
+        assert not any("qxlockerzz" in m.text for m in mw.store.list_memories("user:ana"))
+    finally:
+        mw.close()
