@@ -173,13 +173,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _add_api_keys(cfg, args.api_key)
     from persona_mw.middleware import Middleware
 
-    mw = Middleware(cfg)
+    mw = Middleware(cfg, run_jobs=not args.no_jobs)
     try:
         auth = f"{len(cfg.server.api_keys)} tenant(s)" if cfg.server.api_keys else "open: no API keys configured"
         print(f"persona-mw serving on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr, flush=True)
         serve(mw, host=args.host, port=args.port)
     finally:
         mw.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run after-turn jobs (memory extraction, profile refits, FERMI, persona inference) claimed from
+    the store until stopped (SIGTERM/SIGINT), or with ``--once`` until none is left."""
+    import signal
+
+    from persona_mw.middleware import Middleware
+
+    mw = Middleware(_config(args))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"persona-mw worker {os.getpid()} on {mw.config.store.path}", file=sys.stderr, flush=True)
+    try:
+        while not stop.is_set():
+            # Unclaimed jobs (servers run with --no-jobs), jobs of dead holders (a killed worker or
+            # server) and claims older than --stale-after (a holder that hangs).
+            started = mw.resume_jobs(stale_after_s=args.stale_after)
+            mw.drain()  # also the jobs the startup resumption took
+            if started:
+                continue
+            if args.once:  # nothing this worker may take now (jobs held by live processes stay theirs)
+                break
+            stop.wait(args.poll)
+    finally:
+        mw.close()
+    print(json.dumps({"jobs_run": mw.jobs.resumed}), flush=True)
     return 0
 
 
@@ -537,6 +566,15 @@ def _add_turn_commands(add: AddCommand) -> None:
     p.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default: config, 1 MiB)")
     p.add_argument("--api-key", action="append", metavar="TENANT=KEY",
                    help="require this key for TENANT (repeatable; adds to the config's server.api_keys)")
+    p.add_argument("--no-jobs", action="store_true",
+                   help="record after-turn jobs for `persona-mw worker` processes instead of running them here")
+
+    p = add("worker", cmd_worker, "run after-turn jobs (memory extraction, profile refits, FERMI, persona "
+            "inference) claimed from the store, for servers started with --no-jobs")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between looks for new jobs (default 0.5)")
+    p.add_argument("--stale-after", type=float, default=300.0,
+                   help="take over a job another live process claimed longer ago than this (default 300 s)")
+    p.add_argument("--once", action="store_true", help="exit when no job is left that this worker may take")
 
     p = add("mcp", cmd_mcp, "MCP server (Model Context Protocol): memories, feedback, profile and the "
             "personalized prompt as tools, over stdio or streamable HTTP")

@@ -39,9 +39,8 @@ AFTER_TURN = "persona_after_turn"
 
 
 def epoch_of(store: Any, user: str) -> int | None:
-    """The user's forget epoch (None for a store without epochs)."""
-    reader = getattr(store, "user_epoch", None)
-    return None if reader is None else int(reader(user))
+    """The user's forget epoch (every store keeps one: ``UserDataStore.user_epoch``)."""
+    return int(store.user_epoch(user))
 
 
 def guard(turn: Turn) -> Any:
@@ -62,6 +61,10 @@ class AfterTurnJobs:
         self.runtime = runtime
         self.cache_scope = cache_scope
         self._running: set[str] = set()  # job ids this process runs now (never re-claimed)
+        # False (``persona-mw serve --no-jobs``): jobs are recorded unclaimed and left to
+        # ``persona-mw worker`` processes; this process neither runs nor resumes them.
+        self.run_here = True
+        self.resumed = 0  # jobs this process claimed from the store and started (``persona-mw worker`` reports it)
         self._lock = threading.Lock()
 
     @property
@@ -92,7 +95,8 @@ class AfterTurnJobs:
                 self.save_trace(turn.trace)
                 if self.enabled:
                     job_id = self._record(turn, response)
-                    self._start(turn, response, job_id)
+                    if self.run_here:
+                        self._start(turn, response, job_id)
         except ForgottenError:
             # DELETE /v1/users/U answered while this turn ran: its trace and job would bring U back.
             log.info("user %r was forgotten during turn %s: trace and after-turn job dropped",
@@ -107,9 +111,7 @@ class AfterTurnJobs:
         self.runtime.background(self._run(turn, response, job_id))
 
     def _record(self, turn: Turn, response: ChatResponse) -> str | None:
-        add_job = getattr(self.store, "add_job", None)
-        if add_job is None:
-            return None
+        add_job = self.store.add_job
         # Every free-text field of the request (messages, metadata, stop, tools, model ...) is
         # redacted; only the keys that find the job's rows (user, context, groups) stay as sent.
         request = {k: v if k in _JOB_KEEP else self.redactor.redact_data(v, keys=True)
@@ -123,7 +125,7 @@ class AfterTurnJobs:
             "epoch": turn.stash.get(EPOCH, None),
         }
         job_id = f"job-{turn.trace.id}"
-        add_job(job_id, turn.request.user, "after_turn", payload)
+        add_job(job_id, turn.request.user, "after_turn", payload, claim=self.run_here)
         return job_id
 
     async def _run(self, turn: Turn, response: ChatResponse, job_id: str | None = None) -> None:
@@ -175,8 +177,8 @@ class AfterTurnJobs:
         times) whose claim is older than ``stale_after_s`` or whose holder process is dead (gone,
         or no heartbeat within the lease); returns how many were started. Jobs this process is
         running are never taken twice. ``dead_only``: only those of dead holders (the sweep)."""
-        claim = getattr(self.store, "claim_jobs", None)
-        if claim is None or not self.enabled:
+        claim = self.store.claim_jobs
+        if not self.enabled or not self.run_here:
             return 0
         with self._lock:
             running = set(self._running)
@@ -187,6 +189,7 @@ class AfterTurnJobs:
             if replayed is not None:
                 self._start(*replayed, job["id"])
                 started += 1
+        self.resumed += started
         return started
 
     def _replay(self, job: dict[str, Any]) -> tuple[Turn, ChatResponse] | None:

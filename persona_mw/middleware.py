@@ -48,16 +48,16 @@ class Middleware:
         autoload: bool | None = None,
         plugins: dict[str, type] | None = None,
         tenant: str | None = None,
+        run_jobs: bool = True,
     ) -> None:
         self.config = config if config is not None else default_config()
         self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload,
                                plugin_types=plugins)
         self.store: Store = open_store(store) if isinstance(store, str) else store or open_store(self.config.store.path)
-        if hasattr(self.store, "max_memories_per_owner"):
-            self.store.max_memories_per_owner = self.config.limits.max_memories_per_user
+        self.store.max_memories_per_owner = self.config.limits.max_memories_per_user
         self.redactor = Redactor.from_config(self.config.privacy, self.host.detectors,
                                              where=self.config.source.where(("privacy", "redact")))
-        if self.redactor and hasattr(self.store, "redactor"):
+        if self.redactor:
             self.store.redactor = self.redactor  # memories written by any plugin
         self.backends = BackendRegistry(self.config, self.host, backend)
         self._owns_backends = tenant is None  # a tenant's backends are its base's to close
@@ -73,6 +73,7 @@ class Middleware:
         self.pipeline = Pipeline(self.host)
         self.jobs = AfterTurnJobs(config=self.config, store=self.store, graph=self.graph, redactor=self.redactor,
                                   pipeline=self.pipeline, runtime=self.runtime, cache_scope=self.cache_scope)
+        self.jobs.run_here = run_jobs  # False: after-turn jobs are left to ``persona-mw worker``
         self.pipeline.bind(config=self.config, store=self.store, graph=self.graph, backends=self.backends,
                            profiles=self.profiles, jobs=self.jobs, redactor=self.redactor, cache_scope=self.cache_scope)
         self.users = UserService(config=self.config, store=self.store, graph=self.graph, profiles=self.profiles,
@@ -93,9 +94,9 @@ class Middleware:
             raise
         # After-turn jobs a crashed process left behind: held by a process that is gone (or silent
         # longer than the lease), or claimed longer ago than any live job runs.
-        if self.jobs.enabled and getattr(self.store, "claim_jobs", None):
+        if self.jobs.enabled and self.jobs.run_here:
             self.runtime.background(self.jobs.aresume_jobs(stale_after_s=300.0))
-        self.runtime.start_maintenance(self.store, jobs=self.jobs.enabled and hasattr(self.store, "heartbeat"),
+        self.runtime.start_maintenance(self.store, jobs=self.jobs.enabled and self.jobs.run_here,
                                        sweep=lambda: self.jobs.aresume_jobs(dead_only=True))
 
     # -- construction ------------------------------------------------------------------------
@@ -108,16 +109,19 @@ class Middleware:
     def from_yaml_string(cls, text: str, **overrides: Any) -> Middleware:
         return cls(parse_config(text), **overrides)
 
-    def for_tenant(self, tenant: str, store_path: str, config: Config | None = None) -> Middleware:
-        """A Middleware for ``tenant``: its own store at ``store_path`` and config (``config``, else a
-        copy of this one with ``privacy.tenants.<tenant>`` applied), sharing this one's backends and
-        plugin classes. Closing it leaves the shared backends open (they are this Middleware's)."""
+    def for_tenant(self, tenant: str, store_path: str | None = None, config: Config | None = None) -> Middleware:
+        """A Middleware for ``tenant``: its own store (at ``store_path``, else the one this store's
+        ``for_tenant`` gives: a file beside a SQLite one, a schema of its own on Postgres) and config
+        (``config``, else a copy of this one with ``privacy.tenants.<tenant>`` applied), sharing this
+        one's backends and plugin classes. Closing it leaves the shared backends open (they are this
+        Middleware's)."""
         if config is None:
             config = self.config.model_copy(deep=True)
             config._source = self.config._source
             config.privacy = config.privacy.for_tenant(tenant)
-        config.store.path = store_path
-        return type(self)(config, backend=self.backend, autoload=self.host.autoloaded,
+        store: Store | str = store_path if store_path is not None else self.store.for_tenant(tenant)
+        config.store.path = store if isinstance(store, str) else store.path
+        return type(self)(config, store=store, backend=self.backend, autoload=self.host.autoloaded,
                           plugins=dict(self.host.plugin_types), tenant=tenant)
 
     @property

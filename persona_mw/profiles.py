@@ -1,21 +1,26 @@
-"""``ProfileService``: every read-modify-write of a profile, under one lock per node.
+"""``ProfileService``: every read-modify-write of a profile, safe across threads and processes.
 
 The core (evidence counts and stated preferences of a feedback event, a group's stated
 preference, the config's declared graph, a rebuild's reset) and plugins (through
-``PluginContext.update_profile``) change a node's profile row only under ``lock(node)``, so one
-writer never drops another's update.
+``PluginContext.update_profile``) change a node's profile row only through ``update`` and friends:
+under ``lock(node)`` (the in-process fast path: threads of one process never race each other) the
+profile is read with its row version and written with ``put_profile(expected_version=)``; when
+another process (a second server, a worker, the CLI) wrote the row in between, the store refuses
+with ``StaleVersionError`` and the change is re-applied to a fresh read (bounded retries), so no
+writer anywhere drops another's update.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
 
 from persona_mw.config import Config, StatedItem
 from persona_mw.graph import GLOBAL
-from persona_mw.errors import RequestError
-from persona_mw.nodes import group_node, is_user_node_of, kind_of, user_context_node, user_node
+from persona_mw.errors import RequestError, StaleVersionError, StoreError
+from persona_mw.nodes import group_node, kind_of, user_context_node, user_node
 from persona_mw.store import Edge, Store
 from persona_mw.types import Feedback, Profile, StatedFeedback, StatedPreference
 
@@ -34,55 +39,67 @@ class ProfileService:
         with self._guard:
             return self._locks.setdefault(node, threading.Lock())
 
+    #: Compare-and-set attempts before an update gives up (each after a short jittered back-off).
+    max_attempts = 200
+
     def update(self, node: str, change: Callable[[Profile], None]) -> Profile:
-        """Read-modify-write one node's profile under its lock (created if missing)."""
+        """Read-modify-write one node's profile (created if missing), never losing a concurrent update.
+
+        ``change`` may run more than once (on a fresh read each time another process won the race),
+        so it must only derive the new profile from the one it is given."""
         self.store.ensure_node(node)
         with self.lock(node):
-            prof = self.store.get_profile(node) or Profile(node=node)
+            return self._compare_and_set(node, change)
+
+    def _compare_and_set(self, node: str, change: Callable[[Profile], None]) -> Profile:
+        for attempt in range(self.max_attempts):
+            prof, version = self.store.get_profile_versioned(node)
+            prof = prof or Profile(node=node)
             change(prof)
             prof.updated_at = time.time()
-            self.store.put_profile(prof)
-        return prof
+            try:
+                self.store.put_profile(prof, expected_version=version)
+                return prof
+            except StaleVersionError:
+                # Another process wrote the row since our read: back off a little, re-read, re-apply.
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
+        raise StoreError(f"profile {node!r} kept changing under {self.max_attempts} update attempts",
+                         hint="too many processes write this profile at once; retry the request")
 
     def apply_event(self, ev: Feedback) -> None:
         """The core's own reading of an event: evidence counts and stated preferences."""
         node = user_context_node(ev.user, ev.context) if ev.context else user_node(ev.user)
-        if ev.context:
-            self.store.ensure_node(node)
+        self.store.ensure_node(node)
         with self.lock(node):
-            prof = self.store.get_profile(node) or Profile(node=node)
-            prof.evidence += 1
-            if isinstance(ev, StatedFeedback):
-                prof.stated = [p for p in prof.stated if p.text.strip().lower() != ev.text.strip().lower()]
-                prof.stated.append(StatedPreference(text=ev.text, polarity=ev.polarity, source_event=ev.id,
-                                                    created_at=ev.created_at))
-                cap = self.config.limits.max_stated_per_user
-                if len(prof.stated) > cap:  # the newest are kept; the events stay in the log
-                    prof.stated = sorted(prof.stated, key=lambda p: p.created_at)[-cap:]
-            prof.updated_at = time.time()
-            self.store.put_profile(prof)
+            self._compare_and_set(node, lambda prof: self._apply(prof, ev))
+
+    def _apply(self, prof: Profile, ev: Feedback) -> None:
+        prof.evidence += 1
+        if isinstance(ev, StatedFeedback):
+            prof.stated = [p for p in prof.stated if p.text.strip().lower() != ev.text.strip().lower()]
+            prof.stated.append(StatedPreference(text=ev.text, polarity=ev.polarity, source_event=ev.id,
+                                                created_at=ev.created_at))
+            cap = self.config.limits.max_stated_per_user
+            if len(prof.stated) > cap:  # the newest are kept; the events stay in the log
+                prof.stated = sorted(prof.stated, key=lambda p: p.created_at)[-cap:]
 
     def state_for_group(self, group: str, text: str, polarity: str) -> None:
         """A preference stated for a whole group (the newest ``limits.max_stated_per_group`` are kept)."""
         node = group_node(group)
-        self.store.ensure_node(node)
-        with self.lock(node):
-            prof = self.store.get_profile(node) or Profile(node=node)
-            prof.stated.append(StatedPreference(text=text, polarity=polarity))  # type: ignore[arg-type]
-            cap = self.config.limits.max_stated_per_group
+        pref = StatedPreference(text=text, polarity=polarity)  # type: ignore[arg-type]
+        cap = self.config.limits.max_stated_per_group
+
+        def change(prof: Profile) -> None:
+            prof.stated.append(pref)
             if len(prof.stated) > cap:  # the newest are kept
                 prof.stated = sorted(prof.stated, key=lambda p: p.created_at)[-cap:]
             prof.evidence += 1
-            prof.updated_at = time.time()
-            self.store.put_profile(prof)
+
+        self.update(node, change)
 
     def user_nodes(self, user: str) -> list[str]:
         """The user's own nodes (user and user@context), matched exactly (``persona_mw.nodes``)."""
-        lister = getattr(self.store, "list_user_nodes", None)
-        if lister is not None:
-            return list(lister(user))
-        return [n.id for n in self.store.list_nodes("user_context", limit=100000) if is_user_node_of(n.id, user)] + (
-            [user_node(user)] if self.store.get_node(user_node(user)) else [])
+        return list(self.store.list_user_nodes(user))
 
     def check_context_bound(self, user: str, context: str) -> None:
         """Refuse a new context past ``limits.max_contexts_per_user`` (``RequestError`` naming ``context``)."""
@@ -97,10 +114,14 @@ class ProfileService:
 
     def reset(self, nodes: list[str]) -> None:
         """Empty the profiles of ``nodes`` (a rebuild replays the events next); optimized prompts stay."""
+        def empty(prof: Profile) -> None:
+            kept = Profile(node=prof.node, prompt=prof.prompt)
+            for field in Profile.model_fields:
+                setattr(prof, field, getattr(kept, field))
+
         for node in nodes:
             with self.lock(node):
-                old = self.store.get_profile(node)
-                self.store.put_profile(Profile(node=node, prompt=old.prompt if old else None))
+                self._compare_and_set(node, empty)
 
     def apply_declared_graph(self) -> None:
         """Write the config's declared groups/contexts/global preferences into the store."""
@@ -116,13 +137,15 @@ class ProfileService:
 
     def _set_declared(self, node: str, stated: list[StatedItem | str]) -> None:
         items = [StatedItem(text=s) if isinstance(s, str) else s for s in stated]
-        self.store.ensure_node(node)
-        prof = self.store.get_profile(node) or Profile(node=node)
-        kept = [p for p in prof.stated if p.source_event != "config"]
-        prof.stated = kept + [StatedPreference(text=i.text, polarity=i.polarity, source_event="config") for i in items]
-        # Declared preferences are evidence about the node, as a member's stated one is.
-        prof.evidence = max(prof.evidence, len(prof.stated))
-        self.store.put_profile(prof)
+
+        def change(prof: Profile) -> None:
+            kept = [p for p in prof.stated if p.source_event != "config"]
+            prof.stated = kept + [StatedPreference(text=i.text, polarity=i.polarity, source_event="config")
+                                  for i in items]
+            # Declared preferences are evidence about the node, as a member's stated one is.
+            prof.evidence = max(prof.evidence, len(prof.stated))
+
+        self.update(node, change)
 
 
 __all__ = ["ProfileService"]

@@ -116,9 +116,7 @@ class Runtime:
     def start_maintenance(self, store: Any, *, jobs: bool, sweep: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """A daemon thread: retries pending forget scrubs; with after-turn ``jobs``, renews this process's
         job lease (heartbeat) and runs ``sweep`` to take over the jobs of holders that died."""
-        if not jobs and not hasattr(store, "scrub"):
-            return
-        if getattr(store, "pending_scrub", lambda: 0)():
+        if store.pending_scrub():
             self.scrub_wanted.set()
         self._maintenance = threading.Thread(target=self._maintain, args=(store, jobs, sweep),
                                              name="persona-mw-maintenance", daemon=True)

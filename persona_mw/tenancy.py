@@ -66,10 +66,10 @@ class Tenants:
             return mw
 
     def _build(self, tenant: str) -> Any:
-        # Its own store beside the base's; privacy.tenants.<tenant> overrides the redaction list; the
-        # tenant scopes the in-process caches of user content; the backends are the base's.
-        path = getattr(self.base.store, "path", None) or self.base.config.store.path
-        return self.base.for_tenant(tenant, tenant_store_path(str(path), tenant))
+        # Its own store from the base store's ``for_tenant`` (a file beside a SQLite one, a schema on
+        # Postgres); privacy.tenants.<tenant> overrides the redaction list; the tenant scopes the
+        # in-process caches of user content; the backends are the base's.
+        return self.base.for_tenant(tenant)
 
     async def aclose(self) -> None:
         """Close the tenants' stores and loops (the shared backend is the base's to close)."""

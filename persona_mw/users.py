@@ -92,9 +92,8 @@ class UserService:
         self.pipeline.run_blocking("persona_forget", self.runtime.run, user=user, nodes=linked, store=self.store,
                                    graph=self.graph)
         counts["orphan_nodes"] = self.prune_orphans(sorted(set(linked) | contexts))
-        scrub = getattr(self.store, "scrub", None)
-        scrubbed = True if scrub is None else bool(scrub())
-        pending = int(self.store.pending_scrub()) if hasattr(self.store, "pending_scrub") else 0
+        scrubbed = bool(self.store.scrub())
+        pending = int(self.store.pending_scrub())
         if not scrubbed:
             log.warning("forget of %r: rows deleted, but the checkpoint was busy (another connection holds an "
                         "older snapshot, or writes right now), so the text stays in the database/WAL files "
@@ -109,9 +108,7 @@ class UserService:
     def prune_orphans(self, nodes: list[str]) -> int:
         """Delete the group/context nodes among ``nodes`` that nothing holds: not declared in the
         config, no member or edge left, no memory, no stated preference of their own."""
-        prune = getattr(self.store, "prune_node", None)
-        if prune is None:
-            return 0
+        prune = self.store.prune_node
         g = self.config.graph
         declared = {group_node(x) for x in g.groups} | {context_node(x) for x in g.contexts}
         return sum(1 for n in nodes

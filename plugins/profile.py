@@ -379,6 +379,9 @@ class ProfilePlugin:
         # Share the core's per-node locks: the core bumps evidence and stated preferences in
         # the same profile row, so separate locks would let one writer drop the other's update.
         self._shared_lock = ctx.profile_lock
+        # Writes go through the core's compare-and-set update (``ProfileService.update``): a row
+        # another process changed in between is re-read and the change re-applied, never overwritten.
+        self._update = ctx.update_profile
 
     def _lock(self, node: str) -> threading.Lock:
         shared = getattr(self, "_shared_lock", None)
@@ -394,13 +397,17 @@ class ProfilePlugin:
                evidence: int | None = None, current: Profile | None = None) -> None:
         # ``current``: the row the caller just read under the node's lock (saves a second parse).
         prof = current or store.get_profile(node) or Profile(node=node)
+        self._fill(prof, w, var, pairs, fit, evidence)
+        store.put_profile(prof)
+
+    def _fill(self, prof: Profile, w: np.ndarray, var: np.ndarray, pairs: int, fit: str,
+              evidence: int | None = None) -> None:
         prof.weights = _compact(w)
         prof.uncertainty = _compact(var)
         prof.extra = {**prof.extra, EXTRA_KEY: self._meta(pairs, fit)}
         if evidence is not None:
             prof.evidence = evidence
         prof.updated_at = time.time()
-        store.put_profile(prof)
 
     # -- online --------------------------------------------------------------------------
 
@@ -422,6 +429,21 @@ class ProfilePlugin:
             return
         D, sw = pair_matrix(self.featurizer, pairs)
         node = scope_node(event.user, event.context)
+        update = getattr(self, "_update", None)
+        if update is not None:
+            def change(prof: Profile) -> None:
+                st = node_state(prof, self.spec)
+                if st is None:
+                    w0, var0 = self.prior_for(graph, event.user, event.context, node)
+                    done = 0
+                else:
+                    w0, var0 = st
+                    done = int((prof.extra.get(EXTRA_KEY) or {}).get("pairs", 0))
+                w, var = online_update(w0, var0, D, sw, steps=self.config.online_steps)
+                self._fill(prof, w, var, done + len(pairs), "online")
+
+            update(node, change)
+            return
         with self._lock(node):
             prof = store.get_profile(node)
             st = node_state(prof, self.spec)

@@ -31,7 +31,7 @@ from persona_mw.memory.extract import (
 from persona_mw.memory.index import BM25Index, Fused, NumpyIndex, VectorIndex, parse_date, rrf, time_hint
 from persona_mw.memory.instructions import pinnable
 from persona_mw.memory.update import decide
-from persona_mw.nodes import GLOBAL, context_node, is_user_node_of, kind_of, scope_node, user_node
+from persona_mw.nodes import GLOBAL, context_node, is_user_node_of, kind_of, scope_node, user_node, user_of
 from persona_mw.text import LANGUAGE_NAMES, detect_language
 from persona_mw.types import ID_PATTERN, Memory, Message, Scope, new_id
 
@@ -163,6 +163,10 @@ class _MemoryBase:
         self._loaded: set[str] = set()
         self._recs: dict[str, dict[str, Memory]] = {}   # owner -> id -> active memory (no embedding)
         self._prefs: dict[str, dict[str, Memory]] = {}  # owner -> id -> active preference
+        # user -> the store's forget epoch when this process cached their entries. Another process
+        # (a second server, a worker, the CLI's ``profile forget``) moves the epoch on in the store;
+        # every use of a user's cache re-reads it first and drops the cache when it moved.
+        self._epochs: dict[str, int] = {}
         self.stats: Counter[str] = Counter()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -220,6 +224,7 @@ class _MemoryBase:
     def _load(self, owner: str, embed_missing: bool = True) -> None:
         """Fill the owner's indexes from the store's rows and vectors (once); rows stored without a vector
         are embedded now unless ``embed_missing`` is False (a write that must not load the embedder)."""
+        self._check_epoch(owner)
         if owner in self._loaded:
             return
         with self._lock:
@@ -367,6 +372,21 @@ class _MemoryBase:
                         if r is not None:
                             out[mid] = b.mat[r]
         return out
+
+    def _check_epoch(self, owner: str) -> None:
+        """Drop the cached entries of ``owner``'s user when a forget (in any process) moved the user's
+        epoch on since they were cached. Read before the rows are loaded, so a forget landing in
+        between leaves the cache either empty or marked stale for the next use."""
+        user = user_of(owner)
+        if user is None:
+            return
+        epoch = int(self.store.user_epoch(user))
+        with self._lock:
+            seen = self._epochs.get(user)
+            if seen is not None and seen != epoch:
+                self.stats["stale_cache_drops"] += 1
+                self.drop_user(user)
+            self._epochs[user] = epoch
 
     def drop_user(self, user: str) -> None:
         """Forget the in-memory index entries of every node of ``user`` (after the store's forget)."""

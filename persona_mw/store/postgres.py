@@ -596,14 +596,16 @@ class _PostgresJobs(_PostgresFeedback):
             self._beat(cur, now)
             cur.execute("DELETE FROM workers WHERE heartbeat < %s", (now - 86400,))
 
-    def add_job(self, job_id: str, user: str, kind: str, payload: dict[str, Any]) -> None:
+    def add_job(self, job_id: str, user: str, kind: str, payload: dict[str, Any], claim: bool = True) -> None:
+        """Record a job as pending, claimed by this process unless ``claim=False`` (left to a worker)."""
         now = time.time()
         with self._tx() as cur:
             self._check_forgotten(cur, user)
             self._beat(cur, now)
             cur.execute("INSERT INTO jobs (id, \"user\", kind, payload, attempts, claimed_at, claimed_by, created_at) "
                         "VALUES (%s, %s, %s, %s, 0, %s, %s, %s)",
-                        (job_id, user, kind, json.dumps(payload), now, process_id(), now))
+                        (job_id, user, kind, json.dumps(payload), now if claim else None,
+                         process_id() if claim else None, now))
 
     def finish_job(self, job_id: str) -> None:
         with self._tx() as cur:

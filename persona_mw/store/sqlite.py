@@ -540,15 +540,17 @@ class _SQLiteJobs(_SQLiteFeedback):
             self._beat(cur, now)
             cur.execute("DELETE FROM workers WHERE heartbeat < ?", (now - 86400,))
 
-    def add_job(self, job_id: str, user: str, kind: str, payload: dict[str, Any]) -> None:
-        """Record a job as pending and claimed by this process (``claimed_at`` = now)."""
+    def add_job(self, job_id: str, user: str, kind: str, payload: dict[str, Any], claim: bool = True) -> None:
+        """Record a job as pending and claimed by this process (``claimed_at`` = now); ``claim=False``
+        leaves it unclaimed, for any ``persona-mw worker`` to take."""
         now = time.time()
         with self._tx() as cur:
             self._check_forgotten(cur, user)
             self._beat(cur, now)
             cur.execute("INSERT INTO jobs (id, user, kind, payload, attempts, claimed_at, claimed_by, created_at) "
                         "VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
-                        (job_id, user, kind, json.dumps(payload), now, process_id(), now))
+                        (job_id, user, kind, json.dumps(payload), now if claim else None,
+                         process_id() if claim else None, now))
 
     def finish_job(self, job_id: str) -> None:
         with self._tx() as cur:
