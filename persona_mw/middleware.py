@@ -1,14 +1,10 @@
 """``Middleware``: the public entry point, a facade of the public verbs over the parts doing the work
-(docs/architecture.md): ``PluginHost``, ``BackendRegistry``, the store and graph, ``ProfileService``,
-``Pipeline`` (the whole turn and feedback, over the one ``HookRunner``), ``AfterTurnJobs``,
-``UserService`` and ``Runtime``. Plugins see a ``PluginContext``, never this class.
-
-Async first; each sync verb runs the same coroutine on the private event loop (``sync_verb``),
-which also hosts the background jobs so that they outlive the call that scheduled them.
-"""
+(README "Architecture", docs/architecture.md). Plugins see a ``PluginContext``, never this class.
+Async first: each sync verb runs its async twin on the private loop (``runtime.sync_verb``)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, AsyncIterator, Coroutine, Iterator
 
@@ -110,11 +106,8 @@ class Middleware:
         return cls(parse_config(text), **overrides)
 
     def for_tenant(self, tenant: str, store_path: str | None = None, config: Config | None = None) -> Middleware:
-        """A Middleware for ``tenant``: its own store (at ``store_path``, else the one this store's
-        ``for_tenant`` gives: a file beside a SQLite one, a schema of its own on Postgres) and config
-        (``config``, else a copy of this one with ``privacy.tenants.<tenant>`` applied), sharing this
-        one's backends and plugin classes. Closing it leaves the shared backends open (they are this
-        Middleware's)."""
+        """A Middleware for ``tenant`` with its own store (``store_path``, else ``store.for_tenant``) and
+        config (else this one's with ``privacy.tenants.<tenant>``), sharing this one's backends (left open)."""
         if config is None:
             config = self.config.model_copy(deep=True)
             config._source = self.config._source
@@ -154,20 +147,13 @@ class Middleware:
     # -- turns -------------------------------------------------------------------------------
 
     async def achat(self, request: RequestLike = None, /, **kwargs: Any) -> ChatResponse:
-        """Run one turn. ``kwargs`` are ChatRequest fields (``user=``, ``messages=`` ...).
-
-        Cancelling the task (the server does when the client disconnects) stops the local model's
-        generation at its next step; the turn's trace is kept with a ``cancelled`` flag and nothing
-        is learned from it.
-        """
+        """Run one turn (``kwargs``: ChatRequest fields). Cancelling the task stops local generation at
+        its next step; the trace is kept with a ``cancelled`` flag and nothing is learned from the turn."""
         return await self.pipeline.chat(request, kwargs)
 
     def astream(self, request: RequestLike = None, /, **kwargs: Any) -> AsyncIterator[StreamChunk]:
-        """Run one turn, yielding the answer in pieces; the last chunk carries the trace.
-
-        Closing the iterator early (a client that disconnected) stops generation at the next token;
-        the trace is kept with a ``cancelled`` flag and nothing is learned from the turn.
-        """
+        """Run one turn, yielding the answer in pieces; the last chunk carries the trace. Closing the
+        iterator early stops generation at the next token (trace flagged ``cancelled``, nothing learned)."""
         return self.pipeline.stream(request, kwargs)
 
     def stream(self, request: RequestLike = None, /, **kwargs: Any) -> Iterator[StreamChunk]:
@@ -219,8 +205,14 @@ class Middleware:
         self.profiles.state_for_group(str(group), text, polarity)
         return None
 
+    async def astate(self, text: str, polarity: str = "like", *, user: str | None = None,
+                     group: str | None = None, context: str | None = None) -> str | None:
+        return await asyncio.to_thread(self.state, text, polarity, user=user, group=group, context=context)
+
     profile = forward("users.profile", UserService.profile)
+    aprofile = forward("users.aprofile", UserService.aprofile)
     export_user = forward("users.export_user", UserService.export_user)
+    aexport_user = forward("users.aexport_user", UserService.aexport_user)
     forget = forward("users.forget", UserService.forget)
     aforget = forward("users.aforget", UserService.aforget)
     join = forward("users.join", UserService.join)
@@ -228,7 +220,9 @@ class Middleware:
     ajoin = forward("users.ajoin", UserService.ajoin)
     aleave = forward("users.aleave", UserService.aleave)
     groups = forward("users.groups", UserService.groups)
+    agroups = forward("users.agroups", UserService.agroups)
     trace = forward("users.trace", UserService.trace)
+    atrace = forward("users.atrace", UserService.atrace)
 
     @property
     def memory(self) -> Any:
@@ -268,7 +262,6 @@ class Middleware:
         self.runtime.background(coro)
 
     drain = forward("runtime.drain", Runtime.drain)
-
     adrain = forward("runtime.adrain", Runtime.adrain)
 
     async def aclose(self) -> None:

@@ -154,6 +154,20 @@ class UserService:
     async def aleave(self, user: str, group: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.leave, user, group)
 
+    async def aprofile(self, user: str, context: str | None = None) -> dict[str, Any]:
+        """``profile`` in a worker thread (store reads stay off the event loop)."""
+        return await asyncio.to_thread(self.profile, user, context)
+
+    async def aexport_user(self, user: str) -> dict[str, Any]:
+        """``export_user`` in a worker thread."""
+        return await asyncio.to_thread(self.export_user, user)
+
+    async def agroups(self, user: str) -> list[str]:
+        return await asyncio.to_thread(self.groups, user)
+
+    async def atrace(self, trace_id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.trace, trace_id)
+
     def groups(self, user: str) -> list[str]:
         """The groups ``user`` is a permanent member of."""
         self.require(user)

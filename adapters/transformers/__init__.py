@@ -54,6 +54,7 @@ import difflib
 from typing import Any
 
 from persona_mw.errors import ConfigError
+from persona_mw.logits import top_p_mask
 
 from .backend import TransformersBackend
 from .decoding import (
@@ -66,7 +67,6 @@ from .decoding import (
     _stop_on_text,
     _token_pipe,
     _unsafe_suffix,
-    top_p_mask,
 )
 from .torch_thread import TORCH_THREAD, _cancellable, _on_torch_thread
 
