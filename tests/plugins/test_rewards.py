@@ -116,6 +116,8 @@ def test_judge_pairwise_asks_both_orders_and_counts_inconsistency_as_tie():
 def test_judge_role_backend_is_used_in_the_pipeline(make_mw):
     judge = ScriptedBackend(script=lambda m: "9" if "[2]" in m[-1].text else "2")
     mw = make_mw("pipeline:\n  - use: rerank\n    rewards: {judge: 1}\n")
-    mw.make_backend = lambda role: judge if role == "judge" else mw.backend  # a configured judge role
+    # a configured judge role: plugins get role backends from the registry (PluginContext.backend)
+    main = mw.backend
+    mw.backends.build = lambda role: judge if role == "judge" else main
     r = mw.chat(user="ana", messages="hi")
     assert r.trace.selected == 2 and len(judge.calls) == 4
