@@ -83,20 +83,26 @@ async def _framed(frames: AsyncIterator[str], rest: Any, request: Request,
 # --------------------------------------------------------------------------- Anthropic Messages
 
 
-async def messages(request: Request) -> Response:
-    """``POST /v1/messages``: an Anthropic ``message`` (or its SSE event sequence with ``stream``)."""
+async def _turn(request: Request, wire: Any, error_event: Callable[[HTTPError], str]) -> Response:
+    """One turn in a wire format (``wire``: ``wire_anthropic`` or ``wire_responses``): its JSON answer, or
+    its SSE event sequence when the request streams (a late error becomes ``error_event``)."""
     from starlette.responses import StreamingResponse
 
-    m, chat_request = await _read(request, wire_anthropic.to_chat_request)
+    m, chat_request = await _read(request, wire.to_chat_request)
     model = chat_request.model or state_of(request).model_name()
     if not chat_request.stream:
         resp = await until_disconnected(request, m.achat(chat_request))
         observed_turn(resp)
-        return _json(wire_anthropic.message_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
+        return _json(wire.answer_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
     first, rest = await first_chunk(request, m, chat_request)
-    frames = wire_anthropic.sse_events(_chain(first, rest), model=model)
-    events = _framed(frames, rest, request, lambda err: wire_anthropic.sse(anthropic_error(err)))
+    frames = wire.sse_events(_chain(first, rest), model=model)
+    events = _framed(frames, rest, request, error_event)
     return StreamingResponse(events, media_type="text/event-stream", headers=stream_headers(first))
+
+
+async def messages(request: Request) -> Response:
+    """``POST /v1/messages``: an Anthropic ``message`` (or its SSE event sequence with ``stream``)."""
+    return await _turn(request, wire_anthropic, lambda err: wire_anthropic.sse(anthropic_error(err)))
 
 
 # --------------------------------------------------------------------------- OpenAI Responses
@@ -109,15 +115,4 @@ def _responses_error_event(err: HTTPError) -> str:
 
 async def responses(request: Request) -> Response:
     """``POST /v1/responses``: a Responses ``response`` object (or its SSE events with ``stream``)."""
-    from starlette.responses import StreamingResponse
-
-    m, chat_request = await _read(request, wire_responses.to_chat_request)
-    model = chat_request.model or state_of(request).model_name()
-    if not chat_request.stream:
-        resp = await until_disconnected(request, m.achat(chat_request))
-        observed_turn(resp)
-        return _json(wire_responses.response_json(resp, model), headers={TRACE_HEADER: resp.trace.id})
-    first, rest = await first_chunk(request, m, chat_request)
-    frames = wire_responses.sse_events(_chain(first, rest), model=model)
-    events = _framed(frames, rest, request, _responses_error_event)
-    return StreamingResponse(events, media_type="text/event-stream", headers=stream_headers(first))
+    return await _turn(request, wire_responses, _responses_error_event)

@@ -209,3 +209,7 @@ def error_for(exc: PersonaError) -> tuple[int, dict[str, Any]]:
     """A request error as (400, Anthropic error body); other persona errors are the server's to map."""
     status = 400 if isinstance(exc, RequestError) else 500
     return status, error_json(status, str(exc))
+
+
+# the name the server's one turn handler uses for every wire format
+answer_json = message_json

@@ -223,3 +223,7 @@ def sse_events(chunks: AsyncIterator[StreamChunk], *, model: str, response_id: s
                      input_tokens: int = 0) -> AsyncIterator[str]:
     """``stream_events`` over an async stream, as SSE frames."""
     return sse_frames(_Stream(model, response_id, input_tokens), chunks)
+
+
+# the name the server's one turn handler uses for every wire format
+answer_json = response_json
