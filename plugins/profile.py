@@ -461,8 +461,10 @@ class ProfilePlugin:
         """Recompute the pooled statistics the forgotten user contributed to (global and their groups).
 
         A group left with no member holding comparisons loses its learned weights (its stated
-        preferences, which are the group's own, stay)."""
-        summary = self.refit(store, graph)
+        preferences, which are the group's own, stay). Other users' own profiles are left alone: a
+        refit of them from a snapshot of the events would overwrite the online updates that other
+        requests (and other processes) make meanwhile — lost, or counted twice."""
+        summary = self.refit(store, graph, include_users=False)
         for gid in nodes:
             prof = store.get_profile(gid) if is_group(gid) else None
             if prof is None or EXTRA_KEY not in prof.extra:
@@ -478,8 +480,11 @@ class ProfilePlugin:
 
     # -- batch refit ---------------------------------------------------------------------
 
-    def refit(self, store: Any, graph: Any = None) -> dict[str, Any]:
-        """Rebuild every node's state from the stored events; discover groups. Returns a summary."""
+    def refit(self, store: Any, graph: Any = None, include_users: bool = True) -> dict[str, Any]:
+        """Rebuild every node's state from the stored events; discover groups. Returns a summary.
+
+        ``include_users=False``: only the pooled nodes (global, groups); users' own profiles stay as the
+        online updates left them (what a forget needs, see ``persona_forget``)."""
         t0 = time.perf_counter()
         cfg = self.config
         feat = self.featurizer
@@ -493,7 +498,7 @@ class ProfilePlugin:
         summary: dict[str, Any] = {"nodes": len(mats), "pairs": sum(len(m[1]) for m in mats.values())}
 
         if not cfg.hierarchy:
-            for n, (D, sw) in mats.items():
+            for n, (D, sw) in (mats.items() if include_users else ()):
                 w, var = fit_bt(D, sw, zeros, cfg.prior_precision)
                 self._write(store, n, w, var, len(sw), "batch")
             summary["seconds"] = time.perf_counter() - t0
@@ -526,7 +531,7 @@ class ProfilePlugin:
             group_state[gid] = w
         summary["refit_groups"] = sorted(group_state)
         # users (then users in context), centred on their parents' combined state
-        for n in sorted(mats, key=lambda x: (kind_of(x) == "user_context", x)):
+        for n in sorted(mats if include_users else (), key=lambda x: (kind_of(x) == "user_context", x)):
             user, ctx = user_of(n) or "", context_of(n)
             prior, _ = self.prior_for(graph, user, ctx or None, n) if graph is not None else (g, None)
             w, var = fit_bt(*mats[n], prior, cfg.prior_precision)
