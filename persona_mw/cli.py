@@ -173,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _add_api_keys(cfg, args.api_key)
     from persona_mw.middleware import Middleware
 
-    mw = Middleware(cfg, run_jobs=not args.no_jobs)
+    mw = Middleware(cfg, run_jobs=False if args.no_jobs else None)  # else the config's server.run_jobs
     try:
         auth = f"{len(cfg.server.api_keys)} tenant(s)" if cfg.server.api_keys else "open: no API keys configured"
         print(f"persona-mw serving on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr, flush=True)
@@ -190,25 +190,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from persona_mw.middleware import Middleware
 
-    mw = Middleware(_config(args))
+    # This process runs jobs whatever the config's server.run_jobs says (that one is for serve).
+    mw = Middleware(_config(args), run_jobs=True)
+    # The tenants of server.api_keys have stores of their own (a file beside, a schema): their jobs too.
+    mws = [mw, *(mw.for_tenant(t) for t in sorted(mw.config.server.api_keys))]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"persona-mw worker {os.getpid()} on {mw.config.store.path}", file=sys.stderr, flush=True)
+    print(f"persona-mw worker {os.getpid()} on {mw.config.store.path} ({len(mws) - 1} tenant(s))",
+          file=sys.stderr, flush=True)
     try:
         while not stop.is_set():
             # Unclaimed jobs (servers run with --no-jobs), jobs of dead holders (a killed worker or
             # server) and claims older than --stale-after (a holder that hangs).
-            started = mw.resume_jobs(stale_after_s=args.stale_after)
-            mw.drain()  # also the jobs the startup resumption took
+            started = sum(m.resume_jobs(stale_after_s=args.stale_after) for m in mws)
+            for m in mws:
+                m.drain()  # also the jobs the startup resumption took
             if started:
                 continue
             if args.once:  # nothing this worker may take now (jobs held by live processes stay theirs)
                 break
             stop.wait(args.poll)
     finally:
-        mw.close()
-    print(json.dumps({"jobs_run": mw.jobs.resumed}), flush=True)
+        for m in reversed(mws):
+            m.close()
+    print(json.dumps({"jobs_run": sum(m.jobs.resumed for m in mws)}), flush=True)
     return 0
 
 
@@ -345,9 +351,11 @@ def _compact(data: Any, limit: int = 16) -> Any:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """Pending after-turn jobs (a crash or a failure left them): list them, or run them again now."""
-    with _middleware(args) as mw:
+    from persona_mw.middleware import Middleware
+
+    with Middleware(_config(args), run_jobs=True) as mw:  # `resume` runs them here, whatever server.run_jobs says
         if args.action == "list":
-            _print_json(mw.store.list_jobs(args.user) if hasattr(mw.store, "list_jobs") else [])
+            _print_json(mw.store.list_jobs(args.user))
         else:
             started = mw.resume_jobs(stale_after_s=args.stale_after)
             mw.drain()

@@ -195,6 +195,9 @@ class ServerConfig(_Strict):
     api_keys: dict[str, list[str]] = Field(default_factory=dict,
                                            description="tenant -> its keys (secret or sha256:<hex>); none = open server")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30, description="larger request bodies get a 413")
+    run_jobs: bool = Field(
+        default=True, description="false: record each turn's after-turn job in the store and leave it (and its "
+        "tenants' jobs) to `persona-mw worker`, as `serve --no-jobs` does; for many serve processes on one store")
     rate_limit: RateLimit | None = Field(
         default=None, description="per-tenant request rate (each tenant its own bucket; 'default' when open); "
         "over it: 429 with Retry-After, before the body is read; null = no limit")

@@ -44,7 +44,7 @@ class Middleware:
         autoload: bool | None = None,
         plugins: dict[str, type] | None = None,
         tenant: str | None = None,
-        run_jobs: bool = True,
+        run_jobs: bool | None = None,
     ) -> None:
         self.config = config if config is not None else default_config()
         self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload,
@@ -69,7 +69,8 @@ class Middleware:
         self.pipeline = Pipeline(self.host)
         self.jobs = AfterTurnJobs(config=self.config, store=self.store, graph=self.graph, redactor=self.redactor,
                                   pipeline=self.pipeline, runtime=self.runtime, cache_scope=self.cache_scope)
-        self.jobs.run_here = run_jobs  # False: after-turn jobs are left to ``persona-mw worker``
+        # False (``server.run_jobs``, ``serve --no-jobs``): after-turn jobs are left to ``persona-mw worker``
+        self.jobs.run_here = self.config.server.run_jobs if run_jobs is None else run_jobs
         self.pipeline.bind(config=self.config, store=self.store, graph=self.graph, backends=self.backends,
                            profiles=self.profiles, jobs=self.jobs, redactor=self.redactor, cache_scope=self.cache_scope)
         self.users = UserService(config=self.config, store=self.store, graph=self.graph, profiles=self.profiles,
@@ -115,7 +116,7 @@ class Middleware:
         store: Store | str = store_path if store_path is not None else self.store.for_tenant(tenant)
         config.store.path = store if isinstance(store, str) else store.path
         return type(self)(config, store=store, backend=self.backend, autoload=self.host.autoloaded,
-                          plugins=dict(self.host.plugin_types), tenant=tenant)
+                          plugins=dict(self.host.plugin_types), tenant=tenant, run_jobs=self.jobs.run_here)
 
     @property
     def backend(self) -> Any:

@@ -21,7 +21,7 @@ CONFIG = "pipeline: [{use: memory, embedder: false}]\n"
 
 def _worker(cfg: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "persona_mw.cli", "worker", "--config", str(cfg), "--store", url,
-                           "--once", "--poll", "0.1", *extra], capture_output=True, text=True, timeout=180)
+                           "--once", "--poll", "0.1", *extra], capture_output=True, text=True, timeout=420)
 
 
 def _server_side(url: str) -> Any:
@@ -101,3 +101,72 @@ def test_worker_killed_mid_job_leaves_it_to_another(kind: str, tmp_path: Path, r
         assert any("Vienna" in m.text for m in mw.store.list_memories("user:bob"))
     finally:
         mw.close()
+
+
+def test_tenant_middlewares_inherit_no_jobs(tmp_path: Path) -> None:
+    """``serve --no-jobs`` (``Middleware(run_jobs=False)``): a tenant's Middleware, built by the server for
+    an API key, leaves its after-turn jobs to the worker too (it used to run them itself)."""
+    from persona_mw.testing import ScriptedBackend
+
+    from persona_mw import Middleware, parse_config
+
+    mw = Middleware(parse_config(CONFIG), store=str(tmp_path / "base.db"), backend=ScriptedBackend(),
+                    autoload=False, run_jobs=False)
+    tenant = mw.for_tenant("acme")
+    try:
+        assert tenant.jobs.run_here is False
+        tenant.chat(user="ana", messages="I moved to Porto last spring and I keep bees")
+        tenant.drain()
+        (job,) = tenant.store.list_jobs("ana")
+        assert job["claimed_by"] is None and job["attempts"] == 0
+        assert tenant.store.list_memories("user:ana") == []
+    finally:
+        tenant.close()
+        mw.close()
+
+
+TENANT_CONFIG = "server: {run_jobs: false, api_keys: {acme: [key-acme-0123456789]}}\n" + CONFIG
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_config_run_jobs_false_and_the_worker_runs_tenant_jobs(kind: str, tmp_path: Path, request: Any) -> None:
+    """``server: {run_jobs: false}`` does what ``--no-jobs`` does (no CLI flag needed), for the base store
+    and the tenants' stores; ``persona-mw worker`` with the same config runs the jobs of both (the
+    tenants of ``server.api_keys``), whatever ``run_jobs`` says."""
+    from persona_mw.testing import ScriptedBackend
+
+    from persona_mw import Middleware, parse_config
+
+    url = _url(kind, tmp_path, request)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TENANT_CONFIG)
+    mw = Middleware(parse_config(TENANT_CONFIG), store=url, backend=ScriptedBackend(), autoload=False)
+    tenant = mw.for_tenant("acme")
+    try:
+        assert mw.jobs.run_here is False and tenant.jobs.run_here is False
+        mw.chat(user="ana", messages="My sister Ines is a violinist in Vienna")
+        tenant.chat(user="ana", messages="I moved to Porto last spring and I keep bees")
+        for m in (mw, tenant):
+            m.drain()
+            (job,) = m.store.list_jobs("ana")
+            assert job["claimed_by"] is None
+        r = _worker(cfg, url)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1]) == {"jobs_run": 2}
+        assert mw.store.list_jobs() == [] and tenant.store.list_jobs() == []
+        assert any("Vienna" in m.text for m in mw.store.list_memories("user:ana"))
+        assert any("Porto" in m.text for m in tenant.store.list_memories("user:ana"))
+        assert not any("Porto" in m.text for m in mw.store.list_memories("user:ana"))
+    finally:
+        tenant.close()
+        mw.close()
+
+
+def test_config_run_jobs_is_validated() -> None:
+    from persona_mw import parse_config
+    from persona_mw.errors import ConfigError
+
+    assert parse_config("server: {run_jobs: false}\n").server.run_jobs is False
+    assert parse_config("pipeline: []\n").server.run_jobs is True
+    with pytest.raises(ConfigError, match="run_jobs"):
+        parse_config("server: {run_jobs: sometimes}\n")
