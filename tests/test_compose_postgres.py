@@ -114,4 +114,8 @@ def test_no_secrets_written_in_the_deploy_files() -> None:
     from tests.test_containers import SECRET
 
     for path in (COMPOSE, COMPOSE.parent / "nginx-persona.conf", ROOT / "config" / "persona-postgres.yaml"):
-        assert not SECRET.search(path.read_text()), path
+        for line in path.read_text().splitlines():
+            # a value that is all ``${VAR}`` comes from the environment (POSTGRES_PASSWORD: ${...})
+            if re.fullmatch(r"\s*[A-Za-z0-9_]+:\s*\$\{[A-Z0-9_]+(:[?-][^}]*)?\}\s*", line):
+                continue
+            assert not SECRET.search(line), (path, line)
