@@ -207,8 +207,11 @@ def main() -> dict[str, Any]:
     finally:
         srv.cleanup()
     result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
-    if args.scale == 1.0:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    result["scale"] = args.scale
+    if args.scale != 1.0:
+        result["note"] += (f"; RUN AT SCALE {args.scale} of the issue's sizes (see memories/per_user), not the "
+                           "full 200,000 / 100,000")
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items()}, indent=1)[:4000])
     return result
 
