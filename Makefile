@@ -63,3 +63,9 @@ soak-pg: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info
+
+# The whole suite with every test's default store on Postgres (pgserver starts one; 30+ min on 2 cores).
+# Not part of `make test`, which runs the Postgres contract and multi-process tests on their own.
+.PHONY: test-pg
+test-pg: $(STAMP)
+	HF_HUB_OFFLINE=1 PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD= PERSONA_MW_TEST_STORE=postgres $(BIN)/python -m pytest -q

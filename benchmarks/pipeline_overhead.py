@@ -40,7 +40,14 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=1000)
     ap.add_argument("--users", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/pipeline_overhead.json")
+    ap.add_argument("--metrics", action="store_true",
+                    help="record per-plugin stage metrics, as a process serving /metrics does")
     args = ap.parse_args()
+    if args.metrics:
+        from persona_mw import observe
+
+        if not observe.enable_metrics():
+            raise SystemExit("--metrics needs prometheus-client (the [metrics] extra)")
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config(CONFIG)
@@ -65,6 +72,7 @@ def main() -> None:
         "benchmark": "pipeline_overhead",
         "turns": args.turns,
         "plugins": ["stated"],
+        "metrics": args.metrics,
         "store": "sqlite (file, WAL)",
         "p50_ms": round(statistics.median(overhead), 3),
         "p95_ms": round(pct(overhead, 0.95), 3),

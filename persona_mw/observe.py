@@ -1,9 +1,13 @@
 """Operations: Prometheus metrics (``GET /metrics``), OpenTelemetry spans, structured access logs.
 
-- ``stage(stage, plugin, seconds, ok)``: one plugin's work in one pipeline stage. The hook runner
-  calls it once per hook call (one line, at the merge of the stage-table runner); until then
-  ``turn(trace)`` derives the same calls from a finished turn's trace steps (which carry per-plugin
-  timings), and the server calls ``turn`` after each turn it answers.
+- ``stage(stage, plugin, seconds, ok)``: one plugin's work in one pipeline stage. The one hook runner
+  (``persona_mw.runner.HookRunner``) calls it for every hook call, so turns, feedback, after-turn
+  jobs, startup and forget are counted whichever door they came through (Python API, MCP, any HTTP
+  route, ``persona-mw worker``). It is a no-op (one boolean test, no import) until metrics are
+  switched on with ``enable_metrics()``, which ``create_app`` does: a process that serves no
+  ``/metrics`` pays nothing and never imports prometheus-client.
+- ``turn(trace)``: a finished turn's counters (turns, backend and auxiliary calls) and, with tracing
+  on, its spans; the server calls it after each turn it answers.
 - ``request(route, status, seconds, tenant)``: one HTTP request (the route *template*, never the path).
 - ``render(mws)``: the Prometheus text exposition, with gauges read from the stores at scrape time
   (jobs pending/failed, memory counts).
@@ -24,11 +28,14 @@ from typing import Any, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METRICS_EXTRA", "available", "render", "request", "stage", "tracing_enabled", "turn"]
+__all__ = ["METRICS_EXTRA", "available", "enable_metrics", "metrics_enabled", "render", "request", "stage",
+           "tracing_enabled", "turn"]
 
 METRICS_EXTRA = "pip install 'persona-mw[metrics]'"
 _LOCK = threading.Lock()
 _METRICS: _Metrics | None = None
+_MISSING = False  # prometheus-client failed to import once: not tried again on every call
+_ENABLED = False  # per-plugin stage timings are recorded (``enable_metrics``)
 _TRACER: Any = None
 _OTEL_VARS = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -60,15 +67,32 @@ def available() -> bool:
 
 
 def _metrics() -> _Metrics | None:
-    global _METRICS
+    global _METRICS, _MISSING
     if _METRICS is None:
+        if _MISSING:
+            return None
         with _LOCK:
             if _METRICS is None:
                 try:
                     _METRICS = _Metrics()
                 except ImportError:
+                    _MISSING = True
                     return None
     return _METRICS
+
+
+def enable_metrics(on: bool = True) -> bool:
+    """Record per-plugin stage timings from now on (the server calls this); returns whether
+    prometheus-client is there to record them."""
+    global _ENABLED, _MISSING
+    if on:
+        _MISSING = False  # installed since the last try, or a test put it back
+    _ENABLED = bool(on) and _metrics() is not None
+    return _ENABLED
+
+
+def metrics_enabled() -> bool:
+    return _ENABLED
 
 
 def _ok(value: Any) -> str:
@@ -76,10 +100,13 @@ def _ok(value: Any) -> str:
 
 
 def stage(stage: str, plugin: str, seconds: float, ok: bool) -> None:
-    """Record one plugin's work in one stage (the hook runner's one-line hook)."""
+    """Record one plugin's work in one stage (the hook runner calls it for every hook call); ``stage``
+    is the stage (``gather``) or its hook's name (``persona_gather``)."""
+    if not _ENABLED:
+        return
     m = _metrics()
     if m is not None:
-        m.stages.labels(stage=stage, plugin=plugin, ok=_ok(ok)).observe(max(0.0, float(seconds)))
+        m.stages.labels(stage=_stage_of(stage), plugin=plugin, ok=_ok(ok)).observe(max(0.0, float(seconds)))
 
 
 def request(route: str, status: int, seconds: float, tenant: str = "") -> None:
@@ -98,15 +125,13 @@ def _stage_of(hook: str) -> str:
 
 
 def turn(trace: Any, *, stream: bool = False) -> None:
-    """A finished turn's trace as metrics (per stage and plugin, backend and auxiliary calls) and, with
-    tracing on, a ``persona.turn`` span with one child span per plugin step. Never raises."""
+    """A finished turn's counters (turns, backend and auxiliary calls) and, with tracing on, a
+    ``persona.turn`` span with one child span per plugin step. Never raises. (Per-plugin stage
+    timings are recorded by the hook runner as each call ends, not from here.)"""
     try:
         steps = list(_field(trace, "steps") or [])
         timings = dict(_field(trace, "timings_ms") or {})
         flags = list(_field(trace, "flags") or [])
-        for s in steps:
-            stage(_stage_of(str(_field(s, "hook", ""))), str(_field(s, "plugin", "")),
-                  float(_field(s, "ms", 0.0) or 0.0) / 1000.0, not _field(s, "error"))
         m = _metrics()
         if m is not None:
             m.turns.labels(stream=_ok(stream)).inc()

@@ -4,7 +4,8 @@ pluggy's own call loop is synchronous and an ``async def`` firstresult implement
 end the chain with a coroutine, so hooks are walked here: implementations in YAML order, each
 given only the arguments it declares (a ``PerPlugin`` argument is built for each plugin),
 awaitables awaited, the stage's combine rule and result check (``persona_mw.stages``) applied,
-and every call timed and recorded in the turn's trace. Failures follow each plugin's policy:
+and every call timed, recorded in the turn's trace and reported to ``persona_mw.observe``
+(per-plugin stage metrics, a no-op unless metrics are on). Failures follow each plugin's policy:
 ``fail`` raises ``PluginError`` naming it; ``skip`` records the error and goes on.
 """
 
@@ -17,7 +18,7 @@ from typing import Any, Callable, Coroutine
 
 from pydantic import ValidationError
 
-from persona_mw import stages
+from persona_mw import observe, stages
 from persona_mw.context import PerPlugin
 from persona_mw.errors import ForgottenError, PluginError
 from persona_mw.manager import PluginHost, display_name
@@ -67,6 +68,7 @@ class HookRunner:
             if type(exc).__name__ in row.passes:  # e.g. a startup ConfigError: its message is the user's
                 raise
             ms = (time.perf_counter() - t0) * 1000
+            observe.stage(stage, name, ms / 1000, False)
             policy = self.host.policy_of(name)
             err = f"{type(exc).__name__}: {exc}"
             if turn is not None:
@@ -79,8 +81,9 @@ class HookRunner:
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(f"plugin {name!r} failed in {stage}: {err}", plugin=name, hook=stage) from exc
+        ms = (time.perf_counter() - t0) * 1000
+        observe.stage(stage, name, ms / 1000, True)
         if turn is not None:
-            ms = (time.perf_counter() - t0) * 1000
             summary = "; ".join(turn._notes) if turn._notes else stages.summarize(stage, result)
             turn.trace.steps.append(
                 TraceStep(plugin=name, hook=stage, ms=ms, changed=result not in (None, [], {}), summary=summary)

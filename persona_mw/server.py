@@ -109,6 +109,7 @@ def _install_observability(app: FastAPI, state: ServerState) -> None:
     from persona_mw import observe
 
     server_cfg = getattr(getattr(state.mw, "config", None), "server", None)
+    observe.enable_metrics()  # per-plugin stage timings from the hook runner, for /metrics
     observe.configure_tracing(bool(getattr(server_cfg, "otel", False)))
     log_cfg = getattr(getattr(state.mw, "config", None), "logging", None)
 

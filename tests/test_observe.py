@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from persona_mw import observe
+from persona_mw import hookimpl, observe
 from persona_mw.server import create_app, serve_in_thread
 
 SECRET_USER = "zed-private-user"
@@ -164,3 +164,67 @@ def test_json_access_logs_from_the_logging_config(make_mw: Any) -> None:
         ("GET", "/v1/users/{user}/profile", 404), ("POST", "/v1/responses", 200)}
     assert all(x["ms"] >= 0 and x["level"] == "INFO" for x in access)
     assert SECRET_USER not in json.dumps(access)  # the route template, not the path
+
+
+class _FlakyGather:
+    """A plugin whose gather fails (policy skip): its errors are counted per plugin and stage."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @hookimpl
+    def persona_gather(self, turn: Any) -> None:
+        raise RuntimeError("side index unreachable")
+
+    @hookimpl
+    def persona_feedback(self, event: Any) -> None:
+        return None
+
+
+def test_per_plugin_stage_metrics_come_from_the_hook_runner_for_every_door(make_mw: Any) -> None:
+    """Issue #21: a turn through /v1/chat/completions and one through the Python API (and a feedback
+    event, and a plugin's failure) all reach ``persona_stage_seconds`` per plugin and stage, counted
+    once each: the hook runner records them, not the server's trace of the turns it answered."""
+    mw = make_mw("pipeline:\n  - use: stated\n  - {use: flaky, on_error: skip}\n", plugins={"flaky": _FlakyGather})
+    mw.feedback(kind="stated", user=SECRET_USER, text=SECRET_TEXT)
+    with serve_in_thread(create_app(mw)) as url:
+        before = _samples(httpx.get(url + "/metrics").text)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],  # type: ignore[arg-type]
+                                  user=SECRET_USER)
+        mw.chat(user=SECRET_USER, messages="hello from the Python API")  # no HTTP at all
+        mw.feedback(kind="stated", user=SECRET_USER, text="Answer in French.")
+        after = _samples(httpx.get(url + "/metrics").text)
+
+    def delta(**labels: str) -> float:
+        def count(fams: dict[str, list[Any]]) -> float:
+            return sum(s.value for s in fams.get("persona_stage_seconds", [])
+                       if s.name == "persona_stage_seconds_count"
+                       and all(s.labels.get(k) == v for k, v in labels.items()))
+        return count(after) - count(before)
+
+    assert delta(stage="gather", plugin="stated", ok="true") == 2  # HTTP turn + Python API turn, once each
+    assert delta(stage="rewrite", plugin="stated", ok="true") == 2
+    assert delta(stage="gather", plugin="flaky", ok="false") == 2  # errors, per plugin and stage
+    assert delta(stage="gather", plugin="flaky", ok="true") == 0
+    assert delta(stage="feedback", plugin="flaky", ok="true") == 1  # a feedback event, outside any turn
+    assert delta(stage="gather", plugin="stated", ok="true") == delta(stage="gather", plugin="stated")
+
+
+def test_stage_metrics_are_off_without_a_metrics_server() -> None:
+    """The Python API alone never imports prometheus-client and records nothing."""
+    import subprocess
+
+    code = ("import sys, tempfile, os\n"
+            "from persona_mw import Middleware, parse_config, observe\n"
+            "from persona_mw.testing import ScriptedBackend\n"
+            "cfg = parse_config('pipeline: [{use: stated}]')\n"
+            "cfg.store.path = os.path.join(tempfile.mkdtemp(), 'x.db')\n"
+            "mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)\n"
+            "mw.chat(user='ana', messages='hi')\n"
+            "mw.close()\n"
+            "assert not observe.metrics_enabled()\n"
+            "assert 'prometheus_client' not in sys.modules, 'imported'\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -48,6 +48,47 @@ HNSW_INDEX = f"""CREATE INDEX memories_hnsw ON memories USING hnsw
                ((embedding::public.vector({INDEXED_DIM})) public.vector_cosine_ops)
                WHERE public.vector_dims(embedding) = {INDEXED_DIM}"""
 
+# An owner with fewer memories than this is searched by an exact scan, not the HNSW index (see
+# ``vector_search``): measured in benchmarks/pg_memory_speed.py.
+EXACT_BELOW = 5000
+
+
+def vector_sql(dim: int, *, exact: bool) -> str:
+    """The owner's nearest memories; params ``q``, ``owner``, ``k``. ``exact=False`` orders by the
+    indexed distance expression (the HNSW index can serve it); ``exact=True`` by the similarity
+    column, which no index matches, so Postgres reads the owner's rows and sorts them."""
+    vec = f"public.vector({dim})"
+    order = "sim DESC, id" if exact else f"embedding::{vec} <=> %(q)s::{vec}, id"
+    return (f"SELECT id, 1 - (embedding::{vec} <=> %(q)s::{vec}) AS sim "
+            f"FROM memories WHERE owner = %(owner)s AND superseded_by IS NULL "
+            f"AND public.vector_dims(embedding) = {dim} ORDER BY {order} LIMIT %(k)s")
+
+
+# ``text_search``'s BM25 over the owner's full-text lexemes; params from ``text_params``.
+TEXT_SQL = """WITH q AS (SELECT unnest(tsvector_to_array(to_tsvector('english', %(text)s))) AS lex),
+                    anyq AS (SELECT to_tsquery('english', %(ors)s) AS tq),
+                    stats AS (SELECT COUNT(*) AS n, AVG(length(tsv)) AS avgdl FROM memories
+                              WHERE owner = %(owner)s AND superseded_by IS NULL),
+                    hits AS (SELECT m.id, m.tsv FROM memories m, anyq
+                             WHERE m.owner = %(owner)s AND m.superseded_by IS NULL AND m.tsv @@ anyq.tq),
+                    terms AS (SELECT h.id, u.lexeme, COALESCE(array_length(u.positions, 1), 1) AS tf,
+                                     length(h.tsv) AS dl
+                              FROM hits h, unnest(h.tsv) u WHERE u.lexeme IN (SELECT lex FROM q)),
+                    df AS (SELECT lexeme, COUNT(*) AS df FROM terms GROUP BY lexeme)
+               SELECT t.id, SUM(ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5))
+                                * t.tf * 2.2 / (t.tf + 1.2 * (0.25 + 0.75 * t.dl / GREATEST(s.avgdl, 1)))) AS score
+               FROM terms t JOIN df USING (lexeme), stats s
+               GROUP BY t.id ORDER BY score DESC, t.id LIMIT %(k)s"""
+
+
+def text_params(owner: str, query: str, k: int) -> dict[str, Any] | None:
+    """``TEXT_SQL``'s parameters, or None when the query has no word to look for."""
+    words = sorted(set(_WORD.findall(query.lower())))[:64]
+    if not words or k < 1:
+        return None
+    return {"text": " ".join(words), "ors": " | ".join(words), "owner": owner, "k": k}
+
+
 # Each entry upgrades the schema by one version (recorded in ``schema_version``). Append, never edit.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -497,45 +538,48 @@ class _PostgresMemories(_PostgresProfiles):
         return mems, vecs
 
     def vector_search(self, owner: NodeId, query: Sequence[float], k: int) -> list[tuple[str, float]]:
-        """pgvector cosine search of the owner's active memories (the HNSW index for 384-dim vectors)."""
+        """pgvector cosine search of the owner's active memories.
+
+        A filtered HNSW walk is the known trap here: the graph is walked over every owner's vectors and
+        the owner filtered afterwards, so with 200 memories among 200,000 a walk of ``ef_search`` 400
+        finds almost none of them. An owner with fewer than ``EXACT_BELOW`` rows (a bounded count on the
+        owner index) is scanned exactly instead: a few thousand distances cost far less than the walk.
+        Larger owners use the HNSW index; when the walk still returns fewer than ``k`` of theirs (an
+        owner that is a small share of a very large table), the exact scan answers instead.
+        """
         q = np.asarray(query, dtype=np.float32)
         if k < 1 or not len(q):
             return []
-        dim = len(q)
         with self._tx() as cur:
-            # HNSW filters the owner after the graph walk: look at enough candidates for k of theirs.
-            cur.execute(f"SET LOCAL hnsw.ef_search = {min(1000, max(40, 4 * k))}")
-            cur.execute(f"SELECT id, 1 - (embedding::public.vector({dim}) <=> %s::public.vector({dim})) AS sim "
-                        f"FROM memories WHERE owner = %s AND superseded_by IS NULL "
-                        f"AND public.vector_dims(embedding) = {dim} "
-                        f"ORDER BY embedding::public.vector({dim}) <=> %s::public.vector({dim}), id LIMIT %s",
-                        (q, owner, q, k))
-            return [(r[0], float(r[1])) for r in cur.fetchall()]
+            setup, sql = self._vector_plan(cur, owner, len(q), k)
+            for statement in setup:
+                cur.execute(statement)
+            cur.execute(sql, {"q": q, "owner": owner, "k": k})
+            rows = cur.fetchall()
+            if setup and len(rows) < k:
+                cur.execute(vector_sql(len(q), exact=True), {"q": q, "owner": owner, "k": k})
+                rows = cur.fetchall()
+            return [(r[0], float(r[1])) for r in rows]
+
+    def _vector_plan(self, cur: Any, owner: NodeId, dim: int, k: int) -> tuple[list[str], str]:
+        """(statements to run first, the query) for ``vector_search``: exact or HNSW (see there)."""
+        if dim != INDEXED_DIM:
+            return [], vector_sql(dim, exact=True)
+        cur.execute("SELECT COUNT(*) FROM (SELECT 1 FROM memories WHERE owner = %s LIMIT %s) s",
+                    (owner, EXACT_BELOW))
+        row = cur.fetchone()
+        if row is None or int(row[0]) < EXACT_BELOW:
+            return [], vector_sql(dim, exact=True)
+        return [f"SET LOCAL hnsw.ef_search = {min(1000, max(40, 4 * k))}"], vector_sql(dim, exact=False)
 
     def text_search(self, owner: NodeId, query: str, k: int) -> list[tuple[str, float]]:
         """BM25 (k1 1.2, b 0.75, as the in-process index) over Postgres full-text lexemes (English
         stemming): the GIN index finds the owner's memories holding any query lexeme; term and document
         frequencies come from the ``tsvector``s. ``ts_rank_cd`` has no IDF, which costs LoCoMo recall."""
-        words = sorted(set(_WORD.findall(query.lower())))[:64]
-        if not words or k < 1:
+        params = text_params(owner, query, k)
+        if params is None:
             return []
-        text = " ".join(words)
-        rows = self._rows(
-            """WITH q AS (SELECT unnest(tsvector_to_array(to_tsvector('english', %(text)s))) AS lex),
-                    anyq AS (SELECT to_tsquery('english', %(ors)s) AS tq),
-                    stats AS (SELECT COUNT(*) AS n, AVG(length(tsv)) AS avgdl FROM memories
-                              WHERE owner = %(owner)s AND superseded_by IS NULL),
-                    hits AS (SELECT m.id, m.tsv FROM memories m, anyq
-                             WHERE m.owner = %(owner)s AND m.superseded_by IS NULL AND m.tsv @@ anyq.tq),
-                    terms AS (SELECT h.id, u.lexeme, COALESCE(array_length(u.positions, 1), 1) AS tf,
-                                     length(h.tsv) AS dl
-                              FROM hits h, unnest(h.tsv) u WHERE u.lexeme IN (SELECT lex FROM q)),
-                    df AS (SELECT lexeme, COUNT(*) AS df FROM terms GROUP BY lexeme)
-               SELECT t.id, SUM(ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5))
-                                * t.tf * 2.2 / (t.tf + 1.2 * (0.25 + 0.75 * t.dl / GREATEST(s.avgdl, 1)))) AS score
-               FROM terms t JOIN df USING (lexeme), stats s
-               GROUP BY t.id ORDER BY score DESC, t.id LIMIT %(k)s""",
-            {"text": text, "ors": " | ".join(words), "owner": owner, "k": k})
+        rows = self._rows(TEXT_SQL, params)
         return [(r[0], float(r[1])) for r in rows]
 
 

@@ -24,13 +24,22 @@ def _h(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer key-{tenant}"}
 
 
+def _ready(mw: Any) -> Any:
+    """Each tenant's store created ahead (a SQLite file beside the store, or a Postgres schema with its
+    migrations, seconds on a loaded machine): the buckets below are timed in fractions of a second,
+    and a first request that spends them creating a store would let the bucket refill meanwhile."""
+    for tenant in KEYS:
+        mw.store.for_tenant(tenant).close()
+    return mw
+
+
 def _chat(c: httpx.Client, url: str, tenant: str | None, user: str = "u1") -> httpx.Response:
     return c.post(f"{url}/v1/chat/completions", json={"user": user, "messages": HELLO},
                   headers=_h(tenant) if tenant else {})
 
 
 def test_over_rate_gets_429_with_retry_after_and_other_tenant_is_unaffected(make_mw: Any) -> None:
-    mw = make_mw("server: {rate_limit: {requests_per_s: 0.5, burst: 3}}\n")
+    mw = _ready(make_mw("server: {rate_limit: {requests_per_s: 0.5, burst: 3}}\n"))
     with serve_in_thread(create_app(mw, api_keys=KEYS)) as url, httpx.Client(timeout=30) as c:
         codes = [_chat(c, url, "attacker").status_code for _ in range(3)]
         assert codes == [200, 200, 200]
@@ -54,22 +63,24 @@ def test_over_rate_gets_429_with_retry_after_and_other_tenant_is_unaffected(make
         assert _chat(c, url, None).status_code == 401
         r = c.post(f"{url}/v1/chat/completions", json={"messages": HELLO}, headers={"Authorization": "Bearer nope-nope"})
         assert r.status_code == 401
-    # nothing from the refused requests reached the attacker's store
-    import sqlite3
+    # nothing from the refused requests reached the attacker's store (every table, whatever the store:
+    # a file beside the SQLite one, or a schema of its own on Postgres)
+    import json
 
-    from persona_mw.tenancy import tenant_store_path
+    from persona_mw.store import COPY_TABLES
 
-    db = sqlite3.connect(tenant_store_path(mw.config.store.path, "attacker"))
+    tenant_store = mw.store.for_tenant("attacker")
     try:
-        dump = "\n".join(db.iterdump()).lower()
+        dump = "\n".join(json.dumps(row, default=str) for table in COPY_TABLES
+                         for row in tenant_store.dump_table(table)).lower()
     finally:
-        db.close()
+        tenant_store.close()
     assert "u1" in dump  # the allowed chats are there
     assert "pirate" not in dump and "g1" not in dump
 
 
 def test_bucket_refills(make_mw: Any) -> None:
-    mw = make_mw("server: {rate_limit: {requests_per_s: 5, burst: 2}}\n")
+    mw = _ready(make_mw("server: {rate_limit: {requests_per_s: 5, burst: 2}}\n"))
     with serve_in_thread(create_app(mw, api_keys=KEYS)) as url, httpx.Client(timeout=30) as c:
         assert [_chat(c, url, "attacker").status_code for _ in range(2)] == [200, 200]
         r = _chat(c, url, "attacker")
@@ -138,7 +149,7 @@ def test_config_errors_name_the_field(yaml_text: str, field: str) -> None:
 def test_hold_delays_the_refusal_not_the_other_tenant(make_mw: Any) -> None:
     import concurrent.futures
 
-    mw = make_mw("server: {rate_limit: {requests_per_s: 0.2, burst: 1, hold_s: 0.8}}\n")
+    mw = _ready(make_mw("server: {rate_limit: {requests_per_s: 0.2, burst: 1, hold_s: 0.8}}\n"))
     with serve_in_thread(create_app(mw, api_keys=KEYS)) as url, httpx.Client(timeout=30) as c:
         assert _chat(c, url, "attacker").status_code == 200
         with concurrent.futures.ThreadPoolExecutor(8) as pool:

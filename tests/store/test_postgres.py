@@ -157,3 +157,43 @@ def test_tenants_get_schemas_of_their_own(pg_server: str) -> None:
 
         asyncio.run(tenants.aclose())
         base.close()
+
+
+def test_vector_search_finds_a_small_owners_memories_among_many(pg_server: str) -> None:
+    """The filtered-HNSW trap (issue #15's memory benchmark): the graph is walked over every owner's
+    vectors and the owner filtered afterwards, so a walk of ``ef_search`` candidates holds few of a
+    small owner's rows. A user with 150 memories among 6,150 must get k of their own, and the exact
+    top ones; so must another owner."""
+    import time
+    import uuid
+
+    store = open_store(fresh_pg_url(pg_server))
+    assert isinstance(store, PostgresStore)
+    rng = np.random.default_rng(5)
+    owners = {f"user:big{i}": 300 for i in range(20)} | {"user:small": 150}
+    now = time.time()
+    try:
+        store.load_table("nodes", [{"id": o, "kind": "user", "created_at": now, "meta": "{}"} for o in owners])
+        rows, vecs = [], {}
+        for o, n in owners.items():
+            m = rng.standard_normal((n, 384)).astype(np.float32)
+            m /= np.linalg.norm(m, axis=1, keepdims=True)
+            for j in range(n):
+                mid = uuid.uuid4().hex
+                if o == "user:small":
+                    vecs[mid] = m[j]
+                rows.append({"id": mid, "owner": o, "kind": "fact", "text": f"memory {j} of {o}", "polarity": None,
+                             "provenance": "[]", "created_at": now + j, "updated_at": now + j,
+                             "superseded_by": None, "embedding": m[j], "meta": "{}", "idem": None})
+        store.load_table("memories", rows)
+        q = rng.standard_normal(384).astype(np.float32)
+        q /= np.linalg.norm(q)
+        found = store.vector_search("user:small", q.tolist(), 100)
+        ids = list(vecs)
+        exact = [ids[i] for i in np.argsort(-(np.stack([vecs[i] for i in ids]) @ q))[:100]]
+        assert len(found) == 100
+        assert [i for i, _ in found] == exact
+        assert len(store.vector_search("user:big3", q.tolist(), 100)) == 100
+    finally:
+        store.drop_schema()
+        store.close()
