@@ -55,7 +55,7 @@ bench: $(STAMP)
 soak: $(STAMP)
 	HF_HUB_OFFLINE=1 PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD= $(BIN)/python -m tests.reliability.soak
 
-# The multi-worker soak (not in CI, < 10 min): a Postgres from pgserver, 4 `persona-mw serve --no-jobs`
+# The multi-worker soak (not in CI; 12-17 min on the shared 2-core machine under load 30-40): a Postgres from pgserver, 4 `persona-mw serve --no-jobs`
 # + 1 `persona-mw worker`, 64 clients, SIGKILLs every few seconds; last line = JSON summary (also
 # benchmarks/results/soak_pg.json). Options: SOAK_PG_ARGS="--duration 600".
 soak-pg: $(STAMP)
