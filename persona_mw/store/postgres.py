@@ -49,7 +49,8 @@ HNSW_INDEX = f"""CREATE INDEX memories_hnsw ON memories USING hnsw
                WHERE public.vector_dims(embedding) = {INDEXED_DIM}"""
 
 # An owner with fewer memories than this is searched by an exact scan, not the HNSW index (see
-# ``vector_search``): measured in benchmarks/pg_memory_speed.py.
+# ``vector_search``). Chosen, not tuned: 5,000 exact distances read through the owner index; the plans
+# in benchmarks/results/pg_memory_speed.json show 200 rows at 0.5 ms.
 EXACT_BELOW = 5000
 
 
@@ -542,7 +543,7 @@ class _PostgresMemories(_PostgresProfiles):
 
         A filtered HNSW walk is the known trap here: the graph is walked over every owner's vectors and
         the owner filtered afterwards, so with 200 memories among 200,000 a walk of ``ef_search`` 400
-        finds almost none of them. An owner with fewer than ``EXACT_BELOW`` rows (a bounded count on the
+        would find almost none of them, should the planner choose it. An owner with fewer than ``EXACT_BELOW`` rows (a bounded count on the
         owner index) is scanned exactly instead: a few thousand distances cost far less than the walk.
         Larger owners use the HNSW index; when the walk still returns fewer than ``k`` of theirs (an
         owner that is a small share of a very large table), the exact scan answers instead.

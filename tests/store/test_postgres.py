@@ -160,10 +160,11 @@ def test_tenants_get_schemas_of_their_own(pg_server: str) -> None:
 
 
 def test_vector_search_finds_a_small_owners_memories_among_many(pg_server: str) -> None:
-    """The filtered-HNSW trap (issue #15's memory benchmark): the graph is walked over every owner's
-    vectors and the owner filtered afterwards, so a walk of ``ef_search`` candidates holds few of a
+    """The filtered-HNSW trap (issue #15's memory benchmark): were the graph walked over every owner's
+    vectors and the owner filtered afterwards, a walk of ``ef_search`` candidates would hold few of a
     small owner's rows. A user with 150 memories among 6,150 must get k of their own, and the exact
-    top ones; so must another owner."""
+    top ones; so must another owner. (It passes on b821912 too, whose planner chose the owner index
+    here; it pins the behaviour now that the store makes that choice itself.)"""
     import time
     import uuid
 
