@@ -20,6 +20,7 @@ def run_memory_eval(benchmark: str, data: str, out: str | None = None, **options
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    extra: dict[str, Any] = {}
     if benchmark == "locomo":
         from persona_mw.eval import locomo
 
@@ -45,12 +46,15 @@ def run_memory_eval(benchmark: str, data: str, out: str | None = None, **options
             raise PersonaError("--limit: expected a positive number of items per topic")
         topics = _csv(options.get("topics"))
         seed = int(options.get("seed") or 0)
+        baselines = options.get("baselines", True) is not False
+        misses: list[dict[str, Any]] = []
         metrics = prefeval.run(data, topics=topics, turns=turns, forms=forms, limit=limit, seed=seed,
-                               backend=options.get("backend"), log=log)
+                               backend=options.get("backend"), log=log, baselines=baselines, misses=misses)
         cfg = prefeval.config(topics=topics or "all", turns=turns, forms=forms, limit=limit, seed=seed,
-                              backend=options.get("backend"))
+                              backend=options.get("backend"), baselines=baselines)
+        extra["recall_misses"] = misses
     print_table(benchmark, metrics)
-    write_result(out, benchmark, data, cfg, metrics)
+    write_result(out, benchmark, data, cfg, metrics, extra)
     if out:
         log(f"wrote {out}")
     return 0
