@@ -26,8 +26,13 @@ def run_memory_eval(benchmark: str, data: str, out: str | None = None, **options
 
         convs = _csv(options.get("conversations"))
         store = options.get("store")
-        metrics = locomo.run(data, conversations=convs, log=log, store=store)
-        cfg = {**locomo.config(), "conversations": convs or "all"}
+        folds = options.get("folds")
+        cv: dict[str, Any] = {}
+        metrics = locomo.run(data, conversations=convs, log=log, store=store, folds=folds, cv=cv)
+        cfg = {**locomo.config(), "conversations": convs or "all", "folds": folds}
+        if cv:
+            cfg["select"] = f"per fold, the grid setting with the best {locomo.SELECT} on the other folds' questions"
+            extra.update(cv)
         if store:
             from persona_mw.store import is_postgres_url
             from persona_mw.store.postgres import redact_dsn
