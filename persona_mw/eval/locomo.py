@@ -30,10 +30,10 @@ MODES = ("fused", "hybrid", "bm25", "dense")  # the first is the headline (no su
 # LoCoMo's category ids (not the paper's order).
 CATEGORIES = {4: "single-hop", 1: "multi-hop", 2: "temporal", 3: "open-domain", 5: "adversarial"}
 # The second hop's settings tried by ``--folds`` (persona_mw.memory.hops.HopSettings); the first is "off".
+_PRF = ((0, 0.0), (1, 0.5), (3, 0.25), (3, 0.5), (3, 1.0), (5, 0.5), (5, 1.0))  # (prf_k, prf_weight)
 GRID: tuple[dict[str, Any], ...] = tuple(
-    [{"prf_k": 0, "prf_weight": 0.0, "link_weight": 0.0, "session_penalty": p} for p in (0.0, 0.5, 1.0)]
-    + [{"prf_k": n, "prf_weight": w, "link_weight": lw, "session_penalty": p}
-       for n in (3, 5) for w in (0.0, 0.5, 1.0) for lw in (0.0, 0.5) for p in (0.0, 0.5, 1.0) if w or lw])
+    {"prf_k": n, "prf_weight": w, "link_weight": lw, "speaker_weight": sw, "session_penalty": p}
+    for n, w in _PRF for lw in (0.0, 0.5) for sw in (0.0, 0.25, 0.5) for p in (0.0, 0.1) if n or not lw)
 SELECT = "R@10"  # what the inner selection maximises on the training folds
 
 def load(data: str | Path, conversations: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -13,6 +13,9 @@ hop's fused scores it adds:
 - **entity links** (``link_weight``): names (capitalised words, after dropping the ones frequent in the
   pool such as the speakers) that the seeds mention and the question does not; a memory that mentions
   them gets the z-score of how many it shares.
+- **speaker links** (``speaker_weight``): a memory whose speaker (``meta["speaker"]``, e.g. a stored
+  turn's) the question names gets the z-score of that match: "What does Melanie paint?" reads
+  Melanie's own turns first, whichever words they use.
 - **session spread** (``session_penalty``): the ``k`` results are picked greedily, each further memory of
   an already picked session (its date) losing ``session_penalty``: evidence spread over sessions is
   not crowded out by the neighbours of one good turn.
@@ -53,10 +56,12 @@ class HopSettings:
     prf_weight: float = 0.0
     link_weight: float = 0.0
     session_penalty: float = 0.0
+    speaker_weight: float = 0.0
 
     @property
     def active(self) -> bool:
-        return (self.prf_k > 0 and (self.prf_weight > 0 or self.link_weight > 0)) or self.session_penalty > 0
+        return ((self.prf_k > 0 and (self.prf_weight > 0 or self.link_weight > 0)) or self.session_penalty > 0
+                or self.speaker_weight > 0)
 
     @classmethod
     def of(cls, value: HopSettings | dict[str, Any] | None) -> HopSettings:
@@ -150,6 +155,11 @@ def second_hop(mgr: _MemoryRetrieval, nodes: Sequence[tuple[str, float]], query:
     if hops.link_weight > 0 and seeds:
         count, shared = _links(mgr, keys, set(seeds), query)
         arr = arr + hops.link_weight * _z(count)
+    if hops.speaker_weight > 0:
+        asked = names(query)
+        said = np.asarray([float(str(mgr._recs[n][i].meta.get("speaker") or "").split(" ")[0].lower() in asked)
+                           for n, i in keys])
+        arr = arr + hops.speaker_weight * _z(said)
     sessions = [_session_of(mgr._recs[n][i]) for n, i in keys]
     pos1 = {key: j for j, key in enumerate(keys1)}
     out: list[MemoryHit] = []

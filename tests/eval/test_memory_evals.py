@@ -217,7 +217,7 @@ def test_eval_locomo_folds(locomo_dir, tmp_path):
     assert res["config"]["folds"] == 3 and res["unit"] == "question"  # one conversation: folds over questions
     assert len(res["folds"]) == 3 and sum(f["questions"] for f in res["folds"]) == 3
     for f in res["folds"]:
-        assert f["chosen"] in res["grid"] and set(f["chosen"]) == {"prf_k", "prf_weight", "link_weight",
+        assert f["chosen"] in res["grid"] and set(f["chosen"]) == {"prf_k", "prf_weight", "link_weight", "speaker_weight",
                                                                     "session_penalty"}
         assert "R@10" in f["test"] and "R@10" in f["test_no_hops"]
     for name in ("cv/R@10", "cv/R@10:sd", "cv/R@25:no_hops", "cv/R@25:sd:no_hops"):
