@@ -164,12 +164,8 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
                         ev = evidence_ids(q)
                         per_mode[mode].append((int(q.get("category", 0)), {k: recall(ev, prov, k) for k in ks}))
                 mem.store_search = False
-                for si, setting in enumerate(grid if folds else ()):
-                    for qi, q in enumerate(qas):
-                        hits = mem.search(user, str(q["question"]), k=kmax, mode="fused", hops=setting)
-                        prov = [h.memory.provenance for h in hits]
-                        per_setting[si].append((ci, qi, int(q.get("category", 0)),
-                                                {k: recall(evidence_ids(q), prov, k) for k in ks}))
+                if folds:
+                    _grid_rows(mem, user, ci, qas, grid, ks, per_setting)
                 if log:
                     log(f"locomo: {conv['sample_id']}: {len(qas)} questions")
         finally:
@@ -198,6 +194,16 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
         if cv is not None:
             cv.update(res)
     return metrics
+
+
+def _grid_rows(mem: Any, user: str, ci: int, qas: Sequence[dict[str, Any]], grid: Sequence[dict[str, Any]],
+               ks: Sequence[int], out: list[list[tuple[int, int, int, dict[int, float]]]]) -> None:
+    """Every question of one conversation searched (mode fused) with every hop setting of the grid."""
+    for si, setting in enumerate(grid):
+        for qi, q in enumerate(qas):
+            hits = mem.search(user, str(q["question"]), k=max(ks), mode="fused", hops=setting)
+            prov = [h.memory.provenance for h in hits]
+            out[si].append((ci, qi, int(q.get("category", 0)), {k: recall(evidence_ids(q), prov, k) for k in ks}))
 
 
 def _summary(rows: Sequence[tuple[int, dict[int, float]]], ks: Sequence[int]) -> dict[str, float]:
