@@ -6,10 +6,11 @@ people, places, activities), often in other sessions. No LLM call, no new index;
 hop's fused scores it adds:
 
 - **pseudo-relevance feedback** (``prf_k`` seeds, ``prf_weight``): the normalised mean vector of the
-  first hop's ``prf_k`` best memories is searched as a query of its own over the same dense indexes
-  (each memory alone and each turn with its session neighbours: two matrix-vector products, no
-  embedding), z-normalized over the scope like the first hop's signals, and added with its weight. The
-  second hop can find memories the first hop's pool did not hold.
+  first hop's ``prf_k`` best memories scores every memory of the first hop's pool (each signal's best
+  ``max(candidates, 4k)``, several hundred memories) by its stored vector, z-normalized over the pool
+  and added with its weight. No embedding and no scan of the scope: the cost is the pool's, whatever
+  the number of memories (a first version searched the whole dense indexes again and doubled the
+  search time at 100,000 memories); a memory outside every signal's head is not reached.
 - **entity links** (``link_weight``): names (capitalised words, after dropping the ones frequent in the
   pool such as the speakers) that the seeds mention and the question does not; a memory that mentions
   them gets the z-score of how many it shares.
@@ -97,6 +98,18 @@ def _centroid(mgr: _MemoryRetrieval, seeds: Sequence[tuple[str, str]]) -> np.nda
     return c / n if n > 0 else None
 
 
+def _pool_sims(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], c: np.ndarray) -> np.ndarray:
+    """Cosine of each pool memory's stored vector with ``c`` (no vector: the pool's lowest)."""
+    by_node: dict[str, list[str]] = {}
+    for node, mid in keys:
+        by_node.setdefault(node, []).append(mid)
+    vecs = {node: mgr._vectors(node, ids) for node, ids in by_node.items()}
+    sims = np.asarray([float(vecs[n][i] @ c) if i in vecs[n] else np.nan for n, i in keys])
+    if np.isnan(sims).all():
+        return np.zeros(len(keys))
+    return np.where(np.isnan(sims), float(np.nanmin(sims)), sims)
+
+
 def _links(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], seeds: set[tuple[str, str]],
            query: str) -> tuple[np.ndarray, list[list[str]]]:
     """How many of the seeds' names (not the query's, not frequent in the pool) each key mentions."""
@@ -128,9 +141,8 @@ def _spread(score: np.ndarray, sessions: list[Any], k: int, penalty: float) -> l
     return out
 
 
-def second_hop(mgr: _MemoryRetrieval, nodes: Sequence[tuple[str, float]], query: str,
-               first: tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]], k: int, n_cand: int,
-               kindset: set[str] | None, hops: HopSettings) -> list[MemoryHit]:
+def second_hop(mgr: _MemoryRetrieval, query: str, first: tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]],
+               k: int, hops: HopSettings) -> list[MemoryHit]:
     """The first hop's pool ``first`` (keys, fused scores, z per signal) re-ranked with a second hop."""
     from persona_mw.memory.manager import MemoryHit, _session_of
 
@@ -138,19 +150,15 @@ def second_hop(mgr: _MemoryRetrieval, nodes: Sequence[tuple[str, float]], query:
     order1 = np.argsort(-total1, kind="stable")
     top1 = {keys1[i] for i in order1[:k]}
     seeds = [keys1[i] for i in order1[: hops.prf_k]]
-    score = {key: float(t) for key, t in zip(keys1, total1)}
+    keys = keys1
+    arr = np.asarray(total1, dtype=np.float64)
     prf: dict[tuple[str, str], float] = {}
     c = _centroid(mgr, seeds) if hops.prf_k > 0 and hops.prf_weight > 0 else None
     if c is not None:
-        signals: list[tuple[str, Any, Any]] = [("dense_turn", mgr.index, c), ("dense_window", mgr._win_index, c)]
-        keys2, total2, _ = mgr._fused_scores(nodes, signals, n_cand, kindset)
-        prf = {key: float(t) for key, t in zip(keys2, total2)}
-        low1, low2 = float(total1.min()), (min(prf.values()) if prf else 0.0)
-        for key in keys2:
-            score.setdefault(key, low1)
-        score = {key: s + hops.prf_weight * prf.get(key, low2) for key, s in score.items()}
-    keys = list(score)
-    arr = np.asarray([score[key] for key in keys])
+        sims = _pool_sims(mgr, keys, c)
+        z = _z(sims)
+        prf = {key: float(v) for key, v in zip(keys, z)}
+        arr = arr + hops.prf_weight * z
     shared: list[list[str]] = [[] for _ in keys]
     if hops.link_weight > 0 and seeds:
         count, shared = _links(mgr, keys, set(seeds), query)

@@ -885,7 +885,7 @@ class _MemoryRetrieval(_MemoryIngest):
             return []
         hops = self.hops if hops is None else hops
         if hops.active and qv is not None:
-            return second_hop(self, nodes, query, (keys, total, zs), k, n_cand, kindset, hops)
+            return second_hop(self, query, (keys, total, zs), k, hops)
         top = np.argsort(-total, kind="stable")[:k]
         return [MemoryHit(self._recs[keys[i][0]][keys[i][1]].model_copy(), float(total[i]),
                           {"node": keys[i][0], **{name: round(float(z[i]), 3) for name, z in zs.items()}})
