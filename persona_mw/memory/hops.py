@@ -66,14 +66,20 @@ class HopSettings:
 
     @classmethod
     def of(cls, value: HopSettings | dict[str, Any] | None) -> HopSettings:
+        """``None``: the shipped default (``DEFAULT_HOPS``); a dict: its keys, the others 0 (``{}``: one hop)."""
         if value is None:
-            return cls()
+            return DEFAULT_HOPS
         if isinstance(value, HopSettings):
             return value
         bad = sorted(set(value) - set(cls.__dataclass_fields__))
         if bad:
             raise ValueError(f"unknown hop settings {', '.join(bad)}")
         return cls(**value)
+
+
+# The shipped default of ``MemoryManager(hops=None)`` and of the memory plugin: the setting the inner
+# selection of ``persona-mw eval locomo --folds 5`` picks on all of dev (benchmarks/results/eval_locomo_cv.json).
+DEFAULT_HOPS = HopSettings(prf_k=3, prf_weight=1.0, link_weight=0.5, speaker_weight=0.5, session_penalty=0.0)
 
 
 def names(text: str) -> set[str]:

@@ -139,7 +139,7 @@ class _MemoryBase:
                  fusion_weights: dict[str, float] | None = None, max_per_owner: int | None = None,
                  neighbours: int = 1, hops: HopSettings | dict[str, Any] | None = None) -> None:
         self.store = store
-        self.hops = HopSettings.of(hops)  # the second hop of mode="fused" (persona_mw.memory.hops)
+        self.hops = HopSettings.of(hops)  # the second hop of mode="fused"; None: hops.DEFAULT_HOPS (CV-chosen)
         self.graph = graph
         self.embedder = _resolve_embedder(embedder)
         self._index: VectorIndex | None = index

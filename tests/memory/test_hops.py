@@ -6,7 +6,7 @@ import pytest
 
 from persona_mw.errors import RequestError
 from persona_mw.memory import MemoryManager
-from persona_mw.memory.hops import HopSettings, names
+from persona_mw.memory.hops import DEFAULT_HOPS, HopSettings, names
 from persona_mw.store.sqlite import SQLiteStore
 
 HOPS = {"prf_k": 1, "prf_weight": 0.5, "link_weight": 2.0, "session_penalty": 0.0}
@@ -68,9 +68,12 @@ def test_session_spread(mm):
 
 
 def test_default_and_bad_settings(mm):
-    assert not HopSettings().active and mm.hops == HopSettings()
+    assert not HopSettings().active and not HopSettings.of({}).active  # {}: one hop
+    assert mm.hops == DEFAULT_HOPS and DEFAULT_HOPS.active  # None: the cross-validated default
     assert [h.memory.id for h in mm.search("ana", "sister", k=3)] == [
-        h.memory.id for h in mm.search("ana", "sister", k=3, hops={})]
+        h.memory.id for h in mm.search("ana", "sister", k=3, hops=DEFAULT_HOPS)]
+    assert all("hop" in h.why for h in mm.search("ana", "sister", k=3))
+    assert all("hop" not in h.why for h in mm.search("ana", "sister", k=3, hops={}))
     with pytest.raises(RequestError) as err:
         mm.search("ana", "sister", hops={"depth": 3})
     assert err.value.field == "hops" and "depth" in str(err.value)
