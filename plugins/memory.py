@@ -29,6 +29,18 @@ log = logging.getLogger("persona_mw.memory")
 _WHY: StashKey[dict[int, dict[str, Any]]] = StashKey("memory.why")
 
 
+class Hops(BaseModel):
+    """The second hop of ``mode: fused`` (``persona_mw.memory.hops``); all 0: one hop."""
+
+    model_config = ConfigDict(extra="forbid")
+    prf_k: int = Field(default=0, ge=0, le=20, description="first-hop hits whose mean vector is searched again")
+    prf_weight: float = Field(default=0.0, ge=0, le=10, description="weight of that second search in the fusion")
+    link_weight: float = Field(default=0.0, ge=0, le=10, description="weight of names shared with those hits")
+    session_penalty: float = Field(default=0.0, ge=0, le=100,
+                                   description="score lost by each further hit from an already picked session")
+    speaker_weight: float = Field(default=0.0, ge=0, le=10, description="weight of the question naming a hit's speaker")
+
+
 def _quote(turn: Turn, text: str) -> str:
     """One line in double quotes: memory text is data, and must not close its own quote (nor open a
     chat-template turn: ``quote_data`` defuses the backend tokenizer's special tokens and the common
@@ -69,6 +81,8 @@ class MemoryPlugin:
         store_turns: bool = Field(default=False, description="also keep each message verbatim for retrieval")
         store_answers: bool = Field(default=False, description="with store_turns: keep the assistant's answers too")
         turn_window: int = Field(default=1, ge=0, le=8, description="with store_turns: earlier turns indexed with each")
+        hops: Hops | None = Field(default=None, description="mode fused: the second hop (default: the "
+                                  "cross-validated one, persona_mw.memory.hops.HopSettings); why.hop says which hop found a hit")
 
     def __init__(self, config: Config | None = None, name: str = "memory") -> None:
         self.config = config or self.Config()
@@ -88,7 +102,8 @@ class MemoryPlugin:
         self.manager = MemoryManager(ctx.store, graph=ctx.graph,
                                      embedder="auto" if self.config.embedder else None,
                                      extractor=extractor, extractor_role=self.config.extractor_role,
-                                     max_per_owner=ctx.limits.max_memories_per_user)
+                                     max_per_owner=ctx.limits.max_memories_per_user,
+                                     hops=self.config.hops.model_dump() if self.config.hops else None)
         ctx.provide_memory(self.manager)
 
     async def _llm(self, prompt: str) -> str:

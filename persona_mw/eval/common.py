@@ -72,9 +72,10 @@ def print_table(benchmark: str, metrics: dict[str, float], file: Any = None) -> 
 
 
 def write_result(path: str | None, benchmark: str, data: str, config: dict[str, Any],
-                 metrics: dict[str, float]) -> dict[str, Any]:
+                 metrics: dict[str, float], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``extra``: more top-level keys (per-fold figures, the misses behind a recall) after ``metrics``."""
     result = {"benchmark": benchmark, "data": str(data), "config": config,
-              "metrics": {k: round(float(v), 4) for k, v in metrics.items()}}
+              "metrics": {k: round(float(v), 4) for k, v in metrics.items()}, **(extra or {})}
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")

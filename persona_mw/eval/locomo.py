@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from persona_mw.errors import PersonaError
 from persona_mw.eval.common import read_json
 
@@ -27,9 +29,12 @@ KS = (5, 10, 25)
 MODES = ("fused", "hybrid", "bm25", "dense")  # the first is the headline (no suffix): the product's default
 # LoCoMo's category ids (not the paper's order).
 CATEGORIES = {4: "single-hop", 1: "multi-hop", 2: "temporal", 3: "open-domain", 5: "adversarial"}
-
-
-
+# The second hop's settings tried by ``--folds`` (persona_mw.memory.hops.HopSettings); the first is "off".
+_PRF = ((0, 0.0), (1, 0.5), (3, 0.25), (3, 0.5), (3, 1.0), (5, 0.5), (5, 1.0))  # (prf_k, prf_weight)
+GRID: tuple[dict[str, Any], ...] = tuple(
+    {"prf_k": n, "prf_weight": w, "link_weight": lw, "speaker_weight": sw, "session_penalty": p}
+    for n, w in _PRF for lw in (0.0, 0.5) for sw in (0.0, 0.25, 0.5) for p in (0.0, 0.1) if n or not lw)
+SELECT = "R@10"  # what the inner selection maximises on the training folds
 
 def load(data: str | Path, conversations: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The conversations of a LoCoMo file or folder (``locomo10.json[.gz]``), optionally by ``sample_id``."""
@@ -113,7 +118,8 @@ def _middleware(tmp: str, store: str | None = None) -> Any:
 
 
 def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Sequence[int] = KS,
-        modes: Sequence[str] = MODES, log: Any = None, store: str | None = None) -> dict[str, float]:
+        modes: Sequence[str] = MODES, log: Any = None, store: str | None = None, folds: int | None = None,
+        grid: Sequence[dict[str, Any]] = GRID, cv: dict[str, Any] | None = None) -> dict[str, float]:
     """``store``: a store URL to run through (a ``postgresql://`` DSN gets a fresh schema, dropped after);
     default: a SQLite file in a temporary folder. With a store, the baselines are also run as
     ``<mode>@store``: candidates from ``Store.vector_search``/``text_search`` (pgvector HNSW and
@@ -124,6 +130,10 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
     convs = load(data, conversations)
     kmax = max(ks)
     per_mode: dict[str, list[tuple[int, dict[int, float]]]] = {m: [] for m in modes}
+    if folds is not None and (folds < 2 or folds > 50):
+        raise PersonaError(f"--folds: expected 2 to 50 folds, got {folds}")
+    # --folds: (conversation, question, category, {k: recall}) per question, for every grid setting
+    per_setting: list[list[tuple[int, int, int, dict[int, float]]]] = [[] for _ in grid] if folds else []
     with tempfile.TemporaryDirectory(prefix="persona-mw-locomo-") as tmp:
         url = store
         if store is not None:
@@ -153,6 +163,9 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
                         prov = [h.memory.provenance for h in hits]
                         ev = evidence_ids(q)
                         per_mode[mode].append((int(q.get("category", 0)), {k: recall(ev, prov, k) for k in ks}))
+                mem.store_search = False
+                if folds:
+                    _grid_rows(mem, user, ci, qas, grid, ks, per_setting)
                 if log:
                     log(f"locomo: {conv['sample_id']}: {len(qas)} questions")
         finally:
@@ -175,7 +188,73 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
                 for k in ks:
                     metrics[f"R@{k}/{name}{suffix}"] = sum(r[k] for r in sub) / len(sub)
     metrics["questions"] = float(len(per_mode[modes[0]]))
+    if folds:
+        res = cross_validate(per_setting, grid, folds, ks, len(convs))
+        metrics.update(res.pop("metrics"))
+        if cv is not None:
+            cv.update(res)
     return metrics
+
+
+def _grid_rows(mem: Any, user: str, ci: int, qas: Sequence[dict[str, Any]], grid: Sequence[dict[str, Any]],
+               ks: Sequence[int], out: list[list[tuple[int, int, int, dict[int, float]]]]) -> None:
+    """Every question of one conversation searched (mode fused) with every hop setting of the grid."""
+    for si, setting in enumerate(grid):
+        for qi, q in enumerate(qas):
+            hits = mem.search(user, str(q["question"]), k=max(ks), mode="fused", hops=setting)
+            prov = [h.memory.provenance for h in hits]
+            out[si].append((ci, qi, int(q.get("category", 0)), {k: recall(evidence_ids(q), prov, k) for k in ks}))
+
+
+def _summary(rows: Sequence[tuple[int, dict[int, float]]], ks: Sequence[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if not rows:
+        return out
+    for k in ks:
+        out[f"R@{k}"] = sum(r[k] for _, r in rows) / len(rows)
+    for cat, name in CATEGORIES.items():
+        sub = [r for c, r in rows if c == cat]
+        if sub:
+            for k in ks:
+                out[f"R@{k}/{name}"] = sum(r[k] for r in sub) / len(sub)
+    return out
+
+
+def fold_of(conv: int, question: int, folds: int, n_convs: int) -> int:
+    """Folds over conversations when there are at least ``folds`` of them; else over questions (each
+    conversation's questions dealt round-robin, so every fold holds every conversation)."""
+    return conv % folds if n_convs >= folds else (question + conv) % folds
+
+
+def cross_validate(per_setting: Sequence[Sequence[tuple[int, int, int, dict[int, float]]]],
+                   grid: Sequence[dict[str, Any]], folds: int, ks: Sequence[int], n_convs: int) -> dict[str, Any]:
+    """K-fold CV of the grid: per fold, the setting with the best ``SELECT`` on the other folds' questions
+    (ties: the earlier, simpler setting) is scored on the fold's own. Metrics ``cv/<metric>`` (mean over
+    folds), ``cv/<metric>:sd`` (their spread) and the same for the first setting (off) as ``:no_hops``."""
+    per_fold: list[dict[str, Any]] = []
+    for f in range(folds):
+        def part(rows: Sequence[tuple[int, int, int, dict[int, float]]], test: bool) -> list[tuple[int, dict[int, float]]]:
+            return [(c, r) for ci, qi, c, r in rows if (fold_of(ci, qi, folds, n_convs) == f) == test]
+
+        train = [_summary(part(rows, False), ks).get(SELECT, 0.0) for rows in per_setting]
+        best = max(range(len(grid)), key=lambda i: (round(train[i], 9), -i))
+        test_rows = part(per_setting[best], True)
+        per_fold.append({"fold": f, "questions": len(test_rows), "chosen": dict(grid[best]),
+                         f"train_{SELECT}": round(train[best], 4), f"train_{SELECT}_no_hops": round(train[0], 4),
+                         "test": {m: round(v, 4) for m, v in _summary(test_rows, ks).items()},
+                         "test_no_hops": {m: round(v, 4) for m, v in _summary(part(per_setting[0], True), ks).items()}})
+    metrics: dict[str, float] = {}
+    for key, suffix in (("test", ""), ("test_no_hops", ":no_hops")):
+        names = list(dict.fromkeys(m for pf in per_fold for m in pf[key]))
+        for m in names:
+            vals = np.asarray([pf[key][m] for pf in per_fold if m in pf[key]])
+            metrics[f"cv/{m}{suffix}"] = float(vals.mean())
+            metrics[f"cv/{m}:sd{suffix}"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    whole = [_summary([(c, r) for _, _, c, r in rows], ks).get(SELECT, 0.0) for rows in per_setting]
+    final = max(range(len(grid)), key=lambda i: (round(whole[i], 9), -i))
+    return {"metrics": metrics, "folds": per_fold, "unit": "conversation" if n_convs >= folds else "question",
+            "grid": [dict(g) for g in grid], "selected_on_all_dev": dict(grid[final]),
+            "grid_all_dev": [{"setting": dict(g), SELECT: round(w, 4)} for g, w in zip(grid, whole)]}
 
 
 def config() -> dict[str, Any]:

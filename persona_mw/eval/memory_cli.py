@@ -20,13 +20,19 @@ def run_memory_eval(benchmark: str, data: str, out: str | None = None, **options
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    extra: dict[str, Any] = {}
     if benchmark == "locomo":
         from persona_mw.eval import locomo
 
         convs = _csv(options.get("conversations"))
         store = options.get("store")
-        metrics = locomo.run(data, conversations=convs, log=log, store=store)
-        cfg = {**locomo.config(), "conversations": convs or "all"}
+        folds = options.get("folds")
+        cv: dict[str, Any] = {}
+        metrics = locomo.run(data, conversations=convs, log=log, store=store, folds=folds, cv=cv)
+        cfg = {**locomo.config(), "conversations": convs or "all", "folds": folds}
+        if cv:
+            cfg["select"] = f"per fold, the grid setting with the best {locomo.SELECT} on the other folds' questions"
+            extra.update(cv)
         if store:
             from persona_mw.store import is_postgres_url
             from persona_mw.store.postgres import redact_dsn
@@ -45,12 +51,15 @@ def run_memory_eval(benchmark: str, data: str, out: str | None = None, **options
             raise PersonaError("--limit: expected a positive number of items per topic")
         topics = _csv(options.get("topics"))
         seed = int(options.get("seed") or 0)
+        baselines = options.get("baselines", True) is not False
+        misses: list[dict[str, Any]] = []
         metrics = prefeval.run(data, topics=topics, turns=turns, forms=forms, limit=limit, seed=seed,
-                               backend=options.get("backend"), log=log)
+                               backend=options.get("backend"), log=log, baselines=baselines, misses=misses)
         cfg = prefeval.config(topics=topics or "all", turns=turns, forms=forms, limit=limit, seed=seed,
-                              backend=options.get("backend"))
+                              backend=options.get("backend"), baselines=baselines)
+        extra["recall_misses"] = misses
     print_table(benchmark, metrics)
-    write_result(out, benchmark, data, cfg, metrics)
+    write_result(out, benchmark, data, cfg, metrics, extra)
     if out:
         log(f"wrote {out}")
     return 0

@@ -221,7 +221,10 @@ def run_item(item: dict[str, Any], form: str, turns: list[dict[str, Any]], *, va
 
 def run(data: str | Path, *, topics: Sequence[str] | None = None, turns: Sequence[int] = TURNS,
         forms: Sequence[str] = FORMS, limit: int | None = None, seed: int = 0, backend: str | None = None,
-        baselines: bool = True, log: Callable[[str], None] | None = None) -> dict[str, float]:
+        baselines: bool = True, log: Callable[[str], None] | None = None,
+        misses: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """``misses``: when given, gets one ``{form, turns, topic, index}`` per item whose preference-bearing
+    message did not reach the final prompt (the items behind ``pref_recall`` < 1)."""
     items = load(data, topics, forms, limit)
     if any(n < 0 for n in turns):
         raise PersonaError("--turns: numbers of distractor turns must be >= 0")
@@ -239,6 +242,9 @@ def run(data: str | Path, *, topics: Sequence[str] | None = None, turns: Sequenc
             hist = hists[n]
             for variant in variants:
                 rows = [run_item(it, form, hist, variant=variant, seed=seed, backend=backend) for it in items]
+                if misses is not None and variant == "memory":
+                    misses += [{"form": form, "turns": n, "topic": it["topic"], "index": it["index"], "correct": r[0]}
+                               for it, r in zip(items, rows) if not r[1]]
                 suffix = "" if variant == "memory" else f":{variant}"
                 metrics[f"acc/{form}@N{n}{suffix}"] = sum(r[0] for r in rows) / len(rows)
                 metrics[f"pref_recall/{form}@N{n}{suffix}"] = sum(r[1] for r in rows) / len(rows)

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from persona_mw.errors import PersonaError, RequestError, UnknownUserError
+from persona_mw.memory.hops import HopSettings, second_hop
 from persona_mw.memory.extract import (
     EXTRACT_PROMPT, MAX_MEMORY_CHARS, Candidate, detect, is_injection, one_line, parse_llm_output, rule_extract,
     sanitize, states_taste,
@@ -136,8 +137,9 @@ class _MemoryBase:
                  extractor: Any = None, extractor_role: str = "extractor", dup_cosine: float = 0.9,
                  dup_lexical: float = 0.8, rrf_k: int = 60, candidates: int = 100,
                  fusion_weights: dict[str, float] | None = None, max_per_owner: int | None = None,
-                 neighbours: int = 1) -> None:
+                 neighbours: int = 1, hops: HopSettings | dict[str, Any] | None = None) -> None:
         self.store = store
+        self.hops = HopSettings.of(hops)  # the second hop of mode="fused"; None: hops.DEFAULT_HOPS (CV-chosen)
         self.graph = graph
         self.embedder = _resolve_embedder(embedder)
         self._index: VectorIndex | None = index
@@ -737,7 +739,8 @@ class _MemoryRetrieval(_MemoryIngest):
 
     def search(self, user: str, query: str, k: int = 10, *, context: str | None = None, mode: Mode = "fused",
                scope: Scope | None = None, kinds: Iterable[str] | None = None,
-               query_vector: np.ndarray | None = None, prescored: dict[str, Any] | None = None) -> list[MemoryHit]:
+               query_vector: np.ndarray | None = None, prescored: dict[str, Any] | None = None,
+               hops: HopSettings | dict[str, Any] | None = None) -> list[MemoryHit]:
         """The ``k`` best active memories of the user's scope for ``query``, each with why it ranked.
 
         ``mode``: ``fused`` (default: BM25 and dense over each memory *and* over each raw turn with its
@@ -745,7 +748,8 @@ class _MemoryRetrieval(_MemoryIngest):
         ``why`` holds each z-score), ``hybrid`` (BM25 + dense over single memories, reciprocal rank fusion;
         questions about time are boosted toward memories dated in the month/year they name, or toward
         recent ones), ``bm25`` or ``dense``. ``query_vector``: the query's embedding when the caller has
-        it already (one embedding serves every granularity).
+        it already (one embedding serves every granularity). ``hops``: the second hop of ``fused``
+        (``HopSettings``; default the manager's ``hops``); each hit's ``why["hop"]`` says which hop found it.
         """
         if mode not in MODES:
             raise RequestError(f"unknown search mode {mode!r} ({', '.join(MODES)})", field="mode")
@@ -764,7 +768,11 @@ class _MemoryRetrieval(_MemoryIngest):
             qv = self._embed([query])[0]  # type: ignore[index]
         if mode == "fused":
             pre = prescored if prescored is not None and prescored.get("query") == query else None
-            return self._search_fused(nodes, query, qv, k, kindset, pre)
+            try:
+                hop = None if hops is None else HopSettings.of(hops)
+            except (TypeError, ValueError) as exc:
+                raise RequestError(f"hops: {exc}", field="hops") from exc
+            return self._search_fused(nodes, query, qv, k, kindset, pre, hop)
         return self._search_hybrid(nodes, query, qv, k, kindset, mode)
 
     def _search_hybrid(self, nodes: list[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
@@ -856,21 +864,38 @@ class _MemoryRetrieval(_MemoryIngest):
         return out
 
     def _search_fused(self, nodes: Sequence[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
-                      kindset: set[str] | None, pre: dict[str, Any] | None = None) -> list[MemoryHit]:
+                      kindset: set[str] | None, pre: dict[str, Any] | None = None,
+                      hops: HopSettings | None = None) -> list[MemoryHit]:
         """Score fusion over both granularities (see ``search``); only the scope's nodes are read.
 
         Each signal is scored for every memory of the scope with numpy (BM25 postings, one matrix-vector
         product per index); its mean and deviation over those memories z-normalize it. The sum is taken
         over the union of each signal's best ``max(candidates, 4k)`` (a memory outside every signal's
         head cannot reach the top ``k``), so the Python work does not grow with the number of memories.
+        ``hops`` (default ``self.hops``): a second hop from the first hits (``persona_mw.memory.hops``).
         """
-        max_w = max((w for _, w in nodes), default=1.0) or 1.0
         for node, _ in nodes:
             self._load(node)  # first: loading creates the window index
         signals: list[tuple[str, Any, Any]] = [("bm25_turn", self.bm25, query), ("bm25_window", self.bm25_window, query)]
         if qv is not None and self.index is not None:
             signals += [("dense_turn", self.index, qv), ("dense_window", self._win_index, qv)]
         n_cand = max(self.candidates, 4 * k) * (4 if kindset else 1)
+        keys, total, zs = self._fused_scores(nodes, signals, n_cand, kindset, pre)
+        if not keys:
+            return []
+        hops = self.hops if hops is None else hops
+        if hops.active and qv is not None:
+            return second_hop(self, query, (keys, total, zs), k, hops)
+        top = np.argsort(-total, kind="stable")[:k]
+        return [MemoryHit(self._recs[keys[i][0]][keys[i][1]].model_copy(), float(total[i]),
+                          {"node": keys[i][0], **{name: round(float(z[i]), 3) for name, z in zs.items()}})
+                for i in top]
+
+    def _fused_scores(self, nodes: Sequence[tuple[str, float]], signals: list[tuple[str, Any, Any]], n_cand: int,
+                      kindset: set[str] | None, pre: dict[str, Any] | None = None
+                      ) -> tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]]:
+        """The pool ``(node, id)`` of each signal's head, the fused score of each, and each signal's z."""
+        max_w = max((w for _, w in nodes), default=1.0) or 1.0
         stats = {name: [0.0, 0.0, 0] for name, _, _ in signals}  # sum, sum of squares, count
         got: dict[tuple[str, str], tuple[np.ndarray, dict[str, int], list[str]] | None] = {}
         pool: dict[tuple[str, str], float] = {}  # (node, id) -> log prior of the node
@@ -902,7 +927,7 @@ class _MemoryRetrieval(_MemoryIngest):
                     if m is not None and (kindset is None or m.kind in kindset):
                         pool[(node, mid)] = prior
         if not pool:
-            return []
+            return [], np.zeros(0), {}
         keys = list(pool)
         zs: dict[str, np.ndarray] = {}
         for name, _, _ in signals:
@@ -922,10 +947,7 @@ class _MemoryRetrieval(_MemoryIngest):
             x = np.where(np.isnan(x), low, x)  # no vector: the least similar of the pool
             zs[name] = (x - mean) / sd if sd > 1e-12 else np.zeros(len(keys))
         total = np.asarray([pool[key] for key in keys]) + (sum(zs.values()) if zs else 0.0)
-        top = np.argsort(-total, kind="stable")[:k]
-        return [MemoryHit(self._recs[keys[i][0]][keys[i][1]].model_copy(), float(total[i]),
-                          {"node": keys[i][0], **{name: round(float(z[i]), 3) for name, z in zs.items()}})
-                for i in top]
+        return keys, total, zs
 
     def pinned(self, user: str, context: str | None = None, *, scope: Scope | None = None,
                query: str | None = None, query_vector: np.ndarray | None = None) -> list[Memory]:

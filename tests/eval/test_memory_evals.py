@@ -189,6 +189,14 @@ def test_eval_prefeval_cli(prefeval_dir, tmp_path):
     assert m["acc/explicit@N0"] == 1.0 and m["acc/explicit@N10"] == 1.0
     assert m["acc/explicit@N0:random"] == 0.25
     assert m["acc/explicit@N0:no_memory"] == 0.25  # nothing to read: four-way ties, credited 1/4 each
+    # the items behind a pref_recall below 1 are listed (none here for explicit)
+    assert isinstance(res["recall_misses"], list)
+    assert not [x for x in res["recall_misses"] if x["form"] == "explicit"]
+    recall = {f"{form}@N{n}": m[f"pref_recall/{form}@N{n}"] for form in ("explicit", "choice", "persona") for n in (0, 10)}
+    for key, r in recall.items():
+        form, n = key.split("@N")
+        missed = [x for x in res["recall_misses"] if x["form"] == form and x["turns"] == int(n)]
+        assert len(missed) == round((1 - r) * m["items"]), key
 
 
 def test_eval_prefeval_bad_input(prefeval_dir, tmp_path, capsys):
@@ -198,3 +206,34 @@ def test_eval_prefeval_bad_input(prefeval_dir, tmp_path, capsys):
     assert main(["eval", "prefeval", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "telepathy" in err and "fewer than" in err
+
+
+def test_eval_locomo_folds(locomo_dir, tmp_path):
+    """--folds K: per fold the hop setting chosen on the other folds, mean and spread of every metric."""
+    out = tmp_path / "cv.json"
+    assert main(["eval", "locomo", "--data", str(locomo_dir), "--out", str(out), "--folds", "3"]) == 0
+    res = json.loads(out.read_text())
+    m = res["metrics"]
+    assert res["config"]["folds"] == 3 and res["unit"] == "question"  # one conversation: folds over questions
+    assert len(res["folds"]) == 3 and sum(f["questions"] for f in res["folds"]) == 3
+    for f in res["folds"]:
+        assert f["chosen"] in res["grid"] and set(f["chosen"]) == {"prf_k", "prf_weight", "link_weight", "speaker_weight",
+                                                                    "session_penalty"}
+        assert "R@10" in f["test"] and "R@10" in f["test_no_hops"]
+    for name in ("cv/R@10", "cv/R@10:sd", "cv/R@25:no_hops", "cv/R@25:sd:no_hops"):
+        assert name in m, name
+    # five turns, k = 25: every fold's test question gets what provenance allows, hops or not
+    assert m["cv/R@25"] == pytest.approx((1 + 1 + 0.5) / 3, abs=1e-3)
+    assert res["selected_on_all_dev"] in res["grid"]
+
+
+def test_eval_locomo_folds_bad(locomo_dir, capsys):
+    assert main(["eval", "locomo", "--data", str(locomo_dir), "--folds", "1"]) == 2
+    assert "--folds" in capsys.readouterr().err
+
+
+def test_fold_of_conversations_then_questions():
+    from persona_mw.eval.locomo import fold_of
+
+    assert [fold_of(c, 0, 2, 4) for c in range(4)] == [0, 1, 0, 1]  # enough conversations: by conversation
+    assert {fold_of(0, q, 5, 2) for q in range(10)} == set(range(5))  # too few: questions dealt round-robin

@@ -153,3 +153,40 @@ def test_dense_retrieval_in_the_pipeline(make_mw, monkeypatch):
     why = used["I have a daughter named Lily."]["why"]
     assert why["dense_turn"] > 0 and "dense_window" in why  # found by meaning; one query embedding for both
     assert used["I love jazz."]["pinned"] and '"I have a daughter named Lily."' in r.messages[-1].text
+
+
+HOPS_YAML = """
+pipeline:
+  - use: memory
+    embedder: true
+    store_turns: true
+    extract: false
+    top_k: 3
+    hops: {prf_k: 1, prf_weight: 0.5, link_weight: 2.0}
+"""
+
+
+def test_trace_says_which_hop_found_each_memory(make_mw):
+    """memory.hops: the second hop follows a name from the first hit; items_used says hop 1 or 2."""
+    mw = make_mw(HOPS_YAML)
+    for text in ("My sister Lucia lives in Lisbon now.", "We watched live jazz in the park where I live.",
+                 "Live music is the best thing about where I live.", "The band lives on the road, they said.",
+                 "Lucia bought a red bicycle last week.", "The weather was rainy all week."):
+        chat(mw, "ana", text)
+    mw.drain()
+    r = chat(mw, "ana", "Where does my sister live?")
+    used = {u["text"]: u["why"] for u in r.trace.items_used if u["source"] == "memory" and not u["why"].get("pinned")}
+    assert used and all(w["hop"] in (1, 2) for w in used.values())
+    assert any(w["hop"] == 1 for w in used.values())
+    bike = next(w for t, w in used.items() if "bicycle" in t)
+    assert bike["hop"] == 2 and bike["links"] == ["lucia"]
+
+
+def test_hops_config_is_checked(make_mw):
+    import pytest
+
+    from persona_mw.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        make_mw(HOPS_YAML.replace("link_weight: 2.0", "depth: 2"))
+    assert "depth" in str(err.value)

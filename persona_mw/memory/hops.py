@@ -1,0 +1,191 @@
+"""A second retrieval hop for ``MemoryManager.search(mode="fused")`` (issue #20: multi-hop memory).
+
+A multi-hop question ("What do Melanie's kids like?") names little of what its evidence says: the first
+hop finds the memories that share its words or meaning, and the rest is linked to *those* (the same
+people, places, activities), often in other sessions. No LLM call, no new index; on top of the first
+hop's fused scores it adds:
+
+- **pseudo-relevance feedback** (``prf_k`` seeds, ``prf_weight``): the normalised mean vector of the
+  first hop's ``prf_k`` best memories scores every memory of the first hop's pool (each signal's best
+  ``max(candidates, 4k)``, several hundred memories) by its stored vector, z-normalized over the pool
+  and added with its weight. No embedding and no scan of the scope: the cost is the pool's, whatever
+  the number of memories (a first version searched the whole dense indexes again and doubled the
+  search time at 100,000 memories); a memory outside every signal's head is not reached.
+- **entity links** (``link_weight``): names (capitalised words, after dropping the ones frequent in the
+  pool such as the speakers) that the seeds mention and the question does not; a memory that mentions
+  them gets the z-score of how many it shares.
+- **speaker links** (``speaker_weight``): a memory whose speaker (``meta["speaker"]``, e.g. a stored
+  turn's) the question names gets the z-score of that match: "What does Melanie paint?" reads
+  Melanie's own turns first, whichever words they use.
+- **session spread** (``session_penalty``): the ``k`` results are picked greedily, each further memory of
+  an already picked session (its date) losing ``session_penalty``: evidence spread over sessions is
+  not crowded out by the neighbours of one good turn.
+
+Each hit's ``why`` says ``hop``: 1 when the first hop alone ranked it in the top ``k``, 2 when the second
+hop brought it there, with the ``prf`` z-score and the ``links`` it shares. The settings are chosen by
+cross-validation (``persona-mw eval locomo --folds K``), never on a whole-dev figure.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from persona_mw.memory.manager import MemoryHit, _MemoryRetrieval
+
+_NAME = re.compile(r"\b[A-Z][A-Za-z'\u2019-]{2,}\b")
+# capitalised words that are not names (sentence starts, pronouns, days and months are dates' business)
+_NOT_NAMES = frozenset("""
+the this that these those what when where which who whom whose why how and but for not yes yeah wow
+its it's i'm i've i'd i'll you you're we we're they they're she he his her hers him our ours your
+there here then also just well thanks thank sure okay hey hello haha awesome great nice cool really
+did does do was were will would can could should have has had been being are is am been so oh aww omg
+monday tuesday wednesday thursday friday saturday sunday january february march april may june july
+august september october november december
+""".split())
+
+
+@dataclass(frozen=True)
+class HopSettings:
+    """The second hop's settings (all off: ``search`` is the single-pass ``fused`` search)."""
+
+    prf_k: int = 0
+    prf_weight: float = 0.0
+    link_weight: float = 0.0
+    session_penalty: float = 0.0
+    speaker_weight: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return ((self.prf_k > 0 and (self.prf_weight > 0 or self.link_weight > 0)) or self.session_penalty > 0
+                or self.speaker_weight > 0)
+
+    @classmethod
+    def of(cls, value: HopSettings | dict[str, Any] | None) -> HopSettings:
+        """``None``: the shipped default (``DEFAULT_HOPS``); a dict: its keys, the others 0 (``{}``: one hop)."""
+        if value is None:
+            return DEFAULT_HOPS
+        if isinstance(value, HopSettings):
+            return value
+        bad = sorted(set(value) - set(cls.__dataclass_fields__))
+        if bad:
+            raise ValueError(f"unknown hop settings {', '.join(bad)}")
+        return cls(**value)
+
+
+# The shipped default of ``MemoryManager(hops=None)`` and of the memory plugin: the setting the inner
+# selection of ``persona-mw eval locomo --folds 5`` picks on all of dev (benchmarks/results/eval_locomo_cv.json).
+DEFAULT_HOPS = HopSettings(prf_k=3, prf_weight=1.0, link_weight=0.5, speaker_weight=0.5, session_penalty=0.0)
+
+
+def names(text: str) -> set[str]:
+    """Lower-cased capitalised words of ``text`` that may name someone or something."""
+    return {w.lower() for w in _NAME.findall(text)} - _NOT_NAMES
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    sd = float(x.std()) if len(x) else 0.0
+    return (x - x.mean()) / sd if sd > 1e-12 else np.zeros_like(x)
+
+
+def _centroid(mgr: _MemoryRetrieval, seeds: Sequence[tuple[str, str]]) -> np.ndarray | None:
+    by_node: dict[str, list[str]] = {}
+    for node, mid in seeds:
+        by_node.setdefault(node, []).append(mid)
+    vecs = [v for node, ids in by_node.items() for v in mgr._vectors(node, ids).values()]
+    if not vecs:
+        return None
+    c = np.mean(np.asarray(vecs, dtype=np.float32), axis=0)
+    n = float(np.linalg.norm(c))
+    return c / n if n > 0 else None
+
+
+def _pool_sims(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], c: np.ndarray) -> np.ndarray:
+    """Cosine of each pool memory's stored vector with ``c`` (no vector: the pool's lowest)."""
+    by_node: dict[str, list[str]] = {}
+    for node, mid in keys:
+        by_node.setdefault(node, []).append(mid)
+    vecs = {node: mgr._vectors(node, ids) for node, ids in by_node.items()}
+    sims = np.asarray([float(vecs[n][i] @ c) if i in vecs[n] else np.nan for n, i in keys])
+    if np.isnan(sims).all():
+        return np.zeros(len(keys))
+    return np.where(np.isnan(sims), float(np.nanmin(sims)), sims)
+
+
+def _links(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], seeds: set[tuple[str, str]],
+           query: str) -> tuple[np.ndarray, list[list[str]]]:
+    """How many of the seeds' names (not the query's, not frequent in the pool) each key mentions."""
+    ents = [names(mgr._recs[n][i].text) for n, i in keys]
+    df: dict[str, int] = {}
+    for e in ents:
+        for w in e:
+            df[w] = df.get(w, 0) + 1
+    common = {w for w, c in df.items() if c > max(3, len(keys) // 10)}
+    bridge = set().union(*(e for e, key in zip(ents, keys) if key in seeds)) - names(query) - common
+    shared = [sorted(e & bridge) for e in ents]
+    return np.asarray([min(3, len(s)) for s in shared], dtype=np.float64), shared
+
+
+def _spread(score: np.ndarray, sessions: list[Any], k: int, penalty: float) -> list[int]:
+    """The ``k`` best indices, greedily, each further pick from an already picked session penalised."""
+    order = list(np.argsort(-score, kind="stable")[: max(5 * k, k + 20)])
+    if penalty <= 0:
+        return order[:k]
+    taken: dict[Any, int] = {}
+    out: list[int] = []
+    while order and len(out) < k:
+        best = max(range(len(order)), key=lambda j: score[order[j]] - penalty * taken.get(sessions[order[j]], 0)
+                   if sessions[order[j]] is not None else score[order[j]])
+        i = order.pop(best)
+        out.append(i)
+        if sessions[i] is not None:
+            taken[sessions[i]] = taken.get(sessions[i], 0) + 1
+    return out
+
+
+def second_hop(mgr: _MemoryRetrieval, query: str, first: tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]],
+               k: int, hops: HopSettings) -> list[MemoryHit]:
+    """The first hop's pool ``first`` (keys, fused scores, z per signal) re-ranked with a second hop."""
+    from persona_mw.memory.manager import MemoryHit, _session_of
+
+    keys1, total1, zs1 = first
+    order1 = np.argsort(-total1, kind="stable")
+    top1 = {keys1[i] for i in order1[:k]}
+    seeds = [keys1[i] for i in order1[: hops.prf_k]]
+    keys = keys1
+    arr = np.asarray(total1, dtype=np.float64)
+    prf: dict[tuple[str, str], float] = {}
+    c = _centroid(mgr, seeds) if hops.prf_k > 0 and hops.prf_weight > 0 else None
+    if c is not None:
+        sims = _pool_sims(mgr, keys, c)
+        z = _z(sims)
+        prf = {key: float(v) for key, v in zip(keys, z)}
+        arr = arr + hops.prf_weight * z
+    shared: list[list[str]] = [[] for _ in keys]
+    if hops.link_weight > 0 and seeds:
+        count, shared = _links(mgr, keys, set(seeds), query)
+        arr = arr + hops.link_weight * _z(count)
+    if hops.speaker_weight > 0:
+        asked = names(query)
+        said = np.asarray([float(str(mgr._recs[n][i].meta.get("speaker") or "").split(" ")[0].lower() in asked)
+                           for n, i in keys])
+        arr = arr + hops.speaker_weight * _z(said)
+    sessions = [_session_of(mgr._recs[n][i]) for n, i in keys]
+    pos1 = {key: j for j, key in enumerate(keys1)}
+    out: list[MemoryHit] = []
+    for i in _spread(arr, sessions, k, hops.session_penalty):
+        key = keys[i]
+        why: dict[str, Any] = {"node": key[0], "hop": 1 if key in top1 else 2}
+        j = pos1.get(key)
+        if j is not None:
+            why.update({name: round(float(z[j]), 3) for name, z in zs1.items()})
+        if key in prf:
+            why["prf"] = round(prf[key], 3)
+        if shared[i]:
+            why["links"] = shared[i]
+        out.append(MemoryHit(mgr._recs[key[0]][key[1]].model_copy(), float(arr[i]), why))
+    return out
