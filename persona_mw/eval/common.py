@@ -30,19 +30,23 @@ class _NoBackend:
 
 @contextmanager
 def eval_middleware(**overrides: Any) -> Iterator[tuple[Any, Any]]:
-    """A Middleware with only the profile plugin, on a throwaway SQLite store; yields (mw, plugin)."""
+    """A Middleware with only the profile plugin, on a throwaway SQLite store; yields (mw, plugin).
+
+    Keys ``graph.<name>`` set the graph section (e.g. ``graph.prior_strength``); the others the plugin's.
+    """
     from persona_mw.config import parse_config
     from persona_mw.middleware import Middleware
 
     settings = {**PROFILE_SETTINGS, **overrides}
+    graph = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("graph.")}
+    plugin = {k: v for k, v in settings.items() if not k.startswith("graph.")}
     with tempfile.TemporaryDirectory(prefix="persona-mw-eval-") as tmp:
-        cfg = parse_config(json.dumps({"pipeline": [{"use": "profile", **settings}]}), "<eval>")
+        cfg = parse_config(json.dumps({"pipeline": [{"use": "profile", **plugin}], "graph": graph}), "<eval>")
         cfg.store.path = str(Path(tmp) / "eval.db")
         cfg.trace.store = False
         mw = Middleware(cfg, backend=_NoBackend(), autoload=False)
         try:
-            plugin = mw.plugin("profile")
-            yield mw, plugin
+            yield mw, mw.plugin("profile")
         finally:
             mw.close()
 
@@ -72,9 +76,10 @@ def print_table(benchmark: str, metrics: dict[str, float], file: Any = None) -> 
 
 
 def write_result(path: str | None, benchmark: str, data: str, config: dict[str, Any],
-                 metrics: dict[str, float]) -> dict[str, Any]:
+                 metrics: dict[str, float], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The result JSON; ``extra`` (e.g. the cross-validation's spread, folds and choices) goes after the metrics."""
     result = {"benchmark": benchmark, "data": str(data), "config": config,
-              "metrics": {k: round(float(v), 4) for k, v in metrics.items()}}
+              "metrics": {k: round(float(v), 4) for k, v in metrics.items()}, **(extra or {})}
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
