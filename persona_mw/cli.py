@@ -481,7 +481,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return run_eval(args.benchmark, args.data, args.out, conversations=args.conversations, topics=args.topics,
                         turns=args.turns, forms=args.forms, limit=args.limit, seed=args.seed, backend=args.backend,
                         store=args.store, folds=args.folds, baselines=not args.no_baselines)
-    return run_eval(args.benchmark, args.data, args.out)
+    return run_eval(args.benchmark, args.data, args.out, folds=args.folds, inner_folds=args.inner_folds)
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -683,8 +683,11 @@ def _add_eval_command(add: AddCommand) -> None:
     p.add_argument("--turns", default="0,10,100,300", help="prefeval: distractor turns N, comma-separated")
     p.add_argument("--forms", default="explicit,choice,persona", help="prefeval: preference forms, comma-separated")
     p.add_argument("--limit", type=int, help="prefeval: items per topic (default: all)")
-    p.add_argument("--folds", type=int, help="locomo: K-fold cross-validation of the retrieval settings "
+    p.add_argument("--folds", type=int, help="K-fold cross-validation, reporting mean, spread and per-fold values. "
+                   "dsp, traits: nested (outer folds over queries or statements x users; every setting chosen by an "
+                   "inner CV on the training folds). locomo: the retrieval settings chosen on the training folds "
                    "(folds over conversations when there are at least K, else over questions)")
+    p.add_argument("--inner-folds", type=int, default=2, help="dsp, traits: folds of the inner CV (default %(default)s)")
     p.add_argument("--no-baselines", action="store_true", help="prefeval: skip the no_memory/bm25_top5 baselines")
     p.add_argument("--store", help="locomo: run through this store (a SQLite path or a postgresql:// DSN; "
                    "Postgres gets a fresh schema, dropped after). Default: a temporary SQLite file")

@@ -11,6 +11,13 @@ from persona_mw.errors import PersonaError
 from persona_mw.eval.common import print_table, write_result
 
 
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - platforms without it
+        return []
+
+
 def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) -> int:
     if not Path(data).exists():
         raise PersonaError(f"--data: no such folder {data!r}")
@@ -48,9 +55,23 @@ def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) 
         from persona_mw.eval import traits as mod  # type: ignore[no-redef]
     else:
         raise PersonaError(f"unknown benchmark {benchmark!r} (known: dsp, traits, style, fermi, locomo, prefeval)")
-    metrics = mod.run(data)
-    print_table(benchmark, metrics)
-    write_result(out, benchmark, data, mod.config(), metrics)
+    folds = options.get("folds")
+    if folds is not None:
+        if folds < 2:
+            raise PersonaError(f"--folds: need at least 2 (got {folds})")
+        inner = options.get("inner_folds") or 2
+        if inner < 2:
+            raise PersonaError(f"--inner-folds: need at least 2 (got {inner})")
+        report = mod.run_cv(data, folds=folds, inner_folds=inner, log=lambda m: print(m, file=sys.stderr, flush=True))
+        metrics = report.pop("metrics")
+        print_table(benchmark, metrics)
+        print_table(f"{benchmark} std", report["std"])
+        write_result(out, benchmark, data, {**mod.config(), "folds": folds, "inner_folds": inner}, metrics,
+                     extra={**report, "load_avg": _load()})
+    else:
+        metrics = mod.run(data)
+        print_table(benchmark, metrics)
+        write_result(out, benchmark, data, mod.config(), metrics)
     if out:
         print(f"wrote {out}", file=sys.stderr)
     return 0

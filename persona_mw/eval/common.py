@@ -30,19 +30,23 @@ class _NoBackend:
 
 @contextmanager
 def eval_middleware(**overrides: Any) -> Iterator[tuple[Any, Any]]:
-    """A Middleware with only the profile plugin, on a throwaway SQLite store; yields (mw, plugin)."""
+    """A Middleware with only the profile plugin, on a throwaway SQLite store; yields (mw, plugin).
+
+    Keys ``graph.<name>`` set the graph section (e.g. ``graph.prior_strength``); the others the plugin's.
+    """
     from persona_mw.config import parse_config
     from persona_mw.middleware import Middleware
 
     settings = {**PROFILE_SETTINGS, **overrides}
+    graph = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("graph.")}
+    plugin = {k: v for k, v in settings.items() if not k.startswith("graph.")}
     with tempfile.TemporaryDirectory(prefix="persona-mw-eval-") as tmp:
-        cfg = parse_config(json.dumps({"pipeline": [{"use": "profile", **settings}]}), "<eval>")
+        cfg = parse_config(json.dumps({"pipeline": [{"use": "profile", **plugin}], "graph": graph}), "<eval>")
         cfg.store.path = str(Path(tmp) / "eval.db")
         cfg.trace.store = False
         mw = Middleware(cfg, backend=_NoBackend(), autoload=False)
         try:
-            plugin = mw.plugin("profile")
-            yield mw, plugin
+            yield mw, mw.plugin("profile")
         finally:
             mw.close()
 

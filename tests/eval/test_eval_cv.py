@@ -1,0 +1,95 @@
+"""``eval dsp|traits --folds K``: nested cross-validation (persona_mw.eval.cv) on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from persona_mw.cli import main
+from persona_mw.eval import dsp, traits
+from persona_mw.eval.cv import kfold, nested_cv, summarize
+from tests.eval.test_eval_cli import dsp_dir, traits_dir  # noqa: F401  (fixtures)
+
+FAST = {"features": {"embedding": False, "ngram_dim": 512}}  # lexical features only: no embedding model
+
+
+def test_kfold_covers_every_index_once():
+    folds = kfold(11, 3, np.random.default_rng(0))
+    assert sorted(np.concatenate(folds).tolist()) == list(range(11))
+    assert sorted(len(f) for f in folds) == [3, 4, 4]
+    with pytest.raises(ValueError):
+        kfold(2, 3, np.random.default_rng(0))
+
+
+def test_nested_cv_chooses_by_the_inner_folds_only():
+    """Setting "a" wins on the inner splits, "b" on the outer test folds: the CV must pick "a"."""
+    seen_inner: list[str] = []
+
+    def trial(split, setting, final):
+        if not final:
+            seen_inner.append(split)
+        inner_best = setting["name"] == "a"
+        if "/in" not in split:  # an outer test fold
+            return {"top1": 0.9 if not inner_best else 0.4, "top1:base": 0.3}
+        return {"top1": 0.8 if inner_best else 0.5}
+
+    rep = nested_cv(["outer0", "outer1", "outer2"], lambda s: [f"{s}/in0", f"{s}/in1"], trial,
+                    [{"name": "b"}, {"name": "a"}], lambda m: m["top1"])
+    assert [f["chosen"] for f in rep["folds"]] == [{"name": "a"}] * 3
+    assert rep["chosen_most_often"] == {"name": "a"}
+    assert rep["metrics"]["top1"] == pytest.approx(0.4) and rep["std"]["top1"] == 0.0
+    assert all("/in" in s for s in seen_inner)  # the outer folds never scored a setting
+    assert rep["folds"][0]["inner_scores"] == {"name=b": 0.5, "name=a": 0.8}
+
+
+def test_summarize_mean_and_spread():
+    mean, std = summarize([{"x": 0.2, "y": 1.0}, {"x": 0.4}])
+    assert mean == {"x": pytest.approx(0.3)} and std == {"x": pytest.approx(0.1)}
+
+
+def test_dsp_folds_keep_test_queries_and_users_out_of_training():
+    users = [(f"d{d}-u{i}", d) for d in range(4) for i in range(5)]
+    outer = dsp.cv_splits(20, users, 5, seed=0)
+    assert sorted(np.concatenate([s.test for s in outer]).tolist()) == list(range(20))
+    assert sorted(u for s in outer for u in s.scored) == sorted(users)
+    for s in outer:
+        assert not set(s.test.tolist()) & set(s.obs.tolist())
+        assert sorted({d for _, d in s.scored}) == [0, 1, 2, 3]  # stratified by domain
+        for inner in dsp.inner_splits(s, 2):
+            assert set(inner.test.tolist()) | set(inner.obs.tolist()) <= set(s.obs.tolist())
+            assert not set(inner.test.tolist()) & set(inner.obs.tolist())
+            assert not set(inner.users) & set(s.scored)  # the outer fold's scored users are out
+
+
+@pytest.mark.slow
+def test_eval_dsp_cv_reports_folds_spread_and_choices(dsp_dir):  # noqa: F811
+    grid = [{**FAST, "prior_precision": 1.0}, {**FAST, "prior_precision": 3.0}]
+    rep = dsp.run_cv(dsp_dir, folds=3, inner_folds=2, users_per_domain=3, hs=(5,), grid=grid)
+    m = rep["metrics"]
+    assert {"top1@H5", "top1@H5:user_only", "top1@H5:centroid", "pairwise@H5"} <= set(m)
+    assert m["top1@H5"] > 0.5  # the styles are blatant
+    assert "purity@H5:groups" in m
+    assert len(rep["folds"]) == 3 and all(f["chosen"] in grid for f in rep["folds"])
+    assert set(rep["std"]) == set(m) and rep["grid"] == grid
+    assert rep["chosen_most_often"] in grid and "inner" in rep["protocol"]
+
+
+@pytest.mark.slow
+def test_eval_traits_cv_reports_folds(traits_dir):  # noqa: F811
+    grid = [{**FAST, "prior_precision": 1.0}, {**FAST, "prior_precision": 0.3}]
+    rep = traits.run_cv(traits_dir, folds=2, inner_folds=2, grid=grid,
+                        sizes=traits.Sizes(groups=2, users_per_group=3, test_users=1, novel_groups=0, test_choices=6))
+    m = rep["metrics"]
+    assert {"acc@k0", "acc@k5", "acc@k5:user_only", "acc@k20"} <= set(m)
+    assert m["acc@k0"] > 0.7
+    assert len(rep["folds"]) == 2 and set(rep["std"]) == set(m)
+
+
+def test_eval_folds_bad_values_are_clean_errors(dsp_dir, tmp_path, capsys):  # noqa: F811
+    assert main(["eval", "dsp", "--data", str(dsp_dir), "--folds", "1"]) == 2
+    assert "--folds" in capsys.readouterr().err
+    assert main(["eval", "dsp", "--data", str(dsp_dir), "--folds", "50"]) == 2
+    assert "--folds 50" in capsys.readouterr().err
+    out = tmp_path / "x.json"
+    assert main(["eval", "traits", "--data", str(dsp_dir), "--folds", "3", "--out", str(out)]) == 2
+    assert not out.exists()
