@@ -404,9 +404,10 @@ def _require_local() -> None:
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 # ``int8``: every Linear's weight as int8 with one scale per output row (weight-only, symmetric), the
-# products in bfloat16, everything else (norms, attention, residual stream, logits) in float32. A row's result depends on that row alone (no per-batch
-# activation scale as in torch's dynamic quantization), so batching, KV caching and steering streams
-# stay exact with respect to each other; a step reads a quarter of the float32 weight bytes.
+# products in bfloat16, everything else (norms, attention, residual stream, logits) in float32. A row's result depends on that row alone up to rounding (no per-batch
+# activation scale as in torch's dynamic quantization); a step reads a quarter of the float32 weight
+# bytes. Not bit-exact across batch shapes (the kernel's M=1 and M>1 paths round differently), so the
+# backend's default stays float32.
 _loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
 _load_locks: dict[tuple[str, str], threading.Lock] = {}
 

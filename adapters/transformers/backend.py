@@ -32,7 +32,7 @@ class TransformersBackend:
         temperature: float = 0.0,
         top_p: float | None = None,
         threads: int | None = None,
-        dtype: str = "int8",
+        dtype: str = "float32",
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")

@@ -1,5 +1,5 @@
-"""int8 weight-only loading (``dtype: int8``, the backend's default): close to float32, and each row's
-result independent of its batch mates (so batching, KV caching and steering streams stay exact)."""
+"""int8 weight-only loading (``dtype: int8``, opt-in): close to float32 logits, and a row's result does not
+depend on its batch mates beyond rounding (no per-batch activation scale)."""
 
 from __future__ import annotations
 
@@ -42,9 +42,11 @@ def test_int8_linear_matches_float_matmul_and_rows_are_independent() -> None:
     assert bool(((rebuilt - ref[0]).abs() <= step[:, None] * 0.51).all())
 
 
-def test_default_dtype_is_int8_and_unknown_dtype_names_the_choices() -> None:
-    assert TransformersBackend().dtype == "int8"
-    assert create(dtype="float32").dtype == "float32"
+def test_int8_is_a_dtype_setting_and_unknown_dtype_names_the_choices() -> None:
+    # float32 stays the default: the white-box loops' exactness tests (cached == uncached Amulet)
+    # do not hold under int8 (see docs/notes/decode.md).
+    assert TransformersBackend().dtype == "float32"
+    assert create(dtype="int8").dtype == "int8"
     with pytest.raises(ConfigError, match="int8"):
         create(dtype="int4")
 
