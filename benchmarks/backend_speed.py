@@ -69,55 +69,133 @@ def measure_cold_load(model: str) -> dict[str, float]:
     return {"import_torch_transformers_s": round(best["import_s"], 3), "load_from_cache_s": round(best["load_s"], 3)}
 
 
+CPU_SECONDS: list[float] = []  # process CPU time of each timed call, in call order (see summary)
+
+
 async def timed(coro: Any) -> tuple[float, Any]:
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     result = await coro
+    CPU_SECONDS.append(time.process_time() - c0)
     return time.perf_counter() - t0, result
 
 
-async def measure_decoding(model: str, threads: int | None) -> dict[str, Any]:
+def summary(samples: list[tuple[float, int]], cpu: list[float] | None = None) -> dict[str, Any]:
+    """Wall-clock tokens/s; with ``cpu`` (process CPU seconds per sample) also tokens per CPU second,
+    the steadier figure on a machine shared with other jobs (at one torch thread it is the work done)."""
+    rates = [tokens / seconds for seconds, tokens in samples]
+    extra = {}
+    if cpu:
+        extra = {"tokens_per_cpu_s_median": round(statistics.median(t / c for (_, t), c in zip(samples, cpu)), 2),
+                 "cpu_seconds": [round(c, 3) for c in cpu]}
+    return {
+        **extra,
+        "tokens_per_s_median": round(statistics.median(rates), 2),
+        "tokens_per_s_all": [round(r, 2) for r in rates],
+        "tokens": [t for _, t in samples],
+        "seconds": [round(s, 3) for s, _ in samples],
+    }
+
+
+def llamacpp_runner(model: str, threads: int | None) -> tuple[Any, str | None]:
+    """A callable ``prompt -> (seconds, tokens)`` greedy-decoding on llama.cpp, or None and why not.
+
+    Runs the very GGUF file that the transformers backend de-quantizes (``persona_mw.models``)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        return None, f"llama-cpp-python is not importable here ({exc}); pip install llama-cpp-python to compare"
+    import tempfile
+
+    from persona_mw import models
+
+    spec = models.get_spec(model)
+    gguf = models._materialize_gguf(spec, Path(tempfile.mkdtemp(prefix="persona-mw-gguf-")))
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads or (os.cpu_count() or 1),
+                          n_threads_batch=threads or (os.cpu_count() or 1), verbose=False, seed=0)
+
+    def run(prompt: str, max_tokens: int) -> tuple[float, int]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
+        CPU_SECONDS.append(time.process_time() - c0)
+        return time.perf_counter() - t0, int(out["usage"]["completion_tokens"])
+
+    return (run, str(gguf)), None
+
+
+async def measure_decoding(model: str, threads: int | None, repeats: int, dtype: str = "int8") -> dict[str, Any]:
+    """Every configuration in ONE process, rounds interleaved so a shared machine's load hits all alike."""
     from persona_mw.adapters.transformers import TransformersBackend
     from persona_mw.types import GenerationParams, Message
 
-    backend = TransformersBackend(model, max_new_tokens=NEW_TOKENS, threads=threads)
-    await backend.load()
+    configs = {
+        # Today's figure: float32 weights, transformers' model.generate for every step.
+        "float32_eager": TransformersBackend(model, max_new_tokens=NEW_TOKENS, threads=threads, dtype="float32"),
+        # The faster setting under test (``--dtype``, int8 by default; the backend's default is float32).
+        "default": TransformersBackend(model, max_new_tokens=NEW_TOKENS, threads=threads, dtype=dtype),
+    }
     ask = [Message(role="user", content=PROMPT)]
     greedy = GenerationParams(max_tokens=NEW_TOKENS)
-    await backend.generate(ask, params=GenerationParams(max_tokens=8))  # warm-up: first-call overheads
-
-    def summary(samples: list[tuple[float, int]]) -> dict[str, Any]:
-        rates = [tokens / seconds for seconds, tokens in samples]
-        return {
-            "tokens_per_s_median": round(statistics.median(rates), 2),
-            "tokens_per_s_all": [round(r, 2) for r in rates],
-            "tokens": [t for _, t in samples],
-            "seconds": [round(s, 3) for s, _ in samples],
-        }
-
-    batch1 = []
-    for _ in range(REPEATS):
-        seconds, (cand,) = await timed(backend.generate(ask, params=greedy))
-        batch1.append((seconds, cand.tokens or 0))
-
-    batch4 = []
-    for seed in range(REPEATS):
-        params = GenerationParams(max_tokens=NEW_TOKENS, seed=seed)
-        seconds, cands = await timed(backend.generate(ask, n=4, params=params))
-        batch4.append((seconds, sum(c.tokens or 0 for c in cands)))
-
     prompts = [[Message(role="user", content=p)] for p in BATCH_PROMPTS]
-    batch4_prompts = []
-    for _ in range(REPEATS):
-        seconds, cands = await timed(backend.generate_batch(prompts, params=greedy))
-        batch4_prompts.append((seconds, sum(c.tokens or 0 for c in cands)))
+    for backend in configs.values():
+        await backend.load()
+        await backend.generate(ask, params=GenerationParams(max_tokens=8))  # warm-up: first-call overheads
+    runner, why_not = llamacpp_runner(model, threads)
+    llama_prompt = configs["default"].format_prompt(ask)
+    if runner is not None:
+        runner[0](llama_prompt, 8)  # warm-up
+    samples: dict[str, list[tuple[float, int]]] = {}
+    cpu: dict[str, list[float]] = {}
+    for r in range(repeats):
+        for name, backend in configs.items():
+            seconds, (cand,) = await timed(backend.generate(ask, params=greedy))
+            samples.setdefault(f"{name}.batch1_greedy", []).append((seconds, cand.tokens or 0))
+            cpu.setdefault(f"{name}.batch1_greedy", []).append(CPU_SECONDS[-1])
+            seconds, cands = await timed(backend.generate_batch(prompts, params=greedy))
+            samples.setdefault(f"{name}.batch4_prompts_greedy", []).append((seconds, sum(c.tokens or 0 for c in cands)))
+            cpu.setdefault(f"{name}.batch4_prompts_greedy", []).append(CPU_SECONDS[-1])
+            params = GenerationParams(max_tokens=NEW_TOKENS, seed=r)
+            seconds, cands = await timed(backend.generate(ask, n=4, params=params))
+            samples.setdefault(f"{name}.batch4_candidates_sampled", []).append(
+                (seconds, sum(c.tokens or 0 for c in cands)))
+            cpu.setdefault(f"{name}.batch4_candidates_sampled", []).append(CPU_SECONDS[-1])
+        if runner is not None:
+            samples.setdefault("llamacpp.batch1_greedy", []).append(runner[0](llama_prompt, NEW_TOKENS))
+            cpu.setdefault("llamacpp.batch1_greedy", []).append(CPU_SECONDS[-1])
+        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
 
     import torch
 
+    out: dict[str, Any] = {}
+    for key, got in samples.items():
+        name, metric = key.split(".")
+        out.setdefault(name, {})[metric] = summary(got, cpu.get(key))
+    for name, backend in configs.items():
+        out[name]["settings"] = {"dtype": backend.dtype, "threads": torch.get_num_threads()}
+    out["llamacpp"] = ({**out["llamacpp"], "gguf": Path(runner[1]).name, "available": True} if runner is not None
+                       else {"available": False, "reason": why_not, "batch1_greedy": None})
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def ratios(decoding: dict[str, Any]) -> dict[str, float | None]:
+    def rate(name: str, metric: str = "batch1_greedy") -> float | None:
+        got = decoding.get(name, {}).get(metric)
+        return None if not got else float(got["tokens_per_s_median"])
+
+    new, old, ref = rate("default"), rate("float32_eager"), rate("llamacpp")
+    new4, old4 = rate("default", "batch4_prompts_greedy"), rate("float32_eager", "batch4_prompts_greedy")
+
+    def cpu_rate(name: str) -> float | None:
+        got = decoding.get(name, {}).get("batch1_greedy")
+        return None if not got or "tokens_per_cpu_s_median" not in got else float(got["tokens_per_cpu_s_median"])
+
+    cnew, cold, cref = cpu_rate("default"), cpu_rate("float32_eager"), cpu_rate("llamacpp")
     return {
-        "batch1_greedy": summary(batch1),
-        "batch4_candidates_sampled": summary(batch4),
-        "batch4_prompts_greedy": summary(batch4_prompts),
-        "torch_threads": torch.get_num_threads(),
+        "batch1_cpu_time_vs_float32_eager": round(cnew / cold, 3) if cnew and cold else None,
+        "batch1_cpu_time_vs_llamacpp": round(cnew / cref, 3) if cnew and cref else None,
+        "batch1_vs_float32_eager": round(new / old, 3) if new and old else None,
+        "batch1_vs_llamacpp": round(new / ref, 3) if new and ref else None,
+        "batch4_prompts_vs_float32_eager": round(new4 / old4, 3) if new4 and old4 else None,
     }
 
 
@@ -141,40 +219,59 @@ def _loadavg() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+TARGETS = {"batch1_vs_float32_eager": 2.5, "batch1_vs_llamacpp": 0.6}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--dtype", default="int8", help="the setting timed against float32 eager (key 'default')")
+    parser.add_argument("--skip-load", action="store_true", help="do not time the cold load (2 subprocesses)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     load_before = _loadavg()
     if load_before and load_before[0] > 1.0:
         print(f"warning: load average {load_before[0]:.1f} before starting: other processes compete for the "
-              "CPU and torch slows down badly when oversubscribed; the numbers will be low", file=sys.stderr)
-    load = measure_cold_load(args.model)
-    decoding = asyncio.run(measure_decoding(args.model, args.threads))
+              "CPU and torch slows down badly when oversubscribed; compare the ratios, not tokens/s", file=sys.stderr)
+    load = None if args.skip_load else measure_cold_load(args.model)
+    decoding = asyncio.run(measure_decoding(args.model, args.threads, args.repeats, args.dtype))
+    got = ratios(decoding)
     result = {
         "benchmark": "backend_speed",
         "model": args.model,
         "new_tokens": NEW_TOKENS,
-        "repeats": REPEATS,
+        "repeats": args.repeats,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {**machine(), "load_average_before": load_before},
+        "ratios": got,
+        "targets": TARGETS,
+        "targets_met": {k: (None if got[k] is None else got[k] >= v) for k, v in TARGETS.items()},
         "load": load,
         **decoding,
     }
     print(f"backend speed: {args.model} on {result['machine']['cpu_count']} CPUs, "
-          f"torch {result['machine']['torch']} ({decoding['torch_threads']} threads)")
-    print(f"  import torch+transformers   {load['import_torch_transformers_s']:7.2f} s")
-    print(f"  load from safetensors cache {load['load_from_cache_s']:7.2f} s")
-    for key, label in (
-        ("batch1_greedy", "batch 1, greedy"),
-        ("batch4_candidates_sampled", "batch 4, n=4 candidates"),
-        ("batch4_prompts_greedy", "batch 4, 4 prompts greedy"),
-    ):
-        r = decoding[key]
-        print(f"  {label:<27} {r['tokens_per_s_median']:7.2f} tokens/s (median of {r['tokens_per_s_all']})")
+          f"torch {result['machine']['torch']} ({decoding['torch_threads']} threads), "
+          f"load {load_before} -> {result['machine']['load_average_after']}")
+    if load:
+        print(f"  import torch+transformers   {load['import_torch_transformers_s']:7.2f} s")
+        print(f"  load from safetensors cache {load['load_from_cache_s']:7.2f} s")
+    for name in ("float32_eager", "default", "llamacpp"):
+        for key, label in (
+            ("batch1_greedy", "batch 1, greedy"),
+            ("batch4_candidates_sampled", "batch 4, n=4 candidates"),
+            ("batch4_prompts_greedy", "batch 4, 4 prompts greedy"),
+        ):
+            r = decoding[name].get(key)
+            if r:
+                print(f"  {name:<14} {label:<27} {r['tokens_per_s_median']:7.2f} tokens/s "
+                      f"(median of {r['tokens_per_s_all']})")
+    if not decoding["llamacpp"]["available"]:
+        print(f"  llama.cpp: not run ({decoding['llamacpp']['reason']})")
+    for key, value in got.items():
+        print(f"  ratio {key:<32} {value}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"  wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")

@@ -54,6 +54,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core box a 2-thread pool stalls on every busy core)")
+    ap.add_argument("--dtype", default="int8", help="the backend's dtype for every method (int8: the fast setting)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
 
@@ -65,7 +66,8 @@ def main() -> int:
     from persona_mw.plugins.vectors import add_vector_hook, default_layer
     from persona_mw.types import Decoding, GenerationParams, Message
 
-    backend = TransformersBackend(model=args.model, max_new_tokens=args.tokens, threads=args.threads)
+    backend = TransformersBackend(model=args.model, max_new_tokens=args.tokens, threads=args.threads,
+                                 dtype=args.dtype)
     asyncio.run(backend.load())
     d = backend.model.config.hidden_size
     ban = BanTokens(sorted(backend._eos_ids()))
@@ -87,6 +89,7 @@ def main() -> int:
                                      reward_weight=1.0, logits_processors=[ban])),
     }
     params = GenerationParams(max_tokens=args.tokens, temperature=0.0)
+    load_before = os.getloadavg()
     rates: dict[str, list[float]] = {m: [] for m in methods}
     # Warm-up (first-call allocations), untimed.
     for msgs, dec in methods.values():
@@ -101,7 +104,10 @@ def main() -> int:
     med = {m: statistics.median(v) for m, v in rates.items()}
     ratio = {m: med[m] / med["plain"] for m in med}
     result = {
+        "benchmark": "steering_speed",
+        "ratios": {"contrast": ratio["contrast"], "vectors": ratio["vectors"], "args_k10": ratio["args"]},
         "model": args.model,
+        "dtype": backend.dtype,
         "new_tokens": args.tokens,
         "rounds": args.rounds,
         "tokens_per_second_median": med,
@@ -111,7 +117,7 @@ def main() -> int:
         "goals_met": {m: ratio[m] >= g for m, g in GOALS.items()},
         "torch_threads": torch.get_num_threads(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "loadavg_at_end": os.getloadavg()},
+                    "loadavg_before": load_before, "loadavg_at_end": os.getloadavg()},
         "note": "a shared machine: compare ratios, not absolute tokens/s",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

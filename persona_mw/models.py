@@ -402,7 +402,12 @@ def _require_local() -> None:
 
 # --------------------------------------------------------------------------- load
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+# ``int8``: every Linear's weight as int8 with one scale per output row (weight-only, symmetric), the
+# products in bfloat16, everything else (norms, attention, residual stream, logits) in float32. A row's result depends on that row alone up to rounding (no per-batch
+# activation scale as in torch's dynamic quantization); a step reads a quarter of the float32 weight
+# bytes. Not bit-exact across batch shapes (the kernel's M=1 and M>1 paths round differently), so the
+# backend's default stays float32.
 _loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
 _load_locks: dict[tuple[str, str], threading.Lock] = {}
 
@@ -413,8 +418,8 @@ def load(name: str = DEFAULT_MODEL, *, dtype: str = "float32") -> tuple[Any, Any
     The tokenizer gets a pad token (its eos token) when it has none. Thread-safe: concurrent
     callers for one model wait for a single load.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     path = resolve(name)
     key = (str(path), dtype)
     if key in _loaded:
@@ -431,12 +436,55 @@ def load(name: str = DEFAULT_MODEL, *, dtype: str = "float32") -> tuple[Any, Any
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers; a sub-second load from the cache needs no bar
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+            torch_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model.eval()  # type: ignore[no-untyped-call]  # untyped in transformers
+        if dtype == "int8":
+            int8_weights(model)
         _loaded[key] = (model, tok)
         return _loaded[key]
+
+
+def int8_weights(model: Any) -> Any:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by an int8 weight-only one; returns ``model``.
+
+    Per output row ``w ~= scale * q`` with ``q`` in [-127, 127]; the product runs in
+    ``torch._weight_int8pack_mm`` with bfloat16 inputs (its float32 path measured 5x slower than the
+    float32 model here) and comes back as float32, so norms, attention, the residual stream and the
+    logits stay float32. The tied embedding table stays float (a lookup reads one row); the LM head
+    gets its own int8 copy.
+    """
+    import torch
+
+    class Int8Linear(torch.nn.Module):
+        def __init__(self, lin: torch.nn.Linear) -> None:
+            super().__init__()
+            w = lin.weight.detach().float()
+            # The scale is rounded to bfloat16 first, so that q * scale is what the kernel multiplies.
+            scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16)
+            self.in_features, self.out_features = lin.in_features, lin.out_features
+            q = torch.round(w / scale.float()[:, None]).clamp(-127, 127)
+            self.register_buffer("qweight", q.to(torch.int8))
+            self.register_buffer("scale", scale)
+            self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.scale).float()
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model

@@ -40,8 +40,8 @@ class TransformersBackend:
             raise ValueError("temperature must be >= 0")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        if dtype not in _models.DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_models.DTYPES)}, not {dtype!r}")
         # A registry name is checked now (ModelNotFound with a suggestion); a path at load time.
         spec = None if _models.is_local_path(model) else _models.get_spec(model)
         self.model_name = spec.name if spec else model
