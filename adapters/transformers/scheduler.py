@@ -90,6 +90,7 @@ class Scheduler:
         self.mask: Any = None
         self.next_ids: Any = None
         self.steps = 0
+        self.peak_batch = 0  # most requests that shared one step (a figure for tests and benchmarks)
         self.step_seconds = 0.05  # running estimate of one decode step, for Retry-After
 
     # ----------------------------------------------------------------- request side
@@ -164,6 +165,7 @@ class Scheduler:
             budget -= self._prefill_chunk(job, budget)
         if self.active:
             started = time.perf_counter()
+            self.peak_batch = max(self.peak_batch, len(self.active))
             self._decode()
             self.step_seconds = 0.8 * self.step_seconds + 0.2 * (time.perf_counter() - started)
             self.steps += 1
