@@ -143,8 +143,7 @@ class Scheduler:
         return bool(self.active or self.prefilling or self._pending)
 
     def _fail_all(self, exc: BaseException) -> None:
-        err = exc if isinstance(exc, PersonaError) else BackendError(
-            f"{self.b.name} failed to generate: {type(exc).__name__}: {exc}")
+        err = self._error(exc)
         with self._guard:
             jobs = self.active + self.prefilling + list(self._pending)
             self._pending.clear()
@@ -185,7 +184,7 @@ class Scheduler:
                 prompts, layout, _ = _layout(self.b, [(job.messages, job.decoding)], 1)
                 job.enc = self.b._encode(prompts)
             except Exception as exc:  # a prompt too long for the model fails that request alone
-                job.done.set_exception(exc if isinstance(exc, PersonaError) else BackendError(str(exc)))
+                job.done.set_exception(self._error(exc))
                 continue
             _, job.spans, job.procs = layout[0]
             job.lim = loop_limits(self.b, job.s, int(job.enc["input_ids"].shape[1]))
@@ -226,8 +225,15 @@ class Scheduler:
         job.finished = True
         job.cache = None
         if not job.done.done():
-            job.done.set_exception(exc if isinstance(exc, PersonaError) else BackendError(
-                f"{self.b.name} failed to generate: {type(exc).__name__}: {exc}"))
+            job.done.set_exception(self._error(exc))
+
+    def _error(self, exc: BaseException) -> BaseException:
+        """``exc`` as the error a caller gets: persona errors as they are, others as a ``BackendError``."""
+        if isinstance(exc, PersonaError):
+            return exc
+        err = BackendError(f"{self.b.name} failed to generate: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
 
     def _join(self, job: Job, token: int) -> None:
         """Left-pad ``job``'s cache and the batch's to one length and append its rows."""
