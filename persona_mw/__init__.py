@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from persona_mw.config import Config, load_config, parse_config
 from persona_mw.errors import (
     BackendError,
+    BackendOverloaded,
     BackendTimeout,
     BackendUnavailable,
     ConfigError,
@@ -53,6 +54,7 @@ from persona_mw.types import (
 __all__ = [
     "__version__",
     "BackendError",
+    "BackendOverloaded",
     "BackendTimeout",
     "BackendUnavailable",
     "Candidate",

@@ -9,6 +9,7 @@
      |    +-- BackendTimeout
      |    +-- BackendUnavailable  connection refused, 5xx, rate limit
      |    +-- ModelNotFound       a local model that is not in the registry or cannot be fetched
+     |    +-- BackendOverloaded   the local model's request queue is full (503 + Retry-After)
      +-- StoreError               the store could not read or write
       +-- ForgottenError       a write for a user forgotten after the work started (dropped)
 
@@ -70,6 +71,15 @@ class BackendUnavailable(BackendError):
 
 class ModelNotFound(BackendError):
     """A local model name that the registry does not know or cannot fetch."""
+
+
+class BackendOverloaded(BackendError):
+    """The local backend's queue is full: retry after ``retry_after_s`` seconds (the server's 503 +
+    ``Retry-After``). Not retried by the resilience wrapper: retrying at once would only refill it."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = max(1, int(retry_after_s))
 
 
 class StoreError(PersonaError):

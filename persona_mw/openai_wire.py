@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from persona_mw.errors import (
     BackendError,
+    BackendOverloaded,
     BackendTimeout,
     BackendUnavailable,
     ConfigError,
@@ -184,6 +185,8 @@ def _error_for(exc: BaseException) -> HTTPError:
         return HTTPError(502, f"plugin {exc.plugin!r} failed{where}: {exc}", type="plugin_error", code=exc.plugin)
     if isinstance(exc, BackendTimeout):
         return HTTPError(504, str(exc), type="backend_timeout", code="timeout")
+    if isinstance(exc, BackendOverloaded):
+        return HTTPError(503, str(exc), type="overloaded_error", code="overloaded")
     if isinstance(exc, BackendUnavailable):
         return HTTPError(502, str(exc), type="backend_unavailable", code="unavailable")
     if isinstance(exc, BackendError):

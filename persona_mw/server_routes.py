@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeV
 
 from pydantic_core import to_jsonable_python
 
-from persona_mw.errors import RequestError, StoreError
+from persona_mw.errors import BackendOverloaded, RequestError, StoreError
 from persona_mw.limits import check_groups
 from persona_mw.openai_wire import (
     _FEEDBACK,
@@ -174,7 +174,21 @@ def error_response(state: ServerState, exc: BaseException, shape: Shape = openai
     elif err.status >= 500:
         log.warning("request failed (%s): %s", err.type, exc)
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    retry = _retry_after(exc)
+    if err.status == 503 and retry is not None:
+        headers = {"Retry-After": str(retry)}
     return JSONResponse(shape(err), status_code=err.status, headers=headers)
+
+
+def _retry_after(exc: BaseException) -> int | None:
+    """The ``Retry-After`` seconds of an overloaded backend anywhere in ``exc``'s cause chain."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, BackendOverloaded):
+            return current.retry_after_s
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return None
 
 
 def tenant_mw(request: Request) -> Any:

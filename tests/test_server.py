@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from persona_mw import BackendTimeout, BackendUnavailable, Middleware, hookimpl
+from persona_mw import BackendOverloaded, BackendTimeout, BackendUnavailable, Middleware, hookimpl
 from persona_mw.server import create_app, serve_in_thread, to_chat_request
 from persona_mw.testing import ScriptedBackend, registered
 from persona_mw.types import Message
@@ -308,6 +308,18 @@ def test_backend_failures_map_to_status(tmp_path: Path) -> None:
                     assert assert_error(r, status)["type"] == kind
         finally:
             m.close()
+
+
+def test_an_overloaded_backend_answers_503_with_retry_after(tmp_path: Path) -> None:
+    m = new_mw(tmp_path, ScriptedBackend(fail=BackendOverloaded("12 requests are waiting", retry_after_s=3)))
+    try:
+        with serve_in_thread(create_app(m)) as base:
+            for stream in (False, True):
+                r = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "user": "ana", "stream": stream})
+                assert assert_error(r, 503)["type"] == "overloaded_error"
+                assert r.headers["retry-after"] == "3"
+    finally:
+        m.close()
 
 
 def test_error_mid_stream_is_an_sse_event(tmp_path: Path) -> None:

@@ -75,7 +75,8 @@ __all__ = ["DIVERSE_TEMPERATURE", "PLAIN_STOP", "TORCH_THREAD", "TransformersBac
 _HELPERS = (_ROLE_LABEL, _apply, _cancellable, _cut_at_stop, _on_torch_thread, _stop_criterion, _stop_on_text,
             _token_pipe, _unsafe_suffix)
 
-_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "threads", "dtype")
+_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "threads", "dtype", "batching", "max_batch",
+             "max_queue", "prefill_chunk")
 
 
 def create(**settings: Any) -> TransformersBackend:

@@ -16,7 +16,8 @@ from persona_mw.errors import BackendError, PersonaError
 from persona_mw.types import Candidate, Decoding, GenerationParams, Message
 
 from . import generation
-from .decoding import _ROLE_LABEL, DIVERSE_TEMPERATURE, PLAIN_STOP, _cut_at_stop, _unsafe_suffix
+from .scheduler import Job, Scheduler, run_job, schedulable
+from .decoding import _ROLE_LABEL, DIVERSE_TEMPERATURE, PLAIN_STOP, _cut_at_stop, _token_pipe, _unsafe_suffix
 from .torch_thread import TORCH_THREAD, _cancellable, _on_torch_thread
 
 T = TypeVar("T")
@@ -33,6 +34,10 @@ class TransformersBackend:
         top_p: float | None = None,
         threads: int | None = None,
         dtype: str = "float32",
+        batching: bool = True,
+        max_batch: int = 8,
+        max_queue: int = 16,
+        prefill_chunk: int = 256,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
@@ -40,6 +45,9 @@ class TransformersBackend:
             raise ValueError("temperature must be >= 0")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        for key, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if value < 1:
+                raise ValueError(f"{key} must be at least 1")
         if dtype not in _models.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_models.DTYPES)}, not {dtype!r}")
         # A registry name is checked now (ModelNotFound with a suggestion); a path at load time.
@@ -66,6 +74,19 @@ class TransformersBackend:
         # Steering keeps one KV cache per stream; False re-encodes everything each step (the
         # naive reference that tests compare against; never faster).
         self.steering_cache = True
+        # Continuous batching (``scheduler``): requests that can share a batch join it at the next step.
+        self.batching = batching
+        self._scheduler: Scheduler | None = None
+        self._scheduler_args = (max_batch, max_queue, prefill_chunk)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """This backend's continuous batch (created on first use)."""
+        if self._scheduler is None:
+            with self._load_lock:
+                if self._scheduler is None:
+                    self._scheduler = Scheduler(self, *self._scheduler_args)
+        return self._scheduler
 
     # ----------------------------------------------------------------- model access
 
@@ -195,7 +216,27 @@ class TransformersBackend:
     ) -> list[Candidate]:
         if n < 1:
             raise BackendError(f"n must be at least 1, got {n}")
-        return await _cancellable(generation.run, self, [messages], n, params or GenerationParams(), decoding or [])
+        params, decoding = params or GenerationParams(), decoding or []
+        if schedulable(self, decoding, n):
+            return await self._batched([(messages, decoding)], params)
+        return await _cancellable(generation.run, self, [messages], n, params, decoding)
+
+    def _job(self, messages: list[Message], decoding: list[Decoding], params: GenerationParams) -> Job:
+        from concurrent.futures import Future
+
+        return Job(messages, decoding, self._settings(params, 1), Future(), threading.Event())
+
+    async def _batched(self, requests: list[tuple[list[Message], list[Decoding]]],
+                       params: GenerationParams) -> list[Candidate]:
+        """Each request as one job of the continuous batch; candidates in request order."""
+        await _on_torch_thread(self._ensure_loaded)
+        answers = await asyncio.gather(*(run_job(self, self._job(m, d, params)) for m, d in requests))
+        out = []
+        for i, cands in enumerate(answers):
+            for c in cands:
+                c.index = i
+                out.append(c)
+        return out
 
     async def generate_batch(
         self,
@@ -206,7 +247,10 @@ class TransformersBackend:
         """One answer per prompt, all prompts in one left-padded batch (``index`` = prompt's position)."""
         if not batch:
             return []
-        return await _cancellable(generation.run, self, batch, 1, params or GenerationParams(), decoding or [])
+        params, decoding = params or GenerationParams(), decoding or []
+        if schedulable(self, decoding, 1):
+            return await self._batched([(m, decoding) for m in batch], params)
+        return await _cancellable(generation.run, self, batch, 1, params, decoding)
 
     async def generate_steered(
         self,
@@ -224,6 +268,8 @@ class TransformersBackend:
             raise BackendError("requests in one steered batch carry different activation hooks",
                                hint="batch requests with the same activation edits together")
         given = params or GenerationParams()
+        if all(schedulable(self, dec, n) for _, dec in requests):
+            return await self._batched(requests, given)
 
         def job(cancel: threading.Event) -> list[Candidate]:
             self._prepare()
@@ -295,6 +341,34 @@ class TransformersBackend:
 
     # ----------------------------------------------------------------- streaming
 
+    def _stream_job(self, messages: list[Message], decoding: list[Decoding], params: GenerationParams,
+                    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[str, Any]],
+                    cancelled: threading.Event) -> asyncio.Future[Any]:
+        """Submit a streaming job to the batch: its tokens go to ``queue`` as text, then end or error.
+        Raises ``BackendOverloaded`` at once when the queue is full."""
+        from concurrent.futures import Future
+
+        def send(kind: str, value: Any = None) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+
+        pipe = _token_pipe(self._tokenizer, send, cancelled)
+
+        def on_token(token: int) -> None:
+            pipe(0, token)
+
+        job = Job(messages, decoding, self._settings(params, 1), Future(), cancelled, on_token=on_token)
+
+        def finished(f: Future[list[Candidate]]) -> None:
+            exc = f.exception()
+            send("error", exc) if exc is not None else send("end")
+
+        job.done.add_done_callback(finished)
+        self.scheduler.submit(job)
+        return asyncio.wrap_future(job.done, loop=loop)
+
     async def stream(
         self,
         messages: list[Message],
@@ -311,9 +385,12 @@ class TransformersBackend:
         cancelled = threading.Event()
         s = self._settings(params, 1)
         # Generation runs on the torch thread and feeds the queue; this side only awaits it.
-        worker = loop.run_in_executor(
-            TORCH_THREAD, generation.stream_worker, self, messages, params, decoding, s, loop, queue, cancelled
-        )
+        if schedulable(self, decoding, 1):
+            worker = self._stream_job(messages, decoding, params, loop, queue, cancelled)
+        else:
+            worker = loop.run_in_executor(
+                TORCH_THREAD, generation.stream_worker, self, messages, params, decoding, s, loop, queue, cancelled
+            )
         held = ""  # text not yet safe to emit: a possible stop-string prefix or trailing space
         started = False
         try:

@@ -1,0 +1,404 @@
+"""Continuous batching across requests on the torch thread.
+
+Requests that arrive while others decode join the running batch at the next step and leave when
+they finish. The batch is ONE left-padded ``DynamicCache``: each request owns rows of it (its
+answer row, plus one row per extra prompt stream of a contrast/experts ``Decoding``), with per-row
+positions from the attention mask. A new request is prefilled on its own cache, in chunks of at
+most ``prefill_chunk`` tokens per step (so a long prompt cannot stall the requests already
+decoding), then its rows are left-padded to the batch's length and appended; a finished or
+cancelled request's rows are dropped before the next step. Each request keeps its own sampling
+settings (its own seeded ``torch.Generator``), stop strings, logits processors, ``combine``
+functions and an ``adapter`` field (a per-request hook point for a forward that can run mixed
+adapters; unused by the plain forward).
+
+The scheduler runs in slices on ``TORCH_THREAD``: a slice steps the batch until it is empty, or
+until other torch work is queued on the thread (``backend.call``, the paths that cannot share a
+batch: activation hooks, reward-guided search, ``n > 1``); it then resubmits itself behind that
+work, so both make progress. At most ``max_queue`` requests wait for a row; one more raises
+``BackendOverloaded`` (the server answers 503 with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from persona_mw.errors import BackendError, BackendOverloaded, PersonaError
+from persona_mw.logits import top_p_mask
+from persona_mw.types import Candidate, Decoding, Message
+
+from .steering import forward_last, loop_limits, new_cache
+from .torch_thread import TORCH_THREAD
+
+if TYPE_CHECKING:
+    from .backend import TransformersBackend
+
+OnText = Callable[[int], None]
+
+
+@dataclass
+class Job:
+    """One request in the scheduler: its prompt rows, settings and progress (torch thread only)."""
+
+    messages: list[Message]
+    decoding: list[Decoding]
+    s: dict[str, Any]
+    done: Future[list[Candidate]]
+    cancel: threading.Event
+    on_token: OnText | None = None
+    adapter: Any = None  # hook point: a per-request adapter for a forward that batches mixed adapters
+    # set at admission
+    enc: Any = None
+    spans: list[tuple[Decoding, int, int]] = field(default_factory=list)
+    procs: list[Any] = field(default_factory=list)
+    lim: Any = None
+    generator: Any = None
+    prompt_ids: Any = None  # the answer row's prompt ids [1, P] (no padding), for logits processors
+    # prefill progress: own cache and the columns encoded so far
+    cache: Any = None
+    filled: int = 0
+    gen: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def rows(self) -> int:
+        return int(self.enc["input_ids"].shape[0])
+
+
+class Scheduler:
+    """The continuous batch of one backend (see the module docstring)."""
+
+    def __init__(self, b: TransformersBackend, max_batch: int, max_queue: int, prefill_chunk: int) -> None:
+        self.b = b
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self._pending: collections.deque[Job] = collections.deque()
+        self._guard = threading.Lock()  # _pending and _scheduled, shared with request threads
+        self._scheduled = False
+        # torch-thread state: the running jobs (row-major order), the batch cache and its mask
+        self.active: list[Job] = []
+        self.prefilling: list[Job] = []
+        self.cache: Any = None
+        self.mask: Any = None
+        self.next_ids: Any = None
+        self.steps = 0
+        self.peak_batch = 0  # most requests that shared one step (a figure for tests and benchmarks)
+        self.step_seconds = 0.05  # running estimate of one decode step, for Retry-After
+
+    # ----------------------------------------------------------------- request side
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` (any thread); raises ``BackendOverloaded`` when ``max_queue`` requests wait."""
+        with self._guard:
+            if len(self._pending) >= self.max_queue:
+                raise BackendOverloaded(
+                    f"{self.b.name}: {len(self._pending)} requests are already waiting for the local model "
+                    f"(max_queue {self.max_queue})",
+                    retry_after_s=self._retry_after(),
+                    hint="retry after the Retry-After delay, or raise backend.max_queue",
+                )
+            self._pending.append(job)
+            start = not self._scheduled
+            self._scheduled = True
+        if start:
+            TORCH_THREAD.submit(self._slice)
+
+    def _retry_after(self) -> int:
+        """Whole seconds until a queue place is likely to free: the batch's remaining steps, roughly."""
+        left: list[int] = [int(j.s["max_new_tokens"]) - len(j.gen) for j in self.active] or [self.b.max_new_tokens]
+        return max(1, math.ceil(min(left) * float(self.step_seconds)))
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    # ----------------------------------------------------------------- torch thread
+
+    def _slice(self) -> None:
+        """Step the batch until it is empty or other torch work is queued, then yield to it."""
+        try:
+            self.b._prepare()
+            with self.b._lock:
+                while self._has_work():
+                    self.step()
+                    if _others_waiting():
+                        break
+        except BaseException as exc:  # a broken step fails every job, never the thread
+            self._fail_all(exc)
+        with self._guard:
+            if self._has_work():
+                TORCH_THREAD.submit(self._slice)
+            else:
+                self._scheduled = False
+
+    def _has_work(self) -> bool:
+        return bool(self.active or self.prefilling or self._pending)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        err = self._error(exc)
+        with self._guard:
+            jobs = self.active + self.prefilling + list(self._pending)
+            self._pending.clear()
+        for job in jobs:
+            if not job.done.done():
+                job.done.set_exception(err)
+        self.active, self.prefilling = [], []
+        self.cache = self.mask = self.next_ids = None
+
+    def step(self) -> None:
+        """Admit waiting jobs, prefill one chunk, decode one token for every running row."""
+        self._drop_finished()
+        self._admit()
+        budget = self.prefill_chunk  # prompt tokens encoded per step, shared by the joining jobs
+        for job in list(self.prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(job, budget)
+        if self.active:
+            started = time.perf_counter()
+            self.peak_batch = max(self.peak_batch, len(self.active))
+            self._decode()
+            self.step_seconds = 0.8 * self.step_seconds + 0.2 * (time.perf_counter() - started)
+            self.steps += 1
+
+    def _admit(self) -> None:
+        from .steering import _layout
+
+        while len(self.active) + len(self.prefilling) < self.max_batch:
+            with self._guard:
+                if not self._pending:
+                    return
+                job = self._pending.popleft()
+            if job.cancel.is_set():
+                job.done.set_exception(BackendError(f"{self.b.name}: generation cancelled"))
+                continue
+            try:
+                prompts, layout, _ = _layout(self.b, [(job.messages, job.decoding)], 1)
+                job.enc = self.b._encode(prompts)
+            except Exception as exc:  # a prompt too long for the model fails that request alone
+                job.done.set_exception(self._error(exc))
+                continue
+            _, job.spans, job.procs = layout[0]
+            job.lim = loop_limits(self.b, job.s, int(job.enc["input_ids"].shape[1]))
+            mask0 = job.enc["attention_mask"][0].bool()
+            job.prompt_ids = job.enc["input_ids"][0][mask0][None]
+            if job.s["seed"] is not None:
+                import torch
+
+                job.generator = torch.Generator().manual_seed(int(job.s["seed"]))
+            job.cache = new_cache(self.b)
+            self.prefilling.append(job)
+
+    def _prefill_chunk(self, job: Job, budget: int) -> int:
+        """Encode up to ``budget`` more prompt columns of ``job`` (returns how many); after the last,
+        choose its first token and join the batch."""
+        import torch
+
+        ids, mask = job.enc["input_ids"], job.enc["attention_mask"]
+        start = job.filled
+        end: int = min(int(ids.shape[1]), start + budget)
+        try:
+            with torch.inference_mode():
+                logits = forward_last(self.b, ids[:, start:end], mask[:, :end], job.cache)
+            job.filled = end
+            if end < ids.shape[1]:
+                return end - start
+            self.prefilling.remove(job)
+            token = self._choose(job, logits)
+        except Exception as exc:  # this request's prompt or plugin failed: it alone ends
+            self._fail(job, exc)
+            return end - start
+        self._join(job, token)
+        return end - start
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        if job in self.prefilling:
+            self.prefilling.remove(job)
+        job.finished = True
+        job.cache = None
+        if not job.done.done():
+            job.done.set_exception(self._error(exc))
+
+    def _error(self, exc: BaseException) -> BaseException:
+        """``exc`` as the error a caller gets: persona errors as they are, others as a ``BackendError``."""
+        if isinstance(exc, PersonaError):
+            return exc
+        err = BackendError(f"{self.b.name} failed to generate: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    def _join(self, job: Job, token: int) -> None:
+        """Left-pad ``job``'s cache and the batch's to one length and append its rows."""
+        import torch
+
+        rows = job.rows
+        new_ids = torch.full((rows, 1), token, dtype=torch.long)
+        if self._record(job, token):
+            return  # finished on its first token: never enters the batch
+        job_mask = job.enc["attention_mask"]
+        if self.cache is None:
+            self.cache, self.mask, self.next_ids = job.cache, job_mask, new_ids
+        else:
+            length = max(self.mask.shape[1], job_mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, job.cache.layers, strict=True):
+                mine.keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])
+                mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
+            self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(job_mask, length, 1)])
+            self.next_ids = torch.cat([self.next_ids, new_ids])
+        job.cache = None
+        self.active.append(job)
+
+    def _drop_finished(self) -> None:
+        """Remove finished and cancelled jobs' rows (and columns no row attends to any more)."""
+        import torch
+
+        for job in self.prefilling:
+            if job.cancel.is_set():
+                self._finish(job)
+        self.prefilling = [j for j in self.prefilling if not j.finished]
+        for job in self.active:
+            if job.cancel.is_set() and not job.finished:
+                self._finish(job)
+        if all(not j.finished for j in self.active):
+            return
+        keep: list[int] = []
+        row = 0
+        for job in self.active:
+            if not job.finished:
+                keep.extend(range(row, row + job.rows))
+            row += job.rows
+        self.active = [j for j in self.active if not j.finished]
+        if not keep:
+            self.cache = self.mask = self.next_ids = None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = self.mask[index]
+        first = int(mask.any(dim=0).long().argmax())  # leading columns that are padding in every row
+        self.mask, self.next_ids = mask[:, first:], self.next_ids[index]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index][:, :, first:]
+            layer.values = layer.values[index][:, :, first:]
+
+    def _decode(self) -> None:
+        """One forward over every running row; each job chooses its token from its own rows."""
+        import torch
+
+        step_mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype)], dim=1)
+        with torch.inference_mode():
+            logits = forward_last(self.b, self.next_ids, step_mask, self.cache)
+        self.mask = step_mask
+        row = 0
+        for job in self.active:
+            try:
+                token = self._choose(job, logits[row : row + job.rows])
+            except Exception as exc:  # a plugin's processor or combine failed: only its request ends
+                self._fail(job, exc)
+            else:
+                self.next_ids[row : row + job.rows] = token
+                self._record(job, token)
+            row += job.rows
+
+    def _choose(self, job: Job, logits: Any) -> int:
+        """``job``'s next token from its rows' logits: combine streams, processors, then greedy / sample."""
+        import torch
+
+        with torch.inference_mode():
+            main = logits[0:1]
+            for d, a, b in job.spans:
+                if d.combine is not None:
+                    main = d.combine(main, logits[a:b][None])
+            if job.procs:
+                ids = torch.cat([job.prompt_ids, torch.tensor([job.gen], dtype=torch.long).view(1, -1)], dim=1)
+                for proc in job.procs:
+                    main = proc(ids, main)
+            s = job.s
+            if not s["sample"]:
+                return int(main.argmax(dim=-1)[0])
+            scaled = main / s["temperature"]
+            if s["top_p"] is not None and s["top_p"] < 1:
+                scaled = scaled.masked_fill(~top_p_mask(scaled, s["top_p"]), float("-inf"))
+            probs = torch.softmax(scaled, dim=-1)
+            return int(torch.multinomial(probs, 1, generator=job.generator)[0, 0])
+
+    def _record(self, job: Job, token: int) -> bool:
+        """Append ``token`` to ``job``; finish it on EOS, a stop string, its length limit or a cancel."""
+        job.gen.append(token)
+        lim = job.lim
+        if job.on_token is not None and token not in lim.eos:
+            job.on_token(token)
+        ended = token in lim.eos or len(job.gen) >= lim.max_new or job.cancel.is_set()
+        if not ended and lim.stops:
+            tail = self.b._tokenizer.decode(job.gen[-lim.window:], skip_special_tokens=True)
+            ended = any(x in tail for x in lim.stops)
+        if ended:
+            self._finish(job)
+        return ended
+
+    def _finish(self, job: Job) -> None:
+        from .generation import candidates
+
+        job.finished = True
+        job.cache = None
+        if job.done.done():
+            return
+        if job.cancel.is_set():
+            job.done.set_exception(BackendError(f"{self.b.name}: generation cancelled"))
+            return
+        import torch
+
+        try:
+            out = torch.tensor([job.gen], dtype=torch.long)
+            prompt_tokens = [int(job.enc["attention_mask"][0].sum())]
+            cands = candidates(self.b, out, 0, prompt_tokens, 1, job.s, job.lim.max_new)
+            for c in cands:
+                if job.spans:
+                    c.meta["steered"] = [d.source for d in job.decoding if d.streams or d.combine is not None]
+                    c.meta["streams"] = sum(len(d.streams) for d in job.decoding)
+                c.meta["batched"] = True
+            job.done.set_result(cands)
+        except Exception as exc:
+            job.done.set_exception(BackendError(f"{self.b.name} failed to generate: {exc}"))
+
+
+def _left_pad(t: Any, length: int, dim: int) -> Any:
+    """``t`` with zeros prepended along ``dim`` up to ``length``."""
+    import torch
+
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+
+
+def _others_waiting() -> bool:
+    """Whether other work is queued on the torch thread (a slice then yields to it)."""
+    queue = getattr(TORCH_THREAD, "_work_queue", None)
+    return queue is not None and not queue.empty()
+
+
+def schedulable(b: TransformersBackend, decoding: list[Decoding], n: int) -> bool:
+    """Whether a request can share the continuous batch: one answer, no activation hooks (they act on
+    every row of a forward), no reward-guided search (it reorders its own cache), the cached loop."""
+    if not b.batching or n != 1 or not b.steering_cache:
+        return False
+    return not any(d.activation_hooks or d.token_reward is not None for d in decoding)
+
+
+async def run_job(b: TransformersBackend, job: Job) -> list[Candidate]:
+    """Submit ``job`` and await its candidates; a cancelled wait frees its rows at the next step."""
+    b.scheduler.submit(job)
+    try:
+        return await asyncio.wrap_future(job.done)
+    except asyncio.CancelledError:
+        job.cancel.set()
+        raise

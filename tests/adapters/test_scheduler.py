@@ -1,0 +1,108 @@
+"""Continuous batching (``adapters/transformers/scheduler.py``) on the real SmolLM2-135M-Instruct:
+requests that join a running batch mid-way decode exactly what they decode alone (greedy, token for
+token); per-request stop strings; a cancelled stream frees its rows; a full queue is refused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from persona_mw.adapters.transformers import TransformersBackend
+from persona_mw.errors import BackendOverloaded
+from persona_mw.types import GenerationParams, Message
+
+PROMPTS = [
+    [Message(role="user", content="What is the capital of France?")],
+    [Message(role="user", content="Write a haiku about rain.")],
+    [Message(role="user", content="Explain gravity in one long paragraph, with detail and examples please.")],
+]
+SHORT = GenerationParams(max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def backend(local_backend: TransformersBackend) -> Iterator[TransformersBackend]:
+    asyncio.run(local_backend.load())
+    yield local_backend
+    local_backend.batching = True
+
+
+@pytest.fixture(scope="module")
+def alone(backend: TransformersBackend) -> list[str]:
+    """Each prompt decoded alone by ``model.generate`` (the path before the scheduler)."""
+    backend.batching = False
+    try:
+        return [asyncio.run(backend.generate(m, params=SHORT))[0].text for m in PROMPTS]
+    finally:
+        backend.batching = True
+
+
+def test_requests_joining_mid_way_decode_what_they_decode_alone(backend: TransformersBackend,
+                                                                alone: list[str]) -> None:
+    async def main() -> tuple[str, list[str], int]:
+        sched = backend.scheduler
+        steps_before = sched.steps
+        pieces: list[str] = []
+        joined: list[asyncio.Task[Any]] = []
+        async for piece in backend.stream(PROMPTS[0], params=SHORT):
+            pieces.append(piece)
+            if not joined:  # the first request is decoding: the others join its batch now
+                joined = [asyncio.create_task(backend.generate(m, params=SHORT)) for m in PROMPTS[1:]]
+        rest = await asyncio.gather(*joined)
+        return "".join(pieces), [c[0].text for c in rest], sched.steps - steps_before
+
+    first, rest, steps = asyncio.run(main())
+    assert [first, *rest] == alone
+    assert backend.scheduler.peak_batch >= 2  # they really shared steps
+    assert steps < 3 * SHORT.max_tokens  # fewer steps than one request after another
+
+
+def test_stop_strings_are_per_request(backend: TransformersBackend, alone: list[str]) -> None:
+    stop = alone[0].split()[2]  # a word from the middle of the first answer
+
+    async def main() -> list[Any]:
+        cut = backend.generate(PROMPTS[0], params=GenerationParams(max_tokens=8, stop=[stop]))
+        plain = backend.generate(PROMPTS[1], params=SHORT)
+        return list(await asyncio.gather(cut, plain))
+
+    (cut,), (plain,) = asyncio.run(main())
+    assert stop not in cut.text and alone[0].startswith(cut.text) and cut.finish_reason == "stop"
+    assert plain.text == alone[1]
+
+
+def test_a_cancelled_stream_frees_its_rows(backend: TransformersBackend, alone: list[str]) -> None:
+    async def main() -> tuple[int, str]:
+        before = backend.scheduler.steps
+        long = backend.stream(PROMPTS[2], params=GenerationParams(max_tokens=200))
+        await long.__anext__()
+        other = asyncio.create_task(backend.generate(PROMPTS[1], params=SHORT))
+        await long.aclose()  # the client went away
+        (answer,) = await other
+        return backend.scheduler.steps - before, answer.text
+
+    steps, text = asyncio.run(main())
+    assert text == alone[1]
+    sched = backend.scheduler
+    assert not sched.active and not sched.prefilling and sched.cache is None  # its rows are gone
+    assert steps < 60  # it did not decode its 200 tokens
+
+
+def test_a_full_queue_is_refused_with_a_retry_delay(local_backend: TransformersBackend) -> None:
+    b = TransformersBackend(model=local_backend.model_name, max_new_tokens=8, max_batch=1, max_queue=1)
+
+    async def main() -> BackendOverloaded:
+        running = asyncio.create_task(b.generate(PROMPTS[0]))
+        await asyncio.sleep(0)
+        while not b.scheduler.active and not b.scheduler.prefilling:  # the first holds the only row
+            await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(b.generate(PROMPTS[1]))
+        await asyncio.sleep(0)
+        with pytest.raises(BackendOverloaded) as refused:
+            await b.generate(PROMPTS[2])
+        await asyncio.gather(running, waiting)  # the admitted ones still finish
+        return refused.value
+
+    err = asyncio.run(main())
+    assert err.retry_after_s >= 1 and "max_queue 1" in str(err)
