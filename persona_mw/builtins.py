@@ -17,6 +17,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "experts": "persona_mw.plugins.experts:Experts",
     "args": "persona_mw.plugins.args:RewardGuided",
     "vectors": "persona_mw.plugins.vectors:SteeringVectors",
+    "lora": "persona_mw.plugins.lora:LoraAdapters",
     "fermi": "persona_mw.plugins.fermi:Fermi",
     "bpo": "persona_mw.plugins.bpo:BPO",
     "corrector": "persona_mw.plugins.corrector:Corrector",
