@@ -59,7 +59,7 @@ def _choices(user: str, items: list[dict[str, Any]], seen: Any, domains: list[st
 
 
 def run(data: str | Path, *, history: int = 20, test: int = 24, seed: int = 0, members: int = 2,
-        ppl_queries: int = 6, log: Any = None) -> dict[str, float]:
+        ppl_queries: int = 6, users: int = 4, log: Any = None) -> dict[str, float]:
     from persona_mw.adapters.transformers import TransformersBackend
     from persona_mw.config import parse_config
     from persona_mw.middleware import Middleware
@@ -70,7 +70,7 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, seed: int = 0, m
     domains = [d for d in items[0]["responses"] if all(d in it["responses"] for it in items)]
     if len(domains) < 2 or history < 5 or test < 1:
         raise PersonaError("need two shared response domains, --history >= 5 and --test >= 1")
-    udom = domains[:4]
+    udom = domains[:max(1, min(4, users))]  # the first users of eval fermi (the same draws)
     test_q, obs, r = _splits(items, seed, history, test)
     gr = np.random.default_rng(seed * 1000 + history + 7)  # group members: their own draws
     backend = TransformersBackend(model="smollm2-135m-instruct", max_new_tokens=32, threads=1)
@@ -150,7 +150,8 @@ def _vector_hooks(backend: Any, pairs: list[tuple[str, str, str]], seed: int, sa
     layer = default_layer(backend.model)
     diffs = asyncio.run(backend.call(lambda m, t: pair_differences(m, t, backend, pairs, layer)))
     caa = add_vector_hook(layer, diffs.mean(dim=0).tolist(), SteeringVectors.Config().strength)
-    s = _lora.TrainSettings(seed=seed, lr=SteeringVectors.Config().bipo_lr)
+    s = _lora.TrainSettings(seed=seed, lr=SteeringVectors.Config().bipo_lr, steps=SteeringVectors.Config().bipo_steps,
+                            seconds=SteeringVectors.Config().bipo_seconds)
 
     def fmt(p: str) -> str:
         return chat_texts(backend, p, [])[0]
