@@ -435,22 +435,16 @@ def export_node(mw: Any, node: str, out: str) -> Path:
     """``persona-mw lora export NODE --out DIR``: the node's adapter as a PEFT folder."""
     from persona_mw.plugins._lora import export_peft
 
-    plugin = next((inst for name, inst in mw.host_plugins() if isinstance(inst, LoraAdapters)), None) \
-        if hasattr(mw, "host_plugins") else next(
-            (p.instance for p in mw.host.pipeline if isinstance(p.instance, LoraAdapters)), None)
+    plugin = next((p.instance for p in mw.host.pipeline if isinstance(p.instance, LoraAdapters)), None)
     if plugin is None or plugin.files is None:
-        raise RequestError("no lora plugin in the pipeline", field="config")
+        raise RequestError("no lora plugin in the pipeline (--config)", field="config")
     prof = mw.store.get_profiles([node]).get(node)
     st = (prof.extra.get(KEY) if prof is not None else None) or {}
     if not st.get("file"):
         raise RequestError(f"node {node!r} has no adapter", field="node")
+    # The registry name of the base model (SmolLM2-135M-Instruct for smollm2-135m-instruct): a serving
+    # engine is started on the base weights and given this folder as a LoRA module.
     base = st.get("model") or ""
-    from persona_mw import models as _models
-
-    try:
-        base = str(_models.get_spec(base).repo) if hasattr(_models.get_spec(base), "repo") else base
-    except PersonaError:
-        pass
     return export_peft(plugin.files.root / st["file"], Path(out), base)
 
 
