@@ -47,6 +47,17 @@ def persona_register_plugins(register: Callable[[str, type], None]) -> None:
         register(name, getattr(importlib.import_module(modname), clsname))
 
 
+# Subcommands of built-in plugins: "module:function(cli)" (imported by name, like the classes).
+BUILTIN_COMMANDS: tuple[str, ...] = ("persona_mw.plugins.lora:register_commands",)
+
+
+@hookimpl
+def persona_register_commands(cli: Any) -> None:
+    for target in BUILTIN_COMMANDS:
+        modname, _, fname = target.partition(":")
+        getattr(importlib.import_module(modname), fname)(cli)
+
+
 @hookimpl
 def persona_register_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
     for name, module in BUILTIN_BACKENDS.items():

@@ -542,7 +542,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_commands(add)
     _add_admin_commands(add)
     _add_eval_command(add)
-    _add_lora_command(add)
     _plugin_commands(sub)
     return parser
 
@@ -650,23 +649,6 @@ def _add_admin_commands(add: AddCommand) -> None:
     p = add("models", cmd_models, "local models: list, or pull (fetch and cache) one", config=False)
     p.add_argument("action", choices=["list", "pull"], help="what to do")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="with pull: the model (default %(default)s)")
-
-
-def cmd_lora(args: argparse.Namespace) -> int:
-    from persona_mw.plugins.lora import export_node
-
-    with _middleware(args) as mw:
-        out = export_node(mw, args.node, args.out)
-    print(f"wrote {out} (a PEFT folder: vllm serve ... --enable-lora --lora-modules NAME={out})", file=sys.stderr)
-    return 0
-
-
-def _add_lora_command(add: AddCommand) -> None:
-    p = add("lora", cmd_lora, "the lora plugin's adapters: export NODE --out DIR writes a PEFT folder "
-            "(adapter_config.json + adapter_model.safetensors) that vLLM and other PEFT-aware servers load")
-    p.add_argument("action", choices=["export"], help="what to do")
-    p.add_argument("node", help="the node id, e.g. user:ana or group:nurses")
-    p.add_argument("--out", required=True, help="the folder to write")
 
 
 def _add_eval_command(add: AddCommand) -> None:

@@ -448,4 +448,39 @@ def export_node(mw: Any, node: str, out: str) -> Path:
     return export_peft(plugin.files.root / st["file"], Path(out), base)
 
 
-__all__ = ["AdapterFiles", "LoraAdapters", "all_pairs", "export_node", "rating_pairs"]
+def cmd_lora(args: Any) -> int:
+    """``persona-mw lora export NODE --out DIR [--config FILE] [--store PATH]``."""
+    import os
+    import sys
+
+    from persona_mw.config import default_config, load_config
+    from persona_mw.middleware import Middleware
+
+    path = args.config or os.environ.get("PERSONA_MW_CONFIG")
+    cfg = load_config(path) if path else default_config()
+    if args.store:
+        cfg.store.path = args.store
+    mw = Middleware(cfg)
+    try:
+        out = export_node(mw, args.node, args.out)
+    finally:
+        mw.close()
+    print(f"wrote {out} (a PEFT folder: serve the base model with --enable-lora --lora-modules NAME={out})",
+          file=sys.stderr)
+    return 0
+
+
+def register_commands(cli: Any) -> None:
+    """The ``lora`` subcommand (registered by ``persona_mw.builtins``)."""
+    help_ = ("the lora plugin's adapters: export NODE --out DIR writes a PEFT folder "
+             "(adapter_config.json + adapter_model.safetensors) that vLLM and other PEFT-aware servers load")
+    p = cli.add_parser("lora", help=help_, description=help_)
+    p.add_argument("action", choices=["export"], help="what to do")
+    p.add_argument("node", help="the node id, e.g. user:ana or group:nurses")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--config", help="pipeline YAML with a lora entry (default: $PERSONA_MW_CONFIG)")
+    p.add_argument("--store", help="a SQLite store path (overrides the config)")
+    p.set_defaults(func=cmd_lora)
+
+
+__all__ = ["cmd_lora", "register_commands", "AdapterFiles", "LoraAdapters", "all_pairs", "export_node", "rating_pairs"]
