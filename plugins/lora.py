@@ -45,6 +45,8 @@ from persona_mw.plugins._steering import chat_texts, check_white_box, event_pair
 from persona_mw.types import ChoiceFeedback, Decoding, EditFeedback, Feedback, RatingFeedback, Turn
 
 KEY = "lora"
+NodeKind = Literal["user", "user_context", "group", "context"]
+NODE_KINDS: tuple[NodeKind, ...] = ("user", "user_context", "group", "context")
 LEARN_KINDS = ("choice", "edit", "rating")
 
 
@@ -64,7 +66,8 @@ def rating_pairs(events: list[Any], gap: float = 0.25) -> list[tuple[str, str, s
 
 
 def all_pairs(events: list[Any]) -> list[tuple[str, str, str]]:
-    return event_pairs(events) + rating_pairs(events)
+    pairs: list[tuple[str, str, str]] = list(event_pairs(events))
+    return pairs + rating_pairs(events)
 
 
 def safe_name(node: str) -> str:
@@ -187,8 +190,8 @@ class LoraAdapters:
         max_response_tokens: int = Field(default=32, ge=1, description="answer tokens trained on")
         max_prompt_tokens: int = Field(default=64, ge=8, description="prompt tokens kept (the end)")
         background: bool = Field(default=True, description="train off the request path (false: inline)")
-        node_kinds: list[Literal["user", "user_context", "group", "context"]] = Field(
-            default_factory=lambda: ["user", "user_context", "group", "context"],
+        node_kinds: list[NodeKind] = Field(
+            default_factory=lambda: list(NODE_KINDS),
             description="which nodes get adapters")
         mixing: Literal["merge"] = Field(default="merge", description="how the scope's adapters combine: "
                                          "an exact weight-space merge cached per scope")
@@ -250,12 +253,12 @@ class LoraAdapters:
         if kind == "user":
             evs = store.list_feedback(user=ref.user, kinds=LEARN_KINDS)
         elif kind == "user_context":
-            evs = [e for e in store.list_feedback(user=ref.user, kinds=LEARN_KINDS) if e.context == ref.context]
+            evs = [e for e in store.list_feedback(user=ref.user, kinds=LEARN_KINDS) if e.context == ref.name]
         elif kind == "group":
             members = [parse(e.src).user for e in store.edges_to(node) if e.kind == "member"]
             evs = [e for m in members if m for e in store.list_feedback(user=m, kinds=LEARN_KINDS)]
         elif kind == "context":
-            evs = [e for e in store.list_feedback(kinds=LEARN_KINDS) if e.context == ref.context]
+            evs = [e for e in store.list_feedback(kinds=LEARN_KINDS) if e.context == ref.name]
         else:
             evs = []
         evs = sorted(evs, key=lambda e: e.created_at)[-self.config.max_choices:]
@@ -426,7 +429,7 @@ class LoraAdapters:
 def _formatter(backend: Any) -> Any:
     def fmt(prompt: str) -> str:
         prefix, _ = chat_texts(backend, prompt, [])
-        return prefix
+        return str(prefix)
 
     return fmt
 
@@ -445,7 +448,7 @@ def export_node(mw: Any, node: str, out: str) -> Path:
     # The registry name of the base model (SmolLM2-135M-Instruct for smollm2-135m-instruct): a serving
     # engine is started on the base weights and given this folder as a LoRA module.
     base = st.get("model") or ""
-    return export_peft(plugin.files.root / st["file"], Path(out), base)
+    return Path(export_peft(plugin.files.root / st["file"], Path(out), base))
 
 
 def cmd_lora(args: Any) -> int:

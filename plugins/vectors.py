@@ -241,7 +241,7 @@ class SteeringVectors:
         s = TrainSettings(lr=self.config.bipo_lr, steps=self.config.bipo_steps, seconds=self.config.bipo_seconds)
 
         def fmt(p: str) -> str:
-            return chat_texts(backend, p, [])[0]
+            return str(chat_texts(backend, p, [])[0])
 
         vec, stats = await backend.call(lambda m, t: train_bipo(m, t, fmt, pairs, layer, s))
         model_name = getattr(backend, "model_name", getattr(backend, "name", ""))

@@ -154,7 +154,7 @@ def _vector_hooks(backend: Any, pairs: list[tuple[str, str, str]], seed: int, sa
                             seconds=SteeringVectors.Config().bipo_seconds)
 
     def fmt(p: str) -> str:
-        return chat_texts(backend, p, [])[0]
+        return str(chat_texts(backend, p, [])[0])
 
     vec, st = asyncio.run(backend.call(lambda m, t: _lora.train_bipo(m, t, fmt, pairs, layer, s)))
     say(f"  bipo: {st}")
