@@ -17,6 +17,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "experts": "persona_mw.plugins.experts:Experts",
     "args": "persona_mw.plugins.args:RewardGuided",
     "vectors": "persona_mw.plugins.vectors:SteeringVectors",
+    "lora": "persona_mw.plugins.lora:LoraAdapters",
     "fermi": "persona_mw.plugins.fermi:Fermi",
     "bpo": "persona_mw.plugins.bpo:BPO",
     "corrector": "persona_mw.plugins.corrector:Corrector",
@@ -44,6 +45,17 @@ def persona_register_plugins(register: Callable[[str, type], None]) -> None:
     for name, target in BUILTIN_PLUGINS.items():
         modname, _, clsname = target.partition(":")
         register(name, getattr(importlib.import_module(modname), clsname))
+
+
+# Subcommands of built-in plugins: "module:function(cli)" (imported by name, like the classes).
+BUILTIN_COMMANDS: tuple[str, ...] = ("persona_mw.plugins.lora:register_commands",)
+
+
+@hookimpl
+def persona_register_commands(cli: Any) -> None:
+    for target in BUILTIN_COMMANDS:
+        modname, _, fname = target.partition(":")
+        getattr(importlib.import_module(modname), fname)(cli)
 
 
 @hookimpl

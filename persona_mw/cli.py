@@ -475,7 +475,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return run_eval(args.benchmark, args.data, args.out, prompts=args.prompts, users=args.users,
                         methods=args.methods, backend=args.backend, config=args.config, seed=args.seed,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    if args.benchmark == "fermi":
+    if args.benchmark in ("fermi", "lora"):
         return run_eval(args.benchmark, args.data, args.out, history=args.history, test=args.test, seed=args.seed)
     if args.benchmark in ("locomo", "prefeval"):
         return run_eval(args.benchmark, args.data, args.out, conversations=args.conversations, topics=args.topics,
@@ -662,7 +662,7 @@ def _add_admin_commands(add: AddCommand) -> None:
 def _add_eval_command(add: AddCommand) -> None:
     p = add("eval", cmd_eval, "benchmarks: profiles from choices (dsp), pluralistic users (traits), "
             "style following (style)", config=False)
-    p.add_argument("benchmark", choices=["dsp", "traits", "style", "fermi", "locomo", "prefeval"], help="which benchmark")
+    p.add_argument("benchmark", choices=["dsp", "traits", "style", "fermi", "lora", "locomo", "prefeval"], help="which benchmark")
     p.add_argument("--data", required=True, help="folder in the benchmark's layout")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--prompts", type=int, default=24, help="style: prompts (the folder's queries, in file order)")
@@ -673,11 +673,11 @@ def _add_eval_command(add: AddCommand) -> None:
     p.add_argument("--config", help="style: the pipeline YAML the 'pipeline' method runs (default: the embedded one)")
     p.add_argument("--seed", type=int, default=0,
                    help="style: seed of users and decoding; prefeval: seed of the option shuffle; "
-                   "fermi: seed of the split and the histories")
+                   "fermi, lora: seed of the split and the histories")
     p.add_argument("--max-new-tokens", type=int, default=96, help="style: answer length cap in tokens")
     p.add_argument("--batch-size", type=int, default=32, help="style: sequences decoded together")
-    p.add_argument("--history", type=int, default=20, help="fermi: choices observed per user")
-    p.add_argument("--test", type=int, default=24, help="fermi: held-out queries scored per user")
+    p.add_argument("--history", type=int, default=20, help="fermi, lora: choices observed per user")
+    p.add_argument("--test", type=int, default=24, help="fermi, lora: held-out queries scored per user")
     p.add_argument("--conversations", help="locomo: comma-separated sample_ids (default: all)")
     p.add_argument("--topics", help="prefeval: comma-separated topics (default: all)")
     p.add_argument("--turns", default="0,10,100,300", help="prefeval: distractor turns N, comma-separated")

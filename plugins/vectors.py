@@ -16,7 +16,7 @@ this is the same as adding it at each new position).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -156,6 +156,13 @@ class SteeringVectors:
                                 description="multiplier where no node in scope sets its own")
         learn_on_feedback: bool = Field(default=True,
                                         description="add each choice/edit event to the user's vector")
+        mode: Literal["caa", "bipo"] = Field(default="caa", description="caa: running mean difference per "
+                                             "event; bipo: a vector learned with BiPO's objective every "
+                                             "`bipo_every` events (the lora plugin's training loop)")
+        bipo_every: int = Field(default=20, ge=1, description="bipo: new events before the vector is retrained")
+        bipo_lr: float = Field(default=1e-2, gt=0, description="bipo: AdamW learning rate")
+        bipo_steps: int = Field(default=40, ge=1, description="bipo: optimizer steps per job")
+        bipo_seconds: float | None = Field(default=60.0, gt=0, description="bipo: time budget of one job's loop")
 
     def __init__(self, config: Config | None = None, name: str = "vectors") -> None:
         self.config = config or self.Config()
@@ -202,5 +209,48 @@ class SteeringVectors:
         if not hasattr(backend, "call"):
             return
         node = user_node(event.user)
+        if self.config.mode == "bipo":
+            await self._bipo_event(node, event, backend)
+            return
         layer = self._layer(backend) if self.config.layer is not None else None
         await learn_pairs(self._middleware, node, pairs, layer=layer, backend=backend)
+
+    async def _bipo_event(self, node: str, event: Feedback, backend: Any) -> None:
+        """Count the event; every ``bipo_every`` events retrain the node's BiPO vector (a job)."""
+        box: dict[str, int] = {}
+
+        def count(prof: Any) -> None:
+            st = dict(prof.extra.get(KEY) or {})
+            st["pending"] = box["n"] = int(st.get("pending", 0)) + 1
+            prof.extra[KEY] = st
+
+        self._middleware.update_profile(node, count)
+        if box["n"] >= self.config.bipo_every:
+            self._middleware.schedule(self.train_bipo(node, event.user, backend))
+
+    async def train_bipo(self, node: str, user: str, backend: Any) -> dict[str, Any]:
+        """Learn ``node``'s vector with BiPO from the user's stored pairs (replaces the stored one)."""
+        from persona_mw.plugins._lora import TrainSettings, train_bipo
+        from persona_mw.plugins.lora import LEARN_KINDS, all_pairs
+
+        events = self._middleware.store.list_feedback(user=user, kinds=LEARN_KINDS)
+        pairs = all_pairs(events)
+        if not pairs:
+            return {}
+        layer = self._layer(backend)
+        s = TrainSettings(lr=self.config.bipo_lr, steps=self.config.bipo_steps, seconds=self.config.bipo_seconds)
+
+        def fmt(p: str) -> str:
+            return str(chat_texts(backend, p, [])[0])
+
+        vec, stats = await backend.call(lambda m, t: train_bipo(m, t, fmt, pairs, layer, s))
+        model_name = getattr(backend, "model_name", getattr(backend, "name", ""))
+        state: dict[str, Any] = {}
+
+        def store(prof: Any) -> None:
+            prof.extra[KEY] = {"model": model_name, "layer": layer, "sum": vec, "n": 1, "method": "bipo",
+                               "pending": 0, "events": len(events), "stats": stats}
+            state.update(prof.extra[KEY])
+
+        self._middleware.update_profile(node, store)
+        return state

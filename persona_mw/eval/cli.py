@@ -34,14 +34,16 @@ def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) 
         if out:
             print(f"wrote {out}", file=sys.stderr)
         return 0
-    if benchmark == "fermi":
+    if benchmark in ("fermi", "lora"):
         from persona_mw.eval import fermi as fermi_mod
+        from persona_mw.eval import lora as lora_mod
 
         history, test, seed = options.get("history") or 20, options.get("test") or 24, options.get("seed") or 0
-        metrics = fermi_mod.run(data, history=history, test=test, seed=seed,
-                                log=lambda m: print(m, file=sys.stderr, flush=True))
+        mod: Any = fermi_mod if benchmark == "fermi" else lora_mod
+        metrics = mod.run(data, history=history, test=test, seed=seed,
+                          log=lambda m: print(m, file=sys.stderr, flush=True))
         print_table(benchmark, metrics)
-        write_result(out, benchmark, data, fermi_mod.config(history, test, seed), metrics)
+        write_result(out, benchmark, data, mod.config(history, test, seed), metrics)
         if out:
             print(f"wrote {out}", file=sys.stderr)
         return 0

@@ -1,0 +1,464 @@
+"""LoRA adapters and learned steering vectors for the local model: the math, one preference-training
+loop shared by DPO-on-LoRA and BiPO, PEFT-format files, and exact weight-space merging.
+
+No model is modified: an adapter acts through forward hooks on its target ``nn.Linear`` modules
+(``out + x @ A^T @ B^T``, the LoRA scaling folded into ``B``), installed for a call and removed after,
+so the shared cached model stays the base model and a request without an adapter runs it unchanged.
+
+- ``Adapter``: per target module name ``(A [r, in], B [out, r])``; ``merge`` combines several with
+  weights exactly (``sum_i w_i B_i A_i`` written as one LoRA of rank ``sum r_i``: the ``A`` stacked,
+  the ``B`` scaled by ``w_i`` and concatenated), which is ``Delta W`` averaging, not P-Soups' separate
+  averaging of ``A`` and ``B`` (ALGORITHMS.md §9.1).
+- ``row_hooks``: several adapters in one batch, one per row (zero-padded ranks; a row with no adapter
+  adds an exact zero, so its tokens are the base model's).
+- ``train``: the DPO loss (Rafailov et al. 2023) ``-log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)])``
+  on summed response log-probs, the reference being the base model (computed once, no grad); BiPO
+  (ALGORITHMS.md §8.2) is the same loop with a steering vector ``v`` at one layer as the only
+  parameter, a random direction ``d in {-1, +1}`` per step and ``-log sigmoid(d * beta * u)``.
+- Files: ``save``/``load`` write a safetensors file with PEFT's key names
+  (``base_model.model.<module>.lora_A.weight``), so ``export_peft`` only adds ``adapter_config.json``
+  for PEFT, vLLM (``--enable-lora --lora-modules name=DIR``) and other PEFT-aware servers.
+
+Every function taking ``model`` runs on the torch thread (``backend.call``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persona_mw.errors import PersonaError
+
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: ``{module name: (A [r, in], B [out, r])}`` with the scaling folded into B."""
+
+    weights: dict[str, tuple[Any, Any]]
+    r: int
+    alpha: float
+    targets: tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def delta_norm(self) -> float:
+        return float(sum(float((b @ a).norm()) ** 2 for a, b in self.weights.values())) ** 0.5
+
+
+@dataclass
+class TrainSettings:
+    """One job's training settings (the plugin's config fills them)."""
+
+    r: int = 4
+    alpha: float = 8.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float = 2e-3
+    beta: float = 0.1
+    steps: int = 40
+    batch_choices: int = 2
+    max_prompt_tokens: int = 64
+    max_response_tokens: int = 32
+    seconds: float | None = 60.0
+    top_layers: int | None = 8
+    seed: int = 0
+
+
+def target_modules(model: Any, targets: Sequence[str]) -> dict[str, Any]:
+    """``{name: nn.Linear}`` for every linear module whose last name part is in ``targets``."""
+    import torch
+
+    found = {n: m for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in set(targets)}
+    if not found:
+        raise PersonaError(f"no linear modules named {list(targets)} in {type(model).__name__}")
+    return found
+
+
+def _add_delta(a: Any, b: Any) -> Callable[..., Any]:
+    def hook(_mod: Any, inp: Any, out: Any) -> Any:
+        x = inp[0]
+        return out + ((x.to(a.dtype) @ a.t()) @ b.t()).to(out.dtype)
+
+    return hook
+
+
+def install(model: Any, adapter: Adapter) -> list[Any]:
+    """Forward hooks applying ``adapter`` to every row; returns the handles (``h.remove()``)."""
+    mods = dict(model.named_modules())
+    handles = []
+    for name, (a, b) in adapter.weights.items():
+        if name not in mods:
+            raise PersonaError(f"adapter module {name!r} is not in the model")
+        handles.append(mods[name].register_forward_hook(_add_delta(a, b)))
+    return handles
+
+
+def adapter_hook(adapter: Adapter) -> Callable[[Any], list[Any]]:
+    """An activation hook for ``Decoding.activation_hooks``: installs ``adapter`` on the model."""
+    return lambda model: install(model, adapter)
+
+
+def row_hooks(model: Any, adapters: Sequence[Adapter | None]) -> list[Any]:
+    """Hooks applying ``adapters[i]`` to batch row ``i`` (``None``: the base model); one batched
+    matmul per module (``bmm`` over rows with ranks zero-padded to the largest)."""
+    import torch
+
+    names = sorted({n for ad in adapters if ad is not None for n in ad.weights})
+    mods = dict(model.named_modules())
+    handles = []
+    for name in names:
+        lin = mods[name]
+        rmax = max(ad.weights[name][0].shape[0] for ad in adapters if ad is not None and name in ad.weights)
+        a_rows = torch.zeros(len(adapters), rmax, lin.in_features)
+        b_rows = torch.zeros(len(adapters), lin.out_features, rmax)
+        for i, ad in enumerate(adapters):
+            if ad is not None and name in ad.weights:
+                a, b = ad.weights[name]
+                a_rows[i, : a.shape[0]] = a
+                b_rows[i, :, : b.shape[1]] = b
+
+        def hook(_mod: Any, inp: Any, out: Any, a_rows: Any = a_rows, b_rows: Any = b_rows) -> Any:
+            x = inp[0]
+            n = x.shape[0]
+            reps = n // a_rows.shape[0]  # num_return_sequences > 1 repeats each prompt's row
+            ar = a_rows.repeat_interleave(reps, 0) if reps > 1 else a_rows
+            br = b_rows.repeat_interleave(reps, 0) if reps > 1 else b_rows
+            delta = torch.bmm(torch.bmm(x.to(ar.dtype), ar.transpose(1, 2)), br.transpose(1, 2))
+            return out + delta.to(out.dtype)
+
+        handles.append(lin.register_forward_hook(hook))
+    return handles
+
+
+def merge(parts: Sequence[tuple[Adapter, float]]) -> Adapter:
+    """``sum_i w_i Delta W_i`` exactly, as one adapter of rank ``sum r_i`` (weights renormalized)."""
+    import torch
+
+    parts = [(ad, w) for ad, w in parts if w > 0]
+    if not parts:
+        raise PersonaError("nothing to merge: no adapter with a positive weight")
+    total = sum(w for _, w in parts)
+    names = sorted({n for ad, _ in parts for n in ad.weights})
+    weights: dict[str, tuple[Any, Any]] = {}
+    for name in names:
+        As, Bs = [], []
+        for ad, w in parts:
+            if name in ad.weights:
+                a, b = ad.weights[name]
+                As.append(a)
+                Bs.append(b * (w / total))
+        weights[name] = (torch.cat(As, 0), torch.cat(Bs, 1))
+    first = parts[0][0]
+    return Adapter(weights, r=sum(ad.r for ad, _ in parts), alpha=float(sum(ad.r for ad, _ in parts)),
+                   targets=tuple(sorted({t for ad, _ in parts for t in ad.targets})),
+                   meta={"merged": [ad.meta.get("node") for ad, _ in parts], "model": first.meta.get("model")})
+
+
+# ------------------------------------------------------------------------- files
+
+
+def save(adapter: Adapter, path: Path) -> None:
+    """A safetensors file with PEFT's key names (scaling un-folded so ``lora_alpha / r`` restores it)."""
+    from safetensors.torch import save_file
+
+    scale = adapter.alpha / adapter.r
+    tensors = {}
+    for name, (a, b) in adapter.weights.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().clone()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (b.detach() / scale).contiguous().clone()
+    meta = {"r": str(adapter.r), "alpha": str(adapter.alpha), "targets": ",".join(adapter.targets),
+            "meta": json.dumps(adapter.meta)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load(path: Path) -> Adapter:
+    """The adapter in ``path``; a missing or unreadable file raises ``PersonaError``."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+        r, alpha = int(md["r"]), float(md["alpha"])
+        meta = json.loads(md.get("meta") or "{}")
+    except Exception as exc:  # missing, truncated, not safetensors, bad metadata
+        raise PersonaError(f"cannot read adapter {path.name}: {type(exc).__name__}: {exc}") from exc
+    scale = alpha / r
+    weights: dict[str, tuple[Any, Any]] = {}
+    for key in raw:
+        if key.endswith(".lora_A.weight"):
+            name = key[len(PEFT_PREFIX): -len(".lora_A.weight")]
+            b_key = f"{PEFT_PREFIX}{name}.lora_B.weight"
+            if b_key not in raw:
+                raise PersonaError(f"adapter {path.name}: {name} has lora_A but no lora_B")
+            weights[name] = (raw[key], raw[b_key] * scale)
+    if not weights:
+        raise PersonaError(f"adapter {path.name} holds no LoRA weights")
+    return Adapter(weights, r=r, alpha=alpha, targets=tuple(md.get("targets", "").split(",")), meta=meta)
+
+
+def export_peft(adapter_file: Path, out: Path, base_model: str) -> Path:
+    """A PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) for vLLM and PEFT."""
+    import shutil
+
+    from peft import LoraConfig
+
+    ad = load(adapter_file)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = LoraConfig(r=ad.r, lora_alpha=ad.alpha, target_modules=list(ad.targets), lora_dropout=0.0,
+                     bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    cfg.save_pretrained(str(out))
+    shutil.copyfile(adapter_file, out / "adapter_model.safetensors")
+    return out
+
+
+# ------------------------------------------------------------------------- training
+
+
+def _sequences(model: Any, tok: Any, fmt: Callable[[str], str], prompt: str, responses: Sequence[str],
+               s: TrainSettings) -> list[tuple[list[int], int]]:
+    """(token ids, response start) for prompt + each response, truncated as the settings say."""
+    special = not getattr(tok, "chat_template", None)
+    prefix = tok.encode(fmt(prompt), add_special_tokens=special)[-s.max_prompt_tokens:]
+    out = []
+    for r in responses:
+        ids = tok.encode(r, add_special_tokens=False)[: s.max_response_tokens]
+        out.append((prefix + (ids or [tok.eos_token_id]), len(prefix)))
+    return out
+
+
+@dataclass
+class _Cached:
+    """One choice's sequences with the input of the first trained layer kept (no grad)."""
+
+    hidden: Any  # [rows, T, d]: the input of decoder layer ``start``
+    kwargs: dict[str, Any]  # what the model passed that layer (mask, positions, rotary embeddings)
+    ids: Any  # [rows, T]
+    resp: Any  # [rows, T-1] bool: positions predicting a response token
+    ref: Any  # [rows] the base model's summed response log-probs
+    pairs: list[tuple[int, int]]
+
+
+def _batch(seqs: list[tuple[list[int], int]], pad: int) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in seqs)
+    ids_t = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    resp = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (ids, start) in enumerate(seqs):
+        ids_t[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        resp[i, start: len(ids)] = True
+    return ids_t, mask, resp[:, 1:]
+
+
+def _resp_logps(model: Any, h: Any, ids: Any, resp: Any) -> Any:
+    """Summed log-probs of the response tokens from the last hidden states ``h`` (lm_head only
+    where a response token is predicted: most positions are the prompt)."""
+    import torch
+
+    rows, cols = resp.nonzero(as_tuple=True)
+    logits = model.lm_head(h[:, :-1][rows, cols]).float()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:][rows, cols][:, None])[:, 0]
+    return torch.zeros(ids.shape[0], dtype=lp.dtype).index_add(0, rows, lp)
+
+
+def _prepare(model: Any, seqs: list[tuple[list[int], int]], pairs: list[tuple[int, int]], pad: int,
+             start: int) -> _Cached:
+    """One no-grad pass: the input of layer ``start`` and the reference log-probs."""
+    import torch
+
+    from persona_mw.plugins._steering import decoder_layers
+
+    ids, mask, resp = _batch(seqs, pad)
+    got: dict[str, Any] = {}
+
+    def grab(_mod: Any, args: Any, kwargs: Any) -> None:
+        got["h"] = args[0] if args else kwargs["hidden_states"]
+        got["kw"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
+
+    handle = decoder_layers(model)[start].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            ref = _resp_logps(model, out.last_hidden_state, ids, resp)
+    finally:
+        handle.remove()
+    kw = dict(got["kw"])
+    kw["use_cache"] = False
+    return _Cached(got["h"].detach(), kw, ids, resp, ref, pairs)
+
+
+def _policy(model: Any, c: _Cached, start: int, shift: Any = None) -> Any:
+    """The response log-probs running only layers ``start..`` from the cached input (+ ``shift``)."""
+    from persona_mw.plugins._steering import decoder_layers
+
+    h = c.hidden if shift is None else c.hidden + shift
+    for layer in decoder_layers(model)[start:]:
+        out = layer(h, **c.kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+    return _resp_logps(model, model.model.norm(h), c.ids, c.resp)
+
+
+def _chunks(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[tuple[str, str, str]],
+            s: TrainSettings, start: int) -> list[_Cached]:
+    """Pairs grouped by (prompt, chosen), each group's sequences prepared once."""
+    by: dict[tuple[str, str], list[str]] = {}
+    for p, c, r in pairs:
+        by.setdefault((p, c), []).append(r)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for (p, c), rs in by.items():
+        seqs = _sequences(model, tok, fmt, p, [c, *rs], s)
+        out.append(_prepare(model, seqs, [(0, j + 1) for j in range(len(rs))], pad, start))
+    return out
+
+
+def _loop(chunks: list[_Cached], params: list[Any], s: TrainSettings,
+          forward: Callable[[_Cached, float], Any], bipo: bool = False) -> dict[str, Any]:
+    """The shared optimisation loop: AdamW over ``params``; ``forward(chunk, d)`` is the policy's
+    log-probs (``d``: BiPO's random direction, 1.0 for DPO); loss ``-log sigmoid(d beta u)``."""
+    import torch
+
+    rng = random.Random(s.seed)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    order: list[int] = []
+    steps = 0
+    for step in range(1, s.steps + 1):
+        if s.seconds is not None and time.perf_counter() - t0 > s.seconds:
+            break
+        sign = rng.choice((-1.0, 1.0)) if bipo else 1.0
+        total: Any = 0.0
+        for _ in range(min(s.batch_choices, len(chunks))):
+            if not order:
+                order = list(range(len(chunks)))
+                rng.shuffle(order)
+            c = chunks[order.pop()]
+            pol = forward(c, sign)
+            w = torch.tensor([i for i, _ in c.pairs])
+            lo = torch.tensor([j for _, j in c.pairs])
+            u = (pol[w] - c.ref[w]) - (pol[lo] - c.ref[lo])
+            total = total + (-torch.nn.functional.logsigmoid(sign * s.beta * u)).mean()
+        loss = total / min(s.batch_choices, len(chunks))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        steps = step
+    return {"steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+            "loss_first": round(losses[0], 4) if losses else None,
+            "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None,
+            "pairs": sum(len(c.pairs) for c in chunks), "choices": len(chunks)}
+
+
+class _Frozen:
+    """Base weights without gradients for the duration of a training job (restored after)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.was: list[tuple[Any, bool]] = []
+
+    def __enter__(self) -> None:
+        self.was = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.was:
+            p.requires_grad_(False)
+        self.training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for p, g in self.was:
+            p.requires_grad_(g)
+        self.model.train(self.training)
+
+
+def first_trained_layer(model: Any, top_layers: int | None) -> int:
+    from persona_mw.plugins._steering import decoder_layers
+
+    n = len(decoder_layers(model))
+    return 0 if not top_layers else max(0, n - top_layers)
+
+
+def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[tuple[str, str, str]],
+               s: TrainSettings) -> tuple[Adapter, dict[str, Any]]:
+    """A LoRA adapter on the top ``s.top_layers`` decoder layers, trained with DPO on
+    ``(prompt, chosen, rejected)`` pairs (torch thread). The layers below are run once per sequence
+    (their output is the cached input of the first trained layer), so a step costs the top layers only."""
+    import torch
+
+    if not pairs:
+        raise PersonaError("no chosen/rejected pairs to train an adapter on")
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    start = first_trained_layer(model, s.top_layers)
+    mods = {n: m for n, m in target_modules(model, s.targets).items() if _layer_index(n) >= start}
+    scale = s.alpha / s.r
+    params: dict[str, tuple[Any, Any]] = {}
+    for name, lin in mods.items():
+        a = torch.empty(s.r, lin.in_features)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's init: A random, B zero
+        params[name] = (a.requires_grad_(True), torch.zeros(lin.out_features, s.r, requires_grad=True))
+    with _Frozen(model):
+        chunks = _chunks(model, tok, fmt, pairs, s, start)
+        prep = time.perf_counter() - t0
+        handles = [mods[n].register_forward_hook(_scaled(a, b, scale)) for n, (a, b) in params.items()]
+        try:
+            stats = _loop(chunks, [t for ab in params.values() for t in ab], s,
+                          lambda c, _d: _policy(model, c, start))
+        finally:
+            for h in handles:
+                h.remove()
+    stats.update(prepare_seconds=round(prep, 2), total_seconds=round(time.perf_counter() - t0, 2))
+    weights = {n: (a.detach().clone(), (b.detach() * scale).clone()) for n, (a, b) in params.items()}
+    return Adapter(weights, r=s.r, alpha=s.alpha, targets=tuple(s.targets)), stats
+
+
+def _layer_index(name: str) -> int:
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return -1
+
+
+def _scaled(a: Any, b: Any, scale: float) -> Callable[..., Any]:
+    def hook(_mod: Any, inp: Any, out: Any) -> Any:
+        return out + scale * ((inp[0] @ a.t()) @ b.t())
+
+    return hook
+
+
+def train_bipo(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[tuple[str, str, str]],
+               layer: int, s: TrainSettings) -> tuple[list[float], dict[str, Any]]:
+    """BiPO: a steering vector added to decoder layer ``layer``'s output (every position), trained
+    bi-directionally with the same loop (torch thread)."""
+    import torch
+
+    if not pairs:
+        raise PersonaError("no chosen/rejected pairs to train a steering vector on")
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    v = torch.zeros(model.config.hidden_size, requires_grad=True)
+    with _Frozen(model):
+        chunks = _chunks(model, tok, fmt, pairs, s, layer + 1)
+        prep = time.perf_counter() - t0
+        stats = _loop(chunks, [v], s, lambda c, d: _policy(model, c, layer + 1, d * v), bipo=True)
+    stats.update(prepare_seconds=round(prep, 2), total_seconds=round(time.perf_counter() - t0, 2))
+    return v.detach().tolist(), stats
+
+
+__all__ = ["DEFAULT_TARGETS", "Adapter", "TrainSettings", "adapter_hook", "export_peft", "install", "load",
+           "merge", "row_hooks", "save", "target_modules", "train_bipo", "train_lora"]

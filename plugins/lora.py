@@ -1,0 +1,489 @@
+"""Per-node LoRA adapters trained with DPO on the node's feedback, mixed by the graph's weights.
+
+Training: each choice / edit / rating event counts toward the nodes it belongs to (the user, the
+user in its context, the user's groups, the context). When a node has ``every`` new events, a
+background job (``ctx.schedule``; ``background: false`` runs it inline) trains the node's adapter
+from its pairs (choices: chosen over each rejected; edits: edited over original; ratings: higher
+over lower rated answer to the same prompt), group and context nodes from their members' pooled
+events, within ``job_seconds`` (``persona_mw.plugins._lora``: DPO written out, on the top
+``top_layers`` decoder layers). The job is durable in the sense that the event log is the
+source: a job lost to a crash is redone by the next event of that node (``pending`` stays counted).
+
+Storage: ``<dir>/nodes/<node>/v<version>.safetensors`` (PEFT key names) and ``node.json``; the
+profile keeps ``extra["lora"]`` = version, file, model, event range, training stats (exported with
+the profile: the metadata, not the weights). Forget deletes the user's node folders, every group
+adapter trained on their events and every merged adapter that included any of them.
+
+Serving (``mixing: merge``, the default): the adapters of the scope's nodes are merged exactly
+(``sum w_n Delta W_n``, the scope's weights renormalized over nodes with an adapter), cached per
+scope in memory and as ``<dir>/merged/<key>.safetensors`` with a sidecar naming its nodes; a new
+version of a node makes a new key and removes the stale merges. A missing or unreadable adapter
+file is left out (its weight goes to the rest of the scope: the parents) with a trace note; the
+turn never fails for it. No adapter in scope: no hook, the base model unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from persona_mw import hookimpl
+from persona_mw.context import PluginContext
+from persona_mw.errors import PersonaError, RequestError
+from persona_mw.nodes import context_node, group_node, kind_of, user_context_node, user_node
+from persona_mw.plugins._steering import chat_texts, check_white_box, event_pairs, require_white_box
+from persona_mw.types import ChoiceFeedback, Decoding, EditFeedback, Feedback, RatingFeedback, Turn
+
+KEY = "lora"
+NodeKind = Literal["user", "user_context", "group", "context"]
+NODE_KINDS: tuple[NodeKind, ...] = ("user", "user_context", "group", "context")
+LEARN_KINDS = ("choice", "edit", "rating")
+
+
+def rating_pairs(events: list[Any], gap: float = 0.25) -> list[tuple[str, str, str]]:
+    """(prompt, higher rated, lower rated) for answers to the same prompt rated ``gap`` apart."""
+    by: dict[str, list[tuple[float, str]]] = {}
+    for ev in events:
+        if isinstance(ev, RatingFeedback):
+            by.setdefault(ev.prompt, []).append((ev.rating, ev.response))
+    out = []
+    for prompt, rated in by.items():
+        for ra, a in rated:
+            for rb, b in rated:
+                if ra - rb >= gap and a != b:
+                    out.append((prompt, a, b))
+    return out
+
+
+def all_pairs(events: list[Any]) -> list[tuple[str, str, str]]:
+    pairs: list[tuple[str, str, str]] = list(event_pairs(events))
+    return pairs + rating_pairs(events)
+
+
+def safe_name(node: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", node)[:48] + "-" + hashlib.sha256(node.encode()).hexdigest()[:10]
+
+
+class AdapterFiles:
+    """The adapter folder: one subfolder per node, merged adapters, a small in-memory cache."""
+
+    def __init__(self, root: Path, cache_size: int = 32) -> None:
+        self.root = root
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cache_size = cache_size
+
+    def node_dir(self, node: str) -> Path:
+        return self.root / "nodes" / safe_name(node)
+
+    def write(self, node: str, version: int, adapter: Any) -> str:
+        from persona_mw.plugins import _lora
+
+        d = self.node_dir(node)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "node.json").write_text(json.dumps({"node": node}), encoding="utf-8")
+        path = d / f"v{version}.safetensors"
+        _lora.save(adapter, path)
+        for old in d.glob("v*.safetensors"):  # keep the latest only
+            if old != path:
+                old.unlink(missing_ok=True)
+        self.drop_merged({node}, keep=None)
+        return str(path.relative_to(self.root))
+
+    def read(self, rel: str) -> Any:
+        from persona_mw.plugins import _lora
+
+        with self._lock:
+            if rel in self._cache:
+                self._cache.move_to_end(rel)
+                return self._cache[rel]
+        ad = _lora.load(self.root / rel)
+        with self._lock:
+            self._cache[rel] = ad
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return ad
+
+    def merged(self, parts: list[tuple[str, str, float]]) -> Any:
+        """The exact merge of ``(node, file, weight)`` parts, cached in memory and on disk."""
+        from persona_mw.plugins import _lora
+
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+        rel = f"merged/{key}.safetensors"
+        with self._lock:
+            if rel in self._cache:
+                return self._cache[rel]
+        adapters = [(self.read(f), w) for _, f, w in parts]
+        ad = _lora.merge(adapters)
+        path = self.root / rel
+        _lora.save(ad, path)
+        (self.root / "merged" / f"{key}.json").write_text(
+            json.dumps({"nodes": [n for n, _, _ in parts], "files": [f for _, f, _ in parts]}), encoding="utf-8")
+        with self._lock:
+            self._cache[rel] = ad
+        return ad
+
+    def drop_merged(self, nodes: set[str], keep: str | None = None) -> int:
+        """Delete every merged adapter that included one of ``nodes``; returns how many."""
+        n = 0
+        for side in (self.root / "merged").glob("*.json"):
+            try:
+                members = set(json.loads(side.read_text(encoding="utf-8")).get("nodes", []))
+            except (OSError, ValueError):
+                members = set(nodes)  # unreadable: cannot prove it excludes them
+            if members & nodes:
+                rel = f"merged/{side.stem}.safetensors"
+                (self.root / rel).unlink(missing_ok=True)
+                side.unlink(missing_ok=True)
+                with self._lock:
+                    self._cache.pop(rel, None)
+                n += 1
+        return n
+
+    def delete_nodes(self, match: Any) -> list[str]:
+        """Delete the folders of nodes for which ``match(node)``; returns their ids."""
+        gone = []
+        for d in (self.root / "nodes").glob("*"):
+            try:
+                node = json.loads((d / "node.json").read_text(encoding="utf-8"))["node"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if match(node):
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(node)
+        with self._lock:
+            for rel in [r for r in self._cache if not (self.root / r).exists()]:
+                self._cache.pop(rel, None)
+        if gone:
+            self.drop_merged(set(gone))
+        return gone
+
+
+class LoraAdapters:
+    """Train per-node LoRA adapters from feedback; decode with the scope's merged adapter."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        every: int = Field(default=20, ge=1, description="new events of a node before its adapter is (re)trained")
+        r: int = Field(default=4, ge=1, le=64, description="LoRA rank")
+        alpha: float = Field(default=8.0, gt=0, description="LoRA alpha (scaling alpha / r)")
+        targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+                                   description="linear modules to adapt (last name part)")
+        top_layers: int | None = Field(default=8, ge=1, description="adapt only the top N decoder layers "
+                                       "(training then runs only those layers per step); null: all")
+        lr: float = Field(default=3e-3, gt=0, description="AdamW learning rate")
+        beta: float = Field(default=0.1, gt=0, description="DPO beta")
+        steps: int = Field(default=40, ge=1, description="optimizer steps per job (at most)")
+        batch_choices: int = Field(default=2, ge=1, description="choices (each with all its rejected) per step")
+        job_seconds: float | None = Field(default=60.0, gt=0, description="time budget of one training job's loop")
+        max_choices: int = Field(default=40, ge=1, description="most recent events a job trains on")
+        max_response_tokens: int = Field(default=32, ge=1, description="answer tokens trained on")
+        max_prompt_tokens: int = Field(default=64, ge=8, description="prompt tokens kept (the end)")
+        background: bool = Field(default=True, description="train off the request path (false: inline)")
+        node_kinds: list[NodeKind] = Field(
+            default_factory=lambda: list(NODE_KINDS),
+            description="which nodes get adapters")
+        mixing: Literal["merge"] = Field(default="merge", description="how the scope's adapters combine: "
+                                         "an exact weight-space merge cached per scope")
+        dir: str | None = Field(default=None, description="adapter folder (default: beside the SQLite store)")
+
+    def __init__(self, config: Config | None = None, name: str = "lora") -> None:
+        self.config = config or self.Config()
+        self.name = name
+        self._ctx: PluginContext | None = None
+        self.files: AdapterFiles | None = None
+        self._training: set[str] = set()
+        self._train_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- setup
+
+    @hookimpl
+    def persona_startup(self, ctx: PluginContext) -> None:
+        check_white_box(self, ctx, "lora")
+        self._ctx = ctx
+        self.files = AdapterFiles(self._root(ctx))
+
+    def _root(self, ctx: PluginContext) -> Path:
+        if self.config.dir:
+            return Path(self.config.dir).expanduser()
+        path = getattr(ctx.store, "path", None)
+        if path and path != ":memory:" and not str(path).startswith("file::memory"):
+            return Path(str(path) + ".lora")
+        return Path(tempfile.mkdtemp(prefix="persona-mw-lora-"))
+
+    def settings(self, seed: int = 0) -> Any:
+        from persona_mw.plugins._lora import TrainSettings
+
+        c = self.config
+        return TrainSettings(r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, beta=c.beta, steps=c.steps,
+                             batch_choices=c.batch_choices, max_prompt_tokens=c.max_prompt_tokens,
+                             max_response_tokens=c.max_response_tokens, seconds=c.job_seconds,
+                             top_layers=c.top_layers, seed=seed)
+
+    # ---------------------------------------------------------------- events -> nodes
+
+    def nodes_of(self, event: Any) -> list[str]:
+        """The nodes an event counts toward (filtered by ``node_kinds``)."""
+        assert self._ctx is not None
+        out = [user_node(event.user)]
+        if event.context:
+            out += [user_context_node(event.user, event.context), context_node(event.context)]
+        out += [group_node(g) for g in self._ctx.graph.groups_of(event.user)]
+        return [n for n in out if kind_of(n) in self.config.node_kinds]
+
+    def events_of(self, node: str) -> tuple[list[Any], list[str]]:
+        """The node's learnable events (members' pooled for groups and contexts), most recent
+        ``max_choices``; and the users they came from."""
+        assert self._ctx is not None
+        store = self._ctx.store
+        kind = kind_of(node)
+        from persona_mw.nodes import parse
+
+        ref = parse(node)
+        if kind == "user":
+            evs = store.list_feedback(user=ref.user, kinds=LEARN_KINDS)
+        elif kind == "user_context":
+            evs = [e for e in store.list_feedback(user=ref.user, kinds=LEARN_KINDS) if e.context == ref.name]
+        elif kind == "group":
+            members = [parse(e.src).user for e in store.edges_to(node) if e.kind == "member"]
+            evs = [e for m in members if m for e in store.list_feedback(user=m, kinds=LEARN_KINDS)]
+        elif kind == "context":
+            evs = [e for e in store.list_feedback(kinds=LEARN_KINDS) if e.context == ref.name]
+        else:
+            evs = []
+        evs = sorted(evs, key=lambda e: e.created_at)[-self.config.max_choices:]
+        return evs, sorted({e.user for e in evs})
+
+    @hookimpl
+    async def persona_feedback(self, event: Feedback, store: Any) -> None:
+        if self._ctx is None or not isinstance(event, (ChoiceFeedback, EditFeedback, RatingFeedback)):
+            return
+        due = []
+        for node in self.nodes_of(event):
+            box: dict[str, int] = {}
+
+            def count(prof: Any, box: dict[str, int] = box) -> None:
+                st = dict(prof.extra.get(KEY) or {})
+                st["pending"] = int(st.get("pending", 0)) + 1
+                prof.extra[KEY] = st
+                box["pending"] = st["pending"]
+
+            self._ctx.update_profile(node, count)
+            if box["pending"] >= self.config.every:
+                due.append(node)
+        for node in due:
+            if self.config.background:
+                self._ctx.schedule(self.train_node(node))
+            else:
+                await self.train_node(node)
+
+    # ---------------------------------------------------------------- training job
+
+    async def train_node(self, node: str, *, seed: int = 0) -> dict[str, Any] | None:
+        """Train ``node``'s adapter from its events now; returns the stored entry (None: nothing to
+        learn, or a job for this node is already running)."""
+        if self._ctx is None or self.files is None:
+            raise PersonaError("the lora plugin is not started")
+        with self._train_lock:
+            if node in self._training:
+                return None
+            self._training.add(node)
+        try:
+            return await self._train(node, seed)
+        finally:
+            with self._train_lock:
+                self._training.discard(node)
+
+    async def _train(self, node: str, seed: int) -> dict[str, Any] | None:
+        from persona_mw.plugins import _lora
+
+        assert self._ctx is not None and self.files is not None
+        events, users = self.events_of(node)
+        pairs = all_pairs(events)
+        if not pairs:
+            return None
+        backend = self._ctx.backend()
+        settings = self.settings(seed)
+        fmt = _formatter(backend)
+        adapter, stats = await backend.call(lambda m, t: _lora.train_lora(m, t, fmt, pairs, settings))
+        model = getattr(backend, "model_name", getattr(backend, "name", ""))
+        entry: dict[str, Any] = {}
+        files = self.files
+
+        def store(prof: Any) -> None:
+            st = dict(prof.extra.get(KEY) or {})
+            version = int(st.get("version", 0)) + 1
+            adapter.meta = {"node": node, "version": version, "model": model}
+            rel = files.write(node, version, adapter)
+            st.update(version=version, file=rel, model=model, r=settings.r, targets=list(settings.targets),
+                      top_layers=settings.top_layers, trained_at=time.time(), users=users,
+                      events={"count": len(events), "pairs": len(pairs), "first": events[0].id,
+                              "last": events[-1].id, "first_at": events[0].created_at,
+                              "last_at": events[-1].created_at},
+                      stats=stats, pending=max(0, int(st.get("pending", 0)) - len(events)))
+            prof.extra[KEY] = st
+            entry.update(st)
+
+        self._ctx.update_profile(node, store)
+        return entry
+
+    # ---------------------------------------------------------------- serving
+
+    def scope_adapter(self, turn: Turn, model_name: str) -> tuple[Any, dict[str, float], list[str]]:
+        """The merged adapter of the scope (None if no node has one), the weights used, and notes
+        about adapters that could not be read."""
+        assert self.files is not None
+        parts: list[tuple[str, str, float]] = []
+        notes: list[str] = []
+        for sn in (turn.scope.nodes if turn.scope is not None else []):
+            prof = turn.profiles.get(sn.id)
+            st = (prof.extra.get(KEY) if prof is not None else None) or {}
+            if not st.get("file") or st.get("model") != model_name or sn.weight <= 0:
+                continue
+            try:
+                self.files.read(st["file"])
+            except PersonaError as exc:
+                notes.append(f"adapter of {sn.id} unusable ({exc}); its weight goes to the rest of the scope")
+                continue
+            parts.append((sn.id, st["file"], round(sn.weight, 4)))
+        if not parts:
+            return None, {}, notes
+        total = sum(w for _, _, w in parts)
+        used = {n: w / total for n, _, w in parts}
+        if len(parts) == 1:
+            return self.files.read(parts[0][1]), used, notes
+        try:
+            return self.files.merged(parts), used, notes
+        except PersonaError as exc:
+            notes.append(f"merge failed ({exc})")
+            return None, {}, notes
+
+    @hookimpl
+    def persona_decoding(self, turn: Turn, backend: Any) -> Decoding | None:
+        from persona_mw.plugins._lora import adapter_hook
+
+        require_white_box(self, backend, "lora")
+        model = getattr(backend, "model_name", getattr(backend, "name", ""))
+        adapter, used, notes = self.scope_adapter(turn, model)
+        for n in notes:
+            turn.note(f"lora degraded: {n}")
+        if adapter is None:
+            turn.note("no adapter in scope: base model")
+            return None
+        turn.note("adapter " + ", ".join(f"{k}:{w:.2f}" for k, w in used.items()))
+        return Decoding(source=self.name, activation_hooks=[adapter_hook(adapter)],
+                        meta={"nodes": used, "degraded": bool(notes)})
+
+    # ---------------------------------------------------------------- forget, report
+
+    @hookimpl
+    def persona_forget(self, user: str, nodes: list[str]) -> None:
+        """Delete the user's adapters, the group/context adapters trained on their events, and
+        every merged adapter including any of them."""
+        if self.files is None:
+            return
+        own = {user_node(user)}
+        prefix = user_node(user) + "@"
+        linked = set(nodes)
+
+        def match(node: str) -> bool:
+            if node in own or node.startswith(prefix):
+                return True
+            return node in linked and self._trained_on(node, user)
+
+        self.files.delete_nodes(match)
+        self.files.drop_merged(own)
+
+    def _trained_on(self, node: str, user: str) -> bool:
+        assert self._ctx is not None
+        prof = self._ctx.store.get_profiles([node]).get(node)
+        st = (prof.extra.get(KEY) if prof is not None else None) or {}
+        if user in st.get("users", []):
+            if prof is not None:
+                self._ctx.update_profile(node, lambda p: p.extra.pop(KEY, None))
+            return True
+        return False
+
+    @hookimpl
+    def persona_profile_report(self, user: str, profiles: dict[str, Any]) -> dict[str, Any] | None:
+        out = {}
+        for node, prof in profiles.items():
+            st = ((prof or {}).get("extra") or {}).get(KEY) or {}
+            if st.get("file"):
+                out[node] = {k: st.get(k) for k in ("version", "file", "model", "r", "targets", "events",
+                                                    "trained_at", "pending")}
+                out[node]["seconds"] = (st.get("stats") or {}).get("total_seconds")
+        return {"lora": out} if out else None
+
+
+def _formatter(backend: Any) -> Any:
+    def fmt(prompt: str) -> str:
+        prefix, _ = chat_texts(backend, prompt, [])
+        return str(prefix)
+
+    return fmt
+
+
+def export_node(mw: Any, node: str, out: str) -> Path:
+    """``persona-mw lora export NODE --out DIR``: the node's adapter as a PEFT folder."""
+    from persona_mw.plugins._lora import export_peft
+
+    plugin = next((p.instance for p in mw.host.pipeline if isinstance(p.instance, LoraAdapters)), None)
+    if plugin is None or plugin.files is None:
+        raise RequestError("no lora plugin in the pipeline (--config)", field="config")
+    prof = mw.store.get_profiles([node]).get(node)
+    st = (prof.extra.get(KEY) if prof is not None else None) or {}
+    if not st.get("file"):
+        raise RequestError(f"node {node!r} has no adapter", field="node")
+    # The registry name of the base model (SmolLM2-135M-Instruct for smollm2-135m-instruct): a serving
+    # engine is started on the base weights and given this folder as a LoRA module.
+    base = st.get("model") or ""
+    return Path(export_peft(plugin.files.root / st["file"], Path(out), base))
+
+
+def cmd_lora(args: Any) -> int:
+    """``persona-mw lora export NODE --out DIR [--config FILE] [--store PATH]``."""
+    import os
+    import sys
+
+    from persona_mw.config import default_config, load_config
+    from persona_mw.middleware import Middleware
+
+    path = args.config or os.environ.get("PERSONA_MW_CONFIG")
+    cfg = load_config(path) if path else default_config()
+    if args.store:
+        cfg.store.path = args.store
+    mw = Middleware(cfg)
+    try:
+        out = export_node(mw, args.node, args.out)
+    finally:
+        mw.close()
+    print(f"wrote {out} (a PEFT folder: serve the base model with --enable-lora --lora-modules NAME={out})",
+          file=sys.stderr)
+    return 0
+
+
+def register_commands(cli: Any) -> None:
+    """The ``lora`` subcommand (registered by ``persona_mw.builtins``)."""
+    help_ = ("the lora plugin's adapters: export NODE --out DIR writes a PEFT folder "
+             "(adapter_config.json + adapter_model.safetensors) that vLLM and other PEFT-aware servers load")
+    p = cli.add_parser("lora", help=help_, description=help_)
+    p.add_argument("action", choices=["export"], help="what to do")
+    p.add_argument("node", help="the node id, e.g. user:ana or group:nurses")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--config", help="pipeline YAML with a lora entry (default: $PERSONA_MW_CONFIG)")
+    p.add_argument("--store", help="a SQLite store path (overrides the config)")
+    p.set_defaults(func=cmd_lora)
+
+
+__all__ = ["cmd_lora", "register_commands", "AdapterFiles", "LoraAdapters", "all_pairs", "export_node", "rating_pairs"]

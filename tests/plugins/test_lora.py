@@ -1,0 +1,184 @@
+"""Per-node LoRA adapters (issue #18): the math on toy modules, then the plugin end to end with the real
+local model and the real SQLite store (tiny settings: a few steps on the top two layers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persona_mw.errors import PersonaError
+
+torch = pytest.importorskip("torch")
+from persona_mw.plugins import _lora  # noqa: E402
+
+P = {"max_tokens": 8, "temperature": 0.0}
+CHOICES = [
+    {"kind": "choice", "user": "ana", "prompt": "Why is the sky blue?", "chosen": "Blue light scatters most. Short answer.",
+     "rejected": ["The sky appears blue because of Rayleigh scattering of sunlight by the molecules of the air."]},
+    {"kind": "choice", "user": "ana", "prompt": "What is rain?", "chosen": "Water falling from clouds. Short answer.",
+     "rejected": ["Rain is liquid precipitation: water droplets that condense from atmospheric vapour and fall."]},
+    {"kind": "edit", "user": "ana", "prompt": "What is snow?", "before": "Snow is frozen precipitation made of ice "
+     "crystals that form in clouds.", "after": "Frozen rain. Short answer."},
+]
+YAML = ("pipeline: [{use: lora, background: false, every: 3, steps: 3, top_layers: 2, r: 2, lr: 0.05, "
+        "max_response_tokens: 8, max_prompt_tokens: 32, job_seconds: null}]\n")
+
+
+class Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = torch.nn.Linear(6, 5)
+
+    def forward(self, x: Any) -> Any:
+        return self.q_proj(x)
+
+
+def toy_adapter(seed: int, r: int = 2) -> _lora.Adapter:
+    g = torch.Generator().manual_seed(seed)
+    return _lora.Adapter({"q_proj": (torch.randn(r, 6, generator=g), torch.randn(5, r, generator=g))},
+                         r=r, alpha=2.0 * r, targets=("q_proj",), meta={"node": f"n{seed}"})
+
+
+def test_merge_is_the_exact_weighted_sum_of_the_deltas() -> None:
+    a, b = toy_adapter(1), toy_adapter(2, r=3)
+    m = _lora.merge([(a, 0.25), (b, 0.5)])
+    dw = lambda ad: ad.weights["q_proj"][1] @ ad.weights["q_proj"][0]  # noqa: E731
+    assert m.r == 5
+    assert torch.allclose(dw(m), dw(a) / 3 + dw(b) * 2 / 3, atol=1e-6)
+    with pytest.raises(PersonaError):
+        _lora.merge([(a, 0.0)])
+
+
+def test_files_round_trip_and_a_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
+    a = toy_adapter(3)
+    _lora.save(a, tmp_path / "a.safetensors")
+    b = _lora.load(tmp_path / "a.safetensors")
+    assert torch.allclose(b.weights["q_proj"][0], a.weights["q_proj"][0])
+    assert torch.allclose(b.weights["q_proj"][1], a.weights["q_proj"][1])  # scaling folded back in
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PersonaError, match="cannot read adapter bad.safetensors"):
+        _lora.load(tmp_path / "bad.safetensors")
+    with pytest.raises(PersonaError, match="cannot read adapter"):
+        _lora.load(tmp_path / "missing.safetensors")
+
+
+def test_mixed_batch_rows_get_their_own_adapter_and_no_adapter_is_the_base_exactly() -> None:
+    model = Toy()
+    x = torch.randn(3, 4, 6)
+    base = model(x)
+    a, b = toy_adapter(4), toy_adapter(5, r=1)
+    hs = _lora.row_hooks(model, [a, None, b])
+    try:
+        mixed = model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    assert torch.equal(mixed[1], base[1])  # token for token: the base row is untouched
+    for i, ad in ((0, a), (2, b)):
+        hs = _lora.install(model, ad)
+        try:
+            alone = model(x[i:i + 1])
+        finally:
+            for h in hs:
+                h.remove()
+        assert torch.allclose(mixed[i], alone[0], atol=1e-5)
+    assert torch.equal(model(x), base)  # every hook removed
+
+
+def plain(backend: Any, text: str) -> str:
+    from persona_mw.types import GenerationParams, Message
+
+    return asyncio.run(backend.generate([Message(role="user", content=text)], params=GenerationParams(**P)))[0].text
+
+
+def step(reply: Any) -> str:
+    return next(s for s in reply.trace.steps if s.hook == "persona_decoding").summary
+
+
+def adapter_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors"))
+
+
+def test_plugin_trains_serves_degrades_and_forget_deletes_the_files(make_mw: Any, local_backend: Any,
+                                                                    tmp_path: Path) -> None:
+    from persona_mw.cli import _profile_with_reports
+
+    root = tmp_path / "adapters"
+    mw = make_mw(YAML.replace("job_seconds: null", f"job_seconds: null, dir: {root}"), backend=local_backend)
+    mw.join("ana", "shorties")
+    mw.join("bob", "shorties")
+    base_reply = mw.chat(user="cy", messages="How do fridges work?", params=P)  # no adapter anywhere
+    assert base_reply.text == plain(local_backend, "How do fridges work?")
+    assert "no adapter in scope" in step(base_reply)
+    for ev in CHOICES:
+        mw.feedback(ev)
+    st = mw.store.get_profile("user:ana").extra["lora"]
+    assert st["version"] == 1 and st["events"]["count"] == 3 and st["events"]["pairs"] == 3
+    assert st["events"]["last"] == mw.store.list_feedback(user="ana")[-1].id
+    assert st["stats"]["steps"] == 3 and st["users"] == ["ana"]
+    group = mw.store.get_profile("group:shorties").extra["lora"]  # pooled members' events
+    assert group["users"] == ["ana"] and group["version"] == 1
+    files = adapter_files(root)
+    assert len(files) == 2 and all(f.startswith("nodes/") for f in files)
+    report = _profile_with_reports(mw, "ana", mw.profile("ana"))["lora"]
+    assert set(report) == {"user:ana", "group:shorties"} and report["user:ana"]["version"] == 1
+
+    # ana's scope: her adapter and the group's merged; bob rides on the group's only
+    reply = mw.chat(user="ana", messages="How do fridges work?", params=P)
+    assert "adapter user:ana:" in step(reply) and "group:shorties" in step(reply), step(reply)
+    assert any(f.startswith("merged/") for f in adapter_files(root))
+    bob = mw.chat(user="bob", messages="How do fridges work?", params=P)
+    assert "adapter group:shorties:1.00" in step(bob), step(bob)
+    assert mw.chat(user="cy", messages="How do fridges work?", params=P).text == base_reply.text
+
+    # a corrupt user file: the turn still answers, on the group's adapter, flagged in the trace
+    (root / st["file"]).write_bytes(b"garbage")
+    mw.plugin("lora").files._cache.clear()
+    degraded = mw.chat(user="ana", messages="How do fridges work?", params=P)
+    assert degraded.text and "lora degraded: adapter of user:ana unusable" in step(degraded)
+    assert "adapter group:shorties:1.00" in step(degraded)
+
+    mw.forget("ana")
+    left = adapter_files(root)
+    assert left == [], left  # hers, the group's trained on her events, every merge with them
+    assert "lora" not in (mw.store.get_profile("group:shorties") or mw.store.get_profile("global")).extra
+
+
+def test_stored_adapter_is_a_peft_folder_that_peft_loads_to_the_same_logits(make_mw: Any, local_backend: Any,
+                                                                             tmp_path: Path) -> None:
+    import copy
+
+    from peft import PeftModel
+
+    from persona_mw.plugins.lora import export_node
+
+    mw = make_mw(YAML.replace("job_seconds: null", f"job_seconds: null, dir: {tmp_path / 'a'}, "
+                              "node_kinds: [user]"), backend=local_backend)
+    for ev in CHOICES:
+        mw.feedback(ev)
+    out = export_node(mw, "user:ana", str(tmp_path / "peft"))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and set(cfg["target_modules"]) == {"q_proj", "v_proj"}
+    ids = torch.tensor([local_backend.tokenizer.encode("Why is the sky blue? Short answer.")])
+    model = local_backend.model
+    ad = _lora.load(out / "adapter_model.safetensors")
+    hs = _lora.install(model, ad)
+    try:
+        with torch.no_grad():
+            ours = model(input_ids=ids).logits
+    finally:
+        for h in hs:
+            h.remove()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(out))
+        theirs = peft_model(input_ids=ids).logits
+    assert not torch.allclose(ours, base, atol=1e-4)  # the adapter does something
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    with pytest.raises(PersonaError, match="node"):
+        export_node(mw, "user:nobody", str(tmp_path / "x"))
