@@ -260,4 +260,5 @@ def cross_validate(per_setting: Sequence[Sequence[tuple[int, int, int, dict[int,
 def config() -> dict[str, Any]:
     return {"ingest": "add_raw (every turn, dia_id as id, speaker, session date) + ingest (rule extraction)",
             "search": "MemoryManager.search default mode 'fused' (neighbours=1, z-fusion of BM25/MiniLM over "
-                      "memories and turn windows); baselines: modes hybrid, bm25, dense", "ks": list(KS), "modes": list(MODES)}
+                      "memories and turn windows, then the default second hop hops.DEFAULT_HOPS); baselines: "
+                      "modes hybrid, bm25, dense", "ks": list(KS), "modes": list(MODES)}

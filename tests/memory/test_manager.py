@@ -80,8 +80,9 @@ def test_hybrid_retrieval_with_provenance_and_why(store, minilm):
             top = hits[0].memory.provenance if mode == "dense" else [p for h in hits for p in h.memory.provenance]
             assert want in top, (query, mode, [h.memory.text for h in hits])
     hit = mm.search("conv", "adoption agencies research", k=1)[0]  # default: fused, each signal's z-score
-    assert hit.memory.provenance == ["D1:3"] and set(hit.why) == {
+    assert hit.memory.provenance == ["D1:3"] and set(hit.why) - {"hop", "prf", "links"} == {
         "node", "bm25_turn", "bm25_window", "dense_turn", "dense_window"}
+    assert hit.why["hop"] == 1  # the default second hop (persona_mw.memory.hops) says which hop found it
     hit = mm.search("conv", "adoption agencies research", k=1, mode="hybrid")[0]
     assert hit.why["bm25_rank"] == 1 and hit.why["dense_rank"] == 1 and hit.memory.meta["date"] == "2023-05-08"
     # time-aware: a question naming the month prefers memories dated in it

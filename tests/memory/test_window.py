@@ -48,7 +48,8 @@ def test_neighbours_find_a_turn_that_alone_says_little(store, emb):
     assert all(p[0].startswith("D1:") for p in provs)  # session 2 windows do not borrow session 1 words
     assert ["X:1"] not in provs                   # another user's turn never comes back
     want = {"node", "bm25_turn", "bm25_window"} | ({"dense_turn", "dense_window"} if emb else set())
-    assert set(hits[0].why) == want
+    assert set(hits[0].why) - {"hop", "prf", "links"} == want
+    assert hits[0].why.get("hop") == (1 if emb else None)  # the default second hop needs the dense vectors
     assert mm.search("nobody", "greyhound") == []
     # a fresh manager (indexes loaded from the store) ranks exactly as the incrementally built one
     fresh = MemoryManager(store, embedder=emb)
