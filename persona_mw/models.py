@@ -462,6 +462,10 @@ def int8_weights(model: Any) -> Any:
     import torch
 
     class Int8Linear(torch.nn.Module):
+        qweight: torch.Tensor
+        scale: torch.Tensor
+        bias: torch.Tensor | None
+
         def __init__(self, lin: torch.nn.Linear) -> None:
             super().__init__()
             w = lin.weight.detach().float()
