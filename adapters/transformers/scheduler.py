@@ -168,6 +168,7 @@ class Scheduler:
             self._decode()
             self.step_seconds = 0.8 * self.step_seconds + 0.2 * (time.perf_counter() - started)
             self.steps += 1
+            self._drop_finished()  # an idle batch holds no cache
 
     def _admit(self) -> None:
         from .steering import _layout
