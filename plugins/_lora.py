@@ -50,7 +50,8 @@ class Adapter:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def delta_norm(self) -> float:
-        return float(sum(float((b @ a).norm()) ** 2 for a, b in self.weights.values())) ** 0.5
+        total: float = sum(float((b @ a).norm()) ** 2 for a, b in self.weights.values())
+        return total ** 0.5
 
 
 @dataclass
@@ -216,7 +217,7 @@ def export_peft(adapter_file: Path, out: Path, base_model: str) -> Path:
 
     ad = load(adapter_file)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = LoraConfig(r=ad.r, lora_alpha=ad.alpha, target_modules=list(ad.targets), lora_dropout=0.0,
+    cfg = LoraConfig(r=ad.r, lora_alpha=round(ad.alpha), target_modules=list(ad.targets), lora_dropout=0.0,
                      bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
     cfg.save_pretrained(str(out))
     shutil.copyfile(adapter_file, out / "adapter_model.safetensors")

@@ -176,7 +176,7 @@ class LoraAdapters:
         model_config = ConfigDict(extra="forbid")
         every: int = Field(default=20, ge=1, description="new events of a node before its adapter is (re)trained")
         r: int = Field(default=4, ge=1, le=64, description="LoRA rank")
-        alpha: float = Field(default=8.0, gt=0, description="LoRA alpha (scaling alpha / r)")
+        alpha: int = Field(default=8, ge=1, description="LoRA alpha (scaling alpha / r; an integer, as PEFT's config)")
         targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
                                    description="linear modules to adapt (last name part)")
         top_layers: int | None = Field(default=8, ge=1, description="adapt only the top N decoder layers "

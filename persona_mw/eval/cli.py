@@ -39,11 +39,11 @@ def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) 
         from persona_mw.eval import lora as lora_mod
 
         history, test, seed = options.get("history") or 20, options.get("test") or 24, options.get("seed") or 0
-        mod: Any = fermi_mod if benchmark == "fermi" else lora_mod
-        metrics = mod.run(data, history=history, test=test, seed=seed,
+        runner: Any = fermi_mod if benchmark == "fermi" else lora_mod
+        metrics = runner.run(data, history=history, test=test, seed=seed,
                           log=lambda m: print(m, file=sys.stderr, flush=True))
         print_table(benchmark, metrics)
-        write_result(out, benchmark, data, mod.config(history, test, seed), metrics)
+        write_result(out, benchmark, data, runner.config(history, test, seed), metrics)
         if out:
             print(f"wrote {out}", file=sys.stderr)
         return 0
