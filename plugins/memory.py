@@ -69,6 +69,11 @@ class MemoryPlugin:
         store_turns: bool = Field(default=False, description="also keep each message verbatim for retrieval")
         store_answers: bool = Field(default=False, description="with store_turns: keep the assistant's answers too")
         turn_window: int = Field(default=1, ge=0, le=8, description="with store_turns: earlier turns indexed with each")
+        index: Literal["exact", "ann"] = Field(
+            default="ann", description="dense search: ann (HNSW via usearch for users with ann_threshold memories "
+            "or more, exact below) or exact (scan every vector: the reference)")
+        ann_threshold: int = Field(default=10_000, ge=1, le=10_000_000,
+                                   description="with index ann: memories per user from which the HNSW graph is used")
 
     def __init__(self, config: Config | None = None, name: str = "memory") -> None:
         self.config = config or self.Config()
@@ -88,7 +93,8 @@ class MemoryPlugin:
         self.manager = MemoryManager(ctx.store, graph=ctx.graph,
                                      embedder="auto" if self.config.embedder else None,
                                      extractor=extractor, extractor_role=self.config.extractor_role,
-                                     max_per_owner=ctx.limits.max_memories_per_user)
+                                     max_per_owner=ctx.limits.max_memories_per_user,
+                                     dense_index=self.config.index, ann_threshold=self.config.ann_threshold)
         ctx.provide_memory(self.manager)
 
     async def _llm(self, prompt: str) -> str:
@@ -107,7 +113,8 @@ class MemoryPlugin:
         if self.manager is None:  # used without a Middleware (unit tests of the hooks)
             from persona_mw.memory import MemoryManager
 
-            self.manager = MemoryManager(store, embedder="auto" if self.config.embedder else None)
+            self.manager = MemoryManager(store, embedder="auto" if self.config.embedder else None,
+                                         dense_index=self.config.index, ann_threshold=self.config.ann_threshold)
         return self.manager
 
     # -- request path ------------------------------------------------------------------------
