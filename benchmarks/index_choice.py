@@ -142,12 +142,12 @@ def dense_case(mat: np.ndarray, label: str, rng: np.random.Generator) -> dict:
         np.argpartition(-s, 299)[:300]
         lat.append((time.perf_counter() - t) * 1000)
     out["exact_numpy"] = {"query_p50_ms": _p(lat, 50), "query_p95_ms": _p(lat, 95), "recall@10": 1.0}
-    for dtype in ("i8", "f16"):
+    for dtype in ("f16", "i8"):
         ix = Index(ndim=d, metric="ip", dtype=dtype, connectivity=16, expansion_add=128, expansion_search=64)
         t = time.perf_counter()
         ix.add(np.arange(n, dtype=np.uint64), mat, threads=1)
         build = time.perf_counter() - t
-        for ef in (64, 128, 256):
+        for ef in ((64, 128, 256) if dtype == "f16" else (128,)):
             ix.expansion_search = ef
             lat, rec = [], []
             for j, q in enumerate(qs):
@@ -201,16 +201,26 @@ def _locomo_vectors() -> np.ndarray | None:
 
 def main() -> dict:
     rng = np.random.default_rng(7)
-    res: dict = {"benchmark": "index_choice", "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-                 "candidates": K_CAND}
+    out = Path(__file__).parent / "results" / "index_choice.json"
+    parts = set(os.environ.get("INDEX_CHOICE_PARTS", "lexical,dense").split(","))
+    res: dict = json.loads(out.read_text()) if out.exists() and parts != {"lexical", "dense"} else {}
+    res.update({"benchmark": "index_choice", "candidates": K_CAND})
+    res["load_average_" + "_".join(sorted(parts))] = {"before": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as tmp:
+        if "lexical" not in parts:
+            return dense_part(res, rng, parts, out)
         res["lexical"] = {"bm25s_1x100k": bm25s_case(1, 100_000, rng), "bm25s_1000x100": bm25s_case(1000, 100, rng),
                           "tantivy_1x100k": tantivy_case(1, 100_000, rng, tmp),
                           "tantivy_1000x100": tantivy_case(1000, 100, rng, tmp)}
         print(json.dumps(res["lexical"], indent=1), flush=True)
-    mat = rng.standard_normal((100_000, 384)).astype(np.float32)
+    return dense_part(res, rng, parts, out)
+
+
+def dense_part(res: dict, rng: np.random.Generator, parts: set[str], out: Path) -> dict:
+    n = int(os.environ.get("INDEX_CHOICE_DENSE_N", "100000"))
+    mat = rng.standard_normal((n, 384)).astype(np.float32)
     mat /= np.linalg.norm(mat, axis=1, keepdims=True)
-    res["dense"] = {"synthetic_100k": dense_case(mat, "random unit vectors (synthetic)", rng)}
+    res["dense"] = {f"synthetic_{n}": dense_case(mat, "random unit vectors (synthetic)", rng)}
     print(json.dumps(res["dense"], indent=1), flush=True)
     try:
         real = _locomo_vectors()
@@ -218,8 +228,7 @@ def main() -> dict:
         real, res["dense"]["locomo"] = None, f"skipped: {exc}"
     if real is not None:
         res["dense"]["locomo_turns"] = dense_case(real, "MiniLM vectors of every LoCoMo turn", rng)
-    res["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(__file__).parent / "results" / "index_choice.json"
+    res["load_average_" + "_".join(sorted(parts))]["after"] = [round(x, 2) for x in os.getloadavg()]
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res["dense"], indent=1))
     return res
