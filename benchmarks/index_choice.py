@@ -182,6 +182,38 @@ def dense_case(mat: np.ndarray, label: str, rng: np.random.Generator) -> dict:
     return out
 
 
+def random_recall(n: int = 10_000, seed: int = 0) -> list[dict]:
+    """HNSW recall@10 on uniform random 384-d unit vectors with random queries (the worst case: every
+    point is about equally far), 100 candidates rescored exactly, by connectivity M and ef_search."""
+    from usearch.index import Index
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.standard_normal((100, 384)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    out = []
+    for m in (16, 32):
+        ix = Index(ndim=384, metric="ip", dtype="f16", connectivity=m, expansion_add=128)
+        t = time.perf_counter()
+        ix.add(np.arange(n, dtype=np.uint64), x, threads=2)
+        build = time.perf_counter() - t
+        for ef in (128, 256, 512):
+            ix.expansion_search = ef
+            rec, lat = [], []
+            for j in range(100):
+                t = time.perf_counter()
+                got = ix.search(q[j], 100)
+                lat.append((time.perf_counter() - t) * 1000)
+                keys = np.asarray(got.keys, dtype=np.int64)
+                top = keys[np.argsort(-(x[keys] @ q[j]))][:10]
+                rec.append(len(set(top.tolist()) & set(truth[j].tolist())) / 10)
+            out.append({"M": m, "ef_search": ef, "build_s": round(build, 1), "recall@10": round(float(np.mean(rec)), 3),
+                        "query_p95_ms": _p(lat, 95)})
+    return out
+
+
 def _locomo_vectors() -> np.ndarray | None:
     from persona_mw.eval.locomo import load, sessions
 
@@ -203,6 +235,13 @@ def main() -> dict:
     rng = np.random.default_rng(7)
     out = Path(__file__).parent / "results" / "index_choice.json"
     parts = set(os.environ.get("INDEX_CHOICE_PARTS", "lexical,dense").split(","))
+    if parts == {"random_recall"}:
+        res0: dict = json.loads(out.read_text()) if out.exists() else {}
+        load0 = [round(x, 2) for x in os.getloadavg()]
+        res0["dense_random_10k"] = {"rows": random_recall(), "load_average": {
+            "before": load0, "after": [round(x, 2) for x in os.getloadavg()]}}
+        out.write_text(json.dumps(res0, indent=2) + "\n")
+        return res0
     res: dict = json.loads(out.read_text()) if out.exists() and parts != {"lexical", "dense"} else {}
     res.update({"benchmark": "index_choice", "candidates": K_CAND})
     res["load_average_" + "_".join(sorted(parts))] = {"before": [round(x, 2) for x in os.getloadavg()]}
