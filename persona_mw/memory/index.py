@@ -166,7 +166,9 @@ class NumpyIndex:
             live = s[b.alive[: b.n]].astype(np.float64)
             top = _top(s, k)
             full = np.where(np.isfinite(s), s, np.nan).astype(np.float64)
-            rowmap = dict(b.row)
+            # not copied (100k entries would cost ms per query): a row added later is past the end of
+            # ``full``, a row removed later is no longer in the map; both read as NaN
+            rowmap = b.row
         return Probe([b.ids[i] for i in top], full[top], len(live), float(live.sum()), float((live * live).sum()),
                      lambda ids: _lookup(rowmap, full, ids))
 
