@@ -4,6 +4,7 @@ bm25s against the Okapi/Lucene formula, and fused search over candidate sets aga
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import math
 import sys
@@ -18,7 +19,8 @@ from persona_mw.memory import index as index_mod
 from persona_mw.memory.index import AnnIndex, BM25Index, NumpyIndex, tokenize
 from persona_mw.store.sqlite import SQLiteStore
 
-pytest.importorskip("usearch")
+needs_usearch = pytest.mark.skipif(importlib.util.find_spec("usearch") is None,
+                                   reason="usearch (the memory extra) is not installed")
 
 
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -29,6 +31,7 @@ def clustered(n: int, dim: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+@needs_usearch
 def test_ann_recall_at_10_vs_exact_and_small_owners_stay_exact() -> None:
     vecs = clustered(3000, 64, 1)
     ids = [f"m{i}" for i in range(3000)]
@@ -48,6 +51,7 @@ def test_ann_recall_at_10_vs_exact_and_small_owners_stay_exact() -> None:
     assert ann.graph_owners() == ["user:big"]  # 50 vectors: scanned, no graph
 
 
+@needs_usearch
 def test_ann_probe_moments_and_scores_are_exact_after_writes() -> None:
     vecs = clustered(1500, 32, 3)
     ids = [f"m{i}" for i in range(1500)]
@@ -70,6 +74,7 @@ def test_ann_probe_moments_and_scores_are_exact_after_writes() -> None:
     assert len(set(a.ids[:10]) & set(e.ids[:10])) >= 9
 
 
+@needs_usearch
 def test_ann_removed_vectors_are_gone_and_owners_isolated() -> None:
     vecs = clustered(1200, 32, 5)
     ids = [f"m{i}" for i in range(1200)]
@@ -163,6 +168,7 @@ def _turns(n: int, seed: int) -> list[dict[str, Any]]:
              "session": i // 40} for i in range(n)]
 
 
+@needs_usearch
 def test_fused_over_candidates_matches_exact_fusion(tmp_path: Any) -> None:
     """Mode fused with the HNSW graph (threshold below the user's size) ranks like the exact reference;
     below the threshold the two are the same search."""
@@ -186,6 +192,7 @@ def test_fused_over_candidates_matches_exact_fusion(tmp_path: Any) -> None:
     store.close()
 
 
+@needs_usearch
 def test_forget_in_another_process_clears_a_graph_owner(tmp_path: Any) -> None:
     """The forget epoch still invalidates a cached user whose vectors sit in an HNSW graph; a fresh
     manager (another process) sees what was written before it loaded."""
