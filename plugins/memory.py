@@ -83,6 +83,11 @@ class MemoryPlugin:
         turn_window: int = Field(default=1, ge=0, le=8, description="with store_turns: earlier turns indexed with each")
         hops: Hops | None = Field(default=None, description="mode fused: the second hop (default: the "
                                   "cross-validated one, persona_mw.memory.hops.HopSettings); why.hop says which hop found a hit")
+        index: Literal["exact", "ann"] = Field(
+            default="ann", description="dense search: ann (HNSW via usearch for users with ann_threshold memories "
+            "or more, exact below) or exact (scan every vector: the reference)")
+        ann_threshold: int = Field(default=10_000, ge=1, le=10_000_000,
+                                   description="with index ann: memories per user from which the HNSW graph is used")
 
     def __init__(self, config: Config | None = None, name: str = "memory") -> None:
         self.config = config or self.Config()
@@ -103,7 +108,8 @@ class MemoryPlugin:
                                      embedder="auto" if self.config.embedder else None,
                                      extractor=extractor, extractor_role=self.config.extractor_role,
                                      max_per_owner=ctx.limits.max_memories_per_user,
-                                     hops=self.config.hops.model_dump() if self.config.hops else None)
+                                     hops=self.config.hops.model_dump() if self.config.hops else None,
+                                     dense_index=self.config.index, ann_threshold=self.config.ann_threshold)
         ctx.provide_memory(self.manager)
 
     async def _llm(self, prompt: str) -> str:
@@ -122,7 +128,8 @@ class MemoryPlugin:
         if self.manager is None:  # used without a Middleware (unit tests of the hooks)
             from persona_mw.memory import MemoryManager
 
-            self.manager = MemoryManager(store, embedder="auto" if self.config.embedder else None)
+            self.manager = MemoryManager(store, embedder="auto" if self.config.embedder else None,
+                                         dense_index=self.config.index, ann_threshold=self.config.ann_threshold)
         return self.manager
 
     # -- request path ------------------------------------------------------------------------

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 from persona_mw.memory.extract import Candidate, detect, parse_llm_output, rule_extract, sanitize
-from persona_mw.memory.index import BM25Index, NumpyIndex, VectorIndex, rrf, time_hint
+from persona_mw.memory.index import AnnIndex, BM25Index, NumpyIndex, VectorIndex, rrf, time_hint
 from persona_mw.memory.manager import MemoryHit, MemoryManager, UnknownMemoryError
 
-__all__ = ["BM25Index", "Candidate", "MemoryHit", "MemoryManager", "NumpyIndex", "UnknownMemoryError",
+__all__ = ["AnnIndex", "BM25Index", "Candidate", "MemoryHit", "MemoryManager", "NumpyIndex", "UnknownMemoryError",
            "VectorIndex", "detect", "parse_llm_output", "rrf", "rule_extract", "sanitize", "time_hint"]

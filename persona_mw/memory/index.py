@@ -1,23 +1,66 @@
-"""Memory indexes: exact dense search in numpy, BM25, reciprocal rank fusion, dates in questions.
+"""Memory indexes: dense (exact numpy scan, HNSW via ``usearch``), BM25 (``bm25s``), fusion, dates.
 
 Everything is kept per owner node (``user:ana``, ``group:acme``...), so a search only ever looks at
-the nodes of the request's scope. ``VectorIndex`` is the interface a larger backend (FAISS, a vector
-database) can implement; ``NumpyIndex`` is the embedded exact default. Pure numpy, no torch.
+the nodes of the request's scope. ``VectorIndex`` is the interface a dense backend implements;
+``NumpyIndex`` is the exact reference, ``AnnIndex`` the default: exact below ``threshold`` live vectors
+per owner, an HNSW graph (``usearch``, the ``memory`` extra) above it. Lexical search is ``bm25s``
+fed our own tokens (``tokenize``). A search hands the fusion a ``Probe``: the top candidates, the
+exact score of any other id, and the score moments over all of the owner's rows (z-normalisation).
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import re
 import threading
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from persona_mw.text import content_stem
+
+log = logging.getLogger("persona_mw.memory")
+
+# ----------------------------------------------------------------------------------- probes
+
+
+@dataclass
+class Probe:
+    """One index's answer for one owner and one query, the input of score fusion over candidate sets.
+
+    ``ids``/``scores``: the best candidates, best first, with exact scores; ``score_of(ids)``: the exact
+    score of any ids (NaN for ids the index does not hold); ``n``, ``total``, ``total_sq``: count, sum and
+    sum of squares of the score over every live row of the owner (exact for an ANN owner too), which
+    z-normalise a signal without scoring every row."""
+
+    ids: list[str]
+    scores: np.ndarray
+    n: int
+    total: float
+    total_sq: float
+    score_of: Callable[[Sequence[str]], np.ndarray]
+    approximate: bool = False
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest finite scores, best first (ties: lower position first)."""
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    top = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
+    top = top[np.argsort(-scores[top], kind="stable")]
+    kept: np.ndarray = top[np.isfinite(scores[top])]
+    return kept
+
+
+def _lookup(rowmap: dict[str, int], scores: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+    rows = np.fromiter((rowmap.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+    ok = (rows >= 0) & (rows < len(scores))
+    return np.where(ok, scores[np.where(ok, rows, 0)], np.nan) if len(scores) else np.full(len(ids), np.nan)
+
 
 # ----------------------------------------------------------------------------------- dense
 
@@ -37,7 +80,7 @@ class VectorIndex(Protocol):
 class _Block:
     """One owner's vectors: a growable float32 matrix, an id per row, and a live mask."""
 
-    __slots__ = ("ids", "row", "mat", "alive", "n")
+    __slots__ = ("ids", "row", "mat", "alive", "n", "n_alive")
 
     def __init__(self, dim: int) -> None:
         self.ids: list[str] = []
@@ -45,6 +88,7 @@ class _Block:
         self.mat = np.zeros((8, dim), dtype=np.float32)
         self.alive = np.zeros(8, dtype=bool)
         self.n = 0
+        self.n_alive = 0
 
     def add(self, ids: Sequence[str], vecs: np.ndarray) -> None:
         need = self.n + len(ids)
@@ -59,17 +103,17 @@ class _Block:
             old = self.row.get(mid)
             if old is not None:  # re-adding an id replaces its vector in place
                 self.mat[old] = vecs[i]
-                self.alive[old] = True
                 continue
             self.mat[self.n] = vecs[i]
             self.alive[self.n] = True
             self.row[mid] = self.n
             self.ids.append(mid)
             self.n += 1
+            self.n_alive += 1
 
 
 class NumpyIndex:
-    """Exact cosine search over each owner's matrix (one matrix-vector product per owner)."""
+    """Exact cosine search over each owner's matrix (one matrix-vector product per owner): the reference."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -93,36 +137,53 @@ class NumpyIndex:
                 if r is not None:
                     b.alive[r] = False
                     b.mat[r] = 0.0  # the vector itself is gone, not just hidden
+                    b.n_alive -= 1
 
     def drop_owner(self, owner: str) -> None:
         with self._lock:
             self._blocks.pop(owner, None)
 
+    def _exact(self, b: _Block, query: np.ndarray) -> np.ndarray:
+        """Cosine of ``query`` with every row (-inf for removed rows)."""
+        s = b.mat[: b.n] @ np.asarray(query, dtype=np.float32).reshape(-1)
+        return np.where(b.alive[: b.n], s, -np.inf)
+
     def search(self, owner: str, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         with self._lock:
             b = self._blocks.get(owner)
-            if b is None or b.n == 0 or k <= 0:
+            if b is None or b.n_alive == 0 or k <= 0:
                 return []
-            scores = b.mat[: b.n] @ np.asarray(query, dtype=np.float32).reshape(-1)
-            scores = np.where(b.alive[: b.n], scores, -np.inf)
-            k = min(k, b.n)
-            top = np.argpartition(-scores, k - 1)[:k] if k < b.n else np.arange(b.n)
-            top = top[np.argsort(-scores[top], kind="stable")]
-            return [(b.ids[i], float(scores[i])) for i in top if np.isfinite(scores[i])]
+            s = self._exact(b, query)
+            return [(b.ids[i], float(s[i])) for i in _top(s, k)]
 
-    def scores(self, owner: str, query: np.ndarray) -> tuple[np.ndarray, dict[str, int], list[str]] | None:
-        """Cosine of ``query`` with every row of the owner (NaN for removed rows), the id -> row map, the ids."""
+    def probe(self, owner: str, query: np.ndarray, k: int) -> Probe | None:
+        """The ``k`` nearest rows, exact scores for any id, and the moments of every row's score."""
         with self._lock:
             b = self._blocks.get(owner)
-            if b is None or b.n == 0:
+            if b is None or b.n_alive == 0:
                 return None
-            s = (b.mat[: b.n] @ np.asarray(query, dtype=np.float32).reshape(-1)).astype(np.float64)
-            return np.where(b.alive[: b.n], s, np.nan), b.row, b.ids
+            s = self._exact(b, query)
+            live = s[b.alive[: b.n]].astype(np.float64)
+            top = _top(s, k)
+            full = np.where(np.isfinite(s), s, np.nan).astype(np.float64)
+            # not copied (100k entries would cost ms per query): a row added later is past the end of
+            # ``full``, a row removed later is no longer in the map; both read as NaN
+            rowmap = b.row
+        return Probe([b.ids[i] for i in top], full[top], len(live), float(live.sum()), float((live * live).sum()),
+                     lambda ids: _lookup(rowmap, full, ids))
+
+    def vectors(self, owner: str, ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of ``ids`` (those the owner has)."""
+        with self._lock:
+            b = self._blocks.get(owner)
+            if b is None:
+                return {}
+            return {mid: b.mat[r].copy() for mid in ids if (r := b.row.get(mid)) is not None}
 
     def size(self, owner: str) -> int:
         with self._lock:
             b = self._blocks.get(owner)
-            return 0 if b is None else int(b.alive[: b.n].sum())
+            return 0 if b is None else b.n_alive
 
     def owners(self) -> list[str]:
         with self._lock:
@@ -132,6 +193,182 @@ class NumpyIndex:
         with self._lock:
             b = self._blocks.get(owner)
             return b is not None and memory_id in b.row
+
+
+_WARNED: set[str] = set()
+
+
+def _usearch() -> Any:
+    """The ``usearch.index`` module, or None (warned once: search stays exact)."""
+    try:
+        import usearch.index as ui
+    except ImportError:
+        if "usearch" not in _WARNED:
+            _WARNED.add("usearch")
+            log.warning("memory index 'ann' needs usearch (pip install 'persona-mw[memory]'); searching exactly")
+        return None
+    return ui
+
+
+class _Graph:
+    """An owner's HNSW graph (keys = matrix rows) and the score moments of its live vectors:
+    ``sum`` (mean score = q . sum / n) and ``gram`` = sum of x x^T (mean square = q^T gram q / n)."""
+
+    __slots__ = ("index", "sum", "gram")
+
+    def __init__(self, index: Any, dim: int) -> None:
+        self.index = index
+        self.sum = np.zeros(dim, dtype=np.float64)
+        self.gram = np.zeros((dim, dim), dtype=np.float64)
+
+    def learn(self, rows: np.ndarray, vecs: np.ndarray) -> None:
+        if len(rows):
+            self.index.add(rows.astype(np.uint64), vecs, threads=2)
+            x = vecs.astype(np.float64)
+            self.sum += x.sum(axis=0)
+            self.gram += x.T @ x
+
+    def forget(self, rows: np.ndarray, vecs: np.ndarray) -> None:
+        if len(rows):
+            self.index.remove(rows.astype(np.uint64))
+            x = vecs.astype(np.float64)
+            self.sum -= x.sum(axis=0)
+            self.gram -= x.T @ x
+
+
+class AnnIndex(NumpyIndex):
+    """``NumpyIndex`` plus an HNSW graph (``usearch``) for each owner with at least ``threshold`` live
+    vectors: candidates come from the graph, their scores are exact (the float32 rows stay the truth);
+    smaller owners are scanned exactly (a graph over 50 vectors buys nothing). Removing a vector takes
+    it out of the graph and the matrix; ``drop_owner`` drops both. Without usearch: exact, warned once."""
+
+    def __init__(self, dim: int, threshold: int = 10_000, ef_search: int = 128, connectivity: int = 16,
+                 ef_add: int = 128, dtype: str = "f16") -> None:
+        super().__init__(dim)
+        self.threshold = max(1, int(threshold))
+        self.ef_search, self.connectivity, self.ef_add, self.dtype = ef_search, connectivity, ef_add, dtype
+        self._graphs: dict[str, _Graph] = {}
+
+    def _graph(self, owner: str, b: _Block) -> _Graph | None:
+        """The owner's graph, built now if the owner has grown to the threshold (under the lock)."""
+        g = self._graphs.get(owner)
+        if g is not None or b.n_alive < self.threshold:
+            return g
+        ui = _usearch()
+        if ui is None:
+            return None
+        ix = ui.Index(ndim=self.dim, metric="ip", dtype=self.dtype, connectivity=self.connectivity,
+                      expansion_add=self.ef_add, expansion_search=self.ef_search)
+        g = _Graph(ix, self.dim)
+        rows = np.flatnonzero(b.alive[: b.n])
+        g.learn(rows, b.mat[rows])
+        self._graphs[owner] = g
+        return g
+
+    def add(self, owner: str, ids: Sequence[str], vectors: np.ndarray) -> None:
+        if not len(ids):
+            return
+        with self._lock:
+            g = self._graphs.get(owner)
+            b = self._blocks.get(owner)
+            if g is not None and b is not None:
+                old = np.asarray(sorted({r for mid in ids if (r := b.row.get(mid)) is not None}), dtype=np.int64)
+                g.forget(old, b.mat[old])
+            super().add(owner, ids, vectors)
+            if g is not None:
+                b = self._blocks[owner]
+                rows = np.asarray(sorted({b.row[mid] for mid in ids}), dtype=np.int64)
+                g.learn(rows, b.mat[rows])
+
+    def remove(self, owner: str, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        with self._lock:
+            g = self._graphs.get(owner)
+            b = self._blocks.get(owner)
+            if g is not None and b is not None:
+                rows = np.asarray(sorted({r for mid in ids if (r := b.row.get(mid)) is not None}), dtype=np.int64)
+                g.forget(rows, b.mat[rows])
+            super().remove(owner, ids)
+
+    def drop_owner(self, owner: str) -> None:
+        with self._lock:
+            self._graphs.pop(owner, None)
+            super().drop_owner(owner)
+
+    def _ann(self, b: _Block, g: _Graph, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the graph's ``k`` best candidates and their exact scores, best first."""
+        k = min(k, b.n_alive)
+        got = g.index.search(q, k)
+        rows = np.asarray(got.keys, dtype=np.int64)
+        rows = rows[(rows >= 0) & (rows < b.n)]
+        rows = rows[b.alive[rows]]
+        s = (b.mat[rows] @ q).astype(np.float64)
+        order = np.argsort(-s, kind="stable")
+        return rows[order], s[order]
+
+    def search(self, owner: str, query: np.ndarray, k: int) -> list[tuple[str, float]]:
+        with self._lock:
+            b = self._blocks.get(owner)
+            g = None if b is None else self._graph(owner, b)
+            if b is None or g is None or k <= 0:
+                return super().search(owner, query, k)
+            rows, s = self._ann(b, g, np.asarray(query, dtype=np.float32).reshape(-1), k)
+            return [(b.ids[r], float(v)) for r, v in zip(rows, s)]
+
+    def probe(self, owner: str, query: np.ndarray, k: int) -> Probe | None:
+        with self._lock:
+            b = self._blocks.get(owner)
+            g = None if b is None else self._graph(owner, b)
+            if b is None or g is None:
+                return super().probe(owner, query, k)
+            q = np.asarray(query, dtype=np.float32).reshape(-1)
+            rows, s = self._ann(b, g, q, k)
+            q64 = q.astype(np.float64)
+            total, total_sq = float(q64 @ g.sum), float(q64 @ g.gram @ q64)
+            ids = [b.ids[r] for r in rows]
+            n = b.n_alive
+
+        def score_of(want: Sequence[str]) -> np.ndarray:
+            with self._lock:
+                bb = self._blocks.get(owner)
+                if bb is None:
+                    return np.full(len(want), np.nan)
+                rr = np.fromiter((bb.row.get(i, -1) for i in want), dtype=np.int64, count=len(want))
+                out = np.full(len(want), np.nan)
+                ok = rr >= 0
+                out[ok] = bb.mat[rr[ok]] @ q
+                return out
+
+        return Probe(ids, s, n, total, total_sq, score_of, approximate=True)
+
+    def graph_owners(self) -> list[str]:
+        """Owners searched through a graph now."""
+        with self._lock:
+            return list(self._graphs)
+
+
+def make_vector_index(kind: str, dim: int, threshold: int = 10_000) -> NumpyIndex:
+    """``exact``: ``NumpyIndex``; ``ann``: ``AnnIndex`` (exact below ``threshold`` vectors per owner)."""
+    if kind == "exact":
+        return NumpyIndex(dim)
+    if kind == "ann":
+        return AnnIndex(dim, threshold=threshold)
+    raise ValueError(f"unknown memory index {kind!r} (exact, ann)")
+
+
+def probe(ix: Any, owner: str, query: Any, k: int) -> Probe | None:
+    """``ix.probe`` where the index has one; for another ``VectorIndex``: its top ``k``, moments over those."""
+    fn = getattr(ix, "probe", None)
+    if fn is not None:
+        got: Probe | None = fn(owner, query, k)
+        return got
+    hits = ix.search(owner, query, k)
+    if not hits:
+        return None
+    s = np.asarray([v for _, v in hits], dtype=np.float64)
+    rowmap = {mid: i for i, (mid, _) in enumerate(hits)}
+    return Probe([mid for mid, _ in hits], s, len(s), float(s.sum()), float((s * s).sum()),
+                 lambda ids: _lookup(rowmap, s, ids), approximate=True)
 
 
 # ----------------------------------------------------------------------------------- BM25
@@ -165,58 +402,38 @@ def tokenize(text: str) -> list[str]:
     return out
 
 
-class _Bm25Block:
-    __slots__ = ("ids", "row", "lens", "alive", "post", "cache", "n_alive", "total_len", "arrays")
+class _LexBlock:
+    """One owner's documents as token ids (``vocab``: token -> id, only grows); ``model`` is the bm25s
+    index over the live ones, rebuilt on the first search after a write (``pos``: id -> position)."""
+
+    __slots__ = ("toks", "vocab", "model", "pos", "dirty")
 
     def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.row: dict[str, int] = {}
-        self.lens: list[int] = []
-        self.alive: list[bool] = []
-        self.post: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.n_alive = 0
-        self.total_len = 0
-        self.arrays: tuple[np.ndarray, np.ndarray] | None = None  # (lens, alive) as numpy, rebuilt after writes
+        self.toks: dict[str, list[int]] = {}
+        self.vocab: dict[str, int] = {"": 0}  # bm25s scores documents without tokens through ""
+        self.model: Any = None
+        self.pos: dict[str, int] = {}
+        self.dirty = True
 
 
 class BM25Index:
-    """Okapi BM25 over each owner's memories, with an inverted index (scores by scatter-add)."""
+    """Okapi BM25 (Lucene's idf, k1=1.2, b=0.75) over each owner's memories, on ``bm25s`` sparse
+    matrices fed our own tokens (``tokenize``). Writes only change the token lists; the owner's matrix is
+    rebuilt on the next search (``rebuilds`` counts them), so a burst of writes costs one rebuild."""
 
     def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
         self.k1, self.b = k1, b
-        self._blocks: dict[str, _Bm25Block] = {}
+        self._blocks: dict[str, _LexBlock] = {}
         self._lock = threading.RLock()
+        self.rebuilds = 0
 
     def add(self, owner: str, ids: Sequence[str], texts: Sequence[str]) -> None:
         with self._lock:
-            blk = self._blocks.setdefault(owner, _Bm25Block())
+            blk = self._blocks.setdefault(owner, _LexBlock())
+            voc = blk.vocab
             for mid, text in zip(ids, texts):
-                if mid in blk.row:
-                    self._remove_one(blk, mid)
-                toks = tokenize(text)
-                r = len(blk.ids)
-                blk.ids.append(mid)
-                blk.row[mid] = r
-                blk.lens.append(len(toks))
-                blk.alive.append(True)
-                blk.n_alive += 1
-                blk.total_len += len(toks)
-                tf: dict[str, int] = defaultdict(int)
-                for t in toks:
-                    tf[t] += 1
-                for t, c in tf.items():
-                    blk.post[t].append((r, c))
-                    blk.cache.pop(t, None)
-            blk.arrays = None
-
-    def _remove_one(self, blk: _Bm25Block, mid: str) -> None:
-        r = blk.row.pop(mid)
-        blk.arrays = None
-        if blk.alive[r]:
-            blk.alive[r] = False
-            blk.n_alive -= 1
-            blk.total_len -= blk.lens[r]
+                blk.toks[mid] = [voc.setdefault(t, len(voc)) for t in tokenize(text)]
+            blk.dirty = True
 
     def remove(self, owner: str, ids: Iterable[str]) -> None:
         with self._lock:
@@ -224,89 +441,70 @@ class BM25Index:
             if blk is None:
                 return
             for mid in ids:
-                if mid in blk.row:
-                    self._remove_one(blk, mid)
+                if blk.toks.pop(mid, None) is not None:
+                    blk.dirty = True
 
     def drop_owner(self, owner: str) -> None:
         with self._lock:
             self._blocks.pop(owner, None)
 
-    def _postings(self, blk: _Bm25Block, term: str) -> tuple[np.ndarray, np.ndarray] | None:
-        got = blk.cache.get(term)
-        if got is None:
-            plist = blk.post.get(term)
-            if not plist:
+    def _model(self, blk: _LexBlock) -> Any:
+        if blk.dirty:
+            import bm25s
+
+            ids = list(blk.toks)
+            model = None
+            if ids:
+                model = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
+                # token ids and the owner's vocabulary: bm25s skips building its own from strings
+                model.index(([blk.toks[i] for i in ids], dict(blk.vocab)), show_progress=False)
+            blk.model, blk.pos, blk.dirty = model, {mid: i for i, mid in enumerate(ids)}, False
+            self.rebuilds += 1
+        return blk.model
+
+    def _scores(self, owner: str, query: str | Sequence[str]) -> tuple[np.ndarray, dict[str, int]] | None:
+        """BM25 of ``query`` for each live document of the owner (by position), and id -> position."""
+        terms = list(dict.fromkeys(tokenize(query) if isinstance(query, str) else query))
+        with self._lock:
+            blk = self._blocks.get(owner)
+            if blk is None or not blk.toks:
                 return None
-            arr = np.asarray(plist, dtype=np.int64)
-            got = (arr[:, 0], arr[:, 1].astype(np.float32))
-            blk.cache[term] = got
-        return got
+            model = self._model(blk)
+            pos = blk.pos
+            known = [t for t in terms if t in model.vocab_dict and t != ""]
+            s = (np.asarray(model.get_scores(known), dtype=np.float64) if known
+                 else np.zeros(len(pos), dtype=np.float64))
+        return s, pos
 
     def search(self, owner: str, query: str | Sequence[str], k: int) -> list[tuple[str, float]]:
-        terms = tokenize(query) if isinstance(query, str) else list(query)
-        with self._lock:
-            blk = self._blocks.get(owner)
-            if blk is None or blk.n_alive == 0 or not terms or k <= 0:
-                return []
-            n = len(blk.ids)
-            if blk.arrays is None:
-                blk.arrays = (np.asarray(blk.lens, dtype=np.float32), np.asarray(blk.alive, dtype=bool))
-            lens, alive = blk.arrays
-            avg = max(blk.total_len / max(blk.n_alive, 1), 1e-6)
-            scores = np.zeros(n, dtype=np.float64)
-            hit = False
-            for t in set(terms):
-                p = self._postings(blk, t)
-                if p is None:
-                    continue
-                rows, tf = p
-                df = len(rows)  # counts removed docs too: a slight, harmless over-estimate
-                idf = math.log(1.0 + (blk.n_alive - df + 0.5) / (df + 0.5))
-                denom = tf + self.k1 * (1 - self.b + self.b * lens[rows] / avg)
-                # a term occurs once per row in its postings, so plain fancy-index addition is exact
-                scores[rows] += idf * tf * (self.k1 + 1) / denom
-                hit = True
-            if not hit:
-                return []
-            scores = np.where(alive & (scores > 0), scores, -np.inf)
-            k = min(k, n)
-            top = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
-            top = top[np.argsort(-scores[top], kind="stable")]
-            return [(blk.ids[i], float(scores[i])) for i in top if np.isfinite(scores[i])]
+        got = self._scores(owner, query)
+        if got is None or k <= 0:
+            return []
+        s, pos = got
+        ids = list(pos)
+        s = np.where(s > 0, s, -np.inf)
+        return [(ids[i], float(s[i])) for i in _top(s, k)]
 
-    def scores(self, owner: str, query: str | Sequence[str]) -> tuple[np.ndarray, dict[str, int], list[str]] | None:
-        """BM25 of ``query`` for every row of the owner (0 where no term matches, NaN for removed rows)
-        the id -> row map and the row ids."""
-        terms = tokenize(query) if isinstance(query, str) else list(query)
-        with self._lock:
-            blk = self._blocks.get(owner)
-            if blk is None or blk.n_alive == 0:
-                return None
-            n = len(blk.ids)
-            if blk.arrays is None:
-                blk.arrays = (np.asarray(blk.lens, dtype=np.float32), np.asarray(blk.alive, dtype=bool))
-            lens, alive = blk.arrays
-            avg = max(blk.total_len / max(blk.n_alive, 1), 1e-6)
-            scores = np.zeros(n, dtype=np.float64)
-            for t in set(terms):
-                p = self._postings(blk, t)
-                if p is None:
-                    continue
-                rows, tf = p
-                df = len(rows)
-                idf = math.log(1.0 + (blk.n_alive - df + 0.5) / (df + 0.5))
-                scores[rows] += idf * tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * lens[rows] / avg))
-            return np.where(alive, scores, np.nan), blk.row, blk.ids
+    def probe(self, owner: str, query: str | Sequence[str], k: int) -> Probe | None:
+        """The ``k`` best documents (zero scores included when fewer match), any id's score, the moments."""
+        got = self._scores(owner, query)
+        if got is None:
+            return None
+        s, pos = got
+        ids = list(pos)
+        top = _top(s, k)
+        return Probe([ids[i] for i in top], s[top], len(s), float(s.sum()), float((s * s).sum()),
+                     lambda want: _lookup(pos, s, want))
 
     def size(self, owner: str) -> int:
         with self._lock:
             blk = self._blocks.get(owner)
-            return 0 if blk is None else blk.n_alive
+            return 0 if blk is None else len(blk.toks)
 
     def has(self, owner: str, memory_id: str) -> bool:
         with self._lock:
             blk = self._blocks.get(owner)
-            return blk is not None and memory_id in blk.row
+            return blk is not None and memory_id in blk.toks
 
 
 # ----------------------------------------------------------------------------------- fusion
@@ -409,5 +607,5 @@ def time_hint(query: str) -> TimeHint:
     return hint
 
 
-__all__ = ["BM25Index", "Fused", "NumpyIndex", "TimeHint", "VectorIndex", "parse_date", "rrf", "time_hint",
-           "tokenize"]
+__all__ = ["AnnIndex", "BM25Index", "Fused", "NumpyIndex", "Probe", "TimeHint", "VectorIndex", "make_vector_index",
+           "parse_date", "probe", "rrf", "time_hint", "tokenize"]

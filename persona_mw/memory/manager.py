@@ -1,7 +1,8 @@
 """``MemoryManager``: ingest, search, pin, list and forget a user's long-term memories.
 
 The store holds every memory with its vector (the source of truth, exported and forgotten with the
-user); the manager keeps per-owner indexes in memory (dense ``NumpyIndex`` and ``BM25Index``), loaded
+user); the manager keeps per-owner indexes in memory (dense ``AnnIndex``: exact below ``ann_threshold``
+vectors, HNSW above; or ``NumpyIndex``, exact; lexical ``BM25Index`` on bm25s), loaded
 lazily from the store on the first search that needs an owner, and updated on every write.
 """
 
@@ -29,7 +30,9 @@ from persona_mw.memory.extract import (
     EXTRACT_PROMPT, MAX_MEMORY_CHARS, Candidate, detect, is_injection, one_line, parse_llm_output, rule_extract,
     sanitize, states_taste,
 )
-from persona_mw.memory.index import BM25Index, Fused, NumpyIndex, VectorIndex, parse_date, rrf, time_hint
+from persona_mw.memory.index import (
+    BM25Index, Fused, NumpyIndex, Probe, VectorIndex, make_vector_index, parse_date, probe, rrf, time_hint,
+)
 from persona_mw.memory.instructions import pinnable
 from persona_mw.memory.update import decide
 from persona_mw.nodes import GLOBAL, context_node, is_user_node_of, kind_of, scope_node, user_node, user_of
@@ -137,9 +140,13 @@ class _MemoryBase:
                  extractor: Any = None, extractor_role: str = "extractor", dup_cosine: float = 0.9,
                  dup_lexical: float = 0.8, rrf_k: int = 60, candidates: int = 100,
                  fusion_weights: dict[str, float] | None = None, max_per_owner: int | None = None,
-                 neighbours: int = 1, hops: HopSettings | dict[str, Any] | None = None) -> None:
+                 neighbours: int = 1, hops: HopSettings | dict[str, Any] | None = None,
+                 dense_index: Literal["exact", "ann"] = "ann", ann_threshold: int = 10_000) -> None:
         self.store = store
         self.hops = HopSettings.of(hops)  # the second hop of mode="fused"; None: hops.DEFAULT_HOPS (CV-chosen)
+        # "ann": owners with ann_threshold vectors or more are searched through an HNSW graph (usearch);
+        # "exact": every owner is scanned (the reference). Explicit ``index=`` wins over both.
+        self.dense_index, self.ann_threshold = dense_index, int(ann_threshold)
         self.graph = graph
         self.embedder = _resolve_embedder(embedder)
         self._index: VectorIndex | None = index
@@ -149,7 +156,7 @@ class _MemoryBase:
         # the normalised mean of the stored turn vectors (nothing is embedded again).
         self.neighbours = max(0, int(neighbours))
         self.bm25_window = BM25Index()
-        self._win_index: NumpyIndex | None = None
+        self._win_index: VectorIndex | None = None
         self._raw_seq: dict[str, list[tuple[float, str]]] = {}  # owner -> sorted (created_at, id) of raw turns
         self.extractor = extractor
         self.extractor_role = extractor_role
@@ -176,7 +183,7 @@ class _MemoryBase:
     @property
     def index(self) -> VectorIndex | None:
         if self._index is None and self.embedder is not None:
-            self._index = NumpyIndex(int(self.embedder.dim))
+            self._index = make_vector_index(self.dense_index, int(self.embedder.dim), self.ann_threshold)
         return self._index
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray | None:
@@ -335,7 +342,8 @@ class _MemoryBase:
                 rows.append(v / nrm if nrm > 0 else v)
             if keep:
                 if self._win_index is None:
-                    self._win_index = NumpyIndex(int(self.embedder.dim))
+                    self._win_index = make_vector_index(self.dense_index, int(self.embedder.dim),
+                                                        self.ann_threshold)
                 self._win_index.add(owner, keep, np.stack(rows).astype(np.float32))
 
     def _window_remove(self, owner: str, ids: Sequence[str]) -> None:
@@ -364,16 +372,9 @@ class _MemoryBase:
 
     def _vectors(self, owner: str, ids: Iterable[str]) -> dict[str, np.ndarray]:
         idx = self._index
-        out: dict[str, np.ndarray] = {}
         if isinstance(idx, NumpyIndex):
-            with idx._lock:
-                b = idx._blocks.get(owner)
-                if b is not None:
-                    for mid in ids:
-                        r = b.row.get(mid)
-                        if r is not None:
-                            out[mid] = b.mat[r]
-        return out
+            return idx.vectors(owner, ids)
+        return {}
 
     def _check_epoch(self, owner: str) -> None:
         """Drop the cached entries of ``owner``'s user when a forget (in any process) moved the user's
@@ -853,25 +854,31 @@ class _MemoryRetrieval(_MemoryIngest):
         """The BM25 half of a ``fused`` search (both granularities, every scope node), for ``search(...,
         prescored=)``: the request path runs it while ``start_embed`` embeds the query."""
         query = sanitize(query, 2000)
-        out: dict[str, Any] = {"query": query, "scores": {}}
+        out: dict[str, Any] = {"query": query, "scores": {}, "n_cand": self._n_cand(10, None)}
         if not query:
             return out
         for node, _ in self.scope_nodes(user, context, scope):
             self._load(node)
             for name, ix in (("bm25_turn", self.bm25), ("bm25_window", self.bm25_window)):
-                if ix is not None:
-                    out["scores"][(name, node)] = ix.scores(node, query)
+                out["scores"][(name, node)] = ix.probe(node, query, self._n_cand(10, None))
         return out
+
+    def _n_cand(self, k: int, kindset: set[str] | None) -> int:
+        """Candidates each signal contributes per node in mode fused (``candidates``, at least 4k)."""
+        return max(self.candidates, 4 * k) * (4 if kindset else 1)
 
     def _search_fused(self, nodes: Sequence[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
                       kindset: set[str] | None, pre: dict[str, Any] | None = None,
                       hops: HopSettings | None = None) -> list[MemoryHit]:
         """Score fusion over both granularities (see ``search``); only the scope's nodes are read.
 
-        Each signal is scored for every memory of the scope with numpy (BM25 postings, one matrix-vector
-        product per index); its mean and deviation over those memories z-normalize it. The sum is taken
-        over the union of each signal's best ``max(candidates, 4k)`` (a memory outside every signal's
-        head cannot reach the top ``k``), so the Python work does not grow with the number of memories.
+        Each signal's index hands a ``Probe`` per node: its best ``max(candidates, 4k)`` memories (from
+        the HNSW graph for a large owner), the exact score of any memory, and the count, sum and sum of
+        squares of the score over all of the node's memories (for a graph: from the running sum and Gram
+        matrix of its vectors), which give the mean and deviation that z-normalize it. The pool is the
+        union of every signal's candidates; each pooled memory gets every signal's exact score, so a
+        memory found by BM25 alone is still scored densely. A memory outside every signal's head cannot
+        reach the top ``k``, and nothing here scans all of a large owner's vectors.
         ``hops`` (default ``self.hops``): a second hop from the first hits (``persona_mw.memory.hops``).
         """
         for node, _ in nodes:
@@ -879,7 +886,9 @@ class _MemoryRetrieval(_MemoryIngest):
         signals: list[tuple[str, Any, Any]] = [("bm25_turn", self.bm25, query), ("bm25_window", self.bm25_window, query)]
         if qv is not None and self.index is not None:
             signals += [("dense_turn", self.index, qv), ("dense_window", self._win_index, qv)]
-        n_cand = max(self.candidates, 4 * k) * (4 if kindset else 1)
+        n_cand = self._n_cand(k, kindset)
+        if pre is not None and pre.get("n_cand", 0) < n_cand:
+            pre = None  # prescored for fewer candidates than this search needs
         keys, total, zs = self._fused_scores(nodes, signals, n_cand, kindset, pre)
         if not keys:
             return []
@@ -897,7 +906,7 @@ class _MemoryRetrieval(_MemoryIngest):
         """The pool ``(node, id)`` of each signal's head, the fused score of each, and each signal's z."""
         max_w = max((w for _, w in nodes), default=1.0) or 1.0
         stats = {name: [0.0, 0.0, 0] for name, _, _ in signals}  # sum, sum of squares, count
-        got: dict[tuple[str, str], tuple[np.ndarray, dict[str, int], list[str]] | None] = {}
+        got: dict[tuple[str, str], Probe | None] = {}
         pool: dict[tuple[str, str], float] = {}  # (node, id) -> log prior of the node
         for node, w in nodes:
             recs = self._recs.get(node)
@@ -908,27 +917,24 @@ class _MemoryRetrieval(_MemoryIngest):
                 if pre is not None and (name, node) in pre["scores"]:
                     r = pre["scores"][(name, node)]
                 else:
-                    r = ix.scores(node, q) if ix is not None else None
+                    r = probe(ix, node, q, n_cand) if ix is not None else None
                 got[(name, node)] = r
                 if r is None:
                     continue
-                arr, _, ids = r
-                ok = arr[~np.isnan(arr)]
                 st = stats[name]
-                st[0] += float(ok.sum())
-                st[1] += float((ok * ok).sum())
-                st[2] += len(ok)
-                full = np.where(np.isnan(arr), -np.inf, arr)
-                c = min(n_cand, len(full))
-                head = np.argpartition(-full, c - 1)[:c] if c < len(full) else np.arange(len(full))
-                for i in head[np.isfinite(full[head])]:
-                    mid = ids[i]
+                st[0] += r.total
+                st[1] += r.total_sq
+                st[2] += r.n
+                for mid in r.ids:
                     m = recs.get(mid)
                     if m is not None and (kindset is None or m.kind in kindset):
                         pool[(node, mid)] = prior
         if not pool:
             return [], np.zeros(0), {}
         keys = list(pool)
+        by_node: dict[str, list[int]] = {}
+        for j, (node, _) in enumerate(keys):
+            by_node.setdefault(node, []).append(j)
         zs: dict[str, np.ndarray] = {}
         for name, _, _ in signals:
             s_, ss, n = stats[name]
@@ -937,12 +943,10 @@ class _MemoryRetrieval(_MemoryIngest):
             mean = s_ / n
             sd = float(np.sqrt(max(ss / n - mean * mean, 0.0)))
             x = np.full(len(keys), np.nan)
-            for j, (node, mid) in enumerate(keys):
+            for node, js in by_node.items():
                 r = got.get((name, node))
                 if r is not None:
-                    i = r[1].get(mid)
-                    if i is not None and i < len(r[0]):
-                        x[j] = r[0][i]
+                    x[js] = r.score_of([keys[j][1] for j in js])
             low = 0.0 if name.startswith("bm25") else (float(np.nanmin(x)) if not np.isnan(x).all() else mean)
             x = np.where(np.isnan(x), low, x)  # no vector: the least similar of the pool
             zs[name] = (x - mean) / sd if sd > 1e-12 else np.zeros(len(keys))

@@ -1,0 +1,212 @@
+"""The maintained memory indexes: HNSW (usearch) behind ``VectorIndex`` against the exact scan, BM25 on
+bm25s against the Okapi/Lucene formula, and fused search over candidate sets against the exact fusion."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import sys
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+
+from persona_mw.memory import MemoryManager
+from persona_mw.memory import index as index_mod
+from persona_mw.memory.index import AnnIndex, BM25Index, NumpyIndex, tokenize
+from persona_mw.store.sqlite import SQLiteStore
+
+needs_usearch = pytest.mark.skipif(importlib.util.find_spec("usearch") is None,
+                                   reason="usearch (the memory extra) is not installed")
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors around 40 centres: structured like text embeddings, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim))
+    x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@needs_usearch
+def test_ann_recall_at_10_vs_exact_and_small_owners_stay_exact() -> None:
+    vecs = clustered(3000, 64, 1)
+    ids = [f"m{i}" for i in range(3000)]
+    ann, exact = AnnIndex(64, threshold=1000), NumpyIndex(64)
+    for ix in (ann, exact):
+        ix.add("user:big", ids, vecs)
+        ix.add("user:small", ids[:50], vecs[:50])
+    queries = clustered(100, 64, 2)
+    recall = []
+    for q in queries:
+        truth = {i for i, _ in exact.search("user:big", q, 10)}
+        got = ann.search("user:big", q, 10)
+        recall.append(len(truth & {i for i, _ in got}) / 10)
+        assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+        assert ann.search("user:small", q, 10) == exact.search("user:small", q, 10)
+    assert np.mean(recall) >= 0.98, np.mean(recall)
+    assert ann.graph_owners() == ["user:big"]  # 50 vectors: scanned, no graph
+
+
+@needs_usearch
+def test_ann_probe_moments_and_scores_are_exact_after_writes() -> None:
+    vecs = clustered(1500, 32, 3)
+    ids = [f"m{i}" for i in range(1500)]
+    ann, exact = AnnIndex(32, threshold=500), NumpyIndex(32)
+    for ix in (ann, exact):
+        ix.add("user:ana", ids[:1000], vecs[:1000])
+    q = clustered(1, 32, 4)[0]
+    ann.probe("user:ana", q, 10)  # the graph is built now; what follows is maintained incrementally
+    for ix in (ann, exact):
+        ix.add("user:ana", ids[1000:], vecs[1000:])
+        ix.add("user:ana", ids[:20], vecs[-20:])  # re-adding an id replaces its vector
+        ix.remove("user:ana", ids[100:300])
+    a, e = ann.probe("user:ana", q, 50), exact.probe("user:ana", q, 50)
+    assert a is not None and e is not None and a.approximate and not e.approximate
+    assert a.n == e.n == 1300
+    assert a.total == pytest.approx(e.total, abs=1e-3) and a.total_sq == pytest.approx(e.total_sq, rel=1e-4)
+    probe_ids = ids[:5] + ids[150:155] + ["nope"]
+    np.testing.assert_allclose(a.score_of(probe_ids), e.score_of(probe_ids), atol=1e-5)
+    assert np.isnan(a.score_of(ids[150:155] + ["nope"])).all()  # removed and unknown ids have no score
+    assert len(set(a.ids[:10]) & set(e.ids[:10])) >= 9
+
+
+@needs_usearch
+def test_ann_removed_vectors_are_gone_and_owners_isolated() -> None:
+    vecs = clustered(1200, 32, 5)
+    ids = [f"m{i}" for i in range(1200)]
+    ann = AnnIndex(32, threshold=100)
+    ann.add("user:ana", ids, vecs)
+    ann.add("user:bob", ids[:200], vecs[:200])
+    gone = set(ids[:600])
+    ann.remove("user:ana", gone)
+    for q in vecs[:50]:  # each query is a removed vector itself: the nearest possible hit
+        hits = ann.search("user:ana", q, 20)
+        assert hits and not gone & {i for i, _ in hits}
+        assert {i for i, _ in ann.search("user:bob", q, 5)} <= set(ids[:200])
+    assert ann.vectors("user:ana", ids[:10]) == {} and ann.size("user:ana") == 600
+    ann.drop_owner("user:ana")
+    assert ann.search("user:ana", vecs[700], 5) == [] and ann.probe("user:ana", vecs[700], 5) is None
+    assert ann.size("user:bob") == 200 and "user:ana" not in ann.graph_owners()
+
+
+def test_ann_without_usearch_searches_exactly_and_says_so(monkeypatch: Any, caplog: Any) -> None:
+    monkeypatch.setitem(sys.modules, "usearch.index", None)  # import fails as if not installed
+    monkeypatch.setattr(index_mod, "_WARNED", set())
+    vecs = clustered(300, 16, 6)
+    ids = [f"m{i}" for i in range(300)]
+    ann, exact = AnnIndex(16, threshold=100), NumpyIndex(16)
+    ann.add("user:ana", ids, vecs)
+    exact.add("user:ana", ids, vecs)
+    with caplog.at_level(logging.WARNING, logger="persona_mw.memory"):
+        assert ann.search("user:ana", vecs[3], 10) == exact.search("user:ana", vecs[3], 10)
+    assert "persona-mw[memory]" in caplog.text and ann.graph_owners() == []
+
+
+def lucene_bm25(docs: list[list[str]], query: list[str], k1: float = 1.2, b: float = 0.75) -> np.ndarray:
+    """The reference formula, written out: idf = ln(1 + (N - df + .5)/(df + .5)), tf saturation by length."""
+    n, avg = len(docs), sum(map(len, docs)) / len(docs)
+    out = np.zeros(n)
+    for t in set(query):
+        df = sum(t in d for d in docs)
+        if not df:
+            continue
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        for i, d in enumerate(docs):
+            tf = Counter(d)[t]
+            out[i] += idf * tf / (tf + k1 * (1 - b + b * len(d) / avg)) if tf else 0.0
+    return out
+
+
+def test_bm25_scores_are_okapi_over_live_documents_and_rebuild_lazily() -> None:
+    rng = np.random.default_rng(7)
+    words = "garden river violin sister nurse lisbon cat dinner hiking museum coffee winter".split()
+    texts = [" ".join(rng.choice(words, int(rng.integers(1, 9)))) for _ in range(80)]
+    ids = [f"m{i}" for i in range(80)]
+    ix = BM25Index()
+    for i in range(0, 80, 8):  # a burst of writes: no rebuild until the next search
+        ix.add("user:ana", ids[i:i + 8], texts[i:i + 8])
+    ix.remove("user:ana", ids[:10])
+    assert ix.rebuilds == 0
+    query = "garden sister gardens"
+    p = ix.probe("user:ana", query, 80)
+    assert p is not None and ix.rebuilds == 1 and p.n == 70
+    ref = lucene_bm25([tokenize(t) for t in texts[10:]], tokenize(query))
+    np.testing.assert_allclose(p.score_of(ids[10:]), ref, rtol=1e-4, atol=1e-6)
+    assert np.isnan(p.score_of(ids[:10])).all()
+    assert p.total == pytest.approx(ref.sum(), rel=1e-4) and p.total_sq == pytest.approx((ref ** 2).sum(), rel=1e-4)
+    hits = ix.search("user:ana", query, 5)
+    assert [h for h, _ in hits] == [ids[10 + i] for i in np.argsort(-ref, kind="stable")[:5]]
+    ix.search("user:ana", "river", 5)
+    assert ix.rebuilds == 1  # nothing written since: the same matrix
+    assert ix.search("user:bob", query, 5) == [] and ix.search("user:ana", "zzz unknown", 5) == []
+
+
+class HashEmbedder:
+    """Bag-of-words vectors (hashed tokens, normalised): deterministic, related texts are near."""
+
+    name, dim, loaded = "hash-bow", 48, True
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for r, text in enumerate(texts):
+            for tok in tokenize(text) or ["_"]:
+                h = int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=8).digest(), "little")
+                out[r, h % self.dim] += 1.0 + (h >> 32) % 7 / 7
+            out[r] += 0.05
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _turns(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    words = ("garden river violin sister nurse lisbon cat dinner hiking museum coffee winter budget "
+             "camera novel train ticket festival doctor yoga soccer guitar bakery market").split()
+    return [{"role": "user", "content": "I talked about the " + " ".join(rng.choice(words, 5)), "id": f"t{i}",
+             "session": i // 40} for i in range(n)]
+
+
+@needs_usearch
+def test_fused_over_candidates_matches_exact_fusion(tmp_path: Any) -> None:
+    """Mode fused with the HNSW graph (threshold below the user's size) ranks like the exact reference;
+    below the threshold the two are the same search."""
+    store = SQLiteStore(str(tmp_path / "m.db"))
+    emb = HashEmbedder()
+    writer = MemoryManager(store, embedder=emb, dense_index="exact")
+    writer.add_raw("ana", _turns(1500, 8))
+    writer.add_raw("bob", _turns(60, 9))
+    exact = MemoryManager(store, embedder=emb, dense_index="exact")
+    ann = MemoryManager(store, embedder=emb, dense_index="ann", ann_threshold=500)
+    overlap = []
+    for q in ("when did I talk about the garden and my sister", "violin lessons in lisbon", "coffee budget",
+              "train ticket to the festival", "doctor and yoga in winter"):
+        e, a = exact.search("ana", q, k=10), ann.search("ana", q, k=10)
+        assert all(h.memory.owner == "user:ana" for h in a)
+        overlap.append(len({h.memory.id for h in e} & {h.memory.id for h in a}) / 10)
+        assert [h.memory.id for h in exact.search("bob", q, k=10)] == [h.memory.id for h in ann.search("bob", q, k=10)]
+    assert np.mean(overlap) >= 0.9, overlap
+    assert isinstance(ann.index, AnnIndex) and "user:ana" in ann.index.graph_owners()
+    assert "user:bob" not in ann.index.graph_owners()
+    store.close()
+
+
+@needs_usearch
+def test_forget_in_another_process_clears_a_graph_owner(tmp_path: Any) -> None:
+    """The forget epoch still invalidates a cached user whose vectors sit in an HNSW graph; a fresh
+    manager (another process) sees what was written before it loaded."""
+    path = str(tmp_path / "m.db")
+    s1, s2 = SQLiteStore(path), SQLiteStore(path)
+    emb = HashEmbedder()
+    a = MemoryManager(s1, embedder=emb, ann_threshold=200)
+    a.add_raw("ana", _turns(400, 10))
+    assert a.search("ana", "garden sister", k=5)
+    assert "user:ana" in a.index.graph_owners()
+    b = MemoryManager(s2, embedder=emb, ann_threshold=200)
+    assert len(b.search("ana", "garden sister", k=5)) == 5  # loaded from the store: sees a's writes
+    s2.forget_user("ana")  # what `persona-mw profile forget` runs in its own process
+    assert a.search("ana", "garden sister", k=5) == []
+    assert "user:ana" not in a.index.graph_owners() and a.index.size("user:ana") == 0
+    s1.close()
+    s2.close()
