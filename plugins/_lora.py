@@ -50,8 +50,10 @@ class Adapter:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def delta_norm(self) -> float:
-        total: float = sum(float((b @ a).norm()) ** 2 for a, b in self.weights.values())
-        return total ** 0.5
+        total = 0.0
+        for a, b in self.weights.values():
+            total += float((b @ a).norm()) ** 2
+        return math.sqrt(total)
 
 
 @dataclass
