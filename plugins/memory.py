@@ -84,8 +84,9 @@ class MemoryPlugin:
         hops: Hops | None = Field(default=None, description="mode fused: the second hop (default: the "
                                   "cross-validated one, persona_mw.memory.hops.HopSettings); why.hop says which hop found a hit")
         index: Literal["exact", "ann"] = Field(
-            default="ann", description="dense search: ann (HNSW via usearch for users with ann_threshold memories "
-            "or more, exact below) or exact (scan every vector: the reference)")
+            default="exact", description="dense search: exact (scan every vector: the reference, the default) or "
+            "ann (opt-in: HNSW via usearch for users with ann_threshold memories or more, exact below; the graph "
+            "is built on a user's first search, minutes at 100k memories)")
         ann_threshold: int = Field(default=10_000, ge=1, le=10_000_000,
                                    description="with index ann: memories per user from which the HNSW graph is used")
 

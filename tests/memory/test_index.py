@@ -199,11 +199,11 @@ def test_forget_in_another_process_clears_a_graph_owner(tmp_path: Any) -> None:
     path = str(tmp_path / "m.db")
     s1, s2 = SQLiteStore(path), SQLiteStore(path)
     emb = HashEmbedder()
-    a = MemoryManager(s1, embedder=emb, ann_threshold=200)
+    a = MemoryManager(s1, embedder=emb, dense_index="ann", ann_threshold=200)
     a.add_raw("ana", _turns(400, 10))
     assert a.search("ana", "garden sister", k=5)
     assert "user:ana" in a.index.graph_owners()
-    b = MemoryManager(s2, embedder=emb, ann_threshold=200)
+    b = MemoryManager(s2, embedder=emb, dense_index="ann", ann_threshold=200)
     assert len(b.search("ana", "garden sister", k=5)) == 5  # loaded from the store: sees a's writes
     s2.forget_user("ana")  # what `persona-mw profile forget` runs in its own process
     assert a.search("ana", "garden sister", k=5) == []
