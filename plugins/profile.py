@@ -394,9 +394,8 @@ class ProfilePlugin:
         return {"key": self.key, "spec": self.spec.model_dump(mode="json"), "pairs": pairs, "fit": fit}
 
     def _write(self, store: Any, node: str, w: np.ndarray, var: np.ndarray, pairs: int, fit: str,
-               evidence: int | None = None, current: Profile | None = None) -> None:
-        # ``current``: the row the caller just read under the node's lock (saves a second parse).
-        prof = current or store.get_profile(node) or Profile(node=node)
+               evidence: int | None = None) -> None:
+        prof = store.get_profile(node) or Profile(node=node)
         self._fill(prof, w, var, pairs, fit, evidence)
         store.put_profile(prof)
 
@@ -429,32 +428,25 @@ class ProfilePlugin:
             return
         D, sw = pair_matrix(self.featurizer, pairs)
         node = scope_node(event.user, event.context)
-        update = getattr(self, "_update", None)
-        if update is not None:
-            def change(prof: Profile) -> None:
-                st = node_state(prof, self.spec)
-                if st is None:
-                    w0, var0 = self.prior_for(graph, event.user, event.context, node)
-                    done = 0
-                else:
-                    w0, var0 = st
-                    done = int((prof.extra.get(EXTRA_KEY) or {}).get("pairs", 0))
-                w, var = online_update(w0, var0, D, sw, steps=self.config.online_steps)
-                self._fill(prof, w, var, done + len(pairs), "online")
-
-            update(node, change)
-            return
-        with self._lock(node):
-            prof = store.get_profile(node)
+        def change(prof: Profile) -> None:
             st = node_state(prof, self.spec)
             if st is None:
                 w0, var0 = self.prior_for(graph, event.user, event.context, node)
                 done = 0
             else:
                 w0, var0 = st
-                done = int((prof.extra.get(EXTRA_KEY) or {}).get("pairs", 0)) if prof else 0
+                done = int((prof.extra.get(EXTRA_KEY) or {}).get("pairs", 0))
             w, var = online_update(w0, var0, D, sw, steps=self.config.online_steps)
-            self._write(store, node, w, var, done + len(pairs), "online", current=prof)
+            self._fill(prof, w, var, done + len(pairs), "online")
+
+        update = getattr(self, "_update", None)
+        if update is not None:  # the core's compare-and-set update (the plugin started in a Middleware)
+            update(node, change)
+            return
+        with self._lock(node):  # standalone (no persona_startup): the node lock only
+            prof = store.get_profile(node) or Profile(node=node)
+            change(prof)
+            store.put_profile(prof)
 
     @hookimpl
     def persona_forget(self, user: str, nodes: list[str], store: Any, graph: Any) -> None:
