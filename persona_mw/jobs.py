@@ -9,6 +9,7 @@ deleted once it succeeded, failed ones are retried up to ``limits.job_attempts``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -178,19 +179,50 @@ class AfterTurnJobs:
         or no heartbeat within the lease); returns how many were started. Jobs this process is
         running are never taken twice. ``dead_only``: only those of dead holders (the sweep)."""
         claim = self.store.claim_jobs
-        if not self.enabled or not self.run_here:
+        if not self.run_here:
             return 0
         with self._lock:
             running = set(self._running)
         kwargs: dict[str, Any] = {"exclude": running, "dead_only": True} if dead_only else {"exclude": running}
+        # Feedback jobs always (their effects are the core's too); after-turn ones only with plugins to run them.
+        kwargs["kinds"] = ["feedback", "after_turn"] if self.enabled else ["feedback"]
         started = 0
         for job in claim(stale_after_s, self.config.limits.job_attempts, **kwargs):
+            if job["kind"] == "feedback":
+                with self._lock:
+                    self._running.add(job["id"])
+                self.runtime.background(self._replay_feedback(job))
+                started += 1
+                continue
             replayed = self._replay(job)
             if replayed is not None:
                 self._start(*replayed, job["id"])
                 started += 1
         self.resumed += started
         return started
+
+    async def _replay_feedback(self, job: dict[str, Any]) -> None:
+        """Apply a stored feedback event again for a process that died before its effects were all in
+        (each profile write already made is recognized by its mark and skipped)."""
+        user, seq = job["user"], int(job["payload"]["seq"])
+        try:
+            # The epoch first: a forget after this read refuses the writes; one before it deleted the event.
+            epoch = await asyncio.to_thread(epoch_of, self.store, user)
+            found = await asyncio.to_thread(self.store.feedback_log, user, seq - 1, 1)
+            if found and found[0][0] == seq:
+                with self.cache_scope(user), write_guard(user, epoch):
+                    for step in await self.pipeline.apply_feedback(found[0][1], seq):
+                        if step.error:
+                            log.warning("feedback plugin %s (replay of event %s): %s", step.plugin, seq, step.error)
+            await asyncio.to_thread(self.store.finish_job, job["id"])
+        except ForgottenError:
+            log.info("user %r was forgotten while feedback event %s was replayed: its writes were dropped", user, seq)
+        except Exception as exc:
+            log.error("replay of feedback event %s failed: %s: %s", seq, type(exc).__name__, exc)
+            await asyncio.to_thread(self.store.fail_job, job["id"], f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._running.discard(job["id"])
 
     def _replay(self, job: dict[str, Any]) -> tuple[Turn, ChatResponse] | None:
         """The turn and response of a recorded job, or None (the user was forgotten since; a record

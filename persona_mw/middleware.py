@@ -18,7 +18,7 @@ from persona_mw.jobs import AfterTurnJobs
 from persona_mw.manager import PluginHost
 from persona_mw.pipeline import Pipeline, RequestLike, parse_feedback
 from persona_mw.privacy import Redactor
-from persona_mw.profiles import ProfileService
+from persona_mw.profiles import ProfileService, detached
 from persona_mw.runtime import Runtime, forward, sync_verb
 from persona_mw.store import Store, open_store
 from persona_mw.types import ChatResponse, Feedback, StatedFeedback, StreamChunk, TraceStep, Turn
@@ -89,11 +89,11 @@ class Middleware:
         except BaseException:
             self._shutdown()
             raise
-        # After-turn jobs a crashed process left behind: held by a process that is gone (or silent
-        # longer than the lease), or claimed longer ago than any live job runs.
-        if self.jobs.enabled and self.jobs.run_here:
+        # Jobs a crashed process left behind (after-turn work, a feedback event's effects): held by a
+        # process that is gone (or silent longer than the lease), or claimed longer ago than any live job runs.
+        if self.jobs.run_here:
             self.runtime.background(self.jobs.aresume_jobs(stale_after_s=300.0))
-        self.runtime.start_maintenance(self.store, jobs=self.jobs.enabled and self.jobs.run_here,
+        self.runtime.start_maintenance(self.store, jobs=self.jobs.run_here,
                                        sweep=lambda: self.jobs.aresume_jobs(dead_only=True))
 
     # -- construction ------------------------------------------------------------------------
@@ -258,9 +258,11 @@ class Middleware:
     def schedule(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` off the request path, on the background loop; ``drain()`` waits for it.
 
-        For plugins (profile refits, persona inference): the coroutine logs its own failures.
+        For plugins (profile refits, persona inference): the coroutine logs its own failures. Work
+        scheduled while a feedback event is applied is not part of it: its profile writes carry no mark
+        of the event (``persona_mw.profiles.detached``).
         """
-        self.runtime.background(coro)
+        self.runtime.background(detached(coro))
 
     drain = forward("runtime.drain", Runtime.drain)
     adrain = forward("runtime.adrain", Runtime.adrain)

@@ -25,6 +25,8 @@ from persona_mw.hookspecs import TURN_STAGES
 from persona_mw.jobs import EPOCH, FORGOTTEN_FLAG, epoch_of, guard
 from persona_mw.limits import check_request, check_values, trim_prompt
 from persona_mw.nodes import user_node
+from persona_mw.profiles import WRITER, applying
+from persona_mw.manager import display_name
 from persona_mw.runner import HookRunner
 from persona_mw.stages import describe_items
 from persona_mw.store import write_guard
@@ -244,8 +246,19 @@ class Pipeline(HookRunner):
         object.__setattr__(holder, "_notes", [])
         for stage in stages.on_path("feedback"):
             for impl in self.impls(stage):
-                await self._call(stage, impl, holder, {"event": event, "store": self.store, "graph": self.graph})
+                token = WRITER.set(display_name(impl.plugin_name))  # its profile writes are marked as this plugin's
+                try:
+                    await self._call(stage, impl, holder, {"event": event, "store": self.store, "graph": self.graph})
+                finally:
+                    WRITER.reset(token)
         return holder.trace.steps
+
+    async def apply_feedback(self, ev: Feedback, seq: int) -> list[TraceStep]:
+        """Every effect of the stored event ``seq`` on profiles: the core's, then ``persona_feedback``.
+        Safe to repeat (a replay after a crash): each profile write is made once (``applying``)."""
+        with applying(seq):
+            await asyncio.to_thread(self.profiles.apply_event, ev)
+            return await self.feedback(ev)
 
     # -- one turn: the start every entry path shares ------------------------------------------
 
@@ -498,8 +511,16 @@ class Pipeline(HookRunner):
         epoch = await asyncio.to_thread(epoch_of, self.store, ev.user)
         try:
             with write_guard(ev.user, epoch), self.cache_scope(ev.user):  # a forget from now on drops its writes
-                await asyncio.to_thread(self._store_feedback, ev)  # store work off the event loop
-                steps = await self.feedback(ev)
+                seq = await asyncio.to_thread(self._store_feedback, ev)  # store work off the event loop
+                try:
+                    steps = await self.apply_feedback(ev, seq)
+                except ForgottenError:
+                    raise
+                except BaseException as exc:  # a failing plugin, a cancelled request: the rest is a worker's
+                    self._release_feedback_job(seq, exc)
+                    raise
+                # Its effects are in: the job that owed them (held by this process) is done.
+                await asyncio.to_thread(self.store.finish_job, f"feedback-{seq}")
         except ForgottenError:
             log.info("user %r was forgotten while feedback %s was applied: its writes were dropped", ev.user, ev.id)
             return str(ev.id)
@@ -511,13 +532,21 @@ class Pipeline(HookRunner):
             log.warning("feedback %s of user %r: %s", ev.id, ev.user, unused)
         return str(ev.id)
 
-    def _store_feedback(self, ev: Feedback) -> None:
-        """The event's own writes, off the event loop (a store waiting on another process must not stall it)."""
+    def _release_feedback_job(self, seq: int, exc: BaseException) -> None:
+        """Leave the event's job to the next ``resume`` (the job worker, a restart): its effects are
+        not all in. Blocking, but one short write, and also right for a request being cancelled."""
+        try:
+            self.store.fail_job(f"feedback-{seq}", f"{type(exc).__name__}: {exc}")
+        except Exception as err:  # the store is down too: the job stays claimed until this process is gone
+            log.error("feedback event %s: its job could not be released: %s", seq, err)
+
+    def _store_feedback(self, ev: Feedback) -> int:
+        """The event stored, with the job that owes its effects, off the event loop (a store waiting
+        on another process must not stall it); returns its sequence number."""
         if ev.context:
             self.profiles.check_context_bound(ev.user, ev.context)
         self.store.ensure_node(user_node(ev.user))
-        self.store.append_feedback(ev)
-        self.profiles.apply_event(ev)
+        return self.store.append_feedback(ev, job=True)
 
 
 @contextlib.asynccontextmanager

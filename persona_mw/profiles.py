@@ -8,14 +8,25 @@ profile is read with its row version and written with ``put_profile(expected_ver
 another process (a second server, a worker, the CLI) wrote the row in between, the store refuses
 with ``StaleVersionError`` and the change is re-applied to a fresh read (bounded retries), so no
 writer anywhere drops another's update.
+
+Exactly once per feedback event. An event's effects are several such writes (the core's, then each
+feedback plugin's), and the process doing them can die between two of them. So the event is stored
+together with a ``feedback`` job held by that process (``FeedbackStore.append_feedback``); while the
+event is applied (``applying``), each write of a node's profile also records, in the same row, which
+event it folded in (``Profile.applied``: per writer, the event's sequence number). If the process dies,
+the job is retaken by a live one (the dead-holder sweep, or ``persona-mw worker``), which applies the
+event again: every write already in is recognized by its mark and skipped, the missing ones are made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 from persona_mw.config import Config, StatedItem
 from persona_mw.graph import GLOBAL
@@ -23,6 +34,47 @@ from persona_mw.errors import RequestError, StaleVersionError, StoreError
 from persona_mw.nodes import group_node, kind_of, user_context_node, user_node
 from persona_mw.store import Edge, Store
 from persona_mw.types import Feedback, Profile, StatedFeedback, StatedPreference
+
+
+T = TypeVar("T")
+
+#: Marks kept per writer in ``Profile.applied`` (the newest): a replay comes within a job lease of the
+#: first attempt, long before a user's node sees this many newer events.
+APPLIED_KEEP = 256
+#: The feedback event being applied now: (its sequence number, writes made per (writer, node) so far).
+_EVENT: ContextVar[tuple[int, dict[tuple[str, str], int]] | None] = ContextVar("persona_mw_event", default=None)
+#: Who writes now, while an event is applied: "core", or the plugin whose hook runs.
+WRITER: ContextVar[str] = ContextVar("persona_mw_writer", default="core")
+
+
+@contextlib.contextmanager
+def applying(seq: int) -> Iterator[None]:
+    """Profile writes inside are marks-checked for the feedback event with store sequence ``seq``."""
+    token = _EVENT.set((seq, {}))
+    try:
+        yield
+    finally:
+        _EVENT.reset(token)
+
+
+async def detached(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro``, run outside any feedback event being applied (for work scheduled from a feedback hook:
+    its task inherits the hook's context, but its writes are not the event's)."""
+    _EVENT.set(None)  # in the task's own copy of the context: the hook's is untouched
+    return await coro
+
+
+def _mark(node: str) -> tuple[str, str] | None:
+    """(writer, mark) of the next write of ``node`` while an event is applied, or None outside one.
+    The k-th write of one writer to one node for event ``seq`` is marked "seq" (k = 0) or "seq/k"."""
+    current = _EVENT.get()
+    if current is None:
+        return None
+    seq, counts = current
+    writer = WRITER.get()
+    k = counts.get((writer, node), 0)
+    counts[(writer, node)] = k + 1
+    return writer, str(seq) if k == 0 else f"{seq}/{k}"
 
 
 class ProfileService:
@@ -52,10 +104,19 @@ class ProfileService:
             return self._compare_and_set(node, change)
 
     def _compare_and_set(self, node: str, change: Callable[[Profile], None]) -> Profile:
+        mark = _mark(node)
         for attempt in range(self.max_attempts):
             prof, version = self.store.get_profile_versioned(node)
             prof = prof or Profile(node=node)
-            change(prof)
+            if mark is not None:
+                writer, tag = mark
+                done = prof.applied.get(writer, [])
+                if tag in done:  # a replayed event: this write went in before its first attempt died
+                    return prof
+                change(prof)
+                prof.applied[writer] = [*done, tag][-APPLIED_KEEP:]
+            else:
+                change(prof)
             prof.updated_at = time.time()
             try:
                 self.store.put_profile(prof, expected_version=version)
@@ -148,4 +209,4 @@ class ProfileService:
         self.update(node, change)
 
 
-__all__ = ["ProfileService"]
+__all__ = ["APPLIED_KEEP", "WRITER", "ProfileService", "applying", "detached"]

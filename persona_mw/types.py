@@ -260,6 +260,9 @@ class Profile(BaseModel):
     stated: list[StatedPreference] = Field(default_factory=list)
     prompt: str | None = Field(default=None, description="per-node optimized system prompt")
     extra: dict[str, Any] = Field(default_factory=dict, description="plugin-owned state, keyed by plugin")
+    applied: dict[str, list[str]] = Field(
+        default_factory=dict, description="feedback events already folded in, per writer ('core' or a plugin): "
+        "their store sequence numbers, the newest few hundred; an event replayed after a crash is applied once")
     updated_at: float = Field(default_factory=now)
 
 

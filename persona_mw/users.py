@@ -58,11 +58,10 @@ class UserService:
         self.require(user)
         nodes = [n for n in self.profiles.user_nodes(user) if n != user_node(user)]
         self.profiles.reset([user_node(user), *nodes])
-        events = self.store.list_feedback(user=user)
+        events = self.store.feedback_log(user)
         with self.pipeline.cache_scope(user):
-            for ev in events:
-                self.profiles.apply_event(ev)
-                await self.pipeline.feedback(ev)
+            for seq, ev in events:  # marked as the first time (a pending replay of one is then a no-op)
+                await self.pipeline.apply_feedback(ev, seq)
         return {"user": user, "events": len(events)}
 
     def forget(self, user: str) -> dict[str, Any]:

@@ -586,7 +586,12 @@ class _PostgresMemories(_PostgresProfiles):
 
 class _PostgresFeedback(_PostgresMemories):
     # feedback events (append-only) ---------------------------------------------------------
-    def append_feedback(self, event: Feedback) -> int:
+    def _beat(self, cur: Any, now: float) -> None:
+        cur.execute("INSERT INTO workers (id, host, pid, heartbeat) VALUES (%s, %s, %s, %s) ON CONFLICT (id) "
+                    "DO UPDATE SET heartbeat = excluded.heartbeat",
+                    (process_id(), socket.gethostname(), os.getpid(), now))
+
+    def append_feedback(self, event: Feedback, *, job: bool = False) -> int:
         with self._tx() as cur:
             self._check_forgotten(cur, event.user)
             key = f"{event.user}/{event.id}"
@@ -597,7 +602,22 @@ class _PostgresFeedback(_PostgresMemories):
             if row is None:
                 raise StoreError(f"duplicate feedback event id {event.id!r}: events are append-only",
                                  hint="give each event a fresh id (the default does)")
-            return int(row[0])
+            seq = int(row[0])
+            if job:
+                now = time.time()
+                self._beat(cur, now)
+                cur.execute("INSERT INTO jobs (id, \"user\", kind, payload, attempts, claimed_at, claimed_by, "
+                            "created_at) VALUES (%s, %s, 'feedback', %s, 0, %s, %s, %s)",
+                            (f"feedback-{seq}", event.user, json.dumps({"seq": seq}), now, process_id(), now))
+            return seq
+
+    def feedback_log(self, user: str, since_seq: int = 0, limit: int | None = None) -> list[tuple[int, Feedback]]:
+        from pydantic import TypeAdapter
+
+        rows = self._rows("SELECT seq, payload FROM feedback WHERE \"user\" = %s AND seq > %s ORDER BY seq LIMIT %s",
+                          (user, since_seq, limit))
+        adapter: TypeAdapter[Feedback] = TypeAdapter(Feedback)
+        return [(int(r[0]), adapter.validate_json(r[1])) for r in rows]
 
     def list_feedback(self, user: str | None = None, kinds: Iterable[str] | None = None,
                       since_seq: int = 0, limit: int | None = None) -> list[Feedback]:
@@ -630,11 +650,6 @@ class _PostgresFeedback(_PostgresMemories):
 
 class _PostgresJobs(_PostgresFeedback):
     # durable background jobs -----------------------------------------------------------------
-    def _beat(self, cur: Any, now: float) -> None:
-        cur.execute("INSERT INTO workers (id, host, pid, heartbeat) VALUES (%s, %s, %s, %s) ON CONFLICT (id) "
-                    "DO UPDATE SET heartbeat = excluded.heartbeat",
-                    (process_id(), socket.gethostname(), os.getpid(), now))
-
     def heartbeat(self) -> None:
         now = time.time()
         with self._tx() as cur:
@@ -665,11 +680,12 @@ class _PostgresJobs(_PostgresFeedback):
 
     def claim_jobs(self, stale_after_s: float, max_attempts: int, limit: int = 1000, *,
                    exclude: Iterable[str] = (), dead_only: bool = False,
-                   lease_s: float = LEASE_S) -> list[dict[str, Any]]:
+                   lease_s: float = LEASE_S, kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """As ``SQLiteStore.claim_jobs``; rows are locked ``FOR UPDATE SKIP LOCKED``, so a job being
         claimed by another worker right now is skipped rather than taken twice or waited for."""
         now = time.time()
         skip = set(exclude)
+        wanted = None if kinds is None else set(kinds)
         cols = ("id", "user", "kind", "payload", "attempts", "claimed_at", "claimed_by", "host", "pid", "heartbeat")
         with self._tx() as cur:
             self._beat(cur, now)
@@ -680,7 +696,7 @@ class _PostgresJobs(_PostgresFeedback):
             take: list[dict[str, Any]] = []
             for values in cur.fetchall():
                 r = dict(zip(cols, values))
-                if r["id"] in skip:
+                if r["id"] in skip or (wanted is not None and r["kind"] not in wanted):
                     continue
                 free = r["claimed_at"] is None or r["claimed_at"] <= now - stale_after_s
                 if (not dead_only and free) or SQLiteStore._holder_dead(r, now, lease_s):  # type: ignore[arg-type]

@@ -470,8 +470,14 @@ class _SQLiteMemories(_SQLiteProfiles):
 
 class _SQLiteFeedback(_SQLiteMemories):
     # feedback events (append-only) ---------------------------------------------------------
-    def append_feedback(self, event: Feedback) -> int:
-        """Append one event and return its sequence number; an id already stored is refused."""
+    def _beat(self, cur: sqlite3.Cursor, now: float) -> None:
+        pid = os.getpid()
+        cur.execute("INSERT INTO workers (id, host, pid, heartbeat) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
+                    "DO UPDATE SET heartbeat = excluded.heartbeat", (process_id(), socket.gethostname(), pid, now))
+
+    def append_feedback(self, event: Feedback, *, job: bool = False) -> int:
+        """Append one event and return its sequence number; an id already stored is refused. ``job``:
+        with its ``feedback`` job, claimed by this process (see ``FeedbackStore``)."""
         with self._tx() as cur:
             self._check_forgotten(cur, event.user)
             # Ids are unique per user: the row key is "<user>/<id>" ('/' is in no user id), so another
@@ -487,8 +493,20 @@ class _SQLiteFeedback(_SQLiteMemories):
                         (key, event.user, event.context, event.kind, event.model_dump_json(),
                          event.created_at))
             seq = cur.lastrowid
-        assert seq is not None
+            assert seq is not None
+            if job:
+                now = time.time()
+                self._beat(cur, now)
+                cur.execute("INSERT INTO jobs (id, user, kind, payload, attempts, claimed_at, claimed_by, created_at) "
+                            "VALUES (?, ?, 'feedback', ?, 0, ?, ?, ?)",
+                            (f"feedback-{seq}", event.user, json.dumps({"seq": seq}), now, process_id(), now))
         return seq
+
+    def feedback_log(self, user: str, since_seq: int = 0, limit: int | None = None) -> list[tuple[int, Feedback]]:
+        """``user``'s events with ``seq > since_seq`` and their sequence numbers, oldest first."""
+        rows = self._query("SELECT seq, payload FROM feedback WHERE user = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                           (user, since_seq, -1 if limit is None else limit))
+        return [(int(r["seq"]), _FEEDBACK.validate_json(r["payload"])) for r in rows]
 
     def list_feedback(self, user: str | None = None, kinds: Iterable[str] | None = None,
                       since_seq: int = 0, limit: int | None = None) -> list[Feedback]:
@@ -528,11 +546,6 @@ class _SQLiteFeedback(_SQLiteMemories):
 
 class _SQLiteJobs(_SQLiteFeedback):
     # durable background jobs -----------------------------------------------------------------
-    def _beat(self, cur: sqlite3.Cursor, now: float) -> None:
-        pid = os.getpid()
-        cur.execute("INSERT INTO workers (id, host, pid, heartbeat) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
-                    "DO UPDATE SET heartbeat = excluded.heartbeat", (process_id(), socket.gethostname(), pid, now))
-
     def heartbeat(self) -> None:
         """Renew this process's lease on the jobs it holds (and drop holders silent for a day)."""
         now = time.time()
@@ -577,12 +590,13 @@ class _SQLiteJobs(_SQLiteFeedback):
 
     def claim_jobs(self, stale_after_s: float, max_attempts: int, limit: int = 1000, *,
                    exclude: Iterable[str] = (), dead_only: bool = False,
-                   lease_s: float = LEASE_S) -> list[dict[str, Any]]:
+                   lease_s: float = LEASE_S, kinds: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Claim pending jobs nobody holds, whose claim is older than ``stale_after_s``, or whose
         holder is dead (its process is gone, or silent for ``lease_s``). ``dead_only``: only the
         last kind (the periodic sweep). ``exclude``: ids this process is running right now."""
         now = time.time()
         skip = set(exclude)
+        wanted = None if kinds is None else set(kinds)
         with self._tx() as cur:
             self._beat(cur, now)
             rows = cur.execute(
@@ -591,7 +605,7 @@ class _SQLiteJobs(_SQLiteFeedback):
                 "ORDER BY j.created_at, j.id", (max_attempts,)).fetchall()
             take = []
             for r in rows:
-                if r["id"] in skip:
+                if r["id"] in skip or (wanted is not None and r["kind"] not in wanted):
                     continue
                 free = r["claimed_at"] is None or r["claimed_at"] <= now - stale_after_s
                 if (not dead_only and free) or self._holder_dead(r, now, lease_s):

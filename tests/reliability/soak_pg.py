@@ -413,8 +413,9 @@ def main() -> int:  # noqa: C901 - one linear script
         for _, _, _, kind, _, _ in ledger.requests:
             by_kind[kind] = by_kind.get(kind, 0) + 1
         ok_requests = sum(r[4].startswith("2") for r in ledger.requests)
-        # Users with a feedback request cut by a SIGKILL (no answer): its event may be stored without
-        # its profile update (the two are separate writes), a drift no acknowledged write suffers.
+        # Users with a feedback request cut by a SIGKILL (no answer): its event is stored with a job that
+        # owes its profile writes, which the job worker applies (each write once); a drift among these
+        # users would mean that replay failed.
         cut = {r[5] for r in ledger.requests if r[3] in ("stated", "choice", "rating") and r[4].startswith("error")
                and any(p == r[0] and r[1] <= w1 and r[2] >= w0 for p, w0, w1 in windows)}
         drifted = [d.split(":")[0] for d in v["drift"]]
