@@ -455,8 +455,10 @@ class ProfilePlugin:
         A group left with no member holding comparisons loses its learned weights (its stated
         preferences, which are the group's own, stay). Other users' own profiles are left alone: a
         refit of them from a snapshot of the events would overwrite the online updates that other
-        requests (and other processes) make meanwhile — lost, or counted twice."""
-        summary = self.refit(store, graph, include_users=False)
+        requests (and other processes) make meanwhile — lost, or counted twice. Group discovery does
+        not run again (it would move every user's automatic membership at each forget): the groups the
+        user was in are refit from their remaining members, as the global state is from everyone left."""
+        summary = self.refit(store, graph, include_users=False, groups=[n for n in nodes if is_group(n)])
         for gid in nodes:
             prof = store.get_profile(gid) if is_group(gid) else None
             if prof is None or EXTRA_KEY not in prof.extra:
@@ -472,11 +474,13 @@ class ProfilePlugin:
 
     # -- batch refit ---------------------------------------------------------------------
 
-    def refit(self, store: Any, graph: Any = None, include_users: bool = True) -> dict[str, Any]:
+    def refit(self, store: Any, graph: Any = None, include_users: bool = True,
+              groups: list[str] | None = None) -> dict[str, Any]:
         """Rebuild every node's state from the stored events; discover groups. Returns a summary.
 
         ``include_users=False``: only the pooled nodes (global, groups); users' own profiles stay as the
-        online updates left them (what a forget needs, see ``persona_forget``)."""
+        online updates left them. ``groups``: refit only these groups, and discover none (both what a
+        forget needs, see ``persona_forget``)."""
         t0 = time.perf_counter()
         cfg = self.config
         feat = self.featurizer
@@ -504,11 +508,12 @@ class ProfilePlugin:
         self._write(store, GLOBAL, g, gvar, len(allw), "batch", evidence=len(allw))
 
         users = sorted(n for n in mats if kind_of(n) == "user")
-        if cfg.discover_groups:
+        if cfg.discover_groups and groups is None:
             summary["groups"] = self._discover(store, users, mats, g)
 
         # groups (declared and discovered): pooled members' comparisons, centred on global
-        group_ids = sorted({e.dst for u in users for e in store.edges_from(u) if is_group(e.dst)})
+        group_ids = sorted({e.dst for u in users for e in store.edges_from(u) if is_group(e.dst)}
+                           if groups is None else set(groups))
         group_state: dict[str, np.ndarray] = {}
         for gid in group_ids:
             members = [e for e in store.edges_to(gid) if e.src in mats and e.weight > 0]

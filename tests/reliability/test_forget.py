@@ -133,3 +133,31 @@ def test_forget_clears_memory_indexes_in_process(make_mw: Any) -> None:
     mw.drain()
     mw.forget("ana")
     assert secret("locker") not in mw.chat(user="ana", messages="what is my locker code?").text
+
+
+def test_forget_refits_the_users_groups_without_moving_anyone_elses_membership(make_mw: Any) -> None:
+    """A forget refits global and the groups the user was in from what is left, and does not run group
+    discovery again (which would re-cluster every other user at each forget)."""
+    mw = make_mw("pipeline:\n  - use: profile\n    features: {embedding: false, ngram_dim: 64, char_ngrams: null}\n"
+                 "    min_users: 6\n    max_groups: 3\n")
+    users = [f"u{i}" for i in range(8)]
+    for i, user in enumerate(users):
+        short = i % 2 == 0
+        for j in range(3):
+            long = f"a much longer, more detailed and verbose answer about topic {j} with many words"
+            mw.feedback(kind="choice", user=user, prompt=f"q{j}", chosen=f"brief {j}" if short else long,
+                        rejected=[long if short else f"brief {j}"])
+    summary = refit_profiles(mw)
+    assert summary["groups"]["k"] >= 2, summary
+
+    def auto_groups() -> dict[str, list[str]]:
+        return {u: sorted(e.dst for e in mw.store.edges_from(f"user:{u}") if e.dst.startswith("group:auto-"))
+                for u in users}
+
+    before = auto_groups()
+    (group,) = before["u0"]
+    pairs_before = mw.store.get_profile(group).extra[EXTRA_KEY]["pairs"]
+    mw.forget("u0")
+    after = auto_groups()
+    assert after == {u: g for u, g in before.items() if u != "u0"} | {"u0": []}
+    assert mw.store.get_profile(group).extra[EXTRA_KEY]["pairs"] == pairs_before - 3  # u0's 3 comparisons left
