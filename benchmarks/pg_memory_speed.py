@@ -111,7 +111,10 @@ def plan_probe(store: Any, owner: str, qv: Any, query: str, k: int) -> dict[str,
             cur.execute(statement)
         cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, {"q": q, "owner": owner, "k": k})
         vector = [*setup, *(r[0] for r in cur.fetchall())]
-    return {"vector": vector, "text": explain(store, TEXT_SQL, text_params(owner, query, k))}
+    params = text_params(owner, query, k)
+    assert params is not None
+    params["n"], params["avgdl"] = store._text_stats(owner)
+    return {"vector": vector, "text": explain(store, TEXT_SQL, params)}
 
 
 def bench(store: Any, emb: Any, owners: list[str], texts: Texts, queries: int) -> dict[str, Any]:

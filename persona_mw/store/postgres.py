@@ -68,8 +68,7 @@ def vector_sql(dim: int, *, exact: bool) -> str:
 # ``text_search``'s BM25 over the owner's full-text lexemes; params from ``text_params``.
 TEXT_SQL = """WITH q AS (SELECT unnest(tsvector_to_array(to_tsvector('english', %(text)s))) AS lex),
                     anyq AS (SELECT to_tsquery('english', %(ors)s) AS tq),
-                    stats AS (SELECT COUNT(*) AS n, AVG(length(tsv)) AS avgdl FROM memories
-                              WHERE owner = %(owner)s AND superseded_by IS NULL),
+                    stats AS (SELECT %(n)s::bigint AS n, %(avgdl)s::double precision AS avgdl),
                     hits AS (SELECT m.id, m.tsv FROM memories m, anyq
                              WHERE m.owner = %(owner)s AND m.superseded_by IS NULL AND m.tsv @@ anyq.tq),
                     terms AS (SELECT h.id, u.lexeme, COALESCE(array_length(u.positions, 1), 1) AS tf,
@@ -80,6 +79,17 @@ TEXT_SQL = """WITH q AS (SELECT unnest(tsvector_to_array(to_tsvector('english', 
                                 * t.tf * 2.2 / (t.tf + 1.2 * (0.25 + 0.75 * t.dl / GREATEST(s.avgdl, 1)))) AS score
                FROM terms t JOIN df USING (lexeme), stats s
                GROUP BY t.id ORDER BY score DESC, t.id LIMIT %(k)s"""
+
+
+# The owner's document count and mean length that BM25 needs (``text_search``).
+TEXT_STATS_SQL = ("SELECT COUNT(*), COALESCE(AVG(length(tsv)), 0) FROM memories "
+                  "WHERE owner = %s AND superseded_by IS NULL")
+# Owners with at least this many memories have those statistics cached for ``TEXT_STATS_TTL_S`` (reading
+# every row's length is what a large owner's search cost: 30 ms per 5,000 rows); a write through this
+# store object drops its owner's entry. Writes by other processes show within the TTL; on a large owner
+# they move the count and the mean length by a fraction of a percent, so the ranking barely changes.
+TEXT_STATS_CACHE_FROM = 2000
+TEXT_STATS_TTL_S = 60.0
 
 
 def text_params(owner: str, query: str, k: int) -> dict[str, Any] | None:
@@ -244,6 +254,7 @@ class _PostgresBase:
         self.path = f"{dsn}#pool_min={pool_min}&pool_max={pool_max}&pool_timeout={pool_timeout_s}/{schema}.pg"
         self.max_memories_per_owner: int | None = None
         self.redactor: Any = None
+        self._stats_cache: dict[str, tuple[float, int, float]] = {}  # owner -> (when, n, avgdl), large owners
         self._psycopg = psycopg
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=int(max(1, pool_timeout_s))) as conn:
@@ -478,6 +489,7 @@ class _PostgresMemories(_PostgresProfiles):
 
     def add_memory(self, memory: Memory) -> bool:
         memory = self._redacted(memory)
+        self._stats_cache.pop(memory.owner, None)
         idem = memory.meta.get("idem")
         with self._tx() as cur:
             self._insert_node(cur, memory.owner)
@@ -501,6 +513,7 @@ class _PostgresMemories(_PostgresProfiles):
 
     def update_memory(self, memory: Memory) -> None:
         memory = self._redacted(memory)
+        self._stats_cache.pop(memory.owner, None)
         p = self._memory_params(memory)
         with self._tx() as cur:
             self._insert_node(cur, memory.owner)
@@ -522,8 +535,11 @@ class _PostgresMemories(_PostgresProfiles):
 
     def delete_memory(self, memory_id: str) -> bool:
         with self._tx() as cur:
-            cur.execute("DELETE FROM memories WHERE id = %s", (memory_id,))
-            return bool(cur.rowcount > 0)
+            cur.execute("DELETE FROM memories WHERE id = %s RETURNING owner", (memory_id,))
+            row = cur.fetchone()
+        if row is not None:
+            self._stats_cache.pop(row[0], None)
+        return row is not None
 
     def memory_rows(self, owner: NodeId) -> tuple[list[Memory], dict[str, np.ndarray]]:
         rows = self._rows(f"SELECT {_MEMORY_COLS} FROM memories WHERE owner = %s AND superseded_by IS NULL "
@@ -580,8 +596,23 @@ class _PostgresMemories(_PostgresProfiles):
         params = text_params(owner, query, k)
         if params is None:
             return []
+        params["n"], params["avgdl"] = self._text_stats(owner)
         rows = self._rows(TEXT_SQL, params)
         return [(r[0], float(r[1])) for r in rows]
+
+    def _text_stats(self, owner: NodeId) -> tuple[int, float]:
+        """(active memories, mean lexeme count) of ``owner``; cached for large owners (``TEXT_STATS_*``)."""
+        now = time.monotonic()
+        hit = self._stats_cache.get(owner)
+        if hit is not None and now - hit[0] < TEXT_STATS_TTL_S:
+            return hit[1], hit[2]
+        n, avgdl = self._one(TEXT_STATS_SQL, (owner,))
+        if int(n) >= TEXT_STATS_CACHE_FROM:
+            if len(self._stats_cache) >= 4096:  # bounded: the oldest entries go first
+                for key in list(self._stats_cache)[:1024]:
+                    self._stats_cache.pop(key, None)
+            self._stats_cache[owner] = (now, int(n), float(avgdl))
+        return int(n), float(avgdl)
 
 
 class _PostgresFeedback(_PostgresMemories):
@@ -771,6 +802,7 @@ class _PostgresUsers(_PostgresJobs):
     def forget_user(self, user: str) -> dict[str, int]:
         """Delete every row derived from ``user`` and bump their epoch, in one transaction that holds
         the user's lock exclusively (guarded writes in flight finish first, or see the new epoch)."""
+        self._stats_cache.clear()  # the user's owners among them
         p = self._user_params(user)
         sub = self._USER_NODES
         key = self._forget_key(user)

@@ -198,3 +198,40 @@ def test_vector_search_finds_a_small_owners_memories_among_many(pg_server: str) 
     finally:
         store.drop_schema()
         store.close()
+
+
+def test_text_search_statistics_of_a_large_owner_are_cached_and_dropped_on_its_writes(
+        pg_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BM25 needs the owner's document count and mean length; reading them is a scan of every row, so
+    a large owner's are cached (``TEXT_STATS_*``). A write through the same store drops the entry; a
+    write by another process shows once the TTL is over. Small owners are never cached."""
+    from persona_mw.store import postgres
+
+    monkeypatch.setattr(postgres, "TEXT_STATS_CACHE_FROM", 3)
+    url = fresh_pg_url(pg_server)
+    store, other = open_store(url), open_store(url)
+    assert isinstance(store, PostgresStore)
+    try:
+        for i in range(3):
+            store.add_memory(Memory(owner="user:big", text=f"the garden needs water on day {i}"))
+        store.add_memory(Memory(owner="user:small", text="the garden is small"))
+        assert store.text_search("user:big", "garden water", 10) and store.text_search("user:small", "garden", 5)
+        assert store._text_stats("user:big")[0] == 3 and "user:small" not in store._stats_cache
+        other.add_memory(Memory(owner="user:big", text="another garden note"))
+        assert store._text_stats("user:big")[0] == 3  # cached: the other process's write shows after the TTL
+        monkeypatch.setattr(postgres, "TEXT_STATS_TTL_S", 0.0)
+        assert store._text_stats("user:big")[0] == 4
+        monkeypatch.setattr(postgres, "TEXT_STATS_TTL_S", 60.0)
+        mem = Memory(owner="user:big", text="a fifth garden note")
+        store.add_memory(mem)
+        assert store._text_stats("user:big")[0] == 5  # its own write dropped the entry
+        assert store.delete_memory(mem.id)
+        assert store._text_stats("user:big")[0] == 4
+        # the scores use the owner's own statistics: the same ranking as an uncached search
+        cached = store.text_search("user:big", "garden water day", 10)
+        store._stats_cache.clear()
+        assert store.text_search("user:big", "garden water day", 10) == cached
+    finally:
+        other.close()
+        store.drop_schema()
+        store.close()
