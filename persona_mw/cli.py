@@ -184,8 +184,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run after-turn jobs (memory extraction, profile refits, FERMI, persona inference) claimed from
-    the store until stopped (SIGTERM/SIGINT), or with ``--once`` until none is left."""
+    """Run after-turn jobs (memory extraction, profile refits, FERMI, persona inference) and the
+    feedback jobs of dead processes, claimed from the store until stopped (SIGTERM/SIGINT), or with
+    ``--once`` until none is left."""
     import signal
 
     from persona_mw.middleware import Middleware
@@ -578,7 +579,8 @@ def _add_turn_commands(add: AddCommand) -> None:
                    help="record after-turn jobs for `persona-mw worker` processes instead of running them here")
 
     p = add("worker", cmd_worker, "run after-turn jobs (memory extraction, profile refits, FERMI, persona "
-            "inference) claimed from the store, for servers started with --no-jobs")
+            "inference) claimed from the store, for servers started with --no-jobs, and finish the "
+            "feedback events a killed process left half-applied")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between looks for new jobs (default 0.5)")
     p.add_argument("--stale-after", type=float, default=300.0,
                    help="take over a job another live process claimed longer ago than this (default 300 s)")

@@ -120,6 +120,7 @@ class Ledger:
     owned: dict[str, set[str]] = field(default_factory=dict)  # user -> markers handed out for them
     owner: dict[str, str] = field(default_factory=dict)  # marker -> user
     events: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # acked feedback: (marker, sent)
+    cut: dict[str, list[str]] = field(default_factory=dict)  # feedback sent, no answer (a kill): markers
     turns: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # acked chats: (marker, sent)
     forgets: dict[str, list[float]] = field(default_factory=dict)  # end (answer or error) of each forget sent
     # port, sent, end, kind, outcome, user
@@ -190,6 +191,8 @@ async def one_request(client: Any, ledger: Ledger, rng: random.Random, ports: li
     except Exception as exc:  # connection refused / reset (a killed process), timeout
         end = time.monotonic()
         ledger.requests.append((port, sent, end, kind, f"error:{type(exc).__name__}", user))
+        if kind in ("stated", "choice", "rating") and mk is not None:
+            ledger.cut.setdefault(user, []).append(mk)
         if kind == "forget":
             ledger.forgets.setdefault(user, []).append(end)
         await asyncio.sleep(0.05)
@@ -295,6 +298,7 @@ def verify(url: str, cfg_text: str, ledger: Ledger) -> dict[str, Any]:
     lost: list[str] = []
     missing_effects: list[str] = []
     drift: list[str] = []
+    cut_stored = 0  # events of requests cut by a kill that were stored anyway (their effects: the worker's)
     try:
         for user in ledger.users:
             stored = json.dumps([e.model_dump(mode="json") if hasattr(e, "model_dump") else e
@@ -302,6 +306,7 @@ def verify(url: str, cfg_text: str, ledger: Ledger) -> dict[str, Any]:
             for mk, sent in ledger.events.get(user, []):
                 if ledger.expected(user, sent) and mk not in stored:
                     lost.append(f"{user}: {mk}")
+            cut_stored += sum(mk in stored for mk in ledger.cut.get(user, []))
             mems = " ".join(m.text for m in mw.store.list_memories(user_node(user), include_superseded=True))
             for mk, sent in ledger.turns.get(user, []):
                 if ledger.expected(user, sent) and mk not in mems:
@@ -319,7 +324,7 @@ def verify(url: str, cfg_text: str, ledger: Ledger) -> dict[str, Any]:
                 drift.append(f"{user}: stored {_short(before)} rebuilt {_short(after)}")
     finally:
         mw.close()
-    return {"lost": lost, "missing_effects": missing_effects, "drift": drift}
+    return {"lost": lost, "missing_effects": missing_effects, "drift": drift, "cut_stored": cut_stored}
 
 
 def _profile_key(prof: Any) -> tuple[Any, ...]:
@@ -425,6 +430,8 @@ def main() -> int:  # noqa: C901 - one linear script
             "acked_events_checked": sum(ledger.expected(u, s) for u, evs in ledger.events.items() for _, s in evs),
             "profile_drift": len(v["drift"]), "profiles_checked": len(ledger.users),
             "profile_drift_users_with_feedback_cut_by_a_kill": sum(u in cut for u in drifted),
+            "feedback_cut_by_a_kill": sum(len(x) for x in ledger.cut.values()),
+            "feedback_cut_by_a_kill_but_stored": v["cut_stored"],
             "jobs_lost": jobs_left + len(v["missing_effects"]), "jobs_left_after_drain": jobs_left,
             "after_turn_effects_missing": len(v["missing_effects"]),
             "acked_turns": sum(len(x) for x in ledger.turns.values()),
