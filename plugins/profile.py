@@ -47,7 +47,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -395,9 +395,19 @@ class ProfilePlugin:
 
     def _write(self, store: Any, node: str, w: np.ndarray, var: np.ndarray, pairs: int, fit: str,
                evidence: int | None = None) -> None:
-        prof = store.get_profile(node) or Profile(node=node)
-        self._fill(prof, w, var, pairs, fit, evidence)
-        store.put_profile(prof)
+        self._change(store, node, lambda prof: self._fill(prof, w, var, pairs, fit, evidence))
+
+    def _change(self, store: Any, node: str, change: Callable[[Profile], None]) -> None:
+        """Read-modify-write ``node``: the core's compare-and-set update (a concurrent write to the node,
+        e.g. a group's stated preference, stays), or the node lock when the plugin runs standalone."""
+        update = getattr(self, "_update", None)
+        if update is not None:
+            update(node, change)
+            return
+        with self._lock(node):
+            prof = store.get_profile(node) or Profile(node=node)
+            change(prof)
+            store.put_profile(prof)
 
     def _fill(self, prof: Profile, w: np.ndarray, var: np.ndarray, pairs: int, fit: str,
               evidence: int | None = None) -> None:
@@ -439,14 +449,7 @@ class ProfilePlugin:
             w, var = online_update(w0, var0, D, sw, steps=self.config.online_steps)
             self._fill(prof, w, var, done + len(pairs), "online")
 
-        update = getattr(self, "_update", None)
-        if update is not None:  # the core's compare-and-set update (the plugin started in a Middleware)
-            update(node, change)
-            return
-        with self._lock(node):  # standalone (no persona_startup): the node lock only
-            prof = store.get_profile(node) or Profile(node=node)
-            change(prof)
-            store.put_profile(prof)
+        self._change(store, node, change)
 
     @hookimpl
     def persona_forget(self, user: str, nodes: list[str], store: Any, graph: Any) -> None:
@@ -464,13 +467,13 @@ class ProfilePlugin:
             if prof is None or EXTRA_KEY not in prof.extra:
                 continue
             if gid not in summary.get("refit_groups", []):
-                with self._lock(gid):
-                    prof = store.get_profile(gid) or prof
+                def clear(prof: Profile) -> None:
                     prof.weights, prof.uncertainty = [], []
                     prof.extra = {k: v for k, v in prof.extra.items() if k != EXTRA_KEY}
                     prof.evidence = len(prof.stated)
                     prof.updated_at = time.time()
-                    store.put_profile(prof)
+
+                self._change(store, gid, clear)
 
     # -- batch refit ---------------------------------------------------------------------
 
