@@ -899,6 +899,9 @@ class PostgresStore(_PostgresUsers):
             elif batch:
                 cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}){conflict}", batch)
             if rebuild:
+                # The graph is built in memory when it fits (pgvector's advice for bulk loads); with the
+                # 64 MB default a large copy falls back to a much slower build on disk.
+                cur.execute("SET LOCAL maintenance_work_mem = '1GB'")
                 cur.execute(HNSW_INDEX)
             if table == "feedback":  # new events continue after the copied sequence numbers
                 cur.execute("SELECT setval(pg_get_serial_sequence('feedback', 'seq'), "
