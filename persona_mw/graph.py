@@ -189,6 +189,18 @@ class PreferenceGraph:
         )
         return scope, {n.id: profiles[n.id] for n in nodes}
 
+    def shrink_weights(self, user: str, context: str | None, groups: list[str] | tuple[str, ...],
+                       evidence: dict[NodeId, int]) -> dict[NodeId, float]:
+        """The weights ``resolve`` would give the request's nodes under other evidence counts.
+
+        For a plugin whose state has its own evidence (e.g. the events a node's adapter learned
+        from, pooled over members for a group): the same graph and prior strength, with ``evidence``
+        (0 for nodes not named) in place of the profiles'. A node without evidence keeps nothing and
+        passes its mass to its parents, so a new user's weight reaches their groups.
+        """
+        g = self.neighbourhood(user, context, groups)
+        return self._shrink(g, scope_node(user, context), evidence)
+
     def _shrink(self, g: nx.DiGraph, start: NodeId, evidence: dict[NodeId, int]) -> dict[NodeId, float]:
         """Push mass 1 from ``start`` toward the root, each node keeping n/(n+k) of what reaches it."""
         mass: dict[NodeId, float] = {start: 1.0}

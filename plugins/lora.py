@@ -15,7 +15,8 @@ the profile: the metadata, not the weights). Forget deletes the user's node fold
 adapter trained on their events and every merged adapter that included any of them.
 
 Serving (``mixing: merge``, the default): the adapters of the scope's nodes are merged exactly
-(``sum w_n Delta W_n``, the scope's weights renormalized over nodes with an adapter), cached per
+(``sum w_n Delta W_n``; ``w_n`` the scope's shrinkage with each node's evidence the events its adapter
+learned from, renormalized over nodes with an adapter; see ``scope_adapter``), cached per
 scope in memory and as ``<dir>/merged/<key>.safetensors`` with a sidecar naming its nodes; a new
 version of a node makes a new key and removes the stale merges. A missing or unreadable adapter
 file is left out (its weight goes to the rest of the scope: the parents) with a trace note; the
@@ -241,9 +242,10 @@ class LoraAdapters:
         out += [group_node(g) for g in self._ctx.graph.groups_of(event.user)]
         return [n for n in out if kind_of(n) in self.config.node_kinds]
 
-    def events_of(self, node: str) -> tuple[list[Any], list[str]]:
+    def events_of(self, node: str) -> tuple[list[Any], list[str], int]:
         """The node's learnable events (members' pooled for groups and contexts), most recent
-        ``max_choices``; and the users they came from."""
+        ``max_choices``; the users they came from; and how many learnable events the node has in all
+        (the adapter's evidence when the scope's adapters are weighted)."""
         assert self._ctx is not None
         store = self._ctx.store
         kind = kind_of(node)
@@ -261,8 +263,9 @@ class LoraAdapters:
             evs = [e for e in store.list_feedback(kinds=LEARN_KINDS) if e.context == ref.name]
         else:
             evs = []
+        total = len(evs)
         evs = sorted(evs, key=lambda e: e.created_at)[-self.config.max_choices:]
-        return evs, sorted({e.user for e in evs})
+        return evs, sorted({e.user for e in evs}), total
 
     @hookimpl
     async def persona_feedback(self, event: Feedback, store: Any) -> None:
@@ -308,7 +311,7 @@ class LoraAdapters:
         from persona_mw.plugins import _lora
 
         assert self._ctx is not None and self.files is not None
-        events, users = self.events_of(node)
+        events, users, total = self.events_of(node)
         pairs = all_pairs(events)
         if not pairs:
             return None
@@ -327,6 +330,7 @@ class LoraAdapters:
             rel = files.write(node, version, adapter)
             st.update(version=version, file=rel, model=model, r=settings.r, targets=list(settings.targets),
                       top_layers=settings.top_layers, trained_at=time.time(), users=users,
+                      evidence=total,
                       events={"count": len(events), "pairs": len(pairs), "first": events[0].id,
                               "last": events[-1].id, "first_at": events[0].created_at,
                               "last_at": events[-1].created_at},
@@ -341,21 +345,38 @@ class LoraAdapters:
 
     def scope_adapter(self, turn: Turn, model_name: str) -> tuple[Any, dict[str, float], list[str]]:
         """The merged adapter of the scope (None if no node has one), the weights used, and notes
-        about adapters that could not be read."""
-        assert self.files is not None
-        parts: list[tuple[str, str, float]] = []
+        about adapters that could not be read.
+
+        The weights are the scope's shrinkage (``PreferenceGraph.shrink_weights``: the same graph
+        and prior strength) with each node's evidence the learnable events its adapter was trained
+        from (pooled over members for a group or context), renormalized over the nodes with a
+        usable adapter. Not the scope's own weights: those count the core's evidence, which a group
+        node has only when something writes it (a stated group preference, the profile plugin's
+        refit), so a group adapter trained on its members' events would get weight 0 and a new
+        member nothing. A node without a usable adapter keeps nothing and passes its weight on to
+        its parents (a new user rides on their groups; an unreadable file degrades to the parents).
+        """
+        assert self.files is not None and self._ctx is not None
+        files: dict[str, str] = {}
+        evidence: dict[str, int] = {}
         notes: list[str] = []
         for sn in (turn.scope.nodes if turn.scope is not None else []):
             prof = turn.profiles.get(sn.id)
             st = (prof.extra.get(KEY) if prof is not None else None) or {}
-            if not st.get("file") or st.get("model") != model_name or sn.weight <= 0:
+            if not st.get("file") or st.get("model") != model_name:
                 continue
             try:
                 self.files.read(st["file"])
             except PersonaError as exc:
                 notes.append(f"adapter of {sn.id} unusable ({exc}); its weight goes to the rest of the scope")
                 continue
-            parts.append((sn.id, st["file"], round(sn.weight, 4)))
+            files[sn.id] = st["file"]
+            evidence[sn.id] = max(1, int(st.get("evidence") or (st.get("events") or {}).get("count") or 1))
+        if not files:
+            return None, {}, notes
+        req = turn.request
+        weights = self._ctx.graph.shrink_weights(req.user, req.context, req.groups, evidence)
+        parts = [(n, f, round(weights.get(n, 0.0), 4)) for n, f in files.items() if weights.get(n, 0.0) > 0]
         if not parts:
             return None, {}, notes
         total = sum(w for _, _, w in parts)

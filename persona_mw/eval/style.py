@@ -425,7 +425,8 @@ class StyleRun:
 METHODS: dict[str, Callable[[StyleRun], list[list[str]]]] = {}
 WHITE_BOX_METHODS: set[str] = set()
 # Modules of other plugins' methods, imported if present so they register here.
-EXTRA_METHOD_MODULES: tuple[str, ...] = ("persona_mw.eval.style_fermi", "persona_mw.eval.style_steering")
+EXTRA_METHOD_MODULES: tuple[str, ...] = ("persona_mw.eval.style_fermi", "persona_mw.eval.style_steering",
+                                         "persona_mw.eval.style_lora")
 
 
 def method(name: str, *, white_box: bool = False) -> Callable[[Callable[[StyleRun], list[list[str]]]],
