@@ -162,10 +162,30 @@ def recall(store: Any, owner: str, emb: Any, texts: Texts, n: int = 20) -> float
     return round(found / (10 * n), 3)
 
 
+def text_recall(store: Any, owner: str, texts: Texts, n: int = 20) -> dict[str, Any]:
+    """Share of the exact BM25 top-10 (``TEXT_SQL`` over every memory holding any query lexeme) that
+    ``text_search`` returns in its top 10: below 1 only where a large owner's search prunes candidates."""
+    from persona_mw.store.postgres import TEXT_SQL, text_params
+
+    found, exact_ms = 0, []
+    for q in range(n):
+        query = f"what did I say about {texts.sentence(3, 6)}? (recall {q})"
+        params = text_params(owner, query, 10)
+        assert params is not None
+        params["n"], params["avgdl"] = store._text_stats(owner)
+        t = time.perf_counter()
+        exact = {r[0] for r in store._rows(TEXT_SQL, params)}
+        exact_ms.append((time.perf_counter() - t) * 1000)
+        found += len(exact & {i for i, _ in store.text_search(owner, query, 10)})
+    return {"text_recall_at_10_vs_exact": round(found / (10 * n), 3),
+            "text_exact_query_p50_ms": _pct(exact_ms, 50)}
+
+
 def main() -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the sizes (a quick try: 0.05)")
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--cases", default="1000_users,1_user", help="which stores to build and measure")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pg_memory_speed.json"))
     args = ap.parse_args()
     import pgserver
@@ -183,7 +203,7 @@ def main() -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "pg_memory_speed",
         "command": "nice -n 5 .venv/bin/python benchmarks/pg_memory_speed.py "
-                   f"--scale {args.scale} --queries {args.queries}",
+                   f"--scale {args.scale} --queries {args.queries} --cases {args.cases}",
         "machine": f"{platform.machine()} {os.cpu_count()} cpu(s), python {platform.python_version()}",
         "note": ("2 cores shared with other jobs (see the load averages); Postgres 16.2 + pgvector 0.6.2 "
                  "(pgserver) on a unix socket, client and server on the same cores"),
@@ -194,6 +214,8 @@ def main() -> dict[str, Any]:
     srv = pgserver.get_server(folder, cleanup_mode="delete")
     try:
         for name, users, per_user in (("1000_users", 1000, 200), ("1_user", 1, 100_000)):
+            if name not in args.cases.split(","):
+                continue
             users_n = max(1, int(users * args.scale)) if users > 1 else 1
             per = per_user if users > 1 else max(1000, int(per_user * args.scale))
             store = PostgresStore(srv.get_uri(), schema=f"bench_{name}")
@@ -203,7 +225,8 @@ def main() -> dict[str, Any]:
             store.vector_search(owners[0], emb.embed(["warm"])[0].tolist(), CANDIDATES)  # warm the pool
             r = bench(store, emb, owners[: min(50, users_n)], texts, args.queries)
             r.update({"memories": users_n * per, "users": users_n, "per_user": per, "fill_s": round(fill_s, 1),
-                      "vector_recall_at_10": recall(store, owners[0], emb, texts)})
+                      "vector_recall_at_10": recall(store, owners[0], emb, texts),
+                      **text_recall(store, owners[0], texts)})
             result[name] = r
             print(name, json.dumps({k: v for k, v in r.items() if k != "plans"}), flush=True)
             store.drop_schema()

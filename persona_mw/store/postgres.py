@@ -54,15 +54,23 @@ HNSW_INDEX = f"""CREATE INDEX memories_hnsw ON memories USING hnsw
 EXACT_BELOW = 5000
 
 
-def vector_sql(dim: int, *, exact: bool) -> str:
-    """The owner's nearest memories; params ``q``, ``owner``, ``k``. ``exact=False`` orders by the
-    indexed distance expression (the HNSW index can serve it); ``exact=True`` by the similarity
-    column, which no index matches, so Postgres reads the owner's rows and sorts them."""
+def vector_sql(dim: int, *, exact: bool, pool: int = 0) -> str:
+    """The owner's nearest memories; params ``q``, ``owner``, ``k``.
+
+    ``exact=True`` orders the owner's rows by the similarity column, which no index matches, so
+    Postgres reads them and sorts them. ``exact=False`` asks the HNSW index for the ``pool`` nearest
+    rows of the whole table (the inner query has no owner filter, only the index's own predicate, so
+    the index is the one way to answer it) and keeps the owner's active ones among them; the caller
+    falls back to the exact scan when fewer than ``k`` are left."""
     vec = f"public.vector({dim})"
-    order = "sim DESC, id" if exact else f"embedding::{vec} <=> %(q)s::{vec}, id"
-    return (f"SELECT id, 1 - (embedding::{vec} <=> %(q)s::{vec}) AS sim "
-            f"FROM memories WHERE owner = %(owner)s AND superseded_by IS NULL "
-            f"AND public.vector_dims(embedding) = {dim} ORDER BY {order} LIMIT %(k)s")
+    if exact:
+        return (f"SELECT id, 1 - (embedding::{vec} <=> %(q)s::{vec}) AS sim "
+                f"FROM memories WHERE owner = %(owner)s AND superseded_by IS NULL "
+                f"AND public.vector_dims(embedding) = {dim} ORDER BY sim DESC, id LIMIT %(k)s")
+    return (f"SELECT id, sim FROM (SELECT id, owner, superseded_by, 1 - (embedding::{vec} <=> %(q)s::{vec}) AS sim "
+            f"FROM memories WHERE public.vector_dims(embedding) = {dim} "
+            f"ORDER BY embedding::{vec} <=> %(q)s::{vec} LIMIT {int(pool)}) c "
+            f"WHERE owner = %(owner)s AND superseded_by IS NULL ORDER BY sim DESC, id LIMIT %(k)s")
 
 
 # ``text_search``'s BM25 over the owner's full-text lexemes; params from ``text_params``.
@@ -90,6 +98,25 @@ TEXT_STATS_SQL = ("SELECT COUNT(*), COALESCE(AVG(length(tsv)), 0) FROM memories 
 # they move the count and the mean length by a fraction of a percent, so the ranking barely changes.
 TEXT_STATS_CACHE_FROM = 2000
 TEXT_STATS_TTL_S = 60.0
+# A large owner's search scores the memories holding its rarest query lexemes, up to about this many
+# (``_text_search_pruned``).
+TEXT_PRUNE_DOCS = 3000
+# BM25 over given candidates (``tq``, an OR of lexemes) with given document frequencies (``lexs``, ``dfs``).
+TEXT_PRUNED_SQL = """WITH d AS (SELECT * FROM unnest(%(lexs)s::text[], %(dfs)s::bigint[]) AS d(lexeme, df)),
+                    hits AS (SELECT m.id, m.tsv FROM memories m WHERE m.owner = %(owner)s
+                             AND m.superseded_by IS NULL AND m.tsv @@ %(tq)s::tsquery),
+                    terms AS (SELECT h.id, u.lexeme, COALESCE(array_length(u.positions, 1), 1) AS tf,
+                                     length(h.tsv) AS dl
+                              FROM hits h, unnest(h.tsv) u WHERE u.lexeme IN (SELECT lexeme FROM d))
+               SELECT t.id, SUM(ln(1 + (%(n)s - d.df + 0.5) / (d.df + 0.5))
+                                * t.tf * 2.2 / (t.tf + 1.2 * (0.25 + 0.75 * t.dl / GREATEST(%(avgdl)s, 1)))) AS score
+               FROM terms t JOIN d USING (lexeme)
+               GROUP BY t.id ORDER BY score DESC, t.id LIMIT %(k)s"""
+
+
+def _tsquery_lexeme(lexeme: str) -> str:
+    """A lexeme as a tsquery operand, taken as is (not stemmed again)."""
+    return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def text_params(owner: str, query: str, k: int) -> dict[str, Any] | None:
@@ -255,6 +282,7 @@ class _PostgresBase:
         self.max_memories_per_owner: int | None = None
         self.redactor: Any = None
         self._stats_cache: dict[str, tuple[float, int, float]] = {}  # owner -> (when, n, avgdl), large owners
+        self._df_cache: dict[str, dict[str, tuple[float, int]]] = {}  # owner -> lexeme -> (when, df)
         self._psycopg = psycopg
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=int(max(1, pool_timeout_s))) as conn:
@@ -471,6 +499,11 @@ class _PostgresProfiles(_PostgresNodes):
 
 class _PostgresMemories(_PostgresProfiles):
     # memories ------------------------------------------------------------------------------
+    def _forget_stats(self, owner: str) -> None:
+        """Drop the cached BM25 statistics of ``owner`` (a write through this store changed them)."""
+        self._stats_cache.pop(owner, None)
+        self._df_cache.pop(owner, None)
+
     def _redacted(self, memory: Memory) -> Memory:
         r = self.redactor
         if r is None:
@@ -489,7 +522,7 @@ class _PostgresMemories(_PostgresProfiles):
 
     def add_memory(self, memory: Memory) -> bool:
         memory = self._redacted(memory)
-        self._stats_cache.pop(memory.owner, None)
+        self._forget_stats(memory.owner)
         idem = memory.meta.get("idem")
         with self._tx() as cur:
             self._insert_node(cur, memory.owner)
@@ -513,7 +546,7 @@ class _PostgresMemories(_PostgresProfiles):
 
     def update_memory(self, memory: Memory) -> None:
         memory = self._redacted(memory)
-        self._stats_cache.pop(memory.owner, None)
+        self._forget_stats(memory.owner)
         p = self._memory_params(memory)
         with self._tx() as cur:
             self._insert_node(cur, memory.owner)
@@ -538,7 +571,7 @@ class _PostgresMemories(_PostgresProfiles):
             cur.execute("DELETE FROM memories WHERE id = %s RETURNING owner", (memory_id,))
             row = cur.fetchone()
         if row is not None:
-            self._stats_cache.pop(row[0], None)
+            self._forget_stats(row[0])
         return row is not None
 
     def memory_rows(self, owner: NodeId) -> tuple[list[Memory], dict[str, np.ndarray]]:
@@ -587,18 +620,69 @@ class _PostgresMemories(_PostgresProfiles):
         row = cur.fetchone()
         if row is None or int(row[0]) < EXACT_BELOW:
             return [], vector_sql(dim, exact=True)
-        return [f"SET LOCAL hnsw.ef_search = {min(1000, max(40, 4 * k))}"], vector_sql(dim, exact=False)
+        pool = min(1000, max(40, 4 * k))  # the walk's candidates (ef_search >= the inner LIMIT)
+        return [f"SET LOCAL hnsw.ef_search = {pool}"], vector_sql(dim, exact=False, pool=pool)
 
+
+class _PostgresLexical(_PostgresMemories):
+    # lexical search: BM25 over the full-text lexemes --------------------------------------------
     def text_search(self, owner: NodeId, query: str, k: int) -> list[tuple[str, float]]:
         """BM25 (k1 1.2, b 0.75, as the in-process index) over Postgres full-text lexemes (English
         stemming): the GIN index finds the owner's memories holding any query lexeme; term and document
-        frequencies come from the ``tsvector``s. ``ts_rank_cd`` has no IDF, which costs LoCoMo recall."""
+        frequencies come from the ``tsvector``s. ``ts_rank_cd`` has no IDF, which costs LoCoMo recall.
+        A large owner (``TEXT_STATS_CACHE_FROM``) is searched by ``_text_search_pruned``."""
         params = text_params(owner, query, k)
         if params is None:
             return []
         params["n"], params["avgdl"] = self._text_stats(owner)
+        if params["n"] >= TEXT_STATS_CACHE_FROM:
+            return self._text_search_pruned(owner, params)
         rows = self._rows(TEXT_SQL, params)
         return [(r[0], float(r[1])) for r in rows]
+
+    def _text_search_pruned(self, owner: NodeId, params: dict[str, Any]) -> list[tuple[str, float]]:
+        """BM25 of a large owner, scoring only the memories that hold the query's rarer lexemes.
+
+        Reading every memory that holds a common word is what made a 100,000-memory owner's search take
+        a second. Each query lexeme's document frequency is read once (cached like the statistics);
+        candidates are the memories holding the rarest lexemes, added rarest first while their frequencies
+        sum to at most ``TEXT_PRUNE_DOCS`` (the rarest always). Candidates are scored on every query
+        lexeme with the true frequencies, so a memory's score is its exact BM25 score; what is given up is
+        a memory holding only common lexemes, which scores below any holding a rare one unless fewer
+        than ``k`` do. With every lexeme within the bound the result equals ``TEXT_SQL``'s."""
+        lexemes = [r[0] for r in self._rows("SELECT DISTINCT unnest(tsvector_to_array(to_tsvector('english', %s)))",
+                                            (params["text"],))]
+        df = self._lexeme_df(owner, lexemes)
+        chosen: list[str] = []
+        total = 0
+        for lex in sorted((x for x in lexemes if df[x] > 0), key=lambda x: (df[x], x)):
+            if chosen and total + df[lex] > TEXT_PRUNE_DOCS:
+                break
+            chosen.append(lex)
+            total += df[lex]
+        if not chosen:
+            return []
+        rows = self._rows(TEXT_PRUNED_SQL, {
+            "owner": owner, "k": params["k"], "n": params["n"], "avgdl": params["avgdl"],
+            "lexs": lexemes, "dfs": [df[x] for x in lexemes], "tq": " | ".join(_tsquery_lexeme(x) for x in chosen)})
+        return [(r[0], float(r[1])) for r in rows]
+
+    def _lexeme_df(self, owner: NodeId, lexemes: list[str]) -> dict[str, int]:
+        """How many of ``owner``'s active memories hold each lexeme (cached as ``_text_stats``)."""
+        now = time.monotonic()
+        cached = self._df_cache.setdefault(owner, {})
+        out = {x: v[1] for x, v in cached.items() if x in lexemes and now - v[0] < TEXT_STATS_TTL_S}
+        missing = [x for x in lexemes if x not in out]
+        if missing:
+            rows = self._rows("SELECT l, (SELECT COUNT(*) FROM memories WHERE owner = %s AND superseded_by IS NULL "
+                              "AND tsv @@ quote_literal(l)::tsquery) FROM unnest(%s::text[]) AS l", (owner, missing))
+            for lex, count in rows:
+                out[lex] = int(count)
+                cached[lex] = (now, int(count))
+            if len(cached) > 20000:  # bounded per owner: the oldest go
+                for key in list(cached)[:5000]:
+                    cached.pop(key, None)
+        return out
 
     def _text_stats(self, owner: NodeId) -> tuple[int, float]:
         """(active memories, mean lexeme count) of ``owner``; cached for large owners (``TEXT_STATS_*``)."""
@@ -615,7 +699,7 @@ class _PostgresMemories(_PostgresProfiles):
         return int(n), float(avgdl)
 
 
-class _PostgresFeedback(_PostgresMemories):
+class _PostgresFeedback(_PostgresLexical):
     # feedback events (append-only) ---------------------------------------------------------
     def _beat(self, cur: Any, now: float) -> None:
         cur.execute("INSERT INTO workers (id, host, pid, heartbeat) VALUES (%s, %s, %s, %s) ON CONFLICT (id) "
@@ -803,6 +887,7 @@ class _PostgresUsers(_PostgresJobs):
         """Delete every row derived from ``user`` and bump their epoch, in one transaction that holds
         the user's lock exclusively (guarded writes in flight finish first, or see the new epoch)."""
         self._stats_cache.clear()  # the user's owners among them
+        self._df_cache.clear()
         p = self._user_params(user)
         sub = self._USER_NODES
         key = self._forget_key(user)

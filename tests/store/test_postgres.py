@@ -235,3 +235,90 @@ def test_text_search_statistics_of_a_large_owner_are_cached_and_dropped_on_its_w
         other.close()
         store.drop_schema()
         store.close()
+
+
+def test_a_large_owners_vector_search_walks_the_hnsw_index(pg_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above ``EXACT_BELOW`` the query must be one the HNSW index serves: ordering the owner's rows by
+    the distance and then by id (a tie-breaker) made Postgres sort a sequential scan of every row
+    instead (210 ms for 100,000 memories)."""
+    from persona_mw.store import postgres
+
+    monkeypatch.setattr(postgres, "EXACT_BELOW", 50)
+    store = open_store(fresh_pg_url(pg_server))
+    assert isinstance(store, PostgresStore)
+    try:
+        for i in range(120):
+            store.add_memory(Memory(owner="user:big", text=f"memory {i}", embedding=_unit(i)))
+        with store._tx() as cur:
+            cur.execute("ANALYZE memories")
+        q = np.asarray(_unit(999), dtype=np.float32)
+        with store._tx() as cur:
+            setup, sql = store._vector_plan(cur, "user:big", 384, 10)
+            for statement in setup:
+                cur.execute(statement)
+            # 120 rows: a sequential scan is cheapest whatever the query; without it, the query must be
+            # one the HNSW index answers (the old one went to the owner index and a sort of every row)
+            cur.execute("SET LOCAL enable_seqscan = off")
+            cur.execute("EXPLAIN " + sql, {"q": q, "owner": "user:big", "k": 10})
+            plan = "\n".join(r[0] for r in cur.fetchall())
+        assert "memories_hnsw" in plan, plan
+        found = store.vector_search("user:big", q.tolist(), 10)
+        exact = sorted(range(120), key=lambda i: -float(np.dot(_unit(i), q)))[:10]
+        assert len(found) == 10
+        assert len({m for m, _ in found} & {m.id for m in store.list_memories("user:big")
+                                             if int(m.text.split()[1]) in exact}) >= 9
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def test_a_large_owners_text_search_scores_candidates_exactly(pg_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large owner's BM25 scores only the memories holding the query's rarer lexemes
+    (``_text_search_pruned``): with every lexeme within the bound it equals the exact query; with a
+    tight bound each returned memory still has its exact score, and the top ones are the same."""
+    from persona_mw.store import postgres
+    from persona_mw.store.postgres import TEXT_SQL, text_params
+
+    monkeypatch.setattr(postgres, "TEXT_STATS_CACHE_FROM", 50)
+    store = open_store(fresh_pg_url(pg_server))
+    assert isinstance(store, PostgresStore)
+    rng = np.random.default_rng(3)
+    words = ["garden", "water", "tomato", "violin", "train", "ticket", "bread", "flour", "river", "mountain",
+             "coffee", "lamp", "window", "paper", "stone", "cloud", "music", "camera", "pocket", "orange"]
+    p = 1.0 / np.arange(1, len(words) + 1)
+    try:
+        for i in range(300):
+            text = " ".join(rng.choice(words, int(rng.integers(4, 9)), p=p / p.sum()))
+            store.add_memory(Memory(owner="user:big", text=f"{text} {i}"))
+
+        def exact(query: str) -> list[tuple[str, float]]:
+            params = text_params("user:big", query, 20)
+            assert params is not None
+            params["n"], params["avgdl"] = store._text_stats("user:big")
+            return [(r[0], float(r[1])) for r in store._rows(TEXT_SQL, params)]
+
+        query = "garden water camera pocket orange"
+        monkeypatch.setattr(postgres, "TEXT_PRUNE_DOCS", 10**6)
+        full = exact(query)
+        got = store.text_search("user:big", query, 20)
+
+        def above_last(hits: list[tuple[str, float]]) -> set[str]:  # ties at the cut may order either way
+            return {i for i, s in hits if s > hits[-1][1] + 1e-9}
+
+        assert [s for _, s in got] == pytest.approx([s for _, s in full])
+        assert above_last(got) == above_last(full)
+        # a bound that leaves out only the two commonest words ("garden", "water": most memories)
+        df = store._lexeme_df("user:big", ["garden", "water", "camera", "pocket", "orang"])
+        assert df["garden"] > 100 and df["water"] > 60
+        monkeypatch.setattr(postgres, "TEXT_PRUNE_DOCS", df["camera"] + df["pocket"] + df["orang"])
+        pruned = store.text_search("user:big", query, 20)
+        scores = dict(exact(query + " " + query))  # the same lexemes
+        assert pruned and all(s == pytest.approx(scores[i]) for i, s in pruned if i in scores)
+        assert [s for _, s in pruned[:5]] == pytest.approx([s for _, s in full[:5]])
+        # a write through the store drops the owner's cached frequencies
+        assert "garden" in store._df_cache["user:big"]
+        store.add_memory(Memory(owner="user:big", text="garden"))
+        assert "user:big" not in store._df_cache
+    finally:
+        store.drop_schema()
+        store.close()
