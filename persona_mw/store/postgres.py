@@ -525,6 +525,9 @@ class _PostgresMemories(_PostgresProfiles):
             cur.execute("DELETE FROM memories WHERE id = %s", (memory_id,))
             return bool(cur.rowcount > 0)
 
+    def count_memories(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM memories")[0])
+
     def memory_rows(self, owner: NodeId) -> tuple[list[Memory], dict[str, np.ndarray]]:
         rows = self._rows(f"SELECT {_MEMORY_COLS} FROM memories WHERE owner = %s AND superseded_by IS NULL "
                           "ORDER BY created_at, id COLLATE \"C\"", (owner,))

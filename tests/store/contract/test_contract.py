@@ -142,6 +142,16 @@ def test_idempotent_memory_and_cap(store: Store) -> None:
     assert sorted(x.text for x in store.list_memories("user:ana")) == ["b", "c"]
 
 
+def test_count_memories_counts_every_owner(store: Store) -> None:
+    assert store.count_memories() == 0
+    store.add_memory(Memory(owner="user:ana", text="a"))
+    store.add_memory(Memory(owner="user:bob", text="b"))
+    old = Memory(owner="user:ana", text="old")
+    store.add_memory(old)
+    store.update_memory(old.model_copy(update={"superseded_by": "x"}))  # superseded rows are stored rows
+    assert store.count_memories() == 3
+
+
 # feedback -------------------------------------------------------------------------------------
 def test_feedback_order_and_append_only(store: Store) -> None:
     events = [StatedFeedback(user="ana", text="short"), RatingFeedback(user="bob", prompt="q", response="r", rating=1),
