@@ -27,7 +27,7 @@ from pydantic_core import to_jsonable_python
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from persona_mw.nodes import context_of, is_user_node_of, user_of
+from persona_mw.nodes import context_of, is_user_node_of
 from persona_mw.errors import RequestError, StoreError
 from persona_mw.limits import DEFAULT_MAX_JSON_DEPTH
 from persona_mw.memory.manager import UnknownMemoryError
@@ -137,18 +137,11 @@ def trace_json(t: Any) -> dict[str, Any]:
 
 
 def list_traces(m: Any, user: str, limit: int) -> list[Any]:
-    lister = getattr(m.store, "list_traces", None)
-    return list(lister(user, limit)) if lister is not None else []
+    return list(m.store.list_traces(user, limit))
 
 
 def list_users(m: Any, query: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
-    lister = getattr(m.store, "list_users", None)
-    if lister is not None:
-        return list(lister(query, limit, offset))
-    ids = [u for n in m.store.list_nodes("user", limit=1_000_000) if (u := user_of(n.id))]
-    if query:
-        ids = [i for i in ids if query.lower() in i.lower()]
-    return [{"id": i, "created_at": None, "memories": None} for i in ids[offset:offset + limit]]
+    return list(m.store.list_users(query, limit, offset))
 
 
 def body_limits(m: Any) -> tuple[int, int]:
@@ -240,9 +233,14 @@ def _user(request: Request) -> str:
     return check_id(str(request.path_params["user"]), "user")
 
 
+def is_memory_id(mid: str) -> bool:
+    """The shape every memory id has (what a path may name; a NUL or a slash never is one)."""
+    return len(mid) <= 128 and bool(_ID_RE.match(mid))
+
+
 def _memory_id(request: Request) -> str:
     mid = str(request.path_params["memory_id"])
-    if len(mid) > 128 or not _ID_RE.match(mid):
+    if not is_memory_id(mid):
         raise HTTPError(404, f"unknown memory {mid[:80]!r}", type="not_found_error", param="memory_id",
                         code="unknown_memory")
     return mid

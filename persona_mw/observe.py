@@ -249,8 +249,7 @@ def _store_gauges(mws: Iterable[tuple[str, Any]], tenant_label: bool) -> Any:
             continue
         try:
             jobs = store.list_jobs()
-            rows = store._query("SELECT COUNT(*) AS n FROM memories")
-            n_mem = int(rows[0]["n"])
+            n_mem = int(store.count_memories())
         except Exception as exc:
             log.warning("metrics: could not read the store: %s", exc)
             continue

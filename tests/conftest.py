@@ -42,17 +42,27 @@ def fresh_pg_url(pg_uri: str, prefix: str = "t") -> str:
     return f"{pg_uri}#schema={prefix}_{os.getpid()}_{next(_schemas)}&pool_max=4"
 
 
-@pytest.fixture
-def store_url(request, tmp_path):
-    """Where a test's default store lives: a SQLite file, or (PERSONA_MW_TEST_STORE=postgres) a fresh
-    Postgres schema. ``store_url()`` gives a new one at each call."""
+def _store_urls(request, folder):
     n = iter(range(1_000_000))
     if TEST_STORE == "postgres":
         uri = request.getfixturevalue("pg_server")
         return lambda: fresh_pg_url(uri)
     if TEST_STORE != "sqlite":
         raise pytest.UsageError(f"PERSONA_MW_TEST_STORE={TEST_STORE!r}: use sqlite or postgres")
-    return lambda: str(tmp_path / f"store{next(n)}.db")
+    return lambda: str(folder / f"store{next(n)}.db")
+
+
+@pytest.fixture
+def store_url(request, tmp_path):
+    """Where a test's default store lives: a SQLite file, or (PERSONA_MW_TEST_STORE=postgres) a fresh
+    Postgres schema. ``store_url()`` gives a new one at each call."""
+    return _store_urls(request, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def session_store_url(request, tmp_path_factory):
+    """``store_url`` for fixtures wider than one test (module- or session-scoped middlewares)."""
+    return _store_urls(request, tmp_path_factory.mktemp("stores"))
 
 
 @pytest.fixture

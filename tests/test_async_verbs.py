@@ -4,7 +4,7 @@ the sync verb gives, so async servers and agents never block their event loop on
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 from persona_mw import Middleware, parse_config
 from persona_mw.testing import ScriptedBackend
@@ -19,9 +19,9 @@ def test_each_public_verb_has_an_async_twin() -> None:
         assert twin is not None, f"Middleware.a{verb} is missing"
 
 
-def test_async_twins_answer_as_the_sync_verbs(tmp_path: Any) -> None:
+def test_async_twins_answer_as_the_sync_verbs(store_url: Callable[[], str]) -> None:
     cfg = parse_config("pipeline: [{use: stated}]\n")
-    cfg.store.path = str(tmp_path / "a.db")
+    cfg.store.path = store_url()
     with Middleware(cfg, backend=ScriptedBackend(), autoload=False) as mw:
 
         async def run() -> dict[str, Any]:

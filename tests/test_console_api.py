@@ -8,7 +8,7 @@ field, hostile input (0 5xx), tenant isolation, HTML escaping, CSRF and the Open
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -29,9 +29,9 @@ def echo_prompt(messages: list[Message]) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Middleware]]:
+def server(session_store_url: Callable[[], str]) -> Iterator[tuple[str, Middleware]]:
     cfg = parse_config(CONFIG)
-    cfg.store.path = str(tmp_path_factory.mktemp("console") / "persona.db")
+    cfg.store.path = session_store_url()
     mw = Middleware(cfg, backend=ScriptedBackend(script=echo_prompt), autoload=False)
     with serve_in_thread(create_app(mw, api_keys=KEYS)) as url:
         yield url, mw
@@ -298,8 +298,8 @@ def test_console_actions_need_the_form_token_and_a_typed_confirmation(server: An
     assert c.get("/console/users/act").status_code == 404
 
 
-def test_console_is_open_without_keys(tmp_path: Any) -> None:
-    mw = Middleware(store=str(tmp_path / "open.db"), backend=ScriptedBackend(), autoload=False)
+def test_console_is_open_without_keys(store_url: Callable[[], str]) -> None:
+    mw = Middleware(store=store_url(), backend=ScriptedBackend(), autoload=False)
     mw.memory.remember("olga", "I like open consoles")
     try:
         with serve_in_thread(create_app(mw)) as url:
@@ -307,6 +307,28 @@ def test_console_is_open_without_keys(tmp_path: Any) -> None:
             assert r.status_code == 200 and "olga" in r.text
             assert "I like open consoles" in httpx.get(url + "/console/users/olga").text
             assert httpx.get(url + "/console/login", follow_redirects=False).status_code == 303
+    finally:
+        mw.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_memory_id_no_memory_can_have_is_a_404_on_every_store(kind: str, request: pytest.FixtureRequest,
+                                                              tmp_path: Any) -> None:
+    """A NUL in a memory id reached the store: Postgres text cannot hold one, so the console answered 503
+    there. Now the console checks the id's shape as the data API does, before any store is asked."""
+    from .conftest import fresh_pg_url
+
+    url = str(tmp_path / "c.db") if kind == "sqlite" else fresh_pg_url(request.getfixturevalue("pg_server"), "con")
+    mw = Middleware(store=url, backend=ScriptedBackend(), autoload=False)
+    try:
+        with serve_in_thread(create_app(mw, api_keys=KEYS)) as base:
+            c = login(base, "acme-key-0001")
+            add(base, "nul", "I like coffee")
+            token = csrf(c.get("/console/users/nul").text)
+            for action in ("edit", "pin", "delete"):
+                r = c.post(f"/console/users/nul/memories/%00/{action}", data={"csrf": token, "text": "x"})
+                assert r.status_code == 404, (action, r.status_code, r.text[:200])
+            assert "I like coffee" in c.get("/console/users/nul").text  # nothing stored changed
     finally:
         mw.close()
 

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -94,9 +94,9 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Middleware]]:
+def server(session_store_url: Callable[[], str]) -> Iterator[tuple[str, Middleware]]:
     cfg = parse_config(CONFIG)
-    cfg.store.path = str(tmp_path_factory.mktemp("console-browser") / "persona.db")
+    cfg.store.path = session_store_url()
     mw = Middleware(cfg, backend=ScriptedBackend(script=echo_prompt), autoload=False)
     with serve_in_thread(create_app(mw, api_keys={"acme": [KEY]})) as url:
         yield url, mw

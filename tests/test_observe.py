@@ -79,6 +79,33 @@ def test_metrics_after_turns_and_no_user_data_in_labels(make_mw: Any) -> None:
     assert labels <= {"route", "status", "tenant", "stage", "plugin", "ok", "role", "stream", "le"}
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_store_gauges_read_every_store(kind: str, request: pytest.FixtureRequest, tmp_path: Any,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The jobs and memories gauges come from the store contract, not from SQLite-only SQL: before, a
+    Postgres store lost all three gauges and logged a warning at every scrape."""
+    from persona_mw import Middleware
+    from persona_mw.testing import ScriptedBackend
+
+    from .conftest import fresh_pg_url
+
+    url = str(tmp_path / "m.db") if kind == "sqlite" else fresh_pg_url(request.getfixturevalue("pg_server"), "obs")
+    mw = Middleware(store=url, backend=ScriptedBackend(), autoload=False)
+    try:
+        mw.memory.remember("ana", "likes tea", kind="fact")
+        mw.memory.remember("bob", "likes coffee", kind="fact")
+        with caplog.at_level("WARNING", logger="persona_mw.observe"), serve_in_thread(create_app(mw)) as base:
+            r = httpx.get(base + "/metrics")
+    finally:
+        mw.close()
+    assert r.status_code == 200
+    fams = _samples(r.text)
+    assert [s.value for s in fams["persona_memories"]] == [2.0]
+    assert [s.value for s in fams["persona_jobs_pending"]] == [0.0]
+    assert [s.value for s in fams["persona_jobs_failed"]] == [0.0]
+    assert "could not read the store" not in caplog.text
+
+
 def test_tenant_label_only_when_configured(make_mw: Any) -> None:
     keys = {"acme": ["key-acme"]}
     for flag in (False, True):

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 import openai
@@ -23,13 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
-def new_mw(tmp: Path, backend: Any = None) -> Middleware:
-    return Middleware(store=str(tmp / "persona.db"), backend=backend or ScriptedBackend(), autoload=False)
+def new_mw(store: str, backend: Any = None) -> Middleware:
+    """On the test store (a SQLite file, or a Postgres schema with PERSONA_MW_TEST_STORE=postgres)."""
+    return Middleware(store=store, backend=backend or ScriptedBackend(), autoload=False)
 
 
 @pytest.fixture(scope="module")
-def mw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Middleware]:
-    m = new_mw(tmp_path_factory.mktemp("server"))
+def mw(session_store_url: Callable[[], str]) -> Iterator[Middleware]:
+    m = new_mw(session_store_url())
     yield m
     m.close()
 
@@ -296,10 +297,10 @@ class BreaksMidStream(ScriptedBackend):
         raise BackendUnavailable("the backend went away mid-answer")
 
 
-def test_backend_failures_map_to_status(tmp_path: Path) -> None:
+def test_backend_failures_map_to_status(store_url: Callable[[], str]) -> None:
     for fail, status, kind in ((BackendTimeout("too slow"), 504, "backend_timeout"),
                                (BackendUnavailable("refused"), 502, "backend_unavailable")):
-        m = new_mw(tmp_path / kind, ScriptedBackend(fail=fail))
+        m = new_mw(store_url(), ScriptedBackend(fail=fail))
         try:
             with serve_in_thread(create_app(m)) as base:
                 for stream in (False, True):
@@ -310,8 +311,8 @@ def test_backend_failures_map_to_status(tmp_path: Path) -> None:
             m.close()
 
 
-def test_an_overloaded_backend_answers_503_with_retry_after(tmp_path: Path) -> None:
-    m = new_mw(tmp_path, ScriptedBackend(fail=BackendOverloaded("12 requests are waiting", retry_after_s=3)))
+def test_an_overloaded_backend_answers_503_with_retry_after(store_url: Callable[[], str]) -> None:
+    m = new_mw(store_url(), ScriptedBackend(fail=BackendOverloaded("12 requests are waiting", retry_after_s=3)))
     try:
         with serve_in_thread(create_app(m)) as base:
             for stream in (False, True):
@@ -322,8 +323,8 @@ def test_an_overloaded_backend_answers_503_with_retry_after(tmp_path: Path) -> N
         m.close()
 
 
-def test_error_mid_stream_is_an_sse_event(tmp_path: Path) -> None:
-    m = new_mw(tmp_path, BreaksMidStream())
+def test_error_mid_stream_is_an_sse_event(store_url: Callable[[], str]) -> None:
+    m = new_mw(store_url(), BreaksMidStream())
     try:
         with serve_in_thread(create_app(m)) as base:
             with httpx.stream("POST", base + "/v1/chat/completions",
@@ -349,8 +350,8 @@ class Crashes:
         raise RuntimeError("rewrite exploded")
 
 
-def test_plugin_crash_is_502_naming_the_plugin(tmp_path: Path) -> None:
-    m = new_mw(tmp_path)
+def test_plugin_crash_is_502_naming_the_plugin(store_url: Callable[[], str]) -> None:
+    m = new_mw(store_url())
     try:
         with registered(m, Crashes(), name="crashy"), serve_in_thread(create_app(m)) as base:
             for stream in (False, True):
@@ -379,10 +380,10 @@ def test_import_persona_mw_loads_no_server_or_litellm() -> None:
 
 
 @pytest.mark.slow
-def test_real_local_model_through_openai_sdk(tmp_path: Path) -> None:
+def test_real_local_model_through_openai_sdk(store_url: Callable[[], str]) -> None:
     from persona_mw.adapters import transformers as transformers_adapter
 
-    m = new_mw(tmp_path, transformers_adapter.create())
+    m = new_mw(store_url(), transformers_adapter.create())
     try:
         with serve_in_thread(create_app(m)) as base:
             c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=300)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import openai
@@ -24,10 +23,9 @@ def auth(key: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tenant_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Middleware]]:
-    tmp = tmp_path_factory.mktemp("tenants")
+def tenant_server(session_store_url: Callable[[], str]) -> Iterator[tuple[str, Middleware]]:
     cfg = parse_config("pipeline:\n  - use: stated\n    placement: system\n")
-    cfg.store.path = str(tmp / "persona.db")
+    cfg.store.path = session_store_url()
     mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
     with serve_in_thread(create_app(mw, api_keys=KEYS)) as url:
         yield url, mw
@@ -50,7 +48,7 @@ def test_missing_and_wrong_keys_are_401(tenant_server: Any) -> None:
         c.chat.completions.create(model="m", messages=HELLO, user="ana")
 
 
-def test_tenants_never_see_each_other(tenant_server: Any, tmp_path: Path) -> None:
+def test_tenants_never_see_each_other(tenant_server: Any) -> None:
     url, mw = tenant_server
     acme = openai.OpenAI(base_url=url + "/v1", api_key="acme-key-0001", max_retries=0)
     httpx.post(url + "/v1/feedback", json={"kind": "stated", "user": "ana", "text": "Talk like a pirate."},
@@ -62,9 +60,13 @@ def test_tenants_never_see_each_other(tenant_server: Any, tmp_path: Path) -> Non
         assert httpx.get(url + path, headers=auth("globex-key-01")).status_code == 404, path
         assert httpx.get(url + path, headers=auth("acme-key-0001")).status_code == 200, path
     assert httpx.delete(url + "/v1/users/ana", headers=auth("globex-key-01")).status_code == 404
-    # the isolation is structural: one SQLite file per tenant, none in the base store
-    db = Path(mw.store.path)
-    assert db.with_name("persona.tenant-acme.db").exists()
+    # the isolation is structural: one store per tenant (a SQLite file beside the base one, or a
+    # Postgres schema of its own), none in the base store
+    acme_store = mw.store.for_tenant("acme")
+    try:
+        assert acme_store.has_user("ana")
+    finally:
+        acme_store.close()
     assert not mw.store.has_user("ana")
     explained = httpx.get(f"{url}/v1/traces/{trace_id}", headers=auth("acme-key-0001")).json()
     assert explained["user"] == "ana" and explained["granularity"]
@@ -72,7 +74,7 @@ def test_tenants_never_see_each_other(tenant_server: Any, tmp_path: Path) -> Non
     assert any("pirate" in json.dumps(i) for i in explained["items_used"])
 
 
-def test_keys_from_config_are_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_from_config_are_hashed(store_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACME_KEY", "from-env-key-1")
     cfg = parse_config("server:\n  api_keys:\n    acme: [{$env: ACME_KEY}]\n  max_body_bytes: 2048\n")
     assert cfg.server.api_keys == {"acme": ["sha256:" + hashlib.sha256(b"from-env-key-1").hexdigest()]}
@@ -81,7 +83,7 @@ def test_keys_from_config_are_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 "server:\n  api_keys:\n    acme: ['sha256:xyz']\n", "server:\n  api_key: {}\n"):
         with pytest.raises(ConfigError):
             parse_config(bad)
-    cfg.store.path = str(tmp_path / "p.db")
+    cfg.store.path = store_url()
     mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
     try:
         with serve_in_thread(create_app(mw)) as url:
@@ -95,8 +97,8 @@ def test_keys_from_config_are_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 @pytest.fixture(scope="module")
-def open_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    mw = Middleware(store=str(tmp_path_factory.mktemp("open") / "p.db"), backend=ScriptedBackend(), autoload=False)
+def open_url(session_store_url: Callable[[], str]) -> Iterator[str]:
+    mw = Middleware(store=session_store_url(), backend=ScriptedBackend(), autoload=False)
     with serve_in_thread(create_app(mw)) as url:
         yield url
     mw.close()
@@ -149,11 +151,11 @@ class ToolBackend(ScriptedBackend):
         return cands
 
 
-def test_tools_are_passed_through_untouched(tmp_path: Path) -> None:
+def test_tools_are_passed_through_untouched(store_url: Callable[[], str]) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
                                                "parameters": {"type": "object", "properties": {}}}}]
     backend = ToolBackend()
-    mw = Middleware(store=str(tmp_path / "t.db"), backend=backend, autoload=False)
+    mw = Middleware(store=store_url(), backend=backend, autoload=False)
     try:
         with serve_in_thread(create_app(mw)) as url:
             c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)

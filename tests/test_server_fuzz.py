@@ -4,7 +4,7 @@ and every 4xx is OpenAI-shaped JSON. ``PERSONA_MW_FUZZ_EXAMPLES`` raises the exa
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -19,8 +19,8 @@ EXAMPLES = int(os.environ.get("PERSONA_MW_FUZZ_EXAMPLES", "50"))
 
 
 @pytest.fixture(scope="module")
-def fuzz_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    mw = Middleware(store=str(tmp_path_factory.mktemp("fuzz") / "f.db"), backend=ScriptedBackend(), autoload=False)
+def fuzz_url(session_store_url: Callable[[], str]) -> Iterator[str]:
+    mw = Middleware(store=session_store_url(), backend=ScriptedBackend(), autoload=False)
     mw.feedback(kind="stated", user="ana", text="short answers")
     with serve_in_thread(create_app(mw, max_body_bytes=64 * 1024)) as url:
         yield url

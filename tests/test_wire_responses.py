@@ -5,8 +5,7 @@ its own types (an ``httpx2.MockTransport`` stands where the route will be, until
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx2 as httpx  # the openai SDK here runs on httpx2, the httpx fork with the same API
 import openai
@@ -23,9 +22,9 @@ PREF = "Answer like a pirate."
 
 
 @pytest.fixture
-def mw(tmp_path: Path) -> Any:
+def mw(store_url: Callable[[], str]) -> Any:
     cfg = parse_config("pipeline:\n  - use: stated\n    placement: system\n")
-    cfg.store.path = str(tmp_path / "r.db")
+    cfg.store.path = store_url()
     m = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
     m.feedback(kind="stated", user="ana", text=PREF)
     yield m

@@ -20,6 +20,7 @@ from persona_mw.nodes import context_of, is_group, user_node
 from persona_mw.api_data import (
     check_id,
     int_param,
+    is_memory_id,
     is_pinned,
     list_traces,
     list_users,
@@ -271,7 +272,7 @@ def _back(user: str, notice: str) -> RedirectResponse:
 
 def _memory_id(request: Request) -> str:
     mid = str(request.path_params["memory_id"])
-    if len(mid) > 128:
+    if not is_memory_id(mid):  # before, a NUL reached the store: a 503 on Postgres
         raise HTTPError(404, "unknown memory", type="not_found_error", param="memory_id", code="unknown_memory")
     return mid
 

@@ -574,6 +574,9 @@ class _PostgresMemories(_PostgresProfiles):
             self._forget_stats(row[0])
         return row is not None
 
+    def count_memories(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM memories")[0])
+
     def memory_rows(self, owner: NodeId) -> tuple[list[Memory], dict[str, np.ndarray]]:
         rows = self._rows(f"SELECT {_MEMORY_COLS} FROM memories WHERE owner = %s AND superseded_by IS NULL "
                           "ORDER BY created_at, id COLLATE \"C\"", (owner,))
@@ -762,6 +765,11 @@ class _PostgresFeedback(_PostgresLexical):
         rows = self._rows("SELECT data FROM traces WHERE id = %s", (trace_id,))
         return Trace.model_validate_json(rows[0][0]) if rows else None
 
+    def list_traces(self, user: str, limit: int = 20) -> list[Trace]:
+        rows = self._rows("SELECT data FROM traces WHERE \"user\" = %s ORDER BY created_at DESC, id COLLATE \"C\" DESC "
+                          "LIMIT %s", (user, int(limit)))
+        return [Trace.model_validate_json(r[0]) for r in rows]
+
 
 class _PostgresJobs(_PostgresFeedback):
     # durable background jobs -----------------------------------------------------------------
@@ -848,6 +856,20 @@ class _PostgresUsers(_PostgresJobs):
         rows = self._rows("SELECT EXISTS (SELECT 1 FROM nodes WHERE id = %s) "
                           "OR EXISTS (SELECT 1 FROM feedback WHERE \"user\" = %s)", (user_node(user), user))
         return bool(rows[0][0])
+
+    def list_users(self, query: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """As ``SQLiteStore.list_users`` (a NUL, which no id holds and no Postgres text can, matches none)."""
+        q = query.lower() if query else None
+        if q is not None and "\x00" in q:
+            return []
+        sep = user_context_prefix("")[len(user_node("")):]
+        rows = self._rows(
+            "SELECT substr(n.id, %(start)s), n.created_at, (SELECT COUNT(*) FROM memories m WHERE "
+            "m.superseded_by IS NULL AND (m.owner = n.id OR left(m.owner, length(n.id) + length(%(sep)s)) = n.id || %(sep)s)) "
+            "FROM nodes n WHERE n.kind = 'user' AND (%(q)s::text IS NULL OR strpos(lower(substr(n.id, %(start)s)), %(q)s) > 0) "
+            "ORDER BY n.id COLLATE \"C\" LIMIT %(limit)s OFFSET %(offset)s",
+            {"start": len(user_node("")) + 1, "sep": sep, "q": q, "limit": int(limit), "offset": int(offset)})
+        return [{"id": r[0], "created_at": r[1], "memories": int(r[2])} for r in rows]
 
     def export_user(self, user: str) -> dict[str, Any]:
         """Everything stored about ``user`` (one consistent snapshot), as ``SQLiteStore.export_user``."""

@@ -437,6 +437,10 @@ class _SQLiteMemories(_SQLiteProfiles):
             cur.execute("DELETE FROM memories WHERE id = ?", (memory_id,))
             return cur.rowcount > 0
 
+    def count_memories(self) -> int:
+        """Every memory row of this store (all owners, superseded ones too): the metrics gauge."""
+        return int(self._query("SELECT COUNT(*) FROM memories")[0][0])
+
     def memory_rows(self, owner: NodeId) -> tuple[list[Memory], dict[str, np.ndarray]]:
         """The owner's active memories without vectors, oldest first, and their vectors by id (read
         from the raw blobs: 100k rows load in about a second instead of building 100k float lists)."""

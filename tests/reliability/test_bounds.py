@@ -130,11 +130,10 @@ def test_a_stored_group_bomb_resolves_in_bounded_time(make_mw: Any) -> None:
     of that user build a 20,000-node scope: at most ``max_parents`` are read per node."""
     mw = make_mw()
     mw.chat(user="bomber", messages="hi")
-    with mw.store._tx() as cur:  # noqa: SLF001 - the old code's leftovers, written fast
-        cur.executemany("INSERT OR IGNORE INTO nodes (id, kind, created_at, meta) VALUES (?, 'group', 0, '{}')",
-                        [(f"group:g{i:05d}",) for i in range(20_000)])
-        cur.executemany("INSERT INTO edges (src, dst, kind, weight) VALUES ('user:bomber', ?, 'member', 1.0)",
-                        [(f"group:g{i:05d}",) for i in range(20_000)])
+    # the old code's leftovers, written fast through the store contract's bulk load (any store)
+    groups = [f"group:g{i:05d}" for i in range(20_000)]
+    mw.store.load_table("nodes", ({"id": g, "kind": "group", "created_at": 0.0, "meta": "{}"} for g in groups))
+    mw.store.load_table("edges", ({"src": "user:bomber", "dst": g, "kind": "member", "weight": 1.0} for g in groups))
     t = time.perf_counter()
     r = mw.chat(user="bomber", messages="hi")
     assert time.perf_counter() - t < 2.0

@@ -91,7 +91,7 @@ def test_bucket_refills(make_mw: Any) -> None:
 
 
 def test_refused_before_the_body_is_read_and_size_costs_more(make_mw: Any) -> None:
-    mw = make_mw("server: {rate_limit: {requests_per_s: 0.1, burst: 4, bytes_per_token: 1024}}\n")
+    mw = _ready(make_mw("server: {rate_limit: {requests_per_s: 0.1, burst: 4, bytes_per_token: 1024}}\n"))
     with serve_in_thread(create_app(mw, api_keys=KEYS)) as url, httpx.Client(timeout=30) as c:
         # ~3.5 KB: costs 1 + 3 full KiB = all 4 tokens
         big = {"user": "u1", "messages": [{"role": "user", "content": "x" * 3500}]}
@@ -108,8 +108,8 @@ def test_refused_before_the_body_is_read_and_size_costs_more(make_mw: Any) -> No
 
 
 def test_per_tenant_override_and_open_server_default_tenant(make_mw: Any) -> None:
-    mw = make_mw("server:\n  rate_limit: {requests_per_s: 0.1, burst: 1}\n"
-                 "  tenant_rate_limits: {victim: null, attacker: {requests_per_s: 0.1, burst: 2}}\n")
+    mw = _ready(make_mw("server:\n  rate_limit: {requests_per_s: 0.1, burst: 1}\n"
+                        "  tenant_rate_limits: {victim: null, attacker: {requests_per_s: 0.1, burst: 2}}\n"))
     with serve_in_thread(create_app(mw, api_keys=KEYS)) as url, httpx.Client(timeout=30) as c:
         assert [_chat(c, url, "victim").status_code for _ in range(6)] == [200] * 6  # unlimited
         assert [_chat(c, url, "attacker").status_code for _ in range(3)] == [200, 200, 429]

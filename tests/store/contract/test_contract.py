@@ -142,6 +142,16 @@ def test_idempotent_memory_and_cap(store: Store) -> None:
     assert sorted(x.text for x in store.list_memories("user:ana")) == ["b", "c"]
 
 
+def test_count_memories_counts_every_owner(store: Store) -> None:
+    assert store.count_memories() == 0
+    store.add_memory(Memory(owner="user:ana", text="a"))
+    store.add_memory(Memory(owner="user:bob", text="b"))
+    old = Memory(owner="user:ana", text="old")
+    store.add_memory(old)
+    store.update_memory(old.model_copy(update={"superseded_by": "x"}))  # superseded rows are stored rows
+    assert store.count_memories() == 3
+
+
 # feedback -------------------------------------------------------------------------------------
 def test_feedback_order_and_append_only(store: Store) -> None:
     events = [StatedFeedback(user="ana", text="short"), RatingFeedback(user="bob", prompt="q", response="r", rating=1),
@@ -169,6 +179,39 @@ def test_traces(store: Store) -> None:
     got = store.get_trace(t.id)
     assert got is not None and got.granularity == "context"
     assert store.get_trace("nope") is None
+
+
+def test_list_traces_newest_first_per_user(store: Store) -> None:
+    import time
+
+    made = []
+    for user in ("ana", "bob", "ana", "ana"):
+        made.append(Trace(user=user, granularity="user"))
+        store.save_trace(made[-1])
+        time.sleep(0.01)
+    assert [t.id for t in store.list_traces("ana")] == [made[3].id, made[2].id, made[0].id]
+    assert [t.id for t in store.list_traces("ana", limit=1)] == [made[3].id]
+    assert [t.id for t in store.list_traces("bob")] == [made[1].id]
+    assert store.list_traces("nobody") == []
+
+
+def test_list_users_with_memory_counts_and_search(store: Store) -> None:
+    for node in ("user:ana", "user:ana@context:coding", "user:anabel", "user:bob", "group:ana"):
+        store.ensure_node(node)
+    store.add_memory(Memory(owner="user:ana", text="a"))
+    store.add_memory(Memory(owner="user:ana@context:coding", text="b"))  # her context's count as hers
+    old = Memory(owner="user:ana", text="old")
+    store.add_memory(old)
+    store.update_memory(old.model_copy(update={"superseded_by": "x"}))  # only active ones count
+    store.add_memory(Memory(owner="user:anabel", text="c"))  # a lookalike id is another user
+    store.add_memory(Memory(owner="group:ana", text="g"))  # a group is no user
+    got = store.list_users()
+    assert [(u["id"], u["memories"]) for u in got] == [("ana", 2), ("anabel", 1), ("bob", 0)]
+    assert all(isinstance(u["created_at"], float) for u in got)
+    assert [u["id"] for u in store.list_users("ANA")] == ["ana", "anabel"]  # case-insensitive substring
+    assert [u["id"] for u in store.list_users("ana", limit=1, offset=1)] == ["anabel"]
+    assert store.list_users("bel") == [{"id": "anabel", "created_at": got[1]["created_at"], "memories": 1}]
+    assert store.list_users("\x00") == [] and store.list_users("user:") == []
 
 
 # jobs -----------------------------------------------------------------------------------------
