@@ -327,6 +327,20 @@ def verify(url: str, cfg_text: str, ledger: Ledger) -> dict[str, Any]:
     return {"lost": lost, "missing_effects": missing_effects, "drift": drift, "cut_stored": cut_stored}
 
 
+def traceback_excerpts(logs: list[Path], most: int = 3) -> list[str]:
+    """The first ``most`` tracebacks in the processes' logs, each with the 3 lines logged before it."""
+    out: list[str] = []
+    for log in logs:
+        lines = log.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback") and len(out) < most:
+                end = i + 1
+                while end < len(lines) and end < i + 60 and (lines[end].startswith((" ", "\t")) or end == i + 1):
+                    end += 1
+                out.append("\n".join([f"{log.name}:", *lines[max(0, i - 3):min(len(lines), end + 1)]]))
+    return out
+
+
 def _profile_key(prof: Any) -> tuple[Any, ...]:
     if prof is None:
         return (0, (), 0)
@@ -414,6 +428,7 @@ def main() -> int:  # noqa: C901 - one linear script
         c5 = classify(ledger, windows)
         crashed = sum(p.popen is not None and p.popen.returncode not in (0, -signal.SIGTERM) for p in (*servers, worker))
         tracebacks = sum(p.log.read_text(errors="replace").count("Traceback") for p in (*servers, worker))
+        excerpts = traceback_excerpts([p.log for p in (*servers, worker)])
         by_kind: dict[str, int] = {}
         for _, _, _, kind, _, _ in ledger.requests:
             by_kind[kind] = by_kind.get(kind, 0) + 1
@@ -453,6 +468,7 @@ def main() -> int:  # noqa: C901 - one linear script
             "examples": {"lost": v["lost"][:5], "drift": v["drift"][:5], "missing_effects": v["missing_effects"][:5],
                          "leaks": ledger.leaks[:5], "5xx_outside": c5["examples"], "4xx": ledger.other_4xx[:5]},
             "logs": str(tmp) if args.keep else None,
+            "traceback_excerpts": excerpts,  # kept here: the logs go with the temp folder
         }
     finally:
         for p in procs:
