@@ -395,11 +395,15 @@ class _PostgresBase:
 class _PostgresNodes(_PostgresBase):
     # nodes and edges -----------------------------------------------------------------------
     def ensure_node(self, node_id: NodeId, meta: dict[str, Any] | None = None) -> Node:
+        # Read in the inserting transaction: a user node is under the user's lock there, so a forget
+        # cannot delete it between the insert and the read (a read after the commit could find nothing).
         with self._tx() as cur:
             self._insert_node(cur, node_id, meta)
-        node = self.get_node(node_id)
-        assert node is not None
-        return node
+            cur.execute("SELECT id, kind, created_at, meta FROM nodes WHERE id = %s", (node_id,))
+            row = cur.fetchone()
+        if row is None:  # a group/context node pruned by another process between the two statements
+            raise StoreError(f"node {node_id!r} was deleted while it was being created", hint="retry the request")
+        return _node(row)
 
     def get_node(self, node_id: NodeId) -> Node | None:
         rows = self._rows("SELECT id, kind, created_at, meta FROM nodes WHERE id = %s", (node_id,))

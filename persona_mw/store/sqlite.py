@@ -291,12 +291,14 @@ class _SQLiteBase:
 class _SQLiteNodes(_SQLiteBase):
     # nodes and edges -----------------------------------------------------------------------
     def ensure_node(self, node_id: NodeId, meta: dict[str, Any] | None = None) -> Node:
-        """Create the node if missing (``meta`` is used only then) and return it."""
+        """Create the node if missing (``meta`` is used only then) and return it, as read in the same
+        transaction (a read after the commit could find it deleted by a forget meanwhile)."""
         with self._tx() as cur:
             self._insert_node(cur, node_id, meta)
-        node = self.get_node(node_id)
-        assert node is not None
-        return node
+            row = cur.execute("SELECT id, kind, created_at, meta FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is None:  # cannot happen inside one SQLite write transaction; kept as a clear error
+            raise StoreError(f"node {node_id!r} was deleted while it was being created", hint="retry the request")
+        return _node(row)
 
     def get_node(self, node_id: NodeId) -> Node | None:
         rows = self._query("SELECT id, kind, created_at, meta FROM nodes WHERE id = ?", (node_id,))
