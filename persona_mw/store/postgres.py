@@ -713,6 +713,15 @@ class _PostgresFeedback(_PostgresLexical):
                     "DO UPDATE SET heartbeat = excluded.heartbeat",
                     (process_id(), socket.gethostname(), os.getpid(), now))
 
+    def _insert_job(self, cur: Any, now: float, job_id: str, user: str, kind: str, payload: dict[str, Any],
+                    claim: bool) -> None:
+        """Record a pending job inside the caller's transaction, held by this process when ``claim``."""
+        self._beat(cur, now)
+        cur.execute("INSERT INTO jobs (id, \"user\", kind, payload, attempts, claimed_at, claimed_by, created_at) "
+                    "VALUES (%s, %s, %s, %s, 0, %s, %s, %s)",
+                    (job_id, user, kind, json.dumps(payload), now if claim else None,
+                     process_id() if claim else None, now))
+
     def append_feedback(self, event: Feedback, *, job: bool = False) -> int:
         with self._tx() as cur:
             self._check_forgotten(cur, event.user)
@@ -726,11 +735,7 @@ class _PostgresFeedback(_PostgresLexical):
                                  hint="give each event a fresh id (the default does)")
             seq = int(row[0])
             if job:
-                now = time.time()
-                self._beat(cur, now)
-                cur.execute("INSERT INTO jobs (id, \"user\", kind, payload, attempts, claimed_at, claimed_by, "
-                            "created_at) VALUES (%s, %s, 'feedback', %s, 0, %s, %s, %s)",
-                            (f"feedback-{seq}", event.user, json.dumps({"seq": seq}), now, process_id(), now))
+                self._insert_job(cur, time.time(), f"feedback-{seq}", event.user, "feedback", {"seq": seq}, True)
             return seq
 
     def feedback_log(self, user: str, since_seq: int = 0, limit: int | None = None) -> list[tuple[int, Feedback]]:
@@ -788,11 +793,7 @@ class _PostgresJobs(_PostgresFeedback):
         now = time.time()
         with self._tx() as cur:
             self._check_forgotten(cur, user)
-            self._beat(cur, now)
-            cur.execute("INSERT INTO jobs (id, \"user\", kind, payload, attempts, claimed_at, claimed_by, created_at) "
-                        "VALUES (%s, %s, %s, %s, 0, %s, %s, %s)",
-                        (job_id, user, kind, json.dumps(payload), now if claim else None,
-                         process_id() if claim else None, now))
+            self._insert_job(cur, now, job_id, user, kind, payload, claim)
 
     def finish_job(self, job_id: str) -> None:
         with self._tx() as cur:

@@ -481,6 +481,15 @@ class _SQLiteFeedback(_SQLiteMemories):
         cur.execute("INSERT INTO workers (id, host, pid, heartbeat) VALUES (?, ?, ?, ?) ON CONFLICT (id) "
                     "DO UPDATE SET heartbeat = excluded.heartbeat", (process_id(), socket.gethostname(), pid, now))
 
+    def _insert_job(self, cur: Any, now: float, job_id: str, user: str, kind: str, payload: dict[str, Any],
+                    claim: bool) -> None:
+        """Record a pending job inside the caller's transaction, held by this process when ``claim``."""
+        self._beat(cur, now)
+        cur.execute("INSERT INTO jobs (id, user, kind, payload, attempts, claimed_at, claimed_by, created_at) "
+                    "VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                    (job_id, user, kind, json.dumps(payload), now if claim else None,
+                     process_id() if claim else None, now))
+
     def append_feedback(self, event: Feedback, *, job: bool = False) -> int:
         """Append one event and return its sequence number; an id already stored is refused. ``job``:
         with its ``feedback`` job, claimed by this process (see ``FeedbackStore``)."""
@@ -501,11 +510,7 @@ class _SQLiteFeedback(_SQLiteMemories):
             seq = cur.lastrowid
             assert seq is not None
             if job:
-                now = time.time()
-                self._beat(cur, now)
-                cur.execute("INSERT INTO jobs (id, user, kind, payload, attempts, claimed_at, claimed_by, created_at) "
-                            "VALUES (?, ?, 'feedback', ?, 0, ?, ?, ?)",
-                            (f"feedback-{seq}", event.user, json.dumps({"seq": seq}), now, process_id(), now))
+                self._insert_job(cur, time.time(), f"feedback-{seq}", event.user, "feedback", {"seq": seq}, True)
         return seq
 
     def feedback_log(self, user: str, since_seq: int = 0, limit: int | None = None) -> list[tuple[int, Feedback]]:
@@ -565,11 +570,7 @@ class _SQLiteJobs(_SQLiteFeedback):
         now = time.time()
         with self._tx() as cur:
             self._check_forgotten(cur, user)
-            self._beat(cur, now)
-            cur.execute("INSERT INTO jobs (id, user, kind, payload, attempts, claimed_at, claimed_by, created_at) "
-                        "VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
-                        (job_id, user, kind, json.dumps(payload), now if claim else None,
-                         process_id() if claim else None, now))
+            self._insert_job(cur, now, job_id, user, kind, payload, claim)
 
     def finish_job(self, job_id: str) -> None:
         with self._tx() as cur:
