@@ -267,7 +267,9 @@ def persona_feedback(event: Feedback, store: Any, graph: Any) -> None:
     """React to a feedback event (choice, rating, edit, stated).
 
     When: after the event has been appended to the store (so it is never lost), in YAML
-    order. Plugins update profiles, graph evidence, prompts or memories from it.
+    order. Plugins update profiles, graph evidence, prompts or memories from it. A plain ``def``
+    implementation runs on its plugin's own thread (one event at a time, in order), so blocking
+    store work does not stall the event loop; an ``async def`` one runs on the loop.
     Returns: nothing. Combine: collect. Failures follow the plugin's policy; the stored
     event stays either way, so profiles can be rebuilt.
     """

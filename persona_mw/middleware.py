@@ -287,6 +287,7 @@ class Middleware:
 
     def _shutdown(self) -> None:
         self.runtime.shutdown()
+        self.pipeline.stop_threads()
         self.store.close()
 
     def __enter__(self) -> Middleware:

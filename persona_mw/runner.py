@@ -11,9 +11,12 @@ and every call timed, recorded in the turn's trace and reported to ``persona_mw.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import inspect
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Coroutine
 
 from pydantic import ValidationError
@@ -35,6 +38,24 @@ class HookRunner:
 
     # -- calling hooks ---------------------------------------------------------------------
 
+    async def _offloaded(self, name: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """``fn(**kwargs)`` on the plugin's own thread (a stage with ``offload``), in a copy of this
+        context (a profile write's marks name the writer through a context variable). One thread per
+        plugin keeps its calls in order and one at a time, as they were on the event loop. A caller
+        cancelled meanwhile drops its call if it has not started; a started one runs to its end."""
+        pools: dict[str, ThreadPoolExecutor] = self.__dict__.setdefault("_offload_threads", {})
+        pool = pools.get(name)
+        if pool is None:
+            pool = pools.setdefault(name, ThreadPoolExecutor(1, thread_name_prefix=f"persona-{name}"))
+        ctx = contextvars.copy_context()
+        return await asyncio.wrap_future(pool.submit(ctx.run, lambda: fn(**kwargs)))
+
+    def stop_threads(self) -> None:
+        """End the offload threads (the Middleware is closing): queued calls, whose callers are gone with
+        the event loop, are dropped; a running one ends before this returns, so before the store closes."""
+        for pool in self.__dict__.pop("_offload_threads", {}).values():
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def impls(self, stage: str) -> list[Any]:
         """Implementations of ``stage`` in YAML order (pluggy lists them registration-ordered)."""
         return list(reversed(getattr(self.host.pm.hook, stage).get_hookimpls()))
@@ -52,7 +73,10 @@ class HookRunner:
         if turn is not None:
             turn._notes.clear()
         try:
-            result = impl.function(**kwargs)
+            if row.offload and not inspect.iscoroutinefunction(impl.function):
+                result = await self._offloaded(name, impl.function, kwargs)
+            else:
+                result = impl.function(**kwargs)
             if inspect.isawaitable(result):
                 result = await result
             if result is not None and row.check is not None:

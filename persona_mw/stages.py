@@ -20,6 +20,9 @@ Runners:
   awaited      the pipeline's hook runner: arguments a plugin declares, coroutines awaited,
                the plugin's ``on_error`` policy applied (``fail`` raises ``PluginError`` naming
                it, ``skip`` logs and goes on); ``ConfigError`` from startup always propagates
+  (offload)    an awaited stage whose plain-function implementations run on a thread of their
+               plugin, one call at a time per plugin (``persona_feedback``: store work that must
+               not stall the event loop; ``persona_forget`` runs in the forgetting thread already)
   sync         registration hooks, called while the plugin manager is built (before any event
                loop or pipeline exists): plain functions only; an ``async def`` implementation is
                refused when it is registered (``PluginError`` naming the plugin and the hook)
@@ -68,6 +71,10 @@ class Stage:
     summary: Callable[[Any], str] | None = None
     # Errors a hook raises that pass through the runner unchanged, whatever the plugin's policy.
     passes: tuple[str, ...] = ()
+    # True: a plain-function (not ``async def``) implementation runs on a thread of its own plugin
+    # (one call at a time per plugin, as on the event loop), so its store writes and retry sleeps do
+    # not stall the requests the same process is serving.
+    offload: bool = False
 
     @property
     def firstresult(self) -> bool:
@@ -116,7 +123,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("persona_correct", "turn", "chain", _TURN, check=Candidate.model_validate,
           summary=lambda r: "edited the answer"),
     Stage("persona_after_turn", "turn", "broadcast", _ALL_TURNS),
-    Stage("persona_feedback", "learning", "broadcast", ("feedback",)),
+    Stage("persona_feedback", "learning", "broadcast", ("feedback",), offload=True),
     Stage("persona_forget", "learning", "broadcast", ("forget",)),
     Stage("persona_profile_report", "startup", "collect", ("cli",), runner="sync"),
 )

@@ -105,3 +105,50 @@ class AsyncRegistrar:
 def test_async_registration_hook_is_refused(make_mw: Any) -> None:
     with pytest.raises(PluginError, match="'reg'.*persona_register_rewards must be a plain def"):
         make_mw("pipeline: [{use: reg}]\n", plugins={"reg": AsyncRegistrar})
+
+
+class SlowFeedback:
+    """A plain-function feedback hook that blocks (a store write with retry sleeps, say)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[tuple[str, str, float]] = []
+
+    @hookimpl
+    def persona_feedback(self, event: Any) -> None:
+        import threading
+        import time
+
+        from persona_mw.profiles import WRITER
+
+        time.sleep(0.8)
+        self.calls.append((threading.current_thread().name, WRITER.get(), time.perf_counter()))
+
+
+def test_a_blocking_feedback_hook_does_not_stall_the_requests_beside_it(make_mw: Any) -> None:
+    """A sync ``persona_feedback`` runs on its plugin's thread (stage ``offload``): a chat started while
+    it sleeps is answered before it ends, its profile writes are still marked as its own, and two
+    events reach it one at a time, in order. On the event loop (before) the chat waited 0.8 s."""
+    import time
+
+    mw = make_mw("pipeline: [{use: stated}, {use: slow}]\n", plugins={"slow": SlowFeedback})
+    plugin = _plugin(mw, SlowFeedback)
+
+    async def scenario() -> tuple[float, float]:
+        fb = asyncio.ensure_future(mw.afeedback({"user": "ana", "kind": "stated", "text": "Be brief.",
+                                                 "polarity": "like"}))
+        fb2 = asyncio.ensure_future(mw.afeedback({"user": "ana", "kind": "stated", "text": "Use metric units.",
+                                                  "polarity": "like"}))
+        await asyncio.sleep(0.2)  # both events are in their hook by now
+        await mw.achat(user="bob", messages=[{"role": "user", "content": "hi"}])
+        chat_done = time.perf_counter()
+        await asyncio.gather(fb, fb2)
+        return chat_done, time.perf_counter()
+
+    chat_done, feedback_done = mw.runtime.run(scenario())
+    assert chat_done < plugin.calls[0][2] < feedback_done
+    assert [c[0].startswith("persona-slow") for c in plugin.calls] == [True, True]
+    assert [c[1] for c in plugin.calls] == ["slow", "slow"]
+    assert plugin.calls[1][2] - plugin.calls[0][2] >= 0.75  # one at a time
+    prompt = mw.chat(user="ana", messages=[{"role": "user", "content": "hi"}]).messages[0].text
+    assert "Be brief." in prompt and "Use metric units." in prompt  # both events were applied
