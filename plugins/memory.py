@@ -13,11 +13,12 @@ feedback a ``stated`` event becomes a pinned preference memory (provenance = the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from persona_mw import hookimpl
 from persona_mw.errors import PluginError
@@ -89,6 +90,17 @@ class MemoryPlugin:
             "is built on a user's first search, minutes at 100k memories)")
         ann_threshold: int = Field(default=10_000, ge=1, le=10_000_000,
                                    description="with index ann: memories per user from which the HNSW graph is used")
+        search_in: Literal["process", "store"] = Field(
+            default="process", description="where modes hybrid/bm25/dense find their candidates: the process's own "
+            "indexes (default), or the store's (pgvector HNSW and full-text BM25 on Postgres; the text search runs "
+            "while the query is embedded). Mode fused always scores in process")
+
+        @model_validator(mode="after")
+        def _store_search_needs_a_ranked_mode(self) -> "MemoryPlugin.Config":
+            if self.search_in == "store" and self.mode == "fused":
+                raise ValueError("search_in: store needs mode hybrid, bm25 or dense (mode fused z-normalises every "
+                                 "score of the scope, which the store's top-k searches do not give)")
+            return self
 
     def __init__(self, config: Config | None = None, name: str = "memory") -> None:
         self.config = config or self.Config()
@@ -111,6 +123,7 @@ class MemoryPlugin:
                                      max_per_owner=ctx.limits.max_memories_per_user,
                                      hops=self.config.hops.model_dump() if self.config.hops else None,
                                      dense_index=self.config.index, ann_threshold=self.config.ann_threshold)
+        self.manager.store_search = self.config.search_in == "store"
         ctx.provide_memory(self.manager)
 
     async def _llm(self, prompt: str) -> str:
@@ -131,6 +144,7 @@ class MemoryPlugin:
 
             self.manager = MemoryManager(store, embedder="auto" if self.config.embedder else None,
                                          dense_index=self.config.index, ann_threshold=self.config.ann_threshold)
+            self.manager.store_search = self.config.search_in == "store"
         return self.manager
 
     # -- request path ------------------------------------------------------------------------
@@ -147,12 +161,15 @@ class MemoryPlugin:
             from persona_mw.memory.extract import sanitize
 
             fut = mgr.start_embed([sanitize(query, 2000)])  # once, for pinned order and retrieval; off the loop
+        kinds = ("fact", "episode")
+        mode = self.config.mode if (self.config.mode != "dense" or mgr.embedder is not None) else "bm25"
         pre = None
-        if self.config.top_k and query.strip() and self.config.mode == "fused":
+        if self.config.top_k and query.strip() and mode == "fused":
             pre = mgr.prescore(turn.user, query, scope=turn.scope)  # BM25 while the query is being embedded
+        elif self.config.top_k and query.strip() and mgr.store_search:
+            pre, qv = await self._store_candidates(mgr, turn, query, fut, mode, kinds)
+            fut = None
         if fut is not None:
-            import asyncio
-
             qv = np.asarray((await asyncio.wrap_future(fut)), dtype=np.float32)[0]
         items: list[ContextItem] = []
         why: dict[int, dict[str, Any]] = {}
@@ -162,10 +179,13 @@ class MemoryPlugin:
                 items.append(ContextItem(kind="memory", text=m.text, source=self.name, node=m.owner,
                                          polarity=m.polarity, provenance=list(m.provenance), pinned=True))
         if self.config.top_k and query.strip():
-            kinds = ("fact", "episode")
-            mode = self.config.mode if (self.config.mode != "dense" or mgr.embedder is not None) else "bm25"
-            for h in mgr.search(turn.user, query, self.config.top_k, scope=turn.scope, mode=mode, kinds=kinds,
-                                query_vector=qv, prescored=pre):
+            if mgr.store_search and mode != "fused":  # store round trips: off the event loop
+                hits = await asyncio.to_thread(mgr.search, turn.user, query, self.config.top_k, scope=turn.scope,
+                                               mode=mode, kinds=kinds, query_vector=qv, prescored=pre)
+            else:
+                hits = mgr.search(turn.user, query, self.config.top_k, scope=turn.scope, mode=mode, kinds=kinds,
+                                  query_vector=qv, prescored=pre)
+            for h in hits:
                 why[len(items)] = {"pinned": False, "score": round(h.score, 5), **h.why}
                 items.append(ContextItem(kind="memory", text=self._render(h.memory), source=self.name,
                                          node=h.memory.owner, weight=h.score, provenance=list(h.memory.provenance)))
@@ -173,6 +193,34 @@ class MemoryPlugin:
         pinned = sum(1 for i in items if i.pinned)
         turn.note(f"{pinned} pinned, {len(items) - pinned} retrieved")
         return items or None
+
+    async def _store_candidates(self, mgr: Any, turn: Turn, query: str, fut: Any, mode: str,
+                                kinds: tuple[str, ...]) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+        """``search_in: store``: the store's text searches, off the event loop, while the query is being
+        embedded and then searched for by vector; returns (prescored searches, the query vector)."""
+        k = self.config.top_k
+
+        async def lexical() -> dict[str, Any] | None:
+            if mode == "dense":
+                return None
+            return await asyncio.to_thread(mgr.prescore, turn.user, query, scope=turn.scope, k=k, kinds=kinds)
+
+        async def dense() -> tuple[np.ndarray | None, dict[str, Any] | None]:
+            if fut is None:
+                return None, None
+            qv = np.asarray((await asyncio.wrap_future(fut)), dtype=np.float32)[0]
+            if mode == "bm25":
+                return qv, None
+            return qv, await asyncio.to_thread(mgr.prescore_dense, turn.user, qv, scope=turn.scope, k=k, kinds=kinds)
+
+        pre, (qv, found) = await asyncio.gather(lexical(), dense())
+        if pre is None:
+            from persona_mw.memory.extract import sanitize
+
+            pre = {"query": sanitize(query, 2000), "k": k, "kinds": sorted(kinds)}
+        if found is not None:
+            pre["dense"] = found
+        return pre, qv
 
     @staticmethod
     def _render(m: Any) -> str:
@@ -224,8 +272,6 @@ class MemoryPlugin:
 
     @hookimpl
     async def persona_after_turn(self, turn: Turn, response: ChatResponse, store: Any) -> None:
-        import asyncio
-
         mgr = self._mgr(store)
         msgs = turn.request.messages
         last_assistant = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=-1)

@@ -777,33 +777,47 @@ class _MemoryRetrieval(_MemoryIngest):
             except (TypeError, ValueError) as exc:
                 raise RequestError(f"hops: {exc}", field="hops") from exc
             return self._search_fused(nodes, query, qv, k, kindset, pre, hop)
-        return self._search_hybrid(nodes, query, qv, k, kindset, mode)
+        pre = prescored if prescored is not None and prescored.get("k") == k and (
+            prescored.get("kinds") == (sorted(kindset) if kindset is not None else None)) else None
+        return self._search_hybrid(nodes, query, qv, k, kindset, mode, pre)
 
     def _search_hybrid(self, nodes: list[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
-                       kindset: set[str] | None, mode: Mode) -> list[MemoryHit]:
-        """``search`` in the ``hybrid``, ``bm25`` and ``dense`` modes: per-node candidates, then RRF."""
+                       kindset: set[str] | None, mode: Mode, pre: dict[str, Any] | None = None) -> list[MemoryHit]:
+        """``search`` in the ``hybrid``, ``bm25`` and ``dense`` modes: per-node candidates, then RRF.
+        ``pre``: ``prescore``'s store text searches (``store_search``), made while the query was embedded."""
         n_cand = max(self.candidates, 4 * k)
         max_w = max((w for _, w in nodes), default=1.0) or 1.0
         dense: list[tuple[float, str, str]] = []
         lexical: list[tuple[float, str, str]] = []
         factor: dict[str, float] = {}
+        texts = pre.get("text") if pre is not None and pre.get("query") == query else None
+        vectors = pre.get("dense") if pre is not None and pre.get("query") == query else None
         for node, w in nodes:
             self._load(node)
             recs = self._recs.get(node)
             if not recs:
                 continue
             factor[node] = _KIND_PRIOR.get(kind_of(node), 0.7) * (0.75 + 0.25 * w / max_w)
-            extra = 4 if kindset else 1
+            want = sorted(kindset) if kindset is not None else None
             if qv is not None and self._index is not None:
-                found = (self.store.vector_search(node, qv.tolist(), n_cand * extra) if self.store_search
-                         else self._index.search(node, qv, n_cand * extra))
+                # the store filters kinds itself; the in-process index over-fetches and filters here
+                if vectors is not None and node in vectors and self.store_search:
+                    found = vectors[node]
+                elif self.store_search:
+                    found = self.store.vector_search(node, qv.tolist(), n_cand, kinds=want)
+                else:
+                    found = self._index.search(node, qv, n_cand * (4 if kindset else 1))
                 for mid, s in found:
                     m = recs.get(mid)
                     if m is not None and (kindset is None or m.kind in kindset):
                         dense.append((s, node, mid))
             if mode != "dense":
-                found = (self.store.text_search(node, query, n_cand * extra) if self.store_search
-                         else self.bm25.search(node, query, n_cand * extra))
+                if texts is not None and node in texts and self.store_search:
+                    found = texts[node]
+                elif self.store_search:
+                    found = self.store.text_search(node, query, n_cand, kinds=want)
+                else:
+                    found = self.bm25.search(node, query, n_cand * (4 if kindset else 1))
                 for mid, s in found:
                     m = recs.get(mid)
                     if m is not None and (kindset is None or m.kind in kindset):
@@ -853,17 +867,50 @@ class _MemoryRetrieval(_MemoryIngest):
         return fused
 
     def prescore(self, user: str, query: str, *, context: str | None = None,
-                 scope: Scope | None = None) -> dict[str, Any]:
-        """The BM25 half of a ``fused`` search (both granularities, every scope node), for ``search(...,
-        prescored=)``: the request path runs it while ``start_embed`` embeds the query."""
+                 scope: Scope | None = None, k: int = 10, kinds: Iterable[str] | None = None,
+                 query_vector: np.ndarray | None = None) -> dict[str, Any]:
+        """The lexical half of a search, for ``search(..., prescored=)``: the request path runs it while
+        ``start_embed`` embeds the query. Mode ``fused``: both BM25 granularities over every scope node.
+        With ``store_search``: the store's ``text_search`` of each scope node, for ``k`` and ``kinds``
+        (the same ``k`` and ``kinds`` must reach ``search``, else it searches again), and the vector
+        searches too when ``query_vector`` is given (else ``prescore_dense`` adds them: ``"dense"``)."""
         query = sanitize(query, 2000)
         out: dict[str, Any] = {"query": query, "scores": {}, "n_cand": self._n_cand(10, None)}
         if not query:
+            return out
+        if self.store_search:
+            want = sorted(set(kinds)) if kinds is not None else None
+            n_cand = max(self.candidates, 4 * k)
+            texts: dict[str, list[tuple[str, float]]] = {}
+            for node, _ in self.scope_nodes(user, context, scope):
+                self._load(node)
+                if self._recs.get(node):
+                    texts[node] = self.store.text_search(node, query, n_cand, kinds=want)
+            out.update({"text": texts, "k": k, "kinds": want})
+            if query_vector is not None:
+                out["dense"] = self.prescore_dense(user, query_vector, context=context, scope=scope, k=k, kinds=kinds)
             return out
         for node, _ in self.scope_nodes(user, context, scope):
             self._load(node)
             for name, ix in (("bm25_turn", self.bm25), ("bm25_window", self.bm25_window)):
                 out["scores"][(name, node)] = ix.probe(node, query, self._n_cand(10, None))
+        return out
+
+    def prescore_dense(self, user: str, query_vector: np.ndarray, *, context: str | None = None,
+                       scope: Scope | None = None, k: int = 10,
+                       kinds: Iterable[str] | None = None) -> dict[str, list[tuple[str, float]]]:
+        """With ``store_search``: the store's ``vector_search`` of each scope node (``prescore``'s
+        ``"dense"``), which the request path runs as soon as the query vector is there, while the text
+        searches may still be running."""
+        want = sorted(set(kinds)) if kinds is not None else None
+        n_cand = max(self.candidates, 4 * k)
+        out: dict[str, list[tuple[str, float]]] = {}
+        if self._index is None:
+            return out
+        for node, _ in self.scope_nodes(user, context, scope):
+            self._load(node)
+            if self._recs.get(node):
+                out[node] = self.store.vector_search(node, np.asarray(query_vector).tolist(), n_cand, kinds=want)
         return out
 
     def _n_cand(self, k: int, kindset: set[str] | None) -> int:

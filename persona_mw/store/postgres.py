@@ -55,7 +55,8 @@ EXACT_BELOW = 5000
 
 
 def vector_sql(dim: int, *, exact: bool, pool: int = 0) -> str:
-    """The owner's nearest memories; params ``q``, ``owner``, ``k``.
+    """The owner's nearest memories; params ``q``, ``owner``, ``k`` and ``kinds`` (a list, or None for
+    every kind).
 
     ``exact=True`` orders the owner's rows by the similarity column, which no index matches, so
     Postgres reads them and sorts them. ``exact=False`` asks the HNSW index for the ``pool`` nearest
@@ -63,14 +64,15 @@ def vector_sql(dim: int, *, exact: bool, pool: int = 0) -> str:
     the index is the one way to answer it) and keeps the owner's active ones among them; the caller
     falls back to the exact scan when fewer than ``k`` are left."""
     vec = f"public.vector({dim})"
+    kinds = "AND (%(kinds)s::text[] IS NULL OR kind = ANY(%(kinds)s::text[]))"
     if exact:
         return (f"SELECT id, 1 - (embedding::{vec} <=> %(q)s::{vec}) AS sim "
-                f"FROM memories WHERE owner = %(owner)s AND superseded_by IS NULL "
+                f"FROM memories WHERE owner = %(owner)s AND superseded_by IS NULL {kinds} "
                 f"AND public.vector_dims(embedding) = {dim} ORDER BY sim DESC, id LIMIT %(k)s")
-    return (f"SELECT id, sim FROM (SELECT id, owner, superseded_by, 1 - (embedding::{vec} <=> %(q)s::{vec}) AS sim "
+    return (f"SELECT id, sim FROM (SELECT id, owner, kind, superseded_by, 1 - (embedding::{vec} <=> %(q)s::{vec}) AS sim "
             f"FROM memories WHERE public.vector_dims(embedding) = {dim} "
             f"ORDER BY embedding::{vec} <=> %(q)s::{vec} LIMIT {int(pool)}) c "
-            f"WHERE owner = %(owner)s AND superseded_by IS NULL ORDER BY sim DESC, id LIMIT %(k)s")
+            f"WHERE owner = %(owner)s AND superseded_by IS NULL {kinds} ORDER BY sim DESC, id LIMIT %(k)s")
 
 
 # ``text_search``'s BM25 over the owner's full-text lexemes; params from ``text_params``.
@@ -78,7 +80,8 @@ TEXT_SQL = """WITH q AS (SELECT unnest(tsvector_to_array(to_tsvector('english', 
                     anyq AS (SELECT to_tsquery('english', %(ors)s) AS tq),
                     stats AS (SELECT %(n)s::bigint AS n, %(avgdl)s::double precision AS avgdl),
                     hits AS (SELECT m.id, m.tsv FROM memories m, anyq
-                             WHERE m.owner = %(owner)s AND m.superseded_by IS NULL AND m.tsv @@ anyq.tq),
+                             WHERE m.owner = %(owner)s AND m.superseded_by IS NULL AND m.tsv @@ anyq.tq
+                             AND (%(kinds)s::text[] IS NULL OR m.kind = ANY(%(kinds)s::text[]))),
                     terms AS (SELECT h.id, u.lexeme, COALESCE(array_length(u.positions, 1), 1) AS tf,
                                      length(h.tsv) AS dl
                               FROM hits h, unnest(h.tsv) u WHERE u.lexeme IN (SELECT lex FROM q)),
@@ -104,7 +107,8 @@ TEXT_PRUNE_DOCS = 3000
 # BM25 over given candidates (``tq``, an OR of lexemes) with given document frequencies (``lexs``, ``dfs``).
 TEXT_PRUNED_SQL = """WITH d AS (SELECT * FROM unnest(%(lexs)s::text[], %(dfs)s::bigint[]) AS d(lexeme, df)),
                     hits AS (SELECT m.id, m.tsv FROM memories m WHERE m.owner = %(owner)s
-                             AND m.superseded_by IS NULL AND m.tsv @@ %(tq)s::tsquery),
+                             AND m.superseded_by IS NULL AND m.tsv @@ %(tq)s::tsquery
+                             AND (%(kinds)s::text[] IS NULL OR m.kind = ANY(%(kinds)s::text[]))),
                     terms AS (SELECT h.id, u.lexeme, COALESCE(array_length(u.positions, 1), 1) AS tf,
                                      length(h.tsv) AS dl
                               FROM hits h, unnest(h.tsv) u WHERE u.lexeme IN (SELECT lexeme FROM d))
@@ -119,12 +123,13 @@ def _tsquery_lexeme(lexeme: str) -> str:
     return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def text_params(owner: str, query: str, k: int) -> dict[str, Any] | None:
+def text_params(owner: str, query: str, k: int, kinds: Sequence[str] | None = None) -> dict[str, Any] | None:
     """``TEXT_SQL``'s parameters, or None when the query has no word to look for."""
     words = sorted(set(_WORD.findall(query.lower())))[:64]
     if not words or k < 1:
         return None
-    return {"text": " ".join(words), "ors": " | ".join(words), "owner": owner, "k": k}
+    return {"text": " ".join(words), "ors": " | ".join(words), "owner": owner, "k": k,
+            "kinds": None if kinds is None else sorted(set(kinds))}
 
 
 # Each entry upgrades the schema by one version (recorded in ``schema_version``). Append, never edit.
@@ -594,8 +599,9 @@ class _PostgresMemories(_PostgresProfiles):
                 vecs[r[0]] = _vec(r[9])
         return mems, vecs
 
-    def vector_search(self, owner: NodeId, query: Sequence[float], k: int) -> list[tuple[str, float]]:
-        """pgvector cosine search of the owner's active memories.
+    def vector_search(self, owner: NodeId, query: Sequence[float], k: int,
+                      kinds: Sequence[str] | None = None) -> list[tuple[str, float]]:
+        """pgvector cosine search of the owner's active memories (of ``kinds`` only, when given).
 
         A filtered HNSW walk is the known trap here: the graph is walked over every owner's vectors and
         the owner filtered afterwards, so with 200 memories among 200,000 a walk of ``ef_search`` 400
@@ -611,10 +617,11 @@ class _PostgresMemories(_PostgresProfiles):
             setup, sql = self._vector_plan(cur, owner, len(q), k)
             for statement in setup:
                 cur.execute(statement)
-            cur.execute(sql, {"q": q, "owner": owner, "k": k})
+            args = {"q": q, "owner": owner, "k": k, "kinds": None if kinds is None else sorted(set(kinds))}
+            cur.execute(sql, args)
             rows = cur.fetchall()
             if setup and len(rows) < k:
-                cur.execute(vector_sql(len(q), exact=True), {"q": q, "owner": owner, "k": k})
+                cur.execute(vector_sql(len(q), exact=True), args)
                 rows = cur.fetchall()
             return [(r[0], float(r[1])) for r in rows]
 
@@ -633,12 +640,13 @@ class _PostgresMemories(_PostgresProfiles):
 
 class _PostgresLexical(_PostgresMemories):
     # lexical search: BM25 over the full-text lexemes --------------------------------------------
-    def text_search(self, owner: NodeId, query: str, k: int) -> list[tuple[str, float]]:
+    def text_search(self, owner: NodeId, query: str, k: int,
+                    kinds: Sequence[str] | None = None) -> list[tuple[str, float]]:
         """BM25 (k1 1.2, b 0.75, as the in-process index) over Postgres full-text lexemes (English
         stemming): the GIN index finds the owner's memories holding any query lexeme; term and document
         frequencies come from the ``tsvector``s. ``ts_rank_cd`` has no IDF, which costs LoCoMo recall.
         A large owner (``TEXT_STATS_CACHE_FROM``) is searched by ``_text_search_pruned``."""
-        params = text_params(owner, query, k)
+        params = text_params(owner, query, k, kinds)
         if params is None:
             return []
         params["n"], params["avgdl"] = self._text_stats(owner)
@@ -670,7 +678,7 @@ class _PostgresLexical(_PostgresMemories):
         if not chosen:
             return []
         rows = self._rows(TEXT_PRUNED_SQL, {
-            "owner": owner, "k": params["k"], "n": params["n"], "avgdl": params["avgdl"],
+            "owner": owner, "k": params["k"], "n": params["n"], "avgdl": params["avgdl"], "kinds": params["kinds"],
             "lexs": lexemes, "dfs": [df[x] for x in lexemes], "tq": " | ".join(_tsquery_lexeme(x) for x in chosen)})
         return [(r[0], float(r[1])) for r in rows]
 

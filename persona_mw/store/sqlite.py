@@ -459,19 +459,30 @@ class _SQLiteMemories(_SQLiteProfiles):
                 vecs[r["id"]] = np.frombuffer(r["embedding"], dtype=np.float32)
         return mems, vecs
 
-    def vector_search(self, owner: NodeId, query: Sequence[float], k: int) -> list[tuple[str, float]]:
-        """The ``k`` active memories of ``owner`` nearest to ``query`` by cosine (an exact scan)."""
-        _, vecs = self.memory_rows(owner)
+    def vector_search(self, owner: NodeId, query: Sequence[float], k: int,
+                      kinds: Sequence[str] | None = None) -> list[tuple[str, float]]:
+        """The ``k`` active memories of ``owner`` (of ``kinds``, when given) nearest to ``query`` by
+        cosine (an exact scan)."""
+        mems, vecs = self.memory_rows(owner)
+        if kinds is not None:
+            wanted = set(kinds)
+            vecs = {m.id: vecs[m.id] for m in mems if m.kind in wanted and m.id in vecs}
         return exact_vector_search(vecs, query, k)
 
-    def text_search(self, owner: NodeId, query: str, k: int) -> list[tuple[str, float]]:
-        """The ``k`` active memories of ``owner`` best matching ``query`` by BM25 over their index text."""
+    def text_search(self, owner: NodeId, query: str, k: int,
+                    kinds: Sequence[str] | None = None) -> list[tuple[str, float]]:
+        """The ``k`` active memories of ``owner`` (of ``kinds``, when given) best matching ``query`` by
+        BM25 over their index text (statistics over all the owner's memories)."""
         from persona_mw.memory.index import BM25Index
 
         mems, _ = self.memory_rows(owner)
         ix = BM25Index()
         ix.add(owner, [m.id for m in mems], [str(m.meta.get("index_text") or m.text) for m in mems])
-        return ix.search(owner, query, k)
+        if kinds is None:
+            return ix.search(owner, query, k)
+        wanted = set(kinds)
+        kind = {m.id: m.kind for m in mems}
+        return [(i, s) for i, s in ix.search(owner, query, max(1, len(mems))) if kind[i] in wanted][:k]
 
 
 class _SQLiteFeedback(_SQLiteMemories):

@@ -190,3 +190,71 @@ def test_hops_config_is_checked(make_mw):
     with pytest.raises(ConfigError) as err:
         make_mw(HOPS_YAML.replace("link_weight: 2.0", "depth: 2"))
     assert "depth" in str(err.value)
+
+
+STORE_SEARCH_YAML = """
+pipeline:
+  - use: memory
+    embedder: true
+    top_k: 3
+    mode: hybrid
+    search_in: store
+"""
+
+
+def test_search_in_store_takes_candidates_from_the_store_while_the_query_is_embedded(make_mw, pg_server, monkeypatch):
+    """``search_in: store`` on a real Postgres: the candidates come from pgvector and the SQL BM25 (the
+    process's own indexes are never asked), both searched before ``search`` runs (the text search while
+    the query is embedded), kinds are filtered in the store, and another user's memories never come back."""
+    from tests.conftest import fresh_pg_url
+
+    mw = make_mw(STORE_SEARCH_YAML, db=fresh_pg_url(pg_server))
+    chat(mw, "ana", "I have a daughter named Lily. I love jazz. I live in Lisbon.")
+    chat(mw, "bob", "I have a son named Tom. I live in Porto.")
+    mw.drain()
+    mgr = mw.memory
+    assert mgr.store_search is True
+    order: list[str] = []
+    for ix in (mgr.bm25, mgr.index):
+        monkeypatch.setattr(ix, "search", lambda *a, **k: (_ for _ in ()).throw(AssertionError("process index")))
+    store = mgr.store
+    text, vector = store.text_search, store.vector_search
+    monkeypatch.setattr(store, "text_search", lambda *a, **k: (order.append(f"text {k.get('kinds')}"), text(*a, **k))[1])
+    monkeypatch.setattr(store, "vector_search", lambda *a, **k: (order.append(f"vector {k.get('kinds')}"), vector(*a, **k))[1])
+    search = mgr.search
+    monkeypatch.setattr(mgr, "search", lambda *a, **k: (order.append("search"), search(*a, **k))[1])
+    r = chat(mw, "ana", "What is my child called?")
+    used = {u["text"]: u for u in r.trace.items_used if u["source"] == "memory"}
+    assert "I have a daughter named Lily." in used and "dense_rank" in used["I have a daughter named Lily."]["why"]
+    assert not any("Tom" in t or "Porto" in t for t in used)
+    # one text and one vector search per scope owner with memories, kinds filtered in the store, all
+    # made before the search itself (text while the query was embedded, vector once it was)
+    assert order[-1] == "search" and order.count("search") == 1
+    assert sorted(o.split()[0] for o in order[:-1]) == ["text", "vector"]
+    assert all(o.endswith("['episode', 'fact']") for o in order[:-1])
+
+
+def test_search_in_store_needs_a_ranked_mode(make_mw):
+    import pytest
+
+    from persona_mw.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="search_in: store needs mode hybrid, bm25 or dense"):
+        make_mw("pipeline:\n  - use: memory\n    search_in: store\n")
+
+
+def test_prescored_store_search_equals_a_plain_one(make_mw):
+    """``prescore`` (the store text searches made while the query is embedded) changes nothing in the
+    result, on the test store (SQLite, or Postgres under the switch); a prescore for another ``k`` or
+    other kinds is not reused."""
+    mw = make_mw(STORE_SEARCH_YAML)
+    chat(mw, "ana", "I have a daughter named Lily. I love jazz. I live in Lisbon. My car is a red Fiat.")
+    mw.drain()
+    mgr = mw.memory
+    q = "where do I live and what car do I drive?"
+    plain = mgr.search("ana", q, 3, mode="hybrid", kinds=("fact",))
+    pre = mgr.prescore("ana", q, k=3, kinds=["fact"])
+    assert pre["text"] and mgr.search("ana", q, 3, mode="hybrid", kinds=("fact",), prescored=pre) == plain
+    assert plain and all(h.memory.kind == "fact" for h in plain)
+    stale = {**pre, "text": {node: [] for node in pre["text"]}}
+    assert mgr.search("ana", q, 2, mode="hybrid", kinds=("fact",), prescored=stale) == plain[:2]

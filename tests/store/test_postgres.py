@@ -259,7 +259,7 @@ def test_a_large_owners_vector_search_walks_the_hnsw_index(pg_server: str, monke
             # 120 rows: a sequential scan is cheapest whatever the query; without it, the query must be
             # one the HNSW index answers (the old one went to the owner index and a sort of every row)
             cur.execute("SET LOCAL enable_seqscan = off")
-            cur.execute("EXPLAIN " + sql, {"q": q, "owner": "user:big", "k": 10})
+            cur.execute("EXPLAIN " + sql, {"q": q, "owner": "user:big", "k": 10, "kinds": ["fact"]})
             plan = "\n".join(r[0] for r in cur.fetchall())
         assert "memories_hnsw" in plan, plan
         found = store.vector_search("user:big", q.tolist(), 10)

@@ -157,6 +157,25 @@ def test_memories_round_trip_and_search(store: Store) -> None:
         store.update_memory(m1)
 
 
+def test_searches_keep_only_the_kinds_asked_for(store: Store) -> None:
+    """``kinds`` filters inside the store, so a caller asking for facts gets ``k`` facts, not ``k``
+    memories of which some are preferences (the old over-fetch by 4)."""
+    near = _unit(1)
+    fact = Memory(owner="user:ana", kind="fact", text="I water the garden on sundays", embedding=near)
+    pref = Memory(owner="user:ana", kind="preference", text="I like garden answers short", embedding=near,
+                  polarity="like")
+    ep = Memory(owner="user:ana", kind="episode", text="we talked about the garden", embedding=_unit(2))
+    for m in (fact, pref, ep):
+        assert store.add_memory(m) is True
+    assert {h[0] for h in store.vector_search("user:ana", near, 5)} == {fact.id, pref.id, ep.id}
+    assert [h[0] for h in store.vector_search("user:ana", near, 5, kinds=["fact", "episode"])] == [fact.id, ep.id]
+    assert [h[0] for h in store.vector_search("user:ana", near, 1, kinds=["episode"])] == [ep.id]
+    assert store.vector_search("user:ana", near, 5, kinds=[]) == []
+    assert {h[0] for h in store.text_search("user:ana", "garden", 5)} == {fact.id, pref.id, ep.id}
+    assert {h[0] for h in store.text_search("user:ana", "garden", 5, kinds=("fact", "episode"))} == {fact.id, ep.id}
+    assert [h[0] for h in store.text_search("user:ana", "garden", 1, kinds=["preference"])] == [pref.id]
+
+
 def test_idempotent_memory_and_cap(store: Store) -> None:
     m = Memory(owner="user:ana", text="a", meta={"idem": "k1"})
     assert store.add_memory(m) is True
