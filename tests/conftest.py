@@ -52,6 +52,15 @@ def _store_urls(request, folder):
     return lambda: str(folder / f"store{next(n)}.db")
 
 
+def tenant_url(url: str, tenant: str) -> str:
+    """The URL of ``tenant``'s own store beside the store at ``url``, as ``serve`` and ``mcp`` keep it
+    (``store.for_tenant``): ``p.tenant-acme.db`` beside a SQLite file, a schema ``S.tenant-acme`` in Postgres."""
+    from persona_mw.store import open_store
+
+    with open_store(url) as base, base.for_tenant(tenant) as store:
+        return store.path
+
+
 @pytest.fixture
 def store_url(request, tmp_path):
     """Where a test's default store lives: a SQLite file, or (PERSONA_MW_TEST_STORE=postgres) a fresh
