@@ -61,7 +61,7 @@ def tenant_url(url: str, tenant: str) -> str:
         return store.path
 
 
-def store_tables(url: str) -> dict[str, list[tuple[object, ...]]]:
+def store_tables(url: str) -> dict[str, list[dict[str, object]]]:
     """Every row of every table of the store at ``url``, on either store (FTS and index tables included):
     SQLite, every table of the file; Postgres, every table of the store's schema."""
     from persona_mw.store import is_postgres_url
@@ -73,16 +73,19 @@ def store_tables(url: str) -> dict[str, list[tuple[object, ...]]]:
 
         dsn, opts = parse_url(url)
         schema = opts.get("schema", DEFAULT_SCHEMA)
-        with psycopg.connect(dsn, autocommit=True) as pg:
-            names = [r[0] for r in pg.execute("SELECT table_name FROM information_schema.tables WHERE "
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as pg:
+            names = [r["table_name"] for r in pg.execute("SELECT table_name FROM information_schema.tables WHERE "
                                               "table_schema = %s AND table_type = 'BASE TABLE'", (schema,))]
             return {t: list(pg.execute(f'SELECT * FROM "{schema}"."{t}"')) for t in names}
     import sqlite3
 
     conn = sqlite3.connect(url)
+    conn.row_factory = sqlite3.Row
     try:
         names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: conn.execute(f'SELECT * FROM "{t}"').fetchall() for t in names}
+        return {t: [dict(r) for r in conn.execute(f'SELECT * FROM "{t}"')] for t in names}
     finally:
         conn.close()
 
@@ -91,7 +94,7 @@ def store_cells(url: str) -> list[tuple[str, str]]:
     """(table, cell as text) for every cell of every table of the store at ``url`` (``store_tables``): what
     a test reads to prove that nothing anywhere still holds a value. Bytes are read as latin-1."""
     return [(t, bytes(c).decode("latin-1") if isinstance(c, (bytes, memoryview)) else str(c))
-            for t, rows in store_tables(url).items() for row in rows for c in row]
+            for t, rows in store_tables(url).items() for row in rows for c in row.values()]
 
 
 def store_bytes(url: str) -> bytes:
