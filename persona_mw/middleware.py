@@ -50,33 +50,38 @@ class Middleware:
         self.host = PluginHost(autoload=self.config.autoload_plugins if autoload is None else autoload,
                                plugin_types=plugins)
         self.store: Store = open_store(store) if isinstance(store, str) else store or open_store(self.config.store.path)
-        self.store.max_memories_per_owner = self.config.limits.max_memories_per_user
-        self.redactor = Redactor.from_config(self.config.privacy, self.host.detectors,
-                                             where=self.config.source.where(("privacy", "redact")))
-        if self.redactor:
-            self.store.redactor = self.redactor  # memories written by any plugin
-        self.backends = BackendRegistry(self.config, self.host, backend)
-        self._owns_backends = tenant is None  # a tenant's backends are its base's to close
-        self.graph = PreferenceGraph(self.store, prior_strength=self.config.graph.prior_strength,
-                                     max_groups_per_user=self.config.limits.max_groups_per_user)
-        # The tenant this Middleware serves (``for_tenant``); with the user it scopes the in-process
-        # caches of user content (embeddings), so no party's cache hit is another's.
-        self.tenant = tenant
-        self.graph.request_groups_permanent = self.config.graph.request_groups == "permanent"
-        self.host.build_pipeline(self.config)
-        self.runtime = Runtime()
-        self.profiles = ProfileService(self.store, self.config)
-        self.pipeline = Pipeline(self.host)
-        self.jobs = AfterTurnJobs(config=self.config, store=self.store, graph=self.graph, redactor=self.redactor,
-                                  pipeline=self.pipeline, runtime=self.runtime, cache_scope=self.cache_scope)
-        # False (``server.run_jobs``, ``serve --no-jobs``): after-turn jobs are left to ``persona-mw worker``
-        self.jobs.run_here = self.config.server.run_jobs if run_jobs is None else run_jobs
-        self.pipeline.bind(config=self.config, store=self.store, graph=self.graph, backends=self.backends,
-                           profiles=self.profiles, jobs=self.jobs, redactor=self.redactor, cache_scope=self.cache_scope)
-        self.users = UserService(config=self.config, store=self.store, graph=self.graph, profiles=self.profiles,
-                                 pipeline=self.pipeline, runtime=self.runtime, memory=lambda: self._memory)
-        self.feedback_used = self.pipeline.feedback_used
-        self.profiles.apply_declared_graph()
+        try:
+            self.store.max_memories_per_owner = self.config.limits.max_memories_per_user
+            self.redactor = Redactor.from_config(self.config.privacy, self.host.detectors,
+                                                 where=self.config.source.where(("privacy", "redact")))
+            if self.redactor:
+                self.store.redactor = self.redactor  # memories written by any plugin
+            self.backends = BackendRegistry(self.config, self.host, backend)
+            self._owns_backends = tenant is None  # a tenant's backends are its base's to close
+            self.graph = PreferenceGraph(self.store, prior_strength=self.config.graph.prior_strength,
+                                         max_groups_per_user=self.config.limits.max_groups_per_user)
+            # The tenant this Middleware serves (``for_tenant``); with the user it scopes the in-process
+            # caches of user content (embeddings), so no party's cache hit is another's.
+            self.tenant = tenant
+            self.graph.request_groups_permanent = self.config.graph.request_groups == "permanent"
+            self.host.build_pipeline(self.config)
+            self.runtime = Runtime()
+            self.profiles = ProfileService(self.store, self.config)
+            self.pipeline = Pipeline(self.host)
+            self.jobs = AfterTurnJobs(config=self.config, store=self.store, graph=self.graph, redactor=self.redactor,
+                                      pipeline=self.pipeline, runtime=self.runtime, cache_scope=self.cache_scope)
+            # False (``server.run_jobs``, ``serve --no-jobs``): after-turn jobs are left to ``persona-mw worker``
+            self.jobs.run_here = self.config.server.run_jobs if run_jobs is None else run_jobs
+            self.pipeline.bind(config=self.config, store=self.store, graph=self.graph, backends=self.backends,
+                               profiles=self.profiles, jobs=self.jobs, redactor=self.redactor, cache_scope=self.cache_scope)
+            self.users = UserService(config=self.config, store=self.store, graph=self.graph, profiles=self.profiles,
+                                     pipeline=self.pipeline, runtime=self.runtime, memory=lambda: self._memory)
+            self.feedback_used = self.pipeline.feedback_used
+            self.profiles.apply_declared_graph()
+        except BaseException:
+            if store is None or isinstance(store, str):  # ours: a failed start leaves no open store
+                self.store.close()
+            raise
         self._memory: Any = None  # persona_mw.memory.MemoryManager, created on first use
         self._start()
 

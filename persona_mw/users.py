@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from persona_mw.errors import RequestError, UnknownUserError
 from persona_mw.nodes import context_node, group_node, kind_of, parse, user_node
-from persona_mw.types import ID_PATTERN, ChatRequest, Message
+from persona_mw.types import EVENT_ID_PATTERN, ID_PATTERN, ChatRequest, Message
 
 if TYPE_CHECKING:
     from persona_mw.config import Config
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from persona_mw.store import Store
 
 log = logging.getLogger("persona_mw")
+# Trace ids are ``trace-<hex>``; a feedback event may name one (``trace_id``, the same pattern).
+_TRACE_ID_RE = re.compile(EVENT_ID_PATTERN)
 
 
 class UserService:
@@ -173,6 +175,10 @@ class UserService:
         return sorted(self.graph.groups_of(user))
 
     def trace(self, trace_id: str) -> dict[str, Any] | None:
+        """The stored trace, or None; an id no trace can have (a NUL, a space) is unknown before any
+        store is asked (Postgres text cannot hold a NUL: the lookup failed as a store error there)."""
+        if not _TRACE_ID_RE.fullmatch(trace_id):
+            return None
         t = self.store.get_trace(trace_id)
         return t.model_dump() if t else None
 

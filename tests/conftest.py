@@ -52,6 +52,64 @@ def _store_urls(request, folder):
     return lambda: str(folder / f"store{next(n)}.db")
 
 
+def tenant_url(url: str, tenant: str) -> str:
+    """The URL of ``tenant``'s own store beside the store at ``url``, as ``serve`` and ``mcp`` keep it
+    (``store.for_tenant``): ``p.tenant-acme.db`` beside a SQLite file, a schema ``S.tenant-acme`` in Postgres."""
+    from persona_mw.store import open_store
+
+    with open_store(url) as base, base.for_tenant(tenant) as store:
+        return store.path
+
+
+def store_tables(url: str) -> dict[str, list[dict[str, object]]]:
+    """Every row of every table of the store at ``url``, on either store (FTS and index tables included):
+    SQLite, every table of the file; Postgres, every table of the store's schema."""
+    from persona_mw.store import is_postgres_url
+
+    if is_postgres_url(url):
+        import psycopg
+
+        from persona_mw.store.postgres import DEFAULT_SCHEMA, parse_url
+
+        dsn, opts = parse_url(url)
+        schema = opts.get("schema", DEFAULT_SCHEMA)
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as pg:
+            names = [r["table_name"] for r in pg.execute("SELECT table_name FROM information_schema.tables WHERE "
+                                              "table_schema = %s AND table_type = 'BASE TABLE'", (schema,))]
+            return {t: list(pg.execute(f'SELECT * FROM "{schema}"."{t}"')) for t in names}
+    import sqlite3
+
+    conn = sqlite3.connect(url)
+    conn.row_factory = sqlite3.Row
+    try:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: [dict(r) for r in conn.execute(f'SELECT * FROM "{t}"')] for t in names}
+    finally:
+        conn.close()
+
+
+def store_cells(url: str) -> list[tuple[str, str]]:
+    """(table, cell as text) for every cell of every table of the store at ``url`` (``store_tables``): what
+    a test reads to prove that nothing anywhere still holds a value. Bytes are read as latin-1."""
+    return [(t, bytes(c).decode("latin-1") if isinstance(c, (bytes, memoryview)) else str(c))
+            for t, rows in store_tables(url).items() for row in rows for c in row.values()]
+
+
+def store_bytes(url: str) -> bytes:
+    """What the store at ``url`` holds, as bytes: a SQLite store's files as they lie on disk (the file,
+    its -wal and -shm: freed pages too); a Postgres store's every cell (``store_cells``), as UTF-8."""
+    from pathlib import Path
+
+    from persona_mw.store import is_postgres_url
+
+    if is_postgres_url(url):
+        return "\n".join(c for _, c in store_cells(url)).encode()
+    p = Path(url)
+    return b"".join(f.read_bytes() for f in sorted(p.parent.glob(p.name + "*")))
+
+
 @pytest.fixture
 def store_url(request, tmp_path):
     """Where a test's default store lives: a SQLite file, or (PERSONA_MW_TEST_STORE=postgres) a fresh

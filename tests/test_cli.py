@@ -35,8 +35,8 @@ def test_config_validate_ok_and_errors(tmp_path):
     assert r.returncode == 2 and "malformed YAML" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_unknown_user_profile_show_is_clear(tmp_path, capsys):
-    db = str(tmp_path / "s.db")
+def test_unknown_user_profile_show_is_clear(tmp_path, capsys, store_url):
+    db = store_url()
     assert main(["feedback", "--store", db, "--user", "ana", "--stated", "Be brief."]) == 0
     capsys.readouterr()
     assert main(["profile", "show", "nobody", "--store", db]) == 2
@@ -48,8 +48,8 @@ def test_unknown_user_profile_show_is_clear(tmp_path, capsys):
     assert data["profiles"]["user:ana"]["stated"][0]["text"] == "Be brief."
 
 
-def test_profile_export_and_forget(tmp_path, capsys):
-    db = str(tmp_path / "s.db")
+def test_profile_export_and_forget(tmp_path, capsys, store_url):
+    db = store_url()
     main(["feedback", "--store", db, "--user", "ana", "--avoid", "emojis"])
     main(["feedback", "--store", db, "--user", "bob", "--stated", "Use metric units."])
     capsys.readouterr()
@@ -63,8 +63,8 @@ def test_profile_export_and_forget(tmp_path, capsys):
     assert main(["profile", "show", "bob", "--store", db]) == 0
 
 
-def test_bad_feedback_is_refused_and_nothing_stored(tmp_path, capsys):
-    db = str(tmp_path / "s.db")
+def test_bad_feedback_is_refused_and_nothing_stored(tmp_path, capsys, store_url):
+    db = store_url()
     assert main(["feedback", "--store", db, "--user", "ana", "--json", '{"kind": "choice", "prompt": "p"}']) == 2
     err = capsys.readouterr().err
     assert "invalid feedback" in err and "chosen" in err
@@ -91,8 +91,8 @@ def test_no_command_prints_help():
 
 
 @pytest.mark.slow
-def test_chat_with_local_model(tmp_path):
-    db = str(tmp_path / "s.db")
+def test_chat_with_local_model(tmp_path, store_url):
+    db = store_url()
     r = run_cli("feedback", "--store", db, "--user", "ana", "--stated", "Answer in one short sentence.")
     assert r.returncode == 0, r.stderr
     r = run_cli("chat", "--store", db, "--user", "ana", "--trace", "What is the capital of France?")
@@ -101,12 +101,12 @@ def test_chat_with_local_model(tmp_path):
     assert "persona_rewrite" in r.stderr and "granularity=" in r.stderr
 
 
-def test_graph_show_and_graphml_export(tmp_path, capsys):
+def test_graph_show_and_graphml_export(tmp_path, capsys, store_url):
     import networkx as nx
 
     cfg = tmp_path / "g.yaml"
     cfg.write_text("graph:\n  groups:\n    acme: {stated: ['Be formal.'], members: [ana, bob]}\n")
-    db = str(tmp_path / "s.db")
+    db = store_url()
     assert main(["feedback", "--config", str(cfg), "--store", db, "--user", "ana", "--stated", "Be brief."]) == 0
     capsys.readouterr()
     assert main(["graph", "show", "ana", "--config", str(cfg), "--store", db]) == 0
@@ -120,8 +120,8 @@ def test_graph_show_and_graphml_export(tmp_path, capsys):
     assert main(["graph", "show", "--store", db]) == 2
 
 
-def test_graph_join_and_leave(tmp_path, capsys):
-    db = str(tmp_path / "s.db")
+def test_graph_join_and_leave(tmp_path, capsys, store_url):
+    db = store_url()
     assert main(["graph", "join", "ana", "crew", "--store", db]) == 0
     assert json.loads(capsys.readouterr().out)["groups"] == ["crew"]
     assert main(["graph", "show", "ana", "--store", db]) == 0

@@ -33,9 +33,9 @@ def test_cli_imports_no_plugin() -> None:
 
 
 def test_a_plugin_adds_its_section_to_profile_show(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   monkeypatch: pytest.MonkeyPatch, store_url) -> None:
     monkeypatch.setattr(manager, "DEFAULT_PLUGINS", (*manager.DEFAULT_PLUGINS, __name__))
-    db = str(tmp_path / "s.db")
+    db = store_url()
     for user in ("ana", "bob"):
         assert main(["feedback", "--store", db, "--user", user, "--stated", "Be brief."]) == 0
     capsys.readouterr()

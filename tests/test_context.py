@@ -109,7 +109,7 @@ def test_white_box_plugin_refused_on_black_box_names_its_entry(make_mw: Any) -> 
         make_mw("pipeline: [{use: vectors}]\n")
 
 
-def test_for_tenant_shares_backends_not_data(make_mw: Any, tmp_path: Any) -> None:
+def test_for_tenant_shares_backends_not_data(make_mw: Any, tmp_path: Any, store_url) -> None:
     from persona_mw.testing import ScriptedBackend
 
     closed: list[bool] = []
@@ -121,11 +121,11 @@ def test_for_tenant_shares_backends_not_data(make_mw: Any, tmp_path: Any) -> Non
     backend.aclose = aclose  # type: ignore[method-assign]
     base = make_mw("pipeline: [{use: stated}]\n", backend=backend)
     base.feedback(kind="stated", user="ana", text="answer in French")
-    acme = base.for_tenant("acme", str(tmp_path / "acme.db"))
+    acme = base.for_tenant("acme", store_url())
     try:
         assert acme.backend is base.backend and acme.tenant == "acme"
         assert [p.name for p in acme.host.pipeline] == ["stated"]
-        assert not acme.store.has_user("ana")  # another file: the base's users are not there
+        assert not acme.store.has_user("ana")  # another store: the base's users are not there
         acme.chat(user="ana", messages="hi")
         assert "French" not in backend.calls[-1][0].text
     finally:

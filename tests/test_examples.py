@@ -16,34 +16,34 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def test_every_yaml_example_builds(monkeypatch, tmp_path):
+def test_every_yaml_example_builds(monkeypatch, tmp_path, store_url):
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
     for path in EXAMPLES.glob("*.yaml"):
         cfg = load_config(path)
-        cfg.store.path = str(tmp_path / f"{path.stem}.db")
+        cfg.store.path = store_url()
         # the pipeline and the backend section must be valid; the scripted backend avoids loading a model
         mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
         mw.make_backend("backend")
         mw.close()
 
 
-def test_third_party_plugin_through_entry_point(tmp_path):
+def test_third_party_plugin_through_entry_point(tmp_path, store_url):
     """examples/persona_mw_shout is installed as a package; `use: shout` finds it by entry point."""
     cfg = parse_config("pipeline:\n  - use: stated\n  - use: shout\n")
-    cfg.store.path = str(tmp_path / "s.db")
+    cfg.store.path = store_url()
     with Middleware(cfg, backend=ScriptedBackend(script=lambda m: "hello there")) as mw:
         mw.feedback(kind="stated", user="ana", text="Please shout at me.")
         assert mw.chat(user="ana", messages="hi").text == "HELLO THERE"
         assert mw.chat(user="bob", messages="hi").text == "hello there"
     cfg2 = parse_config("pipeline:\n  - use: shout\n")
-    cfg2.store.path = str(tmp_path / "s2.db")
+    cfg2.store.path = store_url()
     with pytest.raises(Exception, match="unknown plugin 'shout'"):
         Middleware(cfg2, backend=ScriptedBackend(), autoload=False)
 
 
 @pytest.mark.slow
-def test_python_api_example_runs(tmp_path):
-    r = subprocess.run([sys.executable, str(EXAMPLES / "python_api.py"), "--store", str(tmp_path / "e.db"),
+def test_python_api_example_runs(tmp_path, store_url):
+    r = subprocess.run([sys.executable, str(EXAMPLES / "python_api.py"), "--store", store_url(),
                         "--max-new-tokens", "24"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -54,6 +54,7 @@ def test_python_api_example_runs(tmp_path):
 
 @pytest.mark.slow
 def test_demo_two_users_two_answers():
+    # `persona-mw demo` takes no --store: it shows the embedded default (a SQLite file in a temp folder)
     r = subprocess.run([sys.executable, "-m", "persona_mw.cli", "demo"], capture_output=True, text=True,
                        timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(tmp_path_factory: pytest.TempPathFactory, session_store_url) -> Iterator[str]:
     """`persona-mw serve` as a real process, with a config file, a tenant key and the local model."""
     tmp = tmp_path_factory.mktemp("serve")
     config = tmp / "pipeline.yaml"
@@ -37,7 +37,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                       "pipeline:\n  - use: stated\n    placement: user_suffix\n")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "persona_mw.cli", "serve", "--config", str(config), "--store", str(tmp / "s.db"),
+        [sys.executable, "-m", "persona_mw.cli", "serve", "--config", str(config), "--store", session_store_url(),
          "--port", str(port), "--api-key", f"acme={KEY}", "--max-body-bytes", "65536"],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -59,6 +59,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def run(script: str, *args: str) -> str:
+    # the in-process examples (litellm_callback, langchain_agent, langgraph_agent) take no --store: they
+    # keep the embedded default, a SQLite file in a temp folder, under any PERSONA_MW_TEST_STORE
     r = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
                        timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]

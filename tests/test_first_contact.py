@@ -33,6 +33,7 @@ def readme_mw(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     mp = pytest.MonkeyPatch()
     mp.setenv("PERSONA_MW_HOME", str(home))  # where Middleware() puts its store
+    # SQLite on purpose under any PERSONA_MW_TEST_STORE: this is the README's embedded default
     mw = Middleware()  # as the README writes it: the embedded default
     yield mw
     mw.close()
@@ -72,10 +73,10 @@ def test_max_tokens_at_the_top_level_and_truncation_flagged(readme_mw):
     assert "truncated" in r.trace.render()
 
 
-def test_cli_chat_says_when_the_answer_was_cut(readme_mw, tmp_path, capsys):
+def test_cli_chat_says_when_the_answer_was_cut(readme_mw, tmp_path, capsys, store_url):
     # the weights are already loaded in this process (readme_mw): a 5-token answer is quick
     assert main(["chat", "--user", "ana", "--max-tokens", "5", "Tell me a long story about a dragon.",
-                 "--store", str(tmp_path / "p.db")]) == 0
+                 "--store", store_url()]) == 0
     out = capsys.readouterr()
     assert out.out.strip()
     assert "note: the answer was cut at the length limit of 5 tokens (finish_reason=length)" in out.err
@@ -101,12 +102,12 @@ def test_progress_only_on_a_terminal():
 # -- request / trace basics (scripted backend, real store) --------------------------------------
 
 
-def _mw(tmp_path, config=None, **kw):
-    return Middleware(config, store=str(tmp_path / "p.db"), backend=ScriptedBackend(), autoload=False, **kw)
+def _mw(url, config=None, **kw):
+    return Middleware(config, store=url, backend=ScriptedBackend(), autoload=False, **kw)
 
 
-def test_top_level_generation_params_validated(tmp_path):
-    with _mw(tmp_path) as mw:
+def test_top_level_generation_params_validated(tmp_path, store_url):
+    with _mw(store_url()) as mw:
         mw.chat(user="ana", messages="hi", max_tokens=30, temperature=0.5)
         with pytest.raises(RequestError) as e:
             mw.chat(user="ana", messages="hi", max_tokens=0)
@@ -117,8 +118,8 @@ def test_top_level_generation_params_validated(tmp_path):
         mw.chat(user="ana", messages="hi", max_tokens=30, params={"max_tokens": 30})
 
 
-def test_bad_user_id_names_the_rule_not_the_regex(tmp_path):
-    with _mw(tmp_path) as mw:
+def test_bad_user_id_names_the_rule_not_the_regex(tmp_path, store_url):
+    with _mw(store_url()) as mw:
         with pytest.raises(RequestError) as e:
             mw.chat(user="ana smith", messages="hi")
         assert e.value.field == "user" and "'ana smith'" in str(e.value) and "^[" not in str(e.value)
@@ -127,15 +128,15 @@ def test_bad_user_id_names_the_rule_not_the_regex(tmp_path):
         assert "letters, digits" in str(e.value) and "^[" not in str(e.value)
 
 
-def test_unused_feedback_is_warned_in_log_and_trace(tmp_path, caplog):
-    with _mw(tmp_path, Config()) as mw:  # the bare core: no plugins
+def test_unused_feedback_is_warned_in_log_and_trace(tmp_path, caplog, store_url):
+    with _mw(store_url(), Config()) as mw:  # the bare core: no plugins
         with caplog.at_level(logging.WARNING, logger="persona_mw"):
             mw.feedback(kind="stated", user="ana", text="Be brief.")
         assert any("'stated' feedback is recorded but no configured plugin uses it" in r.getMessage()
                    for r in caplog.records)
         r = mw.chat(user="ana", messages="hi")
         assert any(f.startswith("unused_feedback: 1 stated preference(s)") for f in r.trace.flags)
-    with _mw(tmp_path / "d", None) as mw:  # the default uses stated ones, not choices
+    with _mw(store_url(), None) as mw:  # the default uses stated ones, not choices
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="persona_mw"):
             mw.feedback(kind="stated", user="ana", text="Be brief.")
@@ -148,8 +149,8 @@ def test_unused_feedback_is_warned_in_log_and_trace(tmp_path, caplog):
             "unused_feedback: 1 choice/edit/rating event(s) recorded, but no configured plugin uses them"]
 
 
-def test_default_pipeline_uses_stated_and_memory_facts_across_contexts(tmp_path):
-    with _mw(tmp_path) as mw:
+def test_default_pipeline_uses_stated_and_memory_facts_across_contexts(tmp_path, store_url):
+    with _mw(store_url()) as mw:
         mw.feedback(kind="stated", user="ana", text=ANA)
         mw.chat(user="ana", context="travel", messages="I live in Lisbon. I'm vegetarian. Plan my weekend.")
         mw.drain()
@@ -178,8 +179,8 @@ def test_models_list(capsys):
     assert "gemma3-270m" in out
 
 
-def test_memory_search_with_the_query_after_the_options(tmp_path, capsys):
-    db = str(tmp_path / "p.db")
+def test_memory_search_with_the_query_after_the_options(tmp_path, capsys, store_url):
+    db = store_url()
     with Middleware(store=db, backend=ScriptedBackend()) as mw:
         mw.memory.ingest("ana", [{"role": "user", "content": "I live in Lisbon.", "id": "m1"}])
     assert main(["memory", "search", "--user", "ana", "where do I live", "--store", db]) == 0
@@ -187,10 +188,10 @@ def test_memory_search_with_the_query_after_the_options(tmp_path, capsys):
     assert hits and hits[0]["memory"]["text"] == "I live in Lisbon."
 
 
-def test_profile_show_is_compact_and_full_on_request(tmp_path, capsys):
+def test_profile_show_is_compact_and_full_on_request(tmp_path, capsys, store_url):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("pipeline:\n  - use: profile\n    features: {embedding: false}\n")
-    db = str(tmp_path / "p.db")
+    db = store_url()
     common = ["--config", str(cfg), "--store", db]
     ev = {"kind": "choice", "prompt": "q", "chosen": "short answer.", "rejected": ["a much longer answer here."]}
     assert main(["feedback", "--user", "ana", "--json", json.dumps(ev), *common]) == 0
@@ -202,8 +203,8 @@ def test_profile_show_is_compact_and_full_on_request(tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) > 4000
 
 
-def test_feedback_json_user_conflict_is_refused(tmp_path, capsys):
-    db = str(tmp_path / "p.db")
+def test_feedback_json_user_conflict_is_refused(tmp_path, capsys, store_url):
+    db = store_url()
     ev = json.dumps({"kind": "stated", "user": "ben", "text": "Be brief."})
     assert main(["feedback", "--user", "ana", "--json", ev, "--store", db]) == 2
     assert "--json has user 'ben' but --user is 'ana'" in capsys.readouterr().err
@@ -212,11 +213,11 @@ def test_feedback_json_user_conflict_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("memory", ["", "  - use: memory\n    embedder: true\n"])
-def test_feedback_stated_is_fast_and_quiet(tmp_path, memory):
+def test_feedback_stated_is_fast_and_quiet(tmp_path, memory, store_url):
     """The default, and a pipeline with MiniLM memory: a stated preference loads no embedding model."""
     cfg = ["--config", str(tmp_path / "p.yaml")] if memory else []
     (tmp_path / "p.yaml").write_text("pipeline:\n  - use: stated\n" + memory)
-    db = str(tmp_path / "p.db")
+    db = store_url()
     for text in (ANA, "No emojis."):  # the second one finds the first stored without its vector
         t = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "persona_mw.cli", "feedback", "--user", "ana", "--stated", text,
@@ -233,8 +234,8 @@ def test_feedback_stated_is_fast_and_quiet(tmp_path, memory):
             assert hits[0].memory.text == "No emojis."
 
 
-def test_profile_forget_asks_on_a_terminal(tmp_path, capsys, monkeypatch):
-    db = str(tmp_path / "p.db")
+def test_profile_forget_asks_on_a_terminal(tmp_path, capsys, monkeypatch, store_url):
+    db = store_url()
     assert main(["feedback", "--user", "ana", "--stated", ANA, "--store", db]) == 0
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
@@ -247,16 +248,16 @@ def test_profile_forget_asks_on_a_terminal(tmp_path, capsys, monkeypatch):
         assert not mw.store.has_user("ana")
 
 
-def test_chat_bad_id_is_one_clear_line(tmp_path, capsys):
-    assert main(["chat", "--user", "ana smith", "hi", "--store", str(tmp_path / "p.db")]) == 2
+def test_chat_bad_id_is_one_clear_line(tmp_path, capsys, store_url):
+    assert main(["chat", "--user", "ana smith", "hi", "--store", store_url()]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: invalid chat request: user: invalid id 'ana smith'") and "^[" not in err
 
 
-def test_graph_export_has_global_and_parent_edges(tmp_path, capsys):
+def test_graph_export_has_global_and_parent_edges(tmp_path, capsys, store_url):
     import networkx as nx
 
-    db = str(tmp_path / "p.db")
+    db = store_url()
     with Middleware(store=db, backend=ScriptedBackend()) as mw:
         mw.chat(user="ana", messages="hi")
         mw.join("ana", "team")  # a request's groups last that request: membership is explicit (#17)
@@ -293,7 +294,7 @@ def test_every_option_has_help():
     ("roles:\n  judge: {type: litellmm, model: x}\n",
      "x.yaml:2: roles.judge.type: unknown backend type 'litellmm'", False),
 ])
-def test_config_validate_catches_what_startup_would(tmp_path, capsys, text, expected, at_startup):
+def test_config_validate_catches_what_startup_would(tmp_path, capsys, text, expected, at_startup, store_url):
     f = tmp_path / "x.yaml"
     f.write_text(text)
     assert main(["config", "validate", str(f)]) == 2
@@ -301,7 +302,7 @@ def test_config_validate_catches_what_startup_would(tmp_path, capsys, text, expe
     assert expected in err.replace(str(tmp_path) + "/", "")
     if at_startup:
         with pytest.raises(Exception):
-            Middleware(parse_config(text, "x.yaml"), store=str(tmp_path / "p.db"))
+            Middleware(parse_config(text, "x.yaml"), store=store_url())
 
 
 def test_config_hint_is_printed_once(tmp_path, capsys):
@@ -312,14 +313,14 @@ def test_config_hint_is_printed_once(tmp_path, capsys):
     assert err.count("did you mean 'placement'?") == 1
 
 
-def test_default_pipeline_over_http_control_only_preference_is_not_a_server_error(tmp_path):
+def test_default_pipeline_over_http_control_only_preference_is_not_a_server_error(tmp_path, store_url):
     """Found by the schemathesis fuzz once memory joined the default: a stated text that is only control
     characters has nothing to remember, and must not fail the feedback call (it was a 502)."""
     import httpx
 
     from persona_mw.server import create_app, serve_in_thread
 
-    with Middleware(store=str(tmp_path / "p.db"), backend=ScriptedBackend()) as mw:
+    with Middleware(store=store_url(), backend=ScriptedBackend()) as mw:
         with serve_in_thread(create_app(mw)) as url:
             r = httpx.post(url + "/v1/feedback", json={"kind": "stated", "user": "ana", "text": "\u0000\u0007"})
             assert r.status_code < 500, r.text

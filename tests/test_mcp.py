@@ -24,7 +24,10 @@ from mcp.shared._httpx_utils import create_mcp_http_client  # noqa: E402
 from persona_mw import Middleware, parse_config  # noqa: E402
 from persona_mw.mcp_server import McpAccess, build_mcp_server, mcp_http_app  # noqa: E402
 from persona_mw.server import serve_in_thread  # noqa: E402
+from persona_mw.store import open_store  # noqa: E402
 from persona_mw.testing import ScriptedBackend  # noqa: E402
+
+from tests.conftest import tenant_url  # noqa: E402
 
 PIPELINE = """
 pipeline:
@@ -43,9 +46,9 @@ def text_of(result: Any) -> str:
     return "\n".join(getattr(c, "text", "") for c in result.content)
 
 
-def new_mw(tmp_path: Path, name: str = "mcp", api_keys: dict[str, list[str]] | None = None) -> Middleware:
+def new_mw(url: str, api_keys: dict[str, list[str]] | None = None) -> Middleware:
     cfg = parse_config(PIPELINE)
-    cfg.store.path = str(tmp_path / f"{name}.db")
+    cfg.store.path = url
     if api_keys:
         cfg.server.api_keys = api_keys
     return Middleware(cfg, backend=ScriptedBackend(), autoload=False)
@@ -57,8 +60,8 @@ def http_client(url: str, key: str | None) -> Client:
 
 
 @pytest.fixture
-def tenanted(tmp_path: Path) -> Iterator[tuple[Middleware, str]]:
-    mw = new_mw(tmp_path, api_keys=KEYS)
+def tenanted(store_url: Callable[[], str]) -> Iterator[tuple[Middleware, str]]:
+    mw = new_mw(store_url(), api_keys=KEYS)
     try:
         with serve_in_thread(mcp_http_app(McpAccess(mw))) as base:
             yield mw, base + "/mcp"
@@ -70,9 +73,9 @@ def tenanted(tmp_path: Path) -> Iterator[tuple[Middleware, str]]:
 
 
 @pytest.mark.slow
-def test_stdio_cli_serves_one_tenant_with_the_local_model(tmp_path: Path) -> None:
+def test_stdio_cli_serves_one_tenant_with_the_local_model(tmp_path: Path, store_url: Callable[[], str]) -> None:
     """``persona-mw mcp --tenant acme`` (default config: the local model) spawned by the SDK's client."""
-    store = tmp_path / "persona.db"
+    store = store_url()
     config = tmp_path / "persona.yaml"
     default = (Path(__file__).parents[1] / "persona_mw" / "default.yaml").read_text()
     config.write_text(default + "\nserver:\n  api_keys:\n    acme: [key-acme]\n    beta: [key-beta]\n")
@@ -110,22 +113,23 @@ def test_stdio_cli_serves_one_tenant_with_the_local_model(tmp_path: Path) -> Non
     asyncio.run(main())
     # the data is in acme's own store (as `serve` keeps it), not in the base file
     cfg = parse_config("{}")
-    cfg.store.path = str(tmp_path / "persona.tenant-acme.db")
+    cfg.store.path = tenant_url(store, "acme")
     with Middleware(cfg, backend=ScriptedBackend(), autoload=False) as acme:
         assert any("Lisbon" in m.text for m in acme.memory.list("ana"))
-    cfg.store.path = str(store)
+    cfg.store.path = store
     with Middleware(cfg, backend=ScriptedBackend(), autoload=False) as base:
         assert not base.store.has_user("ana")
 
 
-def test_stdio_needs_a_known_tenant_when_keys_are_configured(tmp_path: Path, capsys: Any) -> None:
+def test_stdio_needs_a_known_tenant_when_keys_are_configured(tmp_path: Path, capsys: Any,
+                                                             store_url: Callable[[], str]) -> None:
     from persona_mw.cli import main
 
     config = tmp_path / "c.yaml"
     config.write_text("server:\n  api_keys:\n    acme: [key-acme]\n")
-    assert main(["mcp", "--config", str(config), "--store", str(tmp_path / "s.db")]) == 2
+    assert main(["mcp", "--config", str(config), "--store", store_url()]) == 2
     assert "--tenant" in capsys.readouterr().err
-    assert main(["mcp", "--config", str(config), "--store", str(tmp_path / "s.db"), "--tenant", "nope"]) == 2
+    assert main(["mcp", "--config", str(config), "--store", store_url(), "--tenant", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown tenant 'nope'" in err and "Traceback" not in err
 
@@ -255,8 +259,8 @@ def _junk(rng: random.Random, depth: int = 0) -> Any:
     return rng.choice(makers)()
 
 
-def test_fuzzed_tool_arguments_are_tool_errors(tmp_path: Path) -> None:
-    mw = new_mw(tmp_path)
+def test_fuzzed_tool_arguments_are_tool_errors(store_url: Callable[[], str]) -> None:
+    mw = new_mw(store_url())
     mw.feedback(kind="stated", user="ana", text="Short answers.")
     fields = ["user", "query", "k", "context", "text", "kind", "polarity", "prompt", "chosen", "rejected",
               "response", "rating", "before", "after", "messages", "groups"]
@@ -289,8 +293,8 @@ def test_fuzzed_tool_arguments_are_tool_errors(tmp_path: Path) -> None:
     assert errors > 300, (errors, ok)
 
 
-def test_tool_errors_name_the_field(tmp_path: Path) -> None:
-    mw = new_mw(tmp_path)
+def test_tool_errors_name_the_field(store_url: Callable[[], str]) -> None:
+    mw = new_mw(store_url())
     cases = [
         ("search_memories", {"user": "a b", "query": "x"}, "user"),
         ("search_memories", {"user": "ana"}, "query"),
@@ -317,7 +321,7 @@ def test_tool_errors_name_the_field(tmp_path: Path) -> None:
         mw.close()
 
 
-def test_cli_http_transport_with_api_keys(tmp_path: Path) -> None:
+def test_cli_http_transport_with_api_keys(store_url: Callable[[], str]) -> None:
     """``persona-mw mcp --transport http --api-key ...`` as a user runs it: keys checked, tenants apart."""
     import socket
     import subprocess
@@ -329,7 +333,7 @@ def test_cli_http_transport_with_api_keys(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "persona_mw.cli", "mcp", "--transport", "http", "--port", str(port),
-         "--store", str(tmp_path / "p.db"), "--api-key", "acme=key-acme", "--api-key", "beta=key-beta"],
+         "--store", url_ := store_url(), "--api-key", "acme=key-acme", "--api-key", "beta=key-beta"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/mcp"
     try:
@@ -358,4 +362,7 @@ def test_cli_http_transport_with_api_keys(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
-    assert (tmp_path / "p.tenant-acme.db").exists()
+    with open_store(tenant_url(url_, "acme")) as acme_store:  # acme's data went to acme's own store
+        assert acme_store.has_user("dee")
+    with open_store(url_) as base_store:
+        assert not base_store.has_user("dee")

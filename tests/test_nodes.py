@@ -10,7 +10,7 @@ import pytest
 
 from persona_mw import nodes
 from persona_mw.graph import PreferenceGraph
-from persona_mw.store.sqlite import SQLiteStore
+from persona_mw.store import open_store
 from persona_mw.types import ScopeNode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,13 +130,13 @@ def test_most_specific_first_is_the_specificity_order():
         "user:ana@context:c", "user:ana", "group:a", "context:c", "global"]
 
 
-def test_graph_export_links_a_user_context_node_to_its_own_user(tmp_path):
+def test_graph_export_links_a_user_context_node_to_its_own_user(tmp_path, store_url):
     """GraphML export: ``user:ana@evil@context:x`` specializes ``user:ana@evil`` and ``context:x``.
 
     The export split the id at the first '@', so it linked user ``ana@evil``'s context node to
     *user ana* and to a made-up node ``evil@context:x``.
     """
-    store = SQLiteStore(str(tmp_path / "g.db"))
+    store = open_store(store_url())
     for n in ("user:ana", "user:ana@evil", "user:ana@evil@context:x", "context:x"):
         store.ensure_node(n)
     g = PreferenceGraph(store).export_graph()

@@ -238,20 +238,20 @@ def test_per_plugin_stage_metrics_come_from_the_hook_runner_for_every_door(make_
     assert delta(stage="gather", plugin="stated", ok="true") == delta(stage="gather", plugin="stated")
 
 
-def test_stage_metrics_are_off_without_a_metrics_server() -> None:
+def test_stage_metrics_are_off_without_a_metrics_server(store_url) -> None:
     """The Python API alone never imports prometheus-client and records nothing."""
     import subprocess
 
-    code = ("import sys, tempfile, os\n"
+    code = ("import sys\n"
             "from persona_mw import Middleware, parse_config, observe\n"
             "from persona_mw.testing import ScriptedBackend\n"
             "cfg = parse_config('pipeline: [{use: stated}]')\n"
-            "cfg.store.path = os.path.join(tempfile.mkdtemp(), 'x.db')\n"
+            "cfg.store.path = sys.argv[1]\n"
             "mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)\n"
             "mw.chat(user='ana', messages='hi')\n"
             "mw.close()\n"
             "assert not observe.metrics_enabled()\n"
             "assert 'prometheus_client' not in sys.modules, 'imported'\n"
             "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, store_url()], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -180,3 +180,27 @@ def test_litellm_backend_sends_tools(monkeypatch: pytest.MonkeyPatch) -> None:
                        GenerationParams(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none"))
     assert kwargs["tools"] == [{"type": "function", "function": {"name": "f"}}] and kwargs["tool_choice"] == "none"
     assert asyncio.run(b.aclose()) is None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_trace_id_no_trace_can_have_is_a_404_on_every_store(kind: str, request: pytest.FixtureRequest,
+                                                             tmp_path: Any) -> None:
+    """Found by the fuzz once it ran on Postgres: ``GET /v1/traces/%00`` reached the store, and Postgres
+    text cannot hold a NUL, so the answer was a 503. An id no trace can have is unknown on every store."""
+    from .conftest import fresh_pg_url
+
+    url = str(tmp_path / "t.db") if kind == "sqlite" else fresh_pg_url(request.getfixturevalue("pg_server"), "trc")
+    mw = Middleware(store=url, backend=ScriptedBackend(), autoload=False)
+    try:
+        known = mw.chat(user="ana", messages="hi").trace.id
+        with serve_in_thread(create_app(mw)) as base:
+            for bad in ("%00", "a%00b", "%01", "x%20y", "%E2%80%AE"):
+                r = httpx.get(f"{base}/v1/traces/{bad}", timeout=30)
+                assert r.status_code == 404, (bad, r.status_code, r.text[:300])
+                assert r.json()["error"]["param"] == "trace_id"
+            assert httpx.get(f"{base}/v1/traces/{known}", timeout=30).status_code == 200
+        for bad in ("\x00", "a\x00b", "x y"):
+            assert mw.trace(bad) is None  # the Python API: unknown, not a store error
+        assert mw.trace(known) is not None
+    finally:
+        mw.close()

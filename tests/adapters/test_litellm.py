@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -38,9 +39,9 @@ class OneChoiceBackend(ScriptedBackend):
 
 
 @contextlib.contextmanager
-def inner_server(tmp: Path, backend: Any) -> Iterator[str]:
+def inner_server(store: str, backend: Any) -> Iterator[str]:
     """A persona-mw server on loopback answering with ``backend``; yields its ``/v1`` base URL."""
-    mw = Middleware(store=str(tmp / "inner.db"), backend=backend, autoload=False)
+    mw = Middleware(store=store, backend=backend, autoload=False)
     try:
         with serve_in_thread(create_app(mw)) as url:
             yield url + "/v1"
@@ -49,8 +50,8 @@ def inner_server(tmp: Path, backend: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def api_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with inner_server(tmp_path_factory.mktemp("inner"), ScriptedBackend()) as base:
+def api_base(session_store_url: Any) -> Iterator[str]:
+    with inner_server(session_store_url(), ScriptedBackend()) as base:
         yield base
 
 
@@ -92,9 +93,9 @@ def test_n_candidates_in_one_call(api_base: str) -> None:
     assert len({c.meta["response_id"] for c in cands}) == 1
 
 
-def test_missing_choices_are_filled_by_further_calls(tmp_path: Path) -> None:
+def test_missing_choices_are_filled_by_further_calls(store_url: Any) -> None:
     provider = OneChoiceBackend()
-    with inner_server(tmp_path, provider) as base:
+    with inner_server(store_url(), provider) as base:
         backend = LiteLLMBackend("openai/inner", api_base=base, api_key="x", extra_headers=RELAY)
         cands = run(backend.generate(ASK, n=3))
     assert [c.index for c in cands] == [0, 1, 2]
@@ -108,7 +109,7 @@ def test_stream(api_base: str) -> None:
     assert len(pieces) > 1 and "".join(pieces) == "tell me about green tea"
 
 
-def test_middleware_over_litellm_over_persona_server(api_base: str, tmp_path: Path) -> None:
+def test_middleware_over_litellm_over_persona_server(api_base: str, store_url: Any) -> None:
     """An outer Middleware (configured in YAML) whose backend is litellm talking to an inner server."""
     yaml_text = f"""
 backend:
@@ -118,7 +119,7 @@ backend:
   api_key: x
   timeout: 30
   extra_headers: {{X-Persona-User: relay}}
-store: {{path: {tmp_path / "outer.db"}}}
+store: {{path: {json.dumps(store_url())}}}
 autoload_plugins: false
 """
     mw = Middleware.from_yaml_string(yaml_text)
@@ -150,16 +151,16 @@ def test_closed_port_is_unavailable_quickly() -> None:
         run(collect(backend, ASK))
 
 
-def test_slow_server_times_out(tmp_path: Path) -> None:
-    with inner_server(tmp_path, ScriptedBackend(delay=1.5)) as base:
+def test_slow_server_times_out(store_url: Any) -> None:
+    with inner_server(store_url(), ScriptedBackend(delay=1.5)) as base:
         backend = LiteLLMBackend("openai/inner", api_base=base, api_key="x", timeout=0.3, extra_headers=RELAY)
         with pytest.raises(BackendTimeout) as info:
             run(backend.generate(ASK))
     assert "openai/inner" in str(info.value) and info.value.__cause__ is not None
 
 
-def test_server_errors_are_unavailable(tmp_path: Path) -> None:
-    with inner_server(tmp_path, ScriptedBackend(fail=BackendUnavailable("upstream down"))) as base:
+def test_server_errors_are_unavailable(store_url: Any) -> None:
+    with inner_server(store_url(), ScriptedBackend(fail=BackendUnavailable("upstream down"))) as base:
         backend = LiteLLMBackend("openai/inner", api_base=base, api_key="x", extra_headers=RELAY)
         with pytest.raises(BackendUnavailable, match="upstream down"):
             run(backend.generate(ASK))

@@ -59,6 +59,8 @@ def test_recall_by_hand():
 
 
 def test_eval_locomo_cli(locomo_dir, tmp_path, capsys):
+    # no --store: the command's default, a SQLite store of its own per run, under any PERSONA_MW_TEST_STORE
+    # (--store on Postgres: test_eval_locomo_through_postgres)
     out = tmp_path / "locomo.json"
     assert main(["eval", "locomo", "--data", str(locomo_dir), "--out", str(out)]) == 0
     res = json.loads(out.read_text())

@@ -33,17 +33,17 @@ class AfterTurnRecorder:
         self.seen.append((turn.request.user, response.text, turn.trace.id))
 
 
-def make_personal(tmp_path: Any, backend: Any = None, name: str = "personal") -> Middleware:
+def make_personal(store_url: Any, backend: Any = None) -> Middleware:
     cfg = parse_config(PIPELINE)
-    cfg.store.path = str(tmp_path / f"{name}.db")
+    cfg.store.path = store_url()
     mw = Middleware(cfg, backend=backend or ScriptedBackend(), autoload=False)
     mw.feedback(kind="stated", user="ana", text=PREF)
     return mw
 
 
 @pytest.fixture
-def personal(tmp_path: Any) -> Iterator[tuple[Middleware, AfterTurnRecorder]]:
-    mw = make_personal(tmp_path)
+def personal(store_url: Any) -> Iterator[tuple[Middleware, AfterTurnRecorder]]:
+    mw = make_personal(store_url)
     rec = AfterTurnRecorder()
     with registered(mw, rec, name="after-turn-recorder"):
         yield mw, rec

@@ -60,18 +60,18 @@ def tool_llm() -> Any:
         yield url + "/v1", app.state.requests
 
 
-def litellm_mw(tmp_path: Any, base: str) -> Any:
+def litellm_mw(store_url: Any, base: str) -> Any:
     from persona_mw import Middleware, parse_config
 
     cfg = parse_config(f"backend: {{type: litellm, model: openai/tool-llm, api_base: '{base}', api_key: x, "
                        "max_retries: 0}\npipeline:\n  - use: stated\n    placement: system\n")
-    cfg.store.path = str(tmp_path / "tools.db")
+    cfg.store.path = store_url()
     mw = Middleware(cfg, autoload=False)
     mw.feedback(kind="stated", user="ana", text=PREF)
     return mw
 
 
-def test_bind_tools_calls_the_backends_tool_calling(tmp_path: Any, tool_llm: Any) -> None:
+def test_bind_tools_calls_the_backends_tool_calling(store_url: Any, tool_llm: Any) -> None:
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
 
@@ -81,7 +81,7 @@ def test_bind_tools_calls_the_backends_tool_calling(tmp_path: Any, tool_llm: Any
         return f"sunny in {city}"
 
     base, requests = tool_llm
-    with litellm_mw(tmp_path, base) as mw:
+    with litellm_mw(store_url, base) as mw:
         model = PersonaChatModel(middleware=mw, user="ana").bind_tools([get_weather], tool_choice="get_weather")
         msg = model.invoke("What's the weather in Lisbon?")
         assert msg.tool_calls == [{"name": "get_weather", "args": {"city": "Lisbon"}, "id": msg.tool_calls[0]["id"],
@@ -109,7 +109,7 @@ def test_bind_tools_calls_the_backends_tool_calling(tmp_path: Any, tool_llm: Any
         assert asyncio.run(model.ainvoke("Weather in Faro?")).tool_calls[0]["args"] == {"city": "Faro"}
 
 
-def test_with_structured_output_through_a_forced_tool_call(tmp_path: Any, tool_llm: Any) -> None:
+def test_with_structured_output_through_a_forced_tool_call(store_url: Any, tool_llm: Any) -> None:
     from pydantic import BaseModel
 
     class Trip(BaseModel):
@@ -117,7 +117,7 @@ def test_with_structured_output_through_a_forced_tool_call(tmp_path: Any, tool_l
         days: int
 
     base, requests = tool_llm
-    with litellm_mw(tmp_path, base) as mw:
+    with litellm_mw(store_url, base) as mw:
         trip = PersonaChatModel(middleware=mw, user="ana").with_structured_output(Trip).invoke("Three days in Porto")
         assert trip == Trip(destination="Porto", days=4)  # the stand-in fills ints with the word count
         assert requests[-1]["tool_choice"] == "required" and requests[-1]["tools"][0]["function"]["name"] == "Trip"

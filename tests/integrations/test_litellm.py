@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Iterator
 
 import pytest
@@ -126,7 +127,8 @@ def test_failed_call_drops_the_pending_turn(personal: Any, callback: PersonaCall
     assert not callback._pending
 
 
-def test_proxy_config_example_loads_the_callback(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+def test_proxy_config_example_loads_the_callback(monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+                                                store_url: Any) -> None:
     """examples/litellm_proxy/config.yaml parses and its callback resolves with litellm's own loader."""
     import yaml
     from litellm.proxy.types_utils.utils import get_instance_fn
@@ -137,7 +139,7 @@ def test_proxy_config_example_loads_the_callback(monkeypatch: pytest.MonkeyPatch
     cfg = yaml.safe_load(path.read_text())
     (name,) = cfg["litellm_settings"]["callbacks"]
     pipeline = EXAMPLES / "litellm_proxy" / "pipeline.yaml"
-    text = pipeline.read_text().replace("store:\n  path: persona.db", f"store:\n  path: {tmp_path / 'p.db'}")
+    text = pipeline.read_text().replace("store:\n  path: persona.db", f"store:\n  path: {json.dumps(store_url())}")
     (tmp_path / "pipeline.yaml").write_text(text)
     monkeypatch.setenv("PERSONA_MW_CONFIG", str(tmp_path / "pipeline.yaml"))
     import persona_mw.integrations.litellm as integration
@@ -150,7 +152,7 @@ def test_proxy_config_example_loads_the_callback(monkeypatch: pytest.MonkeyPatch
     handler.mw.close()
 
 
-def test_a_failed_calls_trace_is_stored_redacted(tmp_path: Any) -> None:
+def test_a_failed_calls_trace_is_stored_redacted(store_url: Any) -> None:
     """The failure path stored the trace bare, past the Middleware's trace writer: the trace bounds and the
     coarse timings (``trace.timing_resolution_ms``) were skipped."""
     from persona_mw.testing import ScriptedBackend
@@ -159,7 +161,7 @@ def test_a_failed_calls_trace_is_stored_redacted(tmp_path: Any) -> None:
 
     cfg = parse_config("pipeline: [{use: stated}]\nprivacy: {redact: [email]}\n"
                        "trace: {timing_resolution_ms: 50}\n")
-    cfg.store.path = str(tmp_path / "fail.db")
+    cfg.store.path = store_url()
     with Middleware(cfg, backend=ScriptedBackend(), autoload=False) as mw:
         cb = PersonaCallback(mw)
         litellm.callbacks = [cb]

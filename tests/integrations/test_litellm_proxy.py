@@ -4,6 +4,7 @@ request, and the openai SDK as the client: run as the example's header documents
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -38,11 +39,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def proxy(tmp_path_factory: pytest.TempPathFactory, session_store_url: Any) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("proxy")
-    # The example's pipeline keeps its store in persona.db where the proxy runs: seed ana's preference there.
-    cfg = parse_config((EXAMPLE / "pipeline.yaml").read_text())
-    cfg.store.path = str(tmp / "persona.db")
+    # The example's pipeline keeps its store in persona.db where the proxy runs; the test's copy of it
+    # names the test store instead (a SQLite file, or a Postgres schema): seed ana's preference there.
+    store = session_store_url()
+    example = (EXAMPLE / "pipeline.yaml").read_text()
+    pipeline = example.replace("store:\n  path: persona.db", f"store:\n  path: {json.dumps(store)}")
+    assert pipeline != example
+    (tmp / "pipeline.yaml").write_text(pipeline)
+    cfg = parse_config(pipeline)
+    assert cfg.store.path == store
     with Middleware(cfg, autoload=False) as mw:
         mw.feedback(kind="stated", user="ana", text=PREF)
     app = tool_calling_llm()
@@ -50,7 +57,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         port = free_port()
         env = {**os.environ, "LITELLM_MASTER_KEY": KEY, "UPSTREAM_API_BASE": upstream + "/v1",
                "UPSTREAM_API_KEY": "none", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-               "PERSONA_MW_CONFIG": str(EXAMPLE / "pipeline.yaml"), "PYTHONPATH": str(ROOT)}
+               "PERSONA_MW_CONFIG": str(tmp / "pipeline.yaml"), "PYTHONPATH": str(ROOT)}
         env.pop("PERSONA_MW_REQUIRE_USER", None)
         log = (tmp / "proxy.log").open("w")
         started = time.monotonic()
@@ -67,7 +74,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 if proc.poll() is not None or time.monotonic() - started > 180:
                     raise RuntimeError("litellm proxy did not start:\n" + (tmp / "proxy.log").read_text()[-4000:])
                 time.sleep(0.3)
-            yield {"url": url, "requests": app.state.requests, "headers": app.state.headers, "store": str(tmp / "persona.db"),
+            yield {"url": url, "requests": app.state.requests, "headers": app.state.headers, "store": store,
                    "startup_s": time.monotonic() - started, "log": tmp / "proxy.log"}
         finally:
             proc.terminate()

@@ -137,11 +137,11 @@ def explanation(mw: Any, trace_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
-def test_four_entry_points_same_prompt(tmp_path: Any, upstream: Any, stream: bool) -> None:
+def test_four_entry_points_same_prompt(store_url: Any, upstream: Any, stream: bool) -> None:
     from .conftest import AfterTurnRecorder
     from persona_mw.testing import registered
 
-    mw = make_personal(tmp_path)
+    mw = make_personal(store_url)
     rec = AfterTurnRecorder()
     llm_url, llm = upstream
     prompts: dict[str, Any] = {}
@@ -176,13 +176,13 @@ def test_four_entry_points_same_prompt(tmp_path: Any, upstream: Any, stream: boo
 
 
 @pytest.mark.slow
-def test_four_entry_points_with_the_local_model(tmp_path: Any, local_backend: Any) -> None:
+def test_four_entry_points_with_the_local_model(store_url: Any, local_backend: Any) -> None:
     """The real SmolLM2 behind each entry point (the LLM server for litellm/openai serves it too)."""
     from persona_mw import Middleware, parse_config
 
-    mw = make_personal(tmp_path, backend=local_backend)
+    mw = make_personal(store_url, backend=local_backend)
     plain_cfg = parse_config("{}")
-    plain_cfg.store.path = str(tmp_path / "llm.db")
+    plain_cfg.store.path = store_url()
     llm_mw = Middleware(plain_cfg, backend=local_backend, autoload=False)
     try:
         with serve_in_thread(create_app(llm_mw)) as llm_url:

@@ -7,7 +7,7 @@ import pytest
 from persona_mw.errors import RequestError
 from persona_mw.memory import MemoryManager
 from persona_mw.memory.hops import DEFAULT_HOPS, HopSettings, names
-from persona_mw.store.sqlite import SQLiteStore
+from persona_mw.store import open_store
 
 HOPS = {"prf_k": 1, "prf_weight": 0.5, "link_weight": 2.0, "session_penalty": 0.0}
 
@@ -22,8 +22,8 @@ def minilm():
 
 
 @pytest.fixture
-def mm(tmp_path, minilm):
-    store = SQLiteStore(str(tmp_path / "mem.db"))
+def mm(store_url, minilm):
+    store = open_store(store_url())
     m = MemoryManager(store, embedder=minilm)
     say = [
         ("1 May 2023", [("My sister Lucia lives in Lisbon now.", "D1:1"), ("The concert was loud.", "D1:2")]),

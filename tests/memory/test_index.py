@@ -17,7 +17,7 @@ import pytest
 from persona_mw.memory import MemoryManager
 from persona_mw.memory import index as index_mod
 from persona_mw.memory.index import AnnIndex, BM25Index, NumpyIndex, tokenize
-from persona_mw.store.sqlite import SQLiteStore
+from persona_mw.store import open_store
 
 needs_usearch = pytest.mark.skipif(importlib.util.find_spec("usearch") is None,
                                    reason="usearch (the memory extra) is not installed")
@@ -169,10 +169,10 @@ def _turns(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 @needs_usearch
-def test_fused_over_candidates_matches_exact_fusion(tmp_path: Any) -> None:
+def test_fused_over_candidates_matches_exact_fusion(store_url: Any) -> None:
     """Mode fused with the HNSW graph (threshold below the user's size) ranks like the exact reference;
     below the threshold the two are the same search."""
-    store = SQLiteStore(str(tmp_path / "m.db"))
+    store = open_store(store_url())
     emb = HashEmbedder()
     writer = MemoryManager(store, embedder=emb, dense_index="exact")
     writer.add_raw("ana", _turns(1500, 8))
@@ -193,11 +193,11 @@ def test_fused_over_candidates_matches_exact_fusion(tmp_path: Any) -> None:
 
 
 @needs_usearch
-def test_forget_in_another_process_clears_a_graph_owner(tmp_path: Any) -> None:
+def test_forget_in_another_process_clears_a_graph_owner(store_url: Any) -> None:
     """The forget epoch still invalidates a cached user whose vectors sit in an HNSW graph; a fresh
     manager (another process) sees what was written before it loaded."""
-    path = str(tmp_path / "m.db")
-    s1, s2 = SQLiteStore(path), SQLiteStore(path)
+    path = store_url()
+    s1, s2 = open_store(path), open_store(path)
     emb = HashEmbedder()
     a = MemoryManager(s1, embedder=emb, dense_index="ann", ann_threshold=200)
     a.add_raw("ana", _turns(400, 10))

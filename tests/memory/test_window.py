@@ -7,12 +7,12 @@ import pytest
 
 from persona_mw.memory import MemoryManager
 from persona_mw.memory.window import WindowRetriever
-from persona_mw.store.sqlite import SQLiteStore
+from persona_mw.store import open_store
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(str(tmp_path / "mem.db"))
+def store(store_url):
+    s = open_store(store_url())
     yield s
     s.close()
 

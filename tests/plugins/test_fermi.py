@@ -136,8 +136,8 @@ def test_a_slow_or_failing_optimizer_leaves_turns_served_and_the_error_recorded(
     assert st["best"] and "pasta" in mw.store.get_profile("user:ana").prompt
 
 
-def test_state_persists_is_exported_and_forgotten(make_mw, tmp_path):
-    db = str(tmp_path / "fermi.db")
+def test_state_persists_is_exported_and_forgotten(make_mw, tmp_path, store_url):
+    db = store_url()
     yaml = "pipeline:\n  - use: fermi\n    background: false\n    every: 3\n    optimizer_calls: 0\n    max_aux_calls: 64\n"
     mw = make_mw(yaml, backend=ScriptedBackend(script=lexical_judge), db=db)
     choices(mw)
@@ -189,12 +189,12 @@ def test_whitebox_scorer_prefers_the_prompt_matching_the_chosen_answers(local_ba
     assert acc_cook > 0.5 > acc_cars
 
 
-def test_profile_show_lists_the_current_prompt_and_its_history(make_mw, tmp_path, capsys):
+def test_profile_show_lists_the_current_prompt_and_its_history(make_mw, tmp_path, capsys, store_url):
     import json
 
     from persona_mw.cli import main
 
-    db = str(tmp_path / "cli.db")
+    db = store_url()
     yaml = "pipeline:\n  - use: fermi\n    background: false\n    every: 3\n    optimizer_calls: 0\n    max_aux_calls: 64\n"
     mw = make_mw(yaml, backend=ScriptedBackend(script=lexical_judge), db=db)
     choices(mw)
@@ -210,7 +210,7 @@ def test_profile_show_lists_the_current_prompt_and_its_history(make_mw, tmp_path
     assert rep["history"] and rep["history"][-1]["accepted"] is True and rep["memory"]
 
 
-def test_profile_show_reports_the_prompts_of_two_fermi_entries_once(make_mw, tmp_path, capsys):
+def test_profile_show_reports_the_prompts_of_two_fermi_entries_once(make_mw, tmp_path, capsys, store_url):
     # The report is the plugin's own ``persona_profile_report``: with two entries, the first one
     # reports both (node keys say which entry), the second adds nothing.
     import json
@@ -218,7 +218,7 @@ def test_profile_show_reports_the_prompts_of_two_fermi_entries_once(make_mw, tmp
     from persona_mw.cli import main
     from persona_mw.types import Profile
 
-    db = str(tmp_path / "two.db")
+    db = store_url()
     yaml = ("pipeline:\n  - use: fermi\n    background: false\n"
             "  - use: fermi\n    name: fermi2\n    background: false\n")
     mw = make_mw(yaml, backend=ScriptedBackend(script=lexical_judge), db=db)

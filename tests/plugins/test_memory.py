@@ -1,12 +1,12 @@
-"""The memory plugin through Middleware.chat with the real SQLite store."""
+"""The memory plugin through Middleware.chat with the real store (SQLite, or Postgres: PERSONA_MW_TEST_STORE)."""
 
 from __future__ import annotations
-
-import sqlite3
 
 from persona_mw.cli import main as cli_main
 from persona_mw.manager import PIPELINE_PREFIX
 from persona_mw.testing import ScriptedBackend
+
+from tests.conftest import store_tables
 
 YAML = """
 pipeline:
@@ -62,8 +62,8 @@ def test_many_users_never_see_each_other(make_mw):
         assert not any(f"Rex{j}." in prompt or f"pollen{j}." in prompt or pets[j] in prompt for j in others)
 
 
-def test_forget_through_middleware(make_mw, tmp_path):
-    db = str(tmp_path / "f.db")
+def test_forget_through_middleware(make_mw, tmp_path, store_url):
+    db = store_url()
     mw = make_mw(YAML.format(emb="false"), db=db)
     chat(mw, "ana", "I'm allergic to peanuts and I live in Lisbon.")
     chat(mw, "bob", "I'm allergic to peanuts too.")
@@ -71,9 +71,7 @@ def test_forget_through_middleware(make_mw, tmp_path):
     mw.memory.search("ana", "peanuts")  # indexes loaded
     counts = mw.forget("ana")
     assert counts["memories"] == 2
-    con = sqlite3.connect(db)
-    assert con.execute("SELECT COUNT(*) FROM memories WHERE owner LIKE 'user:ana%'").fetchone()[0] == 0
-    con.close()
+    assert [m for m in store_tables(db)["memories"] if str(m["owner"]).startswith("user:ana")] == []
     assert mw.memory.bm25.size("user:ana") == 0 and mw.memory.search("ana", "peanuts") == []
     r = chat(mw, "ana", "What am I allergic to?")
     assert "peanuts" not in r.messages[-1].text.split("\n\n")[-1] or "Known about" not in r.messages[-1].text
@@ -114,8 +112,8 @@ def test_hostile_turns_are_stored_inert(make_mw):
     assert not any("instructions" in t or "\x00" in t or "\x1b" in t or "\u202e" in t or len(t) > 400 for t in texts)
 
 
-def test_memory_cli(make_mw, tmp_path, capsys):
-    db = str(tmp_path / "cli.db")
+def test_memory_cli(make_mw, tmp_path, capsys, store_url):
+    db = store_url()
     mw = make_mw(YAML.format(emb="false"), db=db)
     chat(mw, "ana", "I love jazz and I live in Oslo.")
     mw.drain()

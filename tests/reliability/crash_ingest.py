@@ -13,7 +13,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from typing import Any
 
 from persona_mw import Middleware, parse_config
 from persona_mw.testing import ScriptedBackend
+
+from tests.conftest import store_tables
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGES = 120
@@ -70,14 +71,11 @@ def worker(db: str, seed: int) -> None:
     time.sleep(3600)
 
 
-def duplicates(db: Path) -> tuple[int, int]:
+def duplicates(db: str) -> tuple[int, int]:
     """(duplicate memories, raw turns stored): the same owner/kind/text/provenance more than once, and
     the same active owner/kind/text more than once, counted beyond the first."""
-    conn = sqlite3.connect(db)
-    try:
-        rows = conn.execute("SELECT owner, kind, text, provenance, superseded_by, meta FROM memories").fetchall()
-    finally:
-        conn.close()
+    rows = [(m["owner"], m["kind"], m["text"], m["provenance"], m["superseded_by"], m["meta"])
+            for m in store_tables(db)["memories"]]
     exact = Counter((o, k, t, p) for o, k, t, p, _, _ in rows)
     active = Counter((o, k, t) for o, k, t, _, s, _ in rows if s is None)
     dup = sum(n - 1 for n in exact.values() if n > 1) + sum(n - 1 for n in active.values() if n > 1)
@@ -85,8 +83,10 @@ def duplicates(db: Path) -> tuple[int, int]:
     return dup, raw
 
 
-def ingest_crash_cycle(db: Path, seed: int, wait_s: float = 20.0) -> dict[str, Any]:
-    """One worker killed mid-ingestion; the restart must finish the job alone, with no duplicates."""
+def ingest_crash_cycle(db: Path | str, seed: int, wait_s: float = 20.0) -> dict[str, Any]:
+    """One worker killed mid-ingestion; the restart must finish the job alone, with no duplicates.
+    ``db``: a SQLite file, or any store URL (a Postgres schema)."""
+    db = str(db)
     proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.crash_ingest", str(db), str(seed)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -107,12 +107,10 @@ def ingest_crash_cycle(db: Path, seed: int, wait_s: float = 20.0) -> dict[str, A
         proc.stderr.close()
     if writes < kill_after:
         raise RuntimeError(f"worker wrote only {writes} memories: {err}")
-    conn = sqlite3.connect(db)
-    pending_at_kill = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-    conn.close()
+    pending_at_kill = len(store_tables(db)["jobs"])
 
     t0 = time.monotonic()
-    mw = make(str(db))  # the restart, seconds after the crash: no operator, no resume_jobs call
+    mw = make(db)  # the restart, seconds after the crash: no operator, no resume_jobs call
     operator_needed = False
     try:
         while mw.store.list_jobs() and time.monotonic() - t0 < wait_s:

@@ -17,6 +17,8 @@ from typing import Any
 from persona_mw.testing import ScriptedBackend
 from persona_mw.types import Candidate, Message
 
+from tests.conftest import store_bytes
+
 CONFIG = """
 pipeline:
   - use: stated
@@ -54,14 +56,15 @@ class SignallingBackend(ScriptedBackend):
         return await super().generate(messages, **kwargs)
 
 
-def forget_race(root: Path, turns: int = 200, delay: float = 0.2) -> dict[str, Any]:
+def forget_race(root: Path, turns: int = 200, delay: float = 0.2, url: str | None = None) -> dict[str, Any]:
+    """The race on the store at ``url`` (default: a SQLite file in ``root``)."""
     import httpx
 
     from persona_mw import Middleware, parse_config
     from persona_mw.server import create_app, serve_in_thread
 
     cfg = parse_config(CONFIG)
-    cfg.store.path = str(root / "forget_race.db")
+    cfg.store.path = url = url or str(root / "forget_race.db")
     backend = SignallingBackend(delay)
     mw = Middleware(cfg, backend=backend, autoload=False)
     users = [f"u{i}" for i in range(turns)]
@@ -115,7 +118,7 @@ def forget_race(root: Path, turns: int = 200, delay: float = 0.2) -> dict[str, A
         time.sleep(0.1)
     pending = pending_scrub()
     mw.close()
-    raw = b"".join(p.read_bytes() for p in root.glob("forget_race.db*"))
+    raw = store_bytes(url)
     leftover = [u for u in users if f"qx{u}zz".encode() in raw]
     return {"turns": turns, "json": (turns + 1) // 2, "sse": turns // 2, "deleted_during_generation": raced,
             "resurrected": len(resurrected),

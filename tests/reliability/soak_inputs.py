@@ -15,7 +15,7 @@ MEMORY_PIPELINE = ("pipeline:\n  - use: stated\n  - use: memory\n    embedder: f
                    "    store_turns: true\nprivacy: {redact: [email, phone, card]}\n")
 
 
-def _memory_mw(db: Path, backend: Any) -> Any:
+def _memory_mw(db: Path | str, backend: Any) -> Any:
     from persona_mw import Middleware, parse_config
 
     cfg = parse_config(MEMORY_PIPELINE)
@@ -42,15 +42,15 @@ def _after_checks(mw: Any, client: Any, url: str) -> dict[str, Any]:
             "users": len(users), "turns_answered": turns, "export_bad": export_bad}
 
 
-def fuzz_memory(root: Path, n: int, seed: int = 0, http_share: float = 0.7) -> dict[str, Any]:
+def fuzz_memory(root: Path, n: int, seed: int = 0, http_share: float = 0.7, url: str | None = None) -> dict[str, Any]:
     """``n`` fuzzed requests (``http_share`` over HTTP, the rest through the Python API) through a
-    memory-enabled pipeline on the scripted backend."""
+    memory-enabled pipeline on the scripted backend, on the store at ``url`` (default: a SQLite file in ``root``)."""
     import httpx
 
     from persona_mw.server import create_app, serve_in_thread
     from persona_mw.testing import ScriptedBackend
 
-    mw = _memory_mw(root / "fuzz-memory.db", ScriptedBackend())
+    mw = _memory_mw(url or root / "fuzz-memory.db", ScriptedBackend())
     rng = random.Random(seed)
     n_http = int(n * http_share)
     try:
@@ -63,7 +63,8 @@ def fuzz_memory(root: Path, n: int, seed: int = 0, http_share: float = 0.7) -> d
     return {"tried": n, "http": fh["tried"], "python": fp["tried"], "bad": fh["bad"] + fp["bad"], **after}
 
 
-def fuzz_model(root: Path, n: int, seed: int = 0, backend: Any = None, max_new_tokens: int = 8) -> dict[str, Any]:
+def fuzz_model(root: Path, n: int, seed: int = 0, backend: Any = None, max_new_tokens: int = 8,
+               url: str | None = None) -> dict[str, Any]:
     """``n`` fuzzed HTTP requests through a memory-enabled pipeline on the real local model (answers
     capped at ``max_new_tokens``: the point is the inputs, not the text)."""
     import httpx
@@ -74,7 +75,7 @@ def fuzz_model(root: Path, n: int, seed: int = 0, backend: Any = None, max_new_t
         from persona_mw.adapters.transformers import TransformersBackend
 
         backend = TransformersBackend(model="smollm2-135m-instruct", max_new_tokens=max_new_tokens)
-    mw = _memory_mw(root / "fuzz-model.db", backend)
+    mw = _memory_mw(url or root / "fuzz-model.db", backend)
     rng = random.Random(seed)
     try:
         with serve_in_thread(create_app(mw, max_body_bytes=64 * 1024)) as url, httpx.Client(timeout=300) as client:

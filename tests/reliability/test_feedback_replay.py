@@ -79,9 +79,9 @@ def _key(prof: Any) -> tuple[Any, ...]:
     return (prof.evidence, prof.extra["profile"]["pairs"], prof.extra.get("tally"))
 
 
-def test_an_event_applied_twice_counts_once(tmp_path: Path) -> None:
+def test_an_event_applied_twice_counts_once(store_url: Any) -> None:
     """A replay of an event whose writes are all in changes nothing; each write is marked per writer."""
-    mw = make(str(tmp_path / "a.db"))
+    mw = make(store_url())
     try:
         mw.feedback(user="ana", kind="choice", prompt="q", chosen="short", rejected=["a much longer answer"])
         ((seq, ev),) = mw.store.feedback_log("ana")
@@ -137,7 +137,7 @@ def test_a_process_killed_between_two_writes_of_an_event_leaves_the_rest_to_the_
         mw.close()
 
 
-def test_a_failing_plugin_releases_the_job_for_a_retry(tmp_path: Path) -> None:
+def test_a_failing_plugin_releases_the_job_for_a_retry(store_url: Any) -> None:
     """A plugin that raises under ``on_error: fail``: the request fails, the event stays stored, and its
     job is released (not held by a live process forever), so a later resume finishes the effects."""
     calls = {"n": 0}
@@ -151,7 +151,7 @@ def test_a_failing_plugin_releases_the_job_for_a_retry(tmp_path: Path) -> None:
             super().persona_feedback(event)
 
     cfg = parse_config("pipeline: [{use: stated}, {use: profile}, {use: tally, on_error: fail}]\n")
-    mw = Middleware(cfg, store=str(tmp_path / "f.db"), backend=ScriptedBackend(), autoload=False,
+    mw = Middleware(cfg, store=store_url(), backend=ScriptedBackend(), autoload=False,
                     plugins={"tally": Flaky})
     try:
         with pytest.raises(Exception, match="store of the plugin is down"):

@@ -39,6 +39,7 @@ def _check_forget_seen(a: Any, forget: Any) -> None:
 
 
 def test_forget_by_a_second_middleware_on_one_sqlite_file(tmp_path: Any) -> None:
+    # one of a pair: this one SQLite, the next one Postgres, under any PERSONA_MW_TEST_STORE
     a, b = _two(str(tmp_path / "shared.db"))
     try:
         _check_forget_seen(a, lambda: b.forget("ana"))
@@ -58,8 +59,8 @@ def test_forget_by_a_second_middleware_on_one_postgres(pg_server: str) -> None:
         b.close()
 
 
-def test_cli_profile_forget_is_seen_by_a_running_middleware(tmp_path: Any) -> None:
-    db = str(tmp_path / "shared.db")
+def test_cli_profile_forget_is_seen_by_a_running_middleware(tmp_path: Any, store_url: Any) -> None:
+    db = store_url()
     a, b = _two(db)
     b.close()
     cfg = tmp_path / "c.yaml"
@@ -77,7 +78,7 @@ def test_cli_profile_forget_is_seen_by_a_running_middleware(tmp_path: Any) -> No
 
 
 
-def test_cli_forget_is_seen_by_a_running_http_server(tmp_path: Any) -> None:
+def test_cli_forget_is_seen_by_a_running_http_server(tmp_path: Any, store_url: Any) -> None:
     """A server on loopback has ana's memory cached; ``persona-mw profile forget`` in another process
     forgets her; the server neither answers from nor writes back the cached memory."""
     import httpx
@@ -86,7 +87,7 @@ def test_cli_forget_is_seen_by_a_running_http_server(tmp_path: Any) -> None:
     from persona_mw.server import create_app, serve_in_thread
     from persona_mw.testing import ScriptedBackend
 
-    db = str(tmp_path / "shared.db")
+    db = store_url()
     yaml_text = "pipeline: [{use: memory, embedder: false, mode: bm25, store_turns: true}]\n"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text)

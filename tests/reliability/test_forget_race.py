@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from persona_mw.server import create_app, serve_in_thread
 from persona_mw.testing import ScriptedBackend
 from persona_mw.types import Memory
 
+from tests.conftest import store_cells
+
 SECRET = "qxforgetmezz"
 CONFIG = """
 pipeline:
@@ -34,20 +35,10 @@ pipeline:
 """
 
 
-def cells_naming(db: Path, needle: str, user: bool = True) -> list[str]:
-    """Every cell of every table of the file that holds ``needle`` (or, with ``user``, names ana)."""
-    conn = sqlite3.connect(db)
-    try:
-        out = []
-        for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
-            for row in conn.execute(f'SELECT * FROM "{t}"'):
-                for c in row:
-                    v = c.decode("latin-1") if isinstance(c, bytes) else str(c)
-                    if needle in v or (user and (v == "ana" or v.startswith("user:ana"))):
-                        out.append(f"{t}: {v[:100]}")
-        return out
-    finally:
-        conn.close()
+def cells_naming(url: str, needle: str, user: bool = True) -> list[str]:
+    """Every cell of every table of the store that holds ``needle`` (or, with ``user``, names ana)."""
+    return [f"{t}: {v[:100]}" for t, v in store_cells(url)
+            if needle in v or (user and (v == "ana" or v.startswith("user:ana")))]
 
 
 def wait_for(cond: Any, timeout: float = 10.0) -> None:
@@ -64,10 +55,10 @@ def state_secret(url: str) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_forget_during_generation_resurrects_nothing(make_mw: Any, tmp_path: Path, stream: bool) -> None:
-    db = tmp_path / "race.db"
+def test_forget_during_generation_resurrects_nothing(make_mw: Any, tmp_path: Path, stream: bool, store_url) -> None:
+    db = store_url()
     backend = ScriptedBackend(delay=1.0)
-    mw = make_mw(CONFIG, backend=backend, db=str(db))
+    mw = make_mw(CONFIG, backend=backend, db=db)
     with serve_in_thread(create_app(mw)) as url:
         state_secret(url)
         out: dict[str, Any] = {}
@@ -124,9 +115,9 @@ class SlowAfterTurn:
         store.add_memory(Memory(owner=f"user:{turn.request.user}", text=f"after-turn saw {SECRET}"))
 
 
-def test_after_turn_job_running_during_forget_writes_nothing(make_mw: Any, tmp_path: Path) -> None:
-    db = tmp_path / "job.db"
-    mw = make_mw("pipeline: [{use: stated}, {use: slow}]\n", db=str(db), plugins={"slow": SlowAfterTurn})
+def test_after_turn_job_running_during_forget_writes_nothing(make_mw: Any, tmp_path: Path, store_url) -> None:
+    db = store_url()
+    mw = make_mw("pipeline: [{use: stated}, {use: slow}]\n", db=db, plugins={"slow": SlowAfterTurn})
     mw.feedback(kind="stated", user="ana", text=f"I like {SECRET}")
     with serve_in_thread(create_app(mw)) as url:
         r = httpx.post(f"{url}/v1/chat/completions",
@@ -169,9 +160,9 @@ class SlowFeedback:
         store.add_memory(Memory(owner=f"user:{event.user}", text=f"feedback said {event.text}"))
 
 
-def test_feedback_racing_forget_writes_nothing(make_mw: Any, tmp_path: Path) -> None:
-    db = tmp_path / "fb.db"
-    mw = make_mw("pipeline: [{use: stated}, {use: slowfb}]\n", db=str(db), plugins={"slowfb": SlowFeedback})
+def test_feedback_racing_forget_writes_nothing(make_mw: Any, tmp_path: Path, store_url) -> None:
+    db = store_url()
+    mw = make_mw("pipeline: [{use: stated}, {use: slowfb}]\n", db=db, plugins={"slowfb": SlowFeedback})
     plugin = next(p for p in mw.host.pm.get_plugins() if isinstance(p, SlowFeedback))
     with serve_in_thread(create_app(mw)) as url:
         out: dict[str, Any] = {}
@@ -194,10 +185,10 @@ def test_feedback_racing_forget_writes_nothing(make_mw: Any, tmp_path: Path) -> 
     assert cells_naming(db, SECRET, user=False) == []
 
 
-def test_forget_during_real_model_generation(make_mw: Any, tmp_path: Path, local_backend: Any) -> None:
+def test_forget_during_real_model_generation(make_mw: Any, tmp_path: Path, local_backend: Any, store_url) -> None:
     """The same race with the real local model generating (a few seconds on CPU)."""
-    db = tmp_path / "real.db"
-    mw = make_mw(CONFIG, backend=local_backend, db=str(db))
+    db = store_url()
+    mw = make_mw(CONFIG, backend=local_backend, db=db)
     asyncio.run(local_backend.load())
     with serve_in_thread(create_app(mw)) as url:
         state_secret(url)

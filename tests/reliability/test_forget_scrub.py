@@ -2,7 +2,10 @@
 (a backup, a replicator, a ``sqlite3`` shell) the WAL cannot be checkpointed, so DELETE says so
 (``scrubbed: false``), keeps serving other users promptly, and finishes the scrub in the background once
 the reader lets go. A process killed between forget's commit and its checkpoint finishes the scrub at
-the next open. The files themselves are grepped."""
+the next open. The files themselves are grepped.
+
+SQLite on purpose under any PERSONA_MW_TEST_STORE: the WAL, its checkpoint and the file's free pages
+are SQLite's (Postgres forget is covered by test_forget.py and tests/store/)."""
 
 from __future__ import annotations
 

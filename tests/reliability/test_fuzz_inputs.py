@@ -26,8 +26,8 @@ def test_bad_inputs_get_clear_errors(make_mw: Any) -> None:
     assert py["bad"] == [], "\n".join(py["bad"][:10])
 
 
-def test_bad_inputs_through_a_learning_pipeline(tmp_path: Any) -> None:
-    result = fuzz_memory(tmp_path, 400, seed=11)
+def test_bad_inputs_through_a_learning_pipeline(tmp_path: Any, store_url: Any) -> None:
+    result = fuzz_memory(tmp_path, 400, seed=11, url=store_url())
     assert result["bad"] == [], "\n".join(result["bad"][:10])
     assert result["turns_answered"] >= 20  # the after-turn path really ran, on hostile-but-valid turns
     assert result["jobs_left"] == 0, result["job_errors"]
@@ -35,11 +35,11 @@ def test_bad_inputs_through_a_learning_pipeline(tmp_path: Any) -> None:
 
 
 @pytest.mark.slow
-def test_bad_inputs_against_the_real_local_model(tmp_path: Any) -> None:
+def test_bad_inputs_against_the_real_local_model(tmp_path: Any, store_url: Any) -> None:
     from persona_mw.adapters.transformers import TransformersBackend
 
     backend = TransformersBackend(model="smollm2-135m-instruct", max_new_tokens=4)
-    result = fuzz_model(tmp_path, 16, seed=2, backend=backend)
+    result = fuzz_model(tmp_path, 16, seed=2, backend=backend, url=store_url())
     assert result["bad"] == [], "\n".join(result["bad"][:10])
     assert result["turns_answered"] >= 2  # some reached the model
     assert result["jobs_left"] == 0 and result["export_bad"] == []

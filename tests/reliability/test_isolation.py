@@ -41,9 +41,9 @@ class LeakyPlugin:
         return [*messages, Message(role="system", content=" ".join(p.text for p in prof.stated))]
 
 
-def test_the_probes_catch_a_leaky_plugin(tmp_path: Any) -> None:
+def test_the_probes_catch_a_leaky_plugin(tmp_path: Any, store_url: Any) -> None:
     """The probe is not vacuous: one plugin that reads another user's profile is caught at once."""
-    with World(tmp_path, users=6, seed=2).running() as world:
+    with World(tmp_path, users=6, seed=2, store_url=lambda name: store_url()).running() as world:
         with registered(world.open_mw, LeakyPlugin(world.open_mw), "leaky"):
             for user in world.user_ids[1:]:
                 text, _ = world.ask("python", OPEN, user)

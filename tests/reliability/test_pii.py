@@ -4,13 +4,14 @@ pluggable detectors (hook and config patterns), and clear errors for unknown kin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from persona_mw import ConfigError, parse_config
 from persona_mw.privacy import Redactor, iban_ok, luhn_ok
+
+from tests.conftest import store_bytes
 
 from .corpus_pii import NEGATIVES, POSITIVES
 
@@ -51,9 +52,9 @@ PII = {"email": "ana.secret@example.org", "phone": "+44 7911 123456", "card": "4
        "address": "221B Baker Street"}
 
 
-def test_redacted_before_storage(make_mw: Any, tmp_path: Path) -> None:
-    db = tmp_path / "pii.db"
-    mw = make_mw("privacy: {redact: [email, phone, card, address]}\npipeline: [{use: stated}]\n", db=str(db))
+def test_redacted_before_storage(make_mw: Any, store_url: Any) -> None:
+    db = store_url()
+    mw = make_mw("privacy: {redact: [email, phone, card, address]}\npipeline: [{use: stated}]\n", db=db)
     mw.feedback(kind="stated", user="ana", text=f"write to me at {PII['email']} or call {PII['phone']}")
     mw.feedback(kind="choice", user="ana", prompt=f"card {PII['card']}?", chosen=f"ok {PII['address']}",
                 rejected=["no"])
@@ -64,7 +65,7 @@ def test_redacted_before_storage(make_mw: Any, tmp_path: Path) -> None:
     exported = json.dumps(mw.export_user("ana"))
     assert "[EMAIL]" in exported and "[PHONE]" in exported and "[CARD]" in exported and "[ADDRESS]" in exported
     mw.close()
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("pii.db*"))
+    raw = store_bytes(db)
     for value in PII.values():
         assert value.encode() not in raw, value
 
@@ -108,7 +109,7 @@ def test_cli_redact(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown PII kind 'passport'" in capsys.readouterr().err
 
 
-def test_ids_are_never_redacted_so_forget_still_finds_the_rows(make_mw: Any, tmp_path: Path) -> None:
+def test_ids_are_never_redacted_so_forget_still_finds_the_rows(make_mw: Any, store_url: Any) -> None:
     """A numeric user id looks like a phone number: it must stay an id in events, traces and jobs."""
     from persona_mw import hookimpl
     from persona_mw.testing import registered
@@ -118,8 +119,8 @@ def test_ids_are_never_redacted_so_forget_still_finds_the_rows(make_mw: Any, tmp
         def persona_after_turn(self) -> None:
             raise RuntimeError("keep the job pending")
 
-    db = tmp_path / "ids.db"
-    mw = make_mw("privacy: {redact: [phone]}\n", db=str(db))
+    db = store_url()
+    mw = make_mw("privacy: {redact: [phone]}\n", db=db)
     user = "4155550132"
     with registered(mw, AfterTurn(), "after"):
         mw.feedback(kind="stated", user=user, text="call me on +1 415 555 0132")
@@ -131,19 +132,19 @@ def test_ids_are_never_redacted_so_forget_still_finds_the_rows(make_mw: Any, tmp
     assert "[PHONE]" in json.dumps(exported) and "+1 415 555 0132" not in json.dumps(exported)
     mw.forget(user)
     mw.close()
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("ids.db*"))
+    raw = store_bytes(db)
     assert user.encode() not in raw
 
 
-def test_memories_are_redacted_too(make_mw: Any, tmp_path: Path) -> None:
+def test_memories_are_redacted_too(make_mw: Any, store_url: Any) -> None:
     pytest.importorskip("persona_mw.plugins.memory")
-    db = tmp_path / "mem.db"
+    db = store_url()
     mw = make_mw("privacy: {redact: [email, card]}\npipeline:\n  - use: memory\n    embedder: false\n"
-                 "    mode: bm25\n    store_turns: true\n", db=str(db))
+                 "    mode: bm25\n    store_turns: true\n", db=db)
     mw.chat(user="ana", messages=f"my email is {PII['email']} and my card {PII['card']}")
     mw.drain()
     texts = " ".join(m.text for m in mw.store.list_memories("user:ana"))
     assert "[EMAIL]" in texts and "[CARD]" in texts and PII["email"] not in texts
     mw.close()
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("mem.db*"))
+    raw = store_bytes(db)
     assert PII["email"].encode() not in raw and PII["card"].encode() not in raw

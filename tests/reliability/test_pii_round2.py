@@ -18,6 +18,8 @@ from persona_mw import ConfigError, RequestError, parse_config
 from persona_mw.errors import UnknownUserError
 from persona_mw.privacy import Redactor, iban_ok
 
+from tests.conftest import store_bytes
+
 ALL = ["email", "phone", "card", "address", "iban"]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,11 +159,7 @@ def test_without_phonenumbers_phones_fall_back_to_a_regex_and_say_so(
 EMAIL, PHONE = "ana.secret@example.org", "+44 7911 123456"
 
 
-def _raw(tmp_path: Path, name: str) -> bytes:
-    return b"".join(p.read_bytes() for p in tmp_path.glob(f"{name}*"))
-
-
-def test_job_payload_metadata_stop_tools_are_redacted(make_mw: Any, tmp_path: Path) -> None:
+def test_job_payload_metadata_stop_tools_are_redacted(make_mw: Any, store_url: Any) -> None:
     """Through the real HTTP server: the after-turn job record keeps no PII from any request field."""
     from persona_mw import hookimpl
     from persona_mw.server import create_app, serve_in_thread
@@ -172,8 +170,8 @@ def test_job_payload_metadata_stop_tools_are_redacted(make_mw: Any, tmp_path: Pa
         def persona_after_turn(self) -> None:
             raise RuntimeError("keep the job pending")
 
-    db = tmp_path / "jobs.db"
-    mw = make_mw("privacy: {redact: [email, phone]}\n", db=str(db))
+    db = store_url()
+    mw = make_mw("privacy: {redact: [email, phone]}\n", db=db)
     body = {
         "model": "persona", "user": "ana",
         "messages": [{"role": "user", "content": "hello"}],
@@ -196,16 +194,16 @@ def test_job_payload_metadata_stop_tools_are_redacted(make_mw: Any, tmp_path: Pa
     assert tool["description"] == "notify [EMAIL] by mail" and tool["name"] == "notify"
     assert request["user"] == "ana"
     mw.close()
-    raw = _raw(tmp_path, "jobs.db")
+    raw = store_bytes(db)
     assert EMAIL.encode() not in raw and PHONE.encode() not in raw
 
 
-def test_add_raw_meta_is_redacted(make_mw: Any, tmp_path: Path) -> None:
+def test_add_raw_meta_is_redacted(make_mw: Any, store_url: Any) -> None:
     """Speaker, index text (speaker + previous turn), free-text date and message ids: all redacted."""
     pytest.importorskip("persona_mw.plugins.memory")
-    db = tmp_path / "raw.db"
+    db = store_url()
     mw = make_mw("privacy: {redact: [email, phone]}\npipeline:\n  - use: memory\n    embedder: false\n"
-                 "    mode: bm25\n", db=str(db))
+                 "    mode: bm25\n", db=db)
     mw.memory.add_raw("ana", [
         {"role": "user", "speaker": EMAIL, "content": "we met last spring", "id": f"msg {EMAIL}"},
         {"role": "assistant", "speaker": "bot", "content": "nice"},
@@ -217,17 +215,17 @@ def test_add_raw_meta_is_redacted(make_mw: Any, tmp_path: Path) -> None:
     assert mems[0].meta["speaker"] == "[EMAIL]" and mems[0].meta["date_text"] == "the day [PHONE] called"
     assert mw.memory.search("ana", "spring", k=1)  # still retrievable after redaction
     mw.close()
-    raw = _raw(tmp_path, "raw.db")
+    raw = store_bytes(db)
     assert EMAIL.encode() not in raw and PHONE.encode() not in raw
 
 
-def test_feedback_ids_with_pii_are_refused(make_mw: Any, tmp_path: Path) -> None:
+def test_feedback_ids_with_pii_are_refused(make_mw: Any, store_url: Any) -> None:
     """Ids are keys stored as sent: one that carries an email or a phone number is a 4xx naming the field,
     and nothing is stored."""
     from persona_mw.server import create_app, serve_in_thread
 
-    db = tmp_path / "fb.db"
-    mw = make_mw("privacy: {redact: [email, phone]}\n", db=str(db))
+    db = store_url()
+    mw = make_mw("privacy: {redact: [email, phone]}\n", db=db)
     ok = {"kind": "stated", "user": "ana", "text": "short answers"}
     with serve_in_thread(create_app(mw)) as url:
         for field, value in [("id", EMAIL), ("id", "4155550132"), ("id", "call +44 7911 123456"),
@@ -242,7 +240,7 @@ def test_feedback_ids_with_pii_are_refused(make_mw: Any, tmp_path: Path) -> None
         mw.feedback(kind="stated", user="ana", text="x", id="4155550132")
     assert exc.value.field == "id"
     mw.close()
-    raw = _raw(tmp_path, "fb.db")
+    raw = store_bytes(db)
     assert EMAIL.encode() not in raw and b"4155550132" not in raw
 
 

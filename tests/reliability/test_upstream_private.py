@@ -32,13 +32,13 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _mw(tmp_path: Any, api: str, model: str, policy: str = "{retries: 0}") -> Middleware:
+def _mw(store_url: Any, api: str, model: str, policy: str = "{retries: 0}") -> Middleware:
     cfg = parse_config(f"""
 backend: {{type: litellm, model: openai/{model}, api_base: "{api}", api_key: {KEY}, timeout: 10}}
 resilience:
   backend: {policy}
 """)
-    cfg.store.path = str(tmp_path / f"{model}.db")
+    cfg.store.path = store_url()
     return Middleware(cfg, autoload=False)
 
 
@@ -46,12 +46,12 @@ resilience:
     ("e500", None, 502), ("e503", None, 502), ("malformed", None, 502), ("slow", None, 504),
     ("ok", "refused", 502),
 ])
-def test_5xx_bodies_do_not_name_the_upstream(tmp_path: Any, faulty: str, caplog: Any, model: str,
+def test_5xx_bodies_do_not_name_the_upstream(store_url: Any, faulty: str, caplog: Any, model: str,
                                              api: str | None, status: int) -> None:
     base = faulty if api is None else f"http://127.0.0.1:{_closed_port()}/v1"
     host_port = base.split("//", 1)[1].split("/", 1)[0]
     policy = "{retries: 0, timeout_s: 0.5}" if model == "slow" else "{retries: 0}"
-    with _mw(tmp_path, base, model, policy) as mw, serve_in_thread(create_app(mw)) as url, \
+    with _mw(store_url, base, model, policy) as mw, serve_in_thread(create_app(mw)) as url, \
             httpx.Client(timeout=30) as client, caplog.at_level(logging.WARNING):
         for stream in (False, True):
             r = client.post(url + "/v1/chat/completions", json={

@@ -103,14 +103,14 @@ def test_worker_killed_mid_job_leaves_it_to_another(kind: str, tmp_path: Path, r
         mw.close()
 
 
-def test_tenant_middlewares_inherit_no_jobs(tmp_path: Path) -> None:
+def test_tenant_middlewares_inherit_no_jobs(store_url: Any) -> None:
     """``serve --no-jobs`` (``Middleware(run_jobs=False)``): a tenant's Middleware, built by the server for
     an API key, leaves its after-turn jobs to the worker too (it used to run them itself)."""
     from persona_mw.testing import ScriptedBackend
 
     from persona_mw import Middleware, parse_config
 
-    mw = Middleware(parse_config(CONFIG), store=str(tmp_path / "base.db"), backend=ScriptedBackend(),
+    mw = Middleware(parse_config(CONFIG), store=store_url(), backend=ScriptedBackend(),
                     autoload=False, run_jobs=False)
     tenant = mw.for_tenant("acme")
     try:

@@ -1,4 +1,4 @@
-"""200 concurrent writers of feedback and chat turns against one SQLite file (shared with the soak run)."""
+"""200 concurrent writers of feedback and chat turns against one store (shared with the soak run, on a SQLite file)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def _mw(db: str) -> Middleware:
     return Middleware(cfg, backend=ScriptedBackend(), autoload=False)
 
 
-def concurrent_writers(db: Path, writers: int = 200, each: int = 5, instances: int = 4,
+def concurrent_writers(db: Path | str, writers: int = 200, each: int = 5, instances: int = 4,
                        users: int = 20) -> dict[str, Any]:
-    """``writers`` threads spread over ``instances`` Middlewares (separate connections to one file),
+    """``writers`` threads spread over ``instances`` Middlewares (separate connections to one store: a
+    SQLite file, or any store URL),
     each writing ``each`` events plus one chat turn; then counts what the file holds."""
     mws = [_mw(str(db)) for _ in range(instances)]
     ids: list[str] = []

@@ -1,5 +1,8 @@
 """Job leases (issue #17): a job's claim names the process holding it; a claim is taken over when the
-holder is dead (its pid is gone on this host, or it has not beaten for the lease), never while it lives."""
+holder is dead (its pid is gone on this host, or it has not beaten for the lease), never while it lives.
+
+SQLite on purpose under any PERSONA_MW_TEST_STORE: it writes the SQLite store's workers table itself
+(``_tx``); the same rules on both stores are in tests/store/contract/."""
 
 from __future__ import annotations
 
