@@ -1058,13 +1058,8 @@ class MemoryManager(_MemoryRetrieval):
         """The user's memories (all their nodes, or one context's), oldest first, without vectors."""
         owners = [self.owner_of(user, context)] if context else self._user_owners(user)
         out: builtins.list[Memory] = []
-        light = bool(getattr(self.store, "lists_without_embeddings", False))
-        for o in owners:
-            if light:  # the vectors are not even read (a console page of 200 memories)
-                out.extend(self.store.list_memories(o, include_superseded=include_superseded, embeddings=False))
-                continue
-            out.extend(m.model_copy(update={"embedding": None})
-                       for m in self.store.list_memories(o, include_superseded=include_superseded))
+        for o in owners:  # the vectors are not even read (a console page of 200 memories)
+            out.extend(self.store.list_memories(o, include_superseded=include_superseded, embeddings=False))
         return sorted(out, key=lambda m: (m.created_at, m.id))
 
     def _user_owners(self, user: str) -> builtins.list[str]:

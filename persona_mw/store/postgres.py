@@ -569,8 +569,11 @@ class _PostgresMemories(_PostgresProfiles):
         rows = self._rows(f"SELECT {_MEMORY_COLS} FROM memories WHERE id = %s", (memory_id,))
         return _memory(rows[0]) if rows else None
 
-    def list_memories(self, owner: NodeId, include_superseded: bool = False) -> list[Memory]:
-        rows = self._rows(f"SELECT {_MEMORY_COLS} FROM memories WHERE owner = %s "
+    def list_memories(self, owner: NodeId, include_superseded: bool = False, *,
+                      embeddings: bool = True) -> list[Memory]:
+        """The owner's memories, oldest first; ``embeddings=False`` leaves the vectors out (not even read)."""
+        cols = _MEMORY_COLS if embeddings else _MEMORY_COLS.replace("embedding,", "NULL AS embedding,")
+        rows = self._rows(f"SELECT {cols} FROM memories WHERE owner = %s "
                           "AND (%s OR superseded_by IS NULL) ORDER BY created_at, id COLLATE \"C\"",
                           (owner, include_superseded))
         return [_memory(r) for r in rows]

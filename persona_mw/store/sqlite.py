@@ -423,8 +423,6 @@ class _SQLiteMemories(_SQLiteProfiles):
         rows = self._query(f"SELECT {_MEMORY_COLS} FROM memories WHERE id = ?", (memory_id,))
         return _memory(rows[0]) if rows else None
 
-    lists_without_embeddings = True  # list_memories(..., embeddings=False) is supported
-
     def list_memories(self, owner: NodeId, include_superseded: bool = False, *,
                       embeddings: bool = True) -> list[Memory]:
         """The owner's memories, oldest first; ``embeddings=False`` leaves the vectors out (not even read)."""

@@ -135,6 +135,9 @@ def test_memories_round_trip_and_search(store: Store) -> None:
     got = store.get_memory(m1.id)
     assert got is not None and got.text == m1.text and got.meta == m1.meta
     assert got.embedding is not None and np.allclose(got.embedding, near, atol=1e-6)
+    light = store.list_memories("user:ana", embeddings=False)
+    assert [m.id for m in light] == [m1.id, m2.id] and all(m.embedding is None for m in light)
+    assert light[0].meta == m1.meta and light[0].text == m1.text
     with pytest.raises(StoreError):
         store.add_memory(m1)  # same id
     mems, vecs = store.memory_rows("user:ana")
