@@ -42,9 +42,18 @@ class ApiKeys:
 
 
 def tenant_store_path(base: str, tenant: str) -> str:
-    """The tenant's SQLite file beside the base one; ``:memory:`` stays in memory (one per open)."""
+    """The tenant's SQLite file beside the base one; ``:memory:`` stays in memory (one per open). A
+    Postgres URL with ``#schema=S`` (or none: the default schema) names the schema ``S.tenant-<id>``,
+    as the store's ``for_tenant`` does."""
     if base == ":memory:":
         return base
+    if base.startswith(("postgresql://", "postgres://")) and "/" not in base.partition("#")[2]:
+        from urllib.parse import parse_qsl, urlencode
+
+        dsn, _, frag = base.partition("#")
+        opts = dict(parse_qsl(frag, keep_blank_values=True))
+        opts["schema"] = f"{opts.get('schema') or 'persona_mw'}.tenant-{tenant}"
+        return f"{dsn}#{urlencode(opts, safe='.-_')}"
     p = Path(base)
     return str(p.with_name(f"{p.stem}.tenant-{tenant}{p.suffix or '.db'}"))
 

@@ -36,6 +36,10 @@ def test_url_options_and_errors() -> None:
     base = "postgresql://u@/db?host=/tmp/x#pool_max=4/persona_mw.pg"
     assert parse_url(tenant_store_path(base, "acme")) == ("postgresql://u@/db?host=/tmp/x",
                                                           {"pool_max": 4, "schema": "persona_mw.tenant-acme"})
+    # and of a URL with options (the schema's tenant twin, the other options kept)
+    assert parse_url(tenant_store_path("postgresql://h/db#schema=s1&pool_max=4", "acme")) == (
+        "postgresql://h/db", {"schema": "s1.tenant-acme", "pool_max": 4})
+    assert parse_url(tenant_store_path("postgresql://h/db", "acme"))[1] == {"schema": "persona_mw.tenant-acme"}
     with pytest.raises(ConfigError, match="unknown store URL option 'colour'"):
         parse_url("postgresql://h/db#colour=red")
     with pytest.raises(ConfigError, match="pool_max"):
