@@ -253,7 +253,7 @@ def main() -> dict[str, Any]:
     vocab = vocabulary()
     result: dict[str, Any] = {
         "benchmark": "pg_memory_speed",
-        "command": "nice -n 5 .venv/bin/python benchmarks/pg_memory_speed.py "
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + ".venv/bin/python benchmarks/pg_memory_speed.py "
                    f"--scale {args.scale} --queries {args.queries} --cases {args.cases}",
         "machine": f"{platform.machine()} {os.cpu_count()} cpu(s), python {platform.python_version()}",
         "note": ("2 cores shared with other jobs (see the load averages); Postgres 16.2 + pgvector 0.6.2 "
