@@ -6,13 +6,55 @@ import json
 import sys
 import tempfile
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from persona_mw.errors import PersonaError
+from persona_mw.features import FeatureSpec, Featurizer
 
 # Frozen on the dev slices; the same settings run on held-out slices. {} = the plugin defaults.
 PROFILE_SETTINGS: dict[str, Any] = {}
+
+
+class SharedFeaturizer(Featurizer):
+    """A featurizer whose cache is not split per party: the harness is the only party in its process.
+
+    In serving, the profile plugin's feature rows (and embeddings) are cached per tenant and user
+    (issue #17), and per Middleware without a tenant. The benchmarks simulate tens of users who see
+    the same responses, over hundreds of throwaway middlewares (one per CV trial), so that split made
+    every trial re-embed every response once per user: 96% of a nested-CV trial's time. Here each text
+    is featurized once per process, with the same code and the same rows (``Featurizer.transform``
+    under the shared scope ``""``, the one work outside any party already uses).
+    """
+
+    def transform(self, texts: Sequence[str]) -> Any:
+        from persona_mw.embeddings import cache_scope
+
+        with cache_scope(""):
+            return super().transform(texts)
+
+
+_SHARED: dict[str, SharedFeaturizer] = {}
+_SHARE: ContextVar[bool] = ContextVar("persona_mw_eval_share_features", default=True)
+
+
+def shared_featurizer(spec: FeatureSpec) -> SharedFeaturizer:
+    """The process's shared-cache featurizer of ``spec`` (kept across trials, so its cache is too)."""
+    f = _SHARED.get(spec.key())
+    if f is None:
+        f = _SHARED[spec.key()] = SharedFeaturizer(spec)
+    return f
+
+
+@contextmanager
+def per_party_features() -> Iterator[None]:
+    """Inside, ``eval_middleware`` keeps serving's per-party feature cache (the slow way; for timing it)."""
+    token = _SHARE.set(False)
+    try:
+        yield
+    finally:
+        _SHARE.reset(token)
 
 
 class _NoBackend:
@@ -32,6 +74,8 @@ class _NoBackend:
 def eval_middleware(**overrides: Any) -> Iterator[tuple[Any, Any]]:
     """A Middleware with only the profile plugin, on a throwaway SQLite store; yields (mw, plugin).
 
+    Feature rows are cached for the whole process (``SharedFeaturizer``) unless inside ``per_party_features``.
+
     Keys ``graph.<name>`` set the graph section (e.g. ``graph.prior_strength``); the others the plugin's.
     """
     from persona_mw.config import parse_config
@@ -46,7 +90,14 @@ def eval_middleware(**overrides: Any) -> Iterator[tuple[Any, Any]]:
         cfg.trace.store = False
         mw = Middleware(cfg, backend=_NoBackend(), autoload=False)
         try:
-            yield mw, mw.plugin("profile")
+            profile = mw.plugin("profile")
+            if _SHARE.get():
+                from persona_mw.plugins.profile import use_featurizer
+
+                with use_featurizer(shared_featurizer(profile.spec)):
+                    yield mw, profile
+            else:
+                yield mw, profile
         finally:
             mw.close()
 
