@@ -89,7 +89,6 @@ def test_cv_trials_featurize_each_text_once_with_unchanged_results(dsp_dir, monk
     """Serving caches feature rows per party; the harness owns every simulated user, so a repeated trial
     featurizes nothing again (it used to redo every response once per user and middleware) and scores the
     same as with serving's per-party cache."""
-    from persona_mw.eval.common import per_party_features
     from persona_mw.features import Featurizer
 
     calls: list[str] = []
@@ -102,6 +101,8 @@ def test_cv_trials_featurize_each_text_once_with_unchanged_results(dsp_dir, monk
     calls.clear()
     assert dsp.trial(b, split, setting, False) == first
     assert calls == []  # every row served from the shared cache
+    from persona_mw.eval.common import per_party_features
+
     with per_party_features():
         assert dsp.trial(b, split, setting, False) == first
     assert len(calls) > len(set(calls))  # serving's way: the same texts again, once per user
