@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
+import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from persona_mw.errors import PersonaError
 from persona_mw.features import FeatureSpec, Featurizer
@@ -70,11 +74,52 @@ class _NoBackend:
         raise RuntimeError("the eval harness does not generate")
 
 
+# Stores left by a replay of simulated feedback (see ``eval_middleware``), by the replay's key: the
+# nested CV scores every setting of its grid on the same inner splits, i.e. on the same events.
+_REPLAYS: OrderedDict[str, Path] = OrderedDict()
+_REPLAY_DIR: list[str] = []
+_MAX_REPLAYS = 16
+
+
+def replay_key(*parts: Any) -> str:
+    """A key naming a replay by its content (the events and declarations it feeds)."""
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _copy_db(src: Path, dst: Path) -> None:
+    import sqlite3
+
+    a, b = sqlite3.connect(str(src)), sqlite3.connect(str(dst))
+    try:
+        a.backup(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def _keep_replay(key: str, db: Path) -> None:
+    if not _REPLAY_DIR:
+        _REPLAY_DIR.append(tempfile.mkdtemp(prefix="persona-mw-eval-replays-"))
+        atexit.register(shutil.rmtree, _REPLAY_DIR[0], True)
+    snap = Path(_REPLAY_DIR[0]) / f"{key}.db"
+    _copy_db(db, snap)
+    _REPLAYS[key] = snap
+    while len(_REPLAYS) > _MAX_REPLAYS:
+        _, old = _REPLAYS.popitem(last=False)
+        old.unlink(missing_ok=True)
+
+
 @contextmanager
-def eval_middleware(**overrides: Any) -> Iterator[tuple[Any, Any]]:
+def eval_middleware(replay: tuple[str, Callable[[Any], None]] | None = None,
+                    **overrides: Any) -> Iterator[tuple[Any, Any]]:
     """A Middleware with only the profile plugin, on a throwaway SQLite store; yields (mw, plugin).
 
     Feature rows are cached for the whole process (``SharedFeaturizer``) unless inside ``per_party_features``.
+    ``replay = (key, feed)``: ``feed(mw)`` replays the simulated users' feedback; the store it leaves is kept
+    by ``key`` (``replay_key`` of what ``feed`` sends), and a later call with the same key starts from a copy
+    of it instead of replaying (not inside ``per_party_features``). The callers refit every node from the
+    stored events after the replay, which overwrites all that the plugin's online updates wrote, so the
+    store a replay leaves is the same whatever the plugin's settings: only the refit and scoring differ.
 
     Keys ``graph.<name>`` set the graph section (e.g. ``graph.prior_strength``); the others the plugin's.
     """
@@ -84,19 +129,27 @@ def eval_middleware(**overrides: Any) -> Iterator[tuple[Any, Any]]:
     settings = {**PROFILE_SETTINGS, **overrides}
     graph = {k.split(".", 1)[1]: v for k, v in settings.items() if k.startswith("graph.")}
     plugin = {k: v for k, v in settings.items() if not k.startswith("graph.")}
+    share = _SHARE.get()
     with tempfile.TemporaryDirectory(prefix="persona-mw-eval-") as tmp:
+        db = Path(tmp) / "eval.db"
+        kept = _REPLAYS.get(replay[0]) if replay is not None and share else None
+        if kept is not None:
+            _copy_db(kept, db)
         cfg = parse_config(json.dumps({"pipeline": [{"use": "profile", **plugin}], "graph": graph}), "<eval>")
-        cfg.store.path = str(Path(tmp) / "eval.db")
+        cfg.store.path = str(db)
         cfg.trace.store = False
         mw = Middleware(cfg, backend=_NoBackend(), autoload=False)
         try:
             profile = mw.plugin("profile")
-            if _SHARE.get():
-                from persona_mw.plugins.profile import use_featurizer
+            with ExitStack() as stack:
+                if share:
+                    from persona_mw.plugins.profile import use_featurizer
 
-                with use_featurizer(shared_featurizer(profile.spec)):
-                    yield mw, profile
-            else:
+                    stack.enter_context(use_featurizer(shared_featurizer(profile.spec)))
+                if replay is not None and kept is None:
+                    replay[1](mw)
+                    if share:
+                        _keep_replay(replay[0], db)
                 yield mw, profile
         finally:
             mw.close()

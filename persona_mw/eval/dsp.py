@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from persona_mw.errors import PersonaError
-from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, resolve
+from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, replay_key, resolve
 from persona_mw.eval.cv import PROFILE_GRID, kfold, nested_cv
 from persona_mw.nodes import user_node
 
@@ -187,9 +187,12 @@ def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], users:
     from persona_mw.plugins.profile import score_texts
 
     texts = [items[q]["responses"][d] for q in test for d in domains]
-    with eval_middleware(**overrides) as (mw, plugin):
+
+    def feed(mw: Any) -> None:
         for ev in events:
             mw.feedback(ev)
+
+    with eval_middleware(replay=(replay_key(events), feed), **overrides) as (mw, plugin):
         plugin.refit(mw.store, mw.graph)
         t1s, pws = [], []
         by_domain: dict[str, list[float]] = {}

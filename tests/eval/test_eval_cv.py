@@ -87,8 +87,8 @@ def test_eval_traits_cv_reports_folds(traits_dir):  # noqa: F811
 
 def test_cv_trials_featurize_each_text_once_with_unchanged_results(dsp_dir, monkeypatch):  # noqa: F811
     """Serving caches feature rows per party; the harness owns every simulated user, so a repeated trial
-    featurizes nothing again (it used to redo every response once per user and middleware) and scores the
-    same as with serving's per-party cache."""
+    featurizes nothing again (it used to redo every response once per user and middleware), replays no
+    feedback (its events are the same), and scores the same as the old way (per-party cache, replayed)."""
     from persona_mw.features import Featurizer
 
     calls: list[str] = []
@@ -97,10 +97,19 @@ def test_cv_trials_featurize_each_text_once_with_unchanged_results(dsp_dir, monk
     b = dsp._bench(dsp_dir, (5,), 4)
     split = dsp.cv_splits(len(b.items), dsp._users(b, 3), 3, seed=0)[0]
     setting = {**FAST, "prior_precision": 1.0}
+    from persona_mw.middleware import Middleware
+
+    fed: list[str] = []
+    feedback = Middleware.feedback
+    monkeypatch.setattr(Middleware, "feedback", lambda self, ev: fed.append(ev["user"]) or feedback(self, ev))
     first = dsp.trial(b, split, setting, False)
+    assert len(fed) == len(split.users) * 5
     calls.clear()
+    fed.clear()
+    dsp.trial(b, split, {**setting, "prior_precision": 3.0}, False)  # another setting of the grid
     assert dsp.trial(b, split, setting, False) == first
     assert calls == []  # every row served from the shared cache
+    assert fed == []  # the same events: the store their replay left is copied, whatever the setting
     from persona_mw.eval.common import per_party_features
 
     with per_party_features():
