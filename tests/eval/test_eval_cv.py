@@ -97,8 +97,12 @@ def test_cv_trials_featurize_each_text_once_with_unchanged_results(dsp_dir, monk
     b = dsp._bench(dsp_dir, (5,), 4)
     split = dsp.cv_splits(len(b.items), dsp._users(b, 3), 3, seed=0)[0]
     setting = {**FAST, "prior_precision": 1.0}
+    from collections import OrderedDict
+
+    from persona_mw.eval import common
     from persona_mw.middleware import Middleware
 
+    monkeypatch.setattr(common, "_REPLAYS", OrderedDict())  # an earlier test may have replayed these events
     fed: list[str] = []
     feedback = Middleware.feedback
     monkeypatch.setattr(Middleware, "feedback", lambda self, ev: fed.append(ev["user"]) or feedback(self, ev))
