@@ -47,7 +47,8 @@ import math
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -90,6 +91,26 @@ def get_featurizer(spec: FeatureSpec | Mapping[str, Any]) -> Featurizer:
         if f is None:
             f = _featurizers[key] = Featurizer(spec)
         return f
+
+
+@contextmanager
+def use_featurizer(featurizer: Featurizer) -> Iterator[Featurizer]:
+    """Serve ``featurizer`` for its spec in this process while inside (the one before comes back after).
+
+    For harnesses that own every party in the process (``persona_mw.eval``): they bring a featurizer
+    whose cache is not split per party, so a text every simulated user saw is featurized once."""
+    key = featurizer.spec.key()
+    with _feat_lock:
+        before = _featurizers.get(key)
+        _featurizers[key] = featurizer
+    try:
+        yield featurizer
+    finally:
+        with _feat_lock:
+            if before is None:
+                _featurizers.pop(key, None)
+            else:
+                _featurizers[key] = before
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -596,4 +617,4 @@ def refit_profiles(mw: Any, plugin: str = "profile") -> dict[str, Any]:
 
 
 __all__ = ["ProfilePlugin", "event_pairs", "fit_bt", "online_update", "profile_reward", "refit_profiles",
-           "score_texts", "score_turn"]
+           "score_texts", "score_turn", "use_featurizer"]

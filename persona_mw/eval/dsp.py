@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from persona_mw.errors import PersonaError
-from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, resolve
+from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, replay_key, resolve
 from persona_mw.eval.cv import PROFILE_GRID, kfold, nested_cv
 from persona_mw.nodes import user_node
 
@@ -104,6 +104,8 @@ def trial(b: _Bench, split: Split, settings: dict[str, Any], final: bool) -> dic
                                           split.users)
             metrics[f"top1@H{H}{variant}"] = t1
             metrics[f"pairwise@H{H}{variant}"] = pw
+            if final:  # where the errors are: top1 per hidden domain
+                metrics.update({f"top1@H{H}/{d}{variant}": v for d, v in extra.pop("domains").items()})
             if final and not variant:
                 metrics.update({f"{k}@H{H}:groups": v for k, v in extra.items()})
         if final:
@@ -181,15 +183,19 @@ def _accuracy(scores: np.ndarray, truth: int) -> tuple[float, float]:
 
 def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], users: list[tuple[str, int]],
                  items: list[dict[str, Any]], test: np.ndarray, domains: list[str], udom: list[str],
-                 population: list[tuple[str, int]]) -> tuple[float, float, dict[str, float]]:
+                 population: list[tuple[str, int]]) -> tuple[float, float, dict[str, Any]]:
     from persona_mw.plugins.profile import score_texts
 
     texts = [items[q]["responses"][d] for q in test for d in domains]
-    with eval_middleware(**overrides) as (mw, plugin):
+
+    def feed(mw: Any) -> None:
         for ev in events:
             mw.feedback(ev)
+
+    with eval_middleware(replay=(replay_key(events), feed), **overrides) as (mw, plugin):
         plugin.refit(mw.store, mw.graph)
         t1s, pws = [], []
+        by_domain: dict[str, list[float]] = {}
         for u, di in users:
             scope, profiles = resolve(mw, u)
             if not plugin.config.hierarchy:  # the user alone
@@ -199,7 +205,9 @@ def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], users:
             t1, pw = _accuracy(s, domains.index(udom[di]))
             t1s.append(t1)
             pws.append(pw)
-        extra = _purity(mw.store, population) if plugin.config.discover_groups else {}
+            by_domain.setdefault(udom[di], []).append(t1)
+        extra: dict[str, Any] = _purity(mw.store, population) if plugin.config.discover_groups else {}
+    extra["domains"] = {d: float(np.mean(v)) for d, v in sorted(by_domain.items())}
     return float(np.mean(t1s)), float(np.mean(pws)), extra
 
 

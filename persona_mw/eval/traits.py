@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from persona_mw.errors import PersonaError
-from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, resolve
+from persona_mw.eval.common import PROFILE_SETTINGS, eval_middleware, replay_key, resolve
 from persona_mw.eval.cv import PROFILE_GRID, kfold, nested_cv
 from persona_mw.nodes import GLOBAL, user_node
 
@@ -232,12 +232,15 @@ def _run_variant(overrides: dict[str, Any], events: list[dict[str, Any]], declar
 
     acc: dict[Any, list[float]] = {}
     acc_g: dict[Any, list[float]] = {}
-    with eval_middleware(**overrides) as (mw, plugin):
+
+    def feed(mw: Any) -> None:
         for u, gs in declared.items():  # declared cohorts, as the app's requests carry them
             if gs and u.startswith("pop-") or (gs and "-k0-" in u):
                 resolve(mw, u, gs)
         for ev in events:
             mw.feedback(ev)
+
+    with eval_middleware(replay=(replay_key(events, declared), feed), **overrides) as (mw, plugin):
         plugin.refit(mw.store, mw.graph)
         for u, k, nov, pairs in tests:
             if k == 0 and not plugin.config.hierarchy:

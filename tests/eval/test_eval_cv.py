@@ -85,6 +85,54 @@ def test_eval_traits_cv_reports_folds(traits_dir):  # noqa: F811
     assert len(rep["folds"]) == 2 and set(rep["std"]) == set(m)
 
 
+def test_cv_trials_featurize_each_text_once_with_unchanged_results(dsp_dir, monkeypatch):  # noqa: F811
+    """Serving caches feature rows per party; the harness owns every simulated user, so a repeated trial
+    featurizes nothing again (it used to redo every response once per user and middleware), replays no
+    feedback (its events are the same), and scores the same as the old way (per-party cache, replayed)."""
+    from persona_mw.features import Featurizer
+
+    calls: list[str] = []
+    lexical = Featurizer._lexical
+    monkeypatch.setattr(Featurizer, "_lexical", lambda self, t: calls.append(t) or lexical(self, t))
+    b = dsp._bench(dsp_dir, (5,), 4)
+    split = dsp.cv_splits(len(b.items), dsp._users(b, 3), 3, seed=0)[0]
+    setting = {**FAST, "prior_precision": 1.0}
+    from collections import OrderedDict
+
+    from persona_mw.eval import common
+    from persona_mw.middleware import Middleware
+
+    monkeypatch.setattr(common, "_REPLAYS", OrderedDict())  # an earlier test may have replayed these events
+    fed: list[str] = []
+    feedback = Middleware.feedback
+    monkeypatch.setattr(Middleware, "feedback", lambda self, ev: fed.append(ev["user"]) or feedback(self, ev))
+    first = dsp.trial(b, split, setting, False)
+    assert len(fed) == len(split.users) * 5
+    calls.clear()
+    fed.clear()
+    dsp.trial(b, split, {**setting, "prior_precision": 3.0}, False)  # another setting of the grid
+    assert dsp.trial(b, split, setting, False) == first
+    assert calls == []  # every row served from the shared cache
+    assert fed == []  # the same events: the store their replay left is copied, whatever the setting
+    from persona_mw.eval.common import per_party_features
+
+    with per_party_features():
+        assert dsp.trial(b, split, setting, False) == first
+    assert len(calls) > len(set(calls))  # serving's way: the same texts again, once per user
+
+
+def test_use_featurizer_is_undone_on_exit():
+    from persona_mw.eval.common import shared_featurizer
+    from persona_mw.features import FeatureSpec
+    from persona_mw.plugins.profile import get_featurizer, use_featurizer
+
+    spec = FeatureSpec(embedding=False, ngram_dim=64)
+    before = get_featurizer(spec)
+    with use_featurizer(shared_featurizer(spec)) as f:
+        assert get_featurizer(spec) is f is shared_featurizer(spec) and f is not before
+    assert get_featurizer(spec) is before
+
+
 def test_eval_folds_bad_values_are_clean_errors(dsp_dir, tmp_path, capsys):  # noqa: F811
     assert main(["eval", "dsp", "--data", str(dsp_dir), "--folds", "1"]) == 2
     assert "--folds" in capsys.readouterr().err
