@@ -225,7 +225,7 @@ def write(args: argparse.Namespace, results: dict[str, Any], load_start: list[fl
 
     report = {
         "benchmark": "pg_throughput",
-        "command": "nice -n 5 .venv/bin/python benchmarks/pg_throughput.py "
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + ".venv/bin/python benchmarks/pg_throughput.py "
                    f"--requests {args.requests} --clients {args.clients}",
         "clients": args.clients, "requests_per_case": args.requests, "users": USERS,
         "mix": "4 of 5 chat completions, 1 of 5 feedback (stated or choice)",
