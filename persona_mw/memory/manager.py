@@ -738,6 +738,11 @@ class _MemoryIngest(_MemoryBase):
         return [m.model_copy(update={"embedding": None}) for m in written]
 
 
+def _kinds_key(kinds: Iterable[str] | None) -> list[str] | None:
+    """Memory kinds as the store searches take them and a prescore records them (sorted; None: all)."""
+    return None if kinds is None else sorted(set(kinds))
+
+
 class _MemoryRetrieval(_MemoryIngest):
     # -- reading -----------------------------------------------------------------------------
 
@@ -778,7 +783,7 @@ class _MemoryRetrieval(_MemoryIngest):
                 raise RequestError(f"hops: {exc}", field="hops") from exc
             return self._search_fused(nodes, query, qv, k, kindset, pre, hop)
         pre = prescored if prescored is not None and prescored.get("k") == k and (
-            prescored.get("kinds") == (sorted(kindset) if kindset is not None else None)) else None
+            prescored.get("kinds") == _kinds_key(kindset)) else None
         return self._search_hybrid(nodes, query, qv, k, kindset, mode, pre)
 
     def _search_hybrid(self, nodes: list[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
@@ -798,7 +803,7 @@ class _MemoryRetrieval(_MemoryIngest):
             if not recs:
                 continue
             factor[node] = _KIND_PRIOR.get(kind_of(node), 0.7) * (0.75 + 0.25 * w / max_w)
-            want = sorted(kindset) if kindset is not None else None
+            want = _kinds_key(kindset)
             if qv is not None and self._index is not None:
                 # the store filters kinds itself; the in-process index over-fetches and filters here
                 if vectors is not None and node in vectors and self.store_search:
@@ -879,8 +884,7 @@ class _MemoryRetrieval(_MemoryIngest):
         if not query:
             return out
         if self.store_search:
-            want = sorted(set(kinds)) if kinds is not None else None
-            n_cand = max(self.candidates, 4 * k)
+            want, n_cand = _kinds_key(kinds), max(self.candidates, 4 * k)
             texts: dict[str, list[tuple[str, float]]] = {}
             for node, _ in self.scope_nodes(user, context, scope):
                 self._load(node)
@@ -902,8 +906,7 @@ class _MemoryRetrieval(_MemoryIngest):
         """With ``store_search``: the store's ``vector_search`` of each scope node (``prescore``'s
         ``"dense"``), which the request path runs as soon as the query vector is there, while the text
         searches may still be running."""
-        want = sorted(set(kinds)) if kinds is not None else None
-        n_cand = max(self.candidates, 4 * k)
+        want, n_cand = _kinds_key(kinds), max(self.candidates, 4 * k)
         out: dict[str, list[tuple[str, float]]] = {}
         if self._index is None:
             return out
