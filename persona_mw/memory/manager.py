@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -797,13 +797,13 @@ class _MemoryRetrieval(_MemoryIngest):
         factor: dict[str, float] = {}
         texts = pre.get("text") if pre is not None and pre.get("query") == query else None
         vectors = pre.get("dense") if pre is not None and pre.get("query") == query else None
+        want = _kinds_key(kindset)
         for node, w in nodes:
             self._load(node)
             recs = self._recs.get(node)
             if not recs:
                 continue
             factor[node] = _KIND_PRIOR.get(kind_of(node), 0.7) * (0.75 + 0.25 * w / max_w)
-            want = _kinds_key(kindset)
             if qv is not None and self._index is not None:
                 # the store filters kinds itself; the in-process index over-fetches and filters here
                 if vectors is not None and node in vectors and self.store_search:
@@ -872,27 +872,20 @@ class _MemoryRetrieval(_MemoryIngest):
         return fused
 
     def prescore(self, user: str, query: str, *, context: str | None = None,
-                 scope: Scope | None = None, k: int = 10, kinds: Iterable[str] | None = None,
-                 query_vector: np.ndarray | None = None) -> dict[str, Any]:
+                 scope: Scope | None = None, k: int = 10, kinds: Iterable[str] | None = None) -> dict[str, Any]:
         """The lexical half of a search, for ``search(..., prescored=)``: the request path runs it while
         ``start_embed`` embeds the query. Mode ``fused``: both BM25 granularities over every scope node.
         With ``store_search``: the store's ``text_search`` of each scope node, for ``k`` and ``kinds``
-        (the same ``k`` and ``kinds`` must reach ``search``, else it searches again), and the vector
-        searches too when ``query_vector`` is given (else ``prescore_dense`` adds them: ``"dense"``)."""
+        (the same ``k`` and ``kinds`` must reach ``search``, else it searches again); ``prescore_dense``
+        adds the vector searches as ``"dense"``."""
         query = sanitize(query, 2000)
         out: dict[str, Any] = {"query": query, "scores": {}, "n_cand": self._n_cand(10, None)}
         if not query:
             return out
         if self.store_search:
-            want, n_cand = _kinds_key(kinds), max(self.candidates, 4 * k)
-            texts: dict[str, list[tuple[str, float]]] = {}
-            for node, _ in self.scope_nodes(user, context, scope):
-                self._load(node)
-                if self._recs.get(node):
-                    texts[node] = self.store.text_search(node, query, n_cand, kinds=want)
-            out.update({"text": texts, "k": k, "kinds": want})
-            if query_vector is not None:
-                out["dense"] = self.prescore_dense(user, query_vector, context=context, scope=scope, k=k, kinds=kinds)
+            texts = self._each_store_owner(user, context, scope, lambda node, n, want: self.store.text_search(
+                node, query, n, kinds=want), k, kinds)
+            out.update({"text": texts, "k": k, "kinds": _kinds_key(kinds)})
             return out
         for node, _ in self.scope_nodes(user, context, scope):
             self._load(node)
@@ -906,14 +899,22 @@ class _MemoryRetrieval(_MemoryIngest):
         """With ``store_search``: the store's ``vector_search`` of each scope node (``prescore``'s
         ``"dense"``), which the request path runs as soon as the query vector is there, while the text
         searches may still be running."""
+        if self._index is None:
+            return {}
+        q = np.asarray(query_vector).tolist()
+        return self._each_store_owner(user, context, scope, lambda node, n, want: self.store.vector_search(
+            node, q, n, kinds=want), k, kinds)
+
+    def _each_store_owner(self, user: str, context: str | None, scope: Scope | None,
+                          search: Callable[[str, int, list[str] | None], list[tuple[str, float]]], k: int,
+                          kinds: Iterable[str] | None) -> dict[str, list[tuple[str, float]]]:
+        """``search(node, candidates, kinds)`` of the store for each scope node holding memories."""
         want, n_cand = _kinds_key(kinds), max(self.candidates, 4 * k)
         out: dict[str, list[tuple[str, float]]] = {}
-        if self._index is None:
-            return out
         for node, _ in self.scope_nodes(user, context, scope):
             self._load(node)
             if self._recs.get(node):
-                out[node] = self.store.vector_search(node, np.asarray(query_vector).tolist(), n_cand, kinds=want)
+                out[node] = search(node, n_cand, want)
         return out
 
     def _n_cand(self, k: int, kindset: set[str] | None) -> int:
