@@ -85,9 +85,10 @@ class MemoryPlugin:
         hops: Hops | None = Field(default=None, description="mode fused: the second hop (default: the "
                                   "cross-validated one, persona_mw.memory.hops.HopSettings); why.hop says which hop found a hit")
         index: Literal["exact", "ann"] = Field(
-            default="exact", description="dense search: exact (scan every vector: the reference, the default) or "
-            "ann (opt-in: HNSW via usearch for users with ann_threshold memories or more, exact below; the graph "
-            "is built on a user's first search, minutes at 100k memories)")
+            default="ann", description="dense search: ann (the default: HNSW via usearch for users with "
+            "ann_threshold memories or more, exact below; a user's graph is built on a background thread, "
+            "tens of seconds at 100k memories, while their searches scan exactly) or exact (scan every "
+            "vector: the reference)")
         ann_threshold: int = Field(default=10_000, ge=1, le=10_000_000,
                                    description="with index ann: memories per user from which the HNSW graph is used")
         search_in: Literal["process", "store"] = Field(
@@ -165,7 +166,9 @@ class MemoryPlugin:
         mode = self.config.mode if (self.config.mode != "dense" or mgr.embedder is not None) else "bm25"
         pre = None
         if self.config.top_k and query.strip() and mode == "fused":
-            pre = mgr.prescore(turn.user, query, scope=turn.scope)  # BM25 while the query is being embedded
+            # BM25 while the query is being embedded, for the k and kinds the search asks (with fewer
+            # candidates than it needs, the search would score BM25 again)
+            pre = mgr.prescore(turn.user, query, scope=turn.scope, k=self.config.top_k, kinds=kinds)
         elif self.config.top_k and query.strip() and mgr.store_search:
             pre, qv = await self._store_candidates(mgr, turn, query, fut, mode, kinds)
             fut = None

@@ -106,11 +106,12 @@ def _centroid(mgr: _MemoryRetrieval, seeds: Sequence[tuple[str, str]]) -> np.nda
 
 def _pool_sims(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], c: np.ndarray) -> np.ndarray:
     """Cosine of each pool memory's stored vector with ``c`` (no vector: the pool's lowest)."""
-    by_node: dict[str, list[str]] = {}
-    for node, mid in keys:
-        by_node.setdefault(node, []).append(mid)
-    vecs = {node: mgr._vectors(node, ids) for node, ids in by_node.items()}
-    sims = np.asarray([float(vecs[n][i] @ c) if i in vecs[n] else np.nan for n, i in keys])
+    by_node: dict[str, list[int]] = {}
+    for j, (node, _) in enumerate(keys):
+        by_node.setdefault(node, []).append(j)
+    sims = np.full(len(keys), np.nan)
+    for node, js in by_node.items():
+        sims[js] = mgr._dot(node, [keys[j][1] for j in js], c)
     if np.isnan(sims).all():
         return np.zeros(len(keys))
     return np.where(np.isnan(sims), float(np.nanmin(sims)), sims)
@@ -119,7 +120,7 @@ def _pool_sims(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], c: np.ndarray
 def _links(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], seeds: set[tuple[str, str]],
            query: str) -> tuple[np.ndarray, list[list[str]]]:
     """How many of the seeds' names (not the query's, not frequent in the pool) each key mentions."""
-    ents = [names(mgr._recs[n][i].text) for n, i in keys]
+    ents = [mgr._names_of(n, i) for n, i in keys]
     df: dict[str, int] = {}
     for e in ents:
         for w in e:

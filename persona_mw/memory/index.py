@@ -10,8 +10,10 @@ exact score of any other id, and the score moments over all of the owner's rows 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -80,7 +82,7 @@ class VectorIndex(Protocol):
 class _Block:
     """One owner's vectors: a growable float32 matrix, an id per row, and a live mask."""
 
-    __slots__ = ("ids", "row", "mat", "alive", "n", "n_alive")
+    __slots__ = ("ids", "row", "mat", "alive", "n", "n_alive", "touched")
 
     def __init__(self, dim: int) -> None:
         self.ids: list[str] = []
@@ -89,6 +91,9 @@ class _Block:
         self.alive = np.zeros(8, dtype=bool)
         self.n = 0
         self.n_alive = 0
+        # rows written (added, replaced, removed) while a graph of this block is built in the background;
+        # None when no build runs. The build applies them to the graph before it is used.
+        self.touched: set[int] | None = None
 
     def add(self, ids: Sequence[str], vecs: np.ndarray) -> None:
         need = self.n + len(ids)
@@ -103,10 +108,14 @@ class _Block:
             old = self.row.get(mid)
             if old is not None:  # re-adding an id replaces its vector in place
                 self.mat[old] = vecs[i]
+                if self.touched is not None:
+                    self.touched.add(old)
                 continue
             self.mat[self.n] = vecs[i]
             self.alive[self.n] = True
             self.row[mid] = self.n
+            if self.touched is not None:
+                self.touched.add(self.n)
             self.ids.append(mid)
             self.n += 1
             self.n_alive += 1
@@ -135,6 +144,8 @@ class NumpyIndex:
             for mid in ids:
                 r = b.row.pop(mid, None)
                 if r is not None:
+                    if b.touched is not None:
+                        b.touched.add(r)
                     b.alive[r] = False
                     b.mat[r] = 0.0  # the vector itself is gone, not just hidden
                     b.n_alive -= 1
@@ -172,6 +183,19 @@ class NumpyIndex:
         return Probe([b.ids[i] for i in top], full[top], len(live), float(live.sum()), float((live * live).sum()),
                      lambda ids: _lookup(rowmap, full, ids))
 
+    def dot(self, owner: str, ids: Sequence[str], vector: np.ndarray) -> np.ndarray:
+        """Each of ``ids``' stored vector dotted with ``vector`` (NaN for ids the owner lacks), without
+        copying the vectors out."""
+        with self._lock:
+            b = self._blocks.get(owner)
+            if b is None:
+                return np.full(len(ids), np.nan)
+            rows = np.fromiter((b.row.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+            out = np.full(len(ids), np.nan)
+            ok = rows >= 0
+            out[ok] = b.mat[rows[ok]] @ np.asarray(vector, dtype=np.float32).reshape(-1)
+            return out
+
     def vectors(self, owner: str, ids: Iterable[str]) -> dict[str, np.ndarray]:
         """The stored vectors of ``ids`` (those the owner has)."""
         with self._lock:
@@ -199,7 +223,13 @@ _WARNED: set[str] = set()
 
 
 def _usearch() -> Any:
-    """The ``usearch.index`` module, or None (warned once: search stays exact)."""
+    """The ``usearch.index`` module, or None (warned once: search stays exact).
+
+    torch, when installed, is imported first: loaded before torch, usearch's compiled module makes
+    torch's TorchScript tracing (the MiniLM embedder's first call) throw C++ exceptions in a loop
+    and never finish (usearch 2.26, torch 2.13; tests/memory/test_index.py)."""
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401
     try:
         import usearch.index as ui
     except ImportError:
@@ -221,9 +251,9 @@ class _Graph:
         self.sum = np.zeros(dim, dtype=np.float64)
         self.gram = np.zeros((dim, dim), dtype=np.float64)
 
-    def learn(self, rows: np.ndarray, vecs: np.ndarray) -> None:
+    def learn(self, rows: np.ndarray, vecs: np.ndarray, threads: int = 1) -> None:
         if len(rows):
-            self.index.add(rows.astype(np.uint64), vecs, threads=2)
+            self.index.add(rows.astype(np.uint64), vecs, threads=threads)
             x = vecs.astype(np.float64)
             self.sum += x.sum(axis=0)
             self.gram += x.T @ x
@@ -240,30 +270,86 @@ class AnnIndex(NumpyIndex):
     """``NumpyIndex`` plus an HNSW graph (``usearch``) for each owner with at least ``threshold`` live
     vectors: candidates come from the graph, their scores are exact (the float32 rows stay the truth);
     smaller owners are scanned exactly (a graph over 50 vectors buys nothing). Removing a vector takes
-    it out of the graph and the matrix; ``drop_owner`` drops both. Without usearch: exact, warned once."""
+    it out of the graph and the matrix; ``drop_owner`` drops both. Without usearch: exact, warned once.
+
+    ``background`` (default): an owner that reaches the threshold is searched exactly while its graph
+    is built on a thread (tens of seconds at 100,000 vectors: no search waits for it); writes made
+    during the build are applied to the graph before it is used. ``False``: built inline, by the
+    search that finds the owner at the threshold (tests, benchmarks). ``wait(owner)`` waits for a build.
+    """
 
     def __init__(self, dim: int, threshold: int = 10_000, ef_search: int = 128, connectivity: int = 16,
-                 ef_add: int = 128, dtype: str = "f16") -> None:
+                 ef_add: int = 128, dtype: str = "f16", background: bool = True, build_threads: int = 1) -> None:
         super().__init__(dim)
         self.threshold = max(1, int(threshold))
         self.ef_search, self.connectivity, self.ef_add, self.dtype = ef_search, connectivity, ef_add, dtype
+        self.background, self.build_threads = background, max(1, int(build_threads))
         self._graphs: dict[str, _Graph] = {}
+        self._building: dict[str, threading.Event] = {}
+        self._failed: set[str] = set()  # owners whose build raised: exact until dropped, not retried per search
+        self.builds = 0  # graphs built (a test counts them)
+
+    def _new_graph(self, ui: Any) -> _Graph:
+        return _Graph(ui.Index(ndim=self.dim, metric="ip", dtype=self.dtype, connectivity=self.connectivity,
+                               expansion_add=self.ef_add, expansion_search=self.ef_search), self.dim)
 
     def _graph(self, owner: str, b: _Block) -> _Graph | None:
-        """The owner's graph, built now if the owner has grown to the threshold (under the lock)."""
+        """The owner's graph when it is ready (under the lock); an owner grown to the threshold gets
+        one built: inline, or started on a thread (None until then: the caller scans exactly)."""
         g = self._graphs.get(owner)
-        if g is not None or b.n_alive < self.threshold:
+        if g is not None or b.n_alive < self.threshold or owner in self._building or owner in self._failed:
             return g
         ui = _usearch()
         if ui is None:
             return None
-        ix = ui.Index(ndim=self.dim, metric="ip", dtype=self.dtype, connectivity=self.connectivity,
-                      expansion_add=self.ef_add, expansion_search=self.ef_search)
-        g = _Graph(ix, self.dim)
         rows = np.flatnonzero(b.alive[: b.n])
-        g.learn(rows, b.mat[rows])
-        self._graphs[owner] = g
-        return g
+        if not self.background:
+            g = self._new_graph(ui)
+            g.learn(rows, b.mat[rows], self.build_threads)
+            self._graphs[owner] = g
+            self.builds += 1
+            return g
+        done = self._building[owner] = threading.Event()
+        b.touched = set()
+        snap = b.mat[rows].copy()  # the build reads this copy, never the live matrix
+        threading.Thread(target=self._build, args=(owner, b, rows, snap, ui, done), daemon=True,
+                         name=f"persona-mw-hnsw-{len(self._building)}").start()
+        return None
+
+    def _build(self, owner: str, b: _Block, rows: np.ndarray, snap: np.ndarray, ui: Any,
+               done: threading.Event) -> None:
+        """A background build: the graph of the snapshot ``rows``/``snap`` outside the lock, then,
+        under it, the rows written meanwhile (``b.touched``) taken out and put back as they are now."""
+        try:
+            g = self._new_graph(ui)
+            g.learn(rows, snap, self.build_threads)
+            with self._lock:
+                if self._blocks.get(owner) is not b:  # dropped (forget) while building: discard
+                    return
+                pos = {int(r): i for i, r in enumerate(rows)}
+                touched = sorted(b.touched or ())
+                old = [r for r in touched if r in pos]
+                g.forget(np.asarray(old, dtype=np.int64), snap[[pos[r] for r in old]])
+                new = np.asarray([r for r in touched if b.alive[r]], dtype=np.int64)
+                g.learn(new, b.mat[new], self.build_threads)
+                self._graphs[owner] = g
+                self.builds += 1
+        except Exception:  # noqa: BLE001 - a failed build leaves the owner on the exact scan, said once
+            log.exception("HNSW graph build for one owner failed; its searches stay exact")
+            with self._lock:
+                if self._blocks.get(owner) is b:
+                    self._failed.add(owner)
+        finally:
+            with self._lock:
+                b.touched = None
+                self._building.pop(owner, None)
+            done.set()
+
+    def wait(self, owner: str, timeout: float | None = None) -> bool:
+        """Wait for a background build of ``owner``'s graph; True when none is running any more."""
+        with self._lock:
+            ev = self._building.get(owner)
+        return True if ev is None else ev.wait(timeout)
 
     def add(self, owner: str, ids: Sequence[str], vectors: np.ndarray) -> None:
         if not len(ids):
@@ -293,6 +379,7 @@ class AnnIndex(NumpyIndex):
     def drop_owner(self, owner: str) -> None:
         with self._lock:
             self._graphs.pop(owner, None)
+            self._failed.discard(owner)
             super().drop_owner(owner)
 
     def _ann(self, b: _Block, g: _Graph, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -347,12 +434,13 @@ class AnnIndex(NumpyIndex):
             return list(self._graphs)
 
 
-def make_vector_index(kind: str, dim: int, threshold: int = 10_000) -> NumpyIndex:
-    """``exact``: ``NumpyIndex``; ``ann``: ``AnnIndex`` (exact below ``threshold`` vectors per owner)."""
+def make_vector_index(kind: str, dim: int, threshold: int = 10_000, background: bool = True) -> NumpyIndex:
+    """``exact``: ``NumpyIndex``; ``ann``: ``AnnIndex`` (exact below ``threshold`` vectors per owner;
+    ``background``: graphs built on a thread while the owner is scanned exactly)."""
     if kind == "exact":
         return NumpyIndex(dim)
     if kind == "ann":
-        return AnnIndex(dim, threshold=threshold)
+        return AnnIndex(dim, threshold=threshold, background=background)
     raise ValueError(f"unknown memory index {kind!r} (exact, ann)")
 
 
@@ -406,13 +494,14 @@ class _LexBlock:
     """One owner's documents as token ids (``vocab``: token -> id, only grows); ``model`` is the bm25s
     index over the live ones, rebuilt on the first search after a write (``pos``: id -> position)."""
 
-    __slots__ = ("toks", "vocab", "model", "pos", "dirty")
+    __slots__ = ("toks", "vocab", "model", "pos", "ids", "dirty")
 
     def __init__(self) -> None:
         self.toks: dict[str, list[int]] = {}
         self.vocab: dict[str, int] = {"": 0}  # bm25s scores documents without tokens through ""
         self.model: Any = None
         self.pos: dict[str, int] = {}
+        self.ids: list[str] = []  # position -> id (of the last rebuild)
         self.dirty = True
 
 
@@ -458,41 +547,42 @@ class BM25Index:
                 model = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
                 # token ids and the owner's vocabulary: bm25s skips building its own from strings
                 model.index(([blk.toks[i] for i in ids], dict(blk.vocab)), show_progress=False)
-            blk.model, blk.pos, blk.dirty = model, {mid: i for i, mid in enumerate(ids)}, False
+            blk.model, blk.pos, blk.ids, blk.dirty = model, {mid: i for i, mid in enumerate(ids)}, ids, False
             self.rebuilds += 1
         return blk.model
 
-    def _scores(self, owner: str, query: str | Sequence[str]) -> tuple[np.ndarray, dict[str, int]] | None:
-        """BM25 of ``query`` for each live document of the owner (by position), and id -> position."""
+    def _scores(self, owner: str, query: str | Sequence[str]
+                ) -> tuple[np.ndarray, dict[str, int], list[str]] | None:
+        """BM25 of ``query`` for each live document of the owner (by position), id -> position, and
+        position -> id."""
         terms = list(dict.fromkeys(tokenize(query) if isinstance(query, str) else query))
         with self._lock:
             blk = self._blocks.get(owner)
             if blk is None or not blk.toks:
                 return None
             model = self._model(blk)
-            pos = blk.pos
+            pos, ids = blk.pos, blk.ids
             known = [t for t in terms if t in model.vocab_dict and t != ""]
             s = (np.asarray(model.get_scores(known), dtype=np.float64) if known
                  else np.zeros(len(pos), dtype=np.float64))
-        return s, pos
+        return s, pos, ids
 
     def search(self, owner: str, query: str | Sequence[str], k: int) -> list[tuple[str, float]]:
         got = self._scores(owner, query)
         if got is None or k <= 0:
             return []
-        s, pos = got
-        ids = list(pos)
-        s = np.where(s > 0, s, -np.inf)
-        return [(ids[i], float(s[i])) for i in _top(s, k)]
+        s, _, ids = got
+        hit = np.flatnonzero(s > 0)
+        return [(ids[i], float(s[i])) for i in hit[_top(s[hit], k)]]
 
     def probe(self, owner: str, query: str | Sequence[str], k: int) -> Probe | None:
         """The ``k`` best documents (zero scores included when fewer match), any id's score, the moments."""
         got = self._scores(owner, query)
         if got is None:
             return None
-        s, pos = got
-        ids = list(pos)
-        top = _top(s, k)
+        s, pos, ids = got
+        hit = np.flatnonzero(s > 0)  # the ranking among matching documents only: a fraction of them all
+        top = hit[_top(s[hit], k)] if len(hit) >= k else _top(s, k)
         return Probe([ids[i] for i in top], s[top], len(s), float(s.sum()), float((s * s).sum()),
                      lambda want: _lookup(pos, s, want))
 

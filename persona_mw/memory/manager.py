@@ -20,12 +20,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence, get_args
 
 import numpy as np
 
 from persona_mw.errors import PersonaError, RequestError, UnknownUserError
-from persona_mw.memory.hops import HopSettings, second_hop
+from persona_mw.memory.hops import HopSettings, names, second_hop
 from persona_mw.memory.extract import (
     EXTRACT_PROMPT, MAX_MEMORY_CHARS, Candidate, detect, is_injection, one_line, parse_llm_output, rule_extract,
     sanitize, states_taste,
@@ -45,6 +45,7 @@ Mode = Literal["fused", "hybrid", "bm25", "dense"]
 MODES = ("fused", "hybrid", "bm25", "dense")
 # How much an owner's memories count, by node kind (the scope's weights adjust within it: a user's own
 # memories outrank a group's even while the user has little feedback evidence).
+_MEMORY_KINDS = frozenset(get_args(Memory.model_fields["kind"].annotation))  # fact, preference, episode
 _KIND_PRIOR = {"user_context": 1.0, "user": 1.0, "group": 0.8, "context": 0.8, "global": 0.7}
 _POL_ORDER = {"constraint": 0, "avoid": 1, "like": 2}
 
@@ -141,15 +142,18 @@ class _MemoryBase:
                  dup_lexical: float = 0.8, rrf_k: int = 60, candidates: int = 100,
                  fusion_weights: dict[str, float] | None = None, max_per_owner: int | None = None,
                  neighbours: int = 1, hops: HopSettings | dict[str, Any] | None = None,
-                 dense_index: Literal["exact", "ann"] = "exact", ann_threshold: int = 10_000) -> None:
+                 dense_index: Literal["exact", "ann"] = "ann", ann_threshold: int = 10_000,
+                 ann_background: bool = True) -> None:
         self.store = store
         self.hops = HopSettings.of(hops)  # the second hop of mode="fused"; None: hops.DEFAULT_HOPS (CV-chosen)
-        # "exact" (the default): every owner is scanned. "ann" (opt-in): owners with ann_threshold vectors
-        # or more are searched through an HNSW graph (usearch). Not the default: measured on a quiet
-        # machine (benchmarks/memory_speed.json, one user with 100k random vectors) its first search built
-        # the graph for 189 s, its recall@10 vs exact was 0.15 and its p95 no better than the scan.
+        # "ann" (the default): owners with ann_threshold vectors or more are searched through an HNSW
+        # graph (usearch), built on a thread while the owner is still scanned exactly
+        # (``ann_background``); smaller owners are always scanned. Measured (benchmarks/memory_speed.py,
+        # one user with 100k vectors drawn around real MiniLM sentence vectors): recall@10 vs the scan
+        # about 0.99, and LoCoMo's fused top 10 identical to the exact one
+        # (benchmarks/locomo_fusion_check.py). "exact": every owner scanned, the reference.
         # An explicit ``index=`` wins over both.
-        self.dense_index, self.ann_threshold = dense_index, int(ann_threshold)
+        self.dense_index, self.ann_threshold, self.ann_background = dense_index, int(ann_threshold), ann_background
         self.graph = graph
         self.embedder = _resolve_embedder(embedder)
         self._index: VectorIndex | None = index
@@ -174,6 +178,7 @@ class _MemoryBase:
         self._lock = threading.RLock()
         self._loaded: set[str] = set()
         self._recs: dict[str, dict[str, Memory]] = {}   # owner -> id -> active memory (no embedding)
+        self._names: dict[str, dict[str, tuple[str, set[str]]]] = {}  # owner -> id -> (text, hops.names)
         self._prefs: dict[str, dict[str, Memory]] = {}  # owner -> id -> active preference
         # user -> the store's forget epoch when this process cached their entries. Another process
         # (a second server, a worker, the CLI's ``profile forget``) moves the epoch on in the store;
@@ -186,7 +191,8 @@ class _MemoryBase:
     @property
     def index(self) -> VectorIndex | None:
         if self._index is None and self.embedder is not None:
-            self._index = make_vector_index(self.dense_index, int(self.embedder.dim), self.ann_threshold)
+            self._index = make_vector_index(self.dense_index, int(self.embedder.dim), self.ann_threshold,
+                                            self.ann_background)
         return self._index
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray | None:
@@ -346,7 +352,7 @@ class _MemoryBase:
             if keep:
                 if self._win_index is None:
                     self._win_index = make_vector_index(self.dense_index, int(self.embedder.dim),
-                                                        self.ann_threshold)
+                                                        self.ann_threshold, self.ann_background)
                 self._win_index.add(owner, keep, np.stack(rows).astype(np.float32))
 
     def _window_remove(self, owner: str, ids: Sequence[str]) -> None:
@@ -370,6 +376,7 @@ class _MemoryBase:
         self.bm25.remove(owner, ids)
         for mid in ids:
             self._recs.get(owner, {}).pop(mid, None)
+            self._names.get(owner, {}).pop(mid, None)
             self._prefs.get(owner, {}).pop(mid, None)
         self._window_remove(owner, ids)
 
@@ -378,6 +385,24 @@ class _MemoryBase:
         if isinstance(idx, NumpyIndex):
             return idx.vectors(owner, ids)
         return {}
+
+    def _dot(self, owner: str, ids: Sequence[str], vector: np.ndarray) -> np.ndarray:
+        """Each of ``ids``' stored vector dotted with ``vector``; NaN where there is none."""
+        idx = self._index
+        if isinstance(idx, NumpyIndex):
+            return idx.dot(owner, ids, vector)
+        vecs = self._vectors(owner, ids)
+        return np.asarray([float(vecs[i] @ vector) if i in vecs else np.nan for i in ids])
+
+    def _names_of(self, owner: str, memory_id: str) -> set[str]:
+        """``hops.names`` of a memory's text, kept per owner (and per text: an edit is seen): the second
+        hop reads the names of several hundred pooled memories on every search."""
+        text = self._recs[owner][memory_id].text
+        cache = self._names.setdefault(owner, {})
+        got = cache.get(memory_id)
+        if got is None or got[0] != text:
+            got = cache[memory_id] = (text, names(text))
+        return got[1]
 
     def _check_epoch(self, owner: str) -> None:
         """Drop the cached entries of ``owner``'s user when a forget (in any process) moved the user's
@@ -408,6 +433,7 @@ class _MemoryBase:
                     self._win_index.drop_owner(o)
                 self._raw_seq.pop(o, None)
                 self._recs.pop(o, None)
+                self._names.pop(o, None)
                 self._prefs.pop(o, None)
                 self._loaded.discard(o)
 
@@ -879,7 +905,8 @@ class _MemoryRetrieval(_MemoryIngest):
         (the same ``k`` and ``kinds`` must reach ``search``, else it searches again); ``prescore_dense``
         adds the vector searches as ``"dense"``."""
         query = sanitize(query, 2000)
-        out: dict[str, Any] = {"query": query, "scores": {}, "n_cand": self._n_cand(10, None)}
+        kindset = set(kinds) if kinds is not None else None
+        out: dict[str, Any] = {"query": query, "scores": {}, "n_cand": {}}  # n_cand: node -> candidates probed
         if not query:
             return out
         if self.store_search:
@@ -889,8 +916,9 @@ class _MemoryRetrieval(_MemoryIngest):
             return out
         for node, _ in self.scope_nodes(user, context, scope):
             self._load(node)
+            n = out["n_cand"][node] = self._n_cand(node, k, kindset)
             for name, ix in (("bm25_turn", self.bm25), ("bm25_window", self.bm25_window)):
-                out["scores"][(name, node)] = ix.probe(node, query, self._n_cand(10, None))
+                out["scores"][(name, node)] = ix.probe(node, query, n)
         return out
 
     def prescore_dense(self, user: str, query_vector: np.ndarray, *, context: str | None = None,
@@ -917,9 +945,22 @@ class _MemoryRetrieval(_MemoryIngest):
                 out[node] = search(node, n_cand, want)
         return out
 
-    def _n_cand(self, k: int, kindset: set[str] | None) -> int:
-        """Candidates each signal contributes per node in mode fused (``candidates``, at least 4k)."""
-        return max(self.candidates, 4 * k) * (4 if kindset else 1)
+    def _n_cand(self, node: str, k: int, kindset: set[str] | None) -> int:
+        """Candidates each signal draws from ``node`` in mode fused: ``need`` = ``candidates`` (at least
+        4k) that pass the kinds filter. When the node's count of memories of the other kinds is known
+        (preferences are kept apart, so for kinds {fact, episode} or {preference} it is), ``need`` plus
+        that count guarantees ``need`` of them, capped at 4 * need; otherwise 4 * need."""
+        need = max(self.candidates, 4 * k)
+        if not kindset or kindset >= _MEMORY_KINDS:
+            return need
+        prefs = len(self._prefs.get(node) or ())
+        if kindset == {"fact", "episode"}:
+            other = prefs
+        elif kindset == {"preference"}:
+            other = len(self._recs.get(node) or ()) - prefs
+        else:
+            return 4 * need
+        return min(need + other, 4 * need)
 
     def _search_fused(self, nodes: Sequence[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
                       kindset: set[str] | None, pre: dict[str, Any] | None = None,
@@ -940,10 +981,7 @@ class _MemoryRetrieval(_MemoryIngest):
         signals: list[tuple[str, Any, Any]] = [("bm25_turn", self.bm25, query), ("bm25_window", self.bm25_window, query)]
         if qv is not None and self.index is not None:
             signals += [("dense_turn", self.index, qv), ("dense_window", self._win_index, qv)]
-        n_cand = self._n_cand(k, kindset)
-        if pre is not None and pre.get("n_cand", 0) < n_cand:
-            pre = None  # prescored for fewer candidates than this search needs
-        keys, total, zs = self._fused_scores(nodes, signals, n_cand, kindset, pre)
+        keys, total, zs = self._fused_scores(nodes, signals, k, kindset, pre)
         if not keys:
             return []
         hops = self.hops if hops is None else hops
@@ -954,10 +992,11 @@ class _MemoryRetrieval(_MemoryIngest):
                           {"node": keys[i][0], **{name: round(float(z[i]), 3) for name, z in zs.items()}})
                 for i in top]
 
-    def _fused_scores(self, nodes: Sequence[tuple[str, float]], signals: list[tuple[str, Any, Any]], n_cand: int,
+    def _fused_scores(self, nodes: Sequence[tuple[str, float]], signals: list[tuple[str, Any, Any]], k: int,
                       kindset: set[str] | None, pre: dict[str, Any] | None = None
                       ) -> tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]]:
-        """The pool ``(node, id)`` of each signal's head, the fused score of each, and each signal's z."""
+        """The pool ``(node, id)`` of each signal's head, the fused score of each, and each signal's z.
+        ``pre``: ``prescore``'s probes, used for a node it probed for at least as many candidates."""
         max_w = max((w for _, w in nodes), default=1.0) or 1.0
         stats = {name: [0.0, 0.0, 0] for name, _, _ in signals}  # sum, sum of squares, count
         got: dict[tuple[str, str], Probe | None] = {}
@@ -967,8 +1006,10 @@ class _MemoryRetrieval(_MemoryIngest):
             if not recs:
                 continue
             prior = float(np.log(_KIND_PRIOR.get(kind_of(node), 0.7) * (0.75 + 0.25 * w / max_w)))
+            n_cand = self._n_cand(node, k, kindset)
+            reuse = pre is not None and pre.get("n_cand", {}).get(node, 0) >= n_cand
             for name, ix, q in signals:
-                if pre is not None and (name, node) in pre["scores"]:
+                if reuse and pre is not None and (name, node) in pre["scores"]:
                     r = pre["scores"][(name, node)]
                 else:
                     r = probe(ix, node, q, n_cand) if ix is not None else None

@@ -7,7 +7,9 @@ import hashlib
 import importlib.util
 import logging
 import math
+import subprocess
 import sys
+import threading
 from collections import Counter
 from typing import Any
 
@@ -35,7 +37,7 @@ def clustered(n: int, dim: int, seed: int) -> np.ndarray:
 def test_ann_recall_at_10_vs_exact_and_small_owners_stay_exact() -> None:
     vecs = clustered(3000, 64, 1)
     ids = [f"m{i}" for i in range(3000)]
-    ann, exact = AnnIndex(64, threshold=1000), NumpyIndex(64)
+    ann, exact = AnnIndex(64, threshold=1000, background=False), NumpyIndex(64)
     for ix in (ann, exact):
         ix.add("user:big", ids, vecs)
         ix.add("user:small", ids[:50], vecs[:50])
@@ -55,7 +57,7 @@ def test_ann_recall_at_10_vs_exact_and_small_owners_stay_exact() -> None:
 def test_ann_probe_moments_and_scores_are_exact_after_writes() -> None:
     vecs = clustered(1500, 32, 3)
     ids = [f"m{i}" for i in range(1500)]
-    ann, exact = AnnIndex(32, threshold=500), NumpyIndex(32)
+    ann, exact = AnnIndex(32, threshold=500, background=False), NumpyIndex(32)
     for ix in (ann, exact):
         ix.add("user:ana", ids[:1000], vecs[:1000])
     q = clustered(1, 32, 4)[0]
@@ -78,7 +80,7 @@ def test_ann_probe_moments_and_scores_are_exact_after_writes() -> None:
 def test_ann_removed_vectors_are_gone_and_owners_isolated() -> None:
     vecs = clustered(1200, 32, 5)
     ids = [f"m{i}" for i in range(1200)]
-    ann = AnnIndex(32, threshold=100)
+    ann = AnnIndex(32, threshold=100, background=False)
     ann.add("user:ana", ids, vecs)
     ann.add("user:bob", ids[:200], vecs[:200])
     gone = set(ids[:600])
@@ -91,6 +93,72 @@ def test_ann_removed_vectors_are_gone_and_owners_isolated() -> None:
     ann.drop_owner("user:ana")
     assert ann.search("user:ana", vecs[700], 5) == [] and ann.probe("user:ana", vecs[700], 5) is None
     assert ann.size("user:bob") == 200 and "user:ana" not in ann.graph_owners()
+
+
+@needs_usearch
+def test_ann_background_build_never_blocks_and_keeps_writes_made_meanwhile(monkeypatch: Any) -> None:
+    """The search that finds an owner at the threshold answers at once by the exact scan while the
+    graph is built on a thread; vectors added, replaced and removed during the build are in the graph
+    (and its score moments) when it takes over; a forget during a build discards that graph."""
+    vecs = clustered(2600, 32, 11)
+    ids = [f"m{i}" for i in range(2600)]
+    ann, exact = AnnIndex(32, threshold=500), NumpyIndex(32)
+    gate, started = threading.Event(), threading.Event()
+    learn = index_mod._Graph.learn
+
+    def held_learn(self: Any, rows: Any, v: Any, threads: int = 1) -> None:
+        if threading.current_thread().name.startswith("persona-mw-hnsw"):
+            started.set()
+            assert gate.wait(30)  # the build holds here until the test has written
+        learn(self, rows, v, threads)
+
+    monkeypatch.setattr(index_mod._Graph, "learn", held_learn)
+    for ix in (ann, exact):
+        ix.add("user:ana", ids[:2000], vecs[:2000])
+    q = vecs[7]
+    assert ann.search("user:ana", q, 10) == exact.search("user:ana", q, 10)  # exact while building
+    assert started.wait(30) and ann.graph_owners() == []
+    for ix in (ann, exact):  # written while the build runs
+        ix.add("user:ana", ids[2000:], vecs[2000:])
+        ix.add("user:ana", ids[:30], vecs[-30:])
+        ix.remove("user:ana", ids[100:400])
+    gate.set()
+    assert ann.wait("user:ana", 60) and ann.graph_owners() == ["user:ana"] and ann.builds == 1
+    a, e = ann.probe("user:ana", q, 50), exact.probe("user:ana", q, 50)
+    assert a is not None and e is not None and a.approximate and a.n == e.n == 2300
+    assert a.total == pytest.approx(e.total, abs=1e-3) and a.total_sq == pytest.approx(e.total_sq, rel=1e-4)
+    graph_keys = set(np.asarray(ann._graphs["user:ana"].index.keys).tolist())
+    assert graph_keys == set(np.flatnonzero(ann._blocks["user:ana"].alive).tolist())
+    for v in vecs[2000:2010]:  # an id added during the build is found through the graph
+        assert ann.search("user:ana", v, 1)[0][0] == exact.search("user:ana", v, 1)[0][0]
+    assert not {i for i, _ in ann.search("user:ana", vecs[150], 20)} & set(ids[100:400])
+    # a forget while a build runs: the graph is thrown away, the owner starts again empty
+    gate.clear()
+    started.clear()
+    ann.add("user:bob", ids[:600], vecs[:600])
+    ann.search("user:bob", q, 5)
+    assert started.wait(30)
+    ann.drop_owner("user:bob")
+    gate.set()
+    assert ann.wait("user:bob", 60) and "user:bob" not in ann.graph_owners() and ann.size("user:bob") == 0
+
+
+@needs_usearch
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch (the local extra) is not installed")
+def test_usearch_loaded_by_the_index_leaves_torch_tracing_working() -> None:
+    """Loaded before torch, usearch's compiled module made TorchScript tracing (the MiniLM embedder's
+    first call) throw C++ exceptions in a loop and never finish; the index imports torch first."""
+    code = (
+        "from persona_mw.memory.index import _usearch\n"
+        "assert _usearch() is not None\n"
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return (x[:, :2] * 2).sum(-1)\n"
+        "torch.jit.trace(M(), torch.ones(3, 4))\n"
+        "print('traced')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "traced" in out.stdout, out.stderr[-2000:]
 
 
 def test_ann_without_usearch_searches_exactly_and_says_so(monkeypatch: Any, caplog: Any) -> None:
@@ -179,6 +247,9 @@ def test_fused_over_candidates_matches_exact_fusion(store_url: Any) -> None:
     writer.add_raw("bob", _turns(60, 9))
     exact = MemoryManager(store, embedder=emb, dense_index="exact")
     ann = MemoryManager(store, embedder=emb, dense_index="ann", ann_threshold=500)
+    assert ann.search("ana", "garden", k=10)  # starts the graphs' builds (turns and windows)
+    assert isinstance(ann.index, AnnIndex) and ann.index.wait("user:ana", 60)
+    assert ann._win_index is not None and ann._win_index.wait("user:ana", 60)  # type: ignore[attr-defined]
     overlap = []
     for q in ("when did I talk about the garden and my sister", "violin lessons in lisbon", "coffee budget",
               "train ticket to the festival", "doctor and yoga in winter"):
@@ -199,11 +270,11 @@ def test_forget_in_another_process_clears_a_graph_owner(store_url: Any) -> None:
     path = store_url()
     s1, s2 = open_store(path), open_store(path)
     emb = HashEmbedder()
-    a = MemoryManager(s1, embedder=emb, dense_index="ann", ann_threshold=200)
+    a = MemoryManager(s1, embedder=emb, dense_index="ann", ann_threshold=200, ann_background=False)
     a.add_raw("ana", _turns(400, 10))
     assert a.search("ana", "garden sister", k=5)
     assert "user:ana" in a.index.graph_owners()
-    b = MemoryManager(s2, embedder=emb, dense_index="ann", ann_threshold=200)
+    b = MemoryManager(s2, embedder=emb, dense_index="ann", ann_threshold=200, ann_background=False)
     assert len(b.search("ana", "garden sister", k=5)) == 5  # loaded from the store: sees a's writes
     s2.forget_user("ana")  # what `persona-mw profile forget` runs in its own process
     assert a.search("ana", "garden sister", k=5) == []

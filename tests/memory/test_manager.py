@@ -290,3 +290,25 @@ def test_list_reads_no_vectors(store, minilm):
     assert store.list_memories("user:ana")[0].embedding is not None
     assert store.list_memories("user:ana", embeddings=False)[0].embedding is None  # not even read, on every store
     assert [m.text for m in mm.list("ana")] == ["I love green tea"] and mm.list("ana")[0].embedding is None
+
+
+def test_kind_filtered_fused_search_draws_enough_candidates_past_the_other_kinds(store):
+    """Kinds {fact, episode} (what the plugin asks): each signal draws ``candidates`` plus the node's
+    preference count, so preferences that outrank every episode cannot crowd the episodes out of the
+    pool; the result equals an exhaustive search's (every memory a candidate)."""
+    words = ["violin", "kayak", "sushi", "tango", "orchids", "chess", "opera", "cider", "pottery",
+             "salsa", "falafel", "origami"]
+    for w in words:  # 12 preferences, each naming the query's words twice
+        MemoryManager(store, embedder=None).remember("ana", f"I love the garden festival and garden festival {w}.")
+    turns = [{"role": "user", "content": f"Yesterday I walked past a garden on my way to work number {i}.",
+              "id": f"e{i}"} for i in range(6)]
+    MemoryManager(store, embedder=None).add_raw("ana", turns, session_date="2024-05-01")
+    small = MemoryManager(store, embedder=None, candidates=4)
+    full = MemoryManager(store, embedder=None, candidates=1000)
+    q = "garden festival"
+    assert all(h.memory.kind == "preference" for h in small.search("ana", q, k=8))  # they outrank the turns
+    got = small.search("ana", q, k=2, kinds={"fact", "episode"})
+    want = full.search("ana", q, k=2, kinds={"fact", "episode"})
+    assert got and [h.memory.id for h in got] == [h.memory.id for h in want]
+    assert all(h.memory.kind == "episode" for h in got)
+    assert small._n_cand("user:ana", 2, {"fact", "episode"}) == 8 + 12

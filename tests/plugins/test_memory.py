@@ -256,3 +256,27 @@ def test_prescored_store_search_equals_a_plain_one(make_mw):
     assert plain and all(h.memory.kind == "fact" for h in plain)
     stale = {**pre, "text": {node: [] for node in pre["text"]}}
     assert mgr.search("ana", q, 2, mode="hybrid", kinds=("fact",), prescored=stale) == plain[:2]
+
+
+def test_request_path_scores_bm25_once_per_owner_and_granularity(make_mw, monkeypatch):
+    """Mode fused on the request path: the BM25 prescore made while the query is embedded is for the
+    ``top_k`` and kinds the search then asks, so the search reuses it; each scope owner's two lexical
+    indexes are probed once per turn, not twice (they were, when the prescore was made for fewer
+    candidates than a kind-filtered search needs)."""
+    from persona_mw.memory.index import BM25Index
+
+    mw = make_mw(YAML.format(emb="false"))
+    chat(mw, "ana", "I'm allergic to peanuts. I live in Lisbon. My sister Lena lives in Porto.")
+    mw.drain()
+    calls = []
+    probe = BM25Index.probe
+
+    def counted(self, owner, query, k):
+        calls.append((owner, k))
+        return probe(self, owner, query, k)
+
+    monkeypatch.setattr(BM25Index, "probe", counted)
+    r = chat(mw, "ana", "Where does my sister live?")
+    assert any("Porto" in u["text"] for u in r.trace.items_used if u["source"] == "memory")
+    owners = {o for o, _ in calls}
+    assert owners and len(calls) == 2 * len(owners), calls
