@@ -479,14 +479,27 @@ def _stem(w: str) -> str:
     return w[:-1] if len(w) > 3 and w.endswith("e") else w
 
 
-def tokenize(text: str) -> list[str]:
-    """Lowercased, stemmed word tokens without stopwords; CJK runs become character bigrams."""
+def _word_tokens(w: str) -> tuple[str, ...]:
+    if _CJK.search(w):
+        return tuple(w[i:i + 2] for i in range(max(1, len(w) - 1)))
+    return () if w in STOPWORDS else (_stem(w),)
+
+
+def tokenize(text: str, memo: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Lowercased, stemmed word tokens without stopwords; CJK runs become character bigrams.
+
+    ``memo``: word -> its tokens, shared by the texts of one batch (one owner's load reads each word
+    thousands of times). Never shared across calls: a process-wide cache would let one user's words
+    make another's requests faster."""
     out: list[str] = []
     for w in _TOKEN.findall(text.lower()):
-        if _CJK.search(w):
-            out.extend(w[i:i + 2] for i in range(max(1, len(w) - 1)))
-        elif w not in STOPWORDS:
-            out.append(_stem(w))
+        if memo is None:
+            out.extend(_word_tokens(w))
+            continue
+        got = memo.get(w)
+        if got is None:
+            got = memo[w] = _word_tokens(w)
+        out.extend(got)
     return out
 
 
@@ -520,8 +533,9 @@ class BM25Index:
         with self._lock:
             blk = self._blocks.setdefault(owner, _LexBlock())
             voc = blk.vocab
+            memo: dict[str, tuple[str, ...]] = {}
             for mid, text in zip(ids, texts):
-                blk.toks[mid] = [voc.setdefault(t, len(voc)) for t in tokenize(text)]
+                blk.toks[mid] = [voc.setdefault(t, len(voc)) for t in tokenize(text, memo)]
             blk.dirty = True
 
     def remove(self, owner: str, ids: Iterable[str]) -> None:

@@ -340,20 +340,24 @@ class _MemoryBase:
         self.bm25_window.add(owner, win_ids, win_texts)
         if self._index is not None and self.embedder is not None:
             vecs = self._vectors(owner, {x for ms in win_members for x in ms})
-            keep, rows = [], []
+            keep: list[str] = []
+            flat: list[str] = []  # each kept window's members with a vector, window after window
+            starts: list[int] = []
             for mid, members in zip(win_ids, win_members):
-                got = [vecs[x] for x in members if x in vecs]
-                if not got:
-                    continue
-                v = np.mean(got, axis=0) if len(got) > 1 else got[0]
-                nrm = float(np.linalg.norm(v))
-                keep.append(mid)
-                rows.append(v / nrm if nrm > 0 else v)
+                got = [x for x in members if x in vecs]
+                if got:
+                    keep.append(mid)
+                    starts.append(len(flat))
+                    flat.extend(got)
             if keep:
+                # every window's normalised mean vector at once (one owner's load makes tens of thousands)
+                sums = np.add.reduceat(np.stack([vecs[x] for x in flat]).astype(np.float32), starts, axis=0)
+                nrm = np.linalg.norm(sums, axis=1, keepdims=True)
+                rows = sums / np.where(nrm > 0, nrm, 1.0)
                 if self._win_index is None:
                     self._win_index = make_vector_index(self.dense_index, int(self.embedder.dim),
                                                         self.ann_threshold, self.ann_background)
-                self._win_index.add(owner, keep, np.stack(rows).astype(np.float32))
+                self._win_index.add(owner, keep, rows.astype(np.float32))
 
     def _window_remove(self, owner: str, ids: Sequence[str]) -> None:
         seq = self._raw_seq.get(owner, [])

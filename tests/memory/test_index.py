@@ -189,6 +189,15 @@ def lucene_bm25(docs: list[list[str]], query: list[str], k1: float = 1.2, b: flo
     return out
 
 
+def test_tokenize_with_a_batch_memo_is_tokenize() -> None:
+    """A load tokenizes an owner's texts with one word memo per batch; the tokens are the same."""
+    texts = ["I liked the named gardens and the garden.", "東京で寿司を食べた 東京", "The THE the", "",
+             "Named names, liked likes: running runs; 2024 in Lisbon!", "garden gardens gardening"]
+    memo: dict[str, tuple[str, ...]] = {}
+    assert [tokenize(t, memo) for t in texts] == [tokenize(t) for t in texts]
+    assert memo and tokenize(texts[0], memo) == tokenize(texts[0])
+
+
 def test_bm25_scores_are_okapi_over_live_documents_and_rebuild_lazily() -> None:
     rng = np.random.default_rng(7)
     words = "garden river violin sister nurse lisbon cat dinner hiking museum coffee winter".split()
