@@ -240,6 +240,21 @@ def _usearch() -> Any:
     return ui
 
 
+# Set when the interpreter starts to exit: a background graph build stops at its next chunk. A build
+# thread still inside usearch when the interpreter finalizes aborts the process ("terminate called
+# without an active exception", exit 134: measured with a CLI search of a 60,000-vector owner), so the
+# builds are non-daemon threads that notice this between chunks, and exit waits for at most one chunk.
+_EXITING = threading.Event()
+_register_atexit = getattr(threading, "_register_atexit", None)  # runs before non-daemon threads are joined
+if _register_atexit is not None:
+    _register_atexit(_EXITING.set)
+_BUILD_CHUNK = 2048
+
+
+class _BuildCancelled(Exception):
+    pass
+
+
 class _Graph:
     """An owner's HNSW graph (keys = matrix rows) and the score moments of its live vectors:
     ``sum`` (mean score = q . sum / n) and ``gram`` = sum of x x^T (mean square = q^T gram q / n)."""
@@ -309,10 +324,12 @@ class AnnIndex(NumpyIndex):
             self._graphs[owner] = g
             self.builds += 1
             return g
+        if _EXITING.is_set():
+            return None
         done = self._building[owner] = threading.Event()
         b.touched = set()
         snap = b.mat[rows].copy()  # the build reads this copy, never the live matrix
-        threading.Thread(target=self._build, args=(owner, b, rows, snap, ui, done), daemon=True,
+        threading.Thread(target=self._build, args=(owner, b, rows, snap, ui, done), daemon=False,
                          name=f"persona-mw-hnsw-{len(self._building)}").start()
         return None
 
@@ -322,7 +339,10 @@ class AnnIndex(NumpyIndex):
         under it, the rows written meanwhile (``b.touched``) taken out and put back as they are now."""
         try:
             g = self._new_graph(ui)
-            g.learn(rows, snap, self.build_threads)
+            for i in range(0, len(rows), _BUILD_CHUNK):  # in chunks: an exiting process waits for one
+                if _EXITING.is_set():
+                    raise _BuildCancelled
+                g.learn(rows[i:i + _BUILD_CHUNK], snap[i:i + _BUILD_CHUNK], self.build_threads)
             with self._lock:
                 if self._blocks.get(owner) is not b:  # dropped (forget) while building: discard
                     return
@@ -334,6 +354,8 @@ class AnnIndex(NumpyIndex):
                 g.learn(new, b.mat[new], self.build_threads)
                 self._graphs[owner] = g
                 self.builds += 1
+        except _BuildCancelled:
+            pass
         except Exception:  # noqa: BLE001 - a failed build leaves the owner on the exact scan, said once
             log.exception("HNSW graph build for one owner failed; its searches stay exact")
             with self._lock:

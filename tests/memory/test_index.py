@@ -161,6 +161,27 @@ def test_usearch_loaded_by_the_index_leaves_torch_tracing_working() -> None:
     assert out.returncode == 0 and "traced" in out.stdout, out.stderr[-2000:]
 
 
+@needs_usearch
+def test_a_process_exiting_during_a_graph_build_exits_cleanly() -> None:
+    """A one-shot process (``persona-mw memory search``) that exits while a graph is being built: the
+    build stops at its next chunk. A build thread still inside usearch at finalization had aborted
+    the process (exit 134, "terminate called without an active exception")."""
+    code = (
+        "import time\n"
+        "import numpy as np\n"
+        "from persona_mw.memory.index import AnnIndex\n"
+        "ix = AnnIndex(64, threshold=1000)\n"
+        "x = np.random.default_rng(0).standard_normal((40000, 64)).astype(np.float32)\n"
+        "x /= np.linalg.norm(x, axis=1, keepdims=True)\n"
+        "ix.add('user:ana', [f'm{i}' for i in range(40000)], x)\n"
+        "assert ix.search('user:ana', x[0], 5)[0][0] == 'm0'\n"
+        "time.sleep(0.5)\n"
+        "assert ix._building, 'the build should still be running'\n"
+        "print('exiting')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "exiting" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
 def test_ann_without_usearch_searches_exactly_and_says_so(monkeypatch: Any, caplog: Any) -> None:
     monkeypatch.setitem(sys.modules, "usearch.index", None)  # import fails as if not installed
     monkeypatch.setattr(index_mod, "_WARNED", set())
