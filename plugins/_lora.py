@@ -341,11 +341,13 @@ def _loop(chunks: list[_Cached], params: list[Any], s: TrainSettings,
     losses: list[float] = []
     order: list[int] = []
     steps = 0
+    phase = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for step in range(1, s.steps + 1):
         if s.seconds is not None and time.perf_counter() - t0 > s.seconds:
             break
         sign = rng.choice((-1.0, 1.0)) if bipo else 1.0
         total: Any = 0.0
+        t1 = time.perf_counter()
         for _ in range(min(s.batch_choices, len(chunks))):
             if not order:
                 order = list(range(len(chunks)))
@@ -357,12 +359,19 @@ def _loop(chunks: list[_Cached], params: list[Any], s: TrainSettings,
             u = (pol[w] - c.ref[w]) - (pol[lo] - c.ref[lo])
             total = total + (-torch.nn.functional.logsigmoid(sign * s.beta * u)).mean()
         loss = total / min(s.batch_choices, len(chunks))
+        t2 = time.perf_counter()
         opt.zero_grad()
         loss.backward()
+        t3 = time.perf_counter()
         opt.step()
+        t4 = time.perf_counter()
+        phase["forward"] += t2 - t1
+        phase["backward"] += t3 - t2
+        phase["optimizer"] += t4 - t3
         losses.append(float(loss.detach()))
         steps = step
     return {"steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+            **{f"{k}_seconds": round(v, 2) for k, v in phase.items()},
             "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None,
             "pairs": sum(len(c.pairs) for c in chunks), "choices": len(chunks)}
