@@ -190,6 +190,10 @@ class LoraAdapters:
         max_choices: int = Field(default=40, ge=1, description="most recent events a job trains on")
         max_response_tokens: int = Field(default=32, ge=1, description="answer tokens trained on")
         max_prompt_tokens: int = Field(default=64, ge=8, description="prompt tokens kept (the end)")
+        bf16: bool = Field(default=False, description="train with bfloat16 copies of the frozen weights "
+                           "(the adapter stays float32): faster on CPUs with bfloat16 matmuls")
+        threads: int | None = Field(default=None, ge=1, le=256, description="torch threads for a training job "
+                                    "(restored after it); null: the backend's setting")
         background: bool = Field(default=True, description="train off the request path (false: inline)")
         node_kinds: list[NodeKind] = Field(
             default_factory=lambda: list(NODE_KINDS),
@@ -229,7 +233,7 @@ class LoraAdapters:
         return TrainSettings(r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, beta=c.beta, steps=c.steps,
                              batch_choices=c.batch_choices, max_prompt_tokens=c.max_prompt_tokens,
                              max_response_tokens=c.max_response_tokens, seconds=c.job_seconds,
-                             top_layers=c.top_layers, seed=seed)
+                             top_layers=c.top_layers, seed=seed, bf16=c.bf16, threads=c.threads)
 
     # ---------------------------------------------------------------- events -> nodes
 
