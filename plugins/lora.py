@@ -190,8 +190,9 @@ class LoraAdapters:
         max_choices: int = Field(default=40, ge=1, description="most recent events a job trains on")
         max_response_tokens: int = Field(default=32, ge=1, description="answer tokens trained on")
         max_prompt_tokens: int = Field(default=64, ge=8, description="prompt tokens kept (the end)")
-        bf16: bool = Field(default=False, description="train with bfloat16 copies of the frozen weights "
-                           "(the adapter stays float32): faster on CPUs with bfloat16 matmuls")
+        bf16: bool | None = Field(default=None, description="train through bfloat16 copies of the frozen "
+                                  "weights (the adapter stays float32); null: when the CPU has bfloat16 matmuls "
+                                  "(AVX512-BF16 or AMX)")
         threads: int | None = Field(default=None, ge=1, le=256, description="torch threads for a training job "
                                     "(restored after it); null: the backend's setting")
         background: bool = Field(default=True, description="train off the request path (false: inline)")
@@ -227,13 +228,14 @@ class LoraAdapters:
         return Path(tempfile.mkdtemp(prefix="persona-mw-lora-"))
 
     def settings(self, seed: int = 0) -> Any:
-        from persona_mw.plugins._lora import TrainSettings
+        from persona_mw.plugins import _lora
 
         c = self.config
-        return TrainSettings(r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, beta=c.beta, steps=c.steps,
-                             batch_choices=c.batch_choices, max_prompt_tokens=c.max_prompt_tokens,
-                             max_response_tokens=c.max_response_tokens, seconds=c.job_seconds,
-                             top_layers=c.top_layers, seed=seed, bf16=c.bf16, threads=c.threads)
+        return _lora.TrainSettings(
+            r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, beta=c.beta, steps=c.steps,
+            batch_choices=c.batch_choices, max_prompt_tokens=c.max_prompt_tokens,
+            max_response_tokens=c.max_response_tokens, seconds=c.job_seconds, top_layers=c.top_layers, seed=seed,
+            bf16=_lora.bf16_fast() if c.bf16 is None else c.bf16, threads=c.threads)
 
     # ---------------------------------------------------------------- events -> nodes
 
