@@ -60,8 +60,13 @@ def user_pairs(data: str, user: int = 0) -> tuple[list[dict[str, Any]], list[tup
 def settings(overrides: dict[str, Any]) -> Any:
     from persona_mw.plugins.lora import LoraAdapters
 
-    cfg = LoraAdapters.Config(**{"job_seconds": None, **overrides})
-    return LoraAdapters(cfg).settings()
+    fields = LoraAdapters.Config.model_fields
+    cfg = LoraAdapters.Config(**{"job_seconds": None, **{k: v for k, v in overrides.items() if k in fields}})
+    s = LoraAdapters(cfg).settings()
+    for k, v in overrides.items():  # TrainSettings-only knobs (``pack``: false is the padded rows of before)
+        if k not in fields:
+            setattr(s, k, v)
+    return s
 
 
 def main() -> None:
