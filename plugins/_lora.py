@@ -253,13 +253,6 @@ def _tokens(tok: Any, fmt: Callable[[str], str], prompt: str, responses: Sequenc
                     for r in responses]
 
 
-def _sequences(model: Any, tok: Any, fmt: Callable[[str], str], prompt: str, responses: Sequence[str],
-               s: TrainSettings) -> list[tuple[list[int], int]]:
-    """(token ids, response start) for prompt + each response, truncated as the settings say."""
-    prefix, resps = _tokens(tok, fmt, prompt, responses, s)
-    return [(prefix + ids, len(prefix)) for ids in resps]
-
-
 @dataclass
 class _Cached:
     """One prompt's sequences with the input of the first trained layer kept (no grad)."""
@@ -511,8 +504,9 @@ def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
     (their output is the cached input of the first trained layer), so a step costs the top layers only."""
     import torch
 
+    pairs = [p for p in pairs if p[1] != p[2]]  # the same answer twice: no preference
     if not pairs:
-        raise PersonaError("no chosen/rejected pairs to train an adapter on")
+        raise PersonaError("no chosen/rejected pairs (with different answers) to train an adapter on")
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     start = first_trained_layer(model, s.top_layers)
@@ -560,8 +554,9 @@ def train_bipo(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
     bi-directionally with the same loop (torch thread)."""
     import torch
 
+    pairs = [p for p in pairs if p[1] != p[2]]  # the same answer twice: no preference
     if not pairs:
-        raise PersonaError("no chosen/rejected pairs to train a steering vector on")
+        raise PersonaError("no chosen/rejected pairs (with different answers) to train a steering vector on")
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     v = torch.zeros(model.config.hidden_size, requires_grad=True)

@@ -67,8 +67,10 @@ def rating_pairs(events: list[Any], gap: float = 0.25) -> list[tuple[str, str, s
 
 
 def all_pairs(events: list[Any]) -> list[tuple[str, str, str]]:
+    """The events' (prompt, chosen, rejected) pairs; a pair whose two answers are the same text holds
+    no preference (nothing to learn from it) and is left out."""
     pairs: list[tuple[str, str, str]] = list(event_pairs(events))
-    return pairs + rating_pairs(events)
+    return [p for p in pairs + rating_pairs(events) if p[1] != p[2]]
 
 
 def safe_name(node: str) -> str:

@@ -329,3 +329,13 @@ def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_u
             assert torch.equal(p, before[n]), n
     assert all(a.dtype == torch.float32 and b.dtype == torch.float32 for a, b in ad.weights.values())
     assert ad.delta_norm() > 0
+
+
+def test_a_pair_with_the_same_answer_twice_is_left_out_and_none_left_is_a_clear_error() -> None:
+    from persona_mw.plugins.lora import all_pairs
+    from persona_mw.types import ChoiceFeedback
+
+    ev = ChoiceFeedback(user="ana", prompt="p?", chosen="same", rejected=["same", "other"])
+    assert all_pairs([ev]) == [("p?", "same", "other")]
+    with pytest.raises(PersonaError, match="with different answers"):
+        _lora.train_lora(None, None, str, [("p?", "same", "same")], _lora.TrainSettings())
