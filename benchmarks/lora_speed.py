@@ -6,7 +6,7 @@ banned so lengths match), greedy, through ``TransformersBackend.generate_batch``
 - ``base``: no adapter (the ordinary ``model.generate`` path);
 - ``mixed4``: 4 different adapters, one per row (``persona_mw.plugins._lora.row_hooks``: one
   batched matmul per adapted module, ranks zero-padded), the lora plugin's default shape
-  (r = 4 on q_proj / v_proj of the top 8 layers); the adapters are random (speed does not depend
+  (r = 4 on q_proj / v_proj of the top layers, 4 of 30); the adapters are random (speed does not depend
   on their values);
 - ``merged1``: one adapter on every row (what a single request gets from the plugin).
 
@@ -65,8 +65,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from persona_mw.adapters.transformers import TransformersBackend
     from persona_mw.plugins._lora import row_hooks
+    from persona_mw.plugins.lora import LoraAdapters
     from persona_mw.types import Decoding, GenerationParams, Message
 
+    cfg = LoraAdapters.Config()
     backend = TransformersBackend(model="smollm2-135m-instruct", threads=1)
     model = backend.model
     model.generation_config.suppress_tokens = None
@@ -101,7 +103,8 @@ def main() -> None:
     result = {
         "benchmark": "lora_speed",
         "settings": {"tokens": args.tokens, "rounds": args.rounds, "batch": len(PROMPTS), "threads": 1,
-                     "adapter": "r=4, q_proj/v_proj, top 8 of 30 layers (the lora plugin's defaults)"},
+                     "adapter": f"r={cfg.r}, {'/'.join(cfg.targets)}, top {cfg.top_layers} of 30 layers "
+                                "(the lora plugin's defaults)"},
         "tokens_per_s": {k: round(v, 2) for k, v in med.items()},
         "ratio_to_base": {k: round(v / med["base"], 3) for k, v in med.items()},
         "goal": {"mixed4": GOAL}, "met": med["mixed4"] / med["base"] >= GOAL,

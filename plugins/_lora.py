@@ -70,7 +70,7 @@ class TrainSettings:
     max_prompt_tokens: int = 64
     max_response_tokens: int = 32
     seconds: float | None = 60.0
-    top_layers: int | None = 8
+    top_layers: int | None = 4
     seed: int = 0
     pack: bool = True  # one row per prompt (block-causal mask); False: one padded row per sequence
     bf16: bool = False

@@ -182,7 +182,7 @@ class LoraAdapters:
         alpha: int = Field(default=8, ge=1, description="LoRA alpha (scaling alpha / r; an integer, as PEFT's config)")
         targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
                                    description="linear modules to adapt (last name part)")
-        top_layers: int | None = Field(default=8, ge=1, description="adapt only the top N decoder layers "
+        top_layers: int | None = Field(default=4, ge=1, description="adapt only the top N decoder layers "
                                        "(training then runs only those layers per step); null: all")
         lr: float = Field(default=3e-3, gt=0, description="AdamW learning rate")
         beta: float = Field(default=0.1, gt=0, description="DPO beta")
