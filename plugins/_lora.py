@@ -79,7 +79,7 @@ class TrainSettings:
 
 def bf16_fast() -> bool:
     """Whether this CPU has bfloat16 matmuls (AVX512-BF16 or AMX): there a job through bfloat16 weight
-    copies measured 1.3x faster than float32 (docs/notes/lora3.md); elsewhere bfloat16 is emulated."""
+    copies measured about 2x faster than float32 (docs/notes/lora3.md); elsewhere it is emulated."""
     import torch
 
     checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
