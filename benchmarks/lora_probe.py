@@ -1,7 +1,8 @@
-"""One simulated DSP user (eval fermi's user d0-u0, seed 0: the same 20 observed choices), the lora
-plugin's default adapter shape trained with DPO for ``--steps`` steps, held-out pairwise on the first
-``--test`` test queries: the reduced measurement that fit a 2-core machine at load 25-50 (the full
-``persona-mw eval lora`` did not). Writes benchmarks/results/lora_probe.json. Not a test."""
+"""One simulated DSP user (eval fermi's user d{--user}-u0, seed 0: the same 20 observed choices), an
+adapter trained with DPO with the lora plugin's settings (``--set key=value`` changes one; ``--steps``
+is ``steps``; the job's time budget is lifted), held-out pairwise / top-1 of ``lora`` vs ``none`` on
+the first ``--test`` test queries: the reduced measurement that fits a 2-core machine (the full
+``persona-mw eval lora`` does not). Writes benchmarks/results/lora_probe_u{user}{--tag}.json. Not a test."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--user", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=None, help="default: the plugin's")
     ap.add_argument("--test", type=int, default=12)
+    ap.add_argument("--data", default="/work/shared/data/dsp", help="the DSP folder")
+    ap.add_argument("--set", action="append", default=[], help="a lora plugin setting, key=value")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
@@ -36,7 +40,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     load0 = os.getloadavg()
-    items = load("/work/shared/data/dsp")
+    items = load(args.data)
     doms = list(items[0]["responses"])
     test_q, obs, r = _splits(items, 0, 20, args.test)
     for di in range(args.user + 1):  # the same draws as eval fermi's users before this one
@@ -48,8 +52,11 @@ def main() -> None:
     def fmt(p: str) -> str:
         return b.format_prompt([Message(role="user", content=p)])
 
-    s = LoraAdapters().settings()
-    s.steps, s.seconds = args.steps, None
+    overrides = {k: v for k, v in (x.split("=", 1) for x in args.set)}
+    sets = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in overrides.items()}
+    if args.steps:
+        sets["steps"] = args.steps
+    s = LoraAdapters(LoraAdapters.Config(**{**sets, "job_seconds": None})).settings()
     c0 = time.process_time()
     ad, stats = _lora.train_lora(m, tok, fmt, pairs, s)
     stats["cpu_seconds"] = round(time.process_time() - c0, 1)
@@ -71,12 +78,11 @@ def main() -> None:
         out[f"margin@H20:{name}"] = round(float((o - oth).mean()), 4)
         print(name, out, flush=True)
     res = {"benchmark": "lora_probe", "user": f"d{own}-u0 ({doms[own]})", "seed": 0, "test_queries": args.test,
-           "settings": {"r": s.r, "alpha": s.alpha, "targets": list(s.targets), "top_layers": s.top_layers,
-                        "lr": s.lr, "beta": s.beta, "steps": s.steps, "batch_choices": s.batch_choices,
-                        "max_response_tokens": s.max_response_tokens, "max_prompt_tokens": s.max_prompt_tokens},
+           "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
+           "overrides": sets,
            "train": stats, "metrics": out, "load_before": [round(x, 2) for x in load0],
            "load_after": [round(x, 2) for x in os.getloadavg()]}
-    path = ROOT / "benchmarks" / "results" / f"lora_probe_u{own}.json"
+    path = ROOT / "benchmarks" / "results" / f"lora_probe_u{own}{args.tag}.json"
     path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(res, indent=2))
 

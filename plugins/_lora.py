@@ -70,8 +70,23 @@ class TrainSettings:
     max_prompt_tokens: int = 64
     max_response_tokens: int = 32
     seconds: float | None = 60.0
-    top_layers: int | None = 8
+    top_layers: int | None = 4
     seed: int = 0
+    pack: bool = True  # one row per prompt (block-causal mask); False: one padded row per sequence
+    bf16: bool = False
+    threads: int | None = None  # torch threads for the job (restored after); None: leave as set
+
+
+def bf16_fast() -> bool:
+    """Whether this CPU has bfloat16 matmuls (AVX512-BF16 or AMX): there a job through bfloat16 weight
+    copies measured about 2x faster than float32 (docs/notes/lora3.md); elsewhere it is emulated."""
+    import torch
+
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(f()) for f in checks if f is not None)
+    except Exception:  # a torch without these probes
+        return False
 
 
 def target_modules(model: Any, targets: Sequence[str]) -> dict[str, Any]:
@@ -229,28 +244,27 @@ def export_peft(adapter_file: Path, out: Path, base_model: str) -> Path:
 # ------------------------------------------------------------------------- training
 
 
-def _sequences(model: Any, tok: Any, fmt: Callable[[str], str], prompt: str, responses: Sequence[str],
-               s: TrainSettings) -> list[tuple[list[int], int]]:
-    """(token ids, response start) for prompt + each response, truncated as the settings say."""
+def _tokens(tok: Any, fmt: Callable[[str], str], prompt: str, responses: Sequence[str],
+            s: TrainSettings) -> tuple[list[int], list[list[int]]]:
+    """The prompt's token ids (the end kept) and each response's (the start kept), as the settings say."""
     special = not getattr(tok, "chat_template", None)
     prefix = tok.encode(fmt(prompt), add_special_tokens=special)[-s.max_prompt_tokens:]
-    out = []
-    for r in responses:
-        ids = tok.encode(r, add_special_tokens=False)[: s.max_response_tokens]
-        out.append((prefix + (ids or [tok.eos_token_id]), len(prefix)))
-    return out
+    return prefix, [tok.encode(r, add_special_tokens=False)[: s.max_response_tokens] or [tok.eos_token_id]
+                    for r in responses]
 
 
 @dataclass
 class _Cached:
-    """One choice's sequences with the input of the first trained layer kept (no grad)."""
+    """One prompt's sequences with the input of the first trained layer kept (no grad)."""
 
     hidden: Any  # [rows, T, d]: the input of decoder layer ``start``
     kwargs: dict[str, Any]  # what the model passed that layer (mask, positions, rotary embeddings)
-    ids: Any  # [rows, T]
-    resp: Any  # [rows, T-1] bool: positions predicting a response token
-    ref: Any  # [rows] the base model's summed response log-probs
-    pairs: list[tuple[int, int]]
+    rows: Any  # [n] row and column of the position predicting each response token
+    cols: Any
+    targets: Any  # [n] the response tokens
+    seq: Any  # [n] the sequence (response) each token belongs to
+    ref: Any  # [sequences] the base model's summed response log-probs
+    pairs: list[tuple[int, int]]  # (chosen, rejected) sequence indices
 
 
 def _batch(seqs: list[tuple[list[int], int]], pad: int) -> tuple[Any, Any, Any]:
@@ -267,25 +281,83 @@ def _batch(seqs: list[tuple[list[int], int]], pad: int) -> tuple[Any, Any, Any]:
     return ids_t, mask, resp[:, 1:]
 
 
-def _resp_logps(model: Any, h: Any, ids: Any, resp: Any) -> Any:
-    """Summed log-probs of the response tokens from the last hidden states ``h`` (lm_head only
-    where a response token is predicted: most positions are the prompt)."""
+def _padded(prefix: list[int], resps: list[list[int]], pad: int) -> dict[str, Any]:
+    """One row per sequence (prompt + response), right-padded: the prompt is encoded once per response."""
+    ids, mask, resp = _batch([(prefix + r, len(prefix)) for r in resps], pad)
+    rows, cols = resp.nonzero(as_tuple=True)
+    return {"inputs": {"input_ids": ids, "attention_mask": mask}, "rows": rows, "cols": cols,
+            "targets": ids[:, 1:][rows, cols], "seq": rows}
+
+
+def _packed(prefix: list[int], resps: list[list[int]]) -> dict[str, Any]:
+    """ONE row: the prompt once, then every response, each response attending to the prompt and to
+    itself only (a block-causal mask) and positioned right after the prompt, so each response's
+    log-probs are those of ``prompt + response`` alone while the prompt's tokens run once."""
     import torch
 
-    rows, cols = resp.nonzero(as_tuple=True)
-    logits = model.lm_head(h[:, :-1][rows, cols]).float()
-    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:][rows, cols][:, None])[:, 0]
-    return torch.zeros(ids.shape[0], dtype=lp.dtype).index_add(0, rows, lp)
+    n = len(prefix)
+    ids, pos, seg = list(prefix), list(range(n)), [0] * n
+    cols: list[int] = []
+    targets: list[int] = []
+    seq: list[int] = []
+    for k, r in enumerate(resps):
+        at = len(ids)
+        for t, tok_id in enumerate(r):
+            if t == 0 and n == 0:
+                continue  # nothing predicts the first token (as in the padded rows)
+            cols.append(n - 1 if t == 0 else at + t - 1)
+            targets.append(tok_id)
+            seq.append(k)
+        ids += r
+        pos += range(n, n + len(r))
+        seg += [k + 1] * len(r)
+    i = torch.arange(len(ids))
+    sg = torch.tensor(seg)
+    mask = (i[None, :] <= i[:, None]) & ((sg[None, :] == 0) | (sg[None, :] == sg[:, None]))
+    return {"inputs": {"input_ids": torch.tensor([ids]), "attention_mask": mask[None, None],
+                       "position_ids": torch.tensor([pos])},
+            "rows": torch.zeros(len(cols), dtype=torch.long), "cols": torch.tensor(cols, dtype=torch.long),
+            "targets": torch.tensor(targets, dtype=torch.long), "seq": torch.tensor(seq, dtype=torch.long)}
 
 
-def _prepare(model: Any, seqs: list[tuple[list[int], int]], pairs: list[tuple[int, int]], pad: int,
+class _Weights:
+    """How the frozen model's modules run during one job: as loaded (float32), or, when ``s.bf16``,
+    through ``torch.func.functional_call`` with bfloat16 copies of their weights (made once per job;
+    the shared model is never changed, and autocast would re-cast every frozen weight on every call)."""
+
+    def __init__(self, model: Any, bf16: bool) -> None:
+        import torch
+
+        self.low = {id(p): p.detach().to(torch.bfloat16) for p in model.parameters()} if bf16 else None
+        self.per: dict[int, dict[str, Any]] = {}
+
+    def __call__(self, mod: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.low is None:
+            return mod(*args, **kwargs)
+        import torch
+
+        if id(mod) not in self.per:
+            self.per[id(mod)] = {n: self.low[id(p)] for n, p in mod.named_parameters(remove_duplicate=False)}
+        return torch.func.functional_call(mod, self.per[id(mod)], args, kwargs)
+
+
+def _resp_logps(model: Any, run: _Weights, h: Any, c: Any, nseq: int) -> Any:
+    """Summed log-probs of each sequence's response tokens from the last hidden states ``h``
+    (lm_head only where a response token is predicted: most positions are the prompt)."""
+    import torch
+
+    logits = run(model.lm_head, h[c.rows, c.cols]).float()
+    lp = torch.log_softmax(logits, -1).gather(-1, c.targets[:, None])[:, 0]
+    return torch.zeros(nseq, dtype=lp.dtype).index_add(0, c.seq, lp)
+
+
+def _prepare(model: Any, run: _Weights, layout: dict[str, Any], pairs: list[tuple[int, int]], nseq: int,
              start: int) -> _Cached:
     """One no-grad pass: the input of layer ``start`` and the reference log-probs."""
     import torch
 
     from persona_mw.plugins._steering import decoder_layers
 
-    ids, mask, resp = _batch(seqs, pad)
     got: dict[str, Any] = {}
 
     def grab(_mod: Any, args: Any, kwargs: Any) -> None:
@@ -293,39 +365,48 @@ def _prepare(model: Any, seqs: list[tuple[list[int], int]], pairs: list[tuple[in
         got["kw"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
 
     handle = decoder_layers(model)[start].register_forward_pre_hook(grab, with_kwargs=True)
+    c = _Cached(None, {}, layout["rows"], layout["cols"], layout["targets"], layout["seq"], None, pairs)
     try:
         with torch.no_grad():
-            out = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            ref = _resp_logps(model, out.last_hidden_state, ids, resp)
+            out = run(model.model, **layout["inputs"], use_cache=False)
+            c.ref = _resp_logps(model, run, out.last_hidden_state, c, nseq)
     finally:
         handle.remove()
-    kw = dict(got["kw"])
-    kw["use_cache"] = False
-    return _Cached(got["h"].detach(), kw, ids, resp, ref, pairs)
+    c.hidden = got["h"].detach()
+    c.kwargs = dict(got["kw"])
+    c.kwargs["use_cache"] = False
+    return c
 
 
-def _policy(model: Any, c: _Cached, start: int, shift: Any = None) -> Any:
+def _policy(model: Any, run: _Weights, c: _Cached, start: int, shift: Any = None) -> Any:
     """The response log-probs running only layers ``start..`` from the cached input (+ ``shift``)."""
     from persona_mw.plugins._steering import decoder_layers
 
-    h = c.hidden if shift is None else c.hidden + shift
+    h = c.hidden if shift is None else c.hidden + shift.to(c.hidden.dtype)
     for layer in decoder_layers(model)[start:]:
-        out = layer(h, **c.kwargs)
+        out = run(layer, h, **c.kwargs)
         h = out[0] if isinstance(out, tuple) else out
-    return _resp_logps(model, model.model.norm(h), c.ids, c.resp)
+    return _resp_logps(model, run, run(model.model.norm, h), c, int(c.ref.shape[0]))
 
 
-def _chunks(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[tuple[str, str, str]],
-            s: TrainSettings, start: int) -> list[_Cached]:
-    """Pairs grouped by (prompt, chosen), each group's sequences prepared once."""
-    by: dict[tuple[str, str], list[str]] = {}
+def _chunks(model: Any, run: _Weights, tok: Any, fmt: Callable[[str], str],
+            pairs: Sequence[tuple[str, str, str]], s: TrainSettings, start: int) -> list[_Cached]:
+    """Pairs grouped by prompt, each unique response of a prompt scored once (pairs index into them),
+    each group prepared once."""
+    by: dict[str, dict[str, int]] = {}
+    idx: dict[str, list[tuple[int, int]]] = {}
     for p, c, r in pairs:
-        by.setdefault((p, c), []).append(r)
+        seen = by.setdefault(p, {})
+        ic = seen.setdefault(c, len(seen))
+        ir = seen.setdefault(r, len(seen))
+        if ic != ir:
+            idx.setdefault(p, []).append((ic, ir))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = []
-    for (p, c), rs in by.items():
-        seqs = _sequences(model, tok, fmt, p, [c, *rs], s)
-        out.append(_prepare(model, seqs, [(0, j + 1) for j in range(len(rs))], pad, start))
+    for p, prs in idx.items():
+        prefix, resps = _tokens(tok, fmt, p, list(by[p]), s)
+        layout = _packed(prefix, resps) if s.pack else _padded(prefix, resps, pad)
+        out.append(_prepare(model, run, layout, prs, len(resps), start))
     return out
 
 
@@ -341,11 +422,13 @@ def _loop(chunks: list[_Cached], params: list[Any], s: TrainSettings,
     losses: list[float] = []
     order: list[int] = []
     steps = 0
+    phase = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for step in range(1, s.steps + 1):
         if s.seconds is not None and time.perf_counter() - t0 > s.seconds:
             break
         sign = rng.choice((-1.0, 1.0)) if bipo else 1.0
         total: Any = 0.0
+        t1 = time.perf_counter()
         for _ in range(min(s.batch_choices, len(chunks))):
             if not order:
                 order = list(range(len(chunks)))
@@ -357,35 +440,54 @@ def _loop(chunks: list[_Cached], params: list[Any], s: TrainSettings,
             u = (pol[w] - c.ref[w]) - (pol[lo] - c.ref[lo])
             total = total + (-torch.nn.functional.logsigmoid(sign * s.beta * u)).mean()
         loss = total / min(s.batch_choices, len(chunks))
+        t2 = time.perf_counter()
         opt.zero_grad()
         loss.backward()
+        t3 = time.perf_counter()
         opt.step()
+        t4 = time.perf_counter()
+        phase["forward"] += t2 - t1
+        phase["backward"] += t3 - t2
+        phase["optimizer"] += t4 - t3
         losses.append(float(loss.detach()))
         steps = step
     return {"steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+            **{f"{k}_seconds": round(v, 2) for k, v in phase.items()},
             "loss_first": round(losses[0], 4) if losses else None,
             "loss_last": round(sum(losses[-5:]) / len(losses[-5:]), 4) if losses else None,
             "pairs": sum(len(c.pairs) for c in chunks), "choices": len(chunks)}
 
 
 class _Frozen:
-    """Base weights without gradients for the duration of a training job (restored after)."""
+    """Base weights without gradients, and ``threads`` torch threads if given, for the duration of a
+    training job (restored after; the job runs on the backend's torch thread, which holds its lock)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, threads: int | None = None) -> None:
         self.model = model
+        self.threads = threads
         self.was: list[tuple[Any, bool]] = []
+        self.was_threads = 0
 
     def __enter__(self) -> None:
+        import torch
+
         self.was = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in self.was:
             p.requires_grad_(False)
         self.training = self.model.training
         self.model.eval()
+        self.was_threads = torch.get_num_threads()
+        if self.threads and self.threads != self.was_threads:
+            torch.set_num_threads(self.threads)
 
     def __exit__(self, *exc: Any) -> None:
+        import torch
+
         for p, g in self.was:
             p.requires_grad_(g)
         self.model.train(self.training)
+        if torch.get_num_threads() != self.was_threads:
+            torch.set_num_threads(self.was_threads)
 
 
 def first_trained_layer(model: Any, top_layers: int | None) -> int:
@@ -402,8 +504,9 @@ def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
     (their output is the cached input of the first trained layer), so a step costs the top layers only."""
     import torch
 
+    pairs = [p for p in pairs if p[1] != p[2]]  # the same answer twice: no preference
     if not pairs:
-        raise PersonaError("no chosen/rejected pairs to train an adapter on")
+        raise PersonaError("no chosen/rejected pairs (with different answers) to train an adapter on")
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     start = first_trained_layer(model, s.top_layers)
@@ -414,13 +517,14 @@ def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
         a = torch.empty(s.r, lin.in_features)
         torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's init: A random, B zero
         params[name] = (a.requires_grad_(True), torch.zeros(lin.out_features, s.r, requires_grad=True))
-    with _Frozen(model):
-        chunks = _chunks(model, tok, fmt, pairs, s, start)
+    with _Frozen(model, s.threads):
+        run = _Weights(model, s.bf16)
+        chunks = _chunks(model, run, tok, fmt, pairs, s, start)
         prep = time.perf_counter() - t0
         handles = [mods[n].register_forward_hook(_scaled(a, b, scale)) for n, (a, b) in params.items()]
         try:
             stats = _loop(chunks, [t for ab in params.values() for t in ab], s,
-                          lambda c, _d: _policy(model, c, start))
+                          lambda c, _d: _policy(model, run, c, start))
         finally:
             for h in handles:
                 h.remove()
@@ -438,8 +542,8 @@ def _layer_index(name: str) -> int:
 
 
 def _scaled(a: Any, b: Any, scale: float) -> Callable[..., Any]:
-    def hook(_mod: Any, inp: Any, out: Any) -> Any:
-        return out + scale * ((inp[0] @ a.t()) @ b.t())
+    def hook(_mod: Any, inp: Any, out: Any) -> Any:  # the trained A and B stay float32
+        return out + (scale * ((inp[0].to(a.dtype) @ a.t()) @ b.t())).to(out.dtype)
 
     return hook
 
@@ -450,18 +554,20 @@ def train_bipo(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
     bi-directionally with the same loop (torch thread)."""
     import torch
 
+    pairs = [p for p in pairs if p[1] != p[2]]  # the same answer twice: no preference
     if not pairs:
-        raise PersonaError("no chosen/rejected pairs to train a steering vector on")
+        raise PersonaError("no chosen/rejected pairs (with different answers) to train a steering vector on")
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     v = torch.zeros(model.config.hidden_size, requires_grad=True)
-    with _Frozen(model):
-        chunks = _chunks(model, tok, fmt, pairs, s, layer + 1)
+    with _Frozen(model, s.threads):
+        run = _Weights(model, s.bf16)
+        chunks = _chunks(model, run, tok, fmt, pairs, s, layer + 1)
         prep = time.perf_counter() - t0
-        stats = _loop(chunks, [v], s, lambda c, d: _policy(model, c, layer + 1, d * v), bipo=True)
+        stats = _loop(chunks, [v], s, lambda c, d: _policy(model, run, c, layer + 1, d * v), bipo=True)
     stats.update(prepare_seconds=round(prep, 2), total_seconds=round(time.perf_counter() - t0, 2))
     return v.detach().tolist(), stats
 
 
-__all__ = ["DEFAULT_TARGETS", "Adapter", "TrainSettings", "adapter_hook", "export_peft", "install", "load",
-           "merge", "row_hooks", "save", "target_modules", "train_bipo", "train_lora"]
+__all__ = ["DEFAULT_TARGETS", "Adapter", "TrainSettings", "adapter_hook", "bf16_fast", "export_peft", "install",
+           "load", "merge", "row_hooks", "save", "target_modules", "train_bipo", "train_lora"]

@@ -67,8 +67,10 @@ def rating_pairs(events: list[Any], gap: float = 0.25) -> list[tuple[str, str, s
 
 
 def all_pairs(events: list[Any]) -> list[tuple[str, str, str]]:
+    """The events' (prompt, chosen, rejected) pairs; a pair whose two answers are the same text holds
+    no preference (nothing to learn from it) and is left out."""
     pairs: list[tuple[str, str, str]] = list(event_pairs(events))
-    return pairs + rating_pairs(events)
+    return [p for p in pairs + rating_pairs(events) if p[1] != p[2]]
 
 
 def safe_name(node: str) -> str:
@@ -180,7 +182,7 @@ class LoraAdapters:
         alpha: int = Field(default=8, ge=1, description="LoRA alpha (scaling alpha / r; an integer, as PEFT's config)")
         targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
                                    description="linear modules to adapt (last name part)")
-        top_layers: int | None = Field(default=8, ge=1, description="adapt only the top N decoder layers "
+        top_layers: int | None = Field(default=4, ge=1, description="adapt only the top N decoder layers "
                                        "(training then runs only those layers per step); null: all")
         lr: float = Field(default=3e-3, gt=0, description="AdamW learning rate")
         beta: float = Field(default=0.1, gt=0, description="DPO beta")
@@ -190,6 +192,11 @@ class LoraAdapters:
         max_choices: int = Field(default=40, ge=1, description="most recent events a job trains on")
         max_response_tokens: int = Field(default=32, ge=1, description="answer tokens trained on")
         max_prompt_tokens: int = Field(default=64, ge=8, description="prompt tokens kept (the end)")
+        bf16: bool | None = Field(default=None, description="train through bfloat16 copies of the frozen "
+                                  "weights (the adapter stays float32); null: when the CPU has bfloat16 matmuls "
+                                  "(AVX512-BF16 or AMX)")
+        threads: int | None = Field(default=None, ge=1, le=256, description="torch threads for a training job "
+                                    "(restored after it); null: the backend's setting")
         background: bool = Field(default=True, description="train off the request path (false: inline)")
         node_kinds: list[NodeKind] = Field(
             default_factory=lambda: list(NODE_KINDS),
@@ -223,13 +230,14 @@ class LoraAdapters:
         return Path(tempfile.mkdtemp(prefix="persona-mw-lora-"))
 
     def settings(self, seed: int = 0) -> Any:
-        from persona_mw.plugins._lora import TrainSettings
+        from persona_mw.plugins import _lora
 
         c = self.config
-        return TrainSettings(r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, beta=c.beta, steps=c.steps,
-                             batch_choices=c.batch_choices, max_prompt_tokens=c.max_prompt_tokens,
-                             max_response_tokens=c.max_response_tokens, seconds=c.job_seconds,
-                             top_layers=c.top_layers, seed=seed)
+        return _lora.TrainSettings(
+            r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, beta=c.beta, steps=c.steps,
+            batch_choices=c.batch_choices, max_prompt_tokens=c.max_prompt_tokens,
+            max_response_tokens=c.max_response_tokens, seconds=c.job_seconds, top_layers=c.top_layers, seed=seed,
+            bf16=_lora.bf16_fast() if c.bf16 is None else c.bf16, threads=c.threads)
 
     # ---------------------------------------------------------------- events -> nodes
 

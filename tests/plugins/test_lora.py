@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,102 @@ def test_stored_adapter_is_a_peft_folder_that_peft_loads_to_the_same_logits(make
     assert torch.allclose(ours, theirs, atol=1e-4)
     with pytest.raises(PersonaError, match="node"):
         export_node(mw, "user:nobody", str(tmp_path / "x"))
+
+
+PACK_PAIRS = [  # one prompt with a chosen over two rejected, a repeated pair, a degenerate pair; a second prompt
+    ("Why is the sky blue?", "Scattering. Short answer.", "Because sunlight scatters off the molecules of the air."),
+    ("Why is the sky blue?", "Scattering. Short answer.", "The oceans reflect their colour into it."),
+    ("Why is the sky blue?", "Scattering. Short answer.", "The oceans reflect their colour into it."),
+    ("Why is the sky blue?", "Scattering. Short answer.", "Scattering. Short answer."),
+    ("What is rain?", "Water from clouds.", "Rain is liquid precipitation: droplets that fall from clouds."),
+]
+
+
+def _chunks_and_loss(model: Any, tok: Any, fmt: Any, pack: bool) -> tuple[list[Any], Any, float]:
+    """The prepared chunks, the policy log-probs under a fixed non-zero adapter, and the DPO loss."""
+    s = _lora.TrainSettings(top_layers=2, max_response_tokens=12, max_prompt_tokens=32, pack=pack)
+    start = _lora.first_trained_layer(model, s.top_layers)
+    g = torch.Generator().manual_seed(7)
+    ad = _lora.Adapter({n: (torch.randn(4, lin.in_features, generator=g) * 0.05,
+                            torch.randn(lin.out_features, 4, generator=g) * 0.05)
+                        for n, lin in _lora.target_modules(model, s.targets).items()
+                        if _lora._layer_index(n) >= start}, r=4, alpha=4.0, targets=s.targets)
+    with _lora._Frozen(model):
+        run = _lora._Weights(model, bf16=False)
+        chunks = _lora._chunks(model, run, tok, fmt, PACK_PAIRS, s, start)
+        hs = _lora.install(model, ad)
+        try:
+            with torch.no_grad():
+                pol = [_lora._policy(model, run, c, start) for c in chunks]
+        finally:
+            for h in hs:
+                h.remove()
+    loss = 0.0
+    for c, p in zip(chunks, pol):
+        w, lo = torch.tensor([i for i, _ in c.pairs]), torch.tensor([j for _, j in c.pairs])
+        u = (p[w] - c.ref[w]) - (p[lo] - c.ref[lo])
+        loss += float((-torch.nn.functional.logsigmoid(s.beta * u)).mean())
+    return chunks, pol, loss / len(chunks)
+
+
+def test_packed_prompt_rows_score_each_response_as_the_padded_rows_do(local_backend: Any) -> None:
+    """One row per prompt (the prompt once, each unique response once, a block-causal mask) gives the
+    same reference and policy log-probs, and the same DPO loss, as one padded row per sequence."""
+    from persona_mw.types import Message
+
+    model, tok = local_backend.model, local_backend.tokenizer
+
+    def fmt(p: str) -> str:
+        return local_backend.format_prompt([Message(role="user", content=p)])
+
+    packed, pol_p, loss_p = _chunks_and_loss(model, tok, fmt, pack=True)
+    padded, pol_d, loss_d = _chunks_and_loss(model, tok, fmt, pack=False)
+    assert [c.hidden.shape[0] for c in packed] == [1, 1]  # one row per prompt
+    assert [c.hidden.shape[0] for c in padded] == [3, 2]  # one row per unique response
+    # the repeated pair kept (its weight), the chosen == rejected pair dropped (no preference in it)
+    assert packed[0].pairs == [(0, 1), (0, 2), (0, 2)] and packed[1].pairs == [(0, 1)]
+    assert packed[0].hidden.shape[1] < sum(len(r) for r in padded[0].hidden)  # the prompt runs once
+    for a, b in zip(packed, padded):
+        assert torch.allclose(a.ref, b.ref, atol=2e-4), (a.ref, b.ref)
+    for a, b, c in zip(pol_p, pol_d, packed):
+        assert torch.allclose(a, b, atol=2e-4), (a, b)
+        assert not torch.allclose(a, c.ref, atol=1e-3)  # the adapter moved the policy off the reference
+    assert abs(loss_p - loss_d) < 1e-5
+    assert abs(loss_p - math.log(2)) > 1e-4
+
+
+def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_unchanged(local_backend: Any) -> None:
+    from persona_mw.types import Message
+
+    model, tok = local_backend.model, local_backend.tokenizer
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "layers.29." in n or n == "lm_head.weight"}
+    dtypes = {p.dtype for p in model.parameters()}
+    threads = torch.get_num_threads()
+    want = 2 if threads != 2 else 1
+    seen: list[int] = []
+    hook = model.model.norm.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        s = _lora.TrainSettings(top_layers=1, steps=2, lr=0.05, bf16=True, threads=want, seconds=None,
+                                max_response_tokens=8, max_prompt_tokens=32)
+        ad, stats = _lora.train_lora(model, tok, lambda p: local_backend.format_prompt([Message(role="user", content=p)]),
+                                     [(p, c, r) for p, c, r in PACK_PAIRS], s)
+    finally:
+        hook.remove()
+    assert stats["steps"] == 2 and set(seen) == {want}
+    assert torch.get_num_threads() == threads
+    assert {p.dtype for p in model.parameters()} == dtypes
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    assert all(a.dtype == torch.float32 and b.dtype == torch.float32 for a, b in ad.weights.values())
+    assert ad.delta_norm() > 0
+
+
+def test_a_pair_with_the_same_answer_twice_is_left_out_and_none_left_is_a_clear_error() -> None:
+    from persona_mw.plugins.lora import all_pairs
+    from persona_mw.types import ChoiceFeedback
+
+    ev = ChoiceFeedback(user="ana", prompt="p?", chosen="same", rejected=["same", "other"])
+    assert all_pairs([ev]) == [("p?", "same", "other")]
+    with pytest.raises(PersonaError, match="with different answers"):
+        _lora.train_lora(None, None, str, [("p?", "same", "same")], _lora.TrainSettings())
