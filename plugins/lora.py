@@ -21,6 +21,11 @@ scope in memory and as ``<dir>/merged/<key>.safetensors`` with a sidecar naming 
 version of a node makes a new key and removes the stale merges. A missing or unreadable adapter
 file is left out (its weight goes to the rest of the scope: the parents) with a trace note; the
 turn never fails for it. No adapter in scope: no hook, the base model unchanged.
+
+Serving (``serve: remote``, ``persona_mw.plugins._lora_remote``): on the litellm backend, each turn asks
+the backend's server (vLLM multi-LoRA) for the scope's adapter by its served name (the merge, else the
+nodes by weight, else the base model); ``persona-mw lora export --all`` writes the folders and vLLM's
+``--lora-modules`` arguments.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -204,10 +209,6 @@ class LoraAdapters:
             "(vLLM multi-LoRA; see `persona-mw lora export --all`), falling back to the base model")
         models_ttl: float = Field(default=30.0, gt=0, description="serve: remote: seconds the server's model "
                                   "list (GET /v1/models) is cached (a 404 on a served name refreshes it)")
-        train_model: str | None = Field(default=None, description="serve: remote: the local model that trains "
-                                        "adapters in this process (the server's base model); null: this "
-                                        "process only counts events (train with a local-backend process "
-                                        "sharing the store and dir)")
 
     def __init__(self, config: Config | None = None, name: str = "lora") -> None:
         self.config = config or self.Config()
@@ -303,8 +304,8 @@ class LoraAdapters:
             self._ctx.update_profile(node, count)
             if box["pending"] >= self.config.every:
                 due.append(node)
-        if self.config.serve == "remote" and not self.config.train_model:
-            return  # another process trains (see train_model)
+        if self.router is not None:
+            return  # serve: remote: no local model here to train on; the events are counted (pending)
         for node in due:
             if self.config.background:
                 self._ctx.schedule(self.train_node(node))
@@ -336,8 +337,7 @@ class LoraAdapters:
         pairs = all_pairs(events)
         if not pairs:
             return None
-        backend = self._ctx.local_model(self.config.train_model) if self.router is not None \
-            and self.config.train_model else self._ctx.backend()
+        backend = self._ctx.backend()
         settings = self.settings(seed)
         fmt = _formatter(backend)
         adapter, stats = await backend.call(lambda m, t: _lora.train_lora(m, t, fmt, pairs, settings))
