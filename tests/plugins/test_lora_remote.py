@@ -256,3 +256,15 @@ def test_export_all_writes_peft_folders_and_forget_deletes_the_users_and_stops_r
     mw.chat(user="ana", messages="hi")  # the server still has her old adapters loaded: never asked for
     mw.chat(user="bob", messages="hi")
     assert fake.received == [names[2], BASE, group]
+
+
+def test_serve_remote_needs_a_backend_with_an_api_base_and_bad_values_name_the_field(make_mw: Any,
+                                                                                     tmp_path: Path) -> None:
+    from persona_mw.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serve: remote asks the main backend's server .* has no api_base"):
+        make_mw(f"pipeline: [{{use: lora, serve: remote, dir: '{tmp_path}'}}]\n")  # the scripted backend
+    with pytest.raises(ConfigError, match="serve"):
+        make_mw(f"pipeline: [{{use: lora, serve: vllm, dir: '{tmp_path}'}}]\n")
+    with pytest.raises(ConfigError, match="models_ttl"):
+        make_mw(f"pipeline: [{{use: lora, serve: remote, models_ttl: 0, dir: '{tmp_path}'}}]\n")
