@@ -268,3 +268,21 @@ def test_serve_remote_needs_a_backend_with_an_api_base_and_bad_values_name_the_f
         make_mw(f"pipeline: [{{use: lora, serve: vllm, dir: '{tmp_path}'}}]\n")
     with pytest.raises(ConfigError, match="models_ttl"):
         make_mw(f"pipeline: [{{use: lora, serve: remote, models_ttl: 0, dir: '{tmp_path}'}}]\n")
+
+
+def test_concurrent_turns_of_two_users_each_get_their_own_route(make_mw: Any, vllm: tuple[FakeVLLM, str],
+                                                                tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake, url = vllm
+    mw = remote_mw(make_mw, url, tmp_path / "adapters", ttl=0.001)  # the list is refetched nearly every turn
+    for user in ("ana", "bob"):
+        mw.join(user, "shorties")
+    ana = give_adapter(mw, "user:ana", 3, ["ana"])
+    bob = give_adapter(mw, "user:bob", 3, ["bob"])
+    group = give_adapter(mw, "group:shorties", 6, ["ana", "bob"])
+    fake.loras = {ana, bob, group}
+    users = ["ana", "bob"] * 8
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda u: mw.chat(user=u, messages=f"hi {u}").text, users))
+    assert texts == [f"served by {ana if u == 'ana' else bob}" for u in users]
