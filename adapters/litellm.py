@@ -110,9 +110,10 @@ class LiteLLMBackend:
 
     # -------------------------------------------------------------------------- requests
 
-    def _kwargs(self, messages: list[Message], params: GenerationParams | None) -> dict[str, Any]:
+    def _kwargs(self, messages: list[Message], params: GenerationParams | None,
+                served: str | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
-            "model": self.model,
+            "model": self._litellm_model(served),
             "messages": messages_as_dicts(messages),
             "timeout": self.timeout,
             "max_retries": self.max_retries,
@@ -132,6 +133,32 @@ class LiteLLMBackend:
             for key, value in params.model_dump(exclude_none=True).items():
                 kwargs[key] = value
         return kwargs
+
+    def _litellm_model(self, served: str | None) -> str:
+        """The litellm model string asking the server for ``served`` (None: the backend's own model):
+        the backend's provider prefix (``openai/``, ``hosted_vllm/`` ...) before the served name."""
+        if served is None:
+            return self.model
+        provider = self.model.split("/", 1)[0] if "/" in self.model else "openai"
+        return f"{provider}/{served}"
+
+    async def _complete(self, litellm: Any, kwargs: dict[str, Any], route: Decoding | None) -> Any:
+        """``litellm.acompletion``; a routed request (``Decoding.model``) that the server answers with
+        404 (the model does not exist) is rerouted once (``Decoding.reroute``) and retried once.
+        ``kwargs["model"]`` is left at the name that was used."""
+        try:
+            return await litellm.acompletion(**kwargs)
+        except Exception as exc:
+            if route is None or route.reroute is None or not _missing_model(exc):
+                raise self._map_error(exc) from exc
+            failed = exc
+        served = await route.reroute(route.model)
+        route.model, route.reroute = served, None  # once per request
+        kwargs["model"] = self._litellm_model(served)
+        try:
+            return await litellm.acompletion(**kwargs)
+        except Exception as exc:
+            raise self._map_error(exc) from failed
 
     def _check_decoding(self, decoding: list[Decoding] | None) -> None:
         # Black-box: logits processors and activation hooks cannot reach a remote model. The
@@ -159,16 +186,14 @@ class LiteLLMBackend:
             raise ValueError(f"n must be >= 1, got {n}")
         litellm = await _aimport_litellm()
         self._check_decoding(decoding)
+        route = _route(decoding)
         candidates: list[Candidate] = []
         while len(candidates) < n:
             want = n - len(candidates)
-            kwargs = self._kwargs(messages, params)
+            kwargs = self._kwargs(messages, params, route.model if route is not None else None)
             if want > 1:
                 kwargs["n"] = want
-            try:
-                response = await litellm.acompletion(**kwargs)
-            except Exception as exc:
-                raise self._map_error(exc) from exc
+            response = await self._complete(litellm, kwargs, route)
             choices = list(getattr(response, "choices", None) or [])
             if not choices:
                 raise BackendError(f"litellm backend {self._where()}: the provider returned no choices")
@@ -205,12 +230,10 @@ class LiteLLMBackend:
         """Yield text deltas as the provider sends them."""
         litellm = await _aimport_litellm()
         self._check_decoding(decoding)
-        kwargs = self._kwargs(messages, params)
+        route = _route(decoding)
+        kwargs = self._kwargs(messages, params, route.model if route is not None else None)
         kwargs["stream"] = True
-        try:
-            response = await litellm.acompletion(**kwargs)
-        except Exception as exc:
-            raise self._map_error(exc) from exc
+        response = await self._complete(litellm, kwargs, route)
         try:
             iterator = response.__aiter__()
             while True:
@@ -260,6 +283,16 @@ class LiteLLMBackend:
         if isinstance(exc, unavailable_types) or (status is not None and (status == 429 or status >= 500)):
             return BackendUnavailable(f"litellm backend {self._where()} is unavailable (status {status}; {detail})")
         return BackendError(f"litellm backend {self._where()} failed ({detail})")
+
+
+def _route(decoding: list[Decoding] | None) -> Decoding | None:
+    """The first Decoding that routes the request to a served model name (``Decoding.model``)."""
+    return next((d for d in decoding or [] if d.model), None)
+
+
+def _missing_model(exc: BaseException) -> bool:
+    """The server answered 404: the model asked for does not exist (vLLM: ``NotFoundError``)."""
+    return any(getattr(e, "status_code", None) == 404 for e in _cause_chain(exc))
 
 
 def _cause_chain(exc: BaseException) -> list[BaseException]:

@@ -482,3 +482,9 @@ class Decoding(BaseModel):
     token_reward: Any = None
     reward_top_k: int = Field(default=10, ge=1, le=256)
     reward_weight: float = 1.0
+    # Model routing (black-box backends whose server serves several models, e.g. vLLM multi-LoRA):
+    # ask the server for the served model ``model`` instead of the backend's own. If the server
+    # answers that it does not exist (404), ``reroute(missing)`` (async, returns another served
+    # name or None for the backend's own model) is awaited once and the request retried once.
+    model: str | None = None
+    reroute: Any = None

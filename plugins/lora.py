@@ -21,6 +21,11 @@ scope in memory and as ``<dir>/merged/<key>.safetensors`` with a sidecar naming 
 version of a node makes a new key and removes the stale merges. A missing or unreadable adapter
 file is left out (its weight goes to the rest of the scope: the parents) with a trace note; the
 turn never fails for it. No adapter in scope: no hook, the base model unchanged.
+
+Serving (``serve: remote``, ``persona_mw.plugins._lora_remote``): on the litellm backend, each turn asks
+the backend's server (vLLM multi-LoRA) for the scope's adapter by its served name (the merge, else the
+nodes by weight, else the base model); ``persona-mw lora export --all`` writes the folders and vLLM's
+``--lora-modules`` arguments.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -204,6 +210,12 @@ class LoraAdapters:
         mixing: Literal["merge"] = Field(default="merge", description="how the scope's adapters combine: "
                                          "an exact weight-space merge cached per scope")
         dir: str | None = Field(default=None, description="adapter folder (default: beside the SQLite store)")
+        serve: Literal["local", "remote"] = Field(
+            default="local", description="local: decode with the scope's adapter on the white-box local model; "
+            "remote: ask the main (litellm) backend's server for the scope's adapter by its served name "
+            "(vLLM multi-LoRA; see `persona-mw lora export --all`), falling back to the base model")
+        models_ttl: float = Field(default=30.0, gt=0, description="serve: remote: seconds the server's model "
+                                  "list (GET /v1/models) is cached (a 404 on a served name refreshes it)")
 
     def __init__(self, config: Config | None = None, name: str = "lora") -> None:
         self.config = config or self.Config()
@@ -211,12 +223,20 @@ class LoraAdapters:
         self._ctx: PluginContext | None = None
         self.files: AdapterFiles | None = None
         self._training: set[str] = set()
+        self.router: Any = None
         self._train_lock = threading.Lock()
 
     # ---------------------------------------------------------------- setup
 
     @hookimpl
     def persona_startup(self, ctx: PluginContext) -> None:
+        if self.config.serve == "remote":
+            from persona_mw.plugins._lora_remote import start_router
+
+            self._ctx = ctx
+            self.files = AdapterFiles(self._root(ctx))
+            self.router = start_router(self, ctx)
+            return
         check_white_box(self, ctx, "lora")
         self._ctx = ctx
         self.files = AdapterFiles(self._root(ctx))
@@ -292,6 +312,8 @@ class LoraAdapters:
             self._ctx.update_profile(node, count)
             if box["pending"] >= self.config.every:
                 due.append(node)
+        if self.router is not None:
+            return  # serve: remote: no local model here to train on; the events are counted (pending)
         for node in due:
             if self.config.background:
                 self._ctx.schedule(self.train_node(node))
@@ -398,7 +420,9 @@ class LoraAdapters:
             return None, {}, notes
 
     @hookimpl
-    def persona_decoding(self, turn: Turn, backend: Any) -> Decoding | None:
+    def persona_decoding(self, turn: Turn, backend: Any) -> Decoding | None | Awaitable[Decoding | None]:
+        if self.router is not None:  # serve: remote (awaited by the pipeline)
+            return cast("Awaitable[Decoding | None]", self.router.decoding(turn))
         from persona_mw.plugins._lora import adapter_hook
 
         require_white_box(self, backend, "lora")
@@ -430,8 +454,13 @@ class LoraAdapters:
                 return True
             return node in linked and self._trained_on(node, user)
 
-        self.files.delete_nodes(match)
+        gone = set(self.files.delete_nodes(match)) | own
         self.files.drop_merged(own)
+        from persona_mw.plugins._lora_remote import forget
+
+        forget(self.files.root, lambda n: n in gone or n.startswith(prefix))
+        if self.router is not None:
+            self.router.forget_seen()
 
     def _trained_on(self, node: str, user: str) -> bool:
         assert self._ctx is not None
@@ -480,8 +509,20 @@ def export_node(mw: Any, node: str, out: str) -> Path:
     return Path(export_peft(plugin.files.root / st["file"], Path(out), base))
 
 
+def export_every(mw: Any, out: str, merged: bool = False) -> dict[str, Any]:
+    """``persona-mw lora export --all --out DIR [--merged]``: every node's adapter (and the merged
+    adapters turns asked for) as PEFT folders named by their served names, with ``manifest.json``."""
+    from persona_mw.plugins._lora_remote import export_all
+
+    plugin = next((p.instance for p in mw.host.pipeline if isinstance(p.instance, LoraAdapters)), None)
+    if plugin is None or plugin.files is None:
+        raise RequestError("no lora plugin in the pipeline (--config)", field="config")
+    manifest: dict[str, Any] = export_all(plugin.files, mw.store, Path(out), merged=merged)
+    return manifest
+
+
 def cmd_lora(args: Any) -> int:
-    """``persona-mw lora export NODE --out DIR [--config FILE] [--store PATH]``."""
+    """``persona-mw lora export (NODE | --all [--merged]) --out DIR [--config FILE] [--store PATH]``."""
     import os
     import sys
 
@@ -492,27 +533,49 @@ def cmd_lora(args: Any) -> int:
     cfg = load_config(path) if path else default_config()
     if args.store:
         cfg.store.path = args.store
+    if bool(args.node) == bool(args.all):
+        print("persona-mw lora export: give a NODE or --all", file=sys.stderr)
+        return 2
     mw = Middleware(cfg)
     try:
-        out = export_node(mw, args.node, args.out)
+        if args.all:
+            manifest = export_every(mw, args.out, merged=args.merged)
+        else:
+            out = export_node(mw, args.node, args.out)
     finally:
         mw.close()
+    if args.all:
+        print(f"wrote {len(manifest['adapters'])} adapters and {Path(args.out) / 'manifest.json'}; start vLLM "
+              f"with --enable-lora --max-lora-rank {_vllm_rank(manifest['max_lora_rank'])} and:", file=sys.stderr)
+        print(" ".join(["--lora-modules", *manifest["lora_modules"]]) if manifest["lora_modules"] else "")
+        return 0
     print(f"wrote {out} (a PEFT folder: serve the base model with --enable-lora --lora-modules NAME={out})",
           file=sys.stderr)
     return 0
 
 
+def _vllm_rank(r: int) -> int:
+    """The smallest rank vLLM's --max-lora-rank accepts that holds ``r``."""
+    return next((v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r), r)
+
+
 def register_commands(cli: Any) -> None:
     """The ``lora`` subcommand (registered by ``persona_mw.builtins``)."""
     help_ = ("the lora plugin's adapters: export NODE --out DIR writes a PEFT folder "
-             "(adapter_config.json + adapter_model.safetensors) that vLLM and other PEFT-aware servers load")
+             "(adapter_config.json + adapter_model.safetensors) that vLLM and other PEFT-aware servers load; "
+             "export --all --out DIR writes every node's (named by its served name), manifest.json, and prints "
+             "vLLM's --lora-modules arguments")
     p = cli.add_parser("lora", help=help_, description=help_)
     p.add_argument("action", choices=["export"], help="what to do")
-    p.add_argument("node", help="the node id, e.g. user:ana or group:nurses")
+    p.add_argument("node", nargs="?", help="the node id, e.g. user:ana or group:nurses")
+    p.add_argument("--all", action="store_true", help="every node with an adapter (folders named by served name)")
+    p.add_argument("--merged", action="store_true", help="with --all: also the merged scope adapters turns asked "
+                   "for (serve: remote records them)")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--config", help="pipeline YAML with a lora entry (default: $PERSONA_MW_CONFIG)")
     p.add_argument("--store", help="a SQLite store path (overrides the config)")
     p.set_defaults(func=cmd_lora)
 
 
-__all__ = ["cmd_lora", "register_commands", "AdapterFiles", "LoraAdapters", "all_pairs", "export_node", "rating_pairs"]
+__all__ = ["cmd_lora", "register_commands", "AdapterFiles", "LoraAdapters", "all_pairs", "export_every", "export_node",
+           "rating_pairs"]
