@@ -339,3 +339,35 @@ def test_a_pair_with_the_same_answer_twice_is_left_out_and_none_left_is_a_clear_
     assert all_pairs([ev]) == [("p?", "same", "other")]
     with pytest.raises(PersonaError, match="with different answers"):
         _lora.train_lora(None, None, str, [("p?", "same", "same")], _lora.TrainSettings())
+
+
+def test_bipo_vector_moves_the_margin_toward_the_chosen_answers_and_its_negation_away(local_backend: Any) -> None:
+    """BiPO (the vectors plugin's ``mode: bipo``, trained by the lora loop): after a few steps on the
+    pairs, adding the vector raises the chosen-over-rejected log-prob margin over the base model and
+    subtracting it lowers it (the objective is bi-directional); the model itself is left unchanged."""
+    from persona_mw.plugins._fermi_score import response_logprobs
+    from persona_mw.plugins.vectors import add_vector_hook
+    from persona_mw.types import Message
+
+    model, tok = local_backend.model, local_backend.tokenizer
+    pairs = [(p, c, r) for p, c, r in PACK_PAIRS if c != r]
+    fmt = lambda p: local_backend.format_prompt([Message(role="user", content=p)])  # noqa: E731
+    layer = 20
+    before = model.model.layers[layer].mlp.down_proj.weight.detach().clone()
+    s = _lora.TrainSettings(steps=12, lr=0.05, seconds=None, max_response_tokens=12, max_prompt_tokens=32)
+    vec, stats = _lora.train_bipo(model, tok, fmt, pairs, layer, s)
+    assert stats["steps"] == 12 and len(vec) == model.config.hidden_size and any(vec)
+    assert torch.equal(model.model.layers[layer].mlp.down_proj.weight, before)
+
+    def margin(strength: float) -> float:
+        handle = add_vector_hook(layer, vec, strength)(model) if strength else None
+        try:
+            lp = response_logprobs(model, tok, [fmt(p) for p, _, _ in pairs], [[c, r] for _, c, r in pairs],
+                                   max_response_tokens=12)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return float(sum(a - b for a, b in lp))
+
+    plus, base, minus = margin(1.0), margin(0.0), margin(-1.0)
+    assert plus > base > minus, (plus, base, minus)
