@@ -438,15 +438,7 @@ class AnnIndex(NumpyIndex):
             n = b.n_alive
 
         def score_of(want: Sequence[str]) -> np.ndarray:
-            with self._lock:
-                bb = self._blocks.get(owner)
-                if bb is None:
-                    return np.full(len(want), np.nan)
-                rr = np.fromiter((bb.row.get(i, -1) for i in want), dtype=np.int64, count=len(want))
-                out = np.full(len(want), np.nan)
-                ok = rr >= 0
-                out[ok] = bb.mat[rr[ok]] @ q
-                return out
+            return self.dot(owner, want, q)
 
         return Probe(ids, s, n, total, total_sq, score_of, approximate=True)
 
