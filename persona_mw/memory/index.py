@@ -573,8 +573,11 @@ class BM25Index:
             model = None
             if ids:
                 model = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
-                # token ids and the owner's vocabulary: bm25s skips building its own from strings
-                model.index(([blk.toks[i] for i in ids], dict(blk.vocab)), show_progress=False)
+                # token ids and the owner's vocabulary: bm25s skips building its own from strings.
+                # Documents that all lack tokens make bm25s divide 0 by an average length of 0 for
+                # no term at all (every score stays 0): not a warning worth a user's log.
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    model.index(([blk.toks[i] for i in ids], dict(blk.vocab)), show_progress=False)
             blk.model, blk.pos, blk.ids, blk.dirty = model, {mid: i for i, mid in enumerate(ids)}, ids, False
             self.rebuilds += 1
         return blk.model

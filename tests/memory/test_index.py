@@ -219,6 +219,19 @@ def test_tokenize_with_a_batch_memo_is_tokenize() -> None:
     assert memo and tokenize(texts[0], memo) == tokenize(texts[0])
 
 
+def test_bm25_over_documents_without_tokens_scores_zero_without_a_warning() -> None:
+    """An owner whose memories are all stopwords or punctuation: every score 0, and no numpy
+    RuntimeWarning from bm25s dividing by an average length of 0 in the user's log."""
+    import warnings
+
+    ix = BM25Index()
+    ix.add("user:ana", ["a", "b"], ["the and", "!!!"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ix.probe("user:ana", "the garden", 5)
+    assert got is not None and got.n == 2 and got.total == 0.0 and ix.search("user:ana", "garden", 5) == []
+
+
 def test_bm25_scores_are_okapi_over_live_documents_and_rebuild_lazily() -> None:
     rng = np.random.default_rng(7)
     words = "garden river violin sister nurse lisbon cat dinner hiking museum coffee winter".split()
