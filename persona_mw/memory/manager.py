@@ -395,12 +395,12 @@ class _MemoryBase:
         return {}
 
     def _dot(self, owner: str, ids: Sequence[str], vector: np.ndarray) -> np.ndarray:
-        """Each of ``ids``' stored vector dotted with ``vector``; NaN where there is none."""
+        """Each of ``ids``' stored vector dotted with ``vector``; NaN where there is none (as for every id
+        of an index that does not hand out its vectors: ``_vectors`` reads none from it either)."""
         idx = self._index
         if isinstance(idx, NumpyIndex):
             return idx.dot(owner, ids, vector)
-        vecs = self._vectors(owner, ids)
-        return np.asarray([float(vecs[i] @ vector) if i in vecs else np.nan for i in ids])
+        return np.full(len(ids), np.nan)
 
     def _names_of(self, owner: str, memory_id: str) -> set[str]:
         """``hops.names`` of a memory's text, kept per owner from when it was indexed (and per text: an
