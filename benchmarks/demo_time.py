@@ -1,4 +1,5 @@
-"""``make demo``'s generation time, float32 (the default) against ``--dtype`` (int8), in ONE run.
+"""``make demo``'s generation time, float32 as before the lean step against ``--dtype`` (int4, what
+``persona-mw demo`` now runs), in ONE run.
 
 Runs what ``persona-mw demo`` runs (the default config, two users state their preferences, the same
 question for each) once per dtype, rounds interleaved, and times the two ``chat`` calls (the answers'
@@ -23,24 +24,37 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "demo_time.json"
 
 
-def demo_once(dtype: str | None) -> dict[str, Any]:
+def demo_once(dtype: str | None, lean: bool = True) -> dict[str, Any]:
+    """One demo; ``lean=False`` runs transformers' forward on every step (the float32 figure before it)."""
+    from persona_mw.adapters.transformers import lean as lean_step
     from persona_mw.cli import DEMO_QUESTION, DEMO_USERS
     from persona_mw.config import default_config
-    from persona_mw.middleware import Middleware
 
     cfg = default_config()
     if dtype is not None:
         cfg.backend = cfg.backend.model_validate({**cfg.backend.model_dump(), "dtype": dtype})
+    built = lean_step.decoder_for
+    if not lean:
+        lean_step.decoder_for = lambda model: None  # type: ignore[assignment]  # the benchmark's "before"
+    try:
+        return _demo(cfg, DEMO_QUESTION, DEMO_USERS)
+    finally:
+        lean_step.decoder_for = built
+
+
+def _demo(cfg: Any, question: str, users: dict[str, str]) -> dict[str, Any]:
+    from persona_mw.middleware import Middleware
+
     with tempfile.TemporaryDirectory(prefix="persona-mw-demo-time-") as tmp:
         cfg.store.path = str(Path(tmp) / "demo.db")
         with Middleware(cfg) as mw:
-            for user, pref in DEMO_USERS.items():
+            for user, pref in users.items():
                 mw.feedback(kind="stated", user=user, text=pref)
             mw.chat(user="warm-up", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)  # load, untimed
             seconds, answers = 0.0, []
-            for user in DEMO_USERS:
+            for user in users:
                 t0 = time.perf_counter()
-                r = mw.chat(user=user, messages=[{"role": "user", "content": DEMO_QUESTION}])
+                r = mw.chat(user=user, messages=[{"role": "user", "content": question}])
                 seconds += time.perf_counter() - t0
                 answers.append({"user": user, "text": r.text})
     return {"seconds": round(seconds, 3), "answers": answers}
@@ -49,13 +63,13 @@ def demo_once(dtype: str | None) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--dtype", default="int8", help="the setting timed against float32 (key 'default')")
+    ap.add_argument("--dtype", default="int4", help="the setting timed against float32 (key 'default')")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {"float32": [], "default": []}
     for _ in range(args.rounds):
-        runs["float32"].append(demo_once("float32"))
+        runs["float32"].append(demo_once("float32", lean=False))
         runs["default"].append(demo_once(args.dtype))
         print({k: v[-1]["seconds"] for k, v in runs.items()}, flush=True)
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}

@@ -13,7 +13,7 @@ Tokens are counted by re-tokenizing each answer with the model's tokenizer. The 
 (``benchmarks/results/server_throughput.json``) carries the load average before and after (the
 machine is shared: compare the ratios of one run, not absolute figures) and a top-level ``ratios``
 object: ``clients8_vs_1`` (aggregate tokens/s of 8 clients over 1) and ``ttft_p95_s``.
-Run: ``nice -n 5 .venv/bin/python benchmarks/server_throughput.py [--threads 1] [--tokens 16]``.
+Run: ``nice -n 5 .venv/bin/python benchmarks/server_throughput.py [--dtype int4] [--threads 1] [--tokens 16]``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def start_server(tmp: Path, args: argparse.Namespace, port: int) -> subprocess.P
     threads = f"  threads: {args.threads}\n" if args.threads else ""
     cfg.write_text(
         "backend:\n  type: transformers\n  model: smollm2-135m-instruct\n"
-        f"  max_new_tokens: {args.tokens}\n  max_batch: 8\n  max_queue: 16\n{threads}"
+        f"  max_new_tokens: {args.tokens}\n  max_batch: 8\n  max_queue: 16\n  dtype: {args.dtype}\n{threads}"
         "pipeline: []\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PERSONA_MW_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="max_new_tokens of every answer")
     ap.add_argument("--requests", type=int, default=2, help="answers per client, back to back")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the server (backend.threads)")
+    ap.add_argument("--dtype", default="int4", help="the server's backend.dtype (int4: the fast setting)")
     ap.add_argument("--timeout", type=float, default=300.0, help="client timeout per request (s)")
     ap.add_argument("--overload-tokens", type=int, default=4,
                     help="max_tokens of the 32 overload clients (only the 503 counts matter there)")
@@ -169,7 +170,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "ratios": {"clients8_vs_1": None, "ttft_p95_s": None},
         "targets": {"clients8_vs_1": ">= 4", "ttft_p95_s": "< 1 s", "overload": "503 + Retry-After, no timeouts"},
-        "settings": {"max_new_tokens": args.tokens, "requests_per_client": args.requests,
+        "settings": {"max_new_tokens": args.tokens, "requests_per_client": args.requests, "dtype": args.dtype,
                      "overload_max_tokens": args.overload_tokens, "threads": args.threads,
                      "max_batch": 8, "max_queue": 16},
         "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "python": sys.version.split()[0]},

@@ -402,12 +402,16 @@ def _require_local() -> None:
 
 # --------------------------------------------------------------------------- load
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 # ``int8``: every Linear's weight as int8 with one scale per output row (weight-only, symmetric), the
 # products in bfloat16, everything else (norms, attention, residual stream, logits) in float32. A row's result depends on that row alone up to rounding (no per-batch
 # activation scale as in torch's dynamic quantization); a step reads a quarter of the float32 weight
 # bytes. Not bit-exact across batch shapes (the kernel's M=1 and M>1 paths round differently), so the
 # backend's default stays float32.
+# ``int4``: the decoder's Linear weights as 4 bits per weight in groups of 32 along the input, each group
+# with its own scale and offset (the layout of GGUF's Q4_1, which the embedded models ship in: for them
+# the 4-bit values reproduce the stored weights, and only the scale/offset round to bfloat16); the LM
+# head as in ``int8``. A step reads an eighth of the float32 bytes for the decoder. Products in bfloat16.
 _loaded: dict[tuple[str, str], tuple[Any, Any]] = {}
 _load_locks: dict[tuple[str, str], threading.Lock] = {}
 
@@ -436,7 +440,7 @@ def load(name: str = DEFAULT_MODEL, *, dtype: str = "float32") -> tuple[Any, Any
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # untyped in transformers; a sub-second load from the cache needs no bar
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
-            torch_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+            torch_dtype = torch.float32 if dtype in ("int8", "int4") else getattr(torch, dtype)
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
         finally:
             if bars:
@@ -446,6 +450,8 @@ def load(name: str = DEFAULT_MODEL, *, dtype: str = "float32") -> tuple[Any, Any
         model.eval()  # type: ignore[no-untyped-call]  # untyped in transformers
         if dtype == "int8":
             int8_weights(model)
+        elif dtype == "int4":
+            int4_weights(model)
         _loaded[key] = (model, tok)
         return _loaded[key]
 
@@ -461,7 +467,53 @@ def int8_weights(model: Any) -> Any:
     """
     import torch
 
+    int8, _ = _quant_classes()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, int8(child))
+    return model
+
+
+INT4_GROUP = 32
+
+
+def int4_weights(model: Any, group: int = INT4_GROUP) -> Any:
+    """Replace the decoder's ``nn.Linear`` layers of ``model`` (in place) by 4-bit group-wise ones.
+
+    Each run of ``group`` input weights of a row is ``scale * q + low`` with ``q`` in [0, 15], ``low``
+    the group's minimum and ``scale`` its range / 15 (GGUF's Q4_1); the product runs in
+    ``torch._weight_int4pack_mm_for_cpu`` with bfloat16 inputs and comes back as float32. The LM head
+    (which shares the embedding table's values, shipped at 8 bits) and any layer whose shape the kernel
+    cannot take (output rows not a multiple of 16, inputs not a multiple of ``group``) get ``int8``.
+    """
+    import torch
+
+    int8, int4 = _quant_classes()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            fits = child.out_features % 16 == 0 and child.in_features % group == 0
+            setattr(module, name, int4(child, group) if fits and child is not head else int8(child))
+    return model
+
+
+_QUANT: tuple[Any, Any] | None = None
+
+
+def _quant_classes() -> tuple[Any, Any]:
+    """``(Int8Linear, Int4Linear)``, defined on first use (torch is imported lazily)."""
+    global _QUANT
+    if _QUANT is not None:
+        return _QUANT
+    import torch
+
     class Int8Linear(torch.nn.Module):
+        """A Linear with int8 weights, one bfloat16 scale per output row."""
+
+        quant = "int8"
         qweight: torch.Tensor
         scale: torch.Tensor
         bias: torch.Tensor | None
@@ -477,9 +529,12 @@ def int8_weights(model: Any) -> Any:
             self.register_buffer("scale", scale)
             self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float())
 
+        def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+            """``flat`` [M, in] bfloat16 -> [M, out] float32 (no bias)."""
+            return torch._weight_int8pack_mm(flat, self.qweight, self.scale).float()
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            y = torch._weight_int8pack_mm(flat, self.qweight, self.scale).float()
+            y = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -487,8 +542,43 @@ def int8_weights(model: Any) -> Any:
         def extra_repr(self) -> str:
             return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(module, name, Int8Linear(child))
-    return model
+    class Int4Linear(torch.nn.Module):
+        """A Linear with 4-bit weights in groups of ``group`` inputs, a bfloat16 scale and offset each."""
+
+        quant = "int4"
+        qweight: torch.Tensor
+        scale_zero: torch.Tensor
+        bias: torch.Tensor | None
+
+        def __init__(self, lin: torch.nn.Linear, group: int) -> None:
+            super().__init__()
+            w = lin.weight.detach().float()
+            n, k = w.shape
+            g = w.view(n, k // group, group)
+            low = g.amin(dim=-1)
+            scale = ((g.amax(dim=-1) - low) / 15).clamp(min=1e-12)
+            q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+            self.in_features, self.out_features, self.group = k, n, group
+            # The kernel computes (q - 8) * scale + zero per group: zero = low + 8 * scale.
+            zero = low + 8 * scale
+            self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1)
+                                 .contiguous().to(torch.bfloat16))  # [k / group, n, 2]
+            self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float())
+
+        def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+            """``flat`` [M, in] bfloat16 -> [M, out] float32 (no bias)."""
+            return torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group, self.scale_zero).float()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+        def extra_repr(self) -> str:
+            return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                    f"int4 weights in groups of {self.group}")
+
+    _QUANT = (Int8Linear, Int4Linear)
+    return _QUANT

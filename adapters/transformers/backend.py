@@ -74,6 +74,10 @@ class TransformersBackend:
         # Steering keeps one KV cache per stream; False re-encodes everything each step (the
         # naive reference that tests compare against; never faster).
         self.steering_cache = True
+        # The lean decode step (``lean.py``) for one-token steps of a Llama-architecture model nothing
+        # hooks: the same logits as transformers' forward with fewer operations. False runs
+        # transformers' forward on every step (the reference that benchmarks time as "today").
+        self.lean_step = True
         # Continuous batching (``scheduler``): requests that can share a batch join it at the next step.
         self.batching = batching
         self._scheduler: Scheduler | None = None

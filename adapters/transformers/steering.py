@@ -63,7 +63,14 @@ def forward_last(b: TransformersBackend, step_ids: Any, full_mask: Any, cache: A
     last hidden state ``[rows, d]``. ``cache`` None: ``step_ids`` is the whole sequence."""
     import torch
 
+    from .lean import decoder_for
+
     positions = (full_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+    if (b.lean_step and cache is not None and not hidden and step_ids.shape[1] == 1
+            and cache.get_seq_length() > 0):
+        lean = decoder_for(b._model)  # the same logits with fewer operations, where nothing hooks the model
+        if lean is not None and lean.accepts(cache):
+            return lean.step(step_ids, full_mask, positions, cache)
     out = b._model(
         input_ids=step_ids,
         attention_mask=full_mask,

@@ -1,0 +1,230 @@
+"""A lean decode step for Llama-family models: the same numbers as transformers' forward, fewer operations.
+
+One decode step (one new token per row, a ``DynamicCache`` filled by transformers' own forward) spends
+as much time in transformers' Python (module calls, mask building, dtype round trips) as in the
+products once the weights are small (``int8``/``int4``). :class:`LeanDecoder` runs that step with the
+model's own parameters, op for op as transformers' SDPA path computes it, so the logits are
+bit-identical (tested against the model's forward for float32, int8 and int4, with and without left
+padding). For quantized weights it also runs q/k/v as one product and gate/up as one: the kernels
+compute each output row from that row's weights alone, so the fused products equal the separate ones
+bit for bit (tested too), and the fused weights are the modules' own storage (no second copy).
+
+It is used only where it cannot change a result: a Llama-architecture model with the SDPA attention,
+default RoPE, no biases, plain or quantized Linear layers, and, at the time of the step, no forward
+hooks or pre-hooks on any module (activation steering, LoRA adapters and capture hooks all use hooks,
+so they get transformers' forward), no autograd and no training mode. Anything else takes the usual
+forward (:func:`decoder_for` returns None).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LLAMA = ("LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm")
+_ATTR = "_persona_mw_lean"
+
+
+def decoder_for(model: Any) -> LeanDecoder | None:
+    """The model's lean decoder (built once per model object), or None where it does not apply now."""
+    if _ATTR not in model.__dict__:
+        model.__dict__[_ATTR] = LeanDecoder.build(model)
+    lean: LeanDecoder | None = model.__dict__[_ATTR]
+    if lean is None or not lean.usable():
+        return None
+    return lean
+
+
+def _kind(module: Any) -> str | None:
+    """'float' for a plain ``nn.Linear`` without bias, the quantized kind for ours, else None."""
+    import torch
+
+    if getattr(module, "bias", None) is not None:
+        return None
+    if type(module) is torch.nn.Linear:
+        return "float"
+    kind = getattr(type(module), "quant", None)
+    return kind if kind in ("int8", "int4") else None
+
+
+class LeanDecoder:
+    """The decode step of one loaded Llama-architecture model (see the module docstring)."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        inner = model.model
+        config = model.config
+        self.model = model
+        self.embed = inner.embed_tokens
+        self.head = model.lm_head
+        self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
+        self.inv_freq = inner.rotary_emb.inv_freq
+        self.rope_scaling = inner.rotary_emb.attention_scaling
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.scale = self.head_dim**-0.5
+        self.layers: list[tuple[Any, ...]] = []
+        self.fused: list[tuple[Any, Any] | None] = []
+        for layer in inner.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                att.q_proj, att.k_proj, att.v_proj, att.o_proj,
+                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+            ))
+            self.fused.append(_fuse(torch, [att.q_proj, att.k_proj, att.v_proj], [mlp.gate_proj, mlp.up_proj]))
+        self._modules = list(model.modules())
+        self._projections = [(layer.self_attn, layer.mlp, row) for layer, row in zip(inner.layers, self.layers,
+                                                                                   strict=True)]
+
+    @classmethod
+    def build(cls, model: Any) -> LeanDecoder | None:
+        """A decoder for ``model`` if its architecture is the one this step computes, else None."""
+        try:
+            names = {type(model).__name__, type(model.model).__name__}
+            layers = list(model.model.layers)
+            names |= {type(m).__name__ for layer in layers
+                      for m in (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)}
+            names.add(type(model.model.norm).__name__)
+            config = model.config
+            rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+            plain = (
+                names <= set(_LLAMA)
+                and config.hidden_act == "silu"
+                and rope == "default"
+                and not getattr(config, "attention_bias", False)
+                and not getattr(config, "mlp_bias", False)
+                and getattr(config, "_attn_implementation", None) == "sdpa"
+                and getattr(config, "pretraining_tp", 1) == 1
+                and _kind(model.lm_head) is not None
+                and all(_kind(m) is not None for layer in layers
+                        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                  layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+            )
+        except AttributeError:
+            return None
+        return cls(model) if plain else None
+
+    def accepts(self, cache: Any) -> bool:
+        """Whether ``cache`` is the plain per-layer key/value cache this step appends to."""
+        layers = getattr(cache, "layers", None)
+        return (layers is not None and len(layers) == len(self.layers)
+                and all(type(layer).__name__ == "DynamicLayer" for layer in layers))
+
+    def usable(self) -> bool:
+        """No hook anywhere, no autograd, eval mode, and the model's modules are still the ones built on."""
+        import torch
+        from torch.nn.modules import module as torch_module
+
+        if torch.is_grad_enabled() or self.model.training:
+            return False
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return False
+        for m in self._modules:
+            if m._forward_hooks or m._forward_pre_hooks:
+                return False
+        for att, mlp, row in self._projections:
+            if (att.q_proj is not row[2] or att.k_proj is not row[3] or att.v_proj is not row[4]
+                    or att.o_proj is not row[5] or mlp.gate_proj is not row[8] or mlp.up_proj is not row[9]
+                    or mlp.down_proj is not row[10]):
+                return False
+        return True
+
+    @staticmethod
+    def _rms(x: Any, weight: Any, eps: float) -> Any:
+        import torch
+
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(dtype)
+
+    def step(self, ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        """Next-token logits ``[rows, V]`` (float32) for ``ids`` ``[rows, 1]``; ``mask`` ``[rows, T]``
+        covers the cached columns and the new one; appends the new keys/values to ``cache``."""
+        import torch
+        import torch.nn.functional as F
+
+        rows = ids.shape[0]
+        hd, heads, kv = self.head_dim, self.heads, self.kv_heads
+        h = self.embed(ids)
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(h.dtype).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scaling).to(h.dtype).unsqueeze(1)
+        # As transformers' SDPA path: no mask (and GQA in the kernel) when no column is padding,
+        # else a boolean mask with the query heads packed per key/value head.
+        attn_mask = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        half = hd // 2
+        n_qk = (heads + kv) * hd
+        for i, (n1, e1, q, k, v, o, n2, e2, gate, up, down) in enumerate(self.layers):
+            x = self._rms(h, n1, e1)
+            fused = self.fused[i]
+            if fused is not None:
+                qkv = fused[0](x.reshape(rows, -1).to(torch.bfloat16))
+                qk, vs = qkv[:, :n_qk], qkv[:, n_qk:]
+            else:
+                qk, vs = torch.cat([q(x), k(x)], dim=-1), v(x)
+            # RoPE on the query and key heads together (element-wise: the same numbers as one by one).
+            qk = qk.reshape(rows, 1, heads + kv, hd).transpose(1, 2)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            qs, ks = qk[:, :heads], qk[:, heads:]
+            vs = vs.reshape(rows, 1, kv, hd).transpose(1, 2)
+            layer = cache.layers[i]
+            layer.keys = torch.cat([layer.keys, ks], dim=-2)
+            layer.values = torch.cat([layer.values, vs], dim=-2)
+            if attn_mask is None:
+                out = F.scaled_dot_product_attention(qs, layer.keys, layer.values, scale=self.scale, enable_gqa=True)
+            else:
+                packed = qs.reshape(rows, kv, heads // kv, hd)
+                out = F.scaled_dot_product_attention(packed, layer.keys, layer.values, attn_mask=attn_mask,
+                                                     scale=self.scale)
+            # One query position: the heads are already in (head, dim) order, a plain reshape.
+            out = out.reshape(rows, heads * hd)
+            h = h + _project(o, out).reshape(rows, 1, -1)
+            x = self._rms(h, n2, e2)
+            if fused is not None:
+                gu = fused[1](x.reshape(rows, -1).to(torch.bfloat16))
+                inner = gu.shape[1] // 2
+                h = h + _project(down, F.silu(gu[:, :inner]) * gu[:, inner:]).reshape(rows, 1, -1)
+            else:
+                h = h + down(F.silu(gate(x)) * up(x))
+        h = self._rms(h, *self.norm)
+        return self.head(h[:, -1:, :])[:, -1, :].to(torch.float32)
+
+
+def _project(module: Any, flat: Any) -> Any:
+    """``module(flat)`` for ``flat`` [rows, in] (float32): a quantized layer's kernel without its
+    module call and reshapes (the same operations on the same values), else the module itself."""
+    matmul = getattr(module, "matmul", None)
+    if matmul is None:
+        return module(flat)
+    import torch
+
+    return matmul(flat.to(torch.bfloat16).contiguous())
+
+
+def _fuse(torch: Any, qkv: list[Any], gate_up: list[Any]) -> tuple[Any, Any] | None:
+    """One product for q/k/v and one for gate/up when all are quantized alike; the modules' weights
+    become row slices of the fused tensors (row-major: each slice is contiguous), so memory is unchanged."""
+    kinds = {_kind(m) for m in qkv + gate_up}
+    if len(kinds) != 1 or kinds.pop() not in ("int8", "int4"):
+        return None
+    if len({getattr(m, "group", None) for m in qkv + gate_up}) != 1:
+        return None
+    return _fused_product(torch, qkv), _fused_product(torch, gate_up)
+
+
+def _fused_product(torch: Any, mods: list[Any]) -> Any:
+    weight = torch.cat([m.qweight for m in mods]).contiguous()
+    start = 0
+    for m in mods:
+        m.qweight = weight[start:start + m.out_features]  # a contiguous view: one copy of the weights
+        start += m.out_features
+    if mods[0].quant == "int8":
+        scale = torch.cat([m.scale for m in mods]).contiguous()
+        return lambda flat: torch._weight_int8pack_mm(flat, weight, scale).float()
+    scale_zero = torch.cat([m.scale_zero for m in mods], dim=1).contiguous()  # [k / group, n, 2]: small
+    group = mods[0].group
+    return lambda flat: torch._weight_int4pack_mm_for_cpu(flat, weight, group, scale_zero).float()

@@ -1,0 +1,143 @@
+"""The lean decode step (``adapters/transformers/lean.py``): bit-identical logits to transformers' forward
+on the real packaged model, for every dtype; and transformers' forward wherever anything hooks the model."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import pytest
+
+from persona_mw import models
+from persona_mw.adapters.transformers import TransformersBackend
+from persona_mw.adapters.transformers.lean import decoder_for
+from persona_mw.adapters.transformers.steering import forward_last
+from persona_mw.types import GenerationParams, Message
+
+torch = pytest.importorskip("torch")
+from transformers import DynamicCache  # noqa: E402  # after the importorskip
+
+MODEL = "smollm2-135m-instruct"
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Hi",
+           "Explain how a refrigerator works to a ten-year-old, please."]
+
+
+def _reference_step(model: Any, ids: Any, mask: Any, cache: Any) -> Any:
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1].to(torch.float32)
+
+
+def _both(model: Any, tok: Any, prompts: list[str], steps: int) -> tuple[list[Any], list[Any]]:
+    """Logits of ``steps`` greedy decode steps by transformers' forward and by the lean step."""
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    ref, lean_out = [], []
+    with torch.inference_mode():
+        lean = decoder_for(model)
+        assert lean is not None
+        c1, c2 = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        first = _reference_step(model, enc["input_ids"], enc["attention_mask"], c1)
+        _reference_step(model, enc["input_ids"], enc["attention_mask"], c2)
+        mask, nxt = enc["attention_mask"], first.argmax(-1, keepdim=True)
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
+            ref.append(_reference_step(model, nxt, mask, c1))
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -1:]
+            lean_out.append(lean.step(nxt, mask, positions, c2))
+            nxt = ref[-1].argmax(-1, keepdim=True)
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(c1.layers, c2.layers, strict=True))
+    return ref, lean_out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4", "bfloat16"])
+def test_lean_step_is_bit_identical_to_transformers_forward(dtype: str) -> None:
+    """Batch of one (no mask in attention) and a left-padded batch of three (boolean mask, packed GQA):
+    every step's logits and the cache are equal bit for bit; for int8/int4 this includes the fused
+    q/k/v and gate/up products against transformers' separate ones."""
+    model, tok = models.load(MODEL, dtype=dtype)
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        ref, got = _both(model, tok, prompts, steps=6)
+        for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+            assert torch.equal(a, b), (dtype, len(prompts), i, float((a - b).abs().max()))
+    if dtype in ("int8", "int4"):
+        with torch.inference_mode():
+            lean = decoder_for(model)
+        assert lean is not None and all(f is not None for f in lean.fused)
+        att = model.model.layers[0].self_attn
+        # The modules' weights are row slices of the fused tensor: one copy in memory.
+        fused_ptr = att.q_proj.qweight.untyped_storage().data_ptr()
+        assert att.k_proj.qweight.untyped_storage().data_ptr() == fused_ptr
+
+
+def test_a_hooked_model_takes_transformers_forward_and_gets_the_hooks_effect() -> None:
+    """Steering vectors, LoRA adapters and capture hooks are forward hooks: with one registered anywhere,
+    the lean step stands aside, so the hook's effect is in the logits."""
+    model, tok = models.load(MODEL, dtype="float32")
+    backend = TransformersBackend(MODEL)
+    backend._model, backend._tokenizer = model, tok
+    enc = tok([PROMPTS[0]], return_tensors="pt")
+    push = torch.randn(model.config.hidden_size) * 4
+
+    def add(module: Any, args: Any, output: Any) -> Any:
+        return (output[0] + push, *output[1:]) if isinstance(output, tuple) else output + push
+
+    def run(hooked: bool, lean: bool) -> Any:
+        backend.lean_step = lean
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            logits = forward_last(backend, enc["input_ids"], enc["attention_mask"], cache)
+            mask = torch.cat([enc["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+            handle = model.model.layers[10].register_forward_hook(add) if hooked else None
+            try:
+                if hooked:
+                    assert decoder_for(model) is None
+                return forward_last(backend, logits.argmax(-1, keepdim=True), mask, cache)
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+    plain, hooked, hooked_reference = run(False, True), run(True, True), run(True, False)
+    assert torch.equal(hooked, hooked_reference)
+    assert not torch.equal(plain, hooked)
+    with torch.inference_mode():
+        assert decoder_for(model) is not None  # the hook is gone: lean again
+
+
+def test_lean_step_stands_aside_for_autograd_a_replaced_module_and_other_architectures() -> None:
+    model, _ = models.load(MODEL, dtype="float32")
+    assert decoder_for(model) is None  # autograd on: training must see transformers' graph
+    mutable = copy.deepcopy(model)
+    with torch.inference_mode():
+        assert decoder_for(mutable) is not None
+        mutable.model.layers[3].mlp.down_proj = torch.nn.Linear(1536, 576, bias=False)  # e.g. a wrapped layer
+        assert decoder_for(mutable) is None
+        mutable.model.layers[3].mlp.down_proj = torch.nn.Identity()
+        assert decoder_for(mutable) is None
+    del mutable
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+    with torch.inference_mode():
+        assert decoder_for(gpt2) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_backend_answers_are_the_same_with_and_without_the_lean_step(dtype: str) -> None:
+    """Through the continuous batch (two requests at once, different prompt lengths), greedy answers
+    with the lean step equal those of transformers' forward on every step."""
+    backend = TransformersBackend(MODEL, max_new_tokens=24, dtype=dtype)
+    asks = [[Message(role="user", content=p)] for p in PROMPTS[:2]]
+
+    async def answers() -> list[str]:
+        got = await asyncio.gather(*(backend.generate(a, params=GenerationParams(max_tokens=24)) for a in asks))
+        return [c[0].text for c in got]
+
+    lean = asyncio.run(answers())
+    steps = backend.scheduler.steps
+    backend.lean_step = False
+    reference = asyncio.run(answers())
+    assert lean == reference and all(lean)
+    assert backend.scheduler.steps > steps  # the reference really decoded
