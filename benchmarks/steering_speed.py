@@ -3,10 +3,11 @@
 Methods, each decoding the same prompt (a user preference as a system message) for exactly
 ``--tokens`` new tokens (eos is banned so lengths match), greedy:
 
-- ``plain``: the backend's ordinary ``model.generate`` path;
+- ``plain``: the backend's ordinary path (the continuous batch with the lean decode step);
 - ``contrast``: Linear Alignment, 2 streams (with / without the preference) in one batch;
 - ``amulet``: the same 2 streams plus 60 Amulet iterations over the vocabulary per token;
-- ``vectors``: a CAA steering vector added at one layer (an activation hook on the plain path);
+- ``vectors``: a CAA steering vector added at one layer (a marked residual-add hook: the continuous
+  batch adds it to the request's rows inside the lean step);
 - ``args``: reward-guided decoding, top-k=10 candidates scored by a linear head on the policy's
   hidden state, one 10-row forward per token with the prefix KV cache.
 
@@ -54,7 +55,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core box a 2-thread pool stalls on every busy core)")
-    ap.add_argument("--dtype", default="int8", help="the backend's dtype for every method (int8: the fast setting)")
+    ap.add_argument("--dtype", default="int4", help="the backend's dtype for every method (int4: the fast setting)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
 

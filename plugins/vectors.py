@@ -129,20 +129,20 @@ def combined_vector(turn: Turn, model_name: str, layer: int) -> tuple[list[float
 
 
 def add_vector_hook(layer: int, vector: Any, strength: float) -> Any:
-    """An activation hook ``hook(model) -> handle`` adding ``strength * vector`` to layer ``layer``'s output."""
+    """An activation hook ``hook(model) -> handle`` adding ``strength * vector`` to layer ``layer``'s output.
+
+    It is marked ``hook.residual = (layer, tensor)``: the local backend then decodes the request in its
+    continuous batch and adds the vector to that request's rows itself (the same numbers as the hook)."""
+    import torch
+
+    v = torch.as_tensor(vector, dtype=torch.float32) * float(strength)
 
     def install(model: Any) -> Any:
-        import torch
+        from persona_mw.logits import residual_hook
 
-        v = (torch.as_tensor(vector, dtype=torch.float32) * float(strength))
+        return decoder_layers(model)[layer].register_forward_hook(residual_hook(v))
 
-        def add(_mod: Any, _inp: Any, out: Any) -> Any:
-            if isinstance(out, tuple):
-                return (out[0] + v.to(out[0].dtype),) + tuple(out[1:])
-            return out + v.to(out.dtype)
-
-        return decoder_layers(model)[layer].register_forward_hook(add)
-
+    install.residual = (layer, v)  # type: ignore[attr-defined]  # read by the backend's scheduler
     return install
 
 

@@ -11,9 +11,12 @@ bit for bit (tested too), and the fused weights are the modules' own storage (no
 
 It is used only where it cannot change a result: a Llama-architecture model with the SDPA attention,
 default RoPE, no biases, plain or quantized Linear layers, and, at the time of the step, no forward
-hooks or pre-hooks on any module (activation steering, LoRA adapters and capture hooks all use hooks,
-so they get transformers' forward), no autograd and no training mode. Anything else takes the usual
-forward (:func:`decoder_for` returns None).
+hooks or pre-hooks on any module (LoRA adapters and capture hooks use hooks, so they get transformers'
+forward), no autograd and no training mode. Anything else takes the usual forward (:func:`decoder_for`
+returns None). The one kind of hook it computes itself is a *residual add*: a forward hook on a decoder
+layer that carries its vector as ``hook.residual`` and adds it to the layer's output (the ``vectors``
+plugin's steering, :func:`persona_mw.logits.residual_hook`): the step adds the same vector at the same
+place.
 """
 
 from __future__ import annotations
@@ -24,14 +27,20 @@ _LLAMA = ("LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention
 _ATTR = "_persona_mw_lean"
 
 
-def decoder_for(model: Any) -> LeanDecoder | None:
-    """The model's lean decoder (built once per model object), or None where it does not apply now."""
+Adds = dict[int, list[Any]]  # decoder layer -> vectors added to its output, in hook order
+
+
+
+def decoder_for(model: Any) -> tuple[LeanDecoder, Adds] | None:
+    """The model's lean decoder (built once per model object) and the residual adds its hooks make
+    now, or None where the lean step does not apply now."""
     if _ATTR not in model.__dict__:
         model.__dict__[_ATTR] = LeanDecoder.build(model)
     lean: LeanDecoder | None = model.__dict__[_ATTR]
-    if lean is None or not lean.usable():
+    if lean is None:
         return None
-    return lean
+    adds = lean.usable()
+    return None if adds is None else (lean, adds)
 
 
 def _kind(module: Any) -> str | None:
@@ -75,12 +84,20 @@ class LeanDecoder:
             ))
             self.fused.append(_fuse(torch, [att.q_proj, att.k_proj, att.v_proj], [mlp.gate_proj, mlp.up_proj]))
         self._modules = list(model.modules())
+        self._layer_index = {id(layer): i for i, layer in enumerate(inner.layers)}
         self._projections = [(layer.self_attn, layer.mlp, row) for layer, row in zip(inner.layers, self.layers,
                                                                                    strict=True)]
 
     @classmethod
     def build(cls, model: Any) -> LeanDecoder | None:
         """A decoder for ``model`` if its architecture is the one this step computes, else None."""
+        return cls(model) if cls.eligible(model) else None
+
+    @staticmethod
+    def eligible(model: Any) -> bool:
+        """Whether ``model``'s architecture is the one this step computes (reads it, changes nothing)."""
+        if _ATTR in model.__dict__:
+            return model.__dict__[_ATTR] is not None
         try:
             names = {type(model).__name__, type(model.model).__name__}
             layers = list(model.model.layers)
@@ -89,7 +106,7 @@ class LeanDecoder:
             names.add(type(model.model.norm).__name__)
             config = model.config
             rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-            plain = (
+            return bool(
                 names <= set(_LLAMA)
                 and config.hidden_act == "silu"
                 and rope == "default"
@@ -103,8 +120,7 @@ class LeanDecoder:
                                   layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
             )
         except AttributeError:
-            return None
-        return cls(model) if plain else None
+            return False
 
     def accepts(self, cache: Any) -> bool:
         """Whether ``cache`` is the plain per-layer key/value cache this step appends to."""
@@ -112,24 +128,35 @@ class LeanDecoder:
         return (layers is not None and len(layers) == len(self.layers)
                 and all(type(layer).__name__ == "DynamicLayer" for layer in layers))
 
-    def usable(self) -> bool:
-        """No hook anywhere, no autograd, eval mode, and the model's modules are still the ones built on."""
+    def usable(self) -> Adds | None:
+        """The residual adds of the hooks on the model now, or None unless: no other hook anywhere, no
+        autograd, eval mode, and the model's modules are still the ones built on."""
         import torch
         from torch.nn.modules import module as torch_module
 
         if torch.is_grad_enabled() or self.model.training:
-            return False
+            return None
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return False
+            return None
+        adds: Adds = {}
         for m in self._modules:
-            if m._forward_hooks or m._forward_pre_hooks:
-                return False
+            if m._forward_pre_hooks:
+                return None
+            if m._forward_hooks:
+                layer = self._layer_index.get(id(m))
+                if layer is None or m._forward_hooks_with_kwargs or m._forward_hooks_always_called:
+                    return None
+                for hook in m._forward_hooks.values():
+                    vector = getattr(hook, "residual", None)
+                    if vector is None:
+                        return None
+                    adds.setdefault(layer, []).append(vector)
         for att, mlp, row in self._projections:
             if (att.q_proj is not row[2] or att.k_proj is not row[3] or att.v_proj is not row[4]
                     or att.o_proj is not row[5] or mlp.gate_proj is not row[8] or mlp.up_proj is not row[9]
                     or mlp.down_proj is not row[10]):
-                return False
-        return True
+                return None
+        return adds
 
     @staticmethod
     def _rms(x: Any, weight: Any, eps: float) -> Any:
@@ -140,9 +167,12 @@ class LeanDecoder:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x.to(dtype)
 
-    def step(self, ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+    def step(self, ids: Any, mask: Any, positions: Any, cache: Any, adds: Adds | None = None,
+             hidden: bool = False) -> Any:
         """Next-token logits ``[rows, V]`` (float32) for ``ids`` ``[rows, 1]``; ``mask`` ``[rows, T]``
-        covers the cached columns and the new one; appends the new keys/values to ``cache``."""
+        covers the cached columns and the new one; appends the new keys/values to ``cache``. ``adds``:
+        vectors added to decoder layers' outputs (as their hooks would). With ``hidden``, also the last
+        hidden state after the final norm ``[rows, d]`` (transformers' ``hidden_states[-1]``)."""
         import torch
         import torch.nn.functional as F
 
@@ -190,8 +220,14 @@ class LeanDecoder:
                 h = h + _project(down, F.silu(gu[:, :inner]) * gu[:, inner:]).reshape(rows, 1, -1)
             else:
                 h = h + down(F.silu(gate(x)) * up(x))
+            if adds and i in adds:
+                for vector in adds[i]:
+                    h = h + vector.to(h.dtype)
         h = self._rms(h, *self.norm)
-        return self.head(h[:, -1:, :])[:, -1, :].to(torch.float32)
+        logits = self.head(h[:, -1:, :])[:, -1, :].to(torch.float32)
+        if hidden:
+            return logits, h[:, -1, :].to(torch.float32)
+        return logits
 
 
 def _project(module: Any, flat: Any) -> Any:

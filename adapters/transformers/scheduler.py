@@ -8,8 +8,9 @@ most ``prefill_chunk`` tokens per step (so a long prompt cannot stall the reques
 decoding), then its rows are left-padded to the batch's length and appended; a finished or
 cancelled request's rows are dropped before the next step. Each request keeps its own sampling
 settings (its own seeded ``torch.Generator``), stop strings, logits processors, ``combine``
-functions and an ``adapter`` field (a per-request hook point for a forward that can run mixed
-adapters; unused by the plain forward).
+functions, steering vectors (activation hooks marked ``residual``: added to that request's rows only,
+its prompt encoded with the hooks installed) and an ``adapter`` field (a per-request hook point for a
+forward that can run mixed adapters; unused by the plain forward).
 
 The scheduler runs in slices on ``TORCH_THREAD``: a slice steps the batch until it is empty, or
 until other torch work is queued on the thread (``backend.call``, the paths that cannot share a
@@ -54,6 +55,7 @@ class Job:
     cancel: threading.Event
     on_token: OnText | None = None
     adapter: Any = None  # hook point: a per-request adapter for a forward that batches mixed adapters
+    adds: list[tuple[int, Any]] = field(default_factory=list)  # (decoder layer, vector) added to its rows
     # set at admission
     enc: Any = None
     spans: list[tuple[Decoding, int, int]] = field(default_factory=list)
@@ -92,6 +94,7 @@ class Scheduler:
         self.steps = 0
         self.peak_batch = 0  # most requests that shared one step (a figure for tests and benchmarks)
         self.step_seconds = 0.05  # running estimate of one decode step, for Retry-After
+        self._row_adds: tuple[tuple[int, ...], dict[int, list[Any]]] | None = None  # per batch composition
 
     # ----------------------------------------------------------------- request side
 
@@ -188,6 +191,7 @@ class Scheduler:
                 job.done.set_exception(self._error(exc))
                 continue
             _, job.spans, job.procs = layout[0]
+            job.adds = residuals(job.decoding) or []
             job.lim = loop_limits(self.b, job.s, int(job.enc["input_ids"].shape[1]))
             mask0 = job.enc["attention_mask"][0].bool()
             job.prompt_ids = job.enc["input_ids"][0][mask0][None]
@@ -207,8 +211,13 @@ class Scheduler:
         start = job.filled
         end: int = min(int(ids.shape[1]), start + budget)
         try:
-            with torch.inference_mode():
-                logits = forward_last(self.b, ids[:, start:end], mask[:, :end], job.cache)
+            handles = self.b._attach_hooks(job.decoding) if job.adds else []  # this prompt alone is encoded
+            try:
+                with torch.inference_mode():
+                    logits = forward_last(self.b, ids[:, start:end], mask[:, :end], job.cache)
+            finally:
+                for h in handles:
+                    h.remove()
             job.filled = end
             if end < ids.shape[1]:
                 return end - start
@@ -294,7 +303,7 @@ class Scheduler:
 
         step_mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype)], dim=1)
         with torch.inference_mode():
-            logits = forward_last(self.b, self.next_ids, step_mask, self.cache)
+            logits = forward_last(self.b, self.next_ids, step_mask, self.cache, row_adds=self._adds())
         self.mask = step_mask
         row = 0
         for job in self.active:
@@ -306,6 +315,32 @@ class Scheduler:
                 self.next_ids[row : row + job.rows] = token
                 self._record(job, token)
             row += job.rows
+
+    def _adds(self) -> dict[int, list[Any]] | None:
+        """Per decoder layer, ``[rows, 1, d]`` tensors with each steered request's vectors in its rows
+        (zeros elsewhere); None when no running request is steered. Rebuilt when the batch changes."""
+        if not any(job.adds for job in self.active):
+            return None
+        key = tuple(id(job) for job in self.active)
+        if self._row_adds is not None and self._row_adds[0] == key:
+            return self._row_adds[1]
+        import torch
+
+        rows = sum(job.rows for job in self.active)
+        by_layer: dict[int, list[Any]] = {}
+        row = 0
+        for job in self.active:
+            seen: dict[int, int] = {}
+            for layer, vector in job.adds:
+                k = seen.get(layer, 0)
+                seen[layer] = k + 1
+                tensors = by_layer.setdefault(layer, [])
+                while len(tensors) <= k:
+                    tensors.append(torch.zeros(rows, 1, vector.shape[-1], dtype=torch.float32))
+                tensors[k][row:row + job.rows, 0] = vector
+            row += job.rows
+        self._row_adds = (key, by_layer)
+        return by_layer
 
     def _choose(self, job: Job, logits: Any) -> int:
         """``job``'s next token from its rows' logits: combine streams, processors, then greedy / sample."""
@@ -387,12 +422,33 @@ def _others_waiting() -> bool:
     return queue is not None and not queue.empty()
 
 
+def residuals(decoding: list[Decoding]) -> list[tuple[int, Any]] | None:
+    """The (decoder layer, vector) of every activation hook of ``decoding`` when all are marked residual
+    adds (``hook.residual``, the ``vectors`` plugin's), else None."""
+    got = []
+    for d in decoding:
+        for hook in d.activation_hooks:
+            mark = getattr(hook, "residual", None)
+            if not (isinstance(mark, tuple) and len(mark) == 2 and isinstance(mark[0], int)):
+                return None
+            got.append(mark)
+    return got
+
+
 def schedulable(b: TransformersBackend, decoding: list[Decoding], n: int) -> bool:
-    """Whether a request can share the continuous batch: one answer, no activation hooks (they act on
-    every row of a forward), no reward-guided search (it reorders its own cache), the cached loop."""
+    """Whether a request can share the continuous batch: one answer, no reward-guided search (it reorders
+    its own cache), the cached loop, and no activation hooks (they act on every row of a forward) unless
+    all are steering vectors on a model the lean step computes (then they are added per row)."""
     if not b.batching or n != 1 or not b.steering_cache:
         return False
-    return not any(d.activation_hooks or d.token_reward is not None for d in decoding)
+    if any(d.token_reward is not None for d in decoding):
+        return False
+    if not any(d.activation_hooks for d in decoding):
+        return True
+    from .lean import LeanDecoder
+
+    return (b.lean_step and b._model is not None and residuals(decoding) is not None
+            and LeanDecoder.eligible(b._model))
 
 
 async def run_job(b: TransformersBackend, job: Job) -> list[Candidate]:

@@ -58,19 +58,37 @@ def new_cache(b: TransformersBackend) -> Any:
     return DynamicCache(config=b._model.config)
 
 
-def forward_last(b: TransformersBackend, step_ids: Any, full_mask: Any, cache: Any, hidden: bool = False) -> Any:
+def forward_last(b: TransformersBackend, step_ids: Any, full_mask: Any, cache: Any, hidden: bool = False,
+                 row_adds: dict[int, list[Any]] | None = None) -> Any:
     """Next-token logits ``[rows, V]`` (float32) for left-padded rows; with ``hidden``, also the
-    last hidden state ``[rows, d]``. ``cache`` None: ``step_ids`` is the whole sequence."""
+    last hidden state ``[rows, d]``. ``cache`` None: ``step_ids`` is the whole sequence. ``row_adds``:
+    per decoder layer, ``[rows, 1, d]`` tensors added to its output (the scheduler's per-request
+    steering vectors; zero rows for requests without)."""
     import torch
 
     from .lean import decoder_for
 
     positions = (full_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-    if (b.lean_step and cache is not None and not hidden and step_ids.shape[1] == 1
-            and cache.get_seq_length() > 0):
-        lean = decoder_for(b._model)  # the same logits with fewer operations, where nothing hooks the model
-        if lean is not None and lean.accepts(cache):
-            return lean.step(step_ids, full_mask, positions, cache)
+    if b.lean_step and cache is not None and step_ids.shape[1] == 1 and cache.get_seq_length() > 0:
+        lean = decoder_for(b._model)  # the same logits with fewer operations (see lean.py)
+        if lean is not None and lean[0].accepts(cache):
+            adds = lean[1]
+            if row_adds:
+                adds = {k: list(v) for k, v in adds.items()}
+                for layer, vectors in row_adds.items():
+                    adds.setdefault(layer, []).extend(vectors)
+            return lean[0].step(step_ids, full_mask, positions, cache, adds=adds, hidden=hidden)
+    if row_adds:  # transformers' forward: the same adds as hooks on the decoder layers, for this call
+        from persona_mw.logits import residual_hook
+
+        layers = b._model.model.layers  # row adds come only for models the lean step can compute
+        handles = [layers[layer].register_forward_hook(residual_hook(v))
+                   for layer, vectors in sorted(row_adds.items()) for v in vectors]
+        try:
+            return forward_last(b, step_ids, full_mask, cache, hidden=hidden)
+        finally:
+            for h in handles:
+                h.remove()
     out = b._model(
         input_ids=step_ids,
         attention_mask=full_mask,

@@ -13,6 +13,7 @@ from persona_mw import models
 from persona_mw.adapters.transformers import TransformersBackend
 from persona_mw.adapters.transformers.lean import decoder_for
 from persona_mw.adapters.transformers.steering import forward_last
+from persona_mw.logits import residual_hook
 from persona_mw.types import GenerationParams, Message
 
 torch = pytest.importorskip("torch")
@@ -36,8 +37,9 @@ def _both(model: Any, tok: Any, prompts: list[str], steps: int) -> tuple[list[An
     enc = tok(prompts, return_tensors="pt", padding=True)
     ref, lean_out = [], []
     with torch.inference_mode():
-        lean = decoder_for(model)
-        assert lean is not None
+        got = decoder_for(model)
+        assert got is not None and got[1] == {}
+        lean = got[0]
         c1, c2 = DynamicCache(config=model.config), DynamicCache(config=model.config)
         first = _reference_step(model, enc["input_ids"], enc["attention_mask"], c1)
         _reference_step(model, enc["input_ids"], enc["attention_mask"], c2)
@@ -64,8 +66,8 @@ def test_lean_step_is_bit_identical_to_transformers_forward(dtype: str) -> None:
             assert torch.equal(a, b), (dtype, len(prompts), i, float((a - b).abs().max()))
     if dtype in ("int8", "int4"):
         with torch.inference_mode():
-            lean = decoder_for(model)
-        assert lean is not None and all(f is not None for f in lean.fused)
+            got = decoder_for(model)
+        assert got is not None and all(f is not None for f in got[0].fused)
         att = model.model.layers[0].self_attn
         # The modules' weights are row slices of the fused tensor: one copy in memory.
         fused_ptr = att.q_proj.qweight.untyped_storage().data_ptr()
@@ -141,3 +143,68 @@ def test_backend_answers_are_the_same_with_and_without_the_lean_step(dtype: str)
     reference = asyncio.run(answers())
     assert lean == reference and all(lean)
     assert backend.scheduler.steps > steps  # the reference really decoded
+
+
+def test_residual_adds_and_the_hidden_state_are_computed_in_the_lean_step_bit_for_bit() -> None:
+    """A steering vector (the ``vectors`` plugin's marked residual-add hook) keeps the lean step and gives
+    the logits transformers' forward gives with the hook; ``hidden`` is transformers' last hidden state."""
+    model, tok = models.load(MODEL, dtype="int4")
+    backend = TransformersBackend(MODEL, dtype="int4")
+    backend._model, backend._tokenizer = model, tok
+    tok.padding_side = "left"
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    push = torch.randn(model.config.hidden_size) * 3
+
+    def run(lean: bool, hooked: bool) -> tuple[Any, Any]:
+        backend.lean_step = lean
+        cache = DynamicCache(config=model.config)
+        handles = [model.model.layers[7].register_forward_hook(residual_hook(push)),
+                   model.model.layers[7].register_forward_hook(residual_hook(-0.5 * push))] if hooked else []
+        try:
+            with torch.inference_mode():
+                if hooked and lean:
+                    got = decoder_for(model)
+                    assert got is not None and list(got[1]) == [7] and len(got[1][7]) == 2
+                logits = forward_last(backend, enc["input_ids"], enc["attention_mask"], cache)
+                mask = torch.cat([enc["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+                return forward_last(backend, logits.argmax(-1, keepdim=True), mask, cache, hidden=True)
+        finally:
+            for h in handles:
+                h.remove()
+
+    (lean_logits, lean_hidden), (ref_logits, ref_hidden) = run(True, True), run(False, True)
+    assert torch.equal(lean_logits, ref_logits) and torch.equal(lean_hidden, ref_hidden)
+    plain_logits, plain_hidden = run(True, False)
+    assert torch.equal(plain_logits, run(False, False)[0]) and not torch.equal(plain_logits, lean_logits)
+    assert plain_hidden.shape == (2, model.config.hidden_size)
+
+
+def test_steering_vectors_join_the_continuous_batch_and_steer_only_their_own_rows() -> None:
+    """A request carrying a steering vector (the ``vectors`` plugin's marked hook) shares a batch with a
+    plain one: the steered answer equals the hooked reference path's (transformers' generate with the hook
+    on every row), and the plain answer equals that prompt's answer alone."""
+    from persona_mw.plugins.vectors import add_vector_hook
+    from persona_mw.types import Decoding
+
+    backend = TransformersBackend(MODEL, max_new_tokens=20)
+    model, tok = models.load(MODEL)
+    backend._model, backend._tokenizer = model, tok
+    torch.manual_seed(1)
+    steer = [Decoding(source="vectors", activation_hooks=[add_vector_hook(9, torch.randn(576).tolist(), 6.0)])]
+    ask_a, ask_b = [Message(role="user", content=PROMPTS[0])], [Message(role="user", content=PROMPTS[2])]
+    params = GenerationParams(max_tokens=20)
+
+    async def batch() -> tuple[str, str]:
+        a, b = await asyncio.gather(backend.generate(ask_a, params=params, decoding=steer),
+                                    backend.generate(ask_b, params=params))
+        return a[0].text, b[0].text
+
+    peak = backend.scheduler.peak_batch
+    steered, plain = asyncio.run(batch())
+    assert backend.scheduler.peak_batch >= 2 > peak  # they really shared a step
+    backend.lean_step = False  # the reference: not schedulable, transformers' generate with the hook
+    reference = asyncio.run(backend.generate(ask_a, params=params, decoding=steer))[0].text
+    alone = asyncio.run(backend.generate(ask_b, params=params))[0].text
+    unsteered = asyncio.run(backend.generate(ask_a, params=params))[0].text
+    assert steered == reference and plain == alone
+    assert steered != unsteered  # the vector did something
