@@ -497,6 +497,21 @@ def first_trained_layer(model: Any, top_layers: int | None) -> int:
     return 0 if not top_layers else max(0, n - top_layers)
 
 
+def trainable(model: Any, tok: Any) -> tuple[Any, Any]:
+    """``(model, tok)`` to train on: the model itself, or, when its weights are quantized (``dtype: int8``
+    or ``int4``, whose kernels have no gradient), the float32 model of the same weights (loaded once and
+    kept by ``persona_mw.models``). Adapters and vectors apply to either: they hook modules by name."""
+    if not any(getattr(type(m), "quant", None) for m in model.modules()):
+        return model, tok
+    from persona_mw import models
+
+    path = getattr(model.config, "_name_or_path", None)
+    if not path:
+        raise PersonaError("cannot train on a quantized model whose float weights are unknown",
+                           hint="use dtype: float32 for the backend that trains adapters")
+    return models.load(str(path), dtype="float32")
+
+
 def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[tuple[str, str, str]],
                s: TrainSettings) -> tuple[Adapter, dict[str, Any]]:
     """A LoRA adapter on the top ``s.top_layers`` decoder layers, trained with DPO on
@@ -507,6 +522,7 @@ def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
     pairs = [p for p in pairs if p[1] != p[2]]  # the same answer twice: no preference
     if not pairs:
         raise PersonaError("no chosen/rejected pairs (with different answers) to train an adapter on")
+    model, tok = trainable(model, tok)
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     start = first_trained_layer(model, s.top_layers)
@@ -557,6 +573,7 @@ def train_bipo(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
     pairs = [p for p in pairs if p[1] != p[2]]  # the same answer twice: no preference
     if not pairs:
         raise PersonaError("no chosen/rejected pairs (with different answers) to train a steering vector on")
+    model, tok = trainable(model, tok)
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     v = torch.zeros(model.config.hidden_size, requires_grad=True)
@@ -570,4 +587,4 @@ def train_bipo(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
 
 
 __all__ = ["DEFAULT_TARGETS", "Adapter", "TrainSettings", "adapter_hook", "bf16_fast", "export_peft", "install",
-           "load", "merge", "row_hooks", "save", "target_modules", "train_bipo", "train_lora"]
+           "load", "merge", "row_hooks", "save", "target_modules", "train_bipo", "train_lora", "trainable"]

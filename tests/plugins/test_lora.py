@@ -371,3 +371,34 @@ def test_bipo_vector_moves_the_margin_toward_the_chosen_answers_and_its_negation
 
     plus, base, minus = margin(1.0), margin(0.0), margin(-1.0)
     assert plus > base > minus, (plus, base, minus)
+
+
+def test_a_quantized_backend_trains_on_its_float32_weights_and_serves_the_adapter_at_int4() -> None:
+    """The int4/int8 kernels have no gradient: training on a quantized model uses the float32 model of the
+    same weights (the same trained numbers as training on it directly), and the adapter then applies to
+    the int4 model through its hooks by module name."""
+    from persona_mw import models
+
+    m4, tok = models.load("smollm2-135m-instruct", dtype="int4")
+    m32, _ = models.load("smollm2-135m-instruct", dtype="float32")
+    assert _lora.trainable(m4, tok)[0] is m32 and _lora.trainable(m32, tok)[0] is m32
+    s = _lora.TrainSettings(top_layers=1, steps=2, lr=0.05, seconds=None, max_response_tokens=8, max_prompt_tokens=32)
+
+    def fmt(p: str) -> str:
+        return p + "\n"
+
+    pairs = [(p, c, r) for p, c, r in PACK_PAIRS]
+    ad4, stats = _lora.train_lora(m4, tok, fmt, pairs, s)
+    ad32, _ = _lora.train_lora(m32, tok, fmt, pairs, s)
+    assert stats["steps"] == 2 and ad4.delta_norm() > 0
+    assert all(torch.equal(ad4.weights[n][1], ad32.weights[n][1]) for n in ad32.weights)
+    ids = tok(fmt("Tell me about tea."), return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        plain = m4(input_ids=ids).logits[0, -1]
+        handles = _lora.install(m4, ad4)
+        try:
+            adapted = m4(input_ids=ids).logits[0, -1]
+        finally:
+            for h in handles:
+                h.remove()
+    assert not torch.equal(plain, adapted)
