@@ -120,8 +120,16 @@ def install(model: Any, adapter: Adapter) -> list[Any]:
 
 
 def adapter_hook(adapter: Adapter) -> Callable[[Any], list[Any]]:
-    """An activation hook for ``Decoding.activation_hooks``: installs ``adapter`` on the model."""
-    return lambda model: install(model, adapter)
+    """An activation hook for ``Decoding.activation_hooks``: installs ``adapter`` on the model.
+
+    Marked ``hook.lora = adapter``: the local backend then decodes the request in its continuous batch,
+    with the adapter's deltas on that request's rows only (beside requests with other adapters or none)."""
+
+    def hook(model: Any) -> list[Any]:
+        return install(model, adapter)
+
+    hook.lora = adapter  # type: ignore[attr-defined]  # read by the backend's scheduler
+    return hook
 
 
 def row_hooks(model: Any, adapters: Sequence[Adapter | None]) -> list[Any]:

@@ -16,7 +16,9 @@ forward), no autograd and no training mode. Anything else takes the usual forwar
 returns None). The one kind of hook it computes itself is a *residual add*: a forward hook on a decoder
 layer that carries its vector as ``hook.residual`` and adds it to the layer's output (the ``vectors``
 plugin's steering, :func:`persona_mw.logits.residual_hook`): the step adds the same vector at the same
-place.
+place. Per-row LoRA deltas (the scheduler's, for requests carrying adapters) are passed in the same way:
+the step adds ``(x @ A.T) @ B.T`` to each named projection's output for the given rows, the operation
+the ``lora`` plugin's hook performs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _ATTR = "_persona_mw_lean"
 
 
 Adds = dict[int, list[Any]]  # decoder layer -> vectors added to its output, in hook order
+RowLora = dict[str, list[tuple[int, int, Any, Any]]]  # module name -> (first row, end row, A, B)
 
 
 
@@ -85,6 +88,14 @@ class LeanDecoder:
             self.fused.append(_fuse(torch, [att.q_proj, att.k_proj, att.v_proj], [mlp.gate_proj, mlp.up_proj]))
         self._modules = list(model.modules())
         self._layer_index = {id(layer): i for i, layer in enumerate(inner.layers)}
+        slots = {}
+        for i, layer in enumerate(inner.layers):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                slots[id(getattr(layer.self_attn, proj))] = (i, proj)
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                slots[id(getattr(layer.mlp, proj))] = (i, proj)
+        # module name -> (layer, projection): where a per-row LoRA delta goes
+        self.slots = {name: slots[id(m)] for name, m in model.named_modules() if id(m) in slots}
         self._projections = [(layer.self_attn, layer.mlp, row) for layer, row in zip(inner.layers, self.layers,
                                                                                    strict=True)]
 
@@ -167,12 +178,24 @@ class LeanDecoder:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x.to(dtype)
 
+    def lora_slots(self, row_lora: RowLora) -> dict[int, dict[str, list[tuple[int, int, Any, Any]]]] | None:
+        """``row_lora`` by decoder layer and projection, or None if a name is not one of this model's
+        projections (then transformers' forward with hooks computes it)."""
+        out: dict[int, dict[str, list[tuple[int, int, Any, Any]]]] = {}
+        for name, groups in row_lora.items():
+            slot = self.slots.get(name)
+            if slot is None:
+                return None
+            out.setdefault(slot[0], {})[slot[1]] = groups
+        return out
+
     def step(self, ids: Any, mask: Any, positions: Any, cache: Any, adds: Adds | None = None,
-             hidden: bool = False) -> Any:
+             hidden: bool = False, lora: dict[int, dict[str, list[tuple[int, int, Any, Any]]]] | None = None) -> Any:
         """Next-token logits ``[rows, V]`` (float32) for ``ids`` ``[rows, 1]``; ``mask`` ``[rows, T]``
         covers the cached columns and the new one; appends the new keys/values to ``cache``. ``adds``:
-        vectors added to decoder layers' outputs (as their hooks would). With ``hidden``, also the last
-        hidden state after the final norm ``[rows, d]`` (transformers' ``hidden_states[-1]``)."""
+        vectors added to decoder layers' outputs (as their hooks would). ``lora``: per layer and
+        projection, ``(first row, end row, A, B)`` deltas (:meth:`lora_slots`). With ``hidden``, also the
+        last hidden state after the final norm ``[rows, d]`` (transformers' ``hidden_states[-1]``)."""
         import torch
         import torch.nn.functional as F
 
@@ -189,13 +212,23 @@ class LeanDecoder:
         half = hd // 2
         n_qk = (heads + kv) * hd
         for i, (n1, e1, q, k, v, o, n2, e2, gate, up, down) in enumerate(self.layers):
+            lo = lora.get(i) if lora else None
             x = self._rms(h, n1, e1)
             fused = self.fused[i]
             if fused is not None:
                 qkv = fused[0](x.reshape(rows, -1).to(torch.bfloat16))
+                if lo:
+                    flat = x.reshape(rows, -1)
+                    _lora_into(qkv, flat, lo.get("q_proj"), 0)
+                    _lora_into(qkv, flat, lo.get("k_proj"), n_qk - kv * hd)
+                    _lora_into(qkv, flat, lo.get("v_proj"), n_qk)
                 qk, vs = qkv[:, :n_qk], qkv[:, n_qk:]
             else:
-                qk, vs = torch.cat([q(x), k(x)], dim=-1), v(x)
+                qs_, ks_, vs = q(x), k(x), v(x)
+                if lo:
+                    for y, proj in ((qs_, "q_proj"), (ks_, "k_proj"), (vs, "v_proj")):
+                        _lora_into(y.view(rows, -1), x.reshape(rows, -1), lo.get(proj), 0)
+                qk = torch.cat([qs_, ks_], dim=-1)
             # RoPE on the query and key heads together (element-wise: the same numbers as one by one).
             qk = qk.reshape(rows, 1, heads + kv, hd).transpose(1, 2)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -212,14 +245,29 @@ class LeanDecoder:
                                                      scale=self.scale)
             # One query position: the heads are already in (head, dim) order, a plain reshape.
             out = out.reshape(rows, heads * hd)
-            h = h + _project(o, out).reshape(rows, 1, -1)
+            projected = _project(o, out)
+            if lo:
+                _lora_into(projected.view(rows, -1), out, lo.get("o_proj"), 0)
+            h = h + projected.reshape(rows, 1, -1)
             x = self._rms(h, n2, e2)
             if fused is not None:
                 gu = fused[1](x.reshape(rows, -1).to(torch.bfloat16))
                 inner = gu.shape[1] // 2
-                h = h + _project(down, F.silu(gu[:, :inner]) * gu[:, inner:]).reshape(rows, 1, -1)
+                if lo:
+                    flat = x.reshape(rows, -1)
+                    _lora_into(gu, flat, lo.get("gate_proj"), 0)
+                    _lora_into(gu, flat, lo.get("up_proj"), inner)
+                act = F.silu(gu[:, :inner]) * gu[:, inner:]
             else:
-                h = h + down(F.silu(gate(x)) * up(x))
+                g_, u_ = gate(x), up(x)
+                if lo:
+                    _lora_into(g_.view(rows, -1), x.reshape(rows, -1), lo.get("gate_proj"), 0)
+                    _lora_into(u_.view(rows, -1), x.reshape(rows, -1), lo.get("up_proj"), 0)
+                act = (F.silu(g_) * u_).reshape(rows, -1)
+            projected = _project(down, act)
+            if lo:
+                _lora_into(projected.view(rows, -1), act, lo.get("down_proj"), 0)
+            h = h + projected.reshape(rows, 1, -1)
             if adds and i in adds:
                 for vector in adds[i]:
                     h = h + vector.to(h.dtype)
@@ -228,6 +276,16 @@ class LeanDecoder:
         if hidden:
             return logits, h[:, -1, :].to(torch.float32)
         return logits
+
+
+def _lora_into(y: Any, x: Any, groups: list[tuple[int, int, Any, Any]] | None, col: int) -> None:
+    """Add each group's LoRA delta ``(x @ A.T) @ B.T`` to rows ``[start, end)`` of ``y`` (2-D, in place),
+    columns from ``col`` on: the ``lora`` plugin's hook, row by row."""
+    if not groups:
+        return
+    for start, end, a, b in groups:
+        delta = (x[start:end].to(a.dtype) @ a.t()) @ b.t()
+        y[start:end, col:col + delta.shape[1]] += delta.to(y.dtype)
 
 
 def _project(module: Any, flat: Any) -> Any:

@@ -8,9 +8,10 @@ most ``prefill_chunk`` tokens per step (so a long prompt cannot stall the reques
 decoding), then its rows are left-padded to the batch's length and appended; a finished or
 cancelled request's rows are dropped before the next step. Each request keeps its own sampling
 settings (its own seeded ``torch.Generator``), stop strings, logits processors, ``combine``
-functions, steering vectors (activation hooks marked ``residual``: added to that request's rows only,
-its prompt encoded with the hooks installed) and an ``adapter`` field (a per-request hook point for a
-forward that can run mixed adapters; unused by the plain forward).
+functions, steering vectors (activation hooks marked ``residual``: added to that request's rows only)
+and LoRA adapters (hooks marked ``lora``: each request's deltas on its own rows, so requests with
+different adapters share one forward); a steered or adapted request's prompt is encoded with its hooks
+installed.
 
 The scheduler runs in slices on ``TORCH_THREAD``: a slice steps the batch until it is empty, or
 until other torch work is queued on the thread (``backend.call``, the paths that cannot share a
@@ -54,8 +55,8 @@ class Job:
     done: Future[list[Candidate]]
     cancel: threading.Event
     on_token: OnText | None = None
-    adapter: Any = None  # hook point: a per-request adapter for a forward that batches mixed adapters
     adds: list[tuple[int, Any]] = field(default_factory=list)  # (decoder layer, vector) added to its rows
+    loras: list[Any] = field(default_factory=list)  # adapters (``weights``: name -> (A, B)) on its rows
     # set at admission
     enc: Any = None
     spans: list[tuple[Decoding, int, int]] = field(default_factory=list)
@@ -95,6 +96,7 @@ class Scheduler:
         self.peak_batch = 0  # most requests that shared one step (a figure for tests and benchmarks)
         self.step_seconds = 0.05  # running estimate of one decode step, for Retry-After
         self._row_adds: tuple[tuple[int, ...], dict[int, list[Any]]] | None = None  # per batch composition
+        self._row_lora: tuple[tuple[int, ...], dict[str, list[Any]]] | None = None
 
     # ----------------------------------------------------------------- request side
 
@@ -191,7 +193,8 @@ class Scheduler:
                 job.done.set_exception(self._error(exc))
                 continue
             _, job.spans, job.procs = layout[0]
-            job.adds = residuals(job.decoding) or []
+            marks = hook_marks(job.decoding) or ([], [])
+            job.adds, job.loras = marks
             job.lim = loop_limits(self.b, job.s, int(job.enc["input_ids"].shape[1]))
             mask0 = job.enc["attention_mask"][0].bool()
             job.prompt_ids = job.enc["input_ids"][0][mask0][None]
@@ -211,7 +214,7 @@ class Scheduler:
         start = job.filled
         end: int = min(int(ids.shape[1]), start + budget)
         try:
-            handles = self.b._attach_hooks(job.decoding) if job.adds else []  # this prompt alone is encoded
+            handles = self.b._attach_hooks(job.decoding) if job.adds or job.loras else []  # this prompt alone
             try:
                 with torch.inference_mode():
                     logits = forward_last(self.b, ids[:, start:end], mask[:, :end], job.cache)
@@ -303,7 +306,8 @@ class Scheduler:
 
         step_mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype)], dim=1)
         with torch.inference_mode():
-            logits = forward_last(self.b, self.next_ids, step_mask, self.cache, row_adds=self._adds())
+            logits = forward_last(self.b, self.next_ids, step_mask, self.cache, row_adds=self._adds(),
+                                  row_lora=self._lora())
         self.mask = step_mask
         row = 0
         for job in self.active:
@@ -341,6 +345,24 @@ class Scheduler:
             row += job.rows
         self._row_adds = (key, by_layer)
         return by_layer
+
+    def _lora(self) -> dict[str, list[Any]] | None:
+        """Per module name, ``(first row, end row, A, B)`` for every adapted request's rows; None when no
+        running request carries an adapter. Rebuilt when the batch changes."""
+        if not any(job.loras for job in self.active):
+            return None
+        key = tuple(id(job) for job in self.active)
+        if self._row_lora is not None and self._row_lora[0] == key:
+            return self._row_lora[1]
+        by_name: dict[str, list[Any]] = {}
+        row = 0
+        for job in self.active:
+            for adapter in job.loras:
+                for name, (a, b) in adapter.weights.items():
+                    by_name.setdefault(name, []).append((row, row + job.rows, a, b))
+            row += job.rows
+        self._row_lora = (key, by_name)
+        return by_name
 
     def _choose(self, job: Job, logits: Any) -> int:
         """``job``'s next token from its rows' logits: combine streams, processors, then greedy / sample."""
@@ -422,23 +444,30 @@ def _others_waiting() -> bool:
     return queue is not None and not queue.empty()
 
 
-def residuals(decoding: list[Decoding]) -> list[tuple[int, Any]] | None:
-    """The (decoder layer, vector) of every activation hook of ``decoding`` when all are marked residual
-    adds (``hook.residual``, the ``vectors`` plugin's), else None."""
-    got = []
+def hook_marks(decoding: list[Decoding]) -> tuple[list[tuple[int, Any]], list[Any]] | None:
+    """The steering vectors ``(decoder layer, vector)`` and LoRA adapters of ``decoding``'s activation
+    hooks when every hook is marked (``hook.residual``: the ``vectors`` plugin's; ``hook.lora``: the
+    ``lora`` plugin's), else None."""
+    adds: list[tuple[int, Any]] = []
+    loras: list[Any] = []
     for d in decoding:
         for hook in d.activation_hooks:
             mark = getattr(hook, "residual", None)
-            if not (isinstance(mark, tuple) and len(mark) == 2 and isinstance(mark[0], int)):
+            adapter = getattr(hook, "lora", None)
+            if isinstance(mark, tuple) and len(mark) == 2 and isinstance(mark[0], int):
+                adds.append(mark)
+            elif adapter is not None and isinstance(getattr(adapter, "weights", None), dict):
+                loras.append(adapter)
+            else:
                 return None
-            got.append(mark)
-    return got
+    return adds, loras
 
 
 def schedulable(b: TransformersBackend, decoding: list[Decoding], n: int) -> bool:
     """Whether a request can share the continuous batch: one answer, no reward-guided search (it reorders
     its own cache), the cached loop, and no activation hooks (they act on every row of a forward) unless
-    all are steering vectors on a model the lean step computes (then they are added per row)."""
+    all are steering vectors or LoRA adapters on a model the lean step computes (then they are applied
+    per row)."""
     if not b.batching or n != 1 or not b.steering_cache:
         return False
     if any(d.token_reward is not None for d in decoding):
@@ -447,7 +476,7 @@ def schedulable(b: TransformersBackend, decoding: list[Decoding], n: int) -> boo
         return True
     from .lean import LeanDecoder
 
-    return (b.lean_step and b._model is not None and residuals(decoding) is not None
+    return (b.lean_step and b._model is not None and hook_marks(decoding) is not None
             and LeanDecoder.eligible(b._model))
 
 

@@ -59,11 +59,13 @@ def new_cache(b: TransformersBackend) -> Any:
 
 
 def forward_last(b: TransformersBackend, step_ids: Any, full_mask: Any, cache: Any, hidden: bool = False,
-                 row_adds: dict[int, list[Any]] | None = None) -> Any:
+                 row_adds: dict[int, list[Any]] | None = None,
+                 row_lora: dict[str, list[tuple[int, int, Any, Any]]] | None = None) -> Any:
     """Next-token logits ``[rows, V]`` (float32) for left-padded rows; with ``hidden``, also the
     last hidden state ``[rows, d]``. ``cache`` None: ``step_ids`` is the whole sequence. ``row_adds``:
     per decoder layer, ``[rows, 1, d]`` tensors added to its output (the scheduler's per-request
-    steering vectors; zero rows for requests without)."""
+    steering vectors; zero rows for requests without). ``row_lora``: per module name, LoRA deltas
+    ``(first row, end row, A, B)`` (the scheduler's per-request adapters)."""
     import torch
 
     from .lean import decoder_for
@@ -71,19 +73,22 @@ def forward_last(b: TransformersBackend, step_ids: Any, full_mask: Any, cache: A
     positions = (full_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
     if b.lean_step and cache is not None and step_ids.shape[1] == 1 and cache.get_seq_length() > 0:
         lean = decoder_for(b._model)  # the same logits with fewer operations (see lean.py)
-        if lean is not None and lean[0].accepts(cache):
+        slots = lean[0].lora_slots(row_lora) if lean is not None and row_lora else None
+        if lean is not None and lean[0].accepts(cache) and (slots is not None or not row_lora):
             adds = lean[1]
             if row_adds:
                 adds = {k: list(v) for k, v in adds.items()}
                 for layer, vectors in row_adds.items():
                     adds.setdefault(layer, []).extend(vectors)
-            return lean[0].step(step_ids, full_mask, positions, cache, adds=adds, hidden=hidden)
-    if row_adds:  # transformers' forward: the same adds as hooks on the decoder layers, for this call
+            return lean[0].step(step_ids, full_mask, positions, cache, adds=adds, hidden=hidden, lora=slots)
+    if row_adds or row_lora:  # transformers' forward: the same adds and deltas as hooks, for this call
         from persona_mw.logits import residual_hook
 
         layers = b._model.model.layers  # row adds come only for models the lean step can compute
         handles = [layers[layer].register_forward_hook(residual_hook(v))
-                   for layer, vectors in sorted(row_adds.items()) for v in vectors]
+                   for layer, vectors in sorted((row_adds or {}).items()) for v in vectors]
+        handles += [b._model.get_submodule(name).register_forward_hook(_row_lora_hook(groups))
+                    for name, groups in sorted((row_lora or {}).items())]
         try:
             return forward_last(b, step_ids, full_mask, cache, hidden=hidden)
         finally:
@@ -102,6 +107,18 @@ def forward_last(b: TransformersBackend, step_ids: Any, full_mask: Any, cache: A
     if hidden:
         return logits, out.hidden_states[-1][:, -1, :].to(torch.float32)
     return logits
+
+
+def _row_lora_hook(groups: list[tuple[int, int, Any, Any]]) -> Any:
+    """A forward hook adding each group's LoRA delta to its rows (the lean step's ``_lora_into``)."""
+
+    def hook(_mod: Any, inp: Any, out: Any) -> Any:
+        x, out = inp[0], out.clone()
+        for start, end, a, b in groups:
+            out[start:end] = out[start:end] + ((x[start:end].to(a.dtype) @ a.t()) @ b.t()).to(out.dtype)
+        return out
+
+    return hook
 
 
 def mark_done(b: TransformersBackend, token: Any, done: Any, gen: Any, lim: LoopLimits,

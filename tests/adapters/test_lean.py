@@ -208,3 +208,60 @@ def test_steering_vectors_join_the_continuous_batch_and_steer_only_their_own_row
     unsteered = asyncio.run(backend.generate(ask_a, params=params))[0].text
     assert steered == reference and plain == alone
     assert steered != unsteered  # the vector did something
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_requests_with_different_lora_adapters_share_one_batch_and_match_their_hooked_answers(dtype: str) -> None:
+    """Three requests at once: two with different LoRA adapters (the ``lora`` plugin's marked hook) and one
+    with none decode in one continuous batch; each answer equals its reference on the path before (not
+    schedulable: transformers' generate with that request's adapter hooks), and the plain one its answer
+    alone. The lean step's per-row deltas equal the hooked forward's bit for bit."""
+    from persona_mw.plugins import _lora
+    from persona_mw.types import Decoding
+
+    model, tok = models.load(MODEL, dtype=dtype)
+    backend = TransformersBackend(MODEL, max_new_tokens=16, dtype=dtype)
+    backend._model, backend._tokenizer = model, tok
+    names = [n for n, _ in model.named_modules() if n.startswith("model.layers.2") and n.endswith(("q_proj", "v_proj",
+                                                                                                    "down_proj"))]
+    assert len(names) >= 12  # layers 2 and 20-29, three projections each
+
+    def adapter(seed: int) -> Any:
+        g = torch.Generator().manual_seed(seed)
+        weights = {}
+        for n in names:
+            lin = model.get_submodule(n)
+            weights[n] = (torch.randn(4, lin.in_features, generator=g) * 0.05,
+                          torch.randn(lin.out_features, 4, generator=g) * 0.05)
+        return _lora.Adapter(weights, r=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+
+    ads = [adapter(1), adapter(2)]
+    decs = [[Decoding(source="lora", activation_hooks=[_lora.adapter_hook(ad)])] for ad in ads] + [[]]
+    asks = [[Message(role="user", content=p)] for p in PROMPTS]
+    params = GenerationParams(max_tokens=16)
+
+    async def together() -> list[str]:
+        got = await asyncio.gather(*(backend.generate(a, params=params, decoding=d) for a, d in zip(asks, decs)))
+        return [c[0].text for c in got]
+
+    peak = backend.scheduler.peak_batch
+    batched = asyncio.run(together())
+    assert backend.scheduler.peak_batch >= 3 > peak
+    backend.lean_step = False  # the reference: each request alone, its hooks on transformers' generate
+    reference = [asyncio.run(backend.generate(a, params=params, decoding=d))[0].text for a, d in zip(asks, decs)]
+    assert batched == reference
+    assert len(set(batched[:2] + [asyncio.run(backend.generate(asks[0], params=params))[0].text])) == 3
+
+    # The deltas themselves: one step of the lean path with per-row LoRA == the hooked forward.
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    row_lora = {n: [(0, 1, *ads[0].weights[n]), (1, 2, *ads[1].weights[n])] for n in names}
+    outs = []
+    for lean in (True, False):
+        backend.lean_step = lean
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            first = forward_last(backend, enc["input_ids"], enc["attention_mask"], cache)
+            mask = torch.cat([enc["attention_mask"], torch.ones(3, 1, dtype=torch.long)], dim=1)
+            outs.append(forward_last(backend, first.argmax(-1, keepdim=True), mask, cache, row_lora=row_lora))
+    assert torch.equal(outs[0], outs[1])
