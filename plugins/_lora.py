@@ -90,11 +90,13 @@ def bf16_fast() -> bool:
 
 
 def target_modules(model: Any, targets: Sequence[str]) -> dict[str, Any]:
-    """``{name: nn.Linear}`` for every linear module whose last name part is in ``targets``."""
+    """``{name: module}`` for every linear module (``nn.Linear``, or the backend's int8/int4 ones) whose last
+    name part is in ``targets``."""
     import torch
 
     found = {n: m for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in set(targets)}
+             if (isinstance(m, torch.nn.Linear) or getattr(type(m), "quant", None))
+             and n.rsplit(".", 1)[-1] in set(targets)}
     if not found:
         raise PersonaError(f"no linear modules named {list(targets)} in {type(model).__name__}")
     return found
