@@ -11,7 +11,10 @@ settings (its own seeded ``torch.Generator``), stop strings, logits processors, 
 functions, steering vectors (activation hooks marked ``residual``: added to that request's rows only)
 and LoRA adapters (hooks marked ``lora``: each request's deltas on its own rows, so requests with
 different adapters share one forward); a steered or adapted request's prompt is encoded with its hooks
-installed.
+installed. A reward-guided request (ARGS, a ``Decoding`` with ``token_reward``) holds ``k`` rows: each
+step they are fed its ``k`` candidate tokens, the candidates' hidden states give their rewards, the
+chosen one is its token, that row's logits give the next candidates, and its ``k`` rows of the cache
+become copies of the chosen row (the loop of ``reward.py``, inside the batch).
 
 The scheduler runs in slices on ``TORCH_THREAD``: a slice steps the batch until it is empty, or
 until other torch work is queued on the thread (``backend.call``, the paths that cannot share a
@@ -57,6 +60,10 @@ class Job:
     on_token: OnText | None = None
     adds: list[tuple[int, Any]] = field(default_factory=list)  # (decoder layer, vector) added to its rows
     loras: list[Any] = field(default_factory=list)  # adapters (``weights``: name -> (A, B)) on its rows
+    reward: Decoding | None = None  # reward-guided search: the rewarder (its rows: ``k`` candidates)
+    k: int = 0
+    top: Any = None  # the current candidates' logits [k] and ids [k]
+    cand: Any = None
     # set at admission
     enc: Any = None
     spans: list[tuple[Decoding, int, int]] = field(default_factory=list)
@@ -72,7 +79,7 @@ class Job:
 
     @property
     def rows(self) -> int:
-        return int(self.enc["input_ids"].shape[0])
+        return self.k if self.reward is not None else int(self.enc["input_ids"].shape[0])
 
 
 class Scheduler:
@@ -195,6 +202,9 @@ class Scheduler:
             _, job.spans, job.procs = layout[0]
             marks = hook_marks(job.decoding) or ([], [])
             job.adds, job.loras = marks
+            job.reward = next((d for d in job.decoding if d.token_reward is not None), None)
+            if job.reward is not None:
+                job.k = int(min(job.reward.reward_top_k, self.b._model.config.vocab_size))
             job.lim = loop_limits(self.b, job.s, int(job.enc["input_ids"].shape[1]))
             mask0 = job.enc["attention_mask"][0].bool()
             job.prompt_ids = job.enc["input_ids"][0][mask0][None]
@@ -225,7 +235,11 @@ class Scheduler:
             if end < ids.shape[1]:
                 return end - start
             self.prefilling.remove(job)
-            token = self._choose(job, logits)
+            if job.reward is not None:
+                self._candidates(job, logits)
+                token = -1
+            else:
+                token = self._choose(job, logits)
         except Exception as exc:  # this request's prompt or plugin failed: it alone ends
             self._fail(job, exc)
             return end - start
@@ -253,10 +267,15 @@ class Scheduler:
         import torch
 
         rows = job.rows
-        new_ids = torch.full((rows, 1), token, dtype=torch.long)
-        if self._record(job, token):
-            return  # finished on its first token: never enters the batch
         job_mask = job.enc["attention_mask"]
+        if job.reward is not None:  # k rows on copies of its prompt's cache, fed its k candidates
+            new_ids = job.cand.reshape(rows, 1).clone()
+            job.cache.batch_repeat_interleave(rows)
+            job_mask = job_mask.repeat(rows, 1)
+        else:
+            new_ids = torch.full((rows, 1), token, dtype=torch.long)
+            if self._record(job, token):
+                return  # finished on its first token: never enters the batch
         if self.cache is None:
             self.cache, self.mask, self.next_ids = job.cache, job_mask, new_ids
         else:
@@ -305,20 +324,79 @@ class Scheduler:
         import torch
 
         step_mask = torch.cat([self.mask, torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype)], dim=1)
+        hidden = any(job.reward is not None for job in self.active)
         with torch.inference_mode():
-            logits = forward_last(self.b, self.next_ids, step_mask, self.cache, row_adds=self._adds(),
-                                  row_lora=self._lora())
+            out = forward_last(self.b, self.next_ids, step_mask, self.cache, hidden=hidden,
+                               row_adds=self._adds(), row_lora=self._lora())
+        logits, hid = out if hidden else (out, None)
         self.mask = step_mask
         row = 0
+        chosen: list[tuple[int, int, int]] = []  # reward-guided jobs: (first row, rows, chosen row)
         for job in self.active:
+            rows = slice(row, row + job.rows)
             try:
-                token = self._choose(job, logits[row : row + job.rows])
-            except Exception as exc:  # a plugin's processor or combine failed: only its request ends
+                if job.reward is not None:
+                    assert hid is not None
+                    pick = self._reward_pick(job, hid[rows])
+                    token = int(job.cand[pick])
+                else:
+                    token = self._choose(job, logits[rows])
+            except Exception as exc:  # a plugin's processor, combine or reward failed: only its request ends
                 self._fail(job, exc)
             else:
-                self.next_ids[row : row + job.rows] = token
-                self._record(job, token)
+                if job.reward is None:
+                    self.next_ids[rows] = token
+                    self._record(job, token)
+                elif not self._record(job, token):
+                    try:
+                        self._candidates(job, logits[row + pick : row + pick + 1])
+                    except Exception as exc:
+                        self._fail(job, exc)
+                    else:
+                        self.next_ids[rows, 0] = job.cand
+                        chosen.append((row, job.rows, row + pick))
             row += job.rows
+        if chosen:
+            self._keep_chosen(chosen)
+
+    def _candidates(self, job: Job, logits: Any) -> None:
+        """A reward-guided job's next ``k`` candidates (ids and logits) from its chosen row's logits."""
+        import torch
+
+        with torch.inference_mode():
+            scores = logits
+            if job.procs:
+                ids = torch.cat([job.prompt_ids, torch.tensor([job.gen], dtype=torch.long).view(1, -1)], dim=1)
+                for proc in job.procs:
+                    scores = proc(ids, scores)
+            top, cand = scores.topk(job.k, dim=-1)
+        job.top, job.cand = top[0], cand[0]
+
+    def _reward_pick(self, job: Job, hid: Any) -> int:
+        """Which of a reward-guided job's candidates it takes: logit + weight * reward, greedy or sampled."""
+        import torch
+
+        from .reward import _rewards
+
+        assert job.reward is not None
+        with torch.inference_mode():
+            w = torch.tensor([[float(job.reward.reward_weight)]])
+            total = job.top[None] + w * _rewards([job.reward], hid.view(1, job.k, -1), 1, job.k)
+            if job.s["sample"]:
+                probs = torch.softmax(total / job.s["temperature"], dim=-1)
+                return int(torch.multinomial(probs, 1, generator=job.generator)[0, 0])
+            return int(total.argmax(dim=-1)[0])
+
+    def _keep_chosen(self, chosen: list[tuple[int, int, int]]) -> None:
+        """Make each reward-guided job's rows copies of its chosen row in the cache."""
+        import torch
+
+        index = torch.arange(int(self.next_ids.shape[0]))
+        for first, rows, pick in chosen:
+            index[first:first + rows] = pick
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index]
+            layer.values = layer.values[index]
 
     def _adds(self) -> dict[int, list[Any]] | None:
         """Per decoder layer, ``[rows, 1, d]`` tensors with each steered request's vectors in its rows
@@ -420,6 +498,9 @@ class Scheduler:
                 if job.spans:
                     c.meta["steered"] = [d.source for d in job.decoding if d.streams or d.combine is not None]
                     c.meta["streams"] = sum(len(d.streams) for d in job.decoding)
+                if job.reward is not None:
+                    c.meta["steered"] = [job.reward.source]
+                    c.meta["reward_top_k"] = job.k
                 c.meta["batched"] = True
             job.done.set_result(cands)
         except Exception as exc:
@@ -464,14 +545,16 @@ def hook_marks(decoding: list[Decoding]) -> tuple[list[tuple[int, Any]], list[An
 
 
 def schedulable(b: TransformersBackend, decoding: list[Decoding], n: int) -> bool:
-    """Whether a request can share the continuous batch: one answer, no reward-guided search (it reorders
-    its own cache), the cached loop, and no activation hooks (they act on every row of a forward) unless
-    all are steering vectors or LoRA adapters on a model the lean step computes (then they are applied
-    per row)."""
+    """Whether a request can share the continuous batch: one answer, the cached loop, a reward-guided
+    search only alone in its request (one rewarder, no streams or hooks), and no activation hooks (they
+    act on every row of a forward) unless all are steering vectors or LoRA adapters on a model the lean
+    step computes (then they are applied per row)."""
     if not b.batching or n != 1 or not b.steering_cache:
         return False
-    if any(d.token_reward is not None for d in decoding):
-        return False
+    rewarded = [d for d in decoding if d.token_reward is not None]
+    if rewarded:  # alone on its rows: one rewarder, no extra streams or hooks (as the own loop requires)
+        return (len(rewarded) == 1 and not any(d.streams or d.combine is not None or d.activation_hooks
+                                                for d in decoding))
     if not any(d.activation_hooks for d in decoding):
         return True
     from .lean import LeanDecoder

@@ -265,3 +265,39 @@ def test_requests_with_different_lora_adapters_share_one_batch_and_match_their_h
             mask = torch.cat([enc["attention_mask"], torch.ones(3, 1, dtype=torch.long)], dim=1)
             outs.append(forward_last(backend, first.argmax(-1, keepdim=True), mask, cache, row_lora=row_lora))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_reward_guided_search_runs_in_the_batch_with_the_same_tokens_as_its_own_loop(dtype: str) -> None:
+    """An ``args`` request (top-k candidates scored by a reward on their hidden states) shares the continuous
+    batch with a plain request: its answer equals the one of its own loop (``reward.py``, before), the
+    plain one its answer alone, and the reward really moved the answer."""
+    import numpy as np
+
+    from persona_mw.plugins.args import head_reward
+    from persona_mw.types import Decoding
+
+    model, tok = models.load(MODEL, dtype=dtype)
+    backend = TransformersBackend(MODEL, max_new_tokens=16, dtype=dtype)
+    backend._model, backend._tokenizer = model, tok
+    theta = np.random.default_rng(0).standard_normal(model.config.hidden_size) * 0.05
+    args = [Decoding(source="args", token_reward=head_reward(theta, 0.0), reward_top_k=6, reward_weight=2.0)]
+    ask_a, ask_b = [Message(role="user", content=PROMPTS[0])], [Message(role="user", content=PROMPTS[2])]
+    params = GenerationParams(max_tokens=16)
+
+    async def together() -> tuple[Any, Any]:
+        a, b = await asyncio.gather(backend.generate(ask_a, params=params, decoding=args),
+                                    backend.generate(ask_b, params=params))
+        return a[0], b[0]
+
+    peak = backend.scheduler.peak_batch
+    guided, plain = asyncio.run(together())
+    assert backend.scheduler.peak_batch >= 2 > peak and guided.meta["batched"]
+    assert guided.meta["steered"] == ["args"] and guided.meta["reward_top_k"] == 6
+    backend.batching = False  # the reference: the own loop of reward.py, request alone
+    reference = asyncio.run(backend.generate(ask_a, params=params, decoding=args))[0]
+    alone = asyncio.run(backend.generate(ask_b, params=params))[0].text
+    unguided = asyncio.run(backend.generate(ask_a, params=params))[0].text
+    assert "batched" not in reference.meta
+    assert guided.text == reference.text and plain.text == alone
+    assert guided.text != unguided
