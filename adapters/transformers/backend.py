@@ -263,17 +263,19 @@ class TransformersBackend:
         n: int = 1,
     ) -> list[Candidate]:
         """Steered answers for several requests, each with its own decoding contributions, as
-        ONE batch (``index = request * n + i``). Activation hooks act on the whole batch, so
-        requests that carry any must all carry the same ones."""
+        ONE batch (``index = request * n + i``). Requests the continuous batch takes (steering vectors
+        and LoRA adapters among them) may each carry their own; otherwise activation hooks act on the
+        whole batch, so requests that carry any must all carry the same ones."""
         if not requests:
             return []
+        given = params or GenerationParams()
+        if all(schedulable(self, dec, n) for _, dec in requests):  # marked hooks act per request's rows
+            return await self._batched(requests, given)
         hooks = [tuple(id(h) for d in dec for h in d.activation_hooks) for _, dec in requests]
         if len(set(hooks)) > 1:
             raise BackendError("requests in one steered batch carry different activation hooks",
-                               hint="batch requests with the same activation edits together")
-        given = params or GenerationParams()
-        if all(schedulable(self, dec, n) for _, dec in requests):
-            return await self._batched(requests, given)
+                               hint="batch requests with the same activation edits together, or use hooks "
+                                    "the continuous batch applies per request (steering vectors, LoRA adapters)")
 
         def job(cancel: threading.Event) -> list[Candidate]:
             self._prepare()

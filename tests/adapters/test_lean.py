@@ -301,3 +301,24 @@ def test_reward_guided_search_runs_in_the_batch_with_the_same_tokens_as_its_own_
     assert "batched" not in reference.meta
     assert guided.text == reference.text and plain.text == alone
     assert guided.text != unguided
+
+
+def test_generate_steered_takes_requests_with_different_marked_hooks_and_refuses_unmarked_ones() -> None:
+    from persona_mw.errors import BackendError
+    from persona_mw.plugins.vectors import add_vector_hook
+    from persona_mw.types import Decoding
+
+    model, tok = models.load(MODEL)
+    backend = TransformersBackend(MODEL, max_new_tokens=12)
+    backend._model, backend._tokenizer = model, tok
+    torch.manual_seed(3)
+    decs = [[Decoding(source="vectors", activation_hooks=[add_vector_hook(8, torch.randn(576).tolist(), 6.0)])]
+            for _ in range(2)]
+    asks = [[Message(role="user", content=p)] for p in PROMPTS[:2]]
+    params = GenerationParams(max_tokens=12)
+    got = asyncio.run(backend.generate_steered(list(zip(asks, decs)), params=params))
+    alone = [asyncio.run(backend.generate(a, params=params, decoding=d))[0].text for a, d in zip(asks, decs)]
+    assert [c.index for c in got] == [0, 1] and [c.text for c in got] == alone
+    unmarked = [[Decoding(source="x", activation_hooks=[lambda m, i=i: []])] for i in range(2)]
+    with pytest.raises(BackendError, match="different activation hooks"):
+        asyncio.run(backend.generate_steered(list(zip(asks, unmarked)), params=params))
