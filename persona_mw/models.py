@@ -510,28 +510,19 @@ def _quant_classes() -> tuple[Any, Any]:
         return _QUANT
     import torch
 
-    class Int8Linear(torch.nn.Module):
-        """A Linear with int8 weights, one bfloat16 scale per output row."""
+    class QuantLinear(torch.nn.Module):
+        """A Linear whose ``matmul`` takes bfloat16 rows and returns float32; the bias stays float32."""
 
-        quant = "int8"
-        qweight: torch.Tensor
-        scale: torch.Tensor
         bias: torch.Tensor | None
 
         def __init__(self, lin: torch.nn.Linear) -> None:
             super().__init__()
-            w = lin.weight.detach().float()
-            # The scale is rounded to bfloat16 first, so that q * scale is what the kernel multiplies.
-            scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16)
             self.in_features, self.out_features = lin.in_features, lin.out_features
-            q = torch.round(w / scale.float()[:, None]).clamp(-127, 127)
-            self.register_buffer("qweight", q.to(torch.int8))
-            self.register_buffer("scale", scale)
             self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float())
 
-        def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        def matmul(self, flat: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
             """``flat`` [M, in] bfloat16 -> [M, out] float32 (no bias)."""
-            return torch._weight_int8pack_mm(flat, self.qweight, self.scale).float()
+            raise NotImplementedError
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
@@ -539,42 +530,52 @@ def _quant_classes() -> tuple[Any, Any]:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    class Int8Linear(QuantLinear):
+        """A Linear with int8 weights, one bfloat16 scale per output row."""
+
+        quant = "int8"
+        qweight: torch.Tensor
+        scale: torch.Tensor
+
+        def __init__(self, lin: torch.nn.Linear) -> None:
+            super().__init__(lin)
+            w = lin.weight.detach().float()
+            # The scale is rounded to bfloat16 first, so that q * scale is what the kernel multiplies.
+            scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16)
+            q = torch.round(w / scale.float()[:, None]).clamp(-127, 127)
+            self.register_buffer("qweight", q.to(torch.int8))
+            self.register_buffer("scale", scale)
+
+        def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+            return torch._weight_int8pack_mm(flat, self.qweight, self.scale).float()
+
         def extra_repr(self) -> str:
             return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
-    class Int4Linear(torch.nn.Module):
+    class Int4Linear(QuantLinear):
         """A Linear with 4-bit weights in groups of ``group`` inputs, a bfloat16 scale and offset each."""
 
         quant = "int4"
         qweight: torch.Tensor
         scale_zero: torch.Tensor
-        bias: torch.Tensor | None
 
         def __init__(self, lin: torch.nn.Linear, group: int) -> None:
-            super().__init__()
+            super().__init__(lin)
             w = lin.weight.detach().float()
             n, k = w.shape
             g = w.view(n, k // group, group)
             low = g.amin(dim=-1)
             scale = ((g.amax(dim=-1) - low) / 15).clamp(min=1e-12)
             q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
-            self.in_features, self.out_features, self.group = k, n, group
+            self.group = group
             # The kernel computes (q - 8) * scale + zero per group: zero = low + 8 * scale.
             zero = low + 8 * scale
             self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
             self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1)
                                  .contiguous().to(torch.bfloat16))  # [k / group, n, 2]
-            self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float())
 
         def matmul(self, flat: torch.Tensor) -> torch.Tensor:
-            """``flat`` [M, in] bfloat16 -> [M, out] float32 (no bias)."""
             return torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group, self.scale_zero).float()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
         def extra_repr(self) -> str:
             return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -210,25 +210,9 @@ class LeanDecoder:
         # else a boolean mask with the query heads packed per key/value head.
         attn_mask = None if bool(mask.all()) else mask.bool()[:, None, None, :]
         half = hd // 2
-        n_qk = (heads + kv) * hd
-        for i, (n1, e1, q, k, v, o, n2, e2, gate, up, down) in enumerate(self.layers):
+        for i, (n1, e1, _q, _k, _v, o, n2, e2, _gate, _up, _down) in enumerate(self.layers):
             lo = lora.get(i) if lora else None
-            x = self._rms(h, n1, e1)
-            fused = self.fused[i]
-            if fused is not None:
-                qkv = fused[0](x.reshape(rows, -1).to(torch.bfloat16))
-                if lo:
-                    flat = x.reshape(rows, -1)
-                    _lora_into(qkv, flat, lo.get("q_proj"), 0)
-                    _lora_into(qkv, flat, lo.get("k_proj"), n_qk - kv * hd)
-                    _lora_into(qkv, flat, lo.get("v_proj"), n_qk)
-                qk, vs = qkv[:, :n_qk], qkv[:, n_qk:]
-            else:
-                qs_, ks_, vs = q(x), k(x), v(x)
-                if lo:
-                    for y, proj in ((qs_, "q_proj"), (ks_, "k_proj"), (vs, "v_proj")):
-                        _lora_into(y.view(rows, -1), x.reshape(rows, -1), lo.get(proj), 0)
-                qk = torch.cat([qs_, ks_], dim=-1)
+            qk, vs = self._qkv(i, self._rms(h, n1, e1), rows, lo)
             # RoPE on the query and key heads together (element-wise: the same numbers as one by one).
             qk = qk.reshape(rows, 1, heads + kv, hd).transpose(1, 2)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -249,25 +233,7 @@ class LeanDecoder:
             if lo:
                 _lora_into(projected.view(rows, -1), out, lo.get("o_proj"), 0)
             h = h + projected.reshape(rows, 1, -1)
-            x = self._rms(h, n2, e2)
-            if fused is not None:
-                gu = fused[1](x.reshape(rows, -1).to(torch.bfloat16))
-                inner = gu.shape[1] // 2
-                if lo:
-                    flat = x.reshape(rows, -1)
-                    _lora_into(gu, flat, lo.get("gate_proj"), 0)
-                    _lora_into(gu, flat, lo.get("up_proj"), inner)
-                act = F.silu(gu[:, :inner]) * gu[:, inner:]
-            else:
-                g_, u_ = gate(x), up(x)
-                if lo:
-                    _lora_into(g_.view(rows, -1), x.reshape(rows, -1), lo.get("gate_proj"), 0)
-                    _lora_into(u_.view(rows, -1), x.reshape(rows, -1), lo.get("up_proj"), 0)
-                act = (F.silu(g_) * u_).reshape(rows, -1)
-            projected = _project(down, act)
-            if lo:
-                _lora_into(projected.view(rows, -1), act, lo.get("down_proj"), 0)
-            h = h + projected.reshape(rows, 1, -1)
+            h = h + self._mlp(i, self._rms(h, n2, e2), rows, lo).reshape(rows, 1, -1)
             if adds and i in adds:
                 for vector in adds[i]:
                     h = h + vector.to(h.dtype)
@@ -276,6 +242,54 @@ class LeanDecoder:
         if hidden:
             return logits, h[:, -1, :].to(torch.float32)
         return logits
+
+
+    def _qkv(self, i: int, x: Any, rows: int, lo: dict[str, Any] | None) -> tuple[Any, Any]:
+        """Layer ``i``'s query and key heads ``[rows, (heads + kv) * hd]`` and values, LoRA deltas added."""
+        import torch
+
+        _, _, q, k, v = self.layers[i][:5]
+        fused = self.fused[i]
+        n_q, n_qk = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
+        if fused is not None:
+            qkv = fused[0](x.reshape(rows, -1).to(torch.bfloat16))
+            if lo:
+                flat = x.reshape(rows, -1)
+                _lora_into(qkv, flat, lo.get("q_proj"), 0)
+                _lora_into(qkv, flat, lo.get("k_proj"), n_q)
+                _lora_into(qkv, flat, lo.get("v_proj"), n_qk)
+            return qkv[:, :n_qk], qkv[:, n_qk:]
+        qs, ks, vs = q(x), k(x), v(x)
+        if lo:
+            for y, proj in ((qs, "q_proj"), (ks, "k_proj"), (vs, "v_proj")):
+                _lora_into(y.view(rows, -1), x.reshape(rows, -1), lo.get(proj), 0)
+        return torch.cat([qs, ks], dim=-1), vs
+
+    def _mlp(self, i: int, x: Any, rows: int, lo: dict[str, Any] | None) -> Any:
+        """Layer ``i``'s MLP output ``[rows, d]`` for its normed input ``x``, LoRA deltas added."""
+        import torch
+        import torch.nn.functional as F
+
+        gate, up, down = self.layers[i][8:]
+        fused = self.fused[i]
+        if fused is not None:
+            gu = fused[1](x.reshape(rows, -1).to(torch.bfloat16))
+            inner = gu.shape[1] // 2
+            if lo:
+                flat = x.reshape(rows, -1)
+                _lora_into(gu, flat, lo.get("gate_proj"), 0)
+                _lora_into(gu, flat, lo.get("up_proj"), inner)
+            act = F.silu(gu[:, :inner]) * gu[:, inner:]
+        else:
+            g, u = gate(x), up(x)
+            if lo:
+                _lora_into(g.view(rows, -1), x.reshape(rows, -1), lo.get("gate_proj"), 0)
+                _lora_into(u.view(rows, -1), x.reshape(rows, -1), lo.get("up_proj"), 0)
+            act = (F.silu(g) * u).reshape(rows, -1)
+        projected = _project(down, act)
+        if lo:
+            _lora_into(projected.view(rows, -1), act, lo.get("down_proj"), 0)
+        return projected
 
 
 def _lora_into(y: Any, x: Any, groups: list[tuple[int, int, Any, Any]] | None, col: int) -> None:
