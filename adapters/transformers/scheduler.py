@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import math
 import threading
 import time
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 OnText = Callable[[int], None]
 
 
+_SERIAL = itertools.count()  # a job's identity for per-batch caches (``id()`` is reused once a job is freed)
+
+
 @dataclass
 class Job:
     """One request in the scheduler: its prompt rows, settings and progress (torch thread only)."""
@@ -60,6 +64,7 @@ class Job:
     on_token: OnText | None = None
     adds: list[tuple[int, Any]] = field(default_factory=list)  # (decoder layer, vector) added to its rows
     loras: list[Any] = field(default_factory=list)  # adapters (``weights``: name -> (A, B)) on its rows
+    serial: int = field(default_factory=lambda: next(_SERIAL))
     reward: Decoding | None = None  # reward-guided search: the rewarder (its rows: ``k`` candidates)
     k: int = 0
     top: Any = None  # the current candidates' logits [k] and ids [k]
@@ -403,7 +408,7 @@ class Scheduler:
         (zeros elsewhere); None when no running request is steered. Rebuilt when the batch changes."""
         if not any(job.adds for job in self.active):
             return None
-        key = tuple(id(job) for job in self.active)
+        key = tuple(job.serial for job in self.active)
         if self._row_adds is not None and self._row_adds[0] == key:
             return self._row_adds[1]
         import torch
@@ -429,7 +434,7 @@ class Scheduler:
         running request carries an adapter. Rebuilt when the batch changes."""
         if not any(job.loras for job in self.active):
             return None
-        key = tuple(id(job) for job in self.active)
+        key = tuple(job.serial for job in self.active)
         if self._row_lora is not None and self._row_lora[0] == key:
             return self._row_lora[1]
         by_name: dict[str, list[Any]] = {}

@@ -322,3 +322,34 @@ def test_generate_steered_takes_requests_with_different_marked_hooks_and_refuses
     unmarked = [[Decoding(source="x", activation_hooks=[lambda m, i=i: []])] for i in range(2)]
     with pytest.raises(BackendError, match="different activation hooks"):
         asyncio.run(backend.generate_steered(list(zip(asks, unmarked)), params=params))
+
+
+def test_per_batch_caches_never_hand_a_new_request_the_previous_requests_vectors_or_adapters() -> None:
+    """The scheduler caches each batch composition's per-row vectors and LoRA deltas. Keyed on ``id(job)``,
+    a freed request's id is soon reused by a new one, which then got the old request's steering or
+    adapter (another user's). Keys are per-job serial numbers."""
+    import threading
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from persona_mw.adapters.transformers.scheduler import Job, Scheduler
+
+    sched = Scheduler(SimpleNamespace(), 8, 8, 64)  # type: ignore[arg-type]  # only the caches are used
+    job: Any = None
+    reused = 0
+    for i in range(60):
+        fut, ev = Future(), threading.Event()  # made first, so the new job can take the freed one's memory
+        old = id(job)
+        sched.active = []
+        job = None
+        job = Job([], [], {}, fut, ev)
+        reused += id(job) == old
+        job.enc = {"input_ids": torch.zeros(1, 3, dtype=torch.long)}
+        job.adds = [(0, torch.full((4,), float(i)))]
+        job.loras = [SimpleNamespace(weights={"m": (torch.full((2, 4), float(i)), torch.zeros(4, 2))})]
+        sched.active = [job]
+        adds, lora = sched._adds(), sched._lora()
+        assert adds is not None and float(adds[0][0][0, 0, 0]) == float(i)
+        assert lora is not None and float(lora["m"][0][2][0, 0]) == float(i)
+        del adds, lora
+    assert reused > 0  # the situation the keys must survive did occur
