@@ -41,15 +41,8 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
-        if self.loop.is_closed():
-            return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
-        if not self.thread.is_alive():
-            # Closed here, not by the loop's __del__ at interpreter exit: there, its self-pipe may already
-            # be gone, and a CLI command ended with "Exception ignored in BaseEventLoop.__del__ ... Bad
-            # file descriptor" on stderr (seen once in a full test run).
-            self.loop.close()
 
 
 class Runtime:
