@@ -41,8 +41,39 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+        """Cancel what still runs on the loop (waiting up to 2 s for it to unwind), stop it, and close
+        it once nothing is pending.
+
+        Closed here, not by the loop's ``__del__`` at interpreter exit: there its self-pipe may already be
+        gone, and a CLI command ended with "Exception ignored in BaseEventLoop.__del__ ... Bad file
+        descriptor" on stderr. A loop with tasks still pending is left open (closing it would destroy
+        them, and their finalizers would then run at arbitrary points in the process)."""
+        if self.loop.is_closed():
+            return
+        if threading.current_thread() is self.thread:  # from a task on the loop: it cannot wait for itself
+            self.loop.call_soon(self.loop.stop)
+            return
+
+        async def unwind() -> bool:
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
+            await self.loop.shutdown_asyncgens()
+            return all(t.done() for t in tasks)
+
+        unwound = False
+        if self.thread.is_alive():
+            try:
+                unwound = asyncio.run_coroutine_threadsafe(unwind(), self.loop).result(timeout=5)
+            except Exception as exc:  # a task that would not unwind: leave the loop open
+                log.debug("event loop did not unwind: %s", exc)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+        if unwound and not self.thread.is_alive():
+            self.loop.close()
 
 
 class Runtime:
@@ -143,7 +174,7 @@ class Runtime:
             tick += 1
 
     def shutdown(self) -> None:
-        """Stop the maintenance thread and the loop (jobs not drained are abandoned)."""
+        """Stop the maintenance thread and the loop (jobs not drained are cancelled)."""
         self.closed = True
         self._stop.set()
         if self._maintenance is not None and self._maintenance is not threading.current_thread():
