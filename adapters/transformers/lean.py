@@ -11,8 +11,9 @@ bit for bit (tested too), and the fused weights are the modules' own storage (no
 
 It is used only where it cannot change a result: a Llama-architecture model with the SDPA attention,
 default RoPE, no biases, plain or quantized Linear layers, and, at the time of the step, no forward
-hooks or pre-hooks on any module (LoRA adapters and capture hooks use hooks, so they get transformers'
-forward), no autograd and no training mode. Anything else takes the usual forward (:func:`decoder_for`
+hooks or pre-hooks on any module (capture hooks use hooks, so they get transformers' forward; the
+output-capturing hooks transformers itself leaves installed count only while a capture runs), no
+autograd and no training mode. Anything else takes the usual forward (:func:`decoder_for`
 returns None). The one kind of hook it computes itself is a *residual add*: a forward hook on a decoder
 layer that carries its vector as ``hook.residual`` and adds it to the layer's output (the ``vectors``
 plugin's steering, :func:`persona_mw.logits.residual_hook`): the step adds the same vector at the same
@@ -44,6 +45,23 @@ def decoder_for(model: Any) -> tuple[LeanDecoder, Adds] | None:
         return None
     adds = lean.usable()
     return None if adds is None else (lean, adds)
+
+
+def _inert_capture(hook: Any) -> bool:
+    """Whether ``hook`` is transformers' output-capturing hook with no capture running. transformers
+    installs these on the decoder layers and attention modules the first time a forward is asked for
+    hidden states or attentions, and leaves them for good; outside such a forward they return at once.
+    Without this, one such forward (a reward-guided search's reference, a plugin reading hidden states)
+    switched the lean step off for the process."""
+    if getattr(hook, "__name__", None) != "output_capturing_hook":
+        return False
+    if getattr(hook, "__module__", None) != "transformers.utils.output_capturing":
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    return _active_collector.get() is None  # type: ignore[no-untyped-call]  # untyped in transformers
 
 
 def _kind(module: Any) -> str | None:
@@ -154,10 +172,13 @@ class LeanDecoder:
             if m._forward_pre_hooks:
                 return None
             if m._forward_hooks:
+                hooks = [h for h in m._forward_hooks.values() if not _inert_capture(h)]
+                if not hooks:
+                    continue
                 layer = self._layer_index.get(id(m))
                 if layer is None or m._forward_hooks_with_kwargs or m._forward_hooks_always_called:
                     return None
-                for hook in m._forward_hooks.values():
+                for hook in hooks:
                     vector = getattr(hook, "residual", None)
                     if vector is None:
                         return None

@@ -54,6 +54,29 @@ def _both(model: Any, tok: Any, prompts: list[str], steps: int) -> tuple[list[An
     return ref, lean_out
 
 
+def test_the_capture_hooks_transformers_leaves_behind_do_not_switch_the_lean_step_off() -> None:
+    """A forward asked for hidden states installs transformers' output-capturing hooks on the layers for
+    good (a reward-guided search's reference does); they act only while a capture runs, so the lean step
+    still applies, bit for bit, and stands aside while one runs."""
+    from transformers.utils.output_capturing import _active_collector
+
+    model, tok = models.load(MODEL, dtype="float32")
+    model = copy.deepcopy(model)  # the shared model keeps no hooks from this test
+    enc = tok([PROMPTS[0]], return_tensors="pt")
+    with torch.inference_mode():
+        model(**enc, output_hidden_states=True)
+    assert any(m._forward_hooks for m in model.modules())  # transformers left its hooks installed
+    ref, got = _both(model, tok, [PROMPTS[0]], steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+    with torch.inference_mode():
+        assert decoder_for(model) is not None
+        token = _active_collector.set({"hidden_states": []})
+        try:
+            assert decoder_for(model) is None  # a capture is running: transformers' forward records it
+        finally:
+            _active_collector.reset(token)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "int8", "int4", "bfloat16"])
 def test_lean_step_is_bit_identical_to_transformers_forward(dtype: str) -> None:
     """Batch of one (no mask in attention) and a left-padded batch of three (boolean mask, packed GQA):
