@@ -222,23 +222,25 @@ class TransformersBackend:
             raise BackendError(f"n must be at least 1, got {n}")
         params, decoding = params or GenerationParams(), decoding or []
         if schedulable(self, decoding, n):
-            return await self._batched([(messages, decoding)], params)
+            return await self._batched([(messages, decoding)], params, n)
         return await _cancellable(generation.run, self, [messages], n, params, decoding)
 
-    def _job(self, messages: list[Message], decoding: list[Decoding], params: GenerationParams) -> Job:
+    def _job(self, messages: list[Message], decoding: list[Decoding], params: GenerationParams,
+             n: int = 1) -> Job:
         from concurrent.futures import Future
 
-        return Job(messages, decoding, self._settings(params, 1), Future(), threading.Event())
+        return Job(messages, decoding, self._settings(params, n), Future(), threading.Event(), n=n)
 
     async def _batched(self, requests: list[tuple[list[Message], list[Decoding]]],
-                       params: GenerationParams) -> list[Candidate]:
-        """Each request as one job of the continuous batch; candidates in request order."""
+                       params: GenerationParams, n: int = 1) -> list[Candidate]:
+        """Each request as one job of the continuous batch; candidates in request order
+        (``index = request * n + i``)."""
         await _on_torch_thread(self._ensure_loaded)
-        answers = await asyncio.gather(*(run_job(self, self._job(m, d, params)) for m, d in requests))
+        answers = await asyncio.gather(*(run_job(self, self._job(m, d, params, n)) for m, d in requests))
         out = []
         for i, cands in enumerate(answers):
             for c in cands:
-                c.index = i
+                c.index = i * n + c.index
                 out.append(c)
         return out
 
@@ -270,7 +272,7 @@ class TransformersBackend:
             return []
         given = params or GenerationParams()
         if all(schedulable(self, dec, n) for _, dec in requests):  # marked hooks act per request's rows
-            return await self._batched(requests, given)
+            return await self._batched(requests, given, n)
         hooks = [tuple(id(h) for d in dec for h in d.activation_hooks) for _, dec in requests]
         if len(set(hooks)) > 1:
             raise BackendError("requests in one steered batch carry different activation hooks",

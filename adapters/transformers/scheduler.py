@@ -14,11 +14,15 @@ different adapters share one forward); a steered or adapted request's prompt is 
 installed. A reward-guided request (ARGS, a ``Decoding`` with ``token_reward``) holds ``k`` rows: each
 step they are fed its ``k`` candidate tokens, the candidates' hidden states give their rewards, the
 chosen one is its token, that row's logits give the next candidates, and its ``k`` rows of the cache
-become copies of the chosen row (the loop of ``reward.py``, inside the batch).
+become copies of the chosen row (the loop of ``reward.py``, inside the batch). A request for ``n > 1``
+sampled answers (best-of-n reranking) holds ``n`` rows on copies of its prompt's cache (the prompt is
+encoded once) and draws its rows' tokens together from its own seeded generator, as ``model.generate``
+with ``num_return_sequences`` does, so a seed gives the same answers on either path.
 
 The scheduler runs in slices on ``TORCH_THREAD``: a slice steps the batch until it is empty, or
 until other torch work is queued on the thread (``backend.call``, the paths that cannot share a
-batch: activation hooks, reward-guided search, ``n > 1``); it then resubmits itself behind that
+batch: unmarked activation hooks, contrast streams or reward-guided search with ``n > 1``); it then
+resubmits itself behind that
 work, so both make progress. At most ``max_queue`` requests wait for a row; one more raises
 ``BackendOverloaded`` (the server answers 503 with ``Retry-After``).
 """
@@ -65,6 +69,7 @@ class Job:
     adds: list[tuple[int, Any]] = field(default_factory=list)  # (decoder layer, vector) added to its rows
     loras: list[Any] = field(default_factory=list)  # adapters (``weights``: name -> (A, B)) on its rows
     serial: int = field(default_factory=lambda: next(_SERIAL))
+    n: int = 1  # sampled answers: n > 1 holds n rows on copies of its prompt's cache (``samples``)
     reward: Decoding | None = None  # reward-guided search: the rewarder (its rows: ``k`` candidates)
     k: int = 0
     top: Any = None  # the current candidates' logits [k] and ids [k]
@@ -80,11 +85,20 @@ class Job:
     cache: Any = None
     filled: int = 0
     gen: list[int] = field(default_factory=list)
+    samples: list[list[int]] = field(default_factory=list)  # n > 1: each row's tokens (a row stops at its end)
+    ended: list[bool] = field(default_factory=list)
     finished: bool = False
 
     @property
     def rows(self) -> int:
-        return self.k if self.reward is not None else int(self.enc["input_ids"].shape[0])
+        if self.reward is not None:
+            return self.k
+        return self.n if self.n > 1 else int(self.enc["input_ids"].shape[0])
+
+    @property
+    def progress(self) -> int:
+        """Tokens decoded so far (per row)."""
+        return max((len(g) for g in self.samples), default=0) if self.n > 1 else len(self.gen)
 
 
 class Scheduler:
@@ -130,7 +144,7 @@ class Scheduler:
 
     def _retry_after(self) -> int:
         """Whole seconds until a queue place is likely to free: the batch's remaining steps, roughly."""
-        left: list[int] = [int(j.s["max_new_tokens"]) - len(j.gen) for j in self.active] or [self.b.max_new_tokens]
+        left: list[int] = [int(j.s["max_new_tokens"]) - j.progress for j in self.active] or [self.b.max_new_tokens]
         return max(1, math.ceil(min(left) * float(self.step_seconds)))
 
     @property
@@ -213,6 +227,8 @@ class Scheduler:
             job.lim = loop_limits(self.b, job.s, int(job.enc["input_ids"].shape[1]))
             mask0 = job.enc["attention_mask"][0].bool()
             job.prompt_ids = job.enc["input_ids"][0][mask0][None]
+            if job.n > 1:
+                job.samples, job.ended = [[] for _ in range(job.n)], [False] * job.n
             if job.s["seed"] is not None:
                 import torch
 
@@ -240,15 +256,17 @@ class Scheduler:
             if end < ids.shape[1]:
                 return end - start
             self.prefilling.remove(job)
+            tokens: list[int] = []
             if job.reward is not None:
                 self._candidates(job, logits)
-                token = -1
+            elif job.n > 1:  # the n rows' first tokens, from the one prompt's logits
+                tokens = self._sample_rows(job, logits.expand(job.n, -1))
             else:
-                token = self._choose(job, logits)
+                tokens = [self._choose(job, logits)]
         except Exception as exc:  # this request's prompt or plugin failed: it alone ends
             self._fail(job, exc)
             return end - start
-        self._join(job, token)
+        self._join(job, tokens)
         return end - start
 
     def _fail(self, job: Job, exc: BaseException) -> None:
@@ -267,19 +285,24 @@ class Scheduler:
         err.__cause__ = exc
         return err
 
-    def _join(self, job: Job, token: int) -> None:
+    def _join(self, job: Job, tokens: list[int]) -> None:
         """Left-pad ``job``'s cache and the batch's to one length and append its rows."""
         import torch
 
         rows = job.rows
         job_mask = job.enc["attention_mask"]
-        if job.reward is not None:  # k rows on copies of its prompt's cache, fed its k candidates
-            new_ids = job.cand.reshape(rows, 1).clone()
+        if job.reward is not None or job.n > 1:  # rows on copies of its prompt's cache
             job.cache.batch_repeat_interleave(rows)
             job_mask = job_mask.repeat(rows, 1)
+        if job.reward is not None:  # fed its k candidates
+            new_ids = job.cand.reshape(rows, 1).clone()
+        elif job.n > 1:
+            new_ids = torch.tensor(self._record_rows(job, tokens), dtype=torch.long).view(rows, 1)
+            if job.finished:
+                return  # every row ended on its first token: never enters the batch
         else:
-            new_ids = torch.full((rows, 1), token, dtype=torch.long)
-            if self._record(job, token):
+            new_ids = torch.full((rows, 1), tokens[0], dtype=torch.long)
+            if self._record(job, tokens[0]):
                 return  # finished on its first token: never enters the batch
         if self.cache is None:
             self.cache, self.mask, self.next_ids = job.cache, job_mask, new_ids
@@ -340,16 +363,21 @@ class Scheduler:
         for job in self.active:
             rows = slice(row, row + job.rows)
             try:
+                tokens: list[int] = []
                 if job.reward is not None:
                     assert hid is not None
                     pick = self._reward_pick(job, hid[rows])
                     token = int(job.cand[pick])
+                elif job.n > 1:
+                    tokens = self._sample_rows(job, logits[rows])
                 else:
                     token = self._choose(job, logits[rows])
             except Exception as exc:  # a plugin's processor, combine or reward failed: only its request ends
                 self._fail(job, exc)
             else:
-                if job.reward is None:
+                if job.n > 1:
+                    self.next_ids[rows, 0] = torch.tensor(self._record_rows(job, tokens), dtype=torch.long)
+                elif job.reward is None:
                     self.next_ids[rows] = token
                     self._record(job, token)
                 elif not self._record(job, token):
@@ -460,14 +488,37 @@ class Scheduler:
                 ids = torch.cat([job.prompt_ids, torch.tensor([job.gen], dtype=torch.long).view(1, -1)], dim=1)
                 for proc in job.procs:
                     main = proc(ids, main)
-            s = job.s
-            if not s["sample"]:
-                return int(main.argmax(dim=-1)[0])
-            scaled = main / s["temperature"]
-            if s["top_p"] is not None and s["top_p"] < 1:
-                scaled = scaled.masked_fill(~top_p_mask(scaled, s["top_p"]), float("-inf"))
-            probs = torch.softmax(scaled, dim=-1)
-            return int(torch.multinomial(probs, 1, generator=job.generator)[0, 0])
+            return self._pick(job, main)[0]
+
+    def _sample_rows(self, job: Job, logits: Any) -> list[int]:
+        """An ``n > 1`` job's next token for each of its rows (``logits`` [n, V]): its processors see
+        every row's tokens so far (an ended row's padded), then one draw for all rows, as
+        ``model.generate`` with ``num_return_sequences`` makes it (so a seed gives its samples)."""
+        import torch
+
+        with torch.inference_mode():
+            if job.procs:
+                width = job.progress
+                done = torch.tensor([g + [job.lim.pad] * (width - len(g)) for g in job.samples], dtype=torch.long)
+                ids = torch.cat([job.prompt_ids.expand(job.n, -1), done.view(job.n, width)], dim=1)
+                for proc in job.procs:
+                    logits = proc(ids, logits)
+            return self._pick(job, logits)
+
+    @staticmethod
+    def _pick(job: Job, scores: Any) -> list[int]:
+        """One token per row of ``scores`` [rows, V]: greedy, or temperature / nucleus sampling with the
+        job's generator (one draw for all rows)."""
+        import torch
+
+        s = job.s
+        if not s["sample"]:
+            return [int(t) for t in scores.argmax(dim=-1)]
+        scaled = scores / s["temperature"]
+        if s["top_p"] is not None and s["top_p"] < 1:
+            scaled = scaled.masked_fill(~top_p_mask(scaled, s["top_p"]), float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        return [int(t) for t in torch.multinomial(probs, 1, generator=job.generator)[:, 0]]
 
     def _record(self, job: Job, token: int) -> bool:
         """Append ``token`` to ``job``; finish it on EOS, a stop string, its length limit or a cancel."""
@@ -483,6 +534,28 @@ class Scheduler:
             self._finish(job)
         return ended
 
+    def _record_rows(self, job: Job, tokens: list[int]) -> list[int]:
+        """Append each running row's token to an ``n > 1`` job (a row ends on EOS or a stop string; the
+        job on its last row's end, its length limit or a cancel); returns the tokens to feed: a row that
+        had ended gets the pad token, as ``model.generate`` feeds it."""
+        lim = job.lim
+        fed = []
+        for row, token in enumerate(tokens):
+            if job.ended[row]:
+                fed.append(lim.pad)
+                continue
+            gen = job.samples[row]
+            gen.append(token)
+            fed.append(token)
+            ended = token in lim.eos
+            if not ended and lim.stops:
+                tail = self.b._tokenizer.decode(gen[-lim.window:], skip_special_tokens=True)
+                ended = any(x in tail for x in lim.stops)
+            job.ended[row] = ended
+        if all(job.ended) or job.progress >= lim.max_new or job.cancel.is_set():
+            self._finish(job)
+        return fed
+
     def _finish(self, job: Job) -> None:
         from .generation import candidates
 
@@ -496,9 +569,11 @@ class Scheduler:
         import torch
 
         try:
-            out = torch.tensor([job.gen], dtype=torch.long)
+            rows = job.samples if job.n > 1 else [job.gen]
+            width = max(len(g) for g in rows)
+            out = torch.tensor([g + [job.lim.pad] * (width - len(g)) for g in rows], dtype=torch.long)
             prompt_tokens = [int(job.enc["attention_mask"][0].sum())]
-            cands = candidates(self.b, out, 0, prompt_tokens, 1, job.s, job.lim.max_new)
+            cands = candidates(self.b, out, 0, prompt_tokens, job.n, job.s, job.lim.max_new)
             for c in cands:
                 if job.spans:
                     c.meta["steered"] = [d.source for d in job.decoding if d.streams or d.combine is not None]
@@ -550,12 +625,15 @@ def hook_marks(decoding: list[Decoding]) -> tuple[list[tuple[int, Any]], list[An
 
 
 def schedulable(b: TransformersBackend, decoding: list[Decoding], n: int) -> bool:
-    """Whether a request can share the continuous batch: one answer, the cached loop, a reward-guided
-    search only alone in its request (one rewarder, no streams or hooks), and no activation hooks (they
-    act on every row of a forward) unless all are steering vectors or LoRA adapters on a model the lean
-    step computes (then they are applied per row)."""
-    if not b.batching or n != 1 or not b.steering_cache:
+    """Whether a request can share the continuous batch: the cached loop; ``n > 1`` sampled answers
+    only without extra streams or a rewarder; a reward-guided search only alone in its request (one
+    rewarder, no streams or hooks); and no activation hooks (they act on every row of a forward) unless
+    all are steering vectors or LoRA adapters on a model the lean step computes (then they are applied
+    per row)."""
+    if not b.batching or not b.steering_cache:
         return False
+    if n != 1 and any(d.streams or d.combine is not None or d.token_reward is not None for d in decoding):
+        return False  # n sampled answers hold n copies of one plain prompt's rows
     rewarded = [d for d in decoding if d.token_reward is not None]
     if rewarded:  # alone on its rows: one rewarder, no extra streams or hooks (as the own loop requires)
         return (len(rewarded) == 1 and not any(d.streams or d.combine is not None or d.activation_hooks

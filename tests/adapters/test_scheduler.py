@@ -108,3 +108,73 @@ def test_a_full_queue_is_refused_with_a_retry_delay(local_backend: TransformersB
 
     err = asyncio.run(main())
     assert err.retry_after_s >= 1 and "max_queue 1" in str(err)
+
+
+def _sampled(backend: TransformersBackend, batching: bool, messages: list[Message], params: GenerationParams,
+             decoding: list[Any] | None = None) -> list[Any]:
+    backend.batching = batching
+    try:
+        return asyncio.run(backend.generate(messages, n=3, params=params, decoding=decoding))
+    finally:
+        backend.batching = True
+
+
+def test_n_sampled_answers_join_the_batch_with_generate_s_samples(backend: TransformersBackend) -> None:
+    """Best-of-n candidates share the running batch (the prompt encoded once, n rows) and, seeded, are
+    the answers ``model.generate`` with ``num_return_sequences`` gives: one draw for all rows per step,
+    a row that ended fed the pad token, stop strings per row."""
+    params = GenerationParams(seed=11, max_tokens=10, temperature=0.9, top_p=0.9, stop=["."])
+    reference = _sampled(backend, False, PROMPTS[1], params)
+    assert not any(c.meta.get("batched") for c in reference)
+    assert len({c.text for c in reference}) > 1
+
+    async def main() -> tuple[list[Any], str]:
+        pieces: list[str] = []
+        task: asyncio.Task[Any] | None = None
+        async for piece in backend.stream(PROMPTS[2], params=GenerationParams(max_tokens=16)):
+            pieces.append(piece)
+            if task is None:  # a long answer is decoding: the n-sampled request joins it
+                task = asyncio.create_task(backend.generate(PROMPTS[1], n=3, params=params))
+        assert task is not None
+        return await task, "".join(pieces)
+
+    peak_before = backend.scheduler.peak_batch
+    backend.scheduler.peak_batch = 0
+    try:
+        got, _ = asyncio.run(main())
+        assert backend.scheduler.peak_batch >= 2  # it shared steps with the streaming request
+    finally:
+        backend.scheduler.peak_batch = max(peak_before, backend.scheduler.peak_batch)
+    assert all(c.meta.get("batched") for c in got)
+    assert [c.index for c in got] == [0, 1, 2]
+    assert [(c.text, c.finish_reason, c.tokens) for c in got] == [
+        (c.text, c.finish_reason, c.tokens) for c in reference]
+
+
+def test_n_sampled_answers_with_a_processor_that_reads_each_row(backend: TransformersBackend) -> None:
+    """A logits processor sees each row's own tokens (an ended row's padded), as in ``model.generate``."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from persona_mw.types import Decoding
+
+    class Recording(RepetitionPenaltyLogitsProcessor):
+        def __init__(self) -> None:
+            super().__init__(penalty=1.8)
+            self.seen: list[list[list[int]]] = []
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            self.seen.append(input_ids.tolist())
+            return super().__call__(input_ids, scores)
+
+    params = GenerationParams(seed=5, max_tokens=12, temperature=1.0, stop=["."])
+    runs = []
+    for batching in (False, True):
+        proc = Recording()
+        cands = _sampled(backend, batching, PROMPTS[0], params, [Decoding(source="test", logits_processors=[proc])])
+        runs.append((cands, proc.seen))
+    (reference, seen_reference), (got, seen) = runs
+    assert all(c.meta.get("batched") for c in got)
+    assert [c.text for c in got] == [c.text for c in reference]
+    assert seen == seen_reference and len(seen) > 2 and len(seen[-1]) == 3
+    plain = _sampled(backend, True, PROMPTS[0], params)
+    assert [c.text for c in plain] != [c.text for c in got]  # the processor acted

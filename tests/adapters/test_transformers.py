@@ -116,8 +116,13 @@ def test_n_candidates_in_one_batch(backend: TransformersBackend, monkeypatch: py
 
     monkeypatch.setattr(backend.model, "generate", spy)
     params = GenerationParams(seed=7, max_tokens=12)
+    monkeypatch.setattr(backend, "batching", False)  # model.generate's path
     cands = run(backend.generate(STORY, n=3, params=params))
     assert len(calls) == 1 and calls[0]["generation_config"].num_return_sequences == 3
+    monkeypatch.setattr(backend, "batching", True)  # the continuous batch: 3 rows, the same samples
+    batched = run(backend.generate(STORY, n=3, params=params))
+    assert len(calls) == 1 and all(c.meta["batched"] for c in batched)
+    assert [(c.index, c.text) for c in batched] == [(c.index, c.text) for c in cands]
     assert [c.index for c in cands] == [0, 1, 2]
     assert all(c.text and c.meta["sampled"] and c.meta["temperature"] == 0.7 for c in cands)
     assert len({c.text for c in cands}) > 1, "temperature 0 with n > 1 samples, so candidates differ"
