@@ -35,4 +35,11 @@ def residual_hook(vector: Any) -> Any:
     return add
 
 
-__all__ = ["residual_hook", "top_p_mask"]
+def lora_delta(x: Any, a: Any, b: Any, dtype: Any) -> Any:
+    """A LoRA adapter's delta ``(x @ A.T) @ B.T`` for rows ``x``, computed in ``A``'s dtype and returned
+    in ``dtype``: the one formula the ``lora`` plugin's hook, the continuous batch's per-row hook and
+    the lean decode step share, so their answers agree bit for bit."""
+    return ((x.to(a.dtype) @ a.t()) @ b.t()).to(dtype)
+
+
+__all__ = ["lora_delta", "residual_hook", "top_p_mask"]

@@ -478,6 +478,13 @@ def int8_weights(model: Any) -> Any:
 INT4_GROUP = 32
 
 
+def is_quantized(module: Any) -> str | None:
+    """``"int8"`` or ``"int4"`` for a layer :func:`int8_weights` / :func:`int4_weights` put in place of
+    an ``nn.Linear``, else None."""
+    kind = getattr(type(module), "quant", None)
+    return kind if kind in ("int8", "int4") else None
+
+
 def int4_weights(model: Any, group: int = INT4_GROUP) -> Any:
     """Replace the decoder's ``nn.Linear`` layers of ``model`` (in place) by 4-bit group-wise ones.
 

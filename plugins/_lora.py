@@ -94,8 +94,10 @@ def target_modules(model: Any, targets: Sequence[str]) -> dict[str, Any]:
     name part is in ``targets``."""
     import torch
 
+    from persona_mw import models
+
     found = {n: m for n, m in model.named_modules()
-             if (isinstance(m, torch.nn.Linear) or getattr(type(m), "quant", None))
+             if (isinstance(m, torch.nn.Linear) or models.is_quantized(m))
              and n.rsplit(".", 1)[-1] in set(targets)}
     if not found:
         raise PersonaError(f"no linear modules named {list(targets)} in {type(model).__name__}")
@@ -103,9 +105,10 @@ def target_modules(model: Any, targets: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_delta(a: Any, b: Any) -> Callable[..., Any]:
+    from persona_mw.logits import lora_delta
+
     def hook(_mod: Any, inp: Any, out: Any) -> Any:
-        x = inp[0]
-        return out + ((x.to(a.dtype) @ a.t()) @ b.t()).to(out.dtype)
+        return out + lora_delta(inp[0], a, b, out.dtype)
 
     return hook
 
@@ -511,9 +514,10 @@ def trainable(model: Any, tok: Any) -> tuple[Any, Any]:
     """``(model, tok)`` to train on: the model itself, or, when its weights are quantized (``dtype: int8``
     or ``int4``, whose kernels have no gradient), the float32 model of the same weights (loaded once and
     kept by ``persona_mw.models``). Adapters and vectors apply to either: they hook modules by name."""
-    if not any(getattr(type(m), "quant", None) for m in model.modules()):
-        return model, tok
     from persona_mw import models
+
+    if not any(models.is_quantized(m) for m in model.modules()):
+        return model, tok
 
     path = getattr(model.config, "_name_or_path", None)
     if not path:

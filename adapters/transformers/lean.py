@@ -72,8 +72,9 @@ def _kind(module: Any) -> str | None:
         return None
     if type(module) is torch.nn.Linear:
         return "float"
-    kind = getattr(type(module), "quant", None)
-    return kind if kind in ("int8", "int4") else None
+    from persona_mw.models import is_quantized
+
+    return is_quantized(module)
 
 
 class LeanDecoder:
@@ -318,9 +319,11 @@ def _lora_into(y: Any, x: Any, groups: list[tuple[int, int, Any, Any]] | None, c
     columns from ``col`` on: the ``lora`` plugin's hook, row by row."""
     if not groups:
         return
+    from persona_mw.logits import lora_delta
+
     for start, end, a, b in groups:
-        delta = (x[start:end].to(a.dtype) @ a.t()) @ b.t()
-        y[start:end, col:col + delta.shape[1]] += delta.to(y.dtype)
+        delta = lora_delta(x[start:end], a, b, y.dtype)
+        y[start:end, col:col + delta.shape[1]] += delta
 
 
 def _project(module: Any, flat: Any) -> Any:

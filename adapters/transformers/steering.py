@@ -112,10 +112,12 @@ def forward_last(b: TransformersBackend, step_ids: Any, full_mask: Any, cache: A
 def _row_lora_hook(groups: list[tuple[int, int, Any, Any]]) -> Any:
     """A forward hook adding each group's LoRA delta to its rows (the lean step's ``_lora_into``)."""
 
+    from persona_mw.logits import lora_delta
+
     def hook(_mod: Any, inp: Any, out: Any) -> Any:
         x, out = inp[0], out.clone()
         for start, end, a, b in groups:
-            out[start:end] = out[start:end] + ((x[start:end].to(a.dtype) @ a.t()) @ b.t()).to(out.dtype)
+            out[start:end] = out[start:end] + lora_delta(x[start:end], a, b, out.dtype)
         return out
 
     return hook
