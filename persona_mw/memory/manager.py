@@ -808,7 +808,13 @@ class _MemoryRetrieval(_MemoryIngest):
         kindset = set(kinds) if kinds is not None else None
         qv = query_vector
         if qv is None and mode != "bm25" and self.embedder is not None:
-            qv = self._embed([query])[0]  # type: ignore[index]
+            fut = self.start_embed([query])
+            if mode == "fused" and prescored is None and not self.store_search:
+                # BM25 over the scope while the query is embedded on the embedding thread (as the
+                # memory plugin's request path does): the search then reuses these probes.
+                prescored = self.prescore(user, query, context=context, scope=scope, k=k, kinds=kinds)
+            assert fut is not None
+            qv = np.asarray(fut.result(), dtype=np.float32)[0]
         if mode == "fused":
             pre = prescored if prescored is not None and prescored.get("query") == query else None
             try:
