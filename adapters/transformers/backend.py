@@ -16,7 +16,7 @@ from persona_mw.errors import BackendError, PersonaError
 from persona_mw.types import Candidate, Decoding, GenerationParams, Message
 
 from . import generation
-from .scheduler import Job, Scheduler, run_job, schedulable
+from .scheduler import Job, Scheduler, schedulable, wait_job
 from .decoding import _ROLE_LABEL, DIVERSE_TEMPERATURE, PLAIN_STOP, _cut_at_stop, _token_pipe, _unsafe_suffix
 from .torch_thread import TORCH_THREAD, _cancellable, _on_torch_thread
 
@@ -226,17 +226,24 @@ class TransformersBackend:
         return await _cancellable(generation.run, self, [messages], n, params, decoding)
 
     def _job(self, messages: list[Message], decoding: list[Decoding], params: GenerationParams,
-             n: int = 1) -> Job:
+             n: int = 1, position: int = 0) -> Job:
+        """A scheduler job; a seed is offset by the request's ``position`` in its call, so requests of
+        one batch that share a prompt still get different samples (each job has its own generator)."""
         from concurrent.futures import Future
 
-        return Job(messages, decoding, self._settings(params, n), Future(), threading.Event(), n=n)
+        s = self._settings(params, n)
+        if s["seed"] is not None:
+            s["seed"] = int(s["seed"]) + position
+        return Job(messages, decoding, s, Future(), threading.Event(), n=n)
 
     async def _batched(self, requests: list[tuple[list[Message], list[Decoding]]],
                        params: GenerationParams, n: int = 1) -> list[Candidate]:
         """Each request as one job of the continuous batch; candidates in request order
         (``index = request * n + i``)."""
         await _on_torch_thread(self._ensure_loaded)
-        answers = await asyncio.gather(*(run_job(self, self._job(m, d, params, n)) for m, d in requests))
+        jobs = [self._job(m, d, params, n, i) for i, (m, d) in enumerate(requests)]
+        self.scheduler.submit_all(jobs)  # one call, one request against max_queue
+        answers = await asyncio.gather(*(wait_job(job) for job in jobs))
         out = []
         for i, cands in enumerate(answers):
             for c in cands:

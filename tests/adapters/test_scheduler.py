@@ -59,6 +59,28 @@ def test_requests_joining_mid_way_decode_what_they_decode_alone(backend: Transfo
     assert steps < 3 * SHORT.max_tokens  # fewer steps than one request after another
 
 
+def test_prompts_arriving_together_are_encoded_in_one_forward(backend: TransformersBackend,
+                                                             alone: list[str]) -> None:
+    """Requests admitted in the same step share one left-padded prefill; each gets its row of the
+    cache and decodes what it decodes alone (greedy), one with several samples among them."""
+    before = backend.scheduler.grouped_prefills
+
+    async def main() -> list[Any]:
+        plain = [backend.generate(m, params=SHORT) for m in PROMPTS]
+        sampled = backend.generate(PROMPTS[1], n=2, params=GenerationParams(max_tokens=8, seed=4))
+        return list(await asyncio.gather(*plain, sampled))
+
+    *answers, samples = asyncio.run(main())
+    assert backend.scheduler.grouped_prefills - before >= 2
+    assert [a[0].text for a in answers] == alone
+    again = _sampled_n(backend, PROMPTS[1], 2, GenerationParams(max_tokens=8, seed=4))
+    assert [c.text for c in samples] == again  # the seeded samples of the request alone
+
+
+def _sampled_n(backend: TransformersBackend, messages: list[Message], n: int, params: GenerationParams) -> list[str]:
+    return [c.text for c in asyncio.run(backend.generate(messages, n=n, params=params))]
+
+
 def test_stop_strings_are_per_request(backend: TransformersBackend, alone: list[str]) -> None:
     stop = alone[0].split()[2]  # a word from the middle of the first answer
 
@@ -178,3 +200,17 @@ def test_n_sampled_answers_with_a_processor_that_reads_each_row(backend: Transfo
     assert seen == seen_reference and len(seen) > 2 and len(seen[-1]) == 3
     plain = _sampled(backend, True, PROMPTS[0], params)
     assert [c.text for c in plain] != [c.text for c in got]  # the processor acted
+
+
+def test_a_batch_call_larger_than_the_queue_is_one_request(local_backend: TransformersBackend) -> None:
+    """``generate_batch`` of more prompts than ``max_queue`` is served (it counts as one request; the
+    style eval sends 36 at once); seeded samples of one batch differ between copies of one prompt and
+    are the same on a second call."""
+    b = TransformersBackend(model=local_backend.model_name, max_new_tokens=10, max_batch=2, max_queue=1)
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    params = GenerationParams(max_tokens=10, temperature=1.0, seed=9)
+    first = asyncio.run(b.generate_batch(prompts, params=params))
+    assert [c.index for c in first] == [0, 1, 2, 3] and all(c.meta["batched"] for c in first)
+    assert len({first[0].text, first[2].text, first[3].text}) > 1  # copies of one prompt: own samples
+    again = asyncio.run(b.generate_batch(prompts, params=params))
+    assert [c.text for c in again] == [c.text for c in first]
