@@ -13,6 +13,8 @@ Tokens are counted by re-tokenizing each answer with the model's tokenizer. The 
 (``benchmarks/results/server_throughput.json``) carries the load average before and after (the
 machine is shared: compare the ratios of one run, not absolute figures) and a top-level ``ratios``
 object: ``clients8_vs_1`` (aggregate tokens/s of 8 clients over 1) and ``ttft_p95_s``.
+By default the server runs the backend's defaults (``dtype: float32``, ``max_new_tokens: 128``); stop 29
+measured 16/64/128 tokens at float32 and int4 as well (``benchmarks/results/server_throughput_*tok_*.json``).
 Run: ``nice -n 5 .venv/bin/python benchmarks/server_throughput.py [--dtype int4] [--threads 1] [--tokens 16]``.
 """
 
@@ -154,10 +156,12 @@ def overload_counts(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=16, help="max_new_tokens of every answer")
+    ap.add_argument("--tokens", type=int, default=128,
+                    help="max_new_tokens of every answer (default: the backend's default, 128)")
     ap.add_argument("--requests", type=int, default=2, help="answers per client, back to back")
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the server (backend.threads)")
-    ap.add_argument("--dtype", default="int4", help="the server's backend.dtype (int4: the fast setting)")
+    ap.add_argument("--dtype", default="float32",
+                    help="the server's backend.dtype (default: the backend's default, float32; int4: the fast one)")
     ap.add_argument("--timeout", type=float, default=300.0, help="client timeout per request (s)")
     ap.add_argument("--overload-tokens", type=int, default=4,
                     help="max_tokens of the 32 overload clients (only the 503 counts matter there)")
