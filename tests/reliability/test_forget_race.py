@@ -193,13 +193,16 @@ def test_forget_during_real_model_generation(make_mw: Any, tmp_path: Path, local
     with serve_in_thread(create_app(mw)) as url:
         state_secret(url)
         out: dict[str, Any] = {}
-        body = {"model": "m", "user": "ana", "max_tokens": 24,
-                "messages": [{"role": "user", "content": f"Tell me about {SECRET} in one sentence."}]}
+        body = {"model": "m", "user": "ana", "max_tokens": 160,
+                "messages": [{"role": "user", "content": f"Write a long, detailed story about {SECRET}."}]}
         t = threading.Thread(target=lambda: out.update(r=httpx.post(f"{url}/v1/chat/completions", json=body,
                                                                     timeout=120)))
         t.start()
-        time.sleep(0.8)  # prepare is milliseconds; 24 tokens take seconds
-        assert t.is_alive(), "the generation ended before the forget; the race was not exercised"
+        sched = local_backend.scheduler
+        deadline = time.monotonic() + 30
+        while not sched.active and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the answer is decoding (the lean step makes 24 tokens take < 1 s)
+        assert t.is_alive() and sched.active, "the generation ended before the forget; the race was not exercised"
         r = httpx.delete(f"{url}/v1/users/ana", timeout=30)
         assert r.status_code == 200
         t.join(120)
