@@ -812,7 +812,7 @@ class _MemoryRetrieval(_MemoryIngest):
             if mode == "fused" and prescored is None and not self.store_search:
                 # BM25 over the scope while the query is embedded on the embedding thread (as the
                 # memory plugin's request path does): the search then reuses these probes.
-                prescored = self.prescore(user, query, context=context, scope=scope, k=k, kinds=kinds)
+                prescored = self._bm25_probes(nodes, query, k, kindset)  # the scope is read once
             assert fut is not None
             qv = np.asarray(fut.result(), dtype=np.float32)[0]
         if mode == "fused":
@@ -920,15 +920,20 @@ class _MemoryRetrieval(_MemoryIngest):
         adds the vector searches as ``"dense"``."""
         query = sanitize(query, 2000)
         kindset = set(kinds) if kinds is not None else None
-        out: dict[str, Any] = {"query": query, "scores": {}, "n_cand": {}}  # n_cand: node -> candidates probed
         if not query:
-            return out
+            return {"query": query, "scores": {}, "n_cand": {}}
         if self.store_search:
             texts = self._each_store_owner(user, context, scope, lambda node, n, want: self.store.text_search(
                 node, query, n, kinds=want), k, kinds)
-            out.update({"text": texts, "k": k, "kinds": _kinds_key(kinds)})
-            return out
-        for node, _ in self.scope_nodes(user, context, scope):
+            return {"query": query, "scores": {}, "n_cand": {}, "text": texts, "k": k, "kinds": _kinds_key(kinds)}
+        return self._bm25_probes(self.scope_nodes(user, context, scope), query, k, kindset)
+
+    def _bm25_probes(self, nodes: Sequence[tuple[str, float]], query: str, k: int,
+                     kindset: set[str] | None) -> dict[str, Any]:
+        """``prescore``'s result for mode fused: both BM25 granularities probed on each of ``nodes``
+        (``query`` already sanitized)."""
+        out: dict[str, Any] = {"query": query, "scores": {}, "n_cand": {}}  # n_cand: node -> candidates probed
+        for node, _ in nodes:
             self._load(node)
             n = out["n_cand"][node] = self._n_cand(node, k, kindset)
             for name, ix in (("bm25_turn", self.bm25), ("bm25_window", self.bm25_window)):

@@ -247,13 +247,13 @@ def test_prescored_bm25_with_a_concurrent_embedding_gives_the_same_hits(store, m
 
 def test_search_alone_scores_bm25_while_its_query_is_embedded(store, minilm, monkeypatch):
     """``search`` without a query vector embeds the query on the embedding thread and runs the BM25
-    half meanwhile (``prescore``), as the request path does; given a vector, or in another mode, not."""
+    half meanwhile (``prescore``'s), as the request path does; given a vector, or in another mode, not."""
     mm = MemoryManager(store, embedder=minilm)
     mm.add_raw("ana", [{"role": "user", "content": t, "id": f"d{i}"} for i, t in enumerate([
         "We went hiking in the Alps last June.", "My sister Lena lives in Porto."])], session_date="2024-06-10")
     calls = []
-    real = mm.prescore
-    monkeypatch.setattr(mm, "prescore", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    real = mm._bm25_probes  # prescore's BM25 half
+    monkeypatch.setattr(mm, "_bm25_probes", lambda *a, **kw: calls.append(a) or real(*a, **kw))
     hits = mm.search("ana", "Who lives in Porto?", 2)
     assert hits[0].memory.text == "My sister Lena lives in Porto." and len(calls) == 1
     mm.search("ana", "Who lives in Porto?", 2, query_vector=mm._embed(["Who lives in Porto?"])[0])
