@@ -82,9 +82,16 @@ class HopSettings:
 DEFAULT_HOPS = HopSettings(prf_k=3, prf_weight=1.0, link_weight=0.5, speaker_weight=0.5, session_penalty=0.0)
 
 
+_POSSESSIVE = re.compile(r"['\u2019]s?$")
+
+
 def names(text: str) -> set[str]:
-    """Lower-cased capitalised words of ``text`` that may name someone or something."""
-    return {w.lower() for w in _NAME.findall(text)} - _NOT_NAMES
+    """Lower-cased capitalised words of ``text`` that may name someone or something.
+
+    A possessive is its name ("Melanie's kids" names ``melanie``): questions ask about someone's
+    things far more often than they name them bare, and the speaker links compare these names
+    with ``meta["speaker"]``."""
+    return {_POSSESSIVE.sub("", w.lower()) for w in _NAME.findall(text)} - _NOT_NAMES - {""}
 
 
 def _z(x: np.ndarray) -> np.ndarray:

@@ -45,6 +45,10 @@ def test_names_drop_sentence_words():
     assert names("My sister Lucia lives in Lisbon. The band played; What a day") == {"lucia", "lisbon"}
 
 
+def test_names_read_possessives_as_the_name():
+    assert names("What do Melanie's kids like? Is it James\u2019 dog, or Chris' car?") == {"melanie", "james", "chris"}
+
+
 def test_second_hop_finds_the_linked_memory(mm):
     query = "Where does my sister live?"
     first = mm.search("ana", query, k=3, hops={})
