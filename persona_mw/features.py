@@ -119,14 +119,24 @@ class FeatureSpec(BaseModel):
     ngram_scale: float = Field(default=1.0, ge=0.0, description="multiplier of the n-gram block")
     embedding: bool = Field(default=True, description="sentence embeddings from the embedder")
     embedding_scale: float = Field(default=1.0, ge=0.0, description="multiplier of the embedding block")
+    lm: str | None = Field(
+        default=None, description="a local model (a `persona-mw models` name or folder) whose hidden states at "
+        "`lm_layer` are a feature block (persona_mw.hidden_features); null: no such block")
+    lm_layer: int = Field(default=8, ge=1, description="which decoder layer's output (1 = the first)")
+    lm_scale: float = Field(default=3.0, ge=0.0, description="multiplier of the hidden-state block")
+    lm_max_tokens: int = Field(default=384, ge=8, le=8192, description="tokens of a response read (the rest cut)")
 
     def key(self) -> str:
-        """A short fingerprint stored with fitted profiles (weights are only valid for one spec)."""
-        return f"{zlib.crc32(self.model_dump_json().encode()):08x}"
+        """A short fingerprint stored with fitted profiles (weights are only valid for one spec).
+
+        Without an ``lm`` block the ``lm_*`` fields are left out, so the profiles fitted before
+        they existed keep their key."""
+        exclude = {"lm", "lm_layer", "lm_scale", "lm_max_tokens"} if self.lm is None else None
+        return f"{zlib.crc32(self.model_dump_json(exclude=exclude).encode()):08x}"
 
 
 class Featurizer:
-    """Texts -> feature matrix ``[style | n-grams | embedding]`` with an in-process LRU cache."""
+    """Texts -> feature matrix ``[style | n-grams | embedding | lm]`` with an in-process LRU cache."""
 
     def __init__(self, spec: FeatureSpec | None = None, embedder: Any = None, cache_size: int = 20000) -> None:
         self.spec = spec or FeatureSpec()
@@ -150,7 +160,17 @@ class Featurizer:
         d += self.spec.ngram_dim
         if self.spec.embedding:
             d += int(self.embedder.dim)
+        if self.spec.lm:
+            d += self.hidden.dim
         return d
+
+    @property
+    def hidden(self) -> Any:
+        """The ``lm`` block's encoder (``persona_mw.hidden_features``), loaded on first use."""
+        from persona_mw.hidden_features import hidden_encoder
+
+        assert self.spec.lm is not None
+        return hidden_encoder(self.spec.lm, self.spec.lm_layer, self.spec.lm_max_tokens)
 
     def _lexical(self, text: str) -> np.ndarray:
         parts = []
@@ -169,11 +189,12 @@ class Featurizer:
         missing = [t for t in dict.fromkeys(texts) if (scope, t) not in self._cache]
         if missing:
             lex = [self._lexical(t) for t in missing]
+            blocks: list[Any] = [lex]
             if self.spec.embedding:
-                emb = np.asarray(self.embedder.embed(missing), dtype=np.float32) * self.spec.embedding_scale
-                rows = [np.concatenate([a, b]) for a, b in zip(lex, emb)]
-            else:
-                rows = lex
+                blocks.append(np.asarray(self.embedder.embed(missing), dtype=np.float32) * self.spec.embedding_scale)
+            if self.spec.lm:
+                blocks.append(self.hidden.encode(missing) * self.spec.lm_scale)
+            rows = [np.concatenate(parts) for parts in zip(*blocks)] if len(blocks) > 1 else lex
             for t, r in zip(missing, rows):
                 self._cache[(scope, t)] = r.astype(np.float32, copy=False)
                 if len(self._cache) > self._cache_size:

@@ -27,9 +27,20 @@ Trial = Callable[[S, Setting, bool], dict[str, float]]
 
 # The settings every outer fold's inner CV chooses from (the plugin's defaults first: they win ties):
 # the precision of a node's prior around its parents (how far a user's or group's fit may move from
-# them) and the graph's k in (n*own + k*parent)/(n+k) (the blend of user and group evidence).
-PROFILE_GRID: list[Setting] = [{"prior_precision": p, "graph.prior_strength": k}
-                               for p in (1.0, 0.3, 3.0) for k in (5.0, 20.0)]
+# them), the graph's k in (n*own + k*parent)/(n+k) (the blend of user and group evidence), and the
+# feature blocks: the defaults, or the defaults plus the hidden states of the packaged local model at
+# layer 4 or 8 of 30 (``persona_mw.hidden_features``). Precision 3.0 was dropped from an earlier grid:
+# it scored worst in every fold of both benchmarks (docs/notes/cv20.md).
+def _lm_features(layer: int) -> dict[str, Any]:
+    from persona_mw.models import DEFAULT_MODEL
+
+    return {"embedding_scale": 1.5, "lm": DEFAULT_MODEL, "lm_layer": layer}
+
+
+FEATURE_CHOICES: list[dict[str, Any] | None] = [None, _lm_features(4), _lm_features(8)]  # None: the defaults
+PROFILE_GRID: list[Setting] = [
+    {"prior_precision": p, "graph.prior_strength": k, **({"features": f} if f else {})}
+    for f in FEATURE_CHOICES for p in (1.0, 0.3) for k in (5.0, 20.0)]
 
 
 def kfold(n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -81,4 +92,4 @@ def nested_cv(outer: Sequence[S], inner: Callable[[S], Sequence[S]], trial: Tria
                 k: round(v, 4) for k, v in inner_mean.items()}, "chosen_most_often": dict(winner)}
 
 
-__all__ = ["PROFILE_GRID", "kfold", "nested_cv", "setting_key", "summarize"]
+__all__ = ["FEATURE_CHOICES", "PROFILE_GRID", "kfold", "nested_cv", "setting_key", "summarize"]
