@@ -33,7 +33,7 @@ CATEGORIES = {4: "single-hop", 1: "multi-hop", 2: "temporal", 3: "open-domain", 
 _PRF = ((0, 0.0), (1, 0.5), (3, 0.25), (3, 0.5), (3, 1.0), (5, 0.5), (5, 1.0))  # (prf_k, prf_weight)
 GRID: tuple[dict[str, Any], ...] = tuple(
     {"prf_k": n, "prf_weight": w, "link_weight": lw, "speaker_weight": sw, "session_penalty": p}
-    for n, w in _PRF for lw in (0.0, 0.5) for sw in (0.0, 0.25, 0.5) for p in (0.0, 0.1) if n or not lw)
+    for n, w in _PRF for lw in (0.0, 0.5) for sw in (0.0, 0.25, 0.5, 1.0) for p in (0.0, 0.1) if n or not lw)
 SELECT = "R@10"  # what the inner selection maximises on the training folds
 
 def load(data: str | Path, conversations: Sequence[str] | None = None) -> list[dict[str, Any]]:
