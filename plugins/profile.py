@@ -48,6 +48,7 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -397,12 +398,31 @@ class ProfilePlugin:
 
     @hookimpl
     def persona_startup(self, ctx: PluginContext) -> None:
+        self._check_lm()
         # Share the core's per-node locks: the core bumps evidence and stated preferences in
         # the same profile row, so separate locks would let one writer drop the other's update.
         self._shared_lock = ctx.profile_lock
         # Writes go through the core's compare-and-set update (``ProfileService.update``): a row
         # another process changed in between is re-read and the change re-applied, never overwritten.
         self._update = ctx.update_profile
+
+    def _check_lm(self) -> None:
+        """``features.lm`` must name a model of the registry or an existing path: said at startup, not
+        at the first feedback event (no weights are loaded here)."""
+        lm = self.spec.lm
+        if not lm:
+            return
+        from persona_mw.errors import ConfigError, ModelNotFound
+        from persona_mw.models import get_spec, is_local_path
+
+        if is_local_path(lm):
+            if not Path(lm).expanduser().exists():
+                raise ConfigError(f"plugin {self.name!r}: features.lm: no model at {lm!r}")
+            return
+        try:
+            get_spec(lm)
+        except ModelNotFound as exc:
+            raise ConfigError(f"plugin {self.name!r}: features.lm: {exc.message}", hint=exc.hint) from exc
 
     def _lock(self, node: str) -> threading.Lock:
         shared = getattr(self, "_shared_lock", None)

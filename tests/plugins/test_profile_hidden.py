@@ -92,3 +92,13 @@ def test_profile_learns_and_scores_through_the_block(make_mw):
               "The board approved the revised forecast for next year."]
     s = score_texts(scope, profiles, "q", unseen)
     assert s[0] > s[1]
+
+
+@pytest.mark.parametrize("lm, said", [("smolm2-135m", "did you mean 'smollm2-135m-instruct'"),
+                                       ("/nowhere/model", "no model at '/nowhere/model'")])
+def test_bad_model_in_config_is_refused_at_startup(make_mw, lm, said):
+    from persona_mw.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="features.lm") as err:
+        make_mw(PIPE.replace("lm: smollm2-135m-instruct", f"lm: {lm}"))
+    assert said in str(err.value)
