@@ -102,3 +102,44 @@ def test_bad_model_in_config_is_refused_at_startup(make_mw, lm, said):
     with pytest.raises(ConfigError, match="features.lm") as err:
         make_mw(PIPE.replace("lm: smollm2-135m-instruct", f"lm: {lm}"))
     assert said in str(err.value)
+
+
+def test_concurrent_first_use_loads_once_and_gives_the_sequential_rows():
+    """Requests score candidates from many threads; the first ones race to load the model."""
+    import threading
+
+    from persona_mw.hidden_features import HiddenStateEncoder
+
+    enc = HiddenStateEncoder(MODEL, layer=2, batch_size=2)
+    from transformers import AutoModelForCausalLM
+
+    loads: list[int] = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def counting(*a, **k):
+        loads.append(1)
+        return real(*a, **k)
+
+    batches = [TEXTS[i:] + TEXTS[:i] for i in range(4)]
+    got: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            got[i] = enc.encode(batches[i])
+        except BaseException as exc:  # pragma: no cover - the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoModelForCausalLM, "from_pretrained", counting)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors and len(got) == 4
+    assert len(loads) == 1  # one private copy, however many threads asked first
+    ref = HiddenStateEncoder(MODEL, layer=2, batch_size=1).encode(TEXTS)
+    for i, rows in got.items():
+        expect = np.roll(ref, -i, axis=0)
+        assert np.allclose(rows, expect, atol=1e-5), i
