@@ -10,8 +10,8 @@ answer 0.58 of the time from pooled choices, where style + n-grams + MiniLM reac
 ``docs/notes/lm-features.md``).
 
 ``HiddenStateEncoder(model, layer)``: the model's first ``layer`` decoder layers only (loaded as a
-private, truncated copy: the serving model is never touched, and an 8-layer copy of SmolLM2-135M is
-about a quarter of the full model), the mean over tokens of the last one's output (before any norm),
+private, truncated copy: the serving model is never touched; an 8-layer copy of SmolLM2-135M holds
+0.23 GB and runs about a quarter of the model's layers, with no LM head), the mean over tokens of the last one's output (before any norm),
 then each row standardized over its own dimensions and clipped to +-3 (the few "massive activation"
 dimensions of a decoder would otherwise be the whole vector), L2-normalized. No corpus statistics:
 a row depends on its text alone, so a fitted profile keeps its meaning across processes.

@@ -44,6 +44,7 @@ the this that these those what when where which who whom whose why how and but f
 its it's i'm i've i'd i'll you you're we we're they they're she he his her hers him our ours your
 there here then also just well thanks thank sure okay hey hello haha awesome great nice cool really
 did does do was were will would can could should have has had been being are is am been so oh aww omg
+it let let's
 monday tuesday wednesday thursday friday saturday sunday january february march april may june july
 august september october november december
 """.split())
@@ -92,7 +93,15 @@ def names(text: str) -> set[str]:
     A possessive is its name ("Melanie's kids" names ``melanie``): questions ask about someone's
     things far more often than they name them bare, and the speaker links compare these names
     with ``meta["speaker"]``."""
-    return {_POSSESSIVE.sub("", w.lower()) for w in _NAME.findall(text)} - _NOT_NAMES - {""}
+    out: set[str] = set()
+    for word in _NAME.findall(text):
+        w = word.lower()
+        if w in _NOT_NAMES:  # "It's", "That's": a sentence word, with or without its 's
+            continue
+        w = _POSSESSIVE.sub("", w)
+        if w and w not in _NOT_NAMES:
+            out.add(w)
+    return out
 
 
 def _z(x: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ def test_names_drop_sentence_words():
 
 def test_names_read_possessives_as_the_name():
     assert names("What do Melanie's kids like? Is it James\u2019 dog, or Chris' car?") == {"melanie", "james", "chris"}
+    assert names("It's late. That's it! Let's go, Ana's here.") == {"ana"}  # sentence words stay out
 
 
 def test_second_hop_finds_the_linked_memory(mm):
