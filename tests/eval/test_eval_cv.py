@@ -141,3 +141,27 @@ def test_eval_folds_bad_values_are_clean_errors(dsp_dir, tmp_path, capsys):  # n
     out = tmp_path / "x.json"
     assert main(["eval", "traits", "--data", str(dsp_dir), "--folds", "3", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_profile_grid_offers_the_hidden_state_block():
+    from persona_mw.eval.cv import FEATURE_CHOICES, PROFILE_GRID
+    from persona_mw.models import DEFAULT_MODEL
+
+    assert PROFILE_GRID[0] == {"prior_precision": 1.0, "graph.prior_strength": 5.0}  # the defaults first
+    lm = [s for s in PROFILE_GRID if "features" in s]
+    assert {s["features"]["lm_layer"] for s in lm} == {4, 8} and all(s["features"]["lm"] == DEFAULT_MODEL for s in lm)
+    assert len(PROFILE_GRID) == 4 * len(FEATURE_CHOICES)
+
+
+@pytest.mark.slow
+def test_eval_dsp_cv_runs_the_hidden_state_block(dsp_dir):  # noqa: F811
+    lm = {"features": {"embedding": False, "ngram_dim": 0, "style": False, "lm": "smollm2-135m-instruct",
+                       "lm_layer": 2}}
+    rep = dsp.run_cv(dsp_dir, folds=2, inner_folds=2, users_per_domain=2, hs=(5,), grid=[lm])
+    assert rep["folds"][0]["chosen"] == lm
+    assert rep["metrics"]["top1@H5"] > 0.5  # the block alone tells the blatant styles apart
+    from persona_mw.eval.common import _SHARED
+    from persona_mw.features import FeatureSpec
+
+    used = _SHARED[FeatureSpec.model_validate(lm["features"]).key()]
+    assert used.spec.lm and used.dim == 576 and len(used._cache) > 0  # the trials featurized through it
