@@ -476,6 +476,9 @@ class Decoding(BaseModel):
     # ``[n, V]`` and those of this Decoding's streams ``[n, S, V]`` at every step.
     streams: list[list[Message]] = Field(default_factory=list)
     combine: Any = None
+    # A LoRA adapter (``persona_mw.plugins._lora.Adapter``) or None for each of ``streams``, in order: that
+    # stream's rows decode with the adapter's deltas (the ``lora`` plugin's ``mixing: logits``). Empty: none.
+    stream_adapters: list[Any] = Field(default_factory=list)
     # Reward-guided decoding (ARGS-style): ``token_reward(hidden [k, d]) -> [k]`` scores the
     # top-``reward_top_k`` next tokens from the policy's last hidden state after each candidate;
     # the token maximizing ``logit + reward_weight * reward`` is chosen.

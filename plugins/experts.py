@@ -12,8 +12,9 @@ model plus an optional system prompt:
   the logits are sliced to the shared part, as proxy-tuning and MOD do).
 
 Weights per user: ``Profile.extra["experts"]["weights"][name]`` on the scope's nodes, combined with
-the scope's weights; the expert's ``weight`` where no node sets one. LoRA adapters as experts need
-``peft``, which is not a dependency here (not implemented).
+the scope's weights; the expert's ``weight`` where no node sets one. LoRA adapters mixed at the logits
+are the ``lora`` plugin's ``mixing: logits`` (the same prompt streams, each with its node's adapter:
+``Decoding.stream_adapters``).
 """
 
 from __future__ import annotations

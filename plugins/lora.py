@@ -22,6 +22,11 @@ version of a node makes a new key and removes the stale merges. A missing or unr
 file is left out (its weight goes to the rest of the scope: the parents) with a trace note; the
 turn never fails for it. No adapter in scope: no hook, the base model unchanged.
 
+Serving (``mixing: logits``): each node with an adapter gets a prompt stream of its own (the answer's
+prompt, its rows decoded with that node's adapter: ``Decoding.stream_adapters``), and the answer's
+next-token scores are ``sum_n w_n log_softmax(stream_n)`` (``mix_logits``; MOD / Personalized Soups at
+decoding time), with the same ``w_n`` as the merge. A scope with one adapter uses it directly.
+
 Serving (``serve: remote``, ``persona_mw.plugins._lora_remote``): on the litellm backend, each turn asks
 the backend's server (vLLM multi-LoRA) for the scope's adapter by its served name (the merge, else the
 nodes by weight, else the base model); ``persona-mw lora export --all`` writes the folders and vLLM's
@@ -70,6 +75,20 @@ def rating_pairs(events: list[Any], gap: float = 0.25) -> list[tuple[str, str, s
                 if ra - rb >= gap and a != b:
                     out.append((prompt, a, b))
     return out
+
+
+def mix_logits(weights: list[float]) -> Any:
+    """``combine`` of ``mixing: logits``: the answer's next-token scores are ``sum_n w_n log_softmax(s_n)``
+    over the node streams (``scores [rows, S, V]``); the answer row's own (base model) scores are not used."""
+
+    def combine(main: Any, scores: Any) -> Any:
+        out = None
+        for i, w in enumerate(weights):
+            part = w * scores[:, i, :].log_softmax(dim=-1)
+            out = part if out is None else out + part
+        return out if out is not None else main
+
+    return combine
 
 
 def all_pairs(events: list[Any]) -> list[tuple[str, str, str]]:
@@ -207,8 +226,11 @@ class LoraAdapters:
         node_kinds: list[NodeKind] = Field(
             default_factory=lambda: list(NODE_KINDS),
             description="which nodes get adapters")
-        mixing: Literal["merge"] = Field(default="merge", description="how the scope's adapters combine: "
-                                         "an exact weight-space merge cached per scope")
+        mixing: Literal["merge", "logits"] = Field(
+            default="merge", description="how the scope's adapters combine: merge (an exact weight-space merge "
+            "cached per scope; one row per answer) or logits (each node's adapter decodes its own stream of the "
+            "prompt, and the answer's next-token scores are sum_n w_n log_softmax(stream_n), as MOD / "
+            "Personalized Soups at decoding time; one more row per node)")
         dir: str | None = Field(default=None, description="adapter folder (default: beside the SQLite store)")
         serve: Literal["local", "remote"] = Field(
             default="local", description="local: decode with the scope's adapter on the white-box local model; "
@@ -374,8 +396,9 @@ class LoraAdapters:
     # ---------------------------------------------------------------- serving
 
     def scope_adapter(self, turn: Turn, model_name: str) -> tuple[Any, dict[str, float], list[str]]:
-        """The merged adapter of the scope (None if no node has one), the weights used, and notes
-        about adapters that could not be read.
+        """The merged adapter of the scope (None if no node has one; with ``mixing: logits`` and two
+        nodes or more, the list of their adapters, in the order of the weights), the weights used, and
+        notes about adapters that could not be read.
 
         The weights are the scope's shrinkage (``PreferenceGraph.shrink_weights``: the same graph
         and prior strength) with each node's evidence the learnable events its adapter was trained
@@ -413,6 +436,8 @@ class LoraAdapters:
         used = {n: w / total for n, _, w in parts}
         if len(parts) == 1:
             return self.files.read(parts[0][1]), used, notes
+        if self.config.mixing == "logits":  # one adapter per node, mixed at the logits (``mix_logits``)
+            return [self.files.read(f) for _, f, _ in parts], used, notes
         try:
             return self.files.merged(parts), used, notes
         except PersonaError as exc:
@@ -434,8 +459,12 @@ class LoraAdapters:
             turn.note("no adapter in scope: base model")
             return None
         turn.note("adapter " + ", ".join(f"{k}:{w:.2f}" for k, w in used.items()))
-        return Decoding(source=self.name, activation_hooks=[adapter_hook(adapter)],
-                        meta={"nodes": used, "degraded": bool(notes)})
+        meta = {"nodes": used, "degraded": bool(notes)}
+        if isinstance(adapter, list):  # mixing: logits, two or more nodes
+            turn.note(f"mixed at the logits: {len(adapter)} adapter streams")
+            return Decoding(source=self.name, streams=[list(turn.messages) for _ in adapter],
+                            stream_adapters=adapter, combine=mix_logits(list(used.values())), meta=meta)
+        return Decoding(source=self.name, activation_hooks=[adapter_hook(adapter)], meta=meta)
 
     # ---------------------------------------------------------------- forget, report
 

@@ -70,6 +70,7 @@ class Job:
     on_token: OnText | None = None
     adds: list[tuple[int, Any]] = field(default_factory=list)  # (decoder layer, vector) added to its rows
     loras: list[Any] = field(default_factory=list)  # adapters (``weights``: name -> (A, B)) on its rows
+    row_loras: list[Any] | None = None  # an adapter (or None) per row: its streams' ``stream_adapters``
     serial: int = field(default_factory=lambda: next(_SERIAL))
     n: int = 1  # sampled answers: n > 1 holds n rows on copies of its prompt's cache (``samples``)
     reward: Decoding | None = None  # reward-guided search: the rewarder (its rows: ``k`` candidates)
@@ -214,7 +215,7 @@ class Scheduler:
             self._drop_finished()  # an idle batch holds no cache
 
     def _admit(self) -> None:
-        from .steering import _layout
+        from .steering import _layout, stream_adapters
 
         while len(self.active) + len(self.prefilling) < self.max_batch:
             with self._guard:
@@ -227,6 +228,7 @@ class Scheduler:
             try:
                 prompts, layout, _ = _layout(self.b, [(job.messages, job.decoding)], 1)
                 job.enc = self.b._encode(prompts)
+                job.row_loras = stream_adapters(layout, len(prompts))
             except Exception as exc:  # a prompt too long for the model fails that request alone
                 job.done.set_exception(self._error(exc))
                 continue
@@ -258,6 +260,10 @@ class Scheduler:
         end: int = min(int(ids.shape[1]), start + budget)
         try:
             handles = self.b._attach_hooks(job.decoding) if job.adds or job.loras else []  # this prompt alone
+            if job.row_loras is not None:
+                from persona_mw.plugins._lora import row_hooks
+
+                handles += row_hooks(self.b._model, job.row_loras)
             try:
                 with torch.inference_mode():
                     logits = forward_last(self.b, ids[:, start:end], mask[:, :end], job.cache)
@@ -527,7 +533,7 @@ class Scheduler:
     def _lora(self) -> dict[str, list[Any]] | None:
         """Per module name, ``(first row, end row, A, B)`` for every adapted request's rows; None when no
         running request carries an adapter. Rebuilt when the batch changes."""
-        if not any(job.loras for job in self.active):
+        if not any(job.loras or job.row_loras for job in self.active):
             return None
         key = tuple(job.serial for job in self.active)
         if self._row_lora is not None and self._row_lora[0] == key:
@@ -538,6 +544,10 @@ class Scheduler:
             for adapter in job.loras:
                 for name, (a, b) in adapter.weights.items():
                     by_name.setdefault(name, []).append((row, row + job.rows, a, b))
+            for i, adapter in enumerate(job.row_loras or []):  # a stream's rows: its own adapter
+                if adapter is not None:
+                    for name, (a, b) in adapter.weights.items():
+                        by_name.setdefault(name, []).append((row + i, row + i + 1, a, b))
             row += job.rows
         self._row_lora = (key, by_name)
         return by_name

@@ -180,6 +180,20 @@ def _layout(b: TransformersBackend, requests: Requests, n: int) -> tuple[list[st
     return prompts, layout, group_prompt
 
 
+def stream_adapters(layout: list[Group], rows: int) -> list[Any] | None:
+    """The LoRA adapter of each row (``Decoding.stream_adapters``: a stream's rows get their stream's; the
+    answer rows none), or None when no stream carries one."""
+    out: list[Any] = [None] * rows
+    for first, spans, _ in layout:
+        for d, a, b in spans:
+            if d.stream_adapters and len(d.stream_adapters) != b - a:
+                raise BackendError(f"{d.source or 'a plugin'}: {len(d.stream_adapters)} stream adapters for "
+                                   f"{b - a} streams")
+            for i, adapter in enumerate(d.stream_adapters):
+                out[first + a + i] = adapter
+    return out if any(a is not None for a in out) else None
+
+
 def _row_owners(layout: list[Group], rows: int) -> Any:
     """Which group each row belongs to (to feed it the group's token)."""
     import torch
@@ -272,7 +286,16 @@ def steer(
     prompts, layout, group_prompt = _layout(b, requests, n)
     enc = b._encode(prompts)
     lim = loop_limits(b, s, enc["input_ids"].shape[1])
-    gen, main_rows = _stream_loop(b, layout, enc, s, lim, use_cache, on_token)
+    per_row = stream_adapters(layout, int(enc["input_ids"].shape[0]))
+    if per_row is not None:
+        from persona_mw.plugins._lora import row_hooks
+
+        handles = row_hooks(b._model, per_row)  # each stream row its own adapter, prompt and steps alike
+    try:
+        gen, main_rows = _stream_loop(b, layout, enc, s, lim, use_cache, on_token)
+    finally:
+        for h in handles if per_row is not None else []:
+            h.remove()
     prompt_tokens = enc["attention_mask"][main_rows].sum(dim=1).tolist()
     per_prompt = [int(prompt_tokens[i * n]) for i in range(len(requests))]
     cands = candidates(b, gen, 0, per_prompt, n, s, lim.max_new)

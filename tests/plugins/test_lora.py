@@ -402,3 +402,39 @@ def test_a_quantized_backend_trains_on_its_float32_weights_and_serves_the_adapte
             for h in handles:
                 h.remove()
     assert not torch.equal(plain, adapted)
+
+
+def test_mixing_at_the_logits_decodes_one_stream_per_node_adapter(make_mw: Any, local_backend: Any,
+                                                                  tmp_path: Path, monkeypatch: Any) -> None:
+    root = tmp_path / "adapters"
+    mw = make_mw(YAML.replace("job_seconds: null", f"job_seconds: null, dir: {root}, mixing: logits"),
+                 backend=local_backend)
+    mw.join("ana", "shorties")
+    mw.join("bob", "shorties")
+    for ev in CHOICES:
+        mw.feedback(ev)
+    plugin = mw.plugin("lora")
+    made: list[Any] = []
+    real = local_backend.generate
+
+    async def record(*a: Any, decoding: Any = None, **k: Any) -> Any:  # what the backend is asked to decode
+        made.append((a[0] if a else k["messages"], [d for d in decoding or [] if d.source == "lora"]))
+        return await real(*a, decoding=decoding, **k)
+
+    monkeypatch.setattr(local_backend, "generate", record)
+    reply = mw.chat(user="ana", messages="How do fridges work?", params=P)
+    assert reply.text and "adapter user:ana:0.62, group:shorties:0.38" in step(reply), step(reply)
+    assert "mixed at the logits: 2 adapter streams" in step(reply), step(reply)
+    assert not any(f.startswith("merged/") for f in adapter_files(root))  # nothing merged in this mode
+    sent, (d,) = made[-1]
+    assert list(d.meta["nodes"]) == ["user:ana", "group:shorties"] and d.activation_hooks == []
+    assert d.streams == [list(sent)] * 2  # each stream: the answer's own prompt
+    for node, ad in zip(d.meta["nodes"], d.stream_adapters):  # each stream: that node's stored adapter
+        stored = plugin.files.read(mw.store.get_profile(node).extra["lora"]["file"])
+        assert all(torch.equal(ad.weights[k][1], stored.weights[k][1]) for k in stored.weights)
+    scores = torch.randn(1, 2, 50)
+    w = list(d.meta["nodes"].values())
+    expect = w[0] * scores[:, 0].log_softmax(-1) + w[1] * scores[:, 1].log_softmax(-1)
+    assert torch.allclose(d.combine(torch.zeros(1, 50), scores), expect)
+    bob = mw.chat(user="bob", messages="How do fridges work?", params=P)
+    assert "adapter group:shorties:1.00" in step(bob) and "mixed at the logits" not in step(bob)
