@@ -198,7 +198,7 @@ class AdapterFiles:
 
 
 class LoraAdapters:
-    """Train per-node LoRA adapters from feedback; decode with the scope's merged adapter."""
+    """Train per-node LoRA adapters from feedback; decode with the scope's adapters, merged or mixed at the logits."""
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
