@@ -46,7 +46,7 @@ from persona_mw.errors import BackendError, BackendOverloaded, PersonaError
 from persona_mw.logits import top_p_mask
 from persona_mw.types import Candidate, Decoding, Message
 
-from .steering import forward_last, loop_limits, new_cache
+from .steering import forward_last, loop_limits, new_cache, row_adapter_hooks
 from .torch_thread import TORCH_THREAD
 
 if TYPE_CHECKING:
@@ -260,10 +260,7 @@ class Scheduler:
         end: int = min(int(ids.shape[1]), start + budget)
         try:
             handles = self.b._attach_hooks(job.decoding) if job.adds or job.loras else []  # this prompt alone
-            if job.row_loras is not None:
-                from persona_mw.plugins._lora import row_hooks
-
-                handles += row_hooks(self.b._model, job.row_loras)
+            handles += row_adapter_hooks(self.b, job.row_loras)  # its streams' own adapters
             try:
                 with torch.inference_mode():
                     logits = forward_last(self.b, ids[:, start:end], mask[:, :end], job.cache)

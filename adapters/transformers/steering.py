@@ -194,6 +194,15 @@ def stream_adapters(layout: list[Group], rows: int) -> list[Any] | None:
     return out if any(a is not None for a in out) else None
 
 
+def row_adapter_hooks(b: TransformersBackend, per_row: list[Any] | None) -> list[Any]:
+    """Hooks giving each row its adapter of ``per_row`` (``stream_adapters``); none for None."""
+    if per_row is None:
+        return []
+    from persona_mw.plugins._lora import row_hooks
+
+    return row_hooks(b._model, per_row)
+
+
 def _row_owners(layout: list[Group], rows: int) -> Any:
     """Which group each row belongs to (to feed it the group's token)."""
     import torch
@@ -286,15 +295,12 @@ def steer(
     prompts, layout, group_prompt = _layout(b, requests, n)
     enc = b._encode(prompts)
     lim = loop_limits(b, s, enc["input_ids"].shape[1])
-    per_row = stream_adapters(layout, int(enc["input_ids"].shape[0]))
-    if per_row is not None:
-        from persona_mw.plugins._lora import row_hooks
-
-        handles = row_hooks(b._model, per_row)  # each stream row its own adapter, prompt and steps alike
+    # each stream row its own adapter, prompt and steps alike
+    handles = row_adapter_hooks(b, stream_adapters(layout, int(enc["input_ids"].shape[0])))
     try:
         gen, main_rows = _stream_loop(b, layout, enc, s, lim, use_cache, on_token)
     finally:
-        for h in handles if per_row is not None else []:
+        for h in handles:
             h.remove()
     prompt_tokens = enc["attention_mask"][main_rows].sum(dim=1).tolist()
     per_prompt = [int(prompt_tokens[i * n]) for i in range(len(requests))]
