@@ -12,7 +12,9 @@ so the shared cached model stays the base model and a request without an adapter
 - ``row_hooks``: several adapters in one batch, one per row (zero-padded ranks; a row with no adapter
   adds an exact zero, so its tokens are the base model's).
 - ``train``: the DPO loss (Rafailov et al. 2023) ``-log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)])``
-  on summed response log-probs, the reference being the base model (computed once, no grad); BiPO
+  on summed response log-probs, the reference being the base model (computed once, no grad), or
+  SimPO's (Meng et al. 2024) ``-log sigmoid(beta * [pi_w / |y_w| - pi_l / |y_l|] - gamma)``: no
+  reference, the per-token mean log-prob (what the held-out scoring ranks answers by); BiPO
   (ALGORITHMS.md §8.2) is the same loop with a steering vector ``v`` at one layer as the only
   parameter, a random direction ``d in {-1, +1}`` per step and ``-log sigmoid(d * beta * u)``.
 - Files: ``save``/``load`` write a safetensors file with PEFT's key names
@@ -65,6 +67,9 @@ class TrainSettings:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     lr: float = 2e-3
     beta: float = 0.1
+    loss: str = "dpo"  # "dpo" (reference-relative, summed) or "simpo" (reference-free, per-token mean, margin gamma)
+    gamma: float = 0.0  # SimPO's target reward margin
+    nll: float = 0.0  # weight of the chosen answers' per-token negative log-likelihood added to the loss (RPO)
     steps: int = 40
     batch_choices: int = 2
     max_prompt_tokens: int = 64
@@ -276,6 +281,7 @@ class _Cached:
     cols: Any
     targets: Any  # [n] the response tokens
     seq: Any  # [n] the sequence (response) each token belongs to
+    lens: Any  # [sequences] response tokens scored per sequence
     ref: Any  # [sequences] the base model's summed response log-probs
     pairs: list[tuple[int, int]]  # (chosen, rejected) sequence indices
 
@@ -378,7 +384,8 @@ def _prepare(model: Any, run: _Weights, layout: dict[str, Any], pairs: list[tupl
         got["kw"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
 
     handle = decoder_layers(model)[start].register_forward_pre_hook(grab, with_kwargs=True)
-    c = _Cached(None, {}, layout["rows"], layout["cols"], layout["targets"], layout["seq"], None, pairs)
+    lens = torch.bincount(layout["seq"], minlength=nseq).clamp(min=1).float()
+    c = _Cached(None, {}, layout["rows"], layout["cols"], layout["targets"], layout["seq"], lens, None, pairs)
     try:
         with torch.no_grad():
             out = run(model.model, **layout["inputs"], use_cache=False)
@@ -426,7 +433,9 @@ def _chunks(model: Any, run: _Weights, tok: Any, fmt: Callable[[str], str],
 def _loop(chunks: list[_Cached], params: list[Any], s: TrainSettings,
           forward: Callable[[_Cached, float], Any], bipo: bool = False) -> dict[str, Any]:
     """The shared optimisation loop: AdamW over ``params``; ``forward(chunk, d)`` is the policy's
-    log-probs (``d``: BiPO's random direction, 1.0 for DPO); loss ``-log sigmoid(d beta u)``."""
+    log-probs (``d``: BiPO's random direction, 1.0 for DPO); loss ``-log sigmoid(d beta u)`` (DPO, BiPO)
+    or ``-log sigmoid(beta u - gamma)`` with ``u`` the per-token mean log-prob margin (SimPO); ``s.nll``
+    adds that weight times the chosen answers' per-token negative log-likelihood (RPO, Pang et al. 2024)."""
     import torch
 
     rng = random.Random(s.seed)
@@ -450,8 +459,15 @@ def _loop(chunks: list[_Cached], params: list[Any], s: TrainSettings,
             pol = forward(c, sign)
             w = torch.tensor([i for i, _ in c.pairs])
             lo = torch.tensor([j for _, j in c.pairs])
-            u = (pol[w] - c.ref[w]) - (pol[lo] - c.ref[lo])
-            total = total + (-torch.nn.functional.logsigmoid(sign * s.beta * u)).mean()
+            if s.loss == "simpo" and not bipo:
+                mean = pol / c.lens
+                z = s.beta * (mean[w] - mean[lo]) - s.gamma
+            else:
+                z = sign * s.beta * ((pol[w] - c.ref[w]) - (pol[lo] - c.ref[lo]))
+            total = total + (-torch.nn.functional.logsigmoid(z)).mean()
+            if s.nll and not bipo:
+                chosen = torch.unique(w)
+                total = total - s.nll * (pol[chosen] / c.lens[chosen]).mean()
         loss = total / min(s.batch_choices, len(chunks))
         t2 = time.perf_counter()
         opt.zero_grad()

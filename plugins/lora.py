@@ -210,7 +210,13 @@ class LoraAdapters:
         top_layers: int | None = Field(default=4, ge=1, description="adapt only the top N decoder layers "
                                        "(training then runs only those layers per step); null: all")
         lr: float = Field(default=3e-3, gt=0, description="AdamW learning rate")
-        beta: float = Field(default=0.1, gt=0, description="DPO beta")
+        loss: Literal["dpo", "simpo"] = Field(
+            default="dpo", description="preference loss: dpo (summed log-probs relative to the base model) or simpo "
+            "(reference-free, per-token mean log-probs with a target margin gamma)")
+        beta: float | None = Field(default=None, gt=0, description="the loss's beta; null: 0.1 for dpo, 2.0 for simpo")
+        gamma: float = Field(default=1.0, ge=0, description="simpo's target reward margin (unused by dpo)")
+        nll: float = Field(default=0.0, ge=0, description="weight of the chosen answers' per-token negative "
+                           "log-likelihood added to the preference loss (RPO; 0: none)")
         steps: int = Field(default=40, ge=1, description="optimizer steps per job (at most)")
         batch_choices: int = Field(default=2, ge=1, description="choices (each with all its rejected) per step")
         job_seconds: float | None = Field(default=60.0, gt=0, description="time budget of one training job's loop")
@@ -276,7 +282,9 @@ class LoraAdapters:
 
         c = self.config
         return _lora.TrainSettings(
-            r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, beta=c.beta, steps=c.steps,
+            r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, steps=c.steps,
+            beta=c.beta if c.beta is not None else (2.0 if c.loss == "simpo" else 0.1), loss=c.loss,
+            gamma=c.gamma if c.loss == "simpo" else 0.0, nll=c.nll,
             batch_choices=c.batch_choices, max_prompt_tokens=c.max_prompt_tokens,
             max_response_tokens=c.max_response_tokens, seconds=c.job_seconds, top_layers=c.top_layers, seed=seed,
             bf16=_lora.bf16_fast() if c.bf16 is None else c.bf16, threads=c.threads)

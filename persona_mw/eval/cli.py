@@ -40,8 +40,19 @@ def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) 
 
         history, test, seed = options.get("history") or 20, options.get("test") or 24, options.get("seed") or 0
         runner: Any = fermi_mod if benchmark == "fermi" else lora_mod
+        fermi_file = options.get("fermi")
+        if fermi_file and benchmark != "lora":
+            raise PersonaError("--fermi is an option of `eval lora` (the persona/optimized figures of `eval fermi`)")
+        extra = lora_mod.fermi_methods(fermi_file, history=history, test=test, seed=seed) if fermi_file else {}
         metrics = runner.run(data, history=history, test=test, seed=seed,
                           log=lambda m: print(m, file=sys.stderr, flush=True))
+        if extra:
+            none = metrics.get(f"pairwise@H{history}:none")
+            fermi_none = extra.pop(f"fermi_none@H{history}", None)
+            if none is not None and fermi_none is not None and abs(none - fermi_none) > 1e-3:
+                raise PersonaError(f"--fermi: its none scored pairwise {fermi_none:.4f}, this run's {none:.4f}: "
+                                   "not the same protocol (data or code changed); re-run `eval fermi`")
+            metrics.update(extra)
         print_table(benchmark, metrics)
         write_result(out, benchmark, data, runner.config(history, test, seed), metrics)
         if out:

@@ -13,7 +13,8 @@ members made ``history`` choices each of the same domain, with 0 / 5 own choices
 scope mixes the group's adapter with the user's by the graph's weights, as the plugin serves it),
 ``caa`` (the vectors plugin's mean difference at its default layer and strength) and ``bipo``
 (a BiPO vector at the same layer, trained with the same loop, multiplier 1). ``persona`` and
-``optimized`` are FERMI's prompts: they come from ``eval fermi`` (same users and splits; its JSON),
+``optimized`` are FERMI's prompts: they come from ``eval fermi`` (same users and splits; its JSON,
+given as ``--fermi FILE`` and refused unless its seed, history and test queries are this run's);
 this command does not re-run FERMI's optimizer. ``ppl_ratio@H:<method>``: perplexity of the
 method's greedy answers to the first ``--ppl-queries`` held-out queries under the base model,
 divided by that of the base model's own answers (a fluency guard; 1.0 for none).
@@ -128,6 +129,33 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, seed: int = 0, m
     metrics["cpu_seconds"] = time.process_time() - cpu_start
     metrics["load_before"], metrics["load_after"] = load0, os.getloadavg()[0]
     return metrics
+
+
+FERMI_METHODS = ("persona", "optimized")
+
+
+def fermi_methods(path: str | Path, *, history: int, test: int, seed: int) -> dict[str, float]:
+    """``persona`` / ``optimized`` from an ``eval fermi`` result of the same protocol (seed, history,
+    test queries), with its ``none`` as ``fermi_none@H<history>`` (it must equal this run's ``none``)."""
+    from persona_mw.eval.common import read_json
+
+    res = read_json(Path(path))  # a clear error names the file
+    cfg = res.get("config") if isinstance(res, dict) else None
+    if not isinstance(cfg, dict) or res.get("benchmark") != "fermi" or not isinstance(res.get("metrics"), dict):
+        raise PersonaError(f"--fermi: {str(path)!r} is not an `eval fermi` result (--out of `persona-mw eval fermi`)")
+    want = {"seed": seed, "history": history, "test_queries": test}
+    got = {k: cfg.get(k) for k in want}
+    if got != want:
+        raise PersonaError(f"--fermi: {str(path)!r} was run with {got}, this run is {want}: "
+                           "the methods compare only on the same users, splits and queries")
+    tag = f"@H{history}:"
+    out = {k: float(v) for k, v in res["metrics"].items()
+           if tag in k and k.split(tag)[1] in FERMI_METHODS and isinstance(v, (int, float))}
+    if not out:
+        raise PersonaError(f"--fermi: {str(path)!r} has no persona/optimized figures at H{history}")
+    if isinstance(res["metrics"].get(f"pairwise{tag}none"), (int, float)):
+        out[f"fermi_none{tag[:-1]}"] = float(res["metrics"][f"pairwise{tag}none"])
+    return out
 
 
 def _scope_hook(mw: Any, plugin: Any, user: str) -> Any:

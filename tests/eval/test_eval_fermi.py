@@ -42,3 +42,32 @@ def test_eval_fermi_reports_persona_and_optimized_prompts(tmp_path, monkeypatch,
     # Only a better prompt replaces the persona one, so in-sample the optimized prompt is never worse.
     assert m["train_margin@H3:best"] >= m["train_margin@H3:persona"]
     assert m["accepted@H3"] > 0
+    _lora_takes_the_fermi_methods(d, out, m, tmp_path, monkeypatch, capsys)
+
+
+def _lora_takes_the_fermi_methods(d, fermi_out, m, tmp_path, monkeypatch, capsys):
+    """``eval lora --fermi FILE``: FERMI's persona / optimized figures join the report only from a
+    result of the same seed, history and test queries whose ``none`` scored as this run's. (The lora
+    run itself is replaced: what is checked here is the joining; eval lora runs in benchmarks/.)"""
+    import persona_mw.eval.lora as lora_eval
+
+    none = m["pairwise@H3:none"]
+    monkeypatch.setattr(lora_eval, "run", lambda *a, **k: {"pairwise@H3:none": none, "pairwise@H3:lora": 0.75})
+    base = ["eval", "lora", "--data", str(d), "--test", "2", "--fermi", str(fermi_out)]
+    args = [*base, "--history", "3"]
+    out = tmp_path / "lora.json"
+    assert main([*args, "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["metrics"]
+    for label in ("persona", "optimized"):
+        for metric in ("pairwise", "pairwise_pmi", "top1", "margin"):
+            assert got[f"{metric}@H3:{label}"] == m[f"{metric}@H3:{label}"]
+    assert got["pairwise@H3:lora"] == 0.75 and not any(k.endswith(":best") or "fermi_none" in k for k in got)
+    capsys.readouterr()
+    for bad in ([*args, "--seed", "1"], [*base, "--history", "4"]):  # another split / other histories
+        assert main(bad) != 0 and "was run with" in capsys.readouterr().err
+    monkeypatch.setattr(lora_eval, "run", lambda *a, **k: {"pairwise@H3:none": none + 0.1})
+    assert main(args) != 0 and "not the same protocol" in capsys.readouterr().err
+    assert main([*base[:-1], str(out), "--history", "3"]) != 0  # a lora result is not a fermi one
+    assert "is not an `eval fermi` result" in capsys.readouterr().err
+    assert main(["eval", "fermi", "--data", str(d), "--fermi", str(fermi_out)]) != 0
+    assert "is an option of `eval lora`" in capsys.readouterr().err

@@ -304,6 +304,46 @@ def test_packed_prompt_rows_score_each_response_as_the_padded_rows_do(local_back
     assert abs(loss_p - math.log(2)) > 1e-4
 
 
+def test_simpo_loss_is_the_margin_of_per_token_means_with_no_reference(local_backend: Any) -> None:
+    """``loss: simpo``: the loop's loss is ``-log sigmoid(beta (mean_w - mean_l) - gamma)`` with each
+    response's mean over ITS OWN scored tokens (counted here from the tokenizer), in both layouts, and
+    the base model's reference log-probs do not enter it."""
+    from persona_mw.types import Message
+
+    model, tok = local_backend.model, local_backend.tokenizer
+
+    def fmt(p: str) -> str:
+        return local_backend.format_prompt([Message(role="user", content=p)])
+
+    responses = []  # per prompt (the chunks' order), its unique responses in the order the chunk indexes them
+    for prompt in dict.fromkeys(q for q, _, _ in PACK_PAIRS):
+        seen: dict[str, int] = {}
+        for q, a, b in PACK_PAIRS:
+            if q == prompt:
+                seen.setdefault(a, len(seen))
+                seen.setdefault(b, len(seen))
+        responses.append(list(seen))
+    for pack in (True, False):
+        chunks, pol, _ = _chunks_and_loss(model, tok, fmt, pack=pack)
+        s = _lora.TrainSettings(loss="simpo", beta=2.0, gamma=0.7, steps=1, batch_choices=len(chunks), seconds=None)
+        want = nll = 0.0
+        for c, p, resps in zip(chunks, pol, responses):
+            n = torch.tensor([float(len(tok.encode(r, add_special_tokens=False)[:12])) for r in resps])
+            assert torch.equal(c.lens, n), (c.lens, n)
+            w, lo = torch.tensor([i for i, _ in c.pairs]), torch.tensor([j for _, j in c.pairs])
+            m = p / n
+            want += float((-torch.nn.functional.logsigmoid(2.0 * (m[w] - m[lo]) - 0.7)).mean())
+            nll += -float(m[sorted({i for i, _ in c.pairs})].mean())  # each chosen answer once
+            c.ref = c.ref + torch.arange(len(resps)) * 10.0  # a reference far off: SimPO must not read it
+        want, nll = want / len(chunks), nll / len(chunks)
+        for weight in (0.0, 0.5):  # RPO's term: the chosen answers' per-token NLL
+            s.nll = weight
+            by_id = {id(c): p.clone().requires_grad_(True) for c, p in zip(chunks, pol)}
+            stats = _lora._loop(chunks, list(by_id.values()), s, lambda c, _d: by_id[id(c)])
+            assert abs(stats["loss_first"] - (want + weight * nll)) < 1e-4, (pack, weight, stats["loss_first"], want)
+        assert abs(want - math.log(1 + math.exp(0.7))) > 1e-3  # the policy's margins matter
+
+
 def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_unchanged(local_backend: Any) -> None:
     from persona_mw.types import Message
 
