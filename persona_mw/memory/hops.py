@@ -95,9 +95,11 @@ class HopSettings:
 
 
 # The shipped default of ``MemoryManager(hops=None)`` and of the memory plugin: the setting the inner
-# selection of ``persona-mw eval locomo --folds 5`` picks on all of dev (benchmarks/results/cv5_locomo_s30.json;
-# docs/notes/multihop.md says how it was chosen).
-DEFAULT_HOPS = HopSettings(prf_k=3, prf_weight=0.25, link_weight=0.5, speaker_weight=1.0, session_penalty=0.1)
+# selection of ``persona-mw eval locomo --folds 5`` picks on all of dev (benchmarks/results/cv5_locomo_s31.json,
+# chosen by 4 of the 5 folds; docs/notes/multihop.md says how it was chosen). Before stop 31: prf_k 3,
+# prf_weight 0.25, link_weight 0.5, speaker_weight 1.0, session_penalty 0.1, no focus.
+DEFAULT_HOPS = HopSettings(prf_k=1, prf_weight=0.5, link_weight=0.0, speaker_weight=1.0, session_penalty=0.0,
+                           focus_weight=4.0)
 
 
 _POSSESSIVE = re.compile(r"['\u2019]s?$")
