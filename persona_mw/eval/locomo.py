@@ -31,9 +31,13 @@ MODES = ("fused", "hybrid", "bm25", "dense")  # the first is the headline (no su
 CATEGORIES = {4: "single-hop", 1: "multi-hop", 2: "temporal", 3: "open-domain", 5: "adversarial"}
 # The second hop's settings tried by ``--folds`` (persona_mw.memory.hops.HopSettings); the first is "off".
 _PRF = ((0, 0.0), (1, 0.5), (3, 0.25), (3, 0.5), (3, 1.0), (5, 0.5), (5, 1.0))  # (prf_k, prf_weight)
+# (focus_weight, list_penalty), outermost: the settings without them come first and win ties.
+_FOCUS = tuple((fw, lp) for fw in (0.0, 2.0, 4.0, 8.0) for lp in (0.0, 0.5))
 GRID: tuple[dict[str, Any], ...] = tuple(
-    {"prf_k": n, "prf_weight": w, "link_weight": lw, "speaker_weight": sw, "session_penalty": p}
-    for n, w in _PRF for lw in (0.0, 0.5) for sw in (0.0, 0.25, 0.5, 1.0) for p in (0.0, 0.1) if n or not lw)
+    {"prf_k": n, "prf_weight": w, "link_weight": lw, "speaker_weight": sw, "session_penalty": p,
+     **({"focus_weight": fw} if fw else {}), **({"list_penalty": lp} if lp else {})}
+    for fw, lp in _FOCUS for n, w in _PRF for lw in (0.0, 0.5) for sw in (0.0, 0.25, 0.5, 1.0) for p in (0.0, 0.1)
+    if n or not lw)
 SELECT = "R@10"  # what the inner selection maximises on the training folds
 
 def load(data: str | Path, conversations: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -198,12 +202,18 @@ def run(data: str | Path, *, conversations: Sequence[str] | None = None, ks: Seq
 
 def _grid_rows(mem: Any, user: str, ci: int, qas: Sequence[dict[str, Any]], grid: Sequence[dict[str, Any]],
                ks: Sequence[int], out: list[list[tuple[int, int, int, dict[int, float]]]]) -> None:
-    """Every question of one conversation searched (mode fused) with every hop setting of the grid."""
-    for si, setting in enumerate(grid):
-        for qi, q in enumerate(qas):
-            hits = mem.search(user, str(q["question"]), k=max(ks), mode="fused", hops=setting)
-            prov = [h.memory.provenance for h in hits]
-            out[si].append((ci, qi, int(q.get("category", 0)), {k: recall(evidence_ids(q), prov, k) for k in ks}))
+    """Every question of one conversation searched (mode fused) with every hop setting of the grid. The
+    first hop does not depend on the setting: each question's is kept (``first_hop_memo``) and only the
+    second hop runs again per setting (the same hits as searching afresh)."""
+    mem.first_hop_memo = {}
+    try:
+        for si, setting in enumerate(grid):
+            for qi, q in enumerate(qas):
+                hits = mem.search(user, str(q["question"]), k=max(ks), mode="fused", hops=setting)
+                prov = [h.memory.provenance for h in hits]
+                out[si].append((ci, qi, int(q.get("category", 0)), {k: recall(evidence_ids(q), prov, k) for k in ks}))
+    finally:
+        mem.first_hop_memo = None
 
 
 def _summary(rows: Sequence[tuple[int, dict[int, float]]], ks: Sequence[int]) -> dict[str, float]:

@@ -17,12 +17,23 @@ hop's fused scores it adds:
 - **speaker links** (``speaker_weight``): a memory whose speaker (``meta["speaker"]``, e.g. a stored
   turn's) the question names gets the z-score of that match: "What does Melanie paint?" reads
   Melanie's own turns first, whichever words they use.
+- **focus** (``focus_weight``): when the question names a speaker of the pool ("What activities does
+  Melanie partake in?"), the name pulls both hops toward every turn that *addresses* her ("Thanks,
+  Melanie!") rather than the turns where she says what she does. The question less those names ("What
+  activities does partake in?") is embedded once more and scores the pool by each memory's stored
+  vector and its turn window's vector (mean of the two z-scores, times the weight); who said it is left
+  to the speaker links. One extra embedding, only for questions naming a speaker; no index scan.
 - **session spread** (``session_penalty``): the ``k`` results are picked greedily, each further memory of
   an already picked session (its date) losing ``session_penalty``: evidence spread over sessions is
-  not crowded out by the neighbours of one good turn.
+  not crowded out by the neighbours of one good turn. ``list_penalty``: the same, used instead when it
+  is larger and the question asks for a list (``is_list_question``, an English-only heuristic: "What
+  books has ...", "Which cities ...", "How many ...", "... both ...").
+- **maximal marginal relevance** (``mmr``, ``mmr_lists_only``): each pick also loses ``mmr`` times its
+  highest cosine with the memories already picked. Kept as an option; cross-validation did not choose
+  it (docs/notes/multihop.md, stop 31).
 
 Each hit's ``why`` says ``hop``: 1 when the first hop alone ranked it in the top ``k``, 2 when the second
-hop brought it there, with the ``prf`` z-score and the ``links`` it shares. The settings are chosen by
+hop brought it there, with the ``prf`` and ``focus`` z-scores and the ``links`` it shares. The settings are chosen by
 cross-validation (``persona-mw eval locomo --folds K``), never on a whole-dev figure.
 """
 
@@ -59,11 +70,16 @@ class HopSettings:
     link_weight: float = 0.0
     session_penalty: float = 0.0
     speaker_weight: float = 0.0
+    mmr: float = 0.0
+    mmr_lists_only: bool = False
+    focus_weight: float = 0.0
+    list_penalty: float = 0.0
 
     @property
     def active(self) -> bool:
         return ((self.prf_k > 0 and (self.prf_weight > 0 or self.link_weight > 0)) or self.session_penalty > 0
-                or self.speaker_weight > 0)
+                or self.speaker_weight > 0 or self.mmr > 0
+                or self.focus_weight > 0 or self.list_penalty > 0)
 
     @classmethod
     def of(cls, value: HopSettings | dict[str, Any] | None) -> HopSettings:
@@ -79,9 +95,11 @@ class HopSettings:
 
 
 # The shipped default of ``MemoryManager(hops=None)`` and of the memory plugin: the setting the inner
-# selection of ``persona-mw eval locomo --folds 5`` picks on all of dev (benchmarks/results/cv5_locomo_s30.json;
-# docs/notes/multihop.md says how it was chosen).
-DEFAULT_HOPS = HopSettings(prf_k=3, prf_weight=0.25, link_weight=0.5, speaker_weight=1.0, session_penalty=0.1)
+# selection of ``persona-mw eval locomo --folds 5`` picks on all of dev (benchmarks/results/cv5_locomo_s31.json,
+# chosen by 4 of the 5 folds; docs/notes/multihop.md says how it was chosen). Before stop 31: prf_k 3,
+# prf_weight 0.25, link_weight 0.5, speaker_weight 1.0, session_penalty 0.1, no focus.
+DEFAULT_HOPS = HopSettings(prf_k=1, prf_weight=0.5, link_weight=0.0, speaker_weight=1.0, session_penalty=0.0,
+                           focus_weight=4.0)
 
 
 _POSSESSIVE = re.compile(r"['\u2019]s?$")
@@ -102,6 +120,13 @@ def names(text: str) -> set[str]:
         if w and w not in _NOT_NAMES:
             out.add(w)
     return out
+
+
+def without_names(text: str, drop: set[str]) -> str:
+    """``text`` without the names ``drop`` (as ``names`` reads them, possessive included):
+    "What do Melanie's kids like?" without ``{"melanie"}`` -> "What do kids like?"."""
+    out = _NAME.sub(lambda m: "" if _POSSESSIVE.sub("", m.group(0).lower()) in drop else m.group(0), text)
+    return re.sub(r"\s+", " ", out).strip()
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -134,6 +159,26 @@ def _pool_sims(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], c: np.ndarray
     return np.where(np.isnan(sims), float(np.nanmin(sims)), sims)
 
 
+def _focus(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], query: str, drop: set[str]) -> np.ndarray | None:
+    """The pool re-scored densely with the question less the speakers it names: the mean of the z-scores of
+    each memory's stored vector and of its turn window's vector with the embedding of that rest. None when
+    the question names no speaker of the pool (nothing is embedded then)."""
+    rest = without_names(query, drop) if drop else ""
+    if not rest or rest == query:
+        return None
+    got = mgr._embed([rest])
+    if got is None:
+        return None
+    v = np.asarray(got, dtype=np.float32)[0]
+    n = float(np.linalg.norm(v))
+    if n <= 0:
+        return None
+    v = v / n
+    z = _z(_pool_sims(mgr, keys, v))
+    win = mgr._window_sims(keys, v)
+    return z if win is None else (z + _z(win)) / 2.0
+
+
 def _links(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], seeds: set[tuple[str, str]],
            query: str) -> tuple[np.ndarray, list[list[str]]]:
     """How many of the seeds' names (not the query's, not frequent in the pool) each key mentions."""
@@ -148,20 +193,54 @@ def _links(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], seeds: set[tuple[
     return np.asarray([min(3, len(s)) for s in shared], dtype=np.float64), shared
 
 
-def _spread(score: np.ndarray, sessions: list[Any], k: int, penalty: float) -> list[int]:
-    """The ``k`` best indices, greedily, each further pick from an already picked session penalised."""
+# English-only heuristic: a question that asks for several things ("What activities does Melanie partake
+# in?", "Which cities has Jon visited?", "Where has Melanie camped?", "How many times ...", "What have
+# Caroline and Melanie both painted?"): what/which and a plural noun before the verb, "what/where has",
+# "how many", or "both"/"all the"/"some".
+_LIST_Q = re.compile(
+    r"^\s*(?:(?:what|which)\s+(?:kinds?\s+of\s+|types?\s+of\s+|sorts?\s+of\s+)?(?:[\w+/-]+\s+){0,2}?"
+    r"[\w+/-]*[a-z]{2}s\s+(?:has|have|does|do|did|is|are|was|were)\b"
+    r"|(?:where|what)\s+(?:has|have)\b|how\s+many\b)"
+    r"|\b(?:both|all\s+the|some)\b", re.IGNORECASE)
+
+
+def is_list_question(query: str) -> bool:
+    """Whether ``query`` asks for a list of things (English-only heuristic, ``_LIST_Q``)."""
+    return bool(_LIST_Q.search(query))
+
+
+def _spread(score: np.ndarray, sessions: list[Any], k: int, penalty: float,
+            vecs: Any = None, mmr: float = 0.0) -> list[int]:
+    """The ``k`` best indices, greedily: each further pick from an already picked session loses
+    ``penalty``, and (maximal marginal relevance) each pick loses ``mmr`` times its highest cosine with
+    the memories already picked. ``vecs(indices)``: the unit stored vectors of those indices (a row of
+    zeros where there is none: no redundancy counted)."""
     order = list(np.argsort(-score, kind="stable")[: max(5 * k, k + 20)])
-    if penalty <= 0:
+    if penalty <= 0 and (mmr <= 0 or vecs is None):
         return order[:k]
+    cand = np.asarray(order)
+    base = score[cand].astype(np.float64)
+    sess = [sessions[i] for i in order]
+    use_mmr = mmr > 0 and vecs is not None
+    v = vecs(order) if use_mmr else None
+    red = np.full(len(order), -np.inf)  # highest cosine with a picked memory so far
     taken: dict[Any, int] = {}
+    alive = np.ones(len(order), dtype=bool)
     out: list[int] = []
-    while order and len(out) < k:
-        best = max(range(len(order)), key=lambda j: score[order[j]] - penalty * taken.get(sessions[order[j]], 0)
-                   if sessions[order[j]] is not None else score[order[j]])
-        i = order.pop(best)
-        out.append(i)
-        if sessions[i] is not None:
-            taken[sessions[i]] = taken.get(sessions[i], 0) + 1
+    while alive.any() and len(out) < k:
+        adj = base.copy()
+        if penalty > 0:
+            adj -= penalty * np.asarray([taken.get(s_, 0) if s_ is not None else 0 for s_ in sess], dtype=np.float64)
+        if v is not None and out:
+            adj -= mmr * np.maximum(red, 0.0)
+        adj[~alive] = -np.inf
+        j = int(np.argmax(adj))
+        alive[j] = False
+        out.append(int(cand[j]))
+        if sess[j] is not None:
+            taken[sess[j]] = taken.get(sess[j], 0) + 1
+        if v is not None:
+            red = np.maximum(red, v @ v[j])
     return out
 
 
@@ -176,6 +255,7 @@ def second_hop(mgr: _MemoryRetrieval, query: str, first: tuple[list[tuple[str, s
     seeds = [keys1[i] for i in order1[: hops.prf_k]]
     keys = keys1
     arr = np.asarray(total1, dtype=np.float64)
+    speakers = [str(mgr._recs[n][i].meta.get("speaker") or "").split(" ")[0].lower() for n, i in keys]
     prf: dict[tuple[str, str], float] = {}
     c = _centroid(mgr, seeds) if hops.prf_k > 0 and hops.prf_weight > 0 else None
     if c is not None:
@@ -189,13 +269,39 @@ def second_hop(mgr: _MemoryRetrieval, query: str, first: tuple[list[tuple[str, s
         arr = arr + hops.link_weight * _z(count)
     if hops.speaker_weight > 0:
         asked = names(query)
-        said = np.asarray([float(str(mgr._recs[n][i].meta.get("speaker") or "").split(" ")[0].lower() in asked)
-                           for n, i in keys])
+        said = np.asarray([float(sp in asked) for sp in speakers])
         arr = arr + hops.speaker_weight * _z(said)
+    focus: dict[tuple[str, str], float] = {}
+    if hops.focus_weight > 0:
+        fz = _focus(mgr, keys, query, names(query) & set(speakers))
+        if fz is not None:
+            focus = {key: float(x) for key, x in zip(keys, fz)}
+            arr = arr + hops.focus_weight * fz
     sessions = [_session_of(mgr._recs[n][i]) for n, i in keys]
     pos1 = {key: j for j, key in enumerate(keys1)}
     out: list[MemoryHit] = []
-    for i in _spread(arr, sessions, k, hops.session_penalty):
+    mmr = hops.mmr if hops.mmr > 0 and (not hops.mmr_lists_only or is_list_question(query)) else 0.0
+
+    def unit_vectors(idx: list[int]) -> np.ndarray:
+        got: dict[tuple[str, str], np.ndarray] = {}
+        by_node: dict[str, list[str]] = {}
+        for i in idx:
+            by_node.setdefault(keys[i][0], []).append(keys[i][1])
+        for node, ids in by_node.items():
+            got.update({(node, mid): vec for mid, vec in mgr._vectors(node, ids).items()})
+        dim = len(next(iter(got.values()))) if got else 1
+        out = np.zeros((len(idx), dim))
+        for r, i in enumerate(idx):
+            vec = got.get(keys[i])
+            if vec is not None:
+                n = float(np.linalg.norm(vec))
+                out[r] = vec / n if n > 0 else 0.0
+        return out
+
+    penalty = hops.session_penalty
+    if hops.list_penalty > 0 and is_list_question(query):
+        penalty = max(penalty, hops.list_penalty)
+    for i in _spread(arr, sessions, k, penalty, unit_vectors if mmr > 0 else None, mmr):
         key = keys[i]
         why: dict[str, Any] = {"node": key[0], "hop": 1 if key in top1 else 2}
         j = pos1.get(key)
@@ -203,6 +309,8 @@ def second_hop(mgr: _MemoryRetrieval, query: str, first: tuple[list[tuple[str, s
             why.update({name: round(float(z[j]), 3) for name, z in zs1.items()})
         if key in prf:
             why["prf"] = round(prf[key], 3)
+        if key in focus:
+            why["focus"] = round(focus[key], 3)
         if shared[i]:
             why["links"] = shared[i]
         out.append(MemoryHit(mgr._recs[key[0]][key[1]].model_copy(), float(arr[i]), why))

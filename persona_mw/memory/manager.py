@@ -185,6 +185,10 @@ class _MemoryBase:
         # every use of a user's cache re-reads it first and drops the cache when it moved.
         self._epochs: dict[str, int] = {}
         self.stats: Counter[str] = Counter()
+        # Evaluation only (``persona-mw eval locomo --folds``): when a dict, mode fused keeps each
+        # (user, context, query, k)'s first hop here and searches it again with other ``hops`` without
+        # redoing it. The caller sets it while nothing is written and sets it back to None after.
+        self.first_hop_memo: dict[tuple[Any, ...], Any] | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -401,6 +405,22 @@ class _MemoryBase:
         if isinstance(idx, NumpyIndex):
             return idx.dot(owner, ids, vector)
         return np.full(len(ids), np.nan)
+
+    def _window_sims(self, keys: Sequence[tuple[str, str]], vector: np.ndarray) -> np.ndarray | None:
+        """Each ``(owner, id)``'s turn-window vector dotted with ``vector`` (no window: the lowest); None
+        when there is no window index or no window vector among ``keys``."""
+        idx = self._win_index
+        if not isinstance(idx, NumpyIndex) or not keys:
+            return None
+        by_node: dict[str, list[int]] = {}
+        for j, (node, _) in enumerate(keys):
+            by_node.setdefault(node, []).append(j)
+        sims = np.full(len(keys), np.nan)
+        for node, js in by_node.items():
+            sims[js] = idx.dot(node, [keys[j][1] for j in js], vector)
+        if np.isnan(sims).all():
+            return None
+        return np.where(np.isnan(sims), float(np.nanmin(sims)), sims)
 
     def _names_of(self, owner: str, memory_id: str) -> set[str]:
         """``hops.names`` of a memory's text, kept per owner from when it was indexed (and per text: an
@@ -804,6 +824,16 @@ class _MemoryRetrieval(_MemoryIngest):
         query = sanitize(query, 2000)
         if not query:
             return []
+        memo = self.first_hop_memo
+        mkey = ((user, context, query, k) if memo is not None and mode == "fused" and scope is None and kinds is None
+                and query_vector is None and prescored is None and not self.store_search else None)
+        if mkey is not None and memo is not None and mkey in memo:
+            try:
+                hop = None if hops is None else HopSettings.of(hops)
+            except (TypeError, ValueError) as exc:
+                raise RequestError(f"hops: {exc}", field="hops") from exc
+            m_query, m_qv, first = memo[mkey]
+            return self._rank_fused(m_query, m_qv, k, first, hop)
         nodes = self.scope_nodes(user, context, scope)
         kindset = set(kinds) if kinds is not None else None
         qv = query_vector
@@ -821,7 +851,7 @@ class _MemoryRetrieval(_MemoryIngest):
                 hop = None if hops is None else HopSettings.of(hops)
             except (TypeError, ValueError) as exc:
                 raise RequestError(f"hops: {exc}", field="hops") from exc
-            return self._search_fused(nodes, query, qv, k, kindset, pre, hop)
+            return self._search_fused(nodes, query, qv, k, kindset, pre, hop, memo_key=mkey)
         pre = prescored if prescored is not None and prescored.get("k") == k and (
             prescored.get("kinds") == _kinds_key(kindset)) else None
         return self._search_hybrid(nodes, query, qv, k, kindset, mode, pre)
@@ -983,7 +1013,7 @@ class _MemoryRetrieval(_MemoryIngest):
 
     def _search_fused(self, nodes: Sequence[tuple[str, float]], query: str, qv: np.ndarray | None, k: int,
                       kindset: set[str] | None, pre: dict[str, Any] | None = None,
-                      hops: HopSettings | None = None) -> list[MemoryHit]:
+                      hops: HopSettings | None = None, memo_key: tuple[Any, ...] | None = None) -> list[MemoryHit]:
         """Score fusion over both granularities (see ``search``); only the scope's nodes are read.
 
         Each signal's index hands a ``Probe`` per node: its best ``max(candidates, 4k)`` memories (from
@@ -1000,7 +1030,17 @@ class _MemoryRetrieval(_MemoryIngest):
         signals: list[tuple[str, Any, Any]] = [("bm25_turn", self.bm25, query), ("bm25_window", self.bm25_window, query)]
         if qv is not None and self.index is not None:
             signals += [("dense_turn", self.index, qv), ("dense_window", self._win_index, qv)]
-        keys, total, zs = self._fused_scores(nodes, signals, k, kindset, pre)
+        first = self._fused_scores(nodes, signals, k, kindset, pre)
+        if memo_key is not None and self.first_hop_memo is not None:
+            self.first_hop_memo[memo_key] = (query, qv, first)
+        return self._rank_fused(query, qv, k, first, hops)
+
+    def _rank_fused(self, query: str, qv: np.ndarray | None, k: int,
+                    first: tuple[list[tuple[str, str]], np.ndarray, dict[str, np.ndarray]],
+                    hops: HopSettings | None) -> list[MemoryHit]:
+        """The top ``k`` of the first hop's pool ``first``, through the second hop when ``hops`` (default
+        ``self.hops``) is on."""
+        keys, total, zs = first
         if not keys:
             return []
         hops = self.hops if hops is None else hops

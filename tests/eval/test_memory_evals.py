@@ -219,14 +219,20 @@ def test_eval_locomo_folds(locomo_dir, tmp_path):
     assert res["config"]["folds"] == 3 and res["unit"] == "question"  # one conversation: folds over questions
     assert len(res["folds"]) == 3 and sum(f["questions"] for f in res["folds"]) == 3
     for f in res["folds"]:
-        assert f["chosen"] in res["grid"] and set(f["chosen"]) == {"prf_k", "prf_weight", "link_weight", "speaker_weight",
-                                                                    "session_penalty"}
+        assert f["chosen"] in res["grid"] and {"prf_k", "prf_weight", "link_weight", "speaker_weight",
+                                                 "session_penalty"} <= set(f["chosen"])
         assert "R@10" in f["test"] and "R@10" in f["test_no_hops"]
     for name in ("cv/R@10", "cv/R@10:sd", "cv/R@25:no_hops", "cv/R@25:sd:no_hops"):
         assert name in m, name
     # five turns, k = 25: every fold's test question gets what provenance allows, hops or not
     assert m["cv/R@25"] == pytest.approx((1 + 1 + 0.5) / 3, abs=1e-3)
     assert res["selected_on_all_dev"] in res["grid"]
+    # the grid offers the focus and the list spread, after every setting without them (which win ties)
+    grid = res["grid"]
+    assert grid[0] == {"prf_k": 0, "prf_weight": 0.0, "link_weight": 0.0, "speaker_weight": 0.0, "session_penalty": 0.0}
+    plain = [i for i, g in enumerate(grid) if not g.get("focus_weight") and not g.get("list_penalty")]
+    assert plain == list(range(len(plain))) and len(plain) < len(grid)
+    assert {g.get("focus_weight", 0.0) for g in grid} >= {0.0, 2.0, 4.0} and any(g.get("list_penalty") for g in grid)
 
 
 def test_eval_locomo_folds_bad(locomo_dir, capsys):

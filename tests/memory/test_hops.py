@@ -82,3 +82,90 @@ def test_default_and_bad_settings(mm):
     with pytest.raises(RequestError) as err:
         mm.search("ana", "sister", hops={"depth": 3})
     assert err.value.field == "hops" and "depth" in str(err.value)
+
+
+def test_without_names_and_list_questions():
+    from persona_mw.memory.hops import is_list_question, without_names
+
+    assert without_names("What do Melanie's kids like?", {"melanie"}) == "What do kids like?"
+    assert without_names("Did Jon and Gina both dance?", {"jon"}) == "Did and Gina both dance?"
+    assert without_names("Where is Lisbon?", set()) == "Where is Lisbon?"
+    for q in ("What activities does Melanie partake in?", "Which cities has Jon visited?", "Where has Ana camped?",
+              "How many times has Ben gone to the beach?", "What subject have Ana and Ben both painted?",
+              "What has Melanie painted?"):
+        assert is_list_question(q), q
+    for q in ("What did Caroline research?", "When did Ana move?", "What is Ben's job?", "Where does Ana live?"):
+        assert not is_list_question(q), q
+
+
+@pytest.fixture
+def chat(store_url, minilm):
+    """Two speakers: Ben's turns name Ana again and again, Ana's own turns say what she does."""
+    store = open_store(store_url())
+    m = MemoryManager(store, embedder=minilm)
+    sessions = [
+        ("1 May 2023", [("Ben", "Ana, you are such a good friend, Ana. Thanks Ana!", "D1:1"),
+                        ("Ana", "On weekends I go rock climbing in the hills.", "D1:2")]),
+        ("3 June 2023", [("Ben", "Great to see you again Ana, how is Ana doing?", "D2:1"),
+                         ("Ana", "I signed up for a pottery class, it is so calming.", "D2:2")]),
+        ("9 July 2023", [("Ben", "Ana! Ana, I missed you, Ana.", "D3:1"),
+                         ("Ana", "We went kayaking on the river with my brother.", "D3:2")]),
+    ]
+    for date, turns in sessions:
+        m.add_raw("c", [{"role": "user", "speaker": s, "content": t, "id": i} for s, t, i in turns], session_date=date)
+    yield m
+    store.close()
+
+
+def test_focus_reads_the_question_without_the_speaker(chat):
+    query = "What hobbies does Ana have?"
+    plain = chat.search("c", query, k=2, hops={})
+    assert {h.memory.provenance[0] for h in plain} == {"D1:1", "D3:1"}  # Ben's turns naming Ana crowd in
+    hits = chat.search("c", query, k=2, hops={"focus_weight": 4.0})
+    assert {h.memory.provenance[0] for h in hits} == {"D1:2", "D2:2"}  # what Ana does, her name in none
+    assert all(h.why["focus"] > 0.5 and h.why["hop"] == 2 for h in hits)  # the trace says which hop found it
+    # no speaker named: nothing to take out, the focus adds nothing (and embeds nothing)
+    assert all("focus" not in h.why for h in chat.search("c", "rock climbing", k=3, hops={"focus_weight": 4.0}))
+
+
+def test_list_questions_spread_over_sessions(mm):
+    query = "Where do I live and listen to live music?"
+    plain = mm.search("ana", query, k=3, hops={"list_penalty": 100.0})
+    assert len({h.memory.meta.get("date") or h.memory.meta.get("date_text") for h in plain}) < 3  # not a list question
+    listq = "What things do I live near and listen to live music?"
+    spread = mm.search("ana", listq, k=3, hops={"list_penalty": 100.0})
+    assert len({h.memory.meta.get("date") or h.memory.meta.get("date_text") for h in spread}) == 3
+
+
+def test_first_hop_memo_gives_the_same_hits(chat):
+    settings = [{}, {"focus_weight": 2.0}, {"speaker_weight": 1.0, "session_penalty": 0.1}, None]
+    fresh = [[(h.memory.id, round(h.score, 9)) for h in chat.search("c", "What hobbies does Ana have?", k=4, hops=s)]
+             for s in settings]
+    chat.first_hop_memo = {}
+    try:
+        memo = [[(h.memory.id, round(h.score, 9)) for h in chat.search("c", "What hobbies does Ana have?", k=4, hops=s)]
+                for s in settings]
+        assert len(chat.first_hop_memo) == 1  # one first hop, searched again per setting
+    finally:
+        chat.first_hop_memo = None
+    assert memo == fresh
+
+
+def test_mmr_skips_near_duplicates(store_url, minilm):
+    store = open_store(store_url())
+    m = MemoryManager(store, embedder=minilm)
+    for date, text, i in [("1 May 2023", "I love baking sourdough bread on Sundays.", "D1:1"),
+                          ("3 June 2023", "I love baking sourdough bread on Sunday mornings.", "D2:1"),
+                          ("9 July 2023", "My brother plays the violin in an orchestra.", "D3:1")]:
+        m.add_raw("u", [{"role": "user", "content": text, "id": i}], session_date=date)
+    try:
+        plain = m.search("u", "baking bread", k=2, hops={})
+        assert {h.memory.provenance[0] for h in plain} == {"D1:1", "D2:1"}
+        hits = m.search("u", "baking bread", k=2, hops={"mmr": 10.0})
+        assert hits[0].memory.provenance == plain[0].memory.provenance
+        assert hits[1].memory.provenance == ["D3:1"] and hits[1].why["hop"] == 2  # the near-duplicate made way
+        # only for list questions: this one is not, so nothing moves
+        assert [h.memory.id for h in m.search("u", "baking bread", k=2, hops={"mmr": 10.0, "mmr_lists_only": True})] == [
+            h.memory.id for h in plain]
+    finally:
+        store.close()
