@@ -40,6 +40,13 @@ class Hops(BaseModel):
     session_penalty: float = Field(default=0.0, ge=0, le=100,
                                    description="score lost by each further hit from an already picked session")
     speaker_weight: float = Field(default=0.0, ge=0, le=10, description="weight of the question naming a hit's speaker")
+    focus_weight: float = Field(default=0.0, ge=0, le=20, description="weight of the question re-embedded without the "
+                                "speaker it names, scoring the first hop's pool (one more embedding, only then)")
+    list_penalty: float = Field(default=0.0, ge=0, le=100, description="session spread for list-like questions only "
+                                "(English-only heuristic)")
+    mmr: float = Field(default=0.0, ge=0, le=10, description="maximal marginal relevance: weight of a hit's similarity "
+                       "to the hits already picked")
+    mmr_lists_only: bool = Field(default=False, description="apply mmr to list-like questions only")
 
 
 def _quote(turn: Turn, text: str) -> str:

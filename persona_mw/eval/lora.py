@@ -248,7 +248,8 @@ def _ppl(backend: Any, items: list[dict[str, Any]], qs: Any, hooks: dict[str, An
 def config(history: int = 20, test: int = 24, seed: int = 0, members: int = 2, ppl_queries: int = 6) -> dict[str, Any]:
     from persona_mw.plugins.lora import LoraAdapters
 
-    return {"pipeline": [LORA], "lora": LoraAdapters.Config().model_dump(), "history": history, "test_queries": test,
+    effective = LoraAdapters.Config.model_validate({k: v for k, v in LORA.items() if k != "use"}).model_dump()
+    return {"pipeline": [LORA], "lora": effective, "history": history, "test_queries": test,
             "users_per_domain": 1, "group_members": members, "held_out_tokens": HELD_OUT_TOKENS,
             "ppl_queries": ppl_queries, "seed": seed, "test_frac": 0.4, "model": "smollm2-135m-instruct"}
 

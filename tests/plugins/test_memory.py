@@ -188,6 +188,13 @@ def test_hops_config_is_checked(make_mw):
     with pytest.raises(ConfigError) as err:
         make_mw(HOPS_YAML.replace("link_weight: 2.0", "depth: 2"))
     assert "depth" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        make_mw(HOPS_YAML.replace("link_weight: 2.0", "focus_weight: -1"))
+    assert "focus_weight" in str(err.value)
+    # every setting of the second hop can be set from the pipeline and reaches the manager
+    full = "focus_weight: 4.0, list_penalty: 0.5, mmr: 1.0, mmr_lists_only: true, speaker_weight: 1.0"
+    hop = make_mw(HOPS_YAML.replace("link_weight: 2.0", full)).memory.hops
+    assert (hop.focus_weight, hop.list_penalty, hop.mmr, hop.mmr_lists_only, hop.speaker_weight) == (4.0, 0.5, 1.0, True, 1.0)
 
 
 STORE_SEARCH_YAML = """
