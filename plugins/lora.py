@@ -209,14 +209,15 @@ class LoraAdapters:
                                    description="linear modules to adapt (last name part)")
         top_layers: int | None = Field(default=4, ge=1, description="adapt only the top N decoder layers "
                                        "(training then runs only those layers per step); null: all")
-        lr: float = Field(default=3e-3, gt=0, description="AdamW learning rate")
+        lr: float = Field(default=1e-2, gt=0, description="AdamW learning rate")
         loss: Literal["dpo", "simpo"] = Field(
-            default="dpo", description="preference loss: dpo (summed log-probs relative to the base model) or simpo "
+            default="simpo", description="preference loss: dpo (summed log-probs relative to the base model) or simpo "
             "(reference-free, per-token mean log-probs with a target margin gamma)")
         beta: float | None = Field(default=None, gt=0, description="the loss's beta; null: 0.1 for dpo, 2.0 for simpo")
         gamma: float = Field(default=1.0, ge=0, description="simpo's target reward margin (unused by dpo)")
-        nll: float = Field(default=0.0, ge=0, description="weight of the chosen answers' per-token negative "
-                           "log-likelihood added to the preference loss (RPO; 0: none)")
+        nll: float = Field(default=1.0, ge=0, description="weight of the chosen answers' per-token negative "
+                           "log-likelihood added to the preference loss (RPO; 0: none). It keeps the adapter's "
+                           "answers fluent: without it simpo at this lr broke the fluency guard")
         steps: int = Field(default=40, ge=1, description="optimizer steps per job (at most)")
         batch_choices: int = Field(default=2, ge=1, description="choices (each with all its rejected) per step")
         job_seconds: float | None = Field(default=60.0, gt=0, description="time budget of one training job's loop")
