@@ -1,5 +1,5 @@
 """One simulated DSP user (eval fermi's user d{--user}-u0, seed 0: the same 20 observed choices), an
-adapter trained with DPO with the lora plugin's settings (``--set key=value`` changes one; ``--steps``
+adapter trained with the lora plugin's settings (its loss and defaults) (``--set key=value`` changes one; ``--steps``
 is ``steps``; the job's time budget is lifted), held-out pairwise / top-1 of ``lora`` vs ``none`` on
 the first ``--test`` test queries: the reduced measurement that fits a 2-core machine (the full
 ``persona-mw eval lora`` does not). Writes benchmarks/results/lora_probe_u{user}{--tag}.json. Not a test."""

@@ -46,7 +46,9 @@ def test_profile_features_and_grade_are_the_old_values(i: int) -> None:
     assert [text.count_syllables(w) for w in text.latin_words(t)] == old["syll"]
     assert text.style_features(t) == old["style"]
     assert [float(x) for x in style_vector(t)] == old["vector"]
-    assert [float(x) for x in NgramHasher(64).transform_one(t)] == old["hash"]
+    # float32 features: equal to one float32 rounding step (numpy 2.4.6 gives -0.0577192232 where the
+    # pins, computed under an earlier numpy, have -0.0577192195 for one bucket of TEXTS[2])
+    assert [float(x) for x in NgramHasher(64).transform_one(t)] == pytest.approx(old["hash"], rel=2e-7, abs=1e-9)
 
 
 @pytest.mark.parametrize("i", range(len(TEXTS)))
