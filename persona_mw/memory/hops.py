@@ -146,17 +146,24 @@ def _centroid(mgr: _MemoryRetrieval, seeds: Sequence[tuple[str, str]]) -> np.nda
     return c / n if n > 0 else None
 
 
-def _pool_sims(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], c: np.ndarray) -> np.ndarray:
-    """Cosine of each pool memory's stored vector with ``c`` (no vector: the pool's lowest)."""
+def grouped_sims(keys: Sequence[tuple[str, str]], dot: Any) -> np.ndarray | None:
+    """``dot(node, ids)`` asked once per node for its ``(node, id)`` keys, in ``keys``' order; a key with
+    no vector (NaN) gets the lowest score found; None when no key has one."""
     by_node: dict[str, list[int]] = {}
     for j, (node, _) in enumerate(keys):
         by_node.setdefault(node, []).append(j)
     sims = np.full(len(keys), np.nan)
     for node, js in by_node.items():
-        sims[js] = mgr._dot(node, [keys[j][1] for j in js], c)
-    if np.isnan(sims).all():
-        return np.zeros(len(keys))
+        sims[js] = dot(node, [keys[j][1] for j in js])
+    if not len(keys) or np.isnan(sims).all():
+        return None
     return np.where(np.isnan(sims), float(np.nanmin(sims)), sims)
+
+
+def _pool_sims(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], c: np.ndarray) -> np.ndarray:
+    """Cosine of each pool memory's stored vector with ``c`` (no vector: the pool's lowest)."""
+    sims = grouped_sims(keys, lambda node, ids: mgr._dot(node, ids, c))
+    return np.zeros(len(keys)) if sims is None else sims
 
 
 def _focus(mgr: _MemoryRetrieval, keys: list[tuple[str, str]], query: str, drop: set[str]) -> np.ndarray | None:

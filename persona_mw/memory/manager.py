@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence, get_args
 import numpy as np
 
 from persona_mw.errors import PersonaError, RequestError, UnknownUserError
-from persona_mw.memory.hops import HopSettings, names, second_hop
+from persona_mw.memory.hops import HopSettings, grouped_sims, names, second_hop
 from persona_mw.memory.extract import (
     EXTRACT_PROMPT, MAX_MEMORY_CHARS, Candidate, detect, is_injection, one_line, parse_llm_output, rule_extract,
     sanitize, states_taste,
@@ -412,15 +412,7 @@ class _MemoryBase:
         idx = self._win_index
         if not isinstance(idx, NumpyIndex) or not keys:
             return None
-        by_node: dict[str, list[int]] = {}
-        for j, (node, _) in enumerate(keys):
-            by_node.setdefault(node, []).append(j)
-        sims = np.full(len(keys), np.nan)
-        for node, js in by_node.items():
-            sims[js] = idx.dot(node, [keys[j][1] for j in js], vector)
-        if np.isnan(sims).all():
-            return None
-        return np.where(np.isnan(sims), float(np.nanmin(sims)), sims)
+        return grouped_sims(keys, lambda node, ids: idx.dot(node, ids, vector))
 
     def _names_of(self, owner: str, memory_id: str) -> set[str]:
         """``hops.names`` of a memory's text, kept per owner from when it was indexed (and per text: an
