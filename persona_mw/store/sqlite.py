@@ -165,6 +165,25 @@ def _validate_node_id(node_id: NodeId) -> str:
     return kind
 
 
+def _set_wal(conn: sqlite3.Connection, path: str, timeout_s: float) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while the file is locked. Two processes opening a new file
+    at once both ask for the switch, which needs an exclusive lock; SQLite answers one of them "database
+    is locked" at once, without waiting out the busy timeout (it would deadlock otherwise). Once either
+    switch is done the mode is the file's, so the retry only waits for the other's to finish."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise StoreError(f"cannot open SQLite store at {path!r}: {exc} for {timeout_s:g} s",
+                                 hint="another process holds the file; try again when it is done") from exc
+            time.sleep(0.02)
+
+
 class _SQLiteBase:
     """Connection, transactions, migrations, forget keys; each part below adds one concern (issue #14)."""
 
@@ -189,7 +208,7 @@ class _SQLiteBase:
         self._conn: sqlite3.Connection | None = conn
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _set_wal(conn, self.path, busy_timeout_s)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             # Deleted rows are overwritten, so a forgotten user's text is not left in free pages.

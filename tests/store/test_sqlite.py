@@ -6,7 +6,7 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -373,3 +373,42 @@ def test_forget_removes_user_and_spares_lookalikes(store: SQLiteStore, db_path: 
     assert _count(db_path, "SELECT COUNT(*) FROM feedback") == 10
     assert _count(db_path, "SELECT COUNT(*) FROM memories") == 10
     assert _count(db_path, "SELECT COUNT(*) FROM traces") == 5
+
+
+class _LockedOnce:
+    """A connection whose WAL switches first answer 'database is locked', as SQLite does (at once, not
+    after the busy timeout) to one of two processes opening a new store file together."""
+
+    def __init__(self, conn: Any, fails: int) -> None:
+        self._conn, self.fails, self.tries = conn, fails, 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if "journal_mode" in sql:
+            self.tries += 1
+            if self.tries <= self.fails:
+                raise sqlite3.OperationalError("database is locked")
+        return self._conn.execute(sql, *args)
+
+
+def test_opening_a_new_store_retries_the_wal_switch_while_another_process_holds_it(tmp_path: Any) -> None:
+    from persona_mw.store.sqlite import _set_wal
+
+    raw = sqlite3.connect(str(tmp_path / "a.db"), isolation_level=None)
+    conn = _LockedOnce(raw, fails=3)
+    _set_wal(conn, "a.db", 5.0)  # type: ignore[arg-type]
+    assert conn.tries == 4 and raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    stuck = _LockedOnce(sqlite3.connect(str(tmp_path / "b.db"), isolation_level=None), fails=10**6)
+    with pytest.raises(StoreError, match="database is locked for 0.1 s"):
+        _set_wal(stuck, "b.db", 0.1)  # type: ignore[arg-type]
+    broken = _Broken()
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):  # not a lock: not retried
+        _set_wal(broken, "a.db", 5.0)  # type: ignore[arg-type]
+    assert broken.tries == 1
+
+
+class _Broken:
+    tries = 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self.tries += 1
+        raise sqlite3.OperationalError("disk I/O error")
