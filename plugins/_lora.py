@@ -282,7 +282,7 @@ class _Cached:
     targets: Any  # [n] the response tokens
     seq: Any  # [n] the sequence (response) each token belongs to
     lens: Any  # [sequences] response tokens scored per sequence
-    ref: Any  # [sequences] the base model's summed response log-probs
+    ref: Any  # [sequences] the base model's summed response log-probs (None: the loss needs no reference)
     pairs: list[tuple[int, int]]  # (chosen, rejected) sequence indices
 
 
@@ -370,9 +370,14 @@ def _resp_logps(model: Any, run: _Weights, h: Any, c: Any, nseq: int) -> Any:
     return torch.zeros(nseq, dtype=lp.dtype).index_add(0, c.seq, lp)
 
 
+class _Stop(Exception):
+    """Raised by the grab hook to end a no-reference pass once the first trained layer's input is kept."""
+
+
 def _prepare(model: Any, run: _Weights, layout: dict[str, Any], pairs: list[tuple[int, int]], nseq: int,
-             start: int) -> _Cached:
-    """One no-grad pass: the input of layer ``start`` and the reference log-probs."""
+             start: int, ref: bool = True) -> _Cached:
+    """One no-grad pass: the input of layer ``start`` and, when ``ref``, the reference log-probs (the
+    base model's; a loss without a reference, SimPO, stops the pass at layer ``start`` instead)."""
     import torch
 
     from persona_mw.plugins._steering import decoder_layers
@@ -382,14 +387,20 @@ def _prepare(model: Any, run: _Weights, layout: dict[str, Any], pairs: list[tupl
     def grab(_mod: Any, args: Any, kwargs: Any) -> None:
         got["h"] = args[0] if args else kwargs["hidden_states"]
         got["kw"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values")}
+        if not ref:
+            raise _Stop
 
     handle = decoder_layers(model)[start].register_forward_pre_hook(grab, with_kwargs=True)
     lens = torch.bincount(layout["seq"], minlength=nseq).clamp(min=1).float()
     c = _Cached(None, {}, layout["rows"], layout["cols"], layout["targets"], layout["seq"], lens, None, pairs)
     try:
         with torch.no_grad():
-            out = run(model.model, **layout["inputs"], use_cache=False)
-            c.ref = _resp_logps(model, run, out.last_hidden_state, c, nseq)
+            try:
+                out = run(model.model, **layout["inputs"], use_cache=False)
+            except _Stop:
+                pass
+            else:
+                c.ref = _resp_logps(model, run, out.last_hidden_state, c, nseq)
     finally:
         handle.remove()
     c.hidden = got["h"].detach()
@@ -406,13 +417,13 @@ def _policy(model: Any, run: _Weights, c: _Cached, start: int, shift: Any = None
     for layer in decoder_layers(model)[start:]:
         out = run(layer, h, **c.kwargs)
         h = out[0] if isinstance(out, tuple) else out
-    return _resp_logps(model, run, run(model.model.norm, h), c, int(c.ref.shape[0]))
+    return _resp_logps(model, run, run(model.model.norm, h), c, len(c.lens))
 
 
 def _chunks(model: Any, run: _Weights, tok: Any, fmt: Callable[[str], str],
-            pairs: Sequence[tuple[str, str, str]], s: TrainSettings, start: int) -> list[_Cached]:
+            pairs: Sequence[tuple[str, str, str]], s: TrainSettings, start: int, ref: bool = True) -> list[_Cached]:
     """Pairs grouped by prompt, each unique response of a prompt scored once (pairs index into them),
-    each group prepared once."""
+    each group prepared once (with the reference log-probs when ``ref``)."""
     by: dict[str, dict[str, int]] = {}
     idx: dict[str, list[tuple[int, int]]] = {}
     for p, c, r in pairs:
@@ -426,7 +437,7 @@ def _chunks(model: Any, run: _Weights, tok: Any, fmt: Callable[[str], str],
     for p, prs in idx.items():
         prefix, resps = _tokens(tok, fmt, p, list(by[p]), s)
         layout = _packed(prefix, resps) if s.pack else _padded(prefix, resps, pad)
-        out.append(_prepare(model, run, layout, prs, len(resps), start))
+        out.append(_prepare(model, run, layout, prs, len(resps), start, ref))
     return out
 
 
@@ -544,7 +555,7 @@ def trainable(model: Any, tok: Any) -> tuple[Any, Any]:
 
 def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[tuple[str, str, str]],
                s: TrainSettings) -> tuple[Adapter, dict[str, Any]]:
-    """A LoRA adapter on the top ``s.top_layers`` decoder layers, trained with DPO on
+    """A LoRA adapter on the top ``s.top_layers`` decoder layers, trained with ``s.loss`` (DPO or SimPO) on
     ``(prompt, chosen, rejected)`` pairs (torch thread). The layers below are run once per sequence
     (their output is the cached input of the first trained layer), so a step costs the top layers only."""
     import torch
@@ -565,7 +576,7 @@ def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
         params[name] = (a.requires_grad_(True), torch.zeros(lin.out_features, s.r, requires_grad=True))
     with _Frozen(model, s.threads):
         run = _Weights(model, s.bf16)
-        chunks = _chunks(model, run, tok, fmt, pairs, s, start)
+        chunks = _chunks(model, run, tok, fmt, pairs, s, start, ref=s.loss != "simpo")  # SimPO: no reference
         prep = time.perf_counter() - t0
         handles = [mods[n].register_forward_hook(_scaled(a, b, scale)) for n, (a, b) in params.items()]
         try:

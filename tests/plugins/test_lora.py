@@ -344,6 +344,49 @@ def test_simpo_loss_is_the_margin_of_per_token_means_with_no_reference(local_bac
         assert abs(want - math.log(1 + math.exp(0.7))) > 1e-3  # the policy's margins matter
 
 
+def test_a_simpo_job_stops_its_prepare_pass_at_the_first_trained_layer(local_backend: Any) -> None:
+    """SimPO reads no reference, so its prepare pass keeps the first trained layer's input and runs
+    neither the layers above nor ``lm_head``; that input is the one a DPO job caches, and the policy's
+    log-probs from it are the same."""
+    from persona_mw.plugins._steering import decoder_layers
+    from persona_mw.types import Message
+
+    model, tok = local_backend.model, local_backend.tokenizer
+
+    def fmt(p: str) -> str:
+        return local_backend.format_prompt([Message(role="user", content=p)])
+
+    s = _lora.TrainSettings(top_layers=2, max_response_tokens=12, max_prompt_tokens=32, loss="simpo")
+    start = _lora.first_trained_layer(model, s.top_layers)
+    calls = {"head": 0, "top": 0}
+    hooks = [model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1)),
+             decoder_layers(model)[start].register_forward_hook(lambda *_: calls.__setitem__("top", calls["top"] + 1))]
+    try:
+        with _lora._Frozen(model):
+            run = _lora._Weights(model, bf16=False)
+            fast = _lora._chunks(model, run, tok, fmt, PACK_PAIRS, s, start, ref=False)
+            assert calls == {"head": 0, "top": 0}, calls
+            full = _lora._chunks(model, run, tok, fmt, PACK_PAIRS, s, start)
+            assert calls["head"] == len(full) and calls["top"] == len(full)
+            with torch.no_grad():
+                for a, b in zip(fast, full):
+                    assert a.ref is None and b.ref is not None
+                    assert torch.equal(a.hidden, b.hidden) and torch.equal(a.lens, b.lens)
+                    assert torch.allclose(_lora._policy(model, run, a, start), b.ref, atol=1e-4)
+    finally:
+        for h in hooks:
+            h.remove()
+    heads: list[int] = []  # a simpo job: lm_head runs for the one step's one chunk only, not in the prepare pass
+    hook = model.lm_head.register_forward_hook(lambda *_: heads.append(1))
+    try:
+        _, stats = _lora.train_lora(model, tok, fmt, PACK_PAIRS, _lora.TrainSettings(
+            top_layers=2, steps=1, batch_choices=1, loss="simpo", seconds=None, max_response_tokens=12,
+            max_prompt_tokens=32))
+    finally:
+        hook.remove()
+    assert len(heads) == 1 and math.isfinite(stats["loss_first"]), (heads, stats)
+
+
 def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_unchanged(local_backend: Any) -> None:
     from persona_mw.types import Message
 
