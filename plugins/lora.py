@@ -218,6 +218,12 @@ class LoraAdapters:
         nll: float = Field(default=1.0, ge=0, description="weight of the chosen answers' per-token negative "
                            "log-likelihood added to the preference loss (RPO; 0: none). It keeps the adapter's "
                            "answers fluent: without it simpo at this lr broke the fluency guard")
+        fluency_guard: float | None = Field(
+            default=None, gt=1, description="after each job, the adapter's greedy answers to the node's "
+            "`guard_prompts` most recent prompts must be at most this many times as perplexing to the base model "
+            "as the base model's own answers; otherwise the adapter is scaled down (1/2, 1/4, 1/8) until they "
+            "are (the job's stats: `guard`). null: no check")
+        guard_prompts: int = Field(default=2, ge=1, le=16, description="prompts the fluency guard answers")
         steps: int = Field(default=40, ge=1, description="optimizer steps per job (at most)")
         batch_choices: int = Field(default=2, ge=1, description="choices (each with all its rejected) per step")
         job_seconds: float | None = Field(default=60.0, gt=0, description="time budget of one training job's loop")
@@ -379,7 +385,17 @@ class LoraAdapters:
         backend = self._ctx.backend()
         settings = self.settings(seed)
         fmt = _formatter(backend)
-        adapter, stats = await backend.call(lambda m, t: _lora.train_lora(m, t, fmt, pairs, settings))
+        limit = self.config.fluency_guard
+        recent = list(dict.fromkeys(p for p, _, _ in reversed(pairs)))[: self.config.guard_prompts]
+
+        def job(m: Any, t: Any) -> tuple[Any, dict[str, Any]]:
+            ad, st = _lora.train_lora(m, t, fmt, pairs, settings)
+            if limit is not None:
+                ad, st["guard"] = _lora.fluency_guard(m, t, [fmt(p) for p in recent], ad, limit,
+                                                      settings.max_response_tokens, settings.threads)
+            return ad, st
+
+        adapter, stats = await backend.call(job)
         model = getattr(backend, "model_name", getattr(backend, "name", ""))
         entry: dict[str, Any] = {}
         files = self.files

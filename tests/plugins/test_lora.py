@@ -387,6 +387,72 @@ def test_a_simpo_job_stops_its_prepare_pass_at_the_first_trained_layer(local_bac
     assert len(heads) == 1 and math.isfinite(stats["loss_first"]), (heads, stats)
 
 
+def test_fluency_guard_scales_an_adapter_back_until_its_answers_read_as_the_base_models(local_backend: Any) -> None:
+    """The guard's measure is eval lora's ``ppl_ratio``: the base model's perplexity of the greedy answers
+    (here equal to the backend's own greedy decoding), and an adapter whose answers are too perplexing is
+    scaled down through ``GUARD_SCALES`` to the first that passes; none passing gives the smallest, flagged."""
+    from persona_mw.plugins._fermi_score import response_logprobs
+    from persona_mw.types import GenerationParams, Message
+
+    model, tok = local_backend.model, local_backend.tokenizer
+    prompts = ["How should a small company plan its budget?", "What makes a novel memorable?"]
+    texts = [local_backend.format_prompt([Message(role="user", content=p)]) for p in prompts]
+    start = _lora.first_trained_layer(model, 4)
+    g = torch.Generator().manual_seed(3)
+    ad = _lora.Adapter({n: (torch.randn(4, lin.in_features, generator=g) * 0.3,
+                            torch.randn(lin.out_features, 4, generator=g) * 0.3)
+                        for n, lin in _lora.target_modules(model, ("q_proj", "v_proj")).items()
+                        if _lora._layer_index(n) >= start}, r=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    cands = asyncio.run(local_backend.generate_batch([[Message(role="user", content=p)] for p in prompts],
+                                                     params=GenerationParams(max_tokens=12, temperature=0.0)))
+    answers = [c.text or "." for c in sorted(cands, key=lambda c: c.index)]
+    lps = response_logprobs(model, tok, texts, [[a] for a in answers], max_response_tokens=12)
+    want = math.exp(-sum(r[0] for r in lps) / len(lps))
+    assert abs(_lora.answer_perplexity(model, tok, texts, None, 12) - want) < 1e-6 * want
+
+    low, info = _lora.fluency_guard(model, tok, texts, ad, 1e-3, max_tokens=12)  # nothing passes
+    assert not info["passed"] and [sc for sc, _ in info["tried"]] == list(_lora.GUARD_SCALES)
+    ratios = dict(info["tried"])
+    assert ratios[1.0] > 1.2 and ratios[1.0] > ratios[0.125], ratios  # this adapter does break the answers
+    for name, (a, b) in ad.weights.items():
+        assert torch.equal(low.weights[name][0], a) and torch.allclose(low.weights[name][1], b * 0.125)
+    kept, info = _lora.fluency_guard(model, tok, texts, ad, 1e6, max_tokens=12)
+    assert kept is ad and info["scale"] == 1.0 and info["passed"] and len(info["tried"]) == 1
+    first = next(sc for sc in _lora.GUARD_SCALES if ratios[sc] < ratios[1.0])  # a limit between scale 1 and that one
+    mid, info = _lora.fluency_guard(model, tok, texts, ad, (ratios[1.0] + ratios[first]) / 2, max_tokens=12)
+    assert info["passed"] and info["scale"] == first and info["ppl_ratio"] == ratios[first], (info, ratios)
+    name, (a, b) = next(iter(ad.weights.items()))
+    assert torch.allclose(mid.weights[name][1], b * first)
+
+
+def test_plugin_job_with_the_fluency_guard_stores_the_adapter_at_the_scale_that_passed(make_mw: Any, local_backend: Any,
+                                                                                       tmp_path: Path) -> None:
+    """``fluency_guard``: the job's stats carry the guard's verdict, and the stored adapter is the trained
+    one (the same job again without the guard) times that scale."""
+    from persona_mw.plugins.lora import AdapterFiles, all_pairs
+    from persona_mw.types import Message
+
+    root = tmp_path / "a"
+    mw = make_mw(YAML.replace("job_seconds: null", f"job_seconds: null, dir: {root}, node_kinds: [user], "
+                              "fluency_guard: 1.0001, guard_prompts: 2"), backend=local_backend)
+    for ev in CHOICES:
+        mw.feedback(ev)
+    st = mw.store.get_profile("user:ana").extra["lora"]
+    guard = st["stats"]["guard"]
+    assert guard["limit"] == 1.0001 and guard["prompts"] == 2 and guard["scale"] in _lora.GUARD_SCALES
+    assert guard["passed"] == (guard["ppl_ratio"] <= 1.0001) and [t[0] for t in guard["tried"]][-1] == guard["scale"]
+    plugin = mw.plugin("lora")
+    stored = AdapterFiles(root).read(st["file"])
+    events, _, _ = plugin.events_of("user:ana")
+    fresh, _ = _lora.train_lora(local_backend.model, local_backend.tokenizer,
+                                lambda p: local_backend.format_prompt([Message(role="user", content=p)]),
+                                all_pairs(events), plugin.settings(0))
+    assert set(stored.weights) == set(fresh.weights)
+    for name, (a, b) in fresh.weights.items():
+        assert torch.allclose(stored.weights[name][0], a, atol=1e-6)
+        assert torch.allclose(stored.weights[name][1], b * guard["scale"], atol=1e-6)
+
+
 def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_unchanged(local_backend: Any) -> None:
     from persona_mw.types import Message
 
