@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -55,6 +56,8 @@ from persona_mw.errors import PersonaError, RequestError
 from persona_mw.nodes import context_node, group_node, kind_of, user_context_node, user_node
 from persona_mw.plugins._steering import chat_texts, check_white_box, event_pairs, require_white_box
 from persona_mw.types import ChoiceFeedback, Decoding, EditFeedback, Feedback, RatingFeedback, Turn
+
+log = logging.getLogger("persona_mw.plugins.lora")
 
 KEY = "lora"
 NodeKind = Literal["user", "user_context", "group", "context"]
@@ -89,6 +92,16 @@ def mix_logits(weights: list[float]) -> Any:
         return out if out is not None else main
 
     return combine
+
+
+# The fluency guard's default prompts: ordinary requests that no node's events hold (an adapter reads the
+# prompts it was trained on fluently even when it breaks on new ones; stop 32's CV, docs/notes/lora5.md).
+GUARD_PROMPTS = (
+    "How does a refrigerator keep food cold?",
+    "What should I look for when choosing a laptop?",
+    "Why does the sky look blue?",
+    "Give me a few tips for a job interview.",
+)
 
 
 def all_pairs(events: list[Any]) -> list[tuple[str, str, str]]:
@@ -220,10 +233,13 @@ class LoraAdapters:
                            "answers fluent: without it simpo at this lr broke the fluency guard")
         fluency_guard: float | None = Field(
             default=None, gt=1, description="after each job, the adapter's greedy answers to the node's "
-            "`guard_prompts` most recent prompts must be at most this many times as perplexing to the base model "
+            "`guard_prompts` (ordinary requests) must be at most this many times as perplexing to the base model "
             "as the base model's own answers; otherwise the adapter is scaled down (1/2, 1/4, 1/8) until they "
             "are (the job's stats: `guard`). null: no check")
-        guard_prompts: int = Field(default=2, ge=1, le=16, description="prompts the fluency guard answers")
+        guard_prompts: list[str] = Field(
+            default_factory=lambda: list(GUARD_PROMPTS), min_length=1, max_length=16,
+            description="prompts whose answers the fluency guard checks; not the node's own: an adapter answers "
+            "the prompts it was trained on fluently even when it breaks on new ones")
         steps: int = Field(default=40, ge=1, description="optimizer steps per job (at most)")
         batch_choices: int = Field(default=2, ge=1, description="choices (each with all its rejected) per step")
         job_seconds: float | None = Field(default=60.0, gt=0, description="time budget of one training job's loop")
@@ -386,12 +402,12 @@ class LoraAdapters:
         settings = self.settings(seed)
         fmt = _formatter(backend)
         limit = self.config.fluency_guard
-        recent = list(dict.fromkeys(p for p, _, _ in reversed(pairs)))[: self.config.guard_prompts]
+        checks = list(self.config.guard_prompts)
 
         def job(m: Any, t: Any) -> tuple[Any, dict[str, Any]]:
             ad, st = _lora.train_lora(m, t, fmt, pairs, settings)
             if limit is not None:
-                ad, st["guard"] = _lora.fluency_guard(m, t, [fmt(p) for p in recent], ad, limit,
+                ad, st["guard"] = _lora.fluency_guard(m, t, [fmt(p) for p in checks], ad, limit,
                                                       settings.max_response_tokens, settings.threads)
             return ad, st
 
@@ -399,19 +415,32 @@ class LoraAdapters:
         model = getattr(backend, "model_name", getattr(backend, "name", ""))
         entry: dict[str, Any] = {}
         files = self.files
+        span = {"count": len(events), "pairs": len(pairs), "first": events[0].id, "last": events[-1].id,
+                "first_at": events[0].created_at, "last_at": events[-1].created_at}
+
+        def reject(prof: Any) -> None:  # the guard failed at every scale: the node keeps what it had
+            st = dict(prof.extra.get(KEY) or {})
+            st.update(rejected={"at": time.time(), "users": users, "events": span, "guard": stats["guard"]},
+                      pending=max(0, int(st.get("pending", 0)) - len(events)))
+            prof.extra[KEY] = st
+            entry.update(st)
+
+        if limit is not None and not stats["guard"]["passed"]:
+            log.warning("lora: %s: the new adapter failed the fluency guard at every scale (%s); not stored",
+                        node, stats["guard"]["tried"])
+            self._ctx.update_profile(node, reject)
+            return entry
 
         def store(prof: Any) -> None:
             st = dict(prof.extra.get(KEY) or {})
             version = int(st.get("version", 0)) + 1
             adapter.meta = {"node": node, "version": version, "model": model}
             rel = files.write(node, version, adapter)
+            st.pop("rejected", None)
             st.update(version=version, file=rel, model=model, r=settings.r, targets=list(settings.targets),
                       top_layers=settings.top_layers, trained_at=time.time(), users=users,
-                      evidence=total,
-                      events={"count": len(events), "pairs": len(pairs), "first": events[0].id,
-                              "last": events[-1].id, "first_at": events[0].created_at,
-                              "last_at": events[-1].created_at},
-                      stats=stats, pending=max(0, int(st.get("pending", 0)) - len(events)))
+                      evidence=total, events=span, stats=stats,
+                      pending=max(0, int(st.get("pending", 0)) - len(events)))
             prof.extra[KEY] = st
             entry.update(st)
 
@@ -524,6 +553,14 @@ class LoraAdapters:
             if prof is not None:
                 self._ctx.update_profile(node, lambda p: p.extra.pop(KEY, None))
             return True
+        if user in (st.get("rejected") or {}).get("users", []):  # only a rejected job read their events
+
+            def drop(p: Any) -> None:
+                kept = dict(p.extra.get(KEY) or {})
+                kept.pop("rejected", None)
+                p.extra[KEY] = kept
+
+            self._ctx.update_profile(node, drop)
         return False
 
     @hookimpl
@@ -535,6 +572,12 @@ class LoraAdapters:
                 out[node] = {k: st.get(k) for k in ("version", "file", "model", "r", "targets", "events",
                                                     "trained_at", "pending")}
                 out[node]["seconds"] = (st.get("stats") or {}).get("total_seconds")
+                if (st.get("stats") or {}).get("guard"):
+                    out[node]["guard"] = st["stats"]["guard"]
+            if st.get("rejected"):
+                rej = st["rejected"]
+                out.setdefault(node, {})["rejected"] = {"at": rej.get("at"), "events": rej.get("events"),
+                                                        "guard": rej.get("guard")}
         return {"lora": out} if out else None
 
 

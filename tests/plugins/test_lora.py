@@ -427,30 +427,81 @@ def test_fluency_guard_scales_an_adapter_back_until_its_answers_read_as_the_base
 
 def test_plugin_job_with_the_fluency_guard_stores_the_adapter_at_the_scale_that_passed(make_mw: Any, local_backend: Any,
                                                                                        tmp_path: Path) -> None:
-    """``fluency_guard``: the job's stats carry the guard's verdict, and the stored adapter is the trained
-    one (the same job again without the guard) times that scale."""
+    """``fluency_guard``: the job checks the configured prompts, its stats carry the verdict, and the stored
+    adapter is the trained one (the same job run again by hand) times the scale that passed."""
     from persona_mw.plugins.lora import AdapterFiles, all_pairs
     from persona_mw.types import Message
 
+    def fmt(p: str) -> str:
+        return local_backend.format_prompt([Message(role="user", content=p)])
+
     root = tmp_path / "a"
     mw = make_mw(YAML.replace("job_seconds: null", f"job_seconds: null, dir: {root}, node_kinds: [user], "
-                              "fluency_guard: 1.0001, guard_prompts: 2"), backend=local_backend)
+                              "fluency_guard: 1000000, guard_prompts: ['How do bees fly?', 'What is a loan?']"),
+                 backend=local_backend)
     for ev in CHOICES:
         mw.feedback(ev)
-    st = mw.store.get_profile("user:ana").extra["lora"]
-    guard = st["stats"]["guard"]
-    assert guard["limit"] == 1.0001 and guard["prompts"] == 2 and guard["scale"] in _lora.GUARD_SCALES
-    assert guard["passed"] == (guard["ppl_ratio"] <= 1.0001) and [t[0] for t in guard["tried"]][-1] == guard["scale"]
     plugin = mw.plugin("lora")
-    stored = AdapterFiles(root).read(st["file"])
+    st = mw.store.get_profile("user:ana").extra["lora"]
+    first = st["stats"]["guard"]
+    assert first["passed"] and first["scale"] == 1.0 and len(first["tried"]) == 1 and first["prompts"] == 2
     events, _, _ = plugin.events_of("user:ana")
-    fresh, _ = _lora.train_lora(local_backend.model, local_backend.tokenizer,
-                                lambda p: local_backend.format_prompt([Message(role="user", content=p)]),
-                                all_pairs(events), plugin.settings(0))
+    fresh, _ = _lora.train_lora(local_backend.model, local_backend.tokenizer, fmt, all_pairs(events), plugin.settings(0))
+    files = AdapterFiles(root)
+    for name, (a, b) in fresh.weights.items():
+        assert torch.allclose(files.read(st["file"]).weights[name][1], b, atol=1e-6)
+    _, probe = _lora.fluency_guard(local_backend.model, local_backend.tokenizer,
+                                   [fmt("How do bees fly?"), fmt("What is a loan?")], fresh, 1.0000001,
+                                   max_tokens=plugin.settings(0).max_response_tokens)  # the job's answer length
+    ratios = dict(probe["tried"])
+    assert ratios[1.0] == first["ppl_ratio"]  # the job checked the configured prompts, not the node's own
+    scale = next(sc for sc in _lora.GUARD_SCALES[1:] if ratios.get(sc, math.inf) < ratios[1.0])
+    plugin.config.fluency_guard = (ratios[1.0] + ratios[scale]) / 2  # passes at `scale`, not before
+    entry = mw.runtime.run(plugin.train_node("user:ana"))
+    guard = entry["stats"]["guard"]
+    assert entry["version"] == 2 and guard["passed"] and guard["scale"] == scale, (guard, ratios)
+    stored = files.read(entry["file"])
     assert set(stored.weights) == set(fresh.weights)
     for name, (a, b) in fresh.weights.items():
         assert torch.allclose(stored.weights[name][0], a, atol=1e-6)
-        assert torch.allclose(stored.weights[name][1], b * guard["scale"], atol=1e-6)
+        assert torch.allclose(stored.weights[name][1], b * scale, atol=1e-6)
+
+
+def test_an_adapter_failing_the_guard_at_every_scale_is_not_stored_and_forget_clears_the_record(
+        make_mw: Any, local_backend: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """A job whose adapter fails the fluency guard at every scale stores nothing: the node keeps its
+    previous adapter (served as before), its profile records the rejection, and forgetting a user whose
+    events only the rejected job read drops the record but not the adapter trained on someone else's."""
+    from persona_mw.cli import _profile_with_reports
+
+    root = tmp_path / "a"
+    mw = make_mw(YAML.replace("job_seconds: null", f"job_seconds: null, dir: {root}, node_kinds: [group], "
+                              "fluency_guard: 3"), backend=local_backend)
+    mw.join("ana", "shorties")
+    mw.join("bob", "shorties")
+    for ev in CHOICES:
+        mw.feedback({**ev, "user": "bob"})
+    first = mw.store.get_profile("group:shorties").extra["lora"]
+    assert first["version"] == 1 and first["users"] == ["bob"] and first["stats"]["guard"]["passed"]
+    before = adapter_files(root)
+    real = _lora.answer_perplexity
+    monkeypatch.setattr(_lora, "answer_perplexity",  # every adapter's answers 10x as perplexing as the base's
+                        lambda m, t, texts, ad, n=32: real(m, t, texts, None, n) * (1 if ad is None else 10))
+    for ev in CHOICES:
+        mw.feedback(ev)  # ana's: the group's second job reads them
+    st = mw.store.get_profile("group:shorties").extra["lora"]
+    assert st["version"] == 1 and st["file"] == first["file"] and st["pending"] == 0
+    rej = st["rejected"]
+    assert not rej["guard"]["passed"] and [t[0] for t in rej["guard"]["tried"]] == list(_lora.GUARD_SCALES)
+    assert rej["users"] == ["ana", "bob"] and rej["events"]["count"] == 6
+    assert adapter_files(root) == before  # nothing new written
+    report = _profile_with_reports(mw, "ana", mw.profile("ana"))["lora"]["group:shorties"]
+    assert report["version"] == 1 and report["rejected"]["guard"]["passed"] is False
+    assert "adapter group:shorties:" in step(mw.chat(user="ana", messages="How do fridges work?", params=P))
+    mw.forget("ana")
+    st = mw.store.get_profile("group:shorties").extra["lora"]
+    assert "rejected" not in st and st["version"] == 1 and st["users"] == ["bob"]
+    assert adapter_files(root) == before  # bob's group adapter stays
 
 
 def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_unchanged(local_backend: Any) -> None:
