@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="NAME=key=value,... (lora plugin settings)")
     ap.add_argument("--ppl-prompts", type=int, default=2, help="held-out prompts per fold whose greedy answers' "
                     "perplexity under the base model is compared with the base model's own (0: skip)")
+    ap.add_argument("--scales", default="", help="comma-separated adapter scales (e.g. 1,0.5,0.25): each fold's "
+                    "adapter is also scored scaled by each, with the ppl ratio on the fold's own last 2 training "
+                    "prompts beside the held-out one (the fluency guard's probe, docs/notes/lora5.md)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lora_cv.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,6 +78,7 @@ def main() -> None:
     from persona_mw.types import Decoding, GenerationParams, Message
 
     torch.set_num_threads(1)
+    scales = [float(x) for x in args.scales.split(",") if x.strip()]
     variants = dict(_parse(v) for v in (args.variant or ["base="]))
     settings = {n: LoraAdapters(LoraAdapters.Config(**{**v, "job_seconds": None})).settings() for n, v in variants.items()}
     items = load(args.data)
@@ -127,6 +131,15 @@ def main() -> None:
                 row = {"user": user, "fold": f, **_scores(lp), "pairwise_raise": rise["pairwise"],
                        "ppl_ratio": ppl(qs, ad) / ppl0 if qs else float("nan"),
                        "train_seconds": stats["total_seconds"], "loss_last": stats["loss_last"]}
+                if scales:
+                    own = [e["prompt"] for e in train[-2:]]
+                    own0 = ppl(own, None)
+                    row["scales"] = {}
+                    for sc in scales:
+                        a2 = _lora.scaled(ad, sc)
+                        lp2 = score(held, a2)
+                        row["scales"][str(sc)] = {**_scores(lp2), "pairwise_raise": _scores(lp2 - lp0)["pairwise"],
+                                                  "ppl_ratio": ppl(qs, a2) / ppl0, "train_ppl_ratio": ppl(own, a2) / own0}
                 rows[name].append(row)
                 print(name, json.dumps(row), f"base pairwise {base_rows[-1]['pairwise']:.3f}", flush=True)
 
