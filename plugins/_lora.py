@@ -655,9 +655,10 @@ GUARD_SCALES = (1.0, 0.5, 0.25, 0.125)
 
 def fluency_guard(model: Any, tok: Any, texts: Sequence[str], adapter: Adapter, limit: float,
                   max_tokens: int = 32, threads: int | None = None) -> tuple[Adapter, dict[str, Any]]:
-    """The adapter at the largest of ``GUARD_SCALES`` whose greedy answers to ``texts`` (formatted prompts
-    of the node's own choices) are at most ``limit`` times as perplexing to the base model as the base
-    model's own answers; the smallest scale when none is (``passed: false``)."""
+    """The adapter at the largest of ``GUARD_SCALES`` whose greedy answers to ``texts`` (formatted prompts,
+    ordinary requests: the plugin's ``guard_prompts``) are at most ``limit`` times as perplexing to the base
+    model as the base model's own answers; the smallest scale when none is (``passed: false``: the plugin
+    then stores nothing)."""
     t0 = time.perf_counter()
     model, tok = trainable(model, tok)
     with _Frozen(model, threads):
