@@ -30,6 +30,7 @@ import json
 import math
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -651,6 +652,9 @@ def answer_perplexity(model: Any, tok: Any, texts: Sequence[str], adapter: Adapt
 
 
 GUARD_SCALES = (1.0, 0.5, 0.25, 0.125)
+# The base model's own perplexity per guard prompt set: the same for every job on that model (greedy, frozen
+# weights; the prompts are configuration, not anyone's data), so each job decodes only the adapter's answers.
+_BASE_PPL: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[str, ...], int], float]] = weakref.WeakKeyDictionary()
 
 
 def fluency_guard(model: Any, tok: Any, texts: Sequence[str], adapter: Adapter, limit: float,
@@ -662,7 +666,11 @@ def fluency_guard(model: Any, tok: Any, texts: Sequence[str], adapter: Adapter, 
     t0 = time.perf_counter()
     model, tok = trainable(model, tok)
     with _Frozen(model, threads):
-        base = answer_perplexity(model, tok, texts, None, max_tokens)
+        memo = _BASE_PPL.setdefault(model, {})
+        key = (tuple(texts), max_tokens)
+        if key not in memo:
+            memo[key] = answer_perplexity(model, tok, texts, None, max_tokens)
+        base = memo[key]
         tried: list[tuple[float, float]] = []
         for sc in GUARD_SCALES:
             out = scaled(adapter, sc) if sc != 1.0 else adapter

@@ -387,7 +387,8 @@ def test_a_simpo_job_stops_its_prepare_pass_at_the_first_trained_layer(local_bac
     assert len(heads) == 1 and math.isfinite(stats["loss_first"]), (heads, stats)
 
 
-def test_fluency_guard_scales_an_adapter_back_until_its_answers_read_as_the_base_models(local_backend: Any) -> None:
+def test_fluency_guard_scales_an_adapter_back_until_its_answers_read_as_the_base_models(local_backend: Any,
+                                                                                        monkeypatch: Any) -> None:
     """The guard's measure is eval lora's ``ppl_ratio``: the base model's perplexity of the greedy answers
     (here equal to the backend's own greedy decoding), and an adapter whose answers are too perplexing is
     scaled down through ``GUARD_SCALES`` to the first that passes; none passing gives the smallest, flagged."""
@@ -410,6 +411,9 @@ def test_fluency_guard_scales_an_adapter_back_until_its_answers_read_as_the_base
     want = math.exp(-sum(r[0] for r in lps) / len(lps))
     assert abs(_lora.answer_perplexity(model, tok, texts, None, 12) - want) < 1e-6 * want
 
+    real, base_runs = _lora.answer_perplexity, []
+    monkeypatch.setattr(_lora, "answer_perplexity",
+                        lambda m, t, x, a, n=32: base_runs.append(a is None) or real(m, t, x, a, n))
     low, info = _lora.fluency_guard(model, tok, texts, ad, 1e-3, max_tokens=12)  # nothing passes
     assert not info["passed"] and [sc for sc, _ in info["tried"]] == list(_lora.GUARD_SCALES)
     ratios = dict(info["tried"])
@@ -423,6 +427,7 @@ def test_fluency_guard_scales_an_adapter_back_until_its_answers_read_as_the_base
     assert info["passed"] and info["scale"] == first and info["ppl_ratio"] == ratios[first], (info, ratios)
     name, (a, b) = next(iter(ad.weights.items()))
     assert torch.allclose(mid.weights[name][1], b * first)
+    assert base_runs.count(True) == 1  # the base model's answers to these prompts are decoded once, then kept
 
 
 def test_plugin_job_with_the_fluency_guard_stores_the_adapter_at_the_scale_that_passed(make_mw: Any, local_backend: Any,
