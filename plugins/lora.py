@@ -412,6 +412,10 @@ class LoraAdapters:
             return ad, st
 
         adapter, stats = await backend.call(job)
+        gone = self._forgotten_during(events)
+        if gone:  # their rows went while it trained: nothing learned from them may be written now
+            log.info("lora: %s: %s forgotten while its job ran; the job's result is dropped", node, gone)
+            return None
         model = getattr(backend, "model_name", getattr(backend, "name", ""))
         entry: dict[str, Any] = {}
         files = self.files
@@ -446,6 +450,20 @@ class LoraAdapters:
 
         self._ctx.update_profile(node, store)
         return entry
+
+    def _forgotten_during(self, events: list[Any]) -> list[str]:
+        """The users whose events a job read that are no longer stored (forgotten while it ran). A user's
+        own nodes are covered by the store's forget epoch; a group or context pools other members' events,
+        which that guard does not cover. A forget that deletes the rows after this check is undone by its
+        own ``persona_forget`` if the write lands first (it sees the user in ``users``); one whose whole run
+        falls between this check and the write is not caught (a window of one file write)."""
+        assert self._ctx is not None
+        by_user: dict[str, set[str]] = {}
+        for e in events:
+            by_user.setdefault(e.user, set()).add(e.id)
+        store = self._ctx.store
+        return sorted(u for u, ids in by_user.items()
+                      if not ids <= {e.id for e in store.list_feedback(user=u, kinds=LEARN_KINDS)})
 
     # ---------------------------------------------------------------- serving
 

@@ -509,6 +509,36 @@ def test_an_adapter_failing_the_guard_at_every_scale_is_not_stored_and_forget_cl
     assert adapter_files(root) == before  # bob's group adapter stays
 
 
+def test_a_member_forgotten_while_the_group_job_trains_leaves_nothing_learned_from_them(
+        make_mw: Any, local_backend: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """The store's forget epoch guards a user's own nodes; a group's job pools members' events. A member
+    forgotten while it trains (their rows deleted mid-job) means the job's result is dropped: no group
+    adapter file, no state naming them."""
+    root = tmp_path / "a"
+    mw = make_mw(YAML.replace("job_seconds: null", f"job_seconds: null, dir: {root}, node_kinds: [group]"),
+                 backend=local_backend)
+    mw.join("ana", "shorties")
+    mw.join("bob", "shorties")
+    real = _lora.train_lora
+
+    def forgotten_mid_job(*args: Any) -> Any:
+        out = real(*args)
+        mw.store.forget_user("ana")  # what forget does first, while this job still runs
+        return out
+
+    monkeypatch.setattr(_lora, "train_lora", forgotten_mid_job)
+    for ev in CHOICES:
+        mw.feedback(ev)
+    prof = mw.store.get_profile("group:shorties")
+    assert "file" not in ((prof.extra if prof is not None else {}).get("lora") or {})
+    assert adapter_files(root) == []
+    monkeypatch.setattr(_lora, "train_lora", real)
+    for ev in CHOICES:  # a member still here: the group learns from them as before
+        mw.feedback({**ev, "user": "bob"})
+    st = mw.store.get_profile("group:shorties").extra["lora"]
+    assert st["users"] == ["bob"] and len(adapter_files(root)) == 1
+
+
 def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_unchanged(local_backend: Any) -> None:
     from persona_mw.types import Message
 
