@@ -601,8 +601,6 @@ def _greedy(model: Any, tok: Any, texts: Sequence[str], max_tokens: int) -> list
     """Greedy answers (at most ``max_tokens``) to the formatted ``texts``, batched, left-padded."""
     import torch
 
-    from persona_mw.plugins._fermi_score import _cache_kwarg
-
     enc = [tok.encode(t, add_special_tokens=False) or [tok.eos_token_id] for t in texts]
     width = max(len(e) for e in enc)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -611,28 +609,10 @@ def _greedy(model: Any, tok: Any, texts: Sequence[str], max_tokens: int) -> list
     for i, e in enumerate(enc):
         ids[i, width - len(e):] = torch.tensor(e)
         mask[i, width - len(e):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    rows: list[list[int]] = [[] for _ in enc]
-    done = torch.zeros(len(enc), dtype=torch.bool)
-    cache = None
-    with torch.inference_mode():  # a plain KV-cached loop: transformers' generate() measured ~5x slower here
-        for _ in range(max_tokens):
-            kw: dict[str, Any] = {} if cache is None else {_cache_kwarg(model): cache}
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-            cache = out["cache"] if "cache" in out else out["past_key_values"]
-            nxt = out.logits[:, -1].argmax(-1)
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    if t == tok.eos_token_id:
-                        done[i] = True
-                    else:
-                        rows[i].append(t)
-            if bool(done.all()):
-                break
-            ids = nxt[:, None]
-            mask = torch.cat([mask, torch.ones((len(enc), 1), dtype=torch.long)], -1)
-            pos = pos[:, -1:] + 1
-    return [tok.decode(r, skip_special_tokens=True).strip() or "." for r in rows]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tok.eos_token_id)
+    return [tok.decode(row, skip_special_tokens=True).strip() or "." for row in out[:, width:].tolist()]
 
 
 def answer_perplexity(model: Any, tok: Any, texts: Sequence[str], adapter: Adapter | None,
