@@ -37,6 +37,10 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated user indices to run (the draws stay those of all users)")
     ap.add_argument("--ns", default="5,15", help="own choices of the user's adapter")
     ap.add_argument("--ks", default="0,2.5,5,10,20,40,inf", help="prior strengths (0: the user's alone, inf: the group's)")
+    ap.add_argument("--residual", action="store_true", help="also train the user's adapter as a residual over the "
+                    "frozen group adapter (train_lora's base) and score it served as the graph mix, G + n/(n+5) R, and "
+                    "alone, G + R; with the fold's first 2 prompts' ppl ratio for n = 15")
+    ap.add_argument("--ppl-prompts", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lora_mix_cv.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,6 +106,19 @@ def main() -> None:
                     wu = 1.0 if k == 0 else (0.0 if k == float("inf") else n / (n + k))
                     mix = _lora.merge([(own, wu), (group, 1.0 - wu)])
                     row[f"n{n}:k{k:g}"] = _scores(score(held, mix))["pairwise"]
+                if args.residual:
+                    res, _ = _lora.train_lora(m, tok, fmt, pairs_of(train[:n]), s, base=group)
+                    r_only = _lora.Adapter({k2: (a[group.r:], b[:, group.r:]) for k2, (a, b) in res.weights.items()},
+                                           r=res.r - group.r, alpha=res.alpha, targets=res.targets)
+                    served = _lora.merge([(group, 1.0), (r_only, n / (n + 5.0))], normalize=False)
+                    row[f"n{n}:res_served"] = _scores(score(held, served))["pairwise"]
+                    row[f"n{n}:res_alone"] = _scores(score(held, res))["pairwise"]
+                    if n == max(ns) and args.ppl_prompts:
+                        qs = [fmt(e["prompt"]) for e in held[: args.ppl_prompts]]
+                        p0 = _lora.answer_perplexity(m, tok, qs, None)
+                        for name, ad in (("res_served", served), ("k0", own), ("kinf", group), ("k5", _lora.merge(
+                                [(own, n / (n + 5.0)), (group, 5.0 / (n + 5.0))]))):
+                            row[f"ppl_n{n}:{name}"] = _lora.answer_perplexity(m, tok, qs, ad) / p0
             rows.append(row)
             print(json.dumps(row), flush=True)
     keys = [k for k in rows[0] if k not in ("user", "fold")]

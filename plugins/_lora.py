@@ -175,14 +175,15 @@ def row_hooks(model: Any, adapters: Sequence[Adapter | None]) -> list[Any]:
     return handles
 
 
-def merge(parts: Sequence[tuple[Adapter, float]]) -> Adapter:
-    """``sum_i w_i Delta W_i`` exactly, as one adapter of rank ``sum r_i`` (weights renormalized)."""
+def merge(parts: Sequence[tuple[Adapter, float]], normalize: bool = True) -> Adapter:
+    """``sum_i w_i Delta W_i`` exactly, as one adapter of rank ``sum r_i`` (weights renormalized to sum to 1
+    unless ``normalize`` is false: ``merge([(base, 1), (residual, 1)], normalize=False)`` is their sum)."""
     import torch
 
     parts = [(ad, w) for ad, w in parts if w > 0]
     if not parts:
         raise PersonaError("nothing to merge: no adapter with a positive weight")
-    total = sum(w for _, w in parts)
+    total = sum(w for _, w in parts) if normalize else 1.0
     names = sorted({n for ad, _ in parts for n in ad.weights})
     weights: dict[str, tuple[Any, Any]] = {}
     for name in names:
@@ -555,10 +556,14 @@ def trainable(model: Any, tok: Any) -> tuple[Any, Any]:
 
 
 def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[tuple[str, str, str]],
-               s: TrainSettings) -> tuple[Adapter, dict[str, Any]]:
+               s: TrainSettings, base: Adapter | None = None) -> tuple[Adapter, dict[str, Any]]:
     """A LoRA adapter on the top ``s.top_layers`` decoder layers, trained with ``s.loss`` (DPO or SimPO) on
     ``(prompt, chosen, rejected)`` pairs (torch thread). The layers below are run once per sequence
-    (their output is the cached input of the first trained layer), so a step costs the top layers only."""
+    (their output is the cached input of the first trained layer), so a step costs the top layers only.
+
+    ``base``: a frozen adapter applied throughout (the reference pass too); the new adapter is trained as
+    a residual on top of it and the result is their exact sum (rank ``base.r + s.r``), as HYDRA's
+    per-user heads over a shared base: a user's adapter learned over their groups' adapter."""
     import torch
 
     pairs = [p for p in pairs if p[1] != p[2]]  # the same answer twice: no preference
@@ -575,20 +580,31 @@ def train_lora(model: Any, tok: Any, fmt: Callable[[str], str], pairs: Sequence[
         a = torch.empty(s.r, lin.in_features)
         torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's init: A random, B zero
         params[name] = (a.requires_grad_(True), torch.zeros(lin.out_features, s.r, requires_grad=True))
-    with _Frozen(model, s.threads):
-        run = _Weights(model, s.bf16)
-        chunks = _chunks(model, run, tok, fmt, pairs, s, start, ref=s.loss != "simpo")  # SimPO: no reference
-        prep = time.perf_counter() - t0
-        handles = [mods[n].register_forward_hook(_scaled(a, b, scale)) for n, (a, b) in params.items()]
-        try:
-            stats = _loop(chunks, [t for ab in params.values() for t in ab], s,
-                          lambda c, _d: _policy(model, run, c, start))
-        finally:
-            for h in handles:
-                h.remove()
+    under = install(model, base) if base is not None else []
+    try:
+        with _Frozen(model, s.threads):
+            run = _Weights(model, s.bf16)
+            chunks = _chunks(model, run, tok, fmt, pairs, s, start, ref=s.loss != "simpo")  # SimPO: no reference
+            prep = time.perf_counter() - t0
+            handles = [mods[n].register_forward_hook(_scaled(a, b, scale)) for n, (a, b) in params.items()]
+            try:
+                stats = _loop(chunks, [t for ab in params.values() for t in ab], s,
+                              lambda c, _d: _policy(model, run, c, start))
+            finally:
+                for h in handles:
+                    h.remove()
+    finally:
+        for h in under:
+            h.remove()
     stats.update(prepare_seconds=round(prep, 2), total_seconds=round(time.perf_counter() - t0, 2))
     weights = {n: (a.detach().clone(), (b.detach() * scale).clone()) for n, (a, b) in params.items()}
-    return Adapter(weights, r=s.r, alpha=s.alpha, targets=tuple(s.targets)), stats
+    out = Adapter(weights, r=s.r, alpha=s.alpha, targets=tuple(s.targets))
+    if base is None:
+        return out, stats
+    total = merge([(base, 1.0), (out, 1.0)], normalize=False)
+    total.meta = {}
+    stats["base_rank"] = base.r
+    return total, stats
 
 
 def scaled(adapter: Adapter, scale: float) -> Adapter:

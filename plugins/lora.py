@@ -14,6 +14,14 @@ profile keeps ``extra["lora"]`` = version, file, model, event range, training st
 the profile: the metadata, not the weights). Forget deletes the user's node folders, every group
 adapter trained on their events and every merged adapter that included any of them.
 
+Residual jobs (``residual: true``; HYDRA's per-user heads over a shared base): a user's job trains over
+what their groups' adapters serve a member without one (``parents_adapter``), applied frozen, and stores
+the exact sum, base then residual (rank ``r`` more than the base). Its record names the base's versions
+(``base``) and each base's record names it (``derived``, with the users that base learned from), so
+forgetting any of those users deletes the derived adapter as well; the user's waiting events stay
+counted and the next job retrains over what is left. A base that changes while the job runs (a retrain
+or a forget) drops the job's result.
+
 Serving (``mixing: merge``, the default): the adapters of the scope's nodes are merged exactly
 (``sum w_n Delta W_n``; ``w_n`` the scope's shrinkage with each node's evidence the events its adapter
 learned from, renormalized over nodes with an adapter; see ``scope_adapter``), cached per
@@ -240,6 +248,11 @@ class LoraAdapters:
             default_factory=lambda: list(GUARD_PROMPTS), min_length=1, max_length=16,
             description="prompts whose answers the fluency guard checks; not the node's own: an adapter answers "
             "the prompts it was trained on fluently even when it breaks on new ones")
+        residual: bool = Field(
+            default=False, description="train a user's adapter as a residual over what their groups' adapters "
+            "serve a new member (frozen during the job; HYDRA's per-user heads over a shared base): the stored "
+            "adapter is that base plus the user's residual, so the graph's mix serves base + w * residual. "
+            "Forgetting a member of those groups also deletes the adapters trained over theirs")
         steps: int = Field(default=40, ge=1, description="optimizer steps per job (at most)")
         batch_choices: int = Field(default=2, ge=1, description="choices (each with all its rejected) per step")
         job_seconds: float | None = Field(default=60.0, gt=0, description="time budget of one training job's loop")
@@ -399,13 +412,20 @@ class LoraAdapters:
         if not pairs:
             return None
         backend = self._ctx.backend()
+        model = getattr(backend, "model_name", getattr(backend, "name", ""))
         settings = self.settings(seed)
         fmt = _formatter(backend)
         limit = self.config.fluency_guard
         checks = list(self.config.guard_prompts)
+        base: Any = None
+        bases: dict[str, dict[str, Any]] = {}
+        if self.config.residual and kind_of(node) == "user":
+            from persona_mw.nodes import parse
+
+            base, bases = self.parents_adapter(parse(node).user or "", model)
 
         def job(m: Any, t: Any) -> tuple[Any, dict[str, Any]]:
-            ad, st = _lora.train_lora(m, t, fmt, pairs, settings)
+            ad, st = _lora.train_lora(m, t, fmt, pairs, settings, base=base)
             if limit is not None:
                 ad, st["guard"] = _lora.fluency_guard(m, t, [fmt(p) for p in checks], ad, limit,
                                                       settings.max_response_tokens, settings.threads)
@@ -416,7 +436,9 @@ class LoraAdapters:
         if gone:  # their rows went while it trained: nothing learned from them may be written now
             log.info("lora: %s: %s forgotten while its job ran; the job's result is dropped", node, gone)
             return None
-        model = getattr(backend, "model_name", getattr(backend, "name", ""))
+        if self._bases_changed(bases):  # the base was forgotten (or retrained) meanwhile
+            log.info("lora: %s: the adapters it was trained over changed while its job ran; result dropped", node)
+            return None
         entry: dict[str, Any] = {}
         files = self.files
         span = {"count": len(events), "pairs": len(pairs), "first": events[0].id, "last": events[-1].id,
@@ -445,11 +467,71 @@ class LoraAdapters:
                       top_layers=settings.top_layers, trained_at=time.time(), users=users,
                       evidence=total, events=span, stats=stats,
                       pending=max(0, int(st.get("pending", 0)) - len(events)))
+            if bases:
+                st["base"] = {b: info["version"] for b, info in bases.items()}
+            else:
+                st.pop("base", None)
             prof.extra[KEY] = st
             entry.update(st)
 
+        for b, info in bases.items():  # named on the base first, so a forget from now on finds this node
+            self._ctx.update_profile(b, _derive(node, info["users"]))
         self._ctx.update_profile(node, store)
+        if self._bases_changed(bases):  # a forget ran between the check above and the write
+            self._drop_derived({node})
+            return None
         return entry
+
+    def parents_adapter(self, user: str, model_name: str) -> tuple[Any, dict[str, dict[str, Any]]]:
+        """What the user's groups' adapters serve a member without an adapter of their own (their merge
+        with the graph's weights, as ``scope_adapter`` gives a new user), the base of a residual job; and
+        ``{node: {"version", "users"}}`` of the adapters in it (None, {}: none)."""
+        assert self._ctx is not None and self.files is not None
+        graph = self._ctx.graph
+        me = user_node(user)
+        nodes = [n for n in graph.neighbourhood(user).nodes if n != me]
+        profiles = self._ctx.store.get_profiles(nodes)
+        files, evidence, notes = self._usable(nodes, profiles, model_name)
+        for n in notes:
+            log.info("lora: residual base for %s: %s", me, n)
+        weights = graph.shrink_weights(user, None, (), evidence)
+        parts = [(n, f, round(weights.get(n, 0.0), 4)) for n, f in files.items() if weights.get(n, 0.0) > 0]
+        if not parts:
+            return None, {}
+        info = {}
+        for n, _, _ in parts:
+            st = profiles[n].extra[KEY]
+            info[n] = {"version": int(st.get("version", 0)), "users": list(st.get("users") or [])}
+        try:
+            adapter = self.files.read(parts[0][1]) if len(parts) == 1 else self.files.merged(parts)
+        except PersonaError as exc:
+            log.warning("lora: residual base for %s unusable (%s): trained on its own", me, exc)
+            return None, {}
+        return adapter, info
+
+    def _bases_changed(self, bases: dict[str, dict[str, Any]]) -> bool:
+        if not bases:
+            return False
+        assert self._ctx is not None
+        now = self._ctx.store.get_profiles(sorted(bases))
+        for b, info in bases.items():
+            st = (now[b].extra.get(KEY) if now.get(b) is not None else None) or {}
+            if not st.get("file") or int(st.get("version", 0)) != info["version"]:
+                return True
+        return False
+
+    def _drop_derived(self, nodes: set[str]) -> None:
+        """Delete the adapters of ``nodes`` (trained over a base that is gone) and their records, keeping
+        the count of events waiting for the next job."""
+        assert self._ctx is not None and self.files is not None
+        self.files.delete_nodes(lambda n: n in nodes)
+
+        def reset(p: Any) -> None:
+            st = p.extra.get(KEY) or {}
+            p.extra[KEY] = {"pending": int(st.get("pending", 0))}
+
+        for n in nodes:
+            self._ctx.update_profile(n, reset)
 
     def _forgotten_during(self, events: list[Any]) -> list[str]:
         """The users whose events a job read that are no longer stored (forgotten while it ran). A user's
@@ -482,21 +564,8 @@ class LoraAdapters:
         its parents (a new user rides on their groups; an unreadable file degrades to the parents).
         """
         assert self.files is not None and self._ctx is not None
-        files: dict[str, str] = {}
-        evidence: dict[str, int] = {}
-        notes: list[str] = []
-        for sn in (turn.scope.nodes if turn.scope is not None else []):
-            prof = turn.profiles.get(sn.id)
-            st = (prof.extra.get(KEY) if prof is not None else None) or {}
-            if not st.get("file") or st.get("model") != model_name:
-                continue
-            try:
-                self.files.read(st["file"])
-            except PersonaError as exc:
-                notes.append(f"adapter of {sn.id} unusable ({exc}); its weight goes to the rest of the scope")
-                continue
-            files[sn.id] = st["file"]
-            evidence[sn.id] = max(1, int(st.get("evidence") or (st.get("events") or {}).get("count") or 1))
+        files, evidence, notes = self._usable([sn.id for sn in (turn.scope.nodes if turn.scope is not None else [])],
+                                              turn.profiles, model_name)
         if not files:
             return None, {}, notes
         req = turn.request
@@ -515,6 +584,27 @@ class LoraAdapters:
         except PersonaError as exc:
             notes.append(f"merge failed ({exc})")
             return None, {}, notes
+
+    def _usable(self, nodes: list[str], profiles: dict[str, Any],
+                model_name: str) -> tuple[dict[str, str], dict[str, int], list[str]]:
+        """The nodes' readable adapter files for ``model_name``, their evidence, and notes on unreadable ones."""
+        assert self.files is not None
+        files: dict[str, str] = {}
+        evidence: dict[str, int] = {}
+        notes: list[str] = []
+        for n in nodes:
+            prof = profiles.get(n)
+            st = (prof.extra.get(KEY) if prof is not None else None) or {}
+            if not st.get("file") or st.get("model") != model_name:
+                continue
+            try:
+                self.files.read(st["file"])
+            except PersonaError as exc:
+                notes.append(f"adapter of {n} unusable ({exc}); its weight goes to the rest of the scope")
+                continue
+            files[n] = st["file"]
+            evidence[n] = max(1, int(st.get("evidence") or (st.get("events") or {}).get("count") or 1))
+        return files, evidence, notes
 
     @hookimpl
     def persona_decoding(self, turn: Turn, backend: Any) -> Decoding | None | Awaitable[Decoding | None]:
@@ -549,11 +639,15 @@ class LoraAdapters:
         own = {user_node(user)}
         prefix = user_node(user) + "@"
         linked = set(nodes)
+        derived = self._derived_from(linked, user) - own  # other members' adapters trained over one of theirs
 
         def match(node: str) -> bool:
             if node in own or node.startswith(prefix):
                 return True
             return node in linked and self._trained_on(node, user)
+
+        if derived:
+            self._drop_derived(derived)
 
         gone = set(self.files.delete_nodes(match)) | own
         self.files.drop_merged(own)
@@ -563,13 +657,45 @@ class LoraAdapters:
         if self.router is not None:
             self.router.forget_seen()
 
+    def _derived_from(self, linked: set[str], user: str) -> set[str]:
+        """The nodes whose adapter was trained over an adapter of ``linked`` that learned from ``user``
+        (read before those records go), and ``user``'s own nodes, taken off the bases' lists."""
+        assert self._ctx is not None
+        me = user_node(user)
+        hit: set[str] = set()
+        store = self._ctx.store
+        for n, prof in store.get_profiles(sorted(linked)).items():
+            der = ((prof.extra.get(KEY) if prof is not None else None) or {}).get("derived") or {}
+            drop = {d for d, us in der.items() if user in us or d == me or d.startswith(me + "@")}
+            if not drop:
+                continue
+            for d, dp in store.get_profiles(sorted(drop)).items():  # still trained over this base?
+                if n in (((dp.extra.get(KEY) if dp is not None else None) or {}).get("base") or {}):
+                    hit.add(d)
+
+            def scrub(p: Any, drop: set[str] = drop) -> None:
+                st = dict(p.extra.get(KEY) or {})
+                st["derived"] = {d: us for d, us in (st.get("derived") or {}).items() if d not in drop}
+                p.extra[KEY] = st
+
+            self._ctx.update_profile(n, scrub)
+        return hit
+
     def _trained_on(self, node: str, user: str) -> bool:
         assert self._ctx is not None
         prof = self._ctx.store.get_profiles([node]).get(node)
         st = (prof.extra.get(KEY) if prof is not None else None) or {}
         if user in st.get("users", []):
-            if prof is not None:
-                self._ctx.update_profile(node, lambda p: p.extra.pop(KEY, None))
+            if prof is not None:  # the record goes; the list of adapters trained over it stays for later forgets
+
+                def clear(p: Any) -> None:
+                    der = (p.extra.get(KEY) or {}).get("derived")
+                    if der:
+                        p.extra[KEY] = {"derived": der}
+                    else:
+                        p.extra.pop(KEY, None)
+
+                self._ctx.update_profile(node, clear)
             return True
         if user in (st.get("rejected") or {}).get("users", []):  # only a rejected job read their events
 
@@ -589,6 +715,8 @@ class LoraAdapters:
             if st.get("file"):
                 out[node] = {k: st.get(k) for k in ("version", "file", "model", "r", "targets", "events",
                                                     "trained_at", "pending")}
+                if st.get("base"):  # trained as a residual over these adapters (node: version)
+                    out[node]["base"] = st["base"]
                 out[node]["seconds"] = (st.get("stats") or {}).get("total_seconds")
                 if (st.get("stats") or {}).get("guard"):
                     out[node]["guard"] = st["stats"]["guard"]
@@ -597,6 +725,17 @@ class LoraAdapters:
                 out.setdefault(node, {})["rejected"] = {"at": rej.get("at"), "events": rej.get("events"),
                                                         "guard": rej.get("guard")}
         return {"lora": out} if out else None
+
+
+def _derive(node: str, users: list[str]) -> Any:
+    """A profile update naming ``node`` on a base adapter's record, with the users that base learned from."""
+
+    def add(p: Any) -> None:
+        st = dict(p.extra.get(KEY) or {})
+        st["derived"] = {**(st.get("derived") or {}), node: sorted(users)}
+        p.extra[KEY] = st
+
+    return add
 
 
 def _formatter(backend: Any) -> Any:

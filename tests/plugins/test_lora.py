@@ -521,8 +521,8 @@ def test_a_member_forgotten_while_the_group_job_trains_leaves_nothing_learned_fr
     mw.join("bob", "shorties")
     real = _lora.train_lora
 
-    def forgotten_mid_job(*args: Any) -> Any:
-        out = real(*args)
+    def forgotten_mid_job(*args: Any, **kw: Any) -> Any:
+        out = real(*args, **kw)
         mw.store.forget_user("ana")  # what forget does first, while this job still runs
         return out
 
@@ -537,6 +537,71 @@ def test_a_member_forgotten_while_the_group_job_trains_leaves_nothing_learned_fr
         mw.feedback({**ev, "user": "bob"})
     st = mw.store.get_profile("group:shorties").extra["lora"]
     assert st["users"] == ["bob"] and len(adapter_files(root)) == 1
+
+
+RESIDUAL = "job_seconds: null, residual: true, node_kinds: [user, group], dir: "
+
+
+def test_a_residual_user_adapter_is_her_groups_plus_her_own_and_goes_when_a_member_it_learned_from_does(
+        make_mw: Any, local_backend: Any, tmp_path: Path) -> None:
+    """``residual: true``: a user's job trains over what her group's adapter serves a new member, frozen,
+    and stores their exact sum. Forgetting a member that group adapter learned from deletes her adapter
+    too (its files and record; her waiting events stay counted); forgetting another member does not."""
+    root = tmp_path / "a"
+    mw = make_mw(YAML.replace("job_seconds: null", RESIDUAL + str(root)), backend=local_backend)
+    plugin = mw.plugin("lora")
+    for u in ("ana", "bob", "dan"):
+        mw.join(u, "shorties")
+    for ev in CHOICES:  # bob first: his job has no group adapter under it; then the group's (bob's events)
+        mw.feedback({**ev, "user": "bob"})
+    bob = mw.store.get_profile("user:bob").extra["lora"]
+    g1 = mw.store.get_profile("group:shorties").extra["lora"]
+    assert "base" not in bob and bob["r"] == 2 and g1["users"] == ["bob"]
+    group_v1 = plugin.files.read(g1["file"])
+    for ev in CHOICES:
+        mw.feedback(ev)
+    ana = mw.store.get_profile("user:ana").extra["lora"]
+    assert ana["base"] == {"group:shorties": 1} and ana["users"] == ["ana"]
+    mine = plugin.files.read(ana["file"])
+    assert mine.r == 4
+    for name, (a, b) in group_v1.weights.items():  # the base, exactly, then her residual
+        assert torch.equal(mine.weights[name][0][:2], a) and torch.equal(mine.weights[name][1][:, :2], b)
+    assert any(float(b[:, 2:].abs().sum()) > 0 for _, b in mine.weights.values())
+    g2 = mw.store.get_profile("group:shorties").extra["lora"]
+    assert g2["version"] == 2 and g2["derived"] == {"user:ana": ["bob"]}  # kept over the group's retrain
+
+    mw.forget("dan")  # in the group, but nothing learned from him: her adapter stays
+    assert mw.store.get_profile("user:ana").extra["lora"]["file"] == ana["file"] and (root / ana["file"]).exists()
+    mw.feedback(CHOICES[0])  # one event waiting for her next job
+    mw.forget("bob")
+    assert not (root / ana["file"]).exists()
+    assert mw.store.get_profile("user:ana").extra["lora"] == {"pending": 1}
+    assert len(mw.store.list_feedback(user="ana")) == 4
+    assert adapter_files(root) == [], adapter_files(root)  # his, the group's (learned from him), hers over it
+
+
+def test_a_residual_job_whose_base_changed_while_it_trained_writes_nothing(
+        make_mw: Any, local_backend: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    root = tmp_path / "a"
+    mw = make_mw(YAML.replace("job_seconds: null", RESIDUAL + str(root)), backend=local_backend)
+    mw.join("ana", "shorties")
+    mw.join("bob", "shorties")
+    for ev in CHOICES:
+        mw.feedback({**ev, "user": "bob"})
+    real = _lora.train_lora
+
+    def retrained_mid_job(*args: Any, **kw: Any) -> Any:
+        out = real(*args, **kw)
+        if kw.get("base") is not None:  # the group's record moves on (a retrain, or a forget) meanwhile
+            mw.profiles.update("group:shorties", lambda p: p.extra["lora"].update(version=7))
+        return out
+
+    monkeypatch.setattr(_lora, "train_lora", retrained_mid_job)
+    for ev in CHOICES:
+        mw.feedback(ev)
+    st = mw.store.get_profile("user:ana").extra["lora"]
+    assert "file" not in st and st["pending"] == 3  # nothing written; the events still wait
+    assert not list(mw.plugin("lora").files.node_dir("user:ana").glob("*.safetensors"))
 
 
 def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_unchanged(local_backend: Any) -> None:
