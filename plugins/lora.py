@@ -17,9 +17,9 @@ adapter trained on their events and every merged adapter that included any of th
 Residual jobs (``residual: true``; HYDRA's per-user heads over a shared base): a user's job trains over
 what their groups' adapters serve a member without one (``parents_adapter``), applied frozen, and stores
 the exact sum, base then residual (rank ``r`` more than the base). Its record names the base's versions
-(``base``) and each base's record names it (``derived``, with the users that base learned from), so
-forgetting any of those users deletes the derived adapter as well; the user's waiting events stay
-counted and the next job retrains over what is left. A base that changes while the job runs (a retrain
+(``base``); its folder's ``node.json`` names the users the base learned from (``learned_from``; not in
+the profile, which the user may export), so forgetting any of them deletes this adapter as well; the
+user's waiting events stay counted and the next job retrains over what is left. A base that changes while the job runs (a retrain
 or a forget) drops the job's result.
 
 Serving (``mixing: merge``, the default): the adapters of the scope's nodes are merged exactly
@@ -135,12 +135,18 @@ class AdapterFiles:
     def node_dir(self, node: str) -> Path:
         return self.root / "nodes" / safe_name(node)
 
-    def write(self, node: str, version: int, adapter: Any) -> str:
+    def write(self, node: str, version: int, adapter: Any, learned_from: list[str] | None = None) -> str:
+        """Store ``node``'s adapter as its only version. ``learned_from``: the users whose events the
+        adapter it was trained over learned from (a residual job's base), kept beside it in ``node.json``
+        for forget, not in the profile (which the user can export)."""
         from persona_mw.plugins import _lora
 
         d = self.node_dir(node)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "node.json").write_text(json.dumps({"node": node}), encoding="utf-8")
+        side: dict[str, Any] = {"node": node}
+        if learned_from:
+            side["learned_from"] = sorted(learned_from)
+        (d / "node.json").write_text(json.dumps(side), encoding="utf-8")
         path = d / f"v{version}.safetensors"
         _lora.save(adapter, path)
         for old in d.glob("v*.safetensors"):  # keep the latest only
@@ -199,15 +205,17 @@ class AdapterFiles:
                 n += 1
         return n
 
-    def delete_nodes(self, match: Any) -> list[str]:
-        """Delete the folders of nodes for which ``match(node)``; returns their ids."""
+    def delete_nodes(self, match: Any, side: Any = None) -> list[str]:
+        """Delete the folders of nodes for which ``match(node)`` or ``side(node.json's content)``; returns
+        their ids."""
         gone = []
         for d in (self.root / "nodes").glob("*"):
             try:
-                node = json.loads((d / "node.json").read_text(encoding="utf-8"))["node"]
-            except (OSError, ValueError, KeyError):
+                meta = json.loads((d / "node.json").read_text(encoding="utf-8"))
+                node = meta["node"]
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if match(node):
+            if match(node) or (side is not None and side(meta)):
                 shutil.rmtree(d, ignore_errors=True)
                 gone.append(node)
         with self._lock:
@@ -461,7 +469,7 @@ class LoraAdapters:
             st = dict(prof.extra.get(KEY) or {})
             version = int(st.get("version", 0)) + 1
             adapter.meta = {"node": node, "version": version, "model": model}
-            rel = files.write(node, version, adapter)
+            rel = files.write(node, version, adapter, sorted({u for b in bases.values() for u in b["users"]}))
             st.pop("rejected", None)
             st.update(version=version, file=rel, model=model, r=settings.r, targets=list(settings.targets),
                       top_layers=settings.top_layers, trained_at=time.time(), users=users,
@@ -474,8 +482,6 @@ class LoraAdapters:
             prof.extra[KEY] = st
             entry.update(st)
 
-        for b, info in bases.items():  # named on the base first, so a forget from now on finds this node
-            self._ctx.update_profile(b, _derive(node, info["users"]))
         self._ctx.update_profile(node, store)
         if self._bases_changed(bases):  # a forget ran between the check above and the write
             self._drop_derived({node})
@@ -521,10 +527,14 @@ class LoraAdapters:
         return False
 
     def _drop_derived(self, nodes: set[str]) -> None:
-        """Delete the adapters of ``nodes`` (trained over a base that is gone) and their records, keeping
-        the count of events waiting for the next job."""
-        assert self._ctx is not None and self.files is not None
+        """Delete the adapters of ``nodes`` (trained over a base that is gone) and their records."""
+        assert self.files is not None
         self.files.delete_nodes(lambda n: n in nodes)
+        self._reset_records(nodes)
+
+    def _reset_records(self, nodes: set[str]) -> None:
+        """Clear the adapter records of ``nodes``, keeping the count of events waiting for the next job."""
+        assert self._ctx is not None
 
         def reset(p: Any) -> None:
             st = p.extra.get(KEY) or {}
@@ -639,17 +649,18 @@ class LoraAdapters:
         own = {user_node(user)}
         prefix = user_node(user) + "@"
         linked = set(nodes)
-        derived = self._derived_from(linked, user) - own  # other members' adapters trained over one of theirs
 
         def match(node: str) -> bool:
             if node in own or node.startswith(prefix):
                 return True
             return node in linked and self._trained_on(node, user)
 
-        if derived:
-            self._drop_derived(derived)
+        def over_theirs(meta: dict[str, Any]) -> bool:  # trained over an adapter that learned from them
+            return user in (meta.get("learned_from") or [])
 
-        gone = set(self.files.delete_nodes(match)) | own
+        gone = set(self.files.delete_nodes(match, over_theirs))
+        self._reset_records({n for n in gone if kind_of(n) == "user"} - own)
+        gone |= own
         self.files.drop_merged(own)
         from persona_mw.plugins._lora_remote import forget
 
@@ -657,45 +668,13 @@ class LoraAdapters:
         if self.router is not None:
             self.router.forget_seen()
 
-    def _derived_from(self, linked: set[str], user: str) -> set[str]:
-        """The nodes whose adapter was trained over an adapter of ``linked`` that learned from ``user``
-        (read before those records go), and ``user``'s own nodes, taken off the bases' lists."""
-        assert self._ctx is not None
-        me = user_node(user)
-        hit: set[str] = set()
-        store = self._ctx.store
-        for n, prof in store.get_profiles(sorted(linked)).items():
-            der = ((prof.extra.get(KEY) if prof is not None else None) or {}).get("derived") or {}
-            drop = {d for d, us in der.items() if user in us or d == me or d.startswith(me + "@")}
-            if not drop:
-                continue
-            for d, dp in store.get_profiles(sorted(drop)).items():  # still trained over this base?
-                if n in (((dp.extra.get(KEY) if dp is not None else None) or {}).get("base") or {}):
-                    hit.add(d)
-
-            def scrub(p: Any, drop: set[str] = drop) -> None:
-                st = dict(p.extra.get(KEY) or {})
-                st["derived"] = {d: us for d, us in (st.get("derived") or {}).items() if d not in drop}
-                p.extra[KEY] = st
-
-            self._ctx.update_profile(n, scrub)
-        return hit
-
     def _trained_on(self, node: str, user: str) -> bool:
         assert self._ctx is not None
         prof = self._ctx.store.get_profiles([node]).get(node)
         st = (prof.extra.get(KEY) if prof is not None else None) or {}
         if user in st.get("users", []):
-            if prof is not None:  # the record goes; the list of adapters trained over it stays for later forgets
-
-                def clear(p: Any) -> None:
-                    der = (p.extra.get(KEY) or {}).get("derived")
-                    if der:
-                        p.extra[KEY] = {"derived": der}
-                    else:
-                        p.extra.pop(KEY, None)
-
-                self._ctx.update_profile(node, clear)
+            if prof is not None:
+                self._ctx.update_profile(node, lambda p: p.extra.pop(KEY, None))
             return True
         if user in (st.get("rejected") or {}).get("users", []):  # only a rejected job read their events
 
@@ -725,17 +704,6 @@ class LoraAdapters:
                 out.setdefault(node, {})["rejected"] = {"at": rej.get("at"), "events": rej.get("events"),
                                                         "guard": rej.get("guard")}
         return {"lora": out} if out else None
-
-
-def _derive(node: str, users: list[str]) -> Any:
-    """A profile update naming ``node`` on a base adapter's record, with the users that base learned from."""
-
-    def add(p: Any) -> None:
-        st = dict(p.extra.get(KEY) or {})
-        st["derived"] = {**(st.get("derived") or {}), node: sorted(users)}
-        p.extra[KEY] = st
-
-    return add
 
 
 def _formatter(backend: Any) -> Any:

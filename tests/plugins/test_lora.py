@@ -567,8 +567,10 @@ def test_a_residual_user_adapter_is_her_groups_plus_her_own_and_goes_when_a_memb
     for name, (a, b) in group_v1.weights.items():  # the base, exactly, then her residual
         assert torch.equal(mine.weights[name][0][:2], a) and torch.equal(mine.weights[name][1][:, :2], b)
     assert any(float(b[:, 2:].abs().sum()) > 0 for _, b in mine.weights.values())
-    g2 = mw.store.get_profile("group:shorties").extra["lora"]
-    assert g2["version"] == 2 and g2["derived"] == {"user:ana": ["bob"]}  # kept over the group's retrain
+    assert mw.store.get_profile("group:shorties").extra["lora"]["version"] == 2
+    side = json.loads((plugin.files.node_dir("user:ana") / "node.json").read_text())
+    assert side == {"node": "user:ana", "learned_from": ["bob"]}  # beside the files, not in her profile
+    assert "bob" not in json.dumps(mw.store.get_profile("user:ana").extra)
 
     mw.forget("dan")  # in the group, but nothing learned from him: her adapter stays
     assert mw.store.get_profile("user:ana").extra["lora"]["file"] == ana["file"] and (root / ana["file"]).exists()
