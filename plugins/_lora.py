@@ -71,7 +71,6 @@ class TrainSettings:
     loss: str = "dpo"  # "dpo" (reference-relative, summed) or "simpo" (reference-free, per-token mean, margin gamma)
     gamma: float = 0.0  # SimPO's target reward margin
     nll: float = 0.0  # weight of the chosen answers' per-token negative log-likelihood added to the loss (RPO)
-    nll_on: str = "chosen"  # "chosen" (RPO) or "all": every answer of the choice, chosen and rejected alike
     steps: int = 40
     batch_choices: int = 2
     max_prompt_tokens: int = 64
@@ -480,7 +479,7 @@ def _loop(chunks: list[_Cached], params: list[Any], s: TrainSettings,
                 z = sign * s.beta * ((pol[w] - c.ref[w]) - (pol[lo] - c.ref[lo]))
             total = total + (-torch.nn.functional.logsigmoid(z)).mean()
             if s.nll and not bipo:
-                chosen = torch.unique(w) if s.nll_on == "chosen" else torch.arange(len(c.lens))
+                chosen = torch.unique(w)
                 total = total - s.nll * (pol[chosen] / c.lens[chosen]).mean()
         loss = total / min(s.batch_choices, len(chunks))
         t2 = time.perf_counter()

@@ -247,9 +247,6 @@ class LoraAdapters:
         nll: float = Field(default=1.0, ge=0, description="weight of the chosen answers' per-token negative "
                            "log-likelihood added to the preference loss (RPO; 0: none). It keeps the adapter's "
                            "answers fluent: without it simpo at this lr broke the fluency guard")
-        nll_on: Literal["chosen", "all"] = Field(
-            default="chosen", description="the answers the `nll` term covers: chosen (RPO) or all (every answer "
-            "of the choice alike: a fluency anchor that favours none of them)")
         fluency_guard: float | None = Field(
             default=None, gt=1, description="after each job, the adapter's greedy answers to the node's "
             "`guard_prompts` (ordinary requests) must be at most this many times as perplexing to the base model "
@@ -331,7 +328,7 @@ class LoraAdapters:
         return _lora.TrainSettings(
             r=c.r, alpha=c.alpha, targets=tuple(c.targets), lr=c.lr, steps=c.steps,
             beta=c.beta if c.beta is not None else (2.0 if c.loss == "simpo" else 0.1), loss=c.loss,
-            gamma=c.gamma if c.loss == "simpo" else 0.0, nll=c.nll, nll_on=c.nll_on,
+            gamma=c.gamma if c.loss == "simpo" else 0.0, nll=c.nll,
             batch_choices=c.batch_choices, max_prompt_tokens=c.max_prompt_tokens,
             max_response_tokens=c.max_response_tokens, seconds=c.job_seconds, top_layers=c.top_layers, seed=seed,
             bf16=_lora.bf16_fast() if c.bf16 is None else c.bf16, threads=c.threads)
