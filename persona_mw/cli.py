@@ -482,7 +482,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     if args.benchmark in ("fermi", "lora"):
         return run_eval(args.benchmark, args.data, args.out, history=args.history, test=args.test, seed=args.seed,
-                        fermi=args.fermi)
+                        fermi=args.fermi, residual=args.residual)
     if args.benchmark in ("locomo", "prefeval"):
         return run_eval(args.benchmark, args.data, args.out, conversations=args.conversations, topics=args.topics,
                         turns=args.turns, forms=args.forms, limit=args.limit, seed=args.seed, backend=args.backend,
@@ -689,6 +689,9 @@ def _add_eval_command(add: AddCommand) -> None:
     p.add_argument("--test", type=int, default=24, help="fermi, lora: held-out queries scored per user")
     p.add_argument("--fermi", help="lora: an `eval fermi` result (its --out) of the same seed, history and test "
                    "queries, whose persona/optimized figures join the report")
+    p.add_argument("--residual", action="store_true", help="lora: also report lora_member, a user with the same "
+                   "choices who is a member of the group, trained with the plugin's residual: true over the group's "
+                   "adapter")
     p.add_argument("--conversations", help="locomo: comma-separated sample_ids (default: all)")
     p.add_argument("--topics", help="prefeval: comma-separated topics (default: all)")
     p.add_argument("--turns", default="0,10,100,300", help="prefeval: distractor turns N, comma-separated")

@@ -44,8 +44,12 @@ def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) 
         if fermi_file and benchmark != "lora":
             raise PersonaError("--fermi is an option of `eval lora` (the persona/optimized figures of `eval fermi`)")
         extra = lora_mod.fermi_methods(fermi_file, history=history, test=test, seed=seed) if fermi_file else {}
+        residual = bool(options.get("residual"))
+        if residual and benchmark != "lora":
+            raise PersonaError("--residual is an option of `eval lora`")
+        more = {"residual": True} if residual else {}
         metrics = runner.run(data, history=history, test=test, seed=seed,
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+                             log=lambda m: print(m, file=sys.stderr, flush=True), **more)
         if extra:
             none = metrics.get(f"pairwise@H{history}:none")
             fermi_none = extra.pop(f"fermi_none@H{history}", None)
@@ -54,7 +58,7 @@ def run_eval(benchmark: str, data: str, out: str | None = None, **options: Any) 
                                    "not the same protocol (data or code changed); re-run `eval fermi`")
             metrics.update(extra)
         print_table(benchmark, metrics)
-        write_result(out, benchmark, data, runner.config(history, test, seed), metrics)
+        write_result(out, benchmark, data, runner.config(history, test, seed, **more), metrics)
         if out:
             print(f"wrote {out}", file=sys.stderr)
         return 0

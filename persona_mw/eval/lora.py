@@ -11,6 +11,10 @@ Methods: ``none`` (base model), ``lora`` (the user's own adapter, trained by the
 job on their choices), ``lora_group@0`` / ``lora_group@5`` (a new user in a group whose ``--members``
 members made ``history`` choices each of the same domain, with 0 / 5 own choices: the request's
 scope mixes the group's adapter with the user's by the graph's weights, as the plugin serves it),
+with ``residual=True`` (``--residual``) also ``lora_member`` (a member of that group with the user's
+``history`` choices, joined after the group's adapter was trained, whose adapter is trained with the
+plugin's ``residual: true`` over the group's: served, the group's adapter plus the graph's share of the
+member's residual),
 ``caa`` (the vectors plugin's mean difference at its default layer and strength) and ``bipo``
 (a BiPO vector at the same layer, trained with the same loop, multiplier 1). ``persona`` and
 ``optimized`` are FERMI's prompts: they come from ``eval fermi`` (same users and splits; its JSON,
@@ -60,7 +64,7 @@ def _choices(user: str, items: list[dict[str, Any]], seen: Any, domains: list[st
 
 
 def run(data: str | Path, *, history: int = 20, test: int = 24, seed: int = 0, members: int = 2,
-        ppl_queries: int = 6, users: int = 4, log: Any = None) -> dict[str, float]:
+        ppl_queries: int = 6, users: int = 4, log: Any = None, residual: bool = False) -> dict[str, float]:
     from persona_mw.adapters.transformers import TransformersBackend
     from persona_mw.config import parse_config
     from persona_mw.middleware import Middleware
@@ -113,6 +117,8 @@ def run(data: str | Path, *, history: int = 20, test: int = 24, seed: int = 0, m
                     say(f"  trained {node}: {st}")
                 hooks = {"none": None, "lora": _scope_hook(mw, plugin, u), "lora_group@0": _scope_hook(mw, plugin, new0),
                          "lora_group@5": _scope_hook(mw, plugin, new5)}
+                if residual:
+                    hooks["lora_member"] = _member_hook(mw, plugin, f"d{di}-member", group, mine, seed, say)
                 hooks.update(_vector_hooks(backend, [(e["prompt"], e["chosen"], rj) for e in mine for rj in e["rejected"]],
                                            seed, say))
                 _score(backend, items, test_q, domains, domains.index(dom), hooks, history, sums)
@@ -156,6 +162,25 @@ def fermi_methods(path: str | Path, *, history: int, test: int, seed: int) -> di
     if isinstance(res["metrics"].get(f"pairwise{tag}none"), (int, float)):
         out[f"fermi_none{tag[:-1]}"] = float(res["metrics"][f"pairwise{tag}none"])
     return out
+
+
+def _member_hook(mw: Any, plugin: Any, member: str, group: str, mine: list[dict[str, Any]], seed: int,
+                 say: Any) -> Any:
+    """``lora_member``: ``member`` joins ``group`` (whose adapter is already trained and stays as it is),
+    makes the user's choices, and gets an adapter trained with ``residual: true``; the hook serves their scope."""
+    mw.join(member, group)
+    for ev in mine:
+        mw.feedback({**ev, "user": member})
+    was = plugin.config
+    plugin.config = was.model_copy(update={"residual": True})
+    try:
+        entry = asyncio.run(plugin.train_node(user_node(member), seed=seed)) or {}
+    finally:
+        plugin.config = was
+    if not entry.get("base"):
+        raise PersonaError(f"eval lora --residual: {member}'s adapter was not trained over the group's")
+    say(f"  trained {user_node(member)} over {entry['base']}: {entry.get('stats', {})}")
+    return _scope_hook(mw, plugin, member)
 
 
 def _scope_hook(mw: Any, plugin: Any, user: str) -> Any:
@@ -245,13 +270,15 @@ def _ppl(backend: Any, items: list[dict[str, Any]], qs: Any, hooks: dict[str, An
         sums.setdefault(f"ppl_ratio@H{history}:{label}", []).append(ppl[label] / ppl["none"])
 
 
-def config(history: int = 20, test: int = 24, seed: int = 0, members: int = 2, ppl_queries: int = 6) -> dict[str, Any]:
+def config(history: int = 20, test: int = 24, seed: int = 0, members: int = 2, ppl_queries: int = 6,
+           residual: bool = False) -> dict[str, Any]:
     from persona_mw.plugins.lora import LoraAdapters
 
     effective = LoraAdapters.Config.model_validate({k: v for k, v in LORA.items() if k != "use"}).model_dump()
     return {"pipeline": [LORA], "lora": effective, "history": history, "test_queries": test,
             "users_per_domain": 1, "group_members": members, "held_out_tokens": HELD_OUT_TOKENS,
-            "ppl_queries": ppl_queries, "seed": seed, "test_frac": 0.4, "model": "smollm2-135m-instruct"}
+            "ppl_queries": ppl_queries, "seed": seed, "test_frac": 0.4, "model": "smollm2-135m-instruct",
+            **({"lora_member": "residual: true over the group's adapter"} if residual else {})}
 
 
 __all__ = ["config", "run"]

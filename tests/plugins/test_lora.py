@@ -606,6 +606,26 @@ def test_a_residual_job_whose_base_changed_while_it_trained_writes_nothing(
     assert not list(mw.plugin("lora").files.node_dir("user:ana").glob("*.safetensors"))
 
 
+def test_eval_lora_member_is_trained_over_the_groups_adapter_and_served_with_it(make_mw: Any, local_backend: Any,
+                                                                                tmp_path: Path) -> None:
+    """``eval lora --residual``'s ``lora_member``: the plugin's residual job for one node, the config restored."""
+    from persona_mw.eval.lora import _member_hook
+
+    yaml = YAML.replace("every: 3", "every: 1000").replace("job_seconds: null", "job_seconds: null, dir: " + str(tmp_path))
+    mw = make_mw(yaml, backend=local_backend)
+    plugin = mw.plugin("lora")
+    mw.join("bob", "shorties")
+    for ev in CHOICES:
+        mw.feedback({**ev, "user": "bob"})
+    asyncio.run(plugin.train_node("group:shorties"))
+    group = plugin.files.read(mw.store.get_profile("group:shorties").extra["lora"]["file"])
+    hook = _member_hook(mw, plugin, "mem", "shorties", [{**e, "user": "ana"} for e in CHOICES], 0, lambda m: None)
+    assert plugin.config.residual is False
+    assert mw.store.get_profile("user:mem").extra["lora"]["base"] == {"group:shorties": 1}
+    served = hook.lora  # the scope's merge: the member's (group + residual) and the group's
+    assert served.r == 2 * group.r + 2 and sorted(served.meta["merged"]) == ["group:shorties", "user:mem"]
+
+
 def test_bf16_job_trains_float32_weights_restores_threads_and_leaves_the_model_unchanged(local_backend: Any) -> None:
     from persona_mw.types import Message
 
