@@ -19,8 +19,8 @@ what their groups' adapters serve a member without one (``parents_adapter``), ap
 the exact sum, base then residual (rank ``r`` more than the base). Its record names the base's versions
 (``base``); its folder's ``node.json`` names the users the base learned from (``learned_from``; not in
 the profile, which the user may export), so forgetting any of them deletes this adapter as well; the
-user's waiting events stay counted and the next job retrains over what is left. A base that changes while the job runs (a retrain
-or a forget) drops the job's result.
+user's waiting events stay counted and the next job retrains over what is left. A base that changes
+while the job runs (a retrain or a forget) drops the job's result.
 
 Serving (``mixing: merge``, the default): the adapters of the scope's nodes are merged exactly
 (``sum w_n Delta W_n``; ``w_n`` the scope's shrinkage with each node's evidence the events its adapter
@@ -500,8 +500,7 @@ class LoraAdapters:
         files, evidence, notes = self._usable(nodes, profiles, model_name)
         for n in notes:
             log.info("lora: residual base for %s: %s", me, n)
-        weights = graph.shrink_weights(user, None, (), evidence)
-        parts = [(n, f, round(weights.get(n, 0.0), 4)) for n, f in files.items() if weights.get(n, 0.0) > 0]
+        parts = _parts(files, graph.shrink_weights(user, None, (), evidence))
         if not parts:
             return None, {}
         info = {}
@@ -579,8 +578,7 @@ class LoraAdapters:
         if not files:
             return None, {}, notes
         req = turn.request
-        weights = self._ctx.graph.shrink_weights(req.user, req.context, req.groups, evidence)
-        parts = [(n, f, round(weights.get(n, 0.0), 4)) for n, f in files.items() if weights.get(n, 0.0) > 0]
+        parts = _parts(files, self._ctx.graph.shrink_weights(req.user, req.context, req.groups, evidence))
         if not parts:
             return None, {}, notes
         total = sum(w for _, _, w in parts)
@@ -704,6 +702,12 @@ class LoraAdapters:
                 out.setdefault(node, {})["rejected"] = {"at": rej.get("at"), "events": rej.get("events"),
                                                         "guard": rej.get("guard")}
         return {"lora": out} if out else None
+
+
+def _parts(files: dict[str, str], weights: dict[str, float]) -> list[tuple[str, str, float]]:
+    """``(node, file, weight)`` of the nodes with an adapter file and a positive weight (rounded: the
+    merge cache's key)."""
+    return [(n, f, round(weights.get(n, 0.0), 4)) for n, f in files.items() if weights.get(n, 0.0) > 0]
 
 
 def _formatter(backend: Any) -> Any:
