@@ -256,6 +256,140 @@ def test_bm25_scores_are_okapi_over_live_documents_and_rebuild_lazily() -> None:
     assert ix.search("user:bob", query, 5) == [] and ix.search("user:ana", "zzz unknown", 5) == []
 
 
+def _bm25_with_stats(stats_docs: list[list[str]], docs: list[list[str]], query: list[str], k1: float = 1.2,
+                     b: float = 0.75) -> np.ndarray:
+    """``docs`` scored with the document count, frequencies and average length of ``stats_docs``."""
+    n, avg = len(stats_docs), sum(map(len, stats_docs)) / len(stats_docs)
+    out = np.zeros(len(docs))
+    for t in set(query):
+        df = sum(t in d for d in stats_docs)
+        idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        for i, d in enumerate(docs):
+            tf = Counter(d)[t]
+            out[i] += idf * tf / (tf + k1 * (1 - b + b * len(d) / avg)) if tf else 0.0
+    return out
+
+
+def _corpus(n: int, seed: int = 3) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    words = "garden river violin sister nurse lisbon cat dinner hiking museum coffee winter".split()
+    return [f"m{i}" for i in range(n)], [" ".join(rng.choice(words, int(rng.integers(1, 9)))) for _ in range(n)]
+
+
+def test_bm25_a_large_owner_rebuilds_once_its_writes_reach_the_share() -> None:
+    """Below ``rebuild_share`` of the last build (and ``rebuild_min``) written documents, no rebuild
+    starts; the written ones are searchable all the same."""
+    ids, texts = _corpus(300)
+    ix = BM25Index(background_min=50, rebuild_share=0.05, rebuild_min=3)
+    ix.add("u", ids[:200], texts[:200])
+    ix.search("u", "garden", 3)
+    for i in range(200, 209):  # 9 < 5% of 200
+        ix.add("u", [ids[i]], [texts[i]])
+        hits = {h for h, _ in ix.search("u", texts[i], 300)}
+        assert ids[i] in hits and ix.rebuilds == 1 and ix.wait("u", 0)
+    ix.add("u", [ids[209]], [texts[209]])  # the 10th: a rebuild on a thread
+    ix.search("u", "garden", 3)
+    assert ix.wait("u", 10) and ix.rebuilds == 2
+    p = ix.probe("u", "garden winter", 300)
+    assert p is not None and p.n == 210
+    np.testing.assert_allclose(p.score_of(ids[:210]), lucene_bm25([tokenize(t) for t in texts[:210]],
+                                                                  tokenize("garden winter")), rtol=1e-4, atol=1e-6)
+
+
+def test_bm25_writes_to_a_large_owner_are_searchable_at_once_and_exact_after_the_thread_rebuild(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above ``background_min`` a write does not make the next search rebuild the owner's matrix: the
+    search reads the last matrix less its stale rows plus the written documents, scored with the last
+    build's statistics, while the rebuild runs on a thread; once it is installed every score is exact."""
+    ids, texts = _corpus(120)
+    ix = BM25Index(background_min=50, rebuild_share=0, rebuild_min=1)
+    ix.add("user:ana", ids[:100], texts[:100])
+    query = "garden sister violin"
+    ix.probe("user:ana", query, 10)
+    assert ix.rebuilds == 1
+    gate, entered = threading.Event(), threading.Event()
+    build = ix._build
+
+    def slow_build(*a: Any) -> Any:
+        entered.set()
+        assert gate.wait(10)
+        return build(*a)
+
+    monkeypatch.setattr(ix, "_build", slow_build)
+    ix.add("user:ana", ids[100:110], texts[100:110])  # new documents
+    ix.add("user:ana", ["m3"], ["violin violin sister"])  # a document replaced
+    ix.remove("user:ana", ["m4", "m105"])  # one of the built matrix, one just written
+    p = ix.probe("user:ana", query, 200)
+    assert p is not None and ix.rebuilds == 1 and entered.wait(10)  # the search did not wait for the build
+    live = [i for i in ids[:110] if i not in ("m4", "m105")]
+    text = dict(zip(ids, texts)) | {"m3": "violin violin sister"}
+    old = [tokenize(t) for t in texts[:100]]  # what the last build counted
+    ref = _bm25_with_stats(old, [tokenize(text[i]) for i in live], tokenize(query))
+    np.testing.assert_allclose(p.score_of(live), ref, rtol=1e-4, atol=1e-6)
+    assert np.isnan(p.score_of(["m4", "m105", "nope"])).all()
+    assert p.n == len(live) and p.total == pytest.approx(ref.sum(), rel=1e-4)
+    assert p.total_sq == pytest.approx((ref ** 2).sum(), rel=1e-4)
+    assert sorted(p.ids) == sorted(live)  # k above the count: every live document, no stale row
+    assert ix.search("user:ana", "violin violin", 1)[0][0] == "m3"
+    ix.add("user:ana", ids[110:], texts[110:])  # written while the thread builds
+    gate.set()
+    assert ix.wait("user:ana", 10) and ix.rebuilds == 2
+    live += ids[110:]
+    p = ix.probe("user:ana", query, 200)
+    assert p is not None and p.n == len(live)
+    built = [tokenize(text[i]) for i in live[:-10]]  # the thread's snapshot; the last 10 are its delta
+    np.testing.assert_allclose(p.score_of(live), _bm25_with_stats(built, [tokenize(text[i]) for i in live],
+                                                                  tokenize(query)), rtol=1e-4, atol=1e-6)
+    assert ix.wait("user:ana", 10) and ix.rebuilds == 3  # that search started the next build
+    p = ix.probe("user:ana", query, 200)
+    assert p is not None and ix.rebuilds == 3
+    exact = lucene_bm25([tokenize(text[i]) for i in live], tokenize(query))
+    np.testing.assert_allclose(p.score_of(live), exact, rtol=1e-4, atol=1e-6)
+
+
+def test_bm25_rebuilds_inline_for_small_owners_large_deltas_a_failed_thread_and_a_dropped_owner(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    ids, texts = _corpus(400)
+    small = BM25Index(background_min=1000)
+    small.add("u", ids, texts)
+    small.search("u", "garden", 3)
+    small.add("u", ["x"], ["garden garden"])
+    assert small.search("u", "garden", 1)[0][0] == "x" and small.rebuilds == 2  # below the bar: inline
+
+    ix = BM25Index(background_min=50, max_delta=20, rebuild_share=0, rebuild_min=1)
+    ix.add("u", ids[:300], texts[:300])
+    ix.search("u", "garden", 3)
+    ix.add("u", ids[300:], texts[300:])  # 100 written: more than max_delta
+    ix.search("u", "garden", 3)
+    assert ix.rebuilds == 2 and ix.wait("u", 0)  # inline, no thread
+    exact = lucene_bm25([tokenize(t) for t in texts], tokenize("garden"))
+    p = ix.probe("u", "garden", 5)
+    assert p is not None
+    np.testing.assert_allclose(p.score_of(ids), exact, rtol=1e-4, atol=1e-6)
+
+    def broken(*a: Any) -> Any:
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(ix, "_build", broken)
+    ix.add("u", ["y"], ["river"])
+    with caplog.at_level(logging.ERROR, logger="persona_mw.memory"):
+        assert ix.search("u", "river", 400)  # the thread fails; this search reads the segments
+        assert ix.wait("u", 10)
+    assert "BM25 rebuild of one owner failed" in caplog.text
+    monkeypatch.undo()
+    ix.add("u", ["z"], ["river"])
+    assert {"y", "z"} <= {h for h, _ in ix.search("u", "river", 400)} and ix.rebuilds == 3  # inline, once
+
+    gate = threading.Event()
+    build = ix._build
+    monkeypatch.setattr(ix, "_build", lambda *a: (gate.wait(10), build(*a))[1])
+    ix.add("u", ["w"], ["museum"])
+    ix.search("u", "museum", 3)
+    ix.drop_owner("u")  # forget while the thread builds
+    gate.set()
+    assert ix.wait("u", 10) and ix.rebuilds == 3 and ix.search("u", "museum", 3) == [] and ix.size("u") == 0
+
+
 class HashEmbedder:
     """Bag-of-words vectors (hashed tokens, normalised): deterministic, related texts are near."""
 
