@@ -281,7 +281,21 @@ class _Graph:
             self.gram -= x.T @ x
 
 
-class AnnIndex(NumpyIndex):
+class _ThreadBuilds:
+    """Per-owner builds on threads (an HNSW graph, a BM25 matrix): ``_building`` holds each running
+    build's event, set when it ends; ``wait(owner)`` waits for one."""
+
+    _lock: Any
+    _building: dict[str, threading.Event]
+
+    def wait(self, owner: str, timeout: float | None = None) -> bool:
+        """Wait for a build of ``owner``'s index on a thread; True when none is running any more."""
+        with self._lock:
+            ev = self._building.get(owner)
+        return True if ev is None else ev.wait(timeout)
+
+
+class AnnIndex(_ThreadBuilds, NumpyIndex):
     """``NumpyIndex`` plus an HNSW graph (``usearch``) for each owner with at least ``threshold`` live
     vectors: candidates come from the graph, their scores are exact (the float32 rows stay the truth);
     smaller owners are scanned exactly (a graph over 50 vectors buys nothing). Removing a vector takes
@@ -366,12 +380,6 @@ class AnnIndex(NumpyIndex):
                 b.touched = None
                 self._building.pop(owner, None)
             done.set()
-
-    def wait(self, owner: str, timeout: float | None = None) -> bool:
-        """Wait for a background build of ``owner``'s graph; True when none is running any more."""
-        with self._lock:
-            ev = self._building.get(owner)
-        return True if ev is None else ev.wait(timeout)
 
     def add(self, owner: str, ids: Sequence[str], vectors: np.ndarray) -> None:
         if not len(ids):
@@ -571,7 +579,7 @@ class _Rows:
         return default if mid in self.stale else self.main.get(mid, default)
 
 
-class BM25Index:
+class BM25Index(_ThreadBuilds):
     """Okapi BM25 (Lucene's idf, k1=1.2, b=0.75) over each owner's memories, on ``bm25s`` sparse
     matrices fed our own tokens (``tokenize``).
 
@@ -705,12 +713,6 @@ class BM25Index:
                 blk.pending = None
                 self._building.pop(owner, None)
             done.set()
-
-    def wait(self, owner: str, timeout: float | None = None) -> bool:
-        """Wait for a build of ``owner``'s matrix on a thread; True when none is running any more."""
-        with self._lock:
-            ev = self._building.get(owner)
-        return True if ev is None else ev.wait(timeout)
 
     def _view(self, blk: _LexBlock) -> _LexView:
         if blk.view is None:
