@@ -458,3 +458,29 @@ def test_forget_in_another_process_clears_a_graph_owner(store_url: Any) -> None:
     assert "user:ana" not in a.index.graph_owners() and a.index.size("user:ana") == 0
     s1.close()
     s2.close()
+
+
+def test_a_large_users_new_turn_is_found_at_once_and_a_forget_during_the_rebuild_keeps_nothing(
+        store_url: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the manager on the real store: a user above ``background_min`` stores a turn; the next
+    search finds it by its words while the matrix rebuilds on a thread; forgetting the user during that
+    build leaves nothing of them in the lexical index or in the answers."""
+    store = open_store(store_url())
+    mm = MemoryManager(store, embedder=HashEmbedder(), dense_index="exact")
+    mm.bm25 = BM25Index(background_min=100, rebuild_share=0, rebuild_min=1)
+    mm.bm25_window = BM25Index(background_min=100, rebuild_share=0, rebuild_min=1)
+    mm.add_raw("ana", _turns(300, 12))
+    assert mm.search("ana", "garden violin", k=5, mode="bm25") and mm.bm25.rebuilds == 1
+    gate = threading.Event()
+    build = mm.bm25._build
+    monkeypatch.setattr(mm.bm25, "_build", lambda *a: (gate.wait(10), build(*a))[1])
+    mm.add_raw("ana", [{"role": "user", "content": "We flew over the fjords in a zeppelin", "id": "z1"}])
+    for mode in ("bm25", "fused"):
+        hits = mm.search("ana", "the zeppelin over the fjords", k=3, mode=mode)
+        assert hits and hits[0].memory.provenance == ["z1"], mode
+    assert not mm.bm25.wait("user:ana", 0)  # the rebuild is still running: the search did not wait
+    assert mm.forget("ana") == 301
+    gate.set()
+    assert mm.bm25.wait("user:ana", 10) and mm.bm25.size("user:ana") == 0
+    assert mm.search("ana", "the zeppelin over the fjords", k=3, mode="bm25") == []
+    store.close()
