@@ -753,14 +753,15 @@ class BM25Index(_ThreadBuilds):
             if blk is None or not blk.toks:
                 return None
             self._refresh(owner, blk)
-            model, view = blk.model, self._view(blk)
+            model = blk.model
             if model is not None:
                 known = [t for t in terms if t in model.vocab_dict and t != ""]
                 main = (np.asarray(model.get_scores(known), dtype=np.float64) if known
                         else np.zeros(blk.n_docs, dtype=np.float64))
             else:
                 main = np.zeros(0, dtype=np.float64)
-            if not view.delta and not len(view.stale):
+            view = self._view(blk) if blk.changed else None
+            if view is None or (not view.delta and not len(view.stale)):
                 return main, blk.pos, blk.ids, blk.n_docs
             qids = [blk.vocab[t] for t in terms if t in blk.vocab and t != ""]
             s = np.concatenate([main, self._delta_scores(blk, view.delta, qids)])
